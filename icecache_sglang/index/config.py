@@ -1,0 +1,81 @@
+"""Parameters of the paged M-DCI index, validated where they are made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_PAGE_SIZE = 1024
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(f"{name} must be a probability in (0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Build-time parameters (index-spec section 6, the [R] defaults).
+
+    page_size: tokens per physical page (C). ``p0`` defaults to ``0.01 * 16 / page_size`` so that
+    level-1 cells hold about 6-7 pages whatever C is.
+    rebuild_growth: rebuild the whole tree once the live token count reaches ``growth`` times the
+    count at the last build (decode inserts land on level 0 and would otherwise freeze the upper
+    levels); ``None`` disables it.
+    """
+
+    page_size: int = 16
+    p0: float | None = None
+    p_up: float = 0.2
+    seed: int = 0
+    faithful_proj_scale: bool = False
+    rebuild_growth: float | None = 2.0
+    parent_chunk: int = 8192
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.page_size, int) or not (2 <= self.page_size <= MAX_PAGE_SIZE):
+            raise ValueError(f"page_size must be an int in [2, {MAX_PAGE_SIZE}], got {self.page_size!r}")
+        if self.p0 is not None:
+            _check_prob("p0", self.p0)
+        _check_prob("p_up", self.p_up)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.rebuild_growth is not None and not (
+            isinstance(self.rebuild_growth, (int, float)) and self.rebuild_growth > 1.0
+        ):
+            raise ValueError(f"rebuild_growth must be > 1 or None, got {self.rebuild_growth!r}")
+        if not isinstance(self.parent_chunk, int) or self.parent_chunk < 1:
+            raise ValueError(f"parent_chunk must be a positive int, got {self.parent_chunk!r}")
+
+    @property
+    def level0_prob(self) -> float:
+        return self.p0 if self.p0 is not None else min(0.5, 0.01 * 16 / self.page_size)
+
+
+@dataclass(frozen=True)
+class QueryParams:
+    """Decode-time search parameters.
+
+    fov: frontier width per level (None: ``max(30, ceil(1.5e-3 * n))``).
+    prop_to_retrieve: share of a cell's children scored exactly (nearest in projection first).
+    num_to_retrieve: lower bound on children scored per cell.
+    """
+
+    fov: int | None = None
+    prop_to_retrieve: float = 0.8
+    num_to_retrieve: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.fov is not None and (not isinstance(self.fov, int) or self.fov < 1):
+            raise ValueError(f"fov must be a positive int or None, got {self.fov!r}")
+        p = self.prop_to_retrieve
+        if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 < p <= 1.0):
+            raise ValueError(f"prop_to_retrieve must be in (0, 1], got {p!r}")
+        if not isinstance(self.num_to_retrieve, int) or self.num_to_retrieve < 0:
+            raise ValueError(f"num_to_retrieve must be a non-negative int, got {self.num_to_retrieve!r}")
+
+    def fov_for(self, n_tokens: int) -> int:
+        if self.fov is not None:
+            return self.fov
+        return max(30, math.ceil(1.5e-3 * n_tokens))

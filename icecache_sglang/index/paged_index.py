@@ -1,0 +1,442 @@
+"""``PagedDCIIndex``: the paged multi-level DCI index of all KV heads of one layer.
+
+Tokens are shared by all heads (token id = insertion order; ``positions`` maps ids to the caller's
+positions or KV slots); each head has its own tree, page layout and page ids. See
+``docs/architecture.md`` for where it sits and :mod:`.pagetable` / :mod:`.search` for the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import pagetable as pt
+from .config import IndexConfig, QueryParams
+from .schedule import LevelSchedule
+from .search import merge_group_pages, search_rows
+from .transform import augment_keys, exact_parents, key_projection, make_projection, query_projection, squared_norms
+
+
+def _as_float_array(name: str, x, ndim: int) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a numeric array, got dtype {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
+    a = a.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return a
+
+
+class PagedDCIIndex:
+    """Per-layer index over ``num_heads`` KV heads of dimension ``head_dim``.
+
+    >>> idx = PagedDCIIndex(num_heads=2, head_dim=64)
+    >>> idx.build(K)                       # K: [H, n, d]  (V optional: [H, n, dv])
+    >>> pages = idx.query(Q, n_pages=12)   # Q: [Hq, d] with Hq a multiple of H -> [H, 12] page ids
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, value_dim: int = 0, config: IndexConfig | None = None):
+        for name, v, lo in (("num_heads", num_heads, 1), ("head_dim", head_dim, 1), ("value_dim", value_dim, 0)):
+            if not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        self.H = int(num_heads)
+        self.d = int(head_dim)
+        self.dv = int(value_dim)
+        self.cfg = config or IndexConfig()
+        self.C = self.cfg.page_size
+        self.u = make_projection(self.d, self.cfg.seed)
+        self._a = float(self.u[0, -1])
+        self._alloc(0, 0)
+
+    # ------------------------------------------------------------------ storage
+    def _alloc(self, tok_cap: int, page_cap: int) -> None:
+        H, C = self.H, self.C
+        T, P = max(tok_cap, 16), max(page_cap, 16)
+        self.n_tokens = 0  # ids handed out
+        self.alive = np.zeros(T, bool)
+        self.positions = np.full(T, -1, np.int64)
+        self.M = np.zeros(H, np.float64)
+        self.n_at_build = 0
+        self.rebuilds = 0
+        self.schedule = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up)
+        self.level_counts = np.zeros((H, 64), np.int64)
+        arrays = {
+            "tok_level": np.full((H, T), -1, np.int32),
+            "tok_parent": np.full((H, T), -2, np.int32),
+            "tok_page": np.full((H, T), -1, np.int32),
+            "tok_slot": np.full((H, T), -1, np.int32),
+            "tok_proj": np.zeros((H, T), np.float64),
+            "tok_m": np.zeros((H, T), np.float64),
+            "tok_sqn": np.zeros((H, T), np.float64),
+            "cell_first": np.full((H, T + 1), -1, np.int32),
+            "cell_last": np.full((H, T + 1), -1, np.int32),
+            "cell_nchild": np.zeros((H, T + 1), np.int32),
+            "cell_m": np.zeros((H, T + 1), np.float64),
+            "cnt_desc": np.zeros((H, T + 1), np.int32),
+            "cnt_pages": np.zeros((H, T + 1), np.int32),
+            "page_tok": np.full((H, P, C), -1, np.int32),
+            "page_fill": np.zeros((H, P), np.int32),
+            "page_cell": np.full((H, P), -1, np.int32),
+            "page_next": np.full((H, P), -1, np.int32),
+            "page_prev": np.full((H, P), -1, np.int32),
+            "page_dirty": np.zeros((H, P), bool),
+            "free_stack": np.zeros((H, P), np.int32),
+            "free_n": np.zeros(H, np.int32),
+            "next_page": np.zeros(H, np.int32),
+            "page_keys": np.zeros((H, P, C, self.d), np.float32),
+            "page_vals": np.zeros((H, P, C, self.dv), np.float32),
+        }
+        for k, v in arrays.items():
+            setattr(self, k, v)
+
+    @property
+    def state(self) -> tuple:
+        return tuple(getattr(self, f) for f in pt.STATE_FIELDS)
+
+    def _grow(self, need_tokens: int, need_pages: int) -> None:
+        """Make room for ``need_tokens`` token ids and ``need_pages`` page ids (doubling)."""
+        T = self.alive.shape[0]
+        if need_tokens > T:
+            newT = max(need_tokens, 2 * T)
+            self.alive = np.concatenate([self.alive, np.zeros(newT - T, bool)])
+            self.positions = np.concatenate([self.positions, np.full(newT - T, -1, np.int64)])
+            for f in pt.STATE_FIELDS:
+                a = getattr(self, f)
+                if f.startswith("tok_") or f.startswith("cell_") or f.startswith("cnt_"):
+                    fill = {"tok_level": -1, "tok_parent": -2, "tok_page": -1, "tok_slot": -1,
+                            "cell_first": -1, "cell_last": -1}.get(f, 0)
+                    extra = np.full((self.H, newT - T), fill, a.dtype)
+                    setattr(self, f, np.concatenate([a, extra], axis=1))
+        P = self.page_fill.shape[1]
+        if need_pages > P:
+            newP = max(need_pages, 2 * P)
+            for f in pt.STATE_FIELDS:
+                a = getattr(self, f)
+                if f.startswith("page_") or f == "free_stack":
+                    fill = -1 if f in ("page_tok", "page_cell", "page_next", "page_prev") else 0
+                    extra = np.full((self.H, newP - P) + a.shape[2:], fill, a.dtype)
+                    setattr(self, f, np.concatenate([a, extra], axis=1))
+
+    # ------------------------------------------------------------------ checks
+    def _check_kv(self, keys, values, n_expected: int | None = None):
+        K = _as_float_array("keys", keys, 3)
+        if K.shape[0] != self.H or K.shape[2] != self.d:
+            raise ValueError(f"keys must have shape [num_heads={self.H}, n, head_dim={self.d}], got {K.shape}")
+        if n_expected is not None and K.shape[1] != n_expected:
+            raise ValueError(f"keys has {K.shape[1]} tokens, expected {n_expected}")
+        if self.dv == 0:
+            if values is not None:
+                raise ValueError("values given but the index was made with value_dim=0")
+            V = np.zeros((self.H, K.shape[1], 0), np.float32)
+        else:
+            if values is None:
+                raise ValueError(f"values of shape [{self.H}, n, {self.dv}] are required (value_dim={self.dv})")
+            V = _as_float_array("values", values, 3)
+            if V.shape != (self.H, K.shape[1], self.dv):
+                raise ValueError(f"values must have shape {(self.H, K.shape[1], self.dv)}, got {V.shape}")
+        return np.ascontiguousarray(K), np.ascontiguousarray(V)
+
+    def _check_positions(self, positions, n: int) -> np.ndarray:
+        if positions is None:
+            return np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)
+        pos = np.asarray(positions)
+        if pos.dtype.kind not in "iu" or pos.shape != (n,):
+            raise ValueError(f"positions must be an integer array of shape ({n},), got {pos.dtype} {pos.shape}")
+        return pos.astype(np.int64)
+
+    # ------------------------------------------------------------------ build
+    def build(self, keys, values=None, positions=None) -> None:
+        """Index ``n`` tokens from scratch: levels -> exact parents -> sorted cells -> pages."""
+        K, V = self._check_kv(keys, values)
+        n = K.shape[1]
+        pos = self._check_positions(positions, n) if positions is not None else np.arange(n, dtype=np.int64)
+        self._build_from(K, V, pos, np.arange(n, dtype=np.int64))
+
+    def _build_from(self, K: np.ndarray, V: np.ndarray, pos: np.ndarray, tids: np.ndarray) -> None:
+        """Bulk build over tokens ``tids`` (ascending; ids are kept, so a rebuild renames nothing)."""
+        n = K.shape[1]
+        n_ids = int(tids[-1]) + 1 if n else 0
+        schedule = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up)
+        level = schedule.assign(n)
+        top = int(level.max()) if n else -1
+        by_level = [np.flatnonzero(level == lv) for lv in range(top + 1)]
+        sqn = squared_norms(K)
+        M = sqn.max(axis=1) if n else np.zeros(self.H)
+        proj = np.empty((self.H, n))
+        parent = np.full((self.H, n), -1, np.int64)  # parent token id, -1 = root
+        need_pages = 1
+        for h in range(self.H):
+            proj[h] = key_projection(K[h], sqn[h], M[h], self.u)
+            for lv in range(top):
+                members, ups = by_level[lv], by_level[lv + 1]
+                parent[h, members] = tids[ups[exact_parents(K[h, members], K[h, ups], M[h], self.cfg.parent_chunk)]]
+            sizes = np.bincount(parent[h] + 1)
+            need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
+        self._alloc(n_ids, need_pages + need_pages // 4 + 16)
+        self.schedule = schedule
+        self.n_tokens = n_ids
+        self.alive[tids] = True
+        self.positions[tids] = pos
+        self.n_at_build = n
+        self.M[:] = M
+        S = self.state
+        for h in range(self.H):
+            cells = parent[h] + 1
+            order = np.lexsort((tids, proj[h], cells))
+            _build_head(S, h, tids.astype(np.int32), order.astype(np.int32), cells[order].astype(np.int32),
+                        K[h], V[h], level, parent[h].astype(np.int32), proj[h], sqn[h], M[h])
+            self.level_counts[h, : top + 1] = [len(b) for b in by_level]
+
+    # ------------------------------------------------------------------ insert / delete
+    def insert(self, keys, values=None, positions=None) -> np.ndarray:
+        """Append tokens (decode-time): each lands on level 0 under its exact ``D_kk``-nearest level-1
+        token (or the root when the tree has one level), split pages as needed. Returns the new ids."""
+        K, V = self._check_kv(keys, values)
+        b = K.shape[1]
+        pos = self._check_positions(positions, b)
+        if b == 0:
+            return np.empty(0, np.int64)
+        n_alive = int(self.alive[: self.n_tokens].sum()) + b
+        growth = self.cfg.rebuild_growth
+        if growth is not None and n_alive >= growth * max(self.n_at_build, math.ceil(1 / self.cfg.level0_prob)):
+            return self._rebuild_with(K, V, pos)
+        tids = np.arange(self.n_tokens, self.n_tokens + b, dtype=np.int64)
+        self._grow(self.n_tokens + b, int(self.next_page.max()) + b + 1)
+        self.alive[tids] = True
+        self.positions[tids] = pos
+        self.n_tokens += b
+        S = self.state
+        parents = np.full((self.H, b), -1, np.int32)
+        sqn = squared_norms(K)
+        for h in range(self.H):
+            self.M[h] = max(self.M[h], float(sqn[h].max()))
+            ups = np.flatnonzero((self.tok_level[h, : self.n_tokens] == 1) & self.alive[: self.n_tokens])
+            if ups.size:
+                up_keys = self.page_keys[h, self.tok_page[h, ups], self.tok_slot[h, ups]]
+                parents[h] = ups[exact_parents(K[h], up_keys, self.M[h], self.cfg.parent_chunk)]
+            self.tok_sqn[h, tids] = sqn[h]
+            self.tok_m[h, tids] = self.M[h]
+            self.tok_proj[h, tids] = key_projection(K[h], sqn[h], self.M[h], self.u)
+            self.tok_level[h, tids] = 0
+            self.cnt_desc[h, tids + 1] = 1
+            self.cnt_pages[h, tids + 1] = 0
+            self.level_counts[h, 0] += b
+        _insert_heads(S, tids.astype(np.int32), parents, K, V, self._a)
+        return tids
+
+    def _rebuild_with(self, K_new, V_new, pos_new) -> np.ndarray:
+        live = np.flatnonzero(self.alive[: self.n_tokens])
+        K_old = np.stack([self.page_keys[h, self.tok_page[h, live], self.tok_slot[h, live]] for h in range(self.H)])
+        V_old = np.stack([self.page_vals[h, self.tok_page[h, live], self.tok_slot[h, live]] for h in range(self.H)])
+        pos = np.concatenate([self.positions[live], pos_new])
+        new = np.arange(self.n_tokens, self.n_tokens + K_new.shape[1], dtype=np.int64)
+        rebuilds, old_pages = self.rebuilds, int(self.next_page.max())
+        self._build_from(np.concatenate([K_old, K_new], axis=1), np.concatenate([V_old, V_new], axis=1), pos,
+                         np.concatenate([live, new]))
+        self.rebuilds = rebuilds + 1
+        self._grow(self.n_tokens, old_pages)
+        self.page_dirty[:, :old_pages] = True  # every page id was reassigned or freed
+        return new
+
+    def delete(self, token_ids) -> None:
+        """Remove tokens (minimal [R] version): a leaf leaves its page (pages under C/2 borrow or
+        merge); an inner token's children move to the nearest remaining token of its level, or, if it
+        was the last of its level, its nearest child is promoted into its place."""
+        ids = np.unique(np.asarray(token_ids, dtype=np.int64))
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_tokens or not self.alive[ids].all()):
+            raise ValueError("token_ids must name live tokens of this index")
+        for t in ids:
+            for h in range(self.H):
+                self._delete_one(h, int(t))
+            self.alive[t] = False
+
+    def _key(self, h: int, t) -> np.ndarray:
+        return self.page_keys[h, self.tok_page[h, t], self.tok_slot[h, t]]
+
+    def _val(self, h: int, t) -> np.ndarray:
+        return self.page_vals[h, self.tok_page[h, t], self.tok_slot[h, t]]
+
+    def _children(self, h: int, t: int) -> np.ndarray:
+        out = []
+        p = self.cell_first[h, t + 1]
+        while p >= 0:
+            out.extend(self.page_tok[h, p, : self.page_fill[h, p]].tolist())
+            p = self.page_next[h, p]
+        return np.asarray(out, dtype=np.int64)
+
+    def _level_members(self, h: int, lv: int, exclude: int) -> np.ndarray:
+        n = self.n_tokens
+        m = (self.tok_level[h, :n] == lv) & (self.tok_parent[h, :n] != -2)
+        m[exclude] = False
+        return np.flatnonzero(m)
+
+    def _move(self, h: int, t: int, new_parent: int) -> None:
+        S = self.state
+        key, val = self._key(h, t).copy(), self._val(h, t).copy()
+        pt.detach(S, h, t)
+        self.tok_proj[h, t] = key_projection(key[None], np.array([self.tok_sqn[h, t]]), self.M[h], self.u)[0]
+        self.tok_m[h, t] = self.M[h]
+        pt.attach(S, h, t, new_parent, key, val, self._a)
+
+    def _vacate(self, h: int, t: int) -> None:
+        """Re-home ``t``'s children so that ``t`` can leave its level (``t`` stays in its cell)."""
+        kids = self._children(h, t)
+        if kids.size == 0:
+            return
+        lv = int(self.tok_level[h, t])
+        others = self._level_members(h, lv, exclude=t)
+        if others.size:
+            kid_keys = np.stack([self._key(h, c) for c in kids])
+            up_keys = np.stack([self._key(h, o) for o in others])
+            for c, j in zip(kids, exact_parents(kid_keys, up_keys, self.M[h])):
+                self._move(h, int(c), int(others[j]))
+            return
+        # t is the last token of its level: promote its nearest child into its place.
+        kid_keys = np.stack([self._key(h, c) for c in kids])
+        y = int(kids[exact_parents(self._key(h, t)[None], kid_keys, self.M[h])[0]])
+        self._vacate(h, y)
+        S = self.state
+        key, val = self._key(h, y).copy(), self._val(h, y).copy()
+        pt.detach(S, h, y)
+        self.level_counts[h, lv - 1] -= 1
+        self.level_counts[h, lv] += 1
+        self.tok_level[h, y] = lv
+        self.tok_proj[h, y] = key_projection(key[None], np.array([self.tok_sqn[h, y]]), self.M[h], self.u)[0]
+        self.tok_m[h, y] = self.M[h]
+        ups = self._level_members(h, lv + 1, exclude=t)
+        new_parent = -1
+        if ups.size:
+            up_keys = np.stack([self._key(h, o) for o in ups])
+            new_parent = int(ups[exact_parents(key[None], up_keys, self.M[h])[0]])
+        pt.attach(S, h, y, new_parent, key, val, self._a)
+        for c in self._children(h, t):
+            self._move(h, int(c), y)
+
+    def _delete_one(self, h: int, t: int) -> None:
+        self._vacate(h, t)
+        pt.detach(self.state, h, t)
+        self.level_counts[h, self.tok_level[h, t]] -= 1
+        self.tok_level[h, t] = -1
+
+    # ------------------------------------------------------------------ query
+    def top_level(self) -> np.ndarray:
+        nz = self.level_counts > 0
+        return np.where(nz.any(axis=1), 63 - np.argmax(nz[:, ::-1], axis=1), -1).astype(np.int32)
+
+    def query_rows(self, queries, row_head, n_pages: int, params: QueryParams | None = None):
+        """Top-``n_pages`` pages (best first, -1 padded) and their best scores for each query row;
+        ``row_head[r]`` names the KV head whose tree row ``r`` searches."""
+        params = params or QueryParams()
+        Q = _as_float_array("queries", queries, 2)
+        if Q.shape[1] != self.d:
+            raise ValueError(f"queries must have head_dim={self.d} columns, got {Q.shape}")
+        rh = np.asarray(row_head)
+        if rh.dtype.kind not in "iu" or rh.shape != (Q.shape[0],) or (rh.size and (rh.min() < 0 or rh.max() >= self.H)):
+            raise ValueError(f"row_head must be {Q.shape[0]} KV-head ids in [0, {self.H})")
+        if not isinstance(n_pages, (int, np.integer)) or n_pages < 1:
+            raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
+        n_live = int(self.alive[: self.n_tokens].sum())
+        qp = query_projection(Q, self.u)
+        out_pages = np.empty((Q.shape[0], int(n_pages)), np.int32)
+        out_scores = np.empty((Q.shape[0], int(n_pages)), np.float32)
+        search_rows(self.state, np.ascontiguousarray(Q), qp, rh.astype(np.int32), self.top_level(), int(n_pages),
+                    params.fov_for(n_live), float(params.prop_to_retrieve), int(params.num_to_retrieve),
+                    self.cfg.faithful_proj_scale, max(self.n_tokens, 1), out_pages, out_scores)
+        return out_pages, out_scores
+
+    def query(self, queries, n_pages: int, params: QueryParams | None = None) -> np.ndarray:
+        """Top-``n_pages`` pages per KV head for ``queries [Hq, d]`` (GQA: ``Hq = group * H``, query
+        head ``i`` belongs to KV head ``i // group``); rank-interleaved, first-P-unique merge."""
+        Q = _as_float_array("queries", queries, 2)
+        if Q.shape[0] % self.H != 0:
+            raise ValueError(f"queries must have a multiple of num_heads={self.H} rows, got {Q.shape[0]}")
+        group = Q.shape[0] // self.H
+        rows, _ = self.query_rows(Q, np.repeat(np.arange(self.H), group), n_pages, params)
+        return merge_group_pages(rows, group, int(n_pages))
+
+    # ------------------------------------------------------------------ page table views
+    def page_tokens(self, h: int, pages) -> list[np.ndarray]:
+        """Token ids in each page, in slot order."""
+        pages = np.asarray(pages)
+        return [self.page_tok[h, p, : self.page_fill[h, p]].astype(np.int64) for p in pages if p >= 0]
+
+    def page_fill_of(self, h: int, pages) -> np.ndarray:
+        return self.page_fill[h, np.asarray(pages)]
+
+    def pages_to_positions(self, h: int, pages) -> np.ndarray:
+        """Caller positions of all tokens in ``pages`` (concatenated)."""
+        toks = self.page_tokens(h, pages)
+        return self.positions[np.concatenate(toks)] if toks else np.empty(0, np.int64)
+
+    def dirty_pages(self, clear: bool = True) -> list[np.ndarray]:
+        out = [np.flatnonzero(self.page_dirty[h]) for h in range(self.H)]
+        if clear:
+            self.page_dirty[:] = False
+        return out
+
+    def live_pages(self, h: int) -> np.ndarray:
+        return np.flatnonzero(self.page_cell[h, : self.next_page[h]] >= 0)
+
+    def stats(self) -> dict:
+        return {
+            "tokens": int(self.alive[: self.n_tokens].sum()),
+            "levels": [int(x) for x in self.top_level() + 1],
+            "pages": [int(self.live_pages(h).size) for h in range(self.H)],
+            "M": [float(x) for x in self.M],
+        }
+
+    def check_invariants(self) -> None:
+        """Recompute the tree and page invariants (index-spec T6/T7); AssertionError on a violation."""
+        from .invariants import check_invariants
+
+        check_invariants(self)
+
+
+# ---------------------------------------------------------------------- numba drivers
+from numba import njit, prange  # noqa: E402
+
+
+@njit(cache=True)
+def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn, m):
+    """Lay out one head's cells; ``order`` sorts the local indices by (cell, projection, token id)."""
+    tok_level, tok_parent, tok_proj, tok_m, tok_sqn = S[0], S[1], S[4], S[5], S[6]
+    cell_m, cnt_desc, cnt_pages = S[10], S[11], S[12]
+    n = K.shape[0]
+    for i in range(n):
+        t = tids[i]
+        tok_level[h, t] = level[i]
+        tok_parent[h, t] = parent[i]
+        tok_proj[h, t] = proj[i]
+        tok_m[h, t] = m
+        tok_sqn[h, t] = sqn[i]
+        cnt_desc[h, t + 1] = 1
+    i = 0
+    while i < n:
+        c = cells_sorted[i]
+        j = i
+        while j < n and cells_sorted[j] == c:
+            j += 1
+        seg = order[i:j]
+        cnt_pages[h, c] += pt.layout_sorted(S, h, c, tids[seg], K[seg], V[seg])
+        cell_m[h, c] = m
+        i = j
+    by_level = np.argsort(level, kind="mergesort")
+    for k in range(n):
+        i = by_level[k]
+        t = tids[i]
+        pc = parent[i] + 1
+        cnt_desc[h, pc] += cnt_desc[h, t + 1]
+        cnt_pages[h, pc] += cnt_pages[h, t + 1]
+
+
+@njit(cache=True, parallel=True)
+def _insert_heads(S, tids, parents, K, V, a):
+    for h in prange(K.shape[0]):
+        for i in range(tids.shape[0]):
+            pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a)
+
+
+__all__ = ["PagedDCIIndex", "IndexConfig", "QueryParams", "augment_keys"]

@@ -1,0 +1,369 @@
+"""Numba page-table operations for one KV head of a :class:`PagedDCIIndex` (index-spec section 5.2).
+
+A *cell* is the ordered child set of a token (cell ``t + 1``) or of the root (cell ``0``). Its children
+are kept sorted by ``(projection, token id)`` and laid out as a linked list of pages of at most ``C``
+slots; a page never mixes cells. Physical key/value rows live in ``page_keys[h, page, slot]`` so that
+scoring a cell reads contiguous memory and a selected page can be copied as one block.
+
+Every function takes the state tuple ``S`` (see :data:`STATE_FIELDS`) and a head ``h``. They are
+sequential per head; callers parallelise over heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# The order of the arrays in the state tuple passed to every kernel.
+STATE_FIELDS = (
+    "tok_level",  # int32 [H, T]
+    "tok_parent",  # int32 [H, T]   parent token id, -1 = root, -2 = not in the tree
+    "tok_page",  # int32 [H, T]
+    "tok_slot",  # int32 [H, T]
+    "tok_proj",  # float64 [H, T] raw projection w.k + a*sqrt(m - |k|^2) with m = tok_m
+    "tok_m",  # float64 [H, T] the squared max-norm this token is projected with
+    "tok_sqn",  # float64 [H, T] |k|^2
+    "cell_first",  # int32 [H, T+1] first page of the cell, -1 when empty
+    "cell_last",  # int32 [H, T+1]
+    "cell_nchild",  # int32 [H, T+1]
+    "cell_m",  # float64 [H, T+1] the m shared by all children of the cell
+    "cnt_desc",  # int32 [H, T+1] tokens in the subtree (a token counts itself; the root does not)
+    "cnt_pages",  # int32 [H, T+1] pages of the cell and of every cell below it
+    "page_tok",  # int32 [H, P, C]
+    "page_fill",  # int32 [H, P]
+    "page_cell",  # int32 [H, P]    -1 = free
+    "page_next",  # int32 [H, P]
+    "page_prev",  # int32 [H, P]
+    "page_dirty",  # bool [H, P]
+    "free_stack",  # int32 [H, P]   LIFO of released page ids
+    "free_n",  # int32 [H]
+    "next_page",  # int32 [H]      the next never-used page id
+    "page_keys",  # float32 [H, P, C, d]
+    "page_vals",  # float32 [H, P, C, dv] (dv may be 0)
+)
+
+
+@njit(cache=True, inline="always")
+def key_less(pa, ta, pb, tb):
+    """Cell order: by projection, ties by token id."""
+    return pa < pb or (pa == pb and ta < tb)
+
+
+@njit(cache=True)
+def bump_chain(S, h, cell, d_desc, d_pages):
+    """Add to the subtree counters of ``cell`` and of every ancestor up to the root."""
+    tok_parent = S[1]
+    cnt_desc = S[11]
+    cnt_pages = S[12]
+    c = cell
+    while True:
+        cnt_desc[h, c] += d_desc
+        cnt_pages[h, c] += d_pages
+        if c == 0:
+            break
+        c = tok_parent[h, c - 1] + 1
+
+
+@njit(cache=True)
+def page_alloc(S, h, cell):
+    page_fill, page_cell, page_next, page_prev, page_dirty = S[14], S[15], S[16], S[17], S[18]
+    free_stack, free_n, next_page = S[19], S[20], S[21]
+    if free_n[h] > 0:
+        free_n[h] -= 1
+        p = free_stack[h, free_n[h]]
+    else:
+        p = next_page[h]
+        next_page[h] += 1
+    page_fill[h, p] = 0
+    page_cell[h, p] = cell
+    page_next[h, p] = -1
+    page_prev[h, p] = -1
+    page_dirty[h, p] = True
+    return p
+
+
+@njit(cache=True)
+def page_release(S, h, p):
+    page_fill, page_cell, page_dirty, free_stack, free_n = S[14], S[15], S[18], S[19], S[20]
+    page_fill[h, p] = 0
+    page_cell[h, p] = -1
+    page_dirty[h, p] = True
+    free_stack[h, free_n[h]] = p
+    free_n[h] += 1
+
+
+@njit(cache=True)
+def link_after(S, h, cell, after, p):
+    """Link page ``p`` into ``cell``'s list after page ``after`` (-1: at the front)."""
+    cell_first, cell_last, page_next, page_prev = S[7], S[8], S[16], S[17]
+    if after < 0:
+        nxt = cell_first[h, cell]
+        cell_first[h, cell] = p
+    else:
+        nxt = page_next[h, after]
+        page_next[h, after] = p
+    page_prev[h, p] = after
+    page_next[h, p] = nxt
+    if nxt < 0:
+        cell_last[h, cell] = p
+    else:
+        page_prev[h, nxt] = p
+
+
+@njit(cache=True)
+def unlink(S, h, p):
+    cell_first, cell_last, page_cell, page_next, page_prev = S[7], S[8], S[15], S[16], S[17]
+    cell = page_cell[h, p]
+    a, b = page_prev[h, p], page_next[h, p]
+    if a < 0:
+        cell_first[h, cell] = b
+    else:
+        page_next[h, a] = b
+    if b < 0:
+        cell_last[h, cell] = a
+    else:
+        page_prev[h, b] = a
+
+
+@njit(cache=True)
+def move_slot(S, h, src_p, src_j, dst_p, dst_j):
+    """Copy the token in (src_p, src_j) with its key/value rows to (dst_p, dst_j)."""
+    tok_page, tok_slot, page_tok, page_keys, page_vals = S[2], S[3], S[13], S[22], S[23]
+    t = page_tok[h, src_p, src_j]
+    page_tok[h, dst_p, dst_j] = t
+    page_keys[h, dst_p, dst_j, :] = page_keys[h, src_p, src_j, :]
+    if page_vals.shape[3] > 0:
+        page_vals[h, dst_p, dst_j, :] = page_vals[h, src_p, src_j, :]
+    tok_page[h, t] = dst_p
+    tok_slot[h, t] = dst_j
+
+
+@njit(cache=True)
+def page_insert(S, h, t, cell, key, val):
+    """Insert token ``t`` (its ``tok_proj`` already relative to the cell's m) into ``cell``'s pages.
+
+    The page is the first whose last key is >= the new key (else the last page); a full page splits
+    in half first, the new id taken from the free list. Both pages become dirty.
+    """
+    tok_page, tok_slot, tok_proj = S[2], S[3], S[4]
+    cell_first, cell_nchild = S[7], S[9]
+    page_tok, page_fill, page_next, page_dirty = S[13], S[14], S[16], S[18]
+    page_keys, page_vals = S[22], S[23]
+    C = page_tok.shape[2]
+    pt = tok_proj[h, t]
+    p = cell_first[h, cell]
+    if p < 0:
+        p = page_alloc(S, h, cell)
+        link_after(S, h, cell, -1, p)
+        bump_chain(S, h, cell, 0, 1)
+        pos = 0
+    else:
+        while True:
+            last = page_tok[h, p, page_fill[h, p] - 1]
+            if not key_less(tok_proj[h, last], last, pt, t):
+                break
+            nx = page_next[h, p]
+            if nx < 0:
+                break
+            p = nx
+        f = page_fill[h, p]
+        pos = f
+        for j in range(f):
+            tj = page_tok[h, p, j]
+            if key_less(pt, t, tok_proj[h, tj], tj):
+                pos = j
+                break
+        if f == C:
+            half = C // 2
+            q = page_alloc(S, h, cell)
+            link_after(S, h, cell, p, q)
+            for j in range(half, C):
+                move_slot(S, h, p, j, q, j - half)
+            page_fill[h, p] = half
+            page_fill[h, q] = C - half
+            page_dirty[h, p] = True
+            bump_chain(S, h, cell, 0, 1)
+            if pos > half:
+                p = q
+                pos -= half
+    f = page_fill[h, p]
+    for j in range(f, pos, -1):
+        move_slot(S, h, p, j - 1, p, j)
+    page_tok[h, p, pos] = t
+    page_keys[h, p, pos, :] = key
+    if page_vals.shape[3] > 0:
+        page_vals[h, p, pos, :] = val
+    tok_page[h, t] = p
+    tok_slot[h, t] = pos
+    page_fill[h, p] = f + 1
+    page_dirty[h, p] = True
+    cell_nchild[h, cell] += 1
+
+
+@njit(cache=True)
+def page_remove(S, h, t):
+    """Remove token ``t`` from its page; an emptied page is freed, a page under C/2 borrows or merges."""
+    tok_page, tok_slot = S[2], S[3]
+    cell_nchild = S[9]
+    page_tok, page_fill, page_cell, page_next, page_prev, page_dirty = S[13], S[14], S[15], S[16], S[17], S[18]
+    C = page_tok.shape[2]
+    p = tok_page[h, t]
+    j0 = tok_slot[h, t]
+    cell = page_cell[h, p]
+    f = page_fill[h, p]
+    for j in range(j0, f - 1):
+        move_slot(S, h, p, j + 1, p, j)
+    f -= 1
+    page_fill[h, p] = f
+    page_dirty[h, p] = True
+    tok_page[h, t] = -1
+    tok_slot[h, t] = -1
+    cell_nchild[h, cell] -= 1
+    if f == 0:
+        unlink(S, h, p)
+        page_release(S, h, p)
+        bump_chain(S, h, cell, 0, -1)
+        return
+    if f >= C // 2:
+        return
+    nb = page_next[h, p]
+    if nb >= 0:
+        left, right = p, nb
+    else:
+        nb = page_prev[h, p]
+        if nb < 0:
+            return
+        left, right = nb, p
+    fl, fr = page_fill[h, left], page_fill[h, right]
+    page_dirty[h, left] = True
+    page_dirty[h, right] = True
+    if fl + fr <= C:  # merge right into left
+        for j in range(fr):
+            move_slot(S, h, right, j, left, fl + j)
+        page_fill[h, left] = fl + fr
+        unlink(S, h, right)
+        page_release(S, h, right)
+        bump_chain(S, h, cell, 0, -1)
+    elif right == nb:  # borrow the first token of the next page
+        move_slot(S, h, right, 0, left, fl)
+        for j in range(fr - 1):
+            move_slot(S, h, right, j + 1, right, j)
+        page_fill[h, left] = fl + 1
+        page_fill[h, right] = fr - 1
+    else:  # borrow the last token of the previous page
+        for j in range(fr, 0, -1):
+            move_slot(S, h, right, j - 1, right, j)
+        move_slot(S, h, left, fl - 1, right, 0)
+        page_fill[h, left] = fl - 1
+        page_fill[h, right] = fr + 1
+
+
+@njit(cache=True)
+def layout_sorted(S, h, cell, tids, keys, vals):
+    """Bulk layout of a cell's children (sorted) into fresh pages of balanced fill (sizes differ <= 1)."""
+    tok_page, tok_slot = S[2], S[3]
+    cell_nchild = S[9]
+    page_tok, page_fill, page_keys, page_vals = S[13], S[14], S[22], S[23]
+    C = page_tok.shape[2]
+    m = tids.shape[0]
+    if m == 0:
+        return 0
+    npg = (m + C - 1) // C
+    i = 0
+    prev = -1
+    for g in range(npg):
+        take = (m - i) // (npg - g)
+        p = page_alloc(S, h, cell)
+        link_after(S, h, cell, prev, p)
+        prev = p
+        for j in range(take):
+            t = tids[i + j]
+            page_tok[h, p, j] = t
+            page_keys[h, p, j, :] = keys[i + j]
+            if page_vals.shape[3] > 0:
+                page_vals[h, p, j, :] = vals[i + j]
+            tok_page[h, t] = p
+            tok_slot[h, t] = j
+        page_fill[h, p] = take
+        i += take
+    cell_nchild[h, cell] = m
+    return npg
+
+
+@njit(cache=True)
+def relift_cell(S, h, cell, new_m, a):
+    """Raise the m of ``cell``'s children to ``new_m`` and rebuild its pages (all dirty, ids recycled)."""
+    tok_proj, tok_m, tok_sqn = S[4], S[5], S[6]
+    cell_first, cell_nchild, cell_m = S[7], S[9], S[10]
+    page_tok, page_fill, page_next, page_keys, page_vals = S[13], S[14], S[16], S[22], S[23]
+    m = cell_nchild[h, cell]
+    d = page_keys.shape[3]
+    dv = page_vals.shape[3]
+    tids = np.empty(m, np.int32)
+    keys = np.empty((m, d), np.float32)
+    vals = np.empty((m, dv), np.float32)
+    i = 0
+    old_pages = 0
+    p = cell_first[h, cell]
+    while p >= 0:
+        nx = page_next[h, p]
+        for j in range(page_fill[h, p]):
+            tids[i] = page_tok[h, p, j]
+            keys[i] = page_keys[h, p, j]
+            if dv > 0:
+                vals[i] = page_vals[h, p, j]
+            i += 1
+        unlink(S, h, p)
+        page_release(S, h, p)
+        old_pages += 1
+        p = nx
+    old_m = cell_m[h, cell]
+    for i in range(m):
+        t = tids[i]
+        s = tok_sqn[h, t]
+        tok_proj[h, t] += a * (math.sqrt(max(new_m - s, 0.0)) - math.sqrt(max(old_m - s, 0.0)))
+        tok_m[h, t] = new_m
+    cell_m[h, cell] = new_m
+    proj = np.empty(m, np.float64)
+    for i in range(m):
+        proj[i] = tok_proj[h, tids[i]]
+    o1 = np.argsort(tids, kind="mergesort")
+    o2 = np.argsort(proj[o1], kind="mergesort")
+    order = o1[o2]
+    npg = layout_sorted(S, h, cell, tids[order], keys[order], vals[order])
+    bump_chain(S, h, cell, 0, npg - old_pages)
+
+
+@njit(cache=True)
+def attach(S, h, t, parent, key, val, a):
+    """Put token ``t`` (projected with ``tok_m``) into ``parent``'s cell: lift to the cell's m (or
+    raise the cell's m), insert into its pages, and add ``t``'s subtree to the ancestors' counters."""
+    tok_parent, tok_proj, tok_m, tok_sqn = S[1], S[4], S[5], S[6]
+    cell_nchild, cell_m, cnt_desc, cnt_pages = S[9], S[10], S[11], S[12]
+    cell = parent + 1
+    mt = tok_m[h, t]
+    if cell_nchild[h, cell] == 0:
+        cell_m[h, cell] = mt
+    else:
+        mc = cell_m[h, cell]
+        if mt < mc:
+            s = tok_sqn[h, t]
+            tok_proj[h, t] += a * (math.sqrt(max(mc - s, 0.0)) - math.sqrt(max(mt - s, 0.0)))
+            tok_m[h, t] = mc
+        elif mt > mc:
+            relift_cell(S, h, cell, mt, a)
+    tok_parent[h, t] = parent
+    page_insert(S, h, t, cell, key, val)
+    bump_chain(S, h, cell, cnt_desc[h, t + 1], cnt_pages[h, t + 1])
+
+
+@njit(cache=True)
+def detach(S, h, t):
+    """Take token ``t`` (with its subtree) out of its parent's cell."""
+    tok_parent, cnt_desc, cnt_pages = S[1], S[11], S[12]
+    cell = tok_parent[h, t] + 1
+    page_remove(S, h, t)
+    bump_chain(S, h, cell, -cnt_desc[h, t + 1], -cnt_pages[h, t + 1])
+    tok_parent[h, t] = -2

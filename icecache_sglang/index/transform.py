@@ -1,0 +1,74 @@
+"""The MIPS -> Euclidean transform (index-spec section 1) and exact parent assignment.
+
+Key k is augmented to ``[k ; sqrt(M - |k|^2)]`` so that every augmented key has squared norm M, where
+M is the largest squared key norm; a query is augmented to ``[q/|q| ; 0]``. Euclidean nearest
+neighbours of augmented keys are then maximum-inner-product neighbours of the raw vectors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def make_projection(dim: int, seed: int, n_proj: int = 1) -> np.ndarray:
+    """``n_proj`` unit directions in R^{dim+1} (float64), drawn from a seeded generator."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((n_proj, dim + 1))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    return u
+
+
+def squared_norms(keys: np.ndarray) -> np.ndarray:
+    k = np.asarray(keys, dtype=np.float64)
+    return np.einsum("...d,...d->...", k, k)
+
+
+def augmented_coordinate(sqn: np.ndarray, m: np.ndarray | float) -> np.ndarray:
+    return np.sqrt(np.maximum(np.asarray(m, dtype=np.float64) - sqn, 0.0))
+
+
+def augment_keys(keys: np.ndarray, m: float) -> np.ndarray:
+    """``[k ; sqrt(M - |k|^2)]`` for keys ``[..., d]`` -> ``[..., d+1]`` (float64)."""
+    k = np.asarray(keys, dtype=np.float64)
+    extra = augmented_coordinate(squared_norms(k), m)[..., None]
+    return np.concatenate([k, extra], axis=-1)
+
+
+def augment_queries(queries: np.ndarray) -> np.ndarray:
+    q = np.asarray(queries, dtype=np.float64)
+    norm = np.linalg.norm(q, axis=-1, keepdims=True)
+    qn = np.divide(q, norm, out=np.zeros_like(q), where=norm > 0)
+    return np.concatenate([qn, np.zeros(q.shape[:-1] + (1,))], axis=-1)
+
+
+def key_projection(keys: np.ndarray, sqn: np.ndarray, m, u: np.ndarray) -> np.ndarray:
+    """Raw ("faithful") projection ``w.k + a*sqrt(m - |k|^2)`` on the first direction of ``u``."""
+    w, a = u[0, :-1], u[0, -1]
+    return np.asarray(keys, dtype=np.float64) @ w + a * augmented_coordinate(sqn, m)
+
+
+def query_projection(queries: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``w.q/|q|`` on the first direction of ``u`` (0 for a zero query)."""
+    return augment_queries(queries) @ u[0]
+
+
+def kk_distance(a: np.ndarray, b: np.ndarray, m: float) -> np.ndarray:
+    """``D_kk(a, b) = M - <a,b> - sqrt((M-|a|^2)(M-|b|^2)) = |a~ - b~|^2 / 2`` for all pairs."""
+    return m - augment_keys(a, m) @ augment_keys(b, m).T
+
+
+def exact_parents(child_keys: np.ndarray, parent_keys: np.ndarray, m: float, chunk: int = 8192) -> np.ndarray:
+    """Index (into ``parent_keys``) of the exact ``D_kk`` nearest parent of every child.
+
+    ``argmin D_kk == argmax <a~, b~>``: one float32 matmul of augmented keys, chunked over children.
+    Ties go to the lowest parent index (callers order parents by token id).
+    """
+    n = child_keys.shape[0]
+    out = np.empty(n, dtype=np.int64)
+    if n == 0:
+        return out
+    pa = augment_keys(parent_keys, m).astype(np.float32)
+    for s in range(0, n, chunk):
+        ca = augment_keys(child_keys[s : s + chunk], m).astype(np.float32)
+        out[s : s + chunk] = np.argmax(ca @ pa.T, axis=1)
+    return out

@@ -1,0 +1,1 @@
+"""SGLang-facing objects (memory pool, attention backend, radix cache). Not built yet: see issue 4."""

@@ -1,0 +1,1 @@
+"""Triton/GPU kernels, installed as ``icecache_sglang.kernels``. Not built yet: see issue 6."""
