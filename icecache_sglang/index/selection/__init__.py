@@ -1,0 +1,15 @@
+"""Token-selection policies: IceCache and the baselines it is measured against, one file each."""
+
+from .base import SelectionPolicy
+from .icecache import IceCachePolicy
+from .oracle import OraclePagePolicy, OraclePositionalPolicy, OracleTokenPolicy
+from .quest import QuestPolicy
+from .streaming import StreamingPolicy
+
+POLICIES = {
+    p.name: p
+    for p in (IceCachePolicy, OracleTokenPolicy, OraclePagePolicy, OraclePositionalPolicy, QuestPolicy, StreamingPolicy)
+}
+
+__all__ = ["SelectionPolicy", "POLICIES", "IceCachePolicy", "OracleTokenPolicy", "OraclePagePolicy",
+           "OraclePositionalPolicy", "QuestPolicy", "StreamingPolicy"]
