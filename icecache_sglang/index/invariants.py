@@ -67,6 +67,8 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                     if parent[t] + 1 != cell:
                         _fail(h, f"token {t} sits in cell {cell} but its parent is {parent[t]}")
                     keys_in_order.append((idx.tok_proj[h, t], t))
+                    if idx.page_proj[h, p, j] != idx.tok_proj[h, t]:
+                        _fail(h, f"page_proj of token {t} differs from tok_proj")
                     if idx.tok_m[h, t] != idx.cell_m[h, cell]:
                         _fail(h, f"token {t} has m {idx.tok_m[h, t]} but its cell has {idx.cell_m[h, cell]}")
                     if idx.tok_m[h, t] < idx.tok_sqn[h, t]:

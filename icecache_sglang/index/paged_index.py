@@ -88,6 +88,7 @@ class PagedDCIIndex:
             "next_page": np.zeros(H, np.int32),
             "page_keys": np.zeros((H, P, C, self.d), np.float32),
             "page_vals": np.zeros((H, P, C, self.dv), np.float32),
+            "page_proj": np.zeros((H, P, C), np.float64),
         }
         for k, v in arrays.items():
             setattr(self, k, v)

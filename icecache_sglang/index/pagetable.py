@@ -42,6 +42,7 @@ STATE_FIELDS = (
     "next_page",  # int32 [H]      the next never-used page id
     "page_keys",  # float32 [H, P, C, d]
     "page_vals",  # float32 [H, P, C, dv] (dv may be 0)
+    "page_proj",  # float64 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
 )
 
 
@@ -130,9 +131,10 @@ def unlink(S, h, p):
 @njit(cache=True)
 def move_slot(S, h, src_p, src_j, dst_p, dst_j):
     """Copy the token in (src_p, src_j) with its key/value rows to (dst_p, dst_j)."""
-    tok_page, tok_slot, page_tok, page_keys, page_vals = S[2], S[3], S[13], S[22], S[23]
+    tok_page, tok_slot, page_tok, page_keys, page_vals, page_proj = S[2], S[3], S[13], S[22], S[23], S[24]
     t = page_tok[h, src_p, src_j]
     page_tok[h, dst_p, dst_j] = t
+    page_proj[h, dst_p, dst_j] = page_proj[h, src_p, src_j]
     page_keys[h, dst_p, dst_j, :] = page_keys[h, src_p, src_j, :]
     if page_vals.shape[3] > 0:
         page_vals[h, dst_p, dst_j, :] = page_vals[h, src_p, src_j, :]
@@ -192,6 +194,7 @@ def page_insert(S, h, t, cell, key, val):
     for j in range(f, pos, -1):
         move_slot(S, h, p, j - 1, p, j)
     page_tok[h, p, pos] = t
+    S[24][h, p, pos] = pt
     page_keys[h, p, pos, :] = key
     if page_vals.shape[3] > 0:
         page_vals[h, p, pos, :] = val
@@ -281,6 +284,7 @@ def layout_sorted(S, h, cell, tids, keys, vals):
         for j in range(take):
             t = tids[i + j]
             page_tok[h, p, j] = t
+            S[24][h, p, j] = S[4][h, t]
             page_keys[h, p, j, :] = keys[i + j]
             if page_vals.shape[3] > 0:
                 page_vals[h, p, j, :] = vals[i + j]

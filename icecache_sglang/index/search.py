@@ -46,9 +46,10 @@ def order_by_score(scores, tids, n):
 
 @njit(cache=True, fastmath=True)
 def _dot(page_keys, h, p, j, q):
+    k = page_keys[h, p, j]
     s = np.float32(0.0)
     for i in range(q.shape[0]):
-        s += page_keys[h, p, j, i] * q[i]
+        s += k[i] * q[i]
     return s
 
 
@@ -83,18 +84,19 @@ def _grow_window(pn, n, qp, lo, hi):
 
 
 @njit(cache=True)
-def _gather_children(S, h, cell, faithful, buf_t, buf_pn):
-    tok_proj = S[4]
+def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
+    """The cell's children in order: token ids, scaled projections, (page, slot). Reads pages only."""
     cell_first, cell_m = S[7], S[10]
-    page_tok, page_fill, page_next = S[13], S[14], S[16]
+    page_tok, page_fill, page_next, page_proj = S[13], S[14], S[16], S[24]
     scale = 1.0 if faithful else 1.0 / math.sqrt(max(cell_m[h, cell], 1e-30))
     n = 0
     p = cell_first[h, cell]
     while p >= 0:
         for j in range(page_fill[h, p]):
-            t = page_tok[h, p, j]
-            buf_t[n] = t
-            buf_pn[n] = tok_proj[h, t] * scale
+            buf_t[n] = page_tok[h, p, j]
+            buf_pn[n] = page_proj[h, p, j] * scale
+            buf_p[n] = p
+            buf_j[n] = j
             n += 1
         p = page_next[h, p]
     return n
@@ -109,11 +111,11 @@ def _retrieve_count(mc, k_req, prop, ntr):
 
 
 @njit(cache=True)
-def _search_upper_cell(S, h, cell, q, qp, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_s, out_t, out_s, n_out):
+def _search_upper_cell(S, h, cell, q, qp, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j, buf_s,
+                       out_t, out_s, n_out):
     """Append the kept children of an upper cell (children on level >= 1) to out_t/out_s."""
-    tok_page, tok_slot = S[2], S[3]
     cnt_pages, page_keys = S[12], S[22]
-    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn)
+    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
     if mc == 0:
         return n_out
     lo, hi = _window(buf_pn, mc, qp, _retrieve_count(mc, fov, prop, ntr))
@@ -127,8 +129,7 @@ def _search_upper_cell(S, h, cell, q, qp, fov, P, prop, ntr, faithful, buf_t, bu
         lo, hi = nlo, nhi
     w = hi - lo
     for i in range(w):
-        t = buf_t[lo + i]
-        buf_s[i] = _dot(page_keys, h, tok_page[h, t], tok_slot[h, t], q)
+        buf_s[i] = _dot(page_keys, h, buf_p[lo + i], buf_j[lo + i], q)
     order = order_by_score(buf_s, buf_t[lo:hi], w)
     e = 0
     c = 0
@@ -145,9 +146,8 @@ def _search_upper_cell(S, h, cell, q, qp, fov, P, prop, ntr, faithful, buf_t, bu
 
 
 @njit(cache=True)
-def _offer_page(S, h, t, s, pbest, ptid, touched, n_touched):
-    p = S[2][h, t]
-    if pbest[p] == NEG_INF and ptid[p] < 0:
+def _offer_page(p, t, s, pbest, ptid, touched, n_touched):
+    if ptid[p] < 0:
         touched[n_touched] = p
         n_touched += 1
     if ptid[p] < 0 or _better(s, t, pbest[p], ptid[p]):
@@ -157,17 +157,17 @@ def _offer_page(S, h, t, s, pbest, ptid, touched, n_touched):
 
 
 @njit(cache=True)
-def _search_leaf_cell(S, h, cell, q, qp, P, prop, ntr, faithful, buf_t, buf_pn, pbest, ptid, touched, n_touched):
+def _search_leaf_cell(S, h, cell, q, qp, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+                      pbest, ptid, touched, n_touched):
     """Score the window of a cell whose children are on level 0; offer each scored child's page."""
-    tok_page, tok_slot, page_keys = S[2], S[3], S[22]
-    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn)
+    page_keys = S[22]
+    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
     if mc == 0:
         return n_touched
     lo, hi = _window(buf_pn, mc, qp, _retrieve_count(mc, P, prop, ntr))
     for i in range(lo, hi):
-        t = buf_t[i]
-        s = _dot(page_keys, h, tok_page[h, t], tok_slot[h, t], q)
-        n_touched = _offer_page(S, h, t, s, pbest, ptid, touched, n_touched)
+        s = _dot(page_keys, h, buf_p[i], buf_j[i], q)
+        n_touched = _offer_page(buf_p[i], buf_t[i], s, pbest, ptid, touched, n_touched)
     return n_touched
 
 
@@ -178,6 +178,9 @@ def search_one(S, h, q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, o
     buf_t = np.empty(n_tok_cap, np.int32)
     buf_pn = np.empty(n_tok_cap, np.float64)
     buf_s = np.empty(n_tok_cap, np.float32)
+    buf_p = np.empty(n_tok_cap, np.int32)
+    buf_j = np.empty(n_tok_cap, np.int32)
+    tok_page = S[2]
     fr_t = np.empty(n_tok_cap, np.int32)
     fr_s = np.empty(n_tok_cap, np.float32)
     nx_t = np.empty(n_tok_cap, np.int32)
@@ -192,17 +195,18 @@ def search_one(S, h, q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, o
     if top_level < 0:
         return
     if top_level == 0:
-        n_touched = _search_leaf_cell(S, h, 0, q, qp, P, prop, ntr, faithful, buf_t, buf_pn, pbest, ptid, touched, n_touched)
+        n_touched = _search_leaf_cell(S, h, 0, q, qp, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j, pbest, ptid, touched, n_touched)
     else:
-        n_fr = _search_upper_cell(S, h, 0, q, qp, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_s, fr_t, fr_s, 0)
+        n_fr = _search_upper_cell(S, h, 0, q, qp, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j, buf_s,
+                                  fr_t, fr_s, 0)
         for i in range(n_fr):
-            n_touched = _offer_page(S, h, fr_t[i], fr_s[i], pbest, ptid, touched, n_touched)
+            n_touched = _offer_page(tok_page[h, fr_t[i]], fr_t[i], fr_s[i], pbest, ptid, touched, n_touched)
         level = top_level
         while level >= 2:
             n_nx = 0
             for i in range(n_fr):
                 n_nx = _search_upper_cell(S, h, fr_t[i] + 1, q, qp, fov, P, prop, ntr, faithful,
-                                          buf_t, buf_pn, buf_s, nx_t, nx_s, n_nx)
+                                          buf_t, buf_pn, buf_p, buf_j, buf_s, nx_t, nx_s, n_nx)
             order = order_by_score(nx_s, nx_t, n_nx)
             e = 0
             c = 0
@@ -216,11 +220,11 @@ def search_one(S, h, q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, o
                 e += 1
             n_fr = e
             for i in range(n_fr):
-                n_touched = _offer_page(S, h, fr_t[i], fr_s[i], pbest, ptid, touched, n_touched)
+                n_touched = _offer_page(tok_page[h, fr_t[i]], fr_t[i], fr_s[i], pbest, ptid, touched, n_touched)
             level -= 1
         for i in range(n_fr):
             n_touched = _search_leaf_cell(S, h, fr_t[i] + 1, q, qp, P, prop, ntr, faithful,
-                                          buf_t, buf_pn, pbest, ptid, touched, n_touched)
+                                          buf_t, buf_pn, buf_p, buf_j, pbest, ptid, touched, n_touched)
     ps = np.empty(n_touched, np.float32)
     pt = np.empty(n_touched, np.int32)
     for i in range(n_touched):

@@ -13,3 +13,7 @@ POLICIES = {
 
 __all__ = ["SelectionPolicy", "POLICIES", "IceCachePolicy", "OracleTokenPolicy", "OraclePagePolicy",
            "OraclePositionalPolicy", "QuestPolicy", "StreamingPolicy"]
+
+from .sink_window import SinkWindowPolicy, default_sink_window  # noqa: E402
+
+__all__ += ["SinkWindowPolicy", "default_sink_window"]

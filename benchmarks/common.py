@@ -1,0 +1,47 @@
+"""Helpers shared by the benchmark scripts: machine description, result files, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
+    except ImportError:
+        mem = "?"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), {mem}, {platform.system()} {platform.release()}"
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def write_records(name: str, quick: bool, records: list[dict]) -> Path:
+    """``benchmarks/results/<name>[_quick].json``: a list of flat records, each naming machine and command."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'_quick' if quick else ''}.json"
+    meta = {"machine": machine(), "command": command()}
+    path.write_text(json.dumps([{**r, **meta} for r in records], indent=1))
+    return path
+
+
+def png_path(name: str, quick: bool) -> Path:
+    return RESULTS / f"{name}{'_quick' if quick else ''}.png"

@@ -1,0 +1,148 @@
+"""Index quality: attention-mass recall, recall@k and attention-output error vs token budget, for
+IceCache pages and every baseline, on synthetic keys and on real Q/K captured from a real model.
+
+Every page method runs as IceCache does: the first ``sink`` and last ``window`` tokens are always kept
+(``min(32, budget/4)`` each) and the rest of the budget is spent on pages of the tokens between them.
+StreamingLLM spends the whole budget on 4 sink tokens + the recent window; the token oracle picks the
+budget's best tokens anywhere (an upper bound). Metrics are means over layers, query heads and decode
+steps (the last ``steps`` positions of the prompt act as decode queries over the context before them).
+
+    python benchmarks/index_quality.py --quick     # < 2 min once the model is cached
+    python benchmarks/index_quality.py             # full sweep (4k-16k, budgets 64-2048)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import png_path, write_records  # noqa: E402
+
+from icecache_sglang.index.metrics import attention_probs, mass_recall, output_rel_err, recall_at_k  # noqa: E402
+from icecache_sglang.index.selection import POLICIES, SinkWindowPolicy, default_sink_window  # noqa: E402
+from icecache_sglang.index.synthetic import clustered_keys, lowrank_keys  # noqa: E402
+
+METHODS = ["icecache", "oracle_token", "oracle_page", "oracle_positional", "quest", "streaming"]
+RECALL_K = 64
+
+
+def make_policy(method: str, budget: int, page_size: int):
+    pol = POLICIES[method](page_size=page_size)
+    if method in ("streaming", "oracle_token"):
+        return pol
+    return SinkWindowPolicy(pol, *default_sink_window(budget))
+
+
+def evaluate_layer(keys, values, queries, budgets, page_size, methods=METHODS):
+    """{(method, budget): (mass, recall, err)} for one layer; queries [steps, H_q, d]."""
+    probs = [attention_probs(q, keys) for q in queries]
+    out = {}
+    for method in methods:
+        for budget in budgets:
+            pol = make_policy(method, budget, page_size)
+            pol.build(keys)
+            m, r, e = [], [], []
+            for q, p in zip(queries, probs):
+                sel = pol.select(q, budget)
+                m.append(mass_recall(p, sel))
+                r.append(recall_at_k(p, sel, RECALL_K))
+                e.append(output_rel_err(p, values, sel))
+            out[(method, budget)] = (float(np.mean(m)), float(np.mean(r)), float(np.mean(e)))
+    return out
+
+
+def synthetic_layers(kind: str, n: int, steps: int, seed: int):
+    rng = np.random.default_rng(seed)
+    gen = clustered_keys if kind == "clustered" else lowrank_keys
+    K, Q = gen(rng, n, 64, n_queries=steps, heads=2, group=4)
+    V = rng.standard_normal(K.shape).astype(np.float32)
+    return [(K, V, Q)]
+
+
+def real_layers(model: str, text: str, n: int, steps: int):
+    from transformers import AutoTokenizer
+
+    from icecache_sglang.models.capture import capture_qkv
+    from icecache_sglang.models.fetch import ensure_model
+    from icecache_sglang.models.texts import essay_prompt, passkey_prompt
+
+    tok = AutoTokenizer.from_pretrained(ensure_model(model))
+    ids = essay_prompt(tok, n + steps) if text == "essays" else passkey_prompt(tok, n + steps, depth=0.5)[0]
+    return [(layer.keys, layer.values, layer.queries) for layer in capture_qkv(model, ids, steps)]
+
+
+def plot(records, path: Path, budget_mark=256):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = [r for r in records if r["layer"] == "mean"]
+    panels = sorted({(r["source"], r["context"]) for r in mean})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (src, ctx) in zip(axes[0], panels):
+        for method in METHODS:
+            pts = sorted((r["budget"], r["mass_recall"]) for r in mean
+                         if r["source"] == src and r["context"] == ctx and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method, lw=2.2 if method == "icecache" else 1.2)
+        ax.axvline(budget_mark, color="grey", lw=0.5, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{src}, {ctx // 1024}k", fontsize=9)
+        ax.set_xlabel("token budget")
+        ax.set_ylim(0, 1.01)
+    axes[0][0].set_ylabel("attention-mass recall")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one context, three budgets, fewer steps")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="pinned model name or a local HF folder")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--no-real", action="store_true", help="synthetic sources only")
+    args = ap.parse_args(argv)
+    if args.quick:
+        contexts, budgets, steps, texts = [4096], [64, 256, 1024], 8, ["essays"]
+    else:
+        contexts, budgets, steps, texts = [4096, 8192, 16384], [64, 128, 256, 512, 1024, 2048], 16, ["essays", "passkey"]
+    sources = [("synthetic-clustered", "clustered"), ("synthetic-lowrank", "lowrank")]
+    if not args.no_real:
+        sources += [(f"real:{args.model}:{t}", t) for t in texts]
+    records = []
+    t0 = time.time()
+    for source, kind in sources:
+        for n in contexts:
+            if source.startswith("synthetic"):
+                layers = synthetic_layers(kind, n, steps, seed=n)
+            else:
+                layers = real_layers(args.model, kind, n, steps)
+            per_layer = [evaluate_layer(K, V, Q, budgets, args.page_size) for K, V, Q in layers]
+            for key in per_layer[0]:
+                method, budget = key
+                base = {"source": source, "context": int(layers[0][0].shape[1]), "budget": budget,
+                        "page_size": args.page_size, "method": method, "recall_k": RECALL_K,
+                        "steps": steps, "n_layers": len(layers)}
+                vals = np.array([pl[key] for pl in per_layer])
+                records.append({**base, "layer": "mean", "mass_recall": float(vals[:, 0].mean()),
+                                "recall_at_k": float(vals[:, 1].mean()), "output_rel_err": float(vals[:, 2].mean())})
+                if len(layers) > 1:
+                    records += [{**base, "layer": i, "mass_recall": v[0], "recall_at_k": v[1], "output_rel_err": v[2]}
+                                for i, v in enumerate(vals.tolist())]
+            done = [r for r in records if r["layer"] == "mean" and r["source"] == source and r["budget"] == (256 if 256 in budgets else budgets[0])]
+            summary = ", ".join(f"{r['method']} {r['mass_recall']:.3f}" for r in done if r["context"] == layers[0][0].shape[1])
+            print(f"[{time.time() - t0:6.1f}s] {source} n={n}: mass@{done[0]['budget']}: {summary}", flush=True)
+    path = write_records("index_quality", args.quick, records)
+    plot(records, png_path("index_quality", args.quick))
+    print(f"wrote {path} and {png_path('index_quality', args.quick)}")
+
+
+if __name__ == "__main__":
+    main()
