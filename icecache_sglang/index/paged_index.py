@@ -61,6 +61,7 @@ class PagedDCIIndex:
         self.M = np.zeros(H, np.float64)
         self.n_at_build = 0
         self.rebuilds = 0
+        self._level1_cache: dict = {}
         self.schedule = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up)
         self.level_counts = np.zeros((H, 64), np.int64)
         arrays = {
@@ -173,7 +174,8 @@ class PagedDCIIndex:
             proj[h] = key_projection(K[h], sqn[h], M[h], self.u)
             for lv in range(top):
                 members, ups = by_level[lv], by_level[lv + 1]
-                parent[h, members] = tids[ups[exact_parents(K[h, members], K[h, ups], M[h], self.cfg.parent_chunk)]]
+                parent[h, members] = tids[ups[exact_parents(K[h, members], K[h, ups], M[h], self.cfg.parent_chunk,
+                                                            sqn[h, members], sqn[h, ups])]]
             sizes = np.bincount(parent[h] + 1)
             need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
         self._alloc(n_ids, need_pages + need_pages // 4 + 16)
@@ -214,10 +216,9 @@ class PagedDCIIndex:
         sqn = squared_norms(K)
         for h in range(self.H):
             self.M[h] = max(self.M[h], float(sqn[h].max()))
-            ups = np.flatnonzero((self.tok_level[h, : self.n_tokens] == 1) & self.alive[: self.n_tokens])
+            ups, up_keys, up_sqn = self._level1(h)
             if ups.size:
-                up_keys = self.page_keys[h, self.tok_page[h, ups], self.tok_slot[h, ups]]
-                parents[h] = ups[exact_parents(K[h], up_keys, self.M[h], self.cfg.parent_chunk)]
+                parents[h] = ups[exact_parents(K[h], up_keys, self.M[h], self.cfg.parent_chunk, sqn[h], up_sqn)]
             self.tok_sqn[h, tids] = sqn[h]
             self.tok_m[h, tids] = self.M[h]
             self.tok_proj[h, tids] = key_projection(K[h], sqn[h], self.M[h], self.u)
@@ -227,6 +228,15 @@ class PagedDCIIndex:
             self.level_counts[h, 0] += b
         _insert_heads(S, tids.astype(np.int32), parents, K, V, self._a)
         return tids
+
+    def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Level-1 token ids, keys and squared norms of head h, cached: inserts land on level 0 and never
+        change them; build, rebuild and delete drop the cache."""
+        cache = self._level1_cache
+        if h not in cache:
+            ups = np.flatnonzero((self.tok_level[h, : self.n_tokens] == 1) & self.alive[: self.n_tokens])
+            cache[h] = (ups, self.page_keys[h, self.tok_page[h, ups], self.tok_slot[h, ups]], self.tok_sqn[h, ups].copy())
+        return cache[h]
 
     def _rebuild_with(self, K_new, V_new, pos_new) -> np.ndarray:
         live = np.flatnonzero(self.alive[: self.n_tokens])
@@ -249,6 +259,7 @@ class PagedDCIIndex:
         ids = np.unique(np.asarray(token_ids, dtype=np.int64))
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_tokens or not self.alive[ids].all()):
             raise ValueError("token_ids must name live tokens of this index")
+        self._level1_cache = {}
         for t in ids:
             for h in range(self.H):
                 self._delete_one(h, int(t))

@@ -19,8 +19,9 @@ def make_projection(dim: int, seed: int, n_proj: int = 1) -> np.ndarray:
 
 
 def squared_norms(keys: np.ndarray) -> np.ndarray:
-    k = np.asarray(keys, dtype=np.float64)
-    return np.einsum("...d,...d->...", k, k)
+    """``|k|^2`` in float64 (exact enough that ``M - |k|^2`` never goes negative for the max key)."""
+    k = np.asarray(keys)
+    return np.einsum("...d,...d->...", k, k, dtype=np.float64)
 
 
 def augmented_coordinate(sqn: np.ndarray, m: np.ndarray | float) -> np.ndarray:
@@ -57,18 +58,31 @@ def kk_distance(a: np.ndarray, b: np.ndarray, m: float) -> np.ndarray:
     return m - augment_keys(a, m) @ augment_keys(b, m).T
 
 
-def exact_parents(child_keys: np.ndarray, parent_keys: np.ndarray, m: float, chunk: int = 8192) -> np.ndarray:
+def _augmented_f32(keys: np.ndarray, sqn: np.ndarray, m: float) -> np.ndarray:
+    out = np.empty((keys.shape[0], keys.shape[1] + 1), np.float32)
+    out[:, :-1] = keys
+    out[:, -1] = augmented_coordinate(sqn, m)
+    return out
+
+
+def exact_parents(child_keys: np.ndarray, parent_keys: np.ndarray, m: float, chunk: int = 8192,
+                  child_sqn: np.ndarray | None = None, parent_sqn: np.ndarray | None = None) -> np.ndarray:
     """Index (into ``parent_keys``) of the exact ``D_kk`` nearest parent of every child.
 
     ``argmin D_kk == argmax <a~, b~>``: one float32 matmul of augmented keys, chunked over children.
-    Ties go to the lowest parent index (callers order parents by token id).
+    Ties go to the lowest parent index (callers order parents by token id). Squared norms may be passed
+    in when the caller has them.
     """
     n = child_keys.shape[0]
     out = np.empty(n, dtype=np.int64)
     if n == 0:
         return out
-    pa = augment_keys(parent_keys, m).astype(np.float32)
+    if parent_sqn is None:
+        parent_sqn = squared_norms(parent_keys)
+    if child_sqn is None:
+        child_sqn = squared_norms(child_keys)
+    pa_t = np.ascontiguousarray(_augmented_f32(parent_keys, parent_sqn, m).T)
     for s in range(0, n, chunk):
-        ca = augment_keys(child_keys[s : s + chunk], m).astype(np.float32)
-        out[s : s + chunk] = np.argmax(ca @ pa.T, axis=1)
+        ca = _augmented_f32(child_keys[s : s + chunk], child_sqn[s : s + chunk], m)
+        out[s : s + chunk] = np.argmax(ca @ pa_t, axis=1)
     return out
