@@ -94,23 +94,49 @@ def plot(records, path: Path, budget_mark=256):
     import matplotlib.pyplot as plt
 
     mean = [r for r in records if r["layer"] == "mean"]
-    panels = sorted({(r["source"], r["context"]) for r in mean})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (src, ctx) in zip(axes[0], panels):
+    panels = sorted({(r["source"], r["text"], r["context"]) for r in mean})
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (src, text, ctx) in zip(axes.flat, panels):
         for method in METHODS:
             pts = sorted((r["budget"], r["mass_recall"]) for r in mean
-                         if r["source"] == src and r["context"] == ctx and r["method"] == method)
+                         if (r["source"], r["text"], r["context"]) == (src, text, ctx) and r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method, lw=2.2 if method == "icecache" else 1.2)
         ax.axvline(budget_mark, color="grey", lw=0.5, ls=":")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{src}, {ctx // 1024}k", fontsize=9)
+        ax.set_title(f"{src}{' ' + text if text else ''}, {ctx / 1024:.0f}k", fontsize=9)
         ax.set_xlabel("token budget")
         ax.set_ylim(0, 1.01)
-    axes[0][0].set_ylabel("attention-mass recall")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("attention-mass recall")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def markdown_tables(records, budgets_shown=(64, 256, 1024)) -> str:
+    """Mean mass recall per method and budget, one table per source/text/context, from the records."""
+    mean = [r for r in records if r["layer"] == "mean"]
+    out = []
+    for src, text, ctx in sorted({(r["source"], r["text"], r["context"]) for r in mean}):
+        rows = [r for r in mean if (r["source"], r["text"], r["context"]) == (src, text, ctx)]
+        shown = [b for b in budgets_shown if any(r["budget"] == b for r in rows)]
+        out.append(f"**{src}{' ' + text if text else ''}, {ctx} tokens**: mass recall (recall@{RECALL_K}, "
+                   f"output error) by budget\n")
+        out.append("| method | " + " | ".join(str(b) for b in shown) + " |")
+        out.append("|---|" + "---|" * len(shown))
+        for m in METHODS:
+            cells = []
+            for b in shown:
+                r = next(x for x in rows if x["method"] == m and x["budget"] == b)
+                cells.append(f"{r['mass_recall']:.3f} ({r['recall_at_k']:.2f}, {r['output_rel_err']:.2f})")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main(argv=None) -> None:
@@ -119,14 +145,26 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="pinned model name or a local HF folder")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--no-real", action="store_true", help="synthetic sources only")
+    ap.add_argument("--replot", metavar="JSON", help="redraw the PNG of a results file and exit")
+    ap.add_argument("--table", metavar="JSON", help="print markdown tables of a results file and exit")
     args = ap.parse_args(argv)
+    if args.replot or args.table:
+        import json
+
+        path = Path(args.replot or args.table)
+        records = json.loads(path.read_text())
+        if args.replot:
+            plot(records, path.with_suffix(".png"))
+        else:
+            print(markdown_tables(records))
+        return
     if args.quick:
         contexts, budgets, steps, texts = [4096], [64, 256, 1024], 8, ["essays"]
     else:
         contexts, budgets, steps, texts = [4096, 8192, 16384], [64, 128, 256, 512, 1024, 2048], 16, ["essays", "passkey"]
     sources = [("synthetic-clustered", "clustered"), ("synthetic-lowrank", "lowrank")]
     if not args.no_real:
-        sources += [(f"real:{args.model}:{t}", t) for t in texts]
+        sources += [(f"real:{args.model}", t) for t in texts]
     records = []
     t0 = time.time()
     for source, kind in sources:
@@ -138,7 +176,7 @@ def main(argv=None) -> None:
             per_layer = [evaluate_layer(K, V, Q, budgets, args.page_size) for K, V, Q in layers]
             for key in per_layer[0]:
                 method, budget = key
-                base = {"source": source, "context": int(layers[0][0].shape[1]), "budget": budget,
+                base = {"source": source, "text": "" if source.startswith("synthetic") else kind, "context": int(layers[0][0].shape[1]), "budget": budget,
                         "page_size": args.page_size, "method": method, "recall_k": RECALL_K,
                         "steps": steps, "n_layers": len(layers)}
                 vals = np.array([pl[key] for pl in per_layer])
@@ -147,9 +185,11 @@ def main(argv=None) -> None:
                 if len(layers) > 1:
                     records += [{**base, "layer": i, "mass_recall": v[0], "recall_at_k": v[1], "output_rel_err": v[2]}
                                 for i, v in enumerate(vals.tolist())]
-            done = [r for r in records if r["layer"] == "mean" and r["source"] == source and r["budget"] == (256 if 256 in budgets else budgets[0])]
-            summary = ", ".join(f"{r['method']} {r['mass_recall']:.3f}" for r in done if r["context"] == layers[0][0].shape[1])
-            print(f"[{time.time() - t0:6.1f}s] {source} n={n}: mass@{done[0]['budget']}: {summary}", flush=True)
+            mark = 256 if 256 in budgets else budgets[0]
+            done = [r for r in records[-len(per_layer[0]) * (1 + (len(layers) > 1) * len(layers)):]
+                    if r["layer"] == "mean" and r["budget"] == mark]
+            summary = ", ".join(f"{r['method']} {r['mass_recall']:.3f}" for r in done)
+            print(f"[{time.time() - t0:6.1f}s] {source} {kind} n={n}: mass@{mark}: {summary}", flush=True)
     path = write_records("index_quality", args.quick, records)
     plot(records, png_path("index_quality", args.quick))
     print(f"wrote {path} and {png_path('index_quality', args.quick)}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit, prange
 
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .schedule import LevelSchedule
 from .search import merge_group_pages, search_rows
-from .transform import augment_keys, exact_parents, key_projection, make_projection, query_projection, squared_norms
+from .transform import exact_parents, key_projection, make_projection, query_projection, squared_norms
 
 
 def _as_float_array(name: str, x, ndim: int) -> np.ndarray:
@@ -408,7 +409,6 @@ class PagedDCIIndex:
 
 
 # ---------------------------------------------------------------------- numba drivers
-from numba import njit, prange  # noqa: E402
 
 
 @njit(cache=True)
@@ -451,4 +451,4 @@ def _insert_heads(S, tids, parents, K, V, a):
             pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a)
 
 
-__all__ = ["PagedDCIIndex", "IndexConfig", "QueryParams", "augment_keys"]
+__all__ = ["PagedDCIIndex", "IndexConfig", "QueryParams"]

@@ -1,0 +1,44 @@
+"""The benchmarks measure what they claim: brute force returns the index's exhaustive answer, and the
+quality evaluation's numbers are consistent (oracle token >= every method)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import EXHAUSTIVE
+
+from icecache_sglang.index.config import IndexConfig, QueryParams
+from icecache_sglang.index.paged_index import PagedDCIIndex
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import index_quality  # noqa: E402
+import index_speed  # noqa: E402
+
+
+def test_bruteforce_equals_exhaustive_search(rng):
+    K = rng.standard_normal((2, 3000, 16)).astype(np.float32)  # continuous: no tied page scores
+    idx = PagedDCIIndex(2, 16, config=IndexConfig(page_size=16, rebuild_growth=None))
+    idx.build(K)
+    idx.insert(rng.standard_normal((2, 40, 16)).astype(np.float32))  # partly filled pages
+    idx.delete(np.arange(0, 3000, 7))  # and a free list
+    Q = rng.standard_normal((8, 16)).astype(np.float32)
+    want = idx.query(Q, 12, QueryParams(**EXHAUSTIVE))
+    got = index_speed.bruteforce_pages(idx, Q, 12)
+    assert np.array_equal(got, want)
+
+
+def test_quality_evaluation_is_consistent(rng):
+    from icecache_sglang.index.synthetic import clustered_keys
+
+    K, Q = clustered_keys(rng, 3000, 16, n_clusters=16, n_queries=3, heads=2, group=2)
+    V = rng.standard_normal(K.shape).astype(np.float32)
+    out = index_quality.evaluate_layer(K, V, Q, [64, 256], 16)
+    assert set(out) == {(m, b) for m in index_quality.METHODS for b in (64, 256)}
+    for b in (64, 256):
+        assert all(out[(m, b)][0] <= out[("oracle_token", b)][0] + 1e-9 for m in index_quality.METHODS)
+        assert out[("icecache", b)][0] <= out[("oracle_page", b)][0] + 0.05
+    assert all(out[(m, 256)][0] >= out[(m, 64)][0] - 1e-9 for m in index_quality.METHODS)
+    table = index_quality.markdown_tables(
+        [{"layer": "mean", "source": "s", "text": "", "context": 3000, "method": m, "budget": b,
+          "mass_recall": v[0], "recall_at_k": v[1], "output_rel_err": v[2]} for (m, b), v in out.items()])
+    assert "| icecache |" in table
