@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import png_path, write_records  # noqa: E402
 
-from icecache_sglang.index.metrics import attention_probs, mass_recall, output_rel_err, recall_at_k  # noqa: E402
+from icecache_sglang.index.metrics import (attention_probs, dense_output, mass_recall,  # noqa: E402
+                                           output_rel_err, recall_at_k)
 from icecache_sglang.index.selection import POLICIES, SinkWindowPolicy, default_sink_window  # noqa: E402
 from icecache_sglang.index.synthetic import clustered_keys, lowrank_keys  # noqa: E402
 
@@ -45,6 +46,7 @@ def evaluate_layer(keys, values, queries, budgets, page_size, methods=METHODS):
     """{(method, budget): (mass, recall, err)} for one layer; queries [steps, H_q, d]. Each policy is built
     once per sink/window setting; oracle pages reuse IceCache's index (the same layout by construction)."""
     probs = [attention_probs(q, keys) for q in queries]
+    dense = [dense_output(p, values) for p in probs]
     groups: dict[tuple, list[int]] = {}
     for b in budgets:
         groups.setdefault(default_sink_window(b), []).append(b)
@@ -58,11 +60,11 @@ def evaluate_layer(keys, values, queries, budgets, page_size, methods=METHODS):
                 shared = pol.inner.index
             for budget in group:
                 m, r, e = [], [], []
-                for q, p in zip(queries, probs):
+                for q, p, o in zip(queries, probs, dense):
                     sel = pol.select(q, budget)
                     m.append(mass_recall(p, sel))
                     r.append(recall_at_k(p, sel, RECALL_K))
-                    e.append(output_rel_err(p, values, sel))
+                    e.append(output_rel_err(p, values, sel, o))
                 out[(method, budget)] = (float(np.mean(m)), float(np.mean(r)), float(np.mean(e)))
     return out
 

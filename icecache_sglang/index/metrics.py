@@ -43,15 +43,27 @@ def recall_at_k(probs: np.ndarray, selected: list[np.ndarray], k: int) -> float:
     return float(np.take_along_axis(m, top, axis=1).mean())
 
 
-def output_rel_err(probs: np.ndarray, values: np.ndarray, selected: list[np.ndarray]) -> float:
-    """``|o_sparse - o_dense| / |o_dense|``: softmax renormalised over the selected tokens."""
+def dense_output(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Dense attention output per query head: ``[H_q, dv]``."""
     H = values.shape[0]
     g = probs.shape[0] // H
-    V = np.repeat(values.astype(np.float64), g, axis=0)  # [H_q, n, dv]
-    m = _masks(selected, probs.shape[1], g)
-    dense = np.einsum("hn,hnd->hd", probs, V)
-    ps = probs * m
-    z = ps.sum(axis=1, keepdims=True)
-    sparse = np.einsum("hn,hnd->hd", np.divide(ps, z, out=np.zeros_like(ps), where=z > 0), V)
-    err = np.linalg.norm(sparse - dense, axis=1) / np.maximum(np.linalg.norm(dense, axis=1), 1e-30)
-    return float(err.mean())
+    return np.concatenate([probs[h * g : (h + 1) * g] @ values[h].astype(np.float64) for h in range(H)])
+
+
+def output_rel_err(probs: np.ndarray, values: np.ndarray, selected: list[np.ndarray],
+                   dense: np.ndarray | None = None) -> float:
+    """``|o_sparse - o_dense| / |o_dense|``: softmax renormalised over the selected tokens.
+    ``dense`` (from :func:`dense_output`) may be passed in when several selections share a step."""
+    H = values.shape[0]
+    g = probs.shape[0] // H
+    if dense is None:
+        dense = dense_output(probs, values)
+    errs = []
+    for h, sel in enumerate(selected):
+        sel = np.asarray(sel, dtype=np.int64)
+        p = probs[h * g : (h + 1) * g][:, sel]  # [g, m]
+        z = p.sum(axis=1, keepdims=True)
+        o = np.divide(p @ values[h][sel].astype(np.float64), z, out=np.zeros((g, values.shape[2])), where=z > 0)
+        ref = dense[h * g : (h + 1) * g]
+        errs.append(np.linalg.norm(o - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30))
+    return float(np.concatenate(errs).mean())

@@ -111,6 +111,18 @@ def _retrieve_count(mc, k_req, prop, ntr):
 
 
 @njit(cache=True)
+def _keep_count(cnt_pages, h, tids, order, n, fov, P):
+    """How many of the best entries to keep: at least ``fov``, and enough for their subtrees to hold
+    ``P`` pages (the coverage rule), never more than ``n``."""
+    e = 0
+    c = 0
+    while e < n and (e < fov or c < P):
+        c += cnt_pages[h, tids[order[e]] + 1]
+        e += 1
+    return e
+
+
+@njit(cache=True)
 def _search_upper_cell(S, h, cell, q, qp, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j, buf_s,
                        out_t, out_s, n_out):
     """Append the kept children of an upper cell (children on level >= 1) to out_t/out_s."""
@@ -131,18 +143,11 @@ def _search_upper_cell(S, h, cell, q, qp, fov, P, prop, ntr, faithful, buf_t, bu
     for i in range(w):
         buf_s[i] = _dot(page_keys, h, buf_p[lo + i], buf_j[lo + i], q)
     order = order_by_score(buf_s, buf_t[lo:hi], w)
-    e = 0
-    c = 0
-    for i in range(w):
-        if e >= fov and c >= P:
-            break
-        k = order[i]
-        out_t[n_out] = buf_t[lo + k]
-        out_s[n_out] = buf_s[k]
-        n_out += 1
-        c += cnt_pages[h, buf_t[lo + k] + 1]
-        e += 1
-    return n_out
+    e = _keep_count(cnt_pages, h, buf_t[lo:hi], order, w, fov, P)
+    for i in range(e):
+        out_t[n_out + i] = buf_t[lo + order[i]]
+        out_s[n_out + i] = buf_s[order[i]]
+    return n_out + e
 
 
 @njit(cache=True)
@@ -208,17 +213,10 @@ def search_one(S, h, q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, o
                 n_nx = _search_upper_cell(S, h, fr_t[i] + 1, q, qp, fov, P, prop, ntr, faithful,
                                           buf_t, buf_pn, buf_p, buf_j, buf_s, nx_t, nx_s, n_nx)
             order = order_by_score(nx_s, nx_t, n_nx)
-            e = 0
-            c = 0
-            for i in range(n_nx):
-                if e >= fov and c >= P:
-                    break
-                k = order[i]
-                fr_t[e] = nx_t[k]
-                fr_s[e] = nx_s[k]
-                c += S[12][h, nx_t[k] + 1]
-                e += 1
-            n_fr = e
+            n_fr = _keep_count(S[12], h, nx_t, order, n_nx, fov, P)
+            for i in range(n_fr):
+                fr_t[i] = nx_t[order[i]]
+                fr_s[i] = nx_s[order[i]]
             for i in range(n_fr):
                 n_touched = _offer_page(tok_page[h, fr_t[i]], fr_t[i], fr_s[i], pbest, ptid, touched, n_touched)
             level -= 1
