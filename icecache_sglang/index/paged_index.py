@@ -63,7 +63,6 @@ class PagedDCIIndex:
         self.n_at_build = 0
         self.rebuilds = 0
         self._level1_cache: dict = {}
-        self.schedule = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up)
         self.level_counts = np.zeros((H, 64), np.int64)
         arrays = {
             "tok_level": np.full((H, T), -1, np.int32),
@@ -162,8 +161,7 @@ class PagedDCIIndex:
         """Bulk build over tokens ``tids`` (ascending; ids are kept, so a rebuild renames nothing)."""
         n = K.shape[1]
         n_ids = int(tids[-1]) + 1 if n else 0
-        schedule = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up)
-        level = schedule.assign(n)
+        level = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up).assign(n)
         top = int(level.max()) if n else -1
         by_level = [np.flatnonzero(level == lv) for lv in range(top + 1)]
         sqn = squared_norms(K)
@@ -180,7 +178,6 @@ class PagedDCIIndex:
             sizes = np.bincount(parent[h] + 1)
             need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
         self._alloc(n_ids, need_pages + need_pages // 4 + 16)
-        self.schedule = schedule
         self.n_tokens = n_ids
         self.alive[tids] = True
         self.positions[tids] = pos
