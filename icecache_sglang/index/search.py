@@ -45,8 +45,7 @@ def order_by_score(scores, tids, n):
 
 
 @njit(cache=True, fastmath=True)
-def _dot(page_keys, h, p, j, q):
-    k = page_keys[h, p, j]
+def _dot(k, q):
     s = np.float32(0.0)
     for i in range(q.shape[0]):
         s += k[i] * q[i]
@@ -123,34 +122,6 @@ def _keep_count(cnt_pages, h, tids, order, n, fov, P):
 
 
 @njit(cache=True)
-def _search_upper_cell(S, h, cell, q, qp, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j, buf_s,
-                       out_t, out_s, n_out):
-    """Append the kept children of an upper cell (children on level >= 1) to out_t/out_s."""
-    cnt_pages, page_keys = S[12], S[22]
-    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
-    if mc == 0:
-        return n_out
-    lo, hi = _window(buf_pn, mc, qp, _retrieve_count(mc, fov, prop, ntr))
-    cov = 0
-    for i in range(lo, hi):
-        cov += cnt_pages[h, buf_t[i] + 1]
-    while cov < P and hi - lo < mc:
-        nlo, nhi = _grow_window(buf_pn, mc, qp, lo, hi)
-        i = nlo if nlo < lo else hi
-        cov += cnt_pages[h, buf_t[i] + 1]
-        lo, hi = nlo, nhi
-    w = hi - lo
-    for i in range(w):
-        buf_s[i] = _dot(page_keys, h, buf_p[lo + i], buf_j[lo + i], q)
-    order = order_by_score(buf_s, buf_t[lo:hi], w)
-    e = _keep_count(cnt_pages, h, buf_t[lo:hi], order, w, fov, P)
-    for i in range(e):
-        out_t[n_out + i] = buf_t[lo + order[i]]
-        out_s[n_out + i] = buf_s[order[i]]
-    return n_out + e
-
-
-@njit(cache=True)
 def _offer_page(p, t, s, pbest, ptid, touched, n_touched):
     if ptid[p] < 0:
         touched[n_touched] = p
@@ -162,84 +133,196 @@ def _offer_page(p, t, s, pbest, ptid, touched, n_touched):
 
 
 @njit(cache=True)
-def _search_leaf_cell(S, h, cell, q, qp, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
-                      pbest, ptid, touched, n_touched):
-    """Score the window of a cell whose children are on level 0; offer each scored child's page."""
+def _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc):
+    """Scores of every active row over its own window; each key row is read once for all rows."""
     page_keys = S[22]
-    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
-    if mc == 0:
-        return n_touched
-    lo, hi = _window(buf_pn, mc, qp, _retrieve_count(mc, P, prop, ntr))
-    for i in range(lo, hi):
-        s = _dot(page_keys, h, buf_p[i], buf_j[i], q)
-        n_touched = _offer_page(buf_p[i], buf_t[i], s, pbest, ptid, touched, n_touched)
-    return n_touched
+    first, last = 1 << 62, -1
+    for r in range(Q.shape[0]):
+        if active[r]:
+            first = min(first, lo[r])
+            last = max(last, hi[r])
+    for i in range(first, last):
+        k = page_keys[h, buf_p[i], buf_j[i]]
+        for r in range(Q.shape[0]):
+            if active[r] and lo[r] <= i < hi[r]:
+                sc[r, i] = _dot(k, Q[r])
 
 
 @njit(cache=True)
-def search_one(S, h, q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
-    """The cumulative descent for one query row; writes the top-P pages (best first, -1 padded)."""
+def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+                       sc, lo, hi, out_t, out_s, n_out):
+    """For each active row, append the kept children of an upper cell (children on level >= 1)."""
+    cnt_pages = S[12]
+    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
+    if mc == 0:
+        return
+    for r in range(Q.shape[0]):
+        if not active[r]:
+            continue
+        a, b = _window(buf_pn, mc, qp[r], _retrieve_count(mc, fov, prop, ntr))
+        cov = 0
+        for i in range(a, b):
+            cov += cnt_pages[h, buf_t[i] + 1]
+        while cov < P and b - a < mc:
+            na, nb = _grow_window(buf_pn, mc, qp[r], a, b)
+            cov += cnt_pages[h, buf_t[na if na < a else b] + 1]
+            a, b = na, nb
+        lo[r], hi[r] = a, b
+    _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc)
+    for r in range(Q.shape[0]):
+        if not active[r]:
+            continue
+        a, w = lo[r], hi[r] - lo[r]
+        order = order_by_score(sc[r, a : a + w], buf_t[a : a + w], w)
+        e = _keep_count(cnt_pages, h, buf_t[a : a + w], order, w, fov, P)
+        for i in range(e):
+            out_t[r, n_out[r] + i] = buf_t[a + order[i]]
+            out_s[r, n_out[r] + i] = sc[r, a + order[i]]
+        n_out[r] += e
+
+
+@njit(cache=True)
+def _search_leaf_cell(S, h, cell, Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+                      sc, lo, hi, pbest, ptid, touched, n_touched):
+    """For each active row, score its window of a cell whose children are on level 0 and offer pages."""
+    mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
+    if mc == 0:
+        return
+    for r in range(Q.shape[0]):
+        if active[r]:
+            lo[r], hi[r] = _window(buf_pn, mc, qp[r], _retrieve_count(mc, P, prop, ntr))
+    _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc)
+    for r in range(Q.shape[0]):
+        if active[r]:
+            for i in range(lo[r], hi[r]):
+                n_touched[r] = _offer_page(buf_p[i], buf_t[i], sc[r, i], pbest[r], ptid[r], touched[r], n_touched[r])
+
+
+@njit(cache=True)
+def _cells_by_row(fr_t, n_fr):
+    """(cell, row) pairs of every row's frontier, sorted by cell, so each cell is gathered once."""
+    total = 0
+    for r in range(n_fr.shape[0]):
+        total += n_fr[r]
+    cells = np.empty(total, np.int64)
+    rows = np.empty(total, np.int64)
+    k = 0
+    for r in range(n_fr.shape[0]):
+        for i in range(n_fr[r]):
+            cells[k] = fr_t[r, i] + 1
+            rows[k] = r
+            k += 1
+    order = np.argsort(cells, kind="mergesort")
+    return cells[order], rows[order]
+
+
+@njit(cache=True)
+def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
+    """The cumulative descent for the query rows ``Q [g, d]`` of one KV head ``h``.
+
+    Every row follows its own path (identical to searching alone); rows that reach the same cell share
+    its gather and each key row's memory read. Writes each row's top-P pages (best first, -1 padded).
+    """
+    g = Q.shape[0]
     n_pages_cap = S[14].shape[1]
+    tok_page, cnt_pages = S[2], S[12]
     buf_t = np.empty(n_tok_cap, np.int32)
     buf_pn = np.empty(n_tok_cap, np.float64)
-    buf_s = np.empty(n_tok_cap, np.float32)
     buf_p = np.empty(n_tok_cap, np.int32)
     buf_j = np.empty(n_tok_cap, np.int32)
-    tok_page = S[2]
-    fr_t = np.empty(n_tok_cap, np.int32)
-    fr_s = np.empty(n_tok_cap, np.float32)
-    nx_t = np.empty(n_tok_cap, np.int32)
-    nx_s = np.empty(n_tok_cap, np.float32)
-    pbest = np.full(n_pages_cap, NEG_INF, np.float32)
-    ptid = np.full(n_pages_cap, -1, np.int32)
-    touched = np.empty(n_pages_cap, np.int32)
-    n_touched = 0
-    for i in range(out_pages.shape[0]):
-        out_pages[i] = -1
-        out_scores[i] = NEG_INF
+    sc = np.empty((g, n_tok_cap), np.float32)
+    lo = np.zeros(g, np.int64)
+    hi = np.zeros(g, np.int64)
+    active = np.ones(g, np.bool_)
+    fr_t = np.empty((g, n_tok_cap), np.int32)
+    fr_s = np.empty((g, n_tok_cap), np.float32)
+    nx_t = np.empty((g, n_tok_cap), np.int32)
+    nx_s = np.empty((g, n_tok_cap), np.float32)
+    n_fr = np.zeros(g, np.int64)
+    n_nx = np.zeros(g, np.int64)
+    pbest = np.full((g, n_pages_cap), NEG_INF, np.float32)
+    ptid = np.full((g, n_pages_cap), -1, np.int32)
+    touched = np.empty((g, n_pages_cap), np.int32)
+    n_touched = np.zeros(g, np.int64)
+    out_pages[:] = -1
+    out_scores[:] = NEG_INF
     if top_level < 0:
         return
     if top_level == 0:
-        n_touched = _search_leaf_cell(S, h, 0, q, qp, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j, pbest, ptid, touched, n_touched)
+        _search_leaf_cell(S, h, 0, Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+                          sc, lo, hi, pbest, ptid, touched, n_touched)
     else:
-        n_fr = _search_upper_cell(S, h, 0, q, qp, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j, buf_s,
-                                  fr_t, fr_s, 0)
-        for i in range(n_fr):
-            n_touched = _offer_page(tok_page[h, fr_t[i]], fr_t[i], fr_s[i], pbest, ptid, touched, n_touched)
+        _search_upper_cell(S, h, 0, Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+                           sc, lo, hi, fr_t, fr_s, n_fr)
         level = top_level
-        while level >= 2:
-            n_nx = 0
-            for i in range(n_fr):
-                n_nx = _search_upper_cell(S, h, fr_t[i] + 1, q, qp, fov, P, prop, ntr, faithful,
-                                          buf_t, buf_pn, buf_p, buf_j, buf_s, nx_t, nx_s, n_nx)
-            order = order_by_score(nx_s, nx_t, n_nx)
-            n_fr = _keep_count(S[12], h, nx_t, order, n_nx, fov, P)
-            for i in range(n_fr):
-                fr_t[i] = nx_t[order[i]]
-                fr_s[i] = nx_s[order[i]]
-            for i in range(n_fr):
-                n_touched = _offer_page(tok_page[h, fr_t[i]], fr_t[i], fr_s[i], pbest, ptid, touched, n_touched)
+        while True:
+            for r in range(g):
+                for i in range(n_fr[r]):
+                    t = fr_t[r, i]
+                    n_touched[r] = _offer_page(tok_page[h, t], t, fr_s[r, i], pbest[r], ptid[r], touched[r], n_touched[r])
+            if level < 2:
+                break
+            cells, rows = _cells_by_row(fr_t, n_fr)
+            n_nx[:] = 0
+            i = 0
+            while i < cells.shape[0]:
+                j = i
+                active[:] = False
+                while j < cells.shape[0] and cells[j] == cells[i]:
+                    active[rows[j]] = True
+                    j += 1
+                _search_upper_cell(S, h, cells[i], Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn,
+                                   buf_p, buf_j, sc, lo, hi, nx_t, nx_s, n_nx)
+                i = j
+            for r in range(g):
+                order = order_by_score(nx_s[r], nx_t[r], n_nx[r])
+                n_fr[r] = _keep_count(cnt_pages, h, nx_t[r], order, n_nx[r], fov, P)
+                for k in range(n_fr[r]):
+                    fr_t[r, k] = nx_t[r, order[k]]
+                    fr_s[r, k] = nx_s[r, order[k]]
             level -= 1
-        for i in range(n_fr):
-            n_touched = _search_leaf_cell(S, h, fr_t[i] + 1, q, qp, P, prop, ntr, faithful,
-                                          buf_t, buf_pn, buf_p, buf_j, pbest, ptid, touched, n_touched)
-    ps = np.empty(n_touched, np.float32)
-    pt = np.empty(n_touched, np.int32)
-    for i in range(n_touched):
-        ps[i] = pbest[touched[i]]
-        pt[i] = ptid[touched[i]]
-    order = order_by_score(ps, pt, n_touched)
-    for i in range(min(P, n_touched)):
-        out_pages[i] = touched[order[i]]
-        out_scores[i] = ps[order[i]]
+        cells, rows = _cells_by_row(fr_t, n_fr)
+        i = 0
+        while i < cells.shape[0]:
+            j = i
+            active[:] = False
+            while j < cells.shape[0] and cells[j] == cells[i]:
+                active[rows[j]] = True
+                j += 1
+            _search_leaf_cell(S, h, cells[i], Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+                              sc, lo, hi, pbest, ptid, touched, n_touched)
+            i = j
+    for r in range(g):
+        n = n_touched[r]
+        ps = np.empty(n, np.float32)
+        pt = np.empty(n, np.int32)
+        for i in range(n):
+            ps[i] = pbest[r, touched[r, i]]
+            pt[i] = ptid[r, touched[r, i]]
+        order = order_by_score(ps, pt, n)
+        for i in range(min(P, n)):
+            out_pages[r, i] = touched[r, order[i]]
+            out_scores[r, i] = ps[order[i]]
 
 
 @njit(cache=True, parallel=True)
 def search_rows(S, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
-    for r in prange(Q.shape[0]):
-        h = row_head[r]
-        search_one(S, h, Q[r], qp[r], top_level[h], P, fov, prop, ntr, faithful, n_tok_cap,
-                   out_pages[r], out_scores[r])
+    """Search every query row in its KV head's tree; the rows of one head run together, heads in parallel."""
+    for h in prange(top_level.shape[0]):
+        rows = np.flatnonzero(row_head == h)
+        if rows.shape[0] == 0:
+            continue
+        Qg = np.empty((rows.shape[0], Q.shape[1]), np.float32)
+        qpg = np.empty(rows.shape[0], np.float64)
+        for i in range(rows.shape[0]):
+            Qg[i] = Q[rows[i]]
+            qpg[i] = qp[rows[i]]
+        op = np.empty((rows.shape[0], out_pages.shape[1]), np.int32)
+        osc = np.empty((rows.shape[0], out_pages.shape[1]), np.float32)
+        search_group(S, h, Qg, qpg, top_level[h], P, fov, prop, ntr, faithful, n_tok_cap, op, osc)
+        for i in range(rows.shape[0]):
+            out_pages[rows[i]] = op[i]
+            out_scores[rows[i]] = osc[i]
 
 
 @njit(cache=True)
