@@ -160,6 +160,10 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="pinned model name or a local HF folder")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--no-real", action="store_true", help="synthetic sources only")
+    ap.add_argument("--no-synthetic", action="store_true", help="real sources only")
+    ap.add_argument("--contexts", type=int, nargs="+", help="override the preset's context lengths")
+    ap.add_argument("--texts", nargs="+", choices=["essays", "passkey"], help="override the preset's real texts")
+    ap.add_argument("--name", default="index_quality", help="results file name (benchmarks/results/NAME.json)")
     ap.add_argument("--replot", metavar="JSON", help="redraw the PNG of a results file and exit")
     ap.add_argument("--table", metavar="JSON", help="print markdown tables of a results file and exit")
     args = ap.parse_args(argv)
@@ -177,7 +181,9 @@ def main(argv=None) -> None:
         contexts, budgets, steps, texts = [4096], [64, 256, 1024], 8, ["essays"]
     else:
         contexts, budgets, steps, texts = [4096, 8192, 16384], [64, 128, 256, 512, 1024, 2048], 16, ["essays", "passkey"]
-    sources = [("synthetic-clustered", "clustered"), ("synthetic-lowrank", "lowrank")]
+    contexts = args.contexts or contexts
+    texts = args.texts or texts
+    sources = [] if args.no_synthetic else [("synthetic-clustered", "clustered"), ("synthetic-lowrank", "lowrank")]
     if not args.no_real:
         sources += [(f"real:{args.model}", t) for t in texts]
     records = []
@@ -205,10 +211,10 @@ def main(argv=None) -> None:
                     if r["layer"] == "mean" and r["budget"] == mark]
             summary = ", ".join(f"{r['method']} {r['mass_recall']:.3f}" for r in done)
             print(f"[{time.time() - t0:6.1f}s] {source} {kind} n={n}: mass@{mark}: {summary}", flush=True)
-            write_records("index_quality", args.quick, records)  # partial results survive an interrupted run
-    path = write_records("index_quality", args.quick, records)
-    plot(records, png_path("index_quality", args.quick))
-    print(f"wrote {path} and {png_path('index_quality', args.quick)}")
+            write_records(args.name, args.quick, records)  # partial results survive an interrupted run
+    path = write_records(args.name, args.quick, records)
+    plot(records, png_path(args.name, args.quick))
+    print(f"wrote {path} and {png_path(args.name, args.quick)}")
 
 
 if __name__ == "__main__":

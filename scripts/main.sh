@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Keep the repository root off sys.path: its kernels/ folder would shadow the PyPI package SGLang imports.
+export PYTHONSAFEPATH=1
 exec .venv/bin/python examples/index_on_real_model.py "$@"
