@@ -32,6 +32,13 @@ METHODS = ["icecache", "oracle_token", "oracle_page", "oracle_positional", "ques
 RECALL_K = 64
 
 
+SINK_WINDOW: tuple[int, int] | None = None  # --sink/--window override of default_sink_window
+
+
+def sink_window(budget: int) -> tuple[int, int]:
+    return SINK_WINDOW if SINK_WINDOW is not None else default_sink_window(budget)
+
+
 def make_policy(method: str, budget: int, page_size: int, shared_index=None):
     if method == "oracle_page":
         pol = POLICIES[method](page_size=page_size, index=shared_index)
@@ -39,7 +46,7 @@ def make_policy(method: str, budget: int, page_size: int, shared_index=None):
         pol = POLICIES[method](page_size=page_size)
     if method in ("streaming", "oracle_token"):
         return pol
-    return SinkWindowPolicy(pol, *default_sink_window(budget))
+    return SinkWindowPolicy(pol, *sink_window(budget))
 
 
 def evaluate_layer(keys, values, queries, budgets, page_size, methods=METHODS):
@@ -49,7 +56,7 @@ def evaluate_layer(keys, values, queries, budgets, page_size, methods=METHODS):
     dense = [dense_output(p, values) for p in probs]
     groups: dict[tuple, list[int]] = {}
     for b in budgets:
-        groups.setdefault(default_sink_window(b), []).append(b)
+        groups.setdefault(sink_window(b), []).append(b)
     out = {}
     for group in groups.values():
         shared = None
@@ -163,6 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-synthetic", action="store_true", help="real sources only")
     ap.add_argument("--contexts", type=int, nargs="+", help="override the preset's context lengths")
     ap.add_argument("--texts", nargs="+", choices=["essays", "passkey"], help="override the preset's real texts")
+    ap.add_argument("--sink", type=int, help="sink tokens for every page method (default min(32, budget/4))")
+    ap.add_argument("--window", type=int, help="window tokens for every page method (default min(32, budget/4))")
     ap.add_argument("--name", default="index_quality", help="results file name (benchmarks/results/NAME.json)")
     ap.add_argument("--replot", metavar="JSON", help="redraw the PNG of a results file and exit")
     ap.add_argument("--table", metavar="JSON", help="print markdown tables of a results file and exit")
@@ -182,6 +191,11 @@ def main(argv=None) -> None:
     else:
         contexts, budgets, steps, texts = [4096, 8192, 16384], [64, 128, 256, 512, 1024, 2048], 16, ["essays", "passkey"]
     contexts = args.contexts or contexts
+    if (args.sink is None) != (args.window is None):
+        ap.error("--sink and --window go together")
+    global SINK_WINDOW
+    SINK_WINDOW = (args.sink, args.window) if args.sink is not None else None
+    budgets = [b for b in budgets if SINK_WINDOW is None or b > sum(SINK_WINDOW)]
     texts = args.texts or texts
     sources = [] if args.no_synthetic else [("synthetic-clustered", "clustered"), ("synthetic-lowrank", "lowrank")]
     if not args.no_real:
@@ -197,7 +211,9 @@ def main(argv=None) -> None:
             per_layer = [evaluate_layer(K, V, Q, budgets, args.page_size) for K, V, Q in layers]
             for key in per_layer[0]:
                 method, budget = key
-                base = {"source": source, "text": "" if source.startswith("synthetic") else kind, "context": int(layers[0][0].shape[1]), "budget": budget,
+                sw = sink_window(budget)
+                base = {"source": source, "text": "" if source.startswith("synthetic") else kind,
+                        "sink": sw[0], "window": sw[1], "context": int(layers[0][0].shape[1]), "budget": budget,
                         "page_size": args.page_size, "method": method, "recall_k": RECALL_K,
                         "steps": steps, "n_layers": len(layers)}
                 vals = np.array([pl[key] for pl in per_layer])

@@ -16,7 +16,7 @@ from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .schedule import LevelSchedule
 from .search import merge_group_pages, search_rows
-from .transform import exact_parents, key_projection, make_projection, query_projection, squared_norms
+from .transform import augmented_parents, exact_parents, key_projection, make_projection, query_projection, squared_norms
 
 
 def _as_float_array(name: str, x, ndim: int) -> np.ndarray:
@@ -214,9 +214,10 @@ class PagedDCIIndex:
         sqn = squared_norms(K)
         for h in range(self.H):
             self.M[h] = max(self.M[h], float(sqn[h].max()))
-            ups, up_keys, up_sqn = self._level1(h)
+            ups, up_aug_t = self._level1(h)
             if ups.size:
-                parents[h] = ups[exact_parents(K[h], up_keys, self.M[h], self.cfg.parent_chunk, sqn[h], up_sqn)]
+                parents[h] = ups[exact_parents(K[h], None, self.M[h], self.cfg.parent_chunk, sqn[h],
+                                               parent_aug_t=up_aug_t)]
             self.tok_sqn[h, tids] = sqn[h]
             self.tok_m[h, tids] = self.M[h]
             self.tok_proj[h, tids] = key_projection(K[h], sqn[h], self.M[h], self.u)
@@ -227,14 +228,16 @@ class PagedDCIIndex:
         _insert_heads(S, tids.astype(np.int32), parents, K, V, self._a)
         return tids
 
-    def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Level-1 token ids, keys and squared norms of head h, cached: inserts land on level 0 and never
-        change them; build, rebuild and delete drop the cache."""
-        cache = self._level1_cache
-        if h not in cache:
+    def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """Level-1 token ids of head h and their augmented keys for the current M, cached: inserts land on
+        level 0 and never change level 1; build, rebuild and delete drop the cache, a new M refreshes it."""
+        cached = self._level1_cache.get(h)
+        if cached is None or cached[0] != self.M[h]:
             ups = np.flatnonzero((self.tok_level[h, : self.n_tokens] == 1) & self.alive[: self.n_tokens])
-            cache[h] = (ups, self.page_keys[h, self.tok_page[h, ups], self.tok_slot[h, ups]], self.tok_sqn[h, ups].copy())
-        return cache[h]
+            keys = self.page_keys[h, self.tok_page[h, ups], self.tok_slot[h, ups]]
+            cached = (self.M[h], ups, augmented_parents(keys, self.M[h], self.tok_sqn[h, ups]))
+            self._level1_cache[h] = cached
+        return cached[1], cached[2]
 
     def _rebuild_with(self, K_new, V_new, pos_new) -> np.ndarray:
         live = np.flatnonzero(self.alive[: self.n_tokens])

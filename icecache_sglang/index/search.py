@@ -217,6 +217,17 @@ def _cells_by_row(fr_t, n_fr):
 
 
 @njit(cache=True)
+def _mark_rows_of_cell(cells, rows, i, active):
+    """Mark active the rows whose frontier holds ``cells[i]``; return the end of that run of pairs."""
+    active[:] = False
+    j = i
+    while j < cells.shape[0] and cells[j] == cells[i]:
+        active[rows[j]] = True
+        j += 1
+    return j
+
+
+@njit(cache=True)
 def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
     """The cumulative descent for the query rows ``Q [g, d]`` of one KV head ``h``.
 
@@ -266,11 +277,7 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
             n_nx[:] = 0
             i = 0
             while i < cells.shape[0]:
-                j = i
-                active[:] = False
-                while j < cells.shape[0] and cells[j] == cells[i]:
-                    active[rows[j]] = True
-                    j += 1
+                j = _mark_rows_of_cell(cells, rows, i, active)
                 _search_upper_cell(S, h, cells[i], Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn,
                                    buf_p, buf_j, sc, lo, hi, nx_t, nx_s, n_nx)
                 i = j
@@ -284,11 +291,7 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
         cells, rows = _cells_by_row(fr_t, n_fr)
         i = 0
         while i < cells.shape[0]:
-            j = i
-            active[:] = False
-            while j < cells.shape[0] and cells[j] == cells[i]:
-                active[rows[j]] = True
-                j += 1
+            j = _mark_rows_of_cell(cells, rows, i, active)
             _search_leaf_cell(S, h, cells[i], Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                               sc, lo, hi, pbest, ptid, touched, n_touched)
             i = j

@@ -65,23 +65,28 @@ def _augmented_f32(keys: np.ndarray, sqn: np.ndarray, m: float) -> np.ndarray:
     return out
 
 
-def exact_parents(child_keys: np.ndarray, parent_keys: np.ndarray, m: float, chunk: int = 8192,
-                  child_sqn: np.ndarray | None = None, parent_sqn: np.ndarray | None = None) -> np.ndarray:
+def augmented_parents(parent_keys: np.ndarray, m: float, parent_sqn: np.ndarray | None = None) -> np.ndarray:
+    """The parents' side of :func:`exact_parents`: augmented keys, transposed, ``[d+1, n_parents]``."""
+    sqn = squared_norms(parent_keys) if parent_sqn is None else parent_sqn
+    return np.ascontiguousarray(_augmented_f32(parent_keys, sqn, m).T)
+
+
+def exact_parents(child_keys: np.ndarray, parent_keys: np.ndarray | None, m: float, chunk: int = 8192,
+                  child_sqn: np.ndarray | None = None, parent_sqn: np.ndarray | None = None,
+                  parent_aug_t: np.ndarray | None = None) -> np.ndarray:
     """Index (into ``parent_keys``) of the exact ``D_kk`` nearest parent of every child.
 
     ``argmin D_kk == argmax <a~, b~>``: one float32 matmul of augmented keys, chunked over children.
-    Ties go to the lowest parent index (callers order parents by token id). Squared norms may be passed
-    in when the caller has them.
+    Ties go to the lowest parent index (callers order parents by token id). Squared norms, or the
+    parents' side already augmented (:func:`augmented_parents` with the same ``m``), may be passed in.
     """
     n = child_keys.shape[0]
     out = np.empty(n, dtype=np.int64)
     if n == 0:
         return out
-    if parent_sqn is None:
-        parent_sqn = squared_norms(parent_keys)
     if child_sqn is None:
         child_sqn = squared_norms(child_keys)
-    pa_t = np.ascontiguousarray(_augmented_f32(parent_keys, parent_sqn, m).T)
+    pa_t = augmented_parents(parent_keys, m, parent_sqn) if parent_aug_t is None else parent_aug_t
     for s in range(0, n, chunk):
         ca = _augmented_f32(child_keys[s : s + chunk], child_sqn[s : s + chunk], m)
         out[s : s + chunk] = np.argmax(ca @ pa_t, axis=1)
