@@ -98,8 +98,7 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
             sqn = np.einsum("nd,nd->n", keys.astype(np.float64), keys.astype(np.float64))
             if not np.allclose(sqn, idx.tok_sqn[h, live], rtol=1e-9, atol=1e-12):
                 _fail(h, "stored squared norms differ from the page rows")
-            want = np.array([key_projection(keys[i : i + 1], sqn[i : i + 1], idx.tok_m[h, t], idx.u)[0]
-                             for i, t in enumerate(live)])
+            want = key_projection(keys, sqn, idx.tok_m[h, live], idx.u)
             scale = np.sqrt(max(idx.M[h], 1e-30))
             if not np.allclose(want, idx.tok_proj[h, live], rtol=0, atol=1e-7 * scale):
                 _fail(h, "stored projections differ from the keys' projections")

@@ -14,8 +14,8 @@ def attention_probs(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """softmax(q.K / sqrt(d)) per query head: ``[H_q, n]`` (float64)."""
     H, n, d = keys.shape
     g = queries.shape[0] // H
-    K = np.repeat(keys.astype(np.float64), g, axis=0)  # [H_q, n, d]
-    logits = np.einsum("hnd,hd->hn", K, queries.astype(np.float64)) / np.sqrt(d)
+    q = queries.astype(np.float64)
+    logits = np.concatenate([q[h * g : (h + 1) * g] @ keys[h].T.astype(np.float64) for h in range(H)]) / np.sqrt(d)
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=1, keepdims=True)

@@ -53,46 +53,40 @@ class PagedDCIIndex:
         self._alloc(0, 0)
 
     # ------------------------------------------------------------------ storage
+    def _spec(self, field: str) -> tuple[str, tuple, type, int]:
+        """(axis kind, trailing shape, dtype, fill) of a state array; "tok"/"cell"/"page" arrays grow along
+        axis 1 (tokens, tokens + root, pages), "head" arrays do not grow."""
+        C = self.C
+        return {
+            "tok_level": ("tok", (), np.int32, -1), "tok_parent": ("tok", (), np.int32, -2),
+            "tok_page": ("tok", (), np.int32, -1), "tok_slot": ("tok", (), np.int32, -1),
+            "tok_proj": ("tok", (), np.float64, 0), "tok_m": ("tok", (), np.float64, 0),
+            "tok_sqn": ("tok", (), np.float64, 0),
+            "cell_first": ("cell", (), np.int32, -1), "cell_last": ("cell", (), np.int32, -1),
+            "cell_nchild": ("cell", (), np.int32, 0), "cell_m": ("cell", (), np.float64, 0),
+            "cnt_desc": ("cell", (), np.int32, 0), "cnt_pages": ("cell", (), np.int32, 0),
+            "page_tok": ("page", (C,), np.int32, -1), "page_fill": ("page", (), np.int32, 0),
+            "page_cell": ("page", (), np.int32, -1), "page_next": ("page", (), np.int32, -1),
+            "page_prev": ("page", (), np.int32, -1), "page_dirty": ("page", (), np.bool_, 0),
+            "free_stack": ("page", (), np.int32, 0), "free_n": ("head", (), np.int32, 0),
+            "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, self.d), np.float32, 0),
+            "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), np.float64, 0),
+        }[field]
+
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
-        H, C = self.H, self.C
         T, P = max(tok_cap, 16), max(page_cap, 16)
         self.n_tokens = 0  # ids handed out
         self.alive = np.zeros(T, bool)
         self.positions = np.full(T, -1, np.int64)
-        self.M = np.zeros(H, np.float64)
+        self.M = np.zeros(self.H, np.float64)
         self.n_at_build = 0
         self.rebuilds = 0
         self._level1_cache: dict = {}
-        self.level_counts = np.zeros((H, 64), np.int64)
-        arrays = {
-            "tok_level": np.full((H, T), -1, np.int32),
-            "tok_parent": np.full((H, T), -2, np.int32),
-            "tok_page": np.full((H, T), -1, np.int32),
-            "tok_slot": np.full((H, T), -1, np.int32),
-            "tok_proj": np.zeros((H, T), np.float64),
-            "tok_m": np.zeros((H, T), np.float64),
-            "tok_sqn": np.zeros((H, T), np.float64),
-            "cell_first": np.full((H, T + 1), -1, np.int32),
-            "cell_last": np.full((H, T + 1), -1, np.int32),
-            "cell_nchild": np.zeros((H, T + 1), np.int32),
-            "cell_m": np.zeros((H, T + 1), np.float64),
-            "cnt_desc": np.zeros((H, T + 1), np.int32),
-            "cnt_pages": np.zeros((H, T + 1), np.int32),
-            "page_tok": np.full((H, P, C), -1, np.int32),
-            "page_fill": np.zeros((H, P), np.int32),
-            "page_cell": np.full((H, P), -1, np.int32),
-            "page_next": np.full((H, P), -1, np.int32),
-            "page_prev": np.full((H, P), -1, np.int32),
-            "page_dirty": np.zeros((H, P), bool),
-            "free_stack": np.zeros((H, P), np.int32),
-            "free_n": np.zeros(H, np.int32),
-            "next_page": np.zeros(H, np.int32),
-            "page_keys": np.zeros((H, P, C, self.d), np.float32),
-            "page_vals": np.zeros((H, P, C, self.dv), np.float32),
-            "page_proj": np.zeros((H, P, C), np.float64),
-        }
-        for k, v in arrays.items():
-            setattr(self, k, v)
+        self.level_counts = np.zeros((self.H, 64), np.int64)
+        length = {"tok": (T,), "cell": (T + 1,), "page": (P,), "head": ()}
+        for f in pt.STATE_FIELDS:
+            kind, tail, dtype, fill = self._spec(f)
+            setattr(self, f, np.full((self.H,) + length[kind] + tail, fill, dtype))
 
     @property
     def state(self) -> tuple:
@@ -100,27 +94,18 @@ class PagedDCIIndex:
 
     def _grow(self, need_tokens: int, need_pages: int) -> None:
         """Make room for ``need_tokens`` token ids and ``need_pages`` page ids (doubling)."""
-        T = self.alive.shape[0]
-        if need_tokens > T:
-            newT = max(need_tokens, 2 * T)
-            self.alive = np.concatenate([self.alive, np.zeros(newT - T, bool)])
-            self.positions = np.concatenate([self.positions, np.full(newT - T, -1, np.int64)])
-            for f in pt.STATE_FIELDS:
+        T, P = self.alive.shape[0], self.page_fill.shape[1]
+        more_t = max(need_tokens, 2 * T) - T if need_tokens > T else 0
+        more_p = max(need_pages, 2 * P) - P if need_pages > P else 0
+        extra = {"tok": more_t, "cell": more_t, "page": more_p, "head": 0}
+        if extra["tok"]:
+            self.alive = np.concatenate([self.alive, np.zeros(extra["tok"], bool)])
+            self.positions = np.concatenate([self.positions, np.full(extra["tok"], -1, np.int64)])
+        for f in pt.STATE_FIELDS:
+            kind, tail, dtype, fill = self._spec(f)
+            if extra[kind]:
                 a = getattr(self, f)
-                if f.startswith("tok_") or f.startswith("cell_") or f.startswith("cnt_"):
-                    fill = {"tok_level": -1, "tok_parent": -2, "tok_page": -1, "tok_slot": -1,
-                            "cell_first": -1, "cell_last": -1}.get(f, 0)
-                    extra = np.full((self.H, newT - T), fill, a.dtype)
-                    setattr(self, f, np.concatenate([a, extra], axis=1))
-        P = self.page_fill.shape[1]
-        if need_pages > P:
-            newP = max(need_pages, 2 * P)
-            for f in pt.STATE_FIELDS:
-                a = getattr(self, f)
-                if f.startswith("page_") or f == "free_stack":
-                    fill = -1 if f in ("page_tok", "page_cell", "page_next", "page_prev") else 0
-                    extra = np.full((self.H, newP - P) + a.shape[2:], fill, a.dtype)
-                    setattr(self, f, np.concatenate([a, extra], axis=1))
+                setattr(self, f, np.concatenate([a, np.full((self.H, extra[kind]) + tail, fill, dtype)], axis=1))
 
     # ------------------------------------------------------------------ checks
     def _check_kv(self, keys, values, n_expected: int | None = None):
@@ -234,15 +219,15 @@ class PagedDCIIndex:
         cached = self._level1_cache.get(h)
         if cached is None or cached[0] != self.M[h]:
             ups = np.flatnonzero((self.tok_level[h, : self.n_tokens] == 1) & self.alive[: self.n_tokens])
-            keys = self.page_keys[h, self.tok_page[h, ups], self.tok_slot[h, ups]]
+            keys = self._key(h, ups)
             cached = (self.M[h], ups, augmented_parents(keys, self.M[h], self.tok_sqn[h, ups]))
             self._level1_cache[h] = cached
         return cached[1], cached[2]
 
     def _rebuild_with(self, K_new, V_new, pos_new) -> np.ndarray:
         live = np.flatnonzero(self.alive[: self.n_tokens])
-        K_old = np.stack([self.page_keys[h, self.tok_page[h, live], self.tok_slot[h, live]] for h in range(self.H)])
-        V_old = np.stack([self.page_vals[h, self.tok_page[h, live], self.tok_slot[h, live]] for h in range(self.H)])
+        K_old = np.stack([self._key(h, live) for h in range(self.H)])
+        V_old = np.stack([self._val(h, live) for h in range(self.H)])
         pos = np.concatenate([self.positions[live], pos_new])
         new = np.arange(self.n_tokens, self.n_tokens + K_new.shape[1], dtype=np.int64)
         rebuilds, old_pages = self.rebuilds, int(self.next_page.max())
@@ -267,6 +252,7 @@ class PagedDCIIndex:
             self.alive[t] = False
 
     def _key(self, h: int, t) -> np.ndarray:
+        """Head h's key row(s) of token id(s) ``t``, read from the pages."""
         return self.page_keys[h, self.tok_page[h, t], self.tok_slot[h, t]]
 
     def _val(self, h: int, t) -> np.ndarray:
@@ -286,7 +272,16 @@ class PagedDCIIndex:
         m[exclude] = False
         return np.flatnonzero(m)
 
+    def _nearest(self, h: int, tokens: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """For each token, the candidate token ``D_kk``-nearest to it (all -1 when there is none)."""
+        if candidates.size == 0:
+            return np.full(len(tokens), -1, np.int64)
+        keys = self._key(h, tokens)
+        cand_keys = self._key(h, candidates)
+        return candidates[exact_parents(keys, cand_keys, self.M[h])]
+
     def _move(self, h: int, t: int, new_parent: int) -> None:
+        """Move ``t`` (with its subtree) under ``new_parent``, re-projected with the current max norm."""
         S = self.state
         key, val = self._key(h, t).copy(), self._val(h, t).copy()
         pt.detach(S, h, t)
@@ -302,29 +297,16 @@ class PagedDCIIndex:
         lv = int(self.tok_level[h, t])
         others = self._level_members(h, lv, exclude=t)
         if others.size:
-            kid_keys = np.stack([self._key(h, c) for c in kids])
-            up_keys = np.stack([self._key(h, o) for o in others])
-            for c, j in zip(kids, exact_parents(kid_keys, up_keys, self.M[h])):
-                self._move(h, int(c), int(others[j]))
+            for c, p in zip(kids, self._nearest(h, kids, others)):
+                self._move(h, int(c), int(p))
             return
         # t is the last token of its level: promote its nearest child into its place.
-        kid_keys = np.stack([self._key(h, c) for c in kids])
-        y = int(kids[exact_parents(self._key(h, t)[None], kid_keys, self.M[h])[0]])
+        y = int(self._nearest(h, np.array([t]), kids)[0])
         self._vacate(h, y)
-        S = self.state
-        key, val = self._key(h, y).copy(), self._val(h, y).copy()
-        pt.detach(S, h, y)
         self.level_counts[h, lv - 1] -= 1
         self.level_counts[h, lv] += 1
         self.tok_level[h, y] = lv
-        self.tok_proj[h, y] = key_projection(key[None], np.array([self.tok_sqn[h, y]]), self.M[h], self.u)[0]
-        self.tok_m[h, y] = self.M[h]
-        ups = self._level_members(h, lv + 1, exclude=t)
-        new_parent = -1
-        if ups.size:
-            up_keys = np.stack([self._key(h, o) for o in ups])
-            new_parent = int(ups[exact_parents(key[None], up_keys, self.M[h])[0]])
-        pt.attach(S, h, y, new_parent, key, val, self._a)
+        self._move(h, y, int(self._nearest(h, np.array([y]), self._level_members(h, lv + 1, exclude=t))[0]))
         for c in self._children(h, t):
             self._move(h, int(c), y)
 

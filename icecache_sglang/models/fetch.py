@@ -219,6 +219,4 @@ def essays_text() -> str:
     path = d / "PaulGrahamEssays.json"
     if not path.exists():
         extract(ESSAYS, path.with_suffix(".partial")).rename(path)
-    data = json.loads(path.read_text())
-    return data["text"] if isinstance(data, dict) and "text" in data else "\n\n".join(
-        x["text"] if isinstance(x, dict) else str(x) for x in (data if isinstance(data, list) else data.values()))
+    return json.loads(path.read_text())["text"]
