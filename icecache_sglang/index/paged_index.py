@@ -107,6 +107,24 @@ class PagedDCIIndex:
                 a = getattr(self, f)
                 setattr(self, f, np.concatenate([a, np.full((self.H, extra[kind]) + tail, fill, dtype)], axis=1))
 
+    def copy(self) -> "PagedDCIIndex":
+        """An independent deep copy (copy-on-write sharing of one sequence's index by another)."""
+        new = object.__new__(type(self))
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = v.copy() if isinstance(v, (np.ndarray, dict)) else v
+        return new
+
+    @property
+    def n_live(self) -> int:
+        return int(self.alive[: self.n_tokens].sum())
+
+    def live_ids(self) -> np.ndarray:
+        """Live token ids in insertion order."""
+        return np.flatnonzero(self.alive[: self.n_tokens])
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.__dict__.values() if isinstance(a, np.ndarray)))
+
     # ------------------------------------------------------------------ checks
     def _check_kv(self, keys, values, n_expected: int | None = None):
         K = _as_float_array("keys", keys, 3)

@@ -1,0 +1,65 @@
+"""What one indexer process is started with; travels to the spawned child as JSON (never pickle)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from ..index.config import IndexConfig
+from .keystore import KeyStoreSpec
+
+#: the largest decode batch one Query message may carry
+MAX_BATCH = 64
+#: the most pages one Query may ask for per KV head
+MAX_PAGES = 4096
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """rank: the tensor-parallel rank served (each rank holds its own KV heads).
+    store: the shared key store the runtime writes and the indexer reads.
+    endpoint: ``ipc://`` path of the indexer's ROUTER socket, inside the server's private directory.
+    private_dir: that directory; the indexer removes it if its parent dies without cleaning up.
+    index: parameters of every per-layer index (page size, seed, level probabilities, rebuild growth).
+    threads: numba threads for the search and inserts (None: every core this process may use).
+    max_batch / max_pages: limits a Query must respect (larger ones get an error reply).
+    trim_rebuild_ratio: a Share that cuts more than this share of the source's tokens rebuilds the prefix
+    from its keys instead of deleting the tail one token at a time.
+    """
+
+    rank: int
+    store: KeyStoreSpec
+    endpoint: str
+    private_dir: str
+    index: IndexConfig = field(default_factory=IndexConfig)
+    threads: int | None = None
+    max_batch: int = MAX_BATCH
+    max_pages: int = MAX_PAGES
+    trim_rebuild_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"rank must be a non-negative int, got {self.rank!r}")
+        if not self.endpoint.startswith("ipc://"):
+            raise ValueError(f"endpoint must be an ipc:// path, got {self.endpoint!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        for name, v in (("max_batch", self.max_batch), ("max_pages", self.max_pages)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (0.0 <= self.trim_rebuild_ratio <= 1.0):
+            raise ValueError(f"trim_rebuild_ratio must be in [0, 1], got {self.trim_rebuild_ratio!r}")
+
+    @property
+    def page_size(self) -> int:
+        return self.index.page_size
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> IndexerConfig:
+        d = json.loads(text)
+        d["store"] = KeyStoreSpec(**d["store"])
+        d["index"] = IndexConfig(**d["index"])
+        return cls(**d)

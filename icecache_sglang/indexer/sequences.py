@@ -1,0 +1,156 @@
+"""The indexer's table of sequences: per (sequence, layer) one index, shared copy-on-write.
+
+A radix-cache hit gives a new sequence the index of a cached prefix. When the prefix is all the source
+has indexed at a layer, both sequences point at the same :class:`PagedDCIIndex` (a reference count);
+whichever writes to it first (an Insert or a Build) gets its own copy, so a prefix is never re-indexed
+and a shared index is never changed under another sequence. A shorter prefix is a copy with the tail
+removed (or, when the tail is most of the index, a rebuild of the prefix from the index's own key rows).
+
+Token ids inside an index are insertion order and an index's ``positions`` are key-store slots, so the
+first ``k`` live ids of an index are its first ``k`` indexed tokens and the slots of a selected page come
+straight out of the index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..index.paged_index import PagedDCIIndex
+
+
+@dataclass
+class SharedIndex:
+    index: PagedDCIIndex
+    refs: int = 1
+
+
+@dataclass
+class TableCounters:
+    builds: int = 0
+    inserts: int = 0
+    shares: int = 0
+    copies: int = 0
+    trims: int = 0
+
+
+@dataclass
+class SequenceTable:
+    """``seqs[seq][layer]`` -> :class:`SharedIndex`; ``new_index()`` makes an empty per-layer index."""
+
+    new_index: Callable[[], PagedDCIIndex]
+    trim_rebuild_ratio: float = 0.25
+    seqs: dict[int, dict[int, SharedIndex]] = field(default_factory=dict)
+    counters: TableCounters = field(default_factory=TableCounters)
+
+    # ------------------------------------------------------------------ reads
+    def __contains__(self, seq: int) -> bool:
+        return seq in self.seqs
+
+    def get(self, seq: int, layer: int) -> PagedDCIIndex | None:
+        entry = self.seqs[seq].get(layer)
+        return entry.index if entry is not None else None
+
+    def n_tokens(self, seq: int, layer: int) -> int:
+        idx = self.get(seq, layer)
+        return idx.n_live if idx is not None else 0
+
+    def distinct(self) -> list[SharedIndex]:
+        seen: dict[int, SharedIndex] = {}
+        for layers in self.seqs.values():
+            for e in layers.values():
+                seen.setdefault(id(e), e)
+        return list(seen.values())
+
+    # ------------------------------------------------------------------ writes
+    def _writable(self, seq: int, layer: int) -> PagedDCIIndex | None:
+        layers = self.seqs.setdefault(seq, {})
+        entry = layers.get(layer)
+        if entry is None:
+            return None
+        if entry.refs > 1:  # copy on write
+            entry.refs -= 1
+            entry = layers[layer] = SharedIndex(entry.index.copy())
+            self.counters.copies += 1
+        return entry.index
+
+    def _drop(self, seq: int, layer: int) -> None:
+        entry = self.seqs.get(seq, {}).pop(layer, None)
+        if entry is not None:
+            entry.refs -= 1
+
+    def build(self, seq: int, layer: int, keys: np.ndarray, slots: np.ndarray) -> int:
+        """Index ``keys [H, n, d]`` (tokens at ``slots``) from scratch; replaces the layer's index."""
+        self._drop(seq, layer)
+        layers = self.seqs.setdefault(seq, {})
+        self.counters.builds += 1
+        if keys.shape[1] == 0:
+            return 0
+        idx = self.new_index()
+        idx.build(keys, positions=slots)
+        layers[layer] = SharedIndex(idx)
+        return idx.n_live
+
+    def insert(self, seq: int, layer: int, keys: np.ndarray, slots: np.ndarray) -> int:
+        idx = self._writable(seq, layer)
+        if idx is None:
+            return self.build(seq, layer, keys, slots)
+        self.counters.inserts += 1
+        if keys.shape[1]:
+            idx.insert(keys, positions=slots)
+        return idx.n_live
+
+    def share(self, src: int, dst: int, prefix_len: int) -> list[int]:
+        """``dst`` gets the first ``prefix_len`` indexed tokens of every layer of ``src``; returns the
+        token count per layer of ``src`` (ascending layer order)."""
+        if src not in self.seqs:
+            raise KeyError(src)
+        self.release(dst)
+        out = self.seqs[dst] = {}
+        self.counters.shares += 1
+        counts = []
+        for layer in sorted(self.seqs[src]):
+            entry = self.seqs[src][layer]
+            n = entry.index.n_live
+            keep = min(prefix_len, n)
+            counts.append(keep)
+            if keep == 0:
+                continue
+            if keep == n:
+                entry.refs += 1
+                out[layer] = entry
+            else:
+                out[layer] = SharedIndex(self._prefix_of(entry.index, keep))
+                self.counters.trims += 1
+        return counts
+
+    def _prefix_of(self, idx: PagedDCIIndex, keep: int) -> PagedDCIIndex:
+        live = idx.live_ids()
+        tail = live[keep:]
+        if tail.size <= self.trim_rebuild_ratio * live.size:
+            new = idx.copy()
+            new.delete(tail)
+            self.counters.copies += 1
+            return new
+        head = live[:keep]
+        keys = np.stack([idx._key(h, head) for h in range(idx.H)])
+        new = self.new_index()
+        new.build(keys, positions=idx.positions[head])
+        self.counters.builds += 1
+        return new
+
+    def release(self, seq: int) -> bool:
+        layers = self.seqs.pop(seq, None)
+        if layers is None:
+            return False
+        for entry in layers.values():
+            entry.refs -= 1
+        return True
+
+    def reset(self) -> int:
+        n = len(self.seqs)
+        for seq in list(self.seqs):
+            self.release(seq)
+        return n

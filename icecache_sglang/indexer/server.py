@@ -1,0 +1,170 @@
+"""The indexer process: ``indexer_main`` is what the spawned child runs.
+
+It names itself (``icecache-idx-r<rank>`` in ``ps``), asks Linux to send it SIGTERM when its parent dies
+(``PR_SET_PDEATHSIG``) and double-checks the parent pid while idle, maps the key store, compiles the numba
+code, binds a ROUTER socket inside the private directory, reports ready through a pipe and serves until a
+Shutdown message, SIGTERM or the parent's death. On the way out it closes the socket and removes the
+socket file; if the parent is gone it also removes the private directory (segments included), so a
+SIGKILLed server leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import sys
+import traceback
+
+import zmq
+
+from . import protocol as p
+from .config import IndexerConfig
+
+logger = logging.getLogger("icecache.indexer")
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+IDLE_POLL_MS = 200
+
+
+def _prctl(option: int, arg) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, arg, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def process_name(rank: int) -> str:
+    return f"icecache-idx-r{rank}"
+
+
+def _set_process_name(name: str) -> None:
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
+    try:
+        import setproctitle  # optional; SGLang installs it
+
+        setproctitle.setproctitle(name)
+    except ImportError:
+        pass
+
+
+_stop_requested = False
+
+
+def _on_term(signum, frame):
+    # Only a flag: raising here could surface inside ZeroMQ's C code and be swallowed. The loop looks at it
+    # at least every IDLE_POLL_MS.
+    global _stop_requested
+    _stop_requested = True
+
+
+def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
+    """Entry point of the spawned indexer process."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        return
+    logging.basicConfig(level=os.environ.get("ICECACHE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s icecache-indexer %(levelname)s %(message)s")
+    cfg = None
+    sock = ctx = store = None
+    try:
+        cfg = IndexerConfig.from_json(config_json)
+        _set_process_name(process_name(cfg.rank))
+        import numba
+
+        from .keystore import KeyStore
+        from .service import IndexerService
+
+        if cfg.threads is not None:
+            numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
+        store = KeyStore.attach(cfg.store)
+        service = IndexerService(cfg, store)
+        service.warmup()
+        ctx = zmq.Context(1)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        _unlink_socket(cfg.endpoint)
+        sock.bind(cfg.endpoint)
+        ready_conn.send({"ok": True, "pid": os.getpid()})
+        ready_conn.close()
+        serve(sock, service, parent_pid)
+    except BaseException:  # noqa: BLE001 - reported to the parent through the pipe
+        tb = traceback.format_exc()
+        logger.error("indexer failed: %s", tb)
+        try:
+            ready_conn.send({"ok": False, "error": tb})
+        except (OSError, ValueError):
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if sock is not None:
+            sock.close(0)
+        if ctx is not None:
+            ctx.term()
+        if cfg is not None:
+            _unlink_socket(cfg.endpoint)
+            if os.getppid() != parent_pid:  # orphaned: nobody else will clean up
+                shutil.rmtree(cfg.private_dir, ignore_errors=True)
+        if store is not None:
+            store.close(unlink=False)
+
+
+def serve(sock: zmq.Socket, service, parent_pid: int | None = None) -> None:
+    """Answer requests in arrival order until Shutdown (or the parent dies)."""
+    while not _stop_requested:
+        if not sock.poll(IDLE_POLL_MS):
+            if parent_pid is not None and os.getppid() != parent_pid:
+                logger.warning("parent %d is gone; exiting", parent_pid)
+                return
+            continue
+        frames = sock.recv_multipart(copy=False)
+        reply, stop = _answer(service, frames[1:])
+        try:
+            sock.send_multipart([frames[0]] + reply, copy=False)
+        except zmq.ZMQError as e:  # the peer went away; nothing to answer
+            logger.warning("reply not sent: %s", e)
+        if stop:
+            return
+
+
+def _answer(service, body: list) -> tuple[list, bool]:
+    """Reply frames for one request, and whether it asked us to stop. Never raises."""
+    try:
+        req, arrays = p.decode_request(body)
+    except p.ProtocolError as e:
+        service.count_error(new_request=True)
+        return p.encode_error(getattr(e, "rid", -1), e.code, str(e)), False
+    except Exception as e:  # noqa: BLE001 - decode_request maps every decoding problem to ProtocolError; this is a bug
+        logger.error("internal error while decoding: %s", traceback.format_exc())
+        service.count_error(new_request=True)
+        return p.encode_error(-1, "internal", f"{type(e).__name__}: {e}"), False
+    try:
+        result, out = service.handle(req, arrays)
+        return p.encode_reply(req.id, result, out), isinstance(req.op, p.Shutdown)
+    except p.ProtocolError as e:
+        return p.encode_error(req.id, e.code, str(e)), False
+    except Exception as e:  # noqa: BLE001 - a bug must not take the indexer down: report it and keep serving
+        logger.error("internal error on %s: %s", type(req.op).__name__, traceback.format_exc())
+        service.count_error()
+        return p.encode_error(req.id, "internal", f"{type(e).__name__}: {e}"), False
+
+
+def _unlink_socket(endpoint: str) -> None:
+    path = endpoint[len("ipc://"):]
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover - started through launcher.IndexerProcess
+    sys.exit("start the indexer through icecache_sglang.indexer.launcher")

@@ -1,0 +1,210 @@
+"""The indexer's request handling, without sockets: one :class:`IndexerService` per process.
+
+``handle(request, arrays)`` validates a decoded request against the configuration, runs it on the
+:class:`~.sequences.SequenceTable` and returns ``(result, reply_arrays)``; it raises
+:class:`~.protocol.ProtocolError` for anything it refuses. The socket loop (:mod:`.server`) and the
+in-process benchmark both call it, so "through the process" and "in process" run the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ..index.config import QueryParams
+from ..index.paged_index import PagedDCIIndex
+from . import protocol as p
+from .config import IndexerConfig
+from .keystore import KeyStore
+from .sequences import SequenceTable
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
+    return p.ProtocolError(code, message)
+
+
+class IndexerService:
+    def __init__(self, config: IndexerConfig, store: KeyStore):
+        spec = store.spec
+        self.cfg = config
+        self.store = store
+        self.L, self.S, self.H, self.d = spec.num_layers, spec.num_slots, spec.num_kv_heads, spec.head_dim
+        self.C = config.page_size
+        self.table = SequenceTable(lambda: PagedDCIIndex(self.H, self.d, config=config.index),
+                                   trim_rebuild_ratio=config.trim_rebuild_ratio)
+        self.requests = self.errors = self.queries = self.query_rows = 0
+        self.query_us_total = self.busy_us_total = 0.0
+        self._handlers = {p.Ping: self._ping, p.Build: self._build, p.Insert: self._insert, p.Query: self._query,
+                          p.Share: self._share, p.Release: self._release, p.Reset: self._reset,
+                          p.Stats: self._stats, p.Shutdown: self._shutdown}
+
+    # ------------------------------------------------------------------ entry
+    def handle(self, req: p.Request, arrays: dict[str, np.ndarray]):
+        self.requests += 1
+        t0 = time.perf_counter()
+        try:
+            return self._handlers[type(req.op)](req.op, arrays, {a.name: a.dtype for a in req.arrays})
+        except p.ProtocolError:
+            self.errors += 1
+            raise
+        except ValueError as e:  # the index refused an input (NaN keys, wrong shapes, ...)
+            self.errors += 1
+            raise _bad(str(e)) from None
+        finally:
+            self.busy_us_total += (time.perf_counter() - t0) * 1e6
+
+    def count_error(self, new_request: bool = False) -> None:
+        """An error :meth:`handle` did not count: a message refused before it (undecodable, bad version,
+        bad frames; ``new_request``) or an unexpected exception inside it."""
+        self.requests += int(new_request)
+        self.errors += 1
+
+    def warmup(self) -> None:
+        """Compile / load every numba function a request can reach, so the first real one is fast."""
+        rng = np.random.default_rng(0)
+        idx = PagedDCIIndex(self.H, self.d, config=self.cfg.index)
+        idx.build(rng.standard_normal((self.H, 200, self.d)).astype(np.float32))
+        idx.insert(rng.standard_normal((self.H, 3, self.d)).astype(np.float32))
+        idx.query(rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4)
+        idx.copy().delete(idx.live_ids()[-2:])
+
+    # ------------------------------------------------------------------ checks
+    def _seq_id(self, name: str, v: int) -> int:
+        if not (_INT64[0] <= v <= _INT64[1]):
+            raise _bad(f"{name} {v} is out of the int64 range")
+        return v
+
+    def _layers(self, layers: list[int]) -> list[int]:
+        if not layers:
+            raise _bad("layers must name at least one layer")
+        if len(set(layers)) != len(layers):
+            raise _bad(f"layers has duplicates: {layers}")
+        bad = [x for x in layers if not 0 <= x < self.L]
+        if bad:
+            raise _bad(f"layer(s) {bad} out of range [0, {self.L})", "out_of_range")
+        return layers
+
+    def _slots(self, arrays: dict) -> np.ndarray:
+        if set(arrays) != {"slots"}:
+            raise _bad(f"expected exactly one array named 'slots', got {sorted(arrays)}", "bad_array")
+        s = arrays["slots"]
+        if s.dtype.kind != "i" or s.ndim != 1:
+            raise _bad(f"slots must be a 1-D int32/int64 array, got {s.dtype}{list(s.shape)}", "bad_array")
+        if s.size and (s.min() < 0 or s.max() >= self.S):
+            raise _bad(f"slots must lie in [0, {self.S}); got min {s.min()} max {s.max()}", "out_of_range")
+        return s.astype(np.int64)
+
+    def _known(self, seq: int) -> None:
+        if seq not in self.table:
+            raise _bad(f"unknown sequence {seq}", "unknown_seq")
+
+    # ------------------------------------------------------------------ handlers
+    def _ping(self, op, arrays, dtypes):
+        return p.Pong(pid=os.getpid(), rank=self.cfg.rank, num_layers=self.L, num_kv_heads=self.H, head_dim=self.d,
+                      page_size=self.C, num_slots=self.S), {}
+
+    def _write(self, op, arrays, table_op):
+        seq = self._seq_id("seq", op.seq)
+        layers = self._layers(op.layers)
+        slots = self._slots(arrays)
+        counts = [table_op(seq, layer, self.store.read(layer, slots), slots) for layer in layers]
+        return p.Done(tokens=counts), {}
+
+    def _build(self, op, arrays, dtypes):
+        return self._write(op, arrays, self.table.build)
+
+    def _insert(self, op, arrays, dtypes):
+        return self._write(op, arrays, self.table.insert)
+
+    def _query(self, op: p.Query, arrays, dtypes):
+        if not 0 <= op.layer < self.L:
+            raise _bad(f"layer {op.layer} out of range [0, {self.L})", "out_of_range")
+        B = len(op.seqs)
+        if not 1 <= B <= self.cfg.max_batch:
+            raise _bad(f"a query carries 1 to {self.cfg.max_batch} sequences, got {B}", "out_of_range")
+        if not 1 <= op.n_pages <= self.cfg.max_pages:
+            raise _bad(f"n_pages must be in [1, {self.cfg.max_pages}], got {op.n_pages}", "out_of_range")
+        try:
+            params = QueryParams(fov=op.fov, prop_to_retrieve=op.prop_to_retrieve, num_to_retrieve=op.num_to_retrieve)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        if set(arrays) != {"q"}:
+            raise _bad(f"expected exactly one array named 'q', got {sorted(arrays)}", "bad_array")
+        if dtypes["q"] not in ("float32", "float16", "bfloat16"):
+            raise _bad(f"q must be float32, float16 or bfloat16, got {dtypes['q']}", "bad_array")
+        q = p.as_float32(arrays["q"], dtypes["q"])
+        if q.ndim != 3 or q.shape[0] != B or q.shape[2] != self.d or q.shape[1] == 0 or q.shape[1] % self.H:
+            raise _bad(f"q must have shape [B={B}, H_q (a multiple of {self.H}), {self.d}], got {list(q.shape)}",
+                       "bad_array")
+        for s in op.seqs:
+            self._known(s)
+        P, H, C = op.n_pages, self.H, self.C
+        pages = np.full((B, H, P), -1, np.int32)
+        slots = np.full((B, H, P, C), -1, np.int32) if op.want_slots else None
+        n_tokens = []
+        t0 = time.perf_counter()
+        for b, s in enumerate(op.seqs):
+            idx = self.table.get(s, op.layer)
+            n = idx.n_live if idx is not None else 0
+            n_tokens.append(n)
+            if n == 0:
+                continue
+            pages[b] = idx.query(q[b], P, params)
+            if slots is not None:
+                slots[b] = page_slots(idx, pages[b])
+        dt = (time.perf_counter() - t0) * 1e6
+        self.queries += 1
+        self.query_rows += B
+        self.query_us_total += dt
+        out = {"pages": pages}
+        if slots is not None:
+            out["slots"] = slots
+        return p.QueryResult(n_tokens=n_tokens, search_us=dt), out
+
+    def _share(self, op: p.Share, arrays, dtypes):
+        self._seq_id("src", op.src)
+        self._seq_id("dst", op.dst)
+        self._known(op.src)
+        if op.src == op.dst:
+            raise _bad("src and dst must differ")
+        if op.prefix_len < 0:
+            raise _bad(f"prefix_len must be >= 0, got {op.prefix_len}", "out_of_range")
+        return p.Done(tokens=self.table.share(op.src, op.dst, op.prefix_len)), {}
+
+    def _release(self, op: p.Release, arrays, dtypes):
+        return p.Done(tokens=[sum(self.table.release(s) for s in op.seqs)]), {}
+
+    def _reset(self, op, arrays, dtypes):
+        return p.Done(tokens=[self.table.reset()]), {}
+
+    def _shutdown(self, op, arrays, dtypes):
+        return p.Done(), {}
+
+    def _stats(self, op, arrays, dtypes):
+        return self.stats(), {}
+
+    def stats(self) -> p.StatsResult:
+        distinct = self.table.distinct()
+        entries = [e for layers in self.table.seqs.values() for e in layers.values()]
+        c = self.table.counters
+        return p.StatsResult(
+            sequences=len(self.table.seqs), layer_entries=len(entries), indexes=len(distinct),
+            shared_entries=sum(1 for e in entries if e.refs > 1), tokens=sum(e.index.n_live for e in distinct),
+            index_bytes=sum(e.index.nbytes() for e in distinct), requests=self.requests, errors=self.errors,
+            builds=c.builds, inserts=c.inserts, queries=self.queries, query_rows=self.query_rows, shares=c.shares,
+            copies=c.copies, trims=c.trims, rebuilds=sum(e.index.rebuilds for e in distinct),
+            query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)
+
+
+def page_slots(idx: PagedDCIIndex, pages: np.ndarray) -> np.ndarray:
+    """Key-store slots of the tokens of ``pages [H, P]`` -> ``[H, P, C]`` (int32, -1 padded)."""
+    H, C = pages.shape[0], idx.C
+    pg = np.maximum(pages, 0)
+    heads = np.arange(H)[:, None]
+    tok = idx.page_tok[heads, pg]  # [H, P, C]
+    valid = (np.arange(C) < idx.page_fill[heads, pg][..., None]) & (pages[..., None] >= 0)
+    return np.where(valid, idx.positions[np.maximum(tok, 0)], -1).astype(np.int32)
