@@ -42,3 +42,27 @@ def test_quality_evaluation_is_consistent(rng):
         [{"layer": "mean", "source": "s", "text": "", "context": 3000, "method": m, "budget": b,
           "mass_recall": v[0], "recall_at_k": v[1], "output_rel_err": v[2]} for (m, b), v in out.items()])
     assert "| icecache |" in table
+
+
+def test_indexer_latency_measures_the_same_answers_both_ways():
+    """The latency benchmark's two sides return identical selections (it asserts so) and its records
+    carry the fields the README reads."""
+    import indexer_latency
+
+    from icecache_sglang.indexer import Indexer, KeyStore
+    from icecache_sglang.indexer.service import IndexerService
+
+    ix = Indexer.launch(num_layers=1, num_kv_heads=indexer_latency.H_KV, head_dim=indexer_latency.D,
+                        num_slots=2 * 600, index=IndexConfig(page_size=indexer_latency.C), timeout_s=60)
+    store = KeyStore.attach(ix.store.spec)
+    try:
+        local = IndexerService(ix.config, store)
+        recs = indexer_latency.run_context(ix, local, 600, 2, [1, 3], reps=2, depth=2, rng=np.random.default_rng(0))
+        del local
+    finally:
+        store.close()
+        ix.close()
+    assert [r["batch"] for r in recs] == [1, 3]
+    for r in recs:
+        assert r["in_process_us"] > 0 and r["ipc_us"] > 0 and r["queries_per_s"] > 0
+        assert {"batch", "context", "in_process_us", "ipc_us", "queries_per_s"} <= set(r)

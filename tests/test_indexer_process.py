@@ -45,6 +45,7 @@ def ix():
     ix.store.keys[:] = np.random.default_rng(0).standard_normal(ix.store.keys.shape).astype(np.float32)
     yield ix
     ix.close()
+    assert not os.path.exists(ix.dir.path)  # socket and key segment gone with it
 
 
 @pytest.fixture

@@ -404,7 +404,9 @@ class IndexerClient:
 
     def _fallback(self, pending: _PendingQuery, reason: str) -> Selection:
         self.counters.fallbacks += 1
-        logger.warning("indexer selection fell back to recent pages: %s", reason)
+        n = self.counters.fallbacks
+        if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th, ...: a dead indexer must not flood the log
+            logger.warning("indexer selection fell back to recent pages (%d so far): %s", n, reason)
         B, P = len(pending.seqs), pending.n_pages
         pages = np.full((B, self.H, P), -1, np.int32)
         slots = np.full((B, self.H, P, self.C), -1, np.int32) if pending.want_slots else None

@@ -190,10 +190,13 @@ _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
+_NP_DTYPES = {k: np.dtype(v) for k, v in WIRE_DTYPES.items()}
+
+
 def _spec_of(name: str, a: np.ndarray, dtype: str | None) -> ArraySpec:
     if dtype is None:
         dtype = a.dtype.name
-    if dtype not in WIRE_DTYPES or np.dtype(WIRE_DTYPES[dtype]) != a.dtype:
+    if _NP_DTYPES.get(dtype) != a.dtype:
         raise ProtocolError("bad_array", f"array {name!r}: dtype {a.dtype} cannot travel as {dtype!r}")
     return ArraySpec(name, dtype, tuple(int(s) for s in a.shape))
 
@@ -238,7 +241,7 @@ def unpack_arrays(specs: list[ArraySpec], frames: list) -> dict[str, np.ndarray]
                                 f"{sorted(WIRE_DTYPES)}")
         if len(spec.shape) > MAX_NDIM or any(s < 0 for s in spec.shape):
             raise ProtocolError("bad_array", f"array {spec.name!r}: invalid shape {spec.shape}")
-        dt = np.dtype(WIRE_DTYPES[spec.dtype])
+        dt = _NP_DTYPES[spec.dtype]
         buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
         need = int(np.prod(spec.shape, dtype=np.int64)) * dt.itemsize
         if buf.nbytes != need:

@@ -64,6 +64,9 @@ def _on_term(signum, frame):
 
 def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
     """Entry point of the spawned indexer process."""
+    # Idle OpenMP workers sleep instead of spinning: the indexer shares the machine's cores with the
+    # scheduler (and, on CPU, the model). Must be set before numba's first parallel region.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
