@@ -15,6 +15,7 @@ batch of 64 at 32k does not need 64 separate 32k builds; every sequence still ru
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -47,6 +48,53 @@ def median_us(fn, reps: int) -> float:
         fn()
         out.append(time.perf_counter() - t)
     return float(np.median(out)) * 1e6
+
+
+def _zmq_echo(endpoint: str) -> None:
+    import zmq
+
+    s = zmq.Context().socket(zmq.ROUTER)
+    s.bind(endpoint)
+    while True:
+        s.send_multipart(s.recv_multipart())
+
+
+def _pipe_echo(conn) -> None:
+    while True:
+        conn.send_bytes(conn.recv_bytes())
+
+
+def transport_floor(n: int = 500) -> dict:
+    """What moving a 16 KB message (a batch-1 query) to another process and back costs on this machine with
+    nothing else in the way: bare pyzmq DEALER/ROUTER over ipc, and a multiprocessing pipe."""
+    import multiprocessing as mp
+    import tempfile
+
+    import zmq
+
+    ctx = mp.get_context("spawn")
+    payload = np.zeros(4096, np.float32).tobytes()
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        ep = f"ipc://{d}/echo.sock"
+        proc = ctx.Process(target=_zmq_echo, args=(ep,), daemon=True)
+        proc.start()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ep)
+        sock.send(payload)
+        sock.recv()
+        out["raw_zmq_rtt_us"] = median_us(lambda: (sock.send(payload), sock.recv()), n)
+        sock.close(0)
+        proc.kill()
+    a, b = ctx.Pipe()
+    proc = ctx.Process(target=_pipe_echo, args=(b,), daemon=True)
+    proc.start()
+    a.send_bytes(payload)
+    a.recv_bytes()
+    out["raw_pipe_rtt_us"] = median_us(lambda: (a.send_bytes(payload), a.recv_bytes()), n)
+    proc.kill()
+    return out
 
 
 def run_context(ix: Indexer, local: IndexerService, context: int, distinct: int, batches: list[int], reps: int,
@@ -122,23 +170,34 @@ def plot(records, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ctx in sorted({r["context"] for r in records}):
         rs = sorted((r for r in records if r["context"] == ctx), key=lambda r: r["batch"])
         b = [r["batch"] for r in rs]
         axes[0].plot(b, [r["in_process_us"] / 1e3 for r in rs], "o--", label=f"{ctx // 1024}k in process")
         axes[0].plot(b, [r["ipc_us"] / 1e3 for r in rs], "s-", label=f"{ctx // 1024}k through the process")
-        axes[1].plot(b, [r["overhead_us"] for r in rs], "s-", label=f"{ctx // 1024}k")
+        axes[1].plot(b, [r["overhead_pct"] for r in rs], "s-", label=f"{ctx // 1024}k")
+        axes[2].plot(b, [r["boundary_us"] for r in rs], "s-", label=f"{ctx // 1024}k: round trip - indexer's search")
+    r0 = records[0]
+    axes[1].axhline(10, color="red", lw=0.8, ls=":", label="goal at batch 64: < 10%")
+    axes[1].axhline(0, color="gray", lw=0.6)
+    for key, label, style in (("ping_after_idle_us", "ping after 5 ms idle", "--"), ("ping_us", "ping back to back", "-."),
+                              ("raw_zmq_rtt_us", "bare pyzmq round trip, 16 KB", ":")):
+        if key in r0:
+            axes[2].axhline(r0[key], color="gray", lw=0.9, ls=style, label=f"{label}: {r0[key]:.0f} us")
+    axes[2].axhline(100, color="red", lw=0.8, ls=":", label="goal at batch 1: < 100 us")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequences per query message")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("query latency, one layer (ms)")
-    axes[1].set_ylabel("added by socket + process (us)")
-    axes[1].axhline(100, color="gray", lw=0.8, ls=":")
-    fig.suptitle("Indexer query: through the process vs in process (8 KV / 32 q heads, d=128, P=12)")
+    axes[1].set_ylabel("through the process vs in process (%)")
+    axes[2].set_ylabel("socket + process boundary (us)")
+    axes[2].set_ylim(bottom=0)
+    fig.suptitle("Indexer query through the process vs in process (8 KV / 32 q heads, d=128, P=12; "
+                 f"{r0.get('machine', '')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -151,7 +210,15 @@ def main(argv=None) -> None:
     ap.add_argument("--distinct", type=int)
     ap.add_argument("--reps", type=int)
     ap.add_argument("--depth", type=int, default=4, help="queries in flight for the sustained rate")
+    ap.add_argument("--name", default="indexer_latency", help="results file name")
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG from the existing JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        from common import RESULTS
+
+        name = f"{args.name}{'_quick' if args.quick else ''}"
+        plot(json.loads((RESULTS / f"{name}.json").read_text()), png_path(args.name, args.quick))
+        return
     contexts = args.contexts or ([8192] if args.quick else [8192, 32768])
     distinct = args.distinct or (2 if args.quick else 8)
     reps = args.reps or (5 if args.quick else 15)
@@ -163,7 +230,11 @@ def main(argv=None) -> None:
     records = []
     try:
         ping = median_us(ix.client.ping, 200)
-        print(f"ping round trip: {ping:.0f} us", flush=True)
+        ping_idle = median_us(lambda: (time.sleep(0.005), ix.client.ping()), 200) - median_us(
+            lambda: time.sleep(0.005), 200)  # both processes idle for 5 ms first, as during a search
+        floor = transport_floor()
+        print(f"Ping round trip: {ping:.0f} us back to back, {ping_idle:.0f} us after 5 ms idle; bare transport "
+              f"(16 KB): {floor}", flush=True)
         for ctx in contexts:
             records += run_context(ix, local, ctx, distinct, args.batches, reps, args.depth, rng)
     finally:
@@ -171,9 +242,9 @@ def main(argv=None) -> None:
         store.close()
         ix.close()
     for r in records:
-        r["ping_us"] = ping
-    path = write_records("indexer_latency", args.quick, records)
-    plot(records, png_path("indexer_latency", args.quick))
+        r.update(ping_us=ping, ping_after_idle_us=ping_idle, **floor)
+    path = write_records(args.name, args.quick, records)
+    plot(records, png_path(args.name, args.quick))
     print(f"wrote {path}")
 
 
