@@ -61,8 +61,8 @@ def local_call(service, rid, op, arrays=None):
     return service.handle(req, arr)
 
 
-def test_start_ready_name_and_clean_stop(tmp_path):
-    ix = Indexer.launch(num_layers=1, num_kv_heads=1, head_dim=8, num_slots=64, root=str(tmp_path))
+def test_start_ready_name_and_clean_stop():
+    ix = Indexer.launch(num_layers=1, num_kv_heads=1, head_dim=8, num_slots=64)
     pid, d = ix.process.pid, ix.dir.path
     assert ix.process.is_alive() and pid != os.getpid()
     with open(f"/proc/{pid}/comm") as f:
@@ -75,11 +75,11 @@ def test_start_ready_name_and_clean_stop(tmp_path):
     assert _wait_exit(pid) and not os.path.exists(d)
 
 
-def test_parent_sigkill_takes_the_indexer_and_its_segment_with_it(tmp_path):
+def test_parent_sigkill_takes_the_indexer_and_its_segment_with_it():
     code = (
         "import json, time\n"
         "from icecache_sglang.indexer import Indexer\n"
-        f"ix = Indexer.launch(num_layers=1, num_kv_heads=1, head_dim=8, num_slots=64, root={str(tmp_path)!r})\n"
+        "ix = Indexer.launch(num_layers=1, num_kv_heads=1, head_dim=8, num_slots=64)\n"
         "print(json.dumps({'child': ix.process.pid, 'dir': ix.dir.path, 'seg': ix.store.spec.path}), flush=True)\n"
         "time.sleep(600)\n"
     )

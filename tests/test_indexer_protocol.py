@@ -134,6 +134,16 @@ def test_service_reply_matches_the_index(service):
             np.testing.assert_array_equal(got[got >= 0], idx.pages_to_positions(h, [pg]))
 
 
+def test_config_refuses_what_cannot_work(tmp_path):
+    spec = KeyStore.create(str(tmp_path), 1, 4, 1, 2).spec
+    ok = dict(rank=0, store=spec, endpoint="ipc:///tmp/x.sock", private_dir=str(tmp_path))
+    assert IndexerConfig.from_json(IndexerConfig(**ok).to_json()) == IndexerConfig(**ok)
+    for bad, word in ((dict(endpoint="tcp://127.0.0.1:5555"), "ipc://"), (dict(endpoint="ipc:///" + "x" * 120), "107"),
+                      (dict(rank=-1), "rank"), (dict(threads=0), "threads"), (dict(max_batch=0), "max_batch")):
+        with pytest.raises(ValueError, match=word):
+            IndexerConfig(**{**ok, **bad})
+
+
 def test_private_dir_is_0700_and_stale_dirs_are_swept(tmp_path):
     d = PrivateDir.create(str(tmp_path))
     import os

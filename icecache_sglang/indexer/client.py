@@ -246,7 +246,12 @@ class IndexerClient:
         """Read at most one reply; False when none arrived in ``timeout_ms``."""
         if not self._sock.poll(timeout_ms):
             return False
-        rep, arrays = p.decode_reply(self._sock.recv_multipart(copy=False))
+        frames = self._sock.recv_multipart(copy=False)
+        try:
+            rep, arrays = p.decode_reply(frames)
+        except Exception as e:  # noqa: BLE001 - a reply we cannot read is dropped, its request times out
+            logger.error("unreadable reply from the indexer dropped: %s", e)
+            return True
         self.counters.replies += 1
         if rep.id in self._acks:
             self._acks.discard(rep.id)
@@ -317,6 +322,8 @@ class IndexerClient:
             raise ValueError(f"slots must be a 1-D integer array, got {s.dtype} {s.shape}")
         return s.astype(np.int32 if s.size == 0 or s.max() < 2**31 else np.int64)
 
+    # Writes update the ledger before they are sent, so a write that fails to send (IndexerUnavailable)
+    # is still replayed by the next restart.
     def build(self, seq: int, layers, slots) -> int:
         s = self._slots(slots)
         self.ledger.build(seq, list(layers), s)

@@ -12,6 +12,8 @@ from .keystore import KeyStoreSpec
 MAX_BATCH = 64
 #: the most pages one Query may ask for per KV head
 MAX_PAGES = 4096
+#: sun_path of a Unix socket holds 108 bytes including the terminating NUL
+MAX_IPC_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class IndexerConfig:
             raise ValueError(f"rank must be a non-negative int, got {self.rank!r}")
         if not self.endpoint.startswith("ipc://"):
             raise ValueError(f"endpoint must be an ipc:// path, got {self.endpoint!r}")
+        if len(self.endpoint[len("ipc://"):].encode()) > MAX_IPC_PATH:
+            raise ValueError(f"ipc socket path is longer than the {MAX_IPC_PATH} bytes a Unix socket allows: "
+                             f"{self.endpoint!r}; use a shorter private directory root")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         for name, v in (("max_batch", self.max_batch), ("max_pages", self.max_pages)):
