@@ -1,15 +1,18 @@
 """What the process boundary costs: one Query message through the indexer process (ZeroMQ ipc, msgspec
 header, raw array frames, reply with pages and slots) against the same query in process (the same
 ``IndexerService`` code over the same shared key store and identically built indexes), plus sustained
-query messages per second with several queries in flight.
+query messages per second with several queries in flight. Also, in process, the same sequences searched
+one at a time (KV heads in parallel) instead of as one batch (every (sequence, KV head) pair in parallel).
 
-Shape: Llama-3.1-8B attention, all KV heads of one layer (8 KV heads, 32 query heads, head_dim 128),
+Shape: Llama-3.1-8B attention, all KV heads of one layer of one rank (``--kv-heads 8``: TP 1, 32 query
+heads; ``--kv-heads 1``: TP 8, 4 query heads), head_dim 128,
 P = 12 pages of 16 tokens, low-rank "LLM-like" keys. A batch of B sequences is B sequence ids over
 ``--distinct`` independently built indexes (shared copy-on-write, as radix-cache hits share them), so a
 batch of 64 at 32k does not need 64 separate 32k builds; every sequence still runs its own search.
 
     python benchmarks/indexer_latency.py --quick   # < 2 min
     python benchmarks/indexer_latency.py           # 8k and 32k, 8 distinct indexes
+    python benchmarks/indexer_latency.py --kv-heads 1 --name indexer_latency_tp8
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from icecache_sglang.index.config import IndexConfig  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 from icecache_sglang.indexer import Indexer, KeyStore  # noqa: E402
 from icecache_sglang.indexer import protocol as p  # noqa: E402
-from icecache_sglang.indexer.service import IndexerService  # noqa: E402
+from icecache_sglang.indexer.service import IndexerService, page_slots  # noqa: E402
 
-H_KV, H_Q, D, P, C = 8, 32, 128, 12, 16
+GROUP, D, P, C = 4, 128, 12, 16  # Llama-3.1-8B: 32 query heads over 8 KV heads
 
 
 def _local(service: IndexerService, op, arrays=None):
@@ -100,11 +103,12 @@ def transport_floor(n: int = 500) -> dict:
 def run_context(ix: Indexer, local: IndexerService, context: int, distinct: int, batches: list[int], reps: int,
                 depth: int, rng) -> list[dict]:
     c = ix.client
+    H_KV = local.H
     c.reset()
     _local(local, p.Reset())
     queries = []
     for i in range(distinct):
-        K, Q = lowrank_keys(rng, context, D, heads=H_KV, group=H_Q // H_KV, n_queries=reps + depth + 4)
+        K, Q = lowrank_keys(rng, context, D, heads=H_KV, group=GROUP, n_queries=reps + depth + 4)
         slots = np.arange(i * context, (i + 1) * context, dtype=np.int64)
         ix.store.keys[0, slots] = K.transpose(1, 0, 2)
         queries.append(Q)
@@ -129,11 +133,16 @@ def run_context(ix: Indexer, local: IndexerService, context: int, distinct: int,
         _, out = _local(local, op, {"q": qs[0]})
         assert not sel.fallback and np.array_equal(sel.pages, out["pages"]) and np.array_equal(sel.slots, out["slots"])
         decoded = [p.decode_request([bytes(f) for f in p.encode_request(0, op, {"q": qs[k]})]) for k in range(reps)]
-        in_t, ipc_t, server_us = [], [], []
+        indexes = [local.table.get(s, 0) for s in seqs]
+        in_t, loop_t, ipc_t, server_us = [], [], [], []
         for k in range(reps):  # interleaved, so drift of this machine's speed hits both sides alike
             t = time.perf_counter()
             local.handle(*decoded[k])  # in process: no serialization, no socket
             in_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for b, idx in enumerate(indexes):  # one sequence at a time, KV heads in parallel (no batching)
+                page_slots(idx, idx.query(qs[k][b], P))
+            loop_t.append(time.perf_counter() - t)
             t = time.perf_counter()
             s = c.query(0, seqs, qs[k], P, timeout_s=600)
             ipc_t.append(time.perf_counter() - t)
@@ -151,9 +160,10 @@ def run_context(ix: Indexer, local: IndexerService, context: int, distinct: int,
         qps = n_msgs / (time.perf_counter() - t)
         srv = float(np.median(server_us))
         rec = {"batch": B, "context": context, "in_process_us": in_us, "ipc_us": ipc_us,
+               "in_process_per_sequence_us": float(np.median(loop_t)) * 1e6,
                "server_search_us": srv, "boundary_us": ipc_us - srv, "overhead_us": ipc_us - in_us,
                "overhead_pct": 100 * (ipc_us - in_us) / in_us, "queries_per_s": qps, "sequences_per_s": qps * B,
-               "depth": depth, "distinct_indexes": distinct, "kv_heads": H_KV, "q_heads": H_Q, "head_dim": D,
+               "depth": depth, "distinct_indexes": distinct, "kv_heads": H_KV, "q_heads": GROUP * H_KV, "head_dim": D,
                "n_pages": P, "page_size": C, "reps": reps}
         print(f"  B={B:3d} ctx={context}: in-process {in_us:9.0f} us  ipc {ipc_us:9.0f} us  "
               f"(+{rec['overhead_us']:.0f} us, {rec['overhead_pct']:+.1f}%)  {qps:.1f} msg/s", flush=True)
@@ -176,6 +186,9 @@ def plot(records, path: Path) -> None:
         b = [r["batch"] for r in rs]
         axes[0].plot(b, [r["in_process_us"] / 1e3 for r in rs], "o--", label=f"{ctx // 1024}k in process")
         axes[0].plot(b, [r["ipc_us"] / 1e3 for r in rs], "s-", label=f"{ctx // 1024}k through the process")
+        if "in_process_per_sequence_us" in rs[0]:
+            axes[0].plot(b, [r["in_process_per_sequence_us"] / 1e3 for r in rs], "x:",
+                         label=f"{ctx // 1024}k in process, one sequence at a time")
         axes[1].plot(b, [r["overhead_pct"] for r in rs], "s-", label=f"{ctx // 1024}k")
         axes[2].plot(b, [r["boundary_us"] for r in rs], "s-", label=f"{ctx // 1024}k: round trip - indexer's search")
     r0 = records[0]
@@ -196,7 +209,7 @@ def plot(records, path: Path) -> None:
     axes[1].set_ylabel("through the process vs in process (%)")
     axes[2].set_ylabel("socket + process boundary (us)")
     axes[2].set_ylim(bottom=0)
-    fig.suptitle("Indexer query through the process vs in process (8 KV / 32 q heads, d=128, P=12; "
+    fig.suptitle(f"Indexer query through the process vs in process ({r0.get('kv_heads')} KV / {r0.get('q_heads')} q heads, d=128, P=12; "
                  f"{r0.get('machine', '')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -210,6 +223,7 @@ def main(argv=None) -> None:
     ap.add_argument("--distinct", type=int)
     ap.add_argument("--reps", type=int)
     ap.add_argument("--depth", type=int, default=4, help="queries in flight for the sustained rate")
+    ap.add_argument("--kv-heads", type=int, default=8, help="KV heads per rank (8: TP 1; 1: TP 8 of Llama-3.1-8B)")
     ap.add_argument("--name", default="indexer_latency", help="results file name")
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from the existing JSON")
     args = ap.parse_args(argv)
@@ -223,7 +237,7 @@ def main(argv=None) -> None:
     distinct = args.distinct or (2 if args.quick else 8)
     reps = args.reps or (5 if args.quick else 15)
     rng = np.random.default_rng(0)
-    ix = Indexer.launch(num_layers=1, num_kv_heads=H_KV, head_dim=D, num_slots=distinct * max(contexts),
+    ix = Indexer.launch(num_layers=1, num_kv_heads=args.kv_heads, head_dim=D, num_slots=distinct * max(contexts),
                         index=IndexConfig(page_size=C), timeout_s=600)
     store = KeyStore.attach(ix.store.spec)
     local = IndexerService(ix.config, store)

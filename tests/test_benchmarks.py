@@ -52,7 +52,7 @@ def test_indexer_latency_measures_the_same_answers_both_ways():
     from icecache_sglang.indexer import Indexer, KeyStore
     from icecache_sglang.indexer.service import IndexerService
 
-    ix = Indexer.launch(num_layers=1, num_kv_heads=indexer_latency.H_KV, head_dim=indexer_latency.D,
+    ix = Indexer.launch(num_layers=1, num_kv_heads=2, head_dim=indexer_latency.D,
                         num_slots=2 * 600, index=IndexConfig(page_size=indexer_latency.C), timeout_s=60)
     store = KeyStore.attach(ix.store.spec)
     try:
@@ -66,3 +66,4 @@ def test_indexer_latency_measures_the_same_answers_both_ways():
     for r in recs:
         assert r["in_process_us"] > 0 and r["ipc_us"] > 0 and r["queries_per_s"] > 0
         assert {"batch", "context", "in_process_us", "ipc_us", "queries_per_s"} <= set(r)
+        assert r["kv_heads"] == 2 and r["q_heads"] == 8

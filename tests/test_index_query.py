@@ -187,3 +187,41 @@ def test_bad_inputs_raise_value_error(rng):
         idx.delete([10**6])
     with pytest.raises(ValueError, match="budget"):
         IceCachePolicy().check_budget(0)
+
+
+def test_query_batch_equals_separate_queries(rng):
+    """Every (index, KV head) pair searched in one parallel call gives each index's own answer, also after
+    an index's arrays were replaced (growth, rebuild) and with slots reused after a drop."""
+    from icecache_sglang.index.paged_index import StateList, query_batch
+    from icecache_sglang.index.synthetic import lowrank_keys
+
+    idxs, qs = [], []
+    for n in (40, 700, 1500, 3000):
+        K, Q = lowrank_keys(rng, n, 16, heads=2, group=3, n_queries=1)
+        idx = PagedDCIIndex(2, 16, config=IndexConfig(page_size=8))
+        idx.build(K)
+        idxs.append(idx)
+        qs.append(Q[0])
+    Q = np.stack(qs)
+    states = StateList()
+
+    def check():
+        got = query_batch(idxs, Q, 5, states=states)
+        want = np.stack([idx.query(Q[b], 5) for b, idx in enumerate(idxs)])
+        np.testing.assert_array_equal(got, want)
+
+    check()
+    version = idxs[0].storage_version
+    idxs[0].insert(rng.standard_normal((2, 200, 16)).astype(np.float32))  # 40 -> 240: grows, rebuilds
+    assert idxs[0].storage_version > version
+    check()
+    states.drop(idxs[1])
+    idxs[1] = idxs[1].copy()
+    idxs[1].delete(np.arange(0, 700, 3))
+    check()
+    assert len(states) == 4
+    for idx in idxs:
+        states.drop(idx)
+    assert len(states) == 0
+    with pytest.raises(ValueError, match="non-empty"):
+        query_batch([PagedDCIIndex(2, 16)], Q[:1], 5)

@@ -321,6 +321,6 @@ def test_random_operations_leave_nothing_behind(ix, local):
     c.release(list(range(32)))
     c.sync()
     st = c.stats()
-    assert (st.sequences, st.layer_entries, st.indexes, st.tokens, st.index_bytes) == (0, 0, 0, 0, 0)
+    assert (st.sequences, st.layer_entries, st.indexes, st.tokens, st.index_bytes, st.state_slots) == (0,) * 6
     assert st.shares > 20 and st.copies > 0 and st.queries > 100
     assert not c.ledger.seqs

@@ -11,11 +11,12 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.typed import List
 
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .schedule import LevelSchedule
-from .search import merge_group_pages, search_rows
+from .search import merge_group_pages, search_batch, search_rows
 from .transform import augmented_parents, exact_parents, key_projection, make_projection, query_projection, squared_norms
 
 
@@ -75,6 +76,7 @@ class PagedDCIIndex:
 
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
         T, P = max(tok_cap, 16), max(page_cap, 16)
+        self.storage_version = getattr(self, "storage_version", -1) + 1  # state arrays replaced
         self.n_tokens = 0  # ids handed out
         self.alive = np.zeros(T, bool)
         self.positions = np.full(T, -1, np.int64)
@@ -98,6 +100,8 @@ class PagedDCIIndex:
         more_t = max(need_tokens, 2 * T) - T if need_tokens > T else 0
         more_p = max(need_pages, 2 * P) - P if need_pages > P else 0
         extra = {"tok": more_t, "cell": more_t, "page": more_p, "head": 0}
+        if more_t or more_p:
+            self.storage_version += 1
         if extra["tok"]:
             self.alive = np.concatenate([self.alive, np.zeros(extra["tok"], bool)])
             self.positions = np.concatenate([self.positions, np.full(extra["tok"], -1, np.int64)])
@@ -408,6 +412,79 @@ class PagedDCIIndex:
         check_invariants(self)
 
 
+class StateList:
+    """A numba typed list holding the state tuples of many indexes, for :func:`query_batch`.
+
+    Putting a state tuple into a typed list unboxes its arrays, which costs about as much as searching a
+    small index, so each index keeps its slot and is re-put only when its arrays were replaced
+    (``storage_version``). ``drop`` frees the slot (and the list's reference to the arrays).
+    """
+
+    def __init__(self):
+        self.states = List()
+        self._slot: dict[int, list] = {}  # id(index) -> [slot, storage_version, index]
+        self._free: list[int] = []
+        self._empty = None
+
+    def slot(self, idx: PagedDCIIndex) -> int:
+        entry = self._slot.get(id(idx))
+        if entry is None or entry[2] is not idx:
+            entry = [self._free.pop() if self._free else len(self.states), -1, idx]
+            if entry[0] == len(self.states):
+                self.states.append(idx.state)
+                entry[1] = idx.storage_version
+            self._slot[id(idx)] = entry
+        if entry[1] != idx.storage_version:
+            self.states[entry[0]] = idx.state
+            entry[1] = idx.storage_version
+        return entry[0]
+
+    def drop(self, idx: PagedDCIIndex) -> None:
+        entry = self._slot.pop(id(idx), None)
+        if entry is None:
+            return
+        if self._empty is None:
+            self._empty = PagedDCIIndex(idx.H, idx.d, idx.dv, idx.cfg).state
+        self.states[entry[0]] = self._empty  # release the arrays
+        self._free.append(entry[0])
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+
+def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: QueryParams | None = None,
+                states: StateList | None = None) -> np.ndarray:
+    """``PagedDCIIndex.query`` for B indexes of one shape and configuration at once -> ``[B, H, P]``.
+    ``queries [B, Hq, d]``: row b queries ``indexes[b]``, which must hold at least one token. The same
+    result as B separate queries, with every (index, KV head) pair searched in parallel. Pass a long-lived
+    ``states`` to skip re-unboxing unchanged indexes."""
+    params = params or QueryParams()
+    Q = np.ascontiguousarray(_as_float_array("queries", queries, 3))
+    if not indexes or Q.shape[0] != len(indexes):
+        raise ValueError(f"queries must have one row block per index: {Q.shape[0]} vs {len(indexes)} indexes")
+    first = indexes[0]
+    H, d = first.H, first.d
+    for idx in indexes:
+        if (idx.H, idx.d, idx.dv, idx.cfg) != (H, d, first.dv, first.cfg) or idx.n_live == 0:
+            raise ValueError("query_batch needs non-empty indexes of one shape and configuration")
+    if Q.shape[2] != d or Q.shape[1] % H:
+        raise ValueError(f"queries must have shape [B, a multiple of {H}, {d}], got {list(Q.shape)}")
+    if not isinstance(n_pages, (int, np.integer)) or n_pages < 1:
+        raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
+    B, group, P = len(indexes), Q.shape[1] // H, int(n_pages)
+    states = states if states is not None else StateList()
+    which = np.array([states.slot(idx) for idx in indexes], np.int64)
+    qp = query_projection(Q.reshape(-1, d), first.u).reshape(B, -1)  # one seed: one projection for all
+    rows = np.empty((B, Q.shape[1], P), np.int32)
+    scores = np.empty((B, Q.shape[1], P), np.float32)
+    search_batch(states.states, which, Q, qp, np.repeat(np.arange(H), group).astype(np.int32),
+                 np.stack([idx.top_level() for idx in indexes]),
+                 P, np.array([params.fov_for(idx.n_live) for idx in indexes], np.int64),
+                 float(params.prop_to_retrieve), int(params.num_to_retrieve), first.cfg.faithful_proj_scale,
+                 np.array([max(idx.n_tokens, 1) for idx in indexes], np.int64), rows, scores)
+    return np.stack([merge_group_pages(rows[b], group, P) for b in range(B)])
+
+
 # ---------------------------------------------------------------------- numba drivers
 
 
@@ -451,4 +528,4 @@ def _insert_heads(S, tids, parents, K, V, a):
             pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a)
 
 
-__all__ = ["PagedDCIIndex", "IndexConfig", "QueryParams"]
+__all__ = ["PagedDCIIndex", "IndexConfig", "QueryParams", "StateList", "query_batch"]

@@ -308,24 +308,45 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
             out_scores[r, i] = ps[order[i]]
 
 
+@njit(cache=True)
+def _search_head(S, h, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
+    """The rows of ``Q`` that belong to KV head ``h``, searched together in its tree."""
+    rows = np.flatnonzero(row_head == h)
+    if rows.shape[0] == 0:
+        return
+    Qg = np.empty((rows.shape[0], Q.shape[1]), np.float32)
+    qpg = np.empty(rows.shape[0], np.float64)
+    for i in range(rows.shape[0]):
+        Qg[i] = Q[rows[i]]
+        qpg[i] = qp[rows[i]]
+    op = np.empty((rows.shape[0], out_pages.shape[1]), np.int32)
+    osc = np.empty((rows.shape[0], out_pages.shape[1]), np.float32)
+    search_group(S, h, Qg, qpg, top_level, P, fov, prop, ntr, faithful, n_tok_cap, op, osc)
+    for i in range(rows.shape[0]):
+        out_pages[rows[i]] = op[i]
+        out_scores[rows[i]] = osc[i]
+
+
 @njit(cache=True, parallel=True)
 def search_rows(S, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
     """Search every query row in its KV head's tree; the rows of one head run together, heads in parallel."""
     for h in prange(top_level.shape[0]):
-        rows = np.flatnonzero(row_head == h)
-        if rows.shape[0] == 0:
-            continue
-        Qg = np.empty((rows.shape[0], Q.shape[1]), np.float32)
-        qpg = np.empty(rows.shape[0], np.float64)
-        for i in range(rows.shape[0]):
-            Qg[i] = Q[rows[i]]
-            qpg[i] = qp[rows[i]]
-        op = np.empty((rows.shape[0], out_pages.shape[1]), np.int32)
-        osc = np.empty((rows.shape[0], out_pages.shape[1]), np.float32)
-        search_group(S, h, Qg, qpg, top_level[h], P, fov, prop, ntr, faithful, n_tok_cap, op, osc)
-        for i in range(rows.shape[0]):
-            out_pages[rows[i]] = op[i]
-            out_scores[rows[i]] = osc[i]
+        _search_head(S, h, Q, qp, row_head, top_level[h], P, fov, prop, ntr, faithful, n_tok_cap, out_pages,
+                     out_scores)
+
+
+@njit(cache=True, parallel=True)
+def search_batch(states, which, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages,
+                 out_scores):
+    """``search_rows`` over B indexes at once (index b's state tuple is ``states[which[b]]``): ``Q [B, R, d]``,
+    ``qp [B, R]``, ``top_level [B, H]``, ``fov`` and ``n_tok_cap`` ``[B]``, ``out_* [B, R, P]``. Every
+    (index, KV head) pair is one parallel work item, so a batch fills the cores even with one KV head."""
+    H = top_level.shape[1]
+    for item in prange(Q.shape[0] * H):
+        b = item // H
+        h = item - b * H
+        _search_head(states[which[b]], h, Q[b], qp[b], row_head, top_level[b, h], P, fov[b], prop, ntr, faithful,
+                     n_tok_cap[b], out_pages[b], out_scores[b])
 
 
 @njit(cache=True)

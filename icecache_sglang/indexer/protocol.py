@@ -156,6 +156,7 @@ class StatsResult(msgspec.Struct, tag=True):
     shared_entries: int  # entries whose index is shared with another sequence
     tokens: int  # indexed tokens summed over distinct indexes and layers
     index_bytes: int  # memory held by distinct indexes
+    state_slots: int  # indexes registered for batched search (equals ``indexes`` when nothing leaks)
     requests: int
     errors: int
     builds: int

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..index.paged_index import PagedDCIIndex
+from ..index.paged_index import PagedDCIIndex, StateList
 
 
 @dataclass
@@ -44,6 +44,12 @@ class SequenceTable:
     trim_rebuild_ratio: float = 0.25
     seqs: dict[int, dict[int, SharedIndex]] = field(default_factory=dict)
     counters: TableCounters = field(default_factory=TableCounters)
+    states: StateList = field(default_factory=StateList)  # live indexes' state tuples, for batched search
+
+    def _unref(self, entry: SharedIndex) -> None:
+        entry.refs -= 1
+        if entry.refs == 0:
+            self.states.drop(entry.index)
 
     # ------------------------------------------------------------------ reads
     def __contains__(self, seq: int) -> bool:
@@ -71,7 +77,7 @@ class SequenceTable:
         if entry is None:
             return None
         if entry.refs > 1:  # copy on write
-            entry.refs -= 1
+            self._unref(entry)
             entry = layers[layer] = SharedIndex(entry.index.copy())
             self.counters.copies += 1
         return entry.index
@@ -79,7 +85,7 @@ class SequenceTable:
     def _drop(self, seq: int, layer: int) -> None:
         entry = self.seqs.get(seq, {}).pop(layer, None)
         if entry is not None:
-            entry.refs -= 1
+            self._unref(entry)
 
     def build(self, seq: int, layer: int, keys: np.ndarray, slots: np.ndarray) -> int:
         """Index ``keys [H, n, d]`` (tokens at ``slots``) from scratch; replaces the layer's index."""
@@ -146,7 +152,7 @@ class SequenceTable:
         if layers is None:
             return False
         for entry in layers.values():
-            entry.refs -= 1
+            self._unref(entry)
         return True
 
     def reset(self) -> int:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ..index.config import QueryParams
-from ..index.paged_index import PagedDCIIndex
+from ..index.paged_index import PagedDCIIndex, query_batch
 from . import protocol as p
 from .config import IndexerConfig
 from .keystore import KeyStore
@@ -70,6 +70,7 @@ class IndexerService:
         idx.build(rng.standard_normal((self.H, 200, self.d)).astype(np.float32))
         idx.insert(rng.standard_normal((self.H, 3, self.d)).astype(np.float32))
         idx.query(rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4)
+        query_batch([idx, idx.copy()], rng.standard_normal((2, self.H * 2, self.d)).astype(np.float32), 4)
         idx.copy().delete(idx.live_ids()[-2:])
 
     # ------------------------------------------------------------------ checks
@@ -145,17 +146,17 @@ class IndexerService:
         P, H, C = op.n_pages, self.H, self.C
         pages = np.full((B, H, P), -1, np.int32)
         slots = np.full((B, H, P, C), -1, np.int32) if op.want_slots else None
-        n_tokens = []
         t0 = time.perf_counter()
-        for b, s in enumerate(op.seqs):
-            idx = self.table.get(s, op.layer)
-            n = idx.n_live if idx is not None else 0
-            n_tokens.append(n)
-            if n == 0:
-                continue
-            pages[b] = idx.query(q[b], P, params)
-            if slots is not None:
-                slots[b] = page_slots(idx, pages[b])
+        indexes = [self.table.get(s, op.layer) for s in op.seqs]
+        n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
+        live = [b for b in range(B) if n_tokens[b]]
+        if len(live) == 1:  # KV heads in parallel
+            pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params)
+        elif live:  # one numba call: every (sequence, KV head) pair in parallel
+            pages[live] = query_batch([indexes[b] for b in live], q[live], P, params, states=self.table.states)
+        if slots is not None:
+            for b in live:
+                slots[b] = page_slots(indexes[b], pages[b])
         dt = (time.perf_counter() - t0) * 1e6
         self.queries += 1
         self.query_rows += B
@@ -194,7 +195,7 @@ class IndexerService:
         return p.StatsResult(
             sequences=len(self.table.seqs), layer_entries=len(entries), indexes=len(distinct),
             shared_entries=sum(1 for e in entries if e.refs > 1), tokens=sum(e.index.n_live for e in distinct),
-            index_bytes=sum(e.index.nbytes() for e in distinct), requests=self.requests, errors=self.errors,
+            index_bytes=sum(e.index.nbytes() for e in distinct), state_slots=len(self.table.states), requests=self.requests, errors=self.errors,
             builds=c.builds, inserts=c.inserts, queries=self.queries, query_rows=self.query_rows, shares=c.shares,
             copies=c.copies, trims=c.trims, rebuilds=sum(e.index.rebuilds for e in distinct),
             query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)
