@@ -137,7 +137,9 @@ class IndexerService:
             raise _bad(f"expected exactly one array named 'q', got {sorted(arrays)}", "bad_array")
         if dtypes["q"] not in ("float32", "float16", "bfloat16"):
             raise _bad(f"q must be float32, float16 or bfloat16, got {dtypes['q']}", "bad_array")
-        q = p.as_float32(arrays["q"], dtypes["q"])
+        # an aligned, writable float32 copy: the frame may be unaligned and read-only, and numba would
+        # compile (and run) another specialization for that
+        q = np.array(p.as_float32(arrays["q"], dtypes["q"]), dtype=np.float32, order="C")
         if q.ndim != 3 or q.shape[0] != B or q.shape[2] != self.d or q.shape[1] == 0 or q.shape[1] % self.H:
             raise _bad(f"q must have shape [B={B}, H_q (a multiple of {self.H}), {self.d}], got {list(q.shape)}",
                        "bad_array")
