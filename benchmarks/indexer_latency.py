@@ -258,7 +258,7 @@ def main(argv=None) -> None:
     for r in records:
         r.update(ping_us=ping, ping_after_idle_us=ping_idle, **floor)
     path = write_records(args.name, args.quick, records)
-    plot(records, png_path(args.name, args.quick))
+    plot(json.loads(path.read_text()), png_path(args.name, args.quick))  # the records as written (with machine)
     print(f"wrote {path}")
 
 
