@@ -103,6 +103,9 @@ class Ledger:
         self._record(seq, layers, slots, rec.counts if rec is not None else {})
 
     def share(self, src: int, dst: int, prefix_len: int) -> None:
+        if src not in self.seqs or src == dst:
+            raise ValueError(f"cannot share sequence {src} with {dst}: " +
+                             ("it is the same sequence" if src == dst else "the source is unknown"))
         s = self.seqs[src]
         counts = {layer: min(prefix_len, c) for layer, c in s.counts.items() if min(prefix_len, c) > 0}
         self.seqs[dst] = _SeqRecord(_Slots(s.slots.view(max(counts.values(), default=0)).copy()), counts)
