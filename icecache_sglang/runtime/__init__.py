@@ -1,1 +1,2 @@
-"""SGLang-facing objects (memory pool, attention backend, radix cache). Not built yet: see issue 4."""
+"""SGLang-facing objects. Built: `config` (the validated `--icecache-config`). Planned (issue 4): memory
+pool, attention backend, radix cache, metrics."""

@@ -1,0 +1,112 @@
+"""``--icecache-config``: one JSON object, validated where it is read, with messages that name the problem.
+
+    --icecache-config '{"budget_tokens": 512, "page_size": 16, "sink_tokens": 32, "window_tokens": 64}'
+
+Every key is optional. Unknown keys, wrong types and budgets that leave no room for selected pages are
+refused with the reason, so a bad flag fails at launch, not at the first decode step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from ..index.config import MAX_PAGE_SIZE, IndexConfig, QueryParams
+
+#: the index parameters a user may set (the rest of IndexConfig is internal)
+INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth")
+QUERY_KEYS = ("fov", "prop_to_retrieve")
+
+
+class IceCacheConfigError(ValueError):
+    """A bad ``--icecache-config``; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class IceCacheConfig:
+    """budget_tokens: device KV tokens per request and KV head at decode: sink + window + selected pages.
+    page_size: tokens per page (C). sink_tokens / window_tokens: the first and the most recent tokens, always
+    attended and never indexed. dense_layers: the first layers keep full attention. layer_reuse: one
+    layer in every ``layer_reuse`` searches; the layers after it reuse its pages (1: every layer searches).
+    index / query: parameters of the paged DCI index and its search. selection_deadline_ms: how long a
+    decode step waits for the indexer before it falls back to the most recent pages. indexer_threads:
+    numba threads of each indexer process (None: all cores it may use)."""
+
+    budget_tokens: int = 256
+    page_size: int = 16
+    sink_tokens: int = 32
+    window_tokens: int = 32
+    dense_layers: int = 2
+    layer_reuse: int = 1
+    index: dict = field(default_factory=dict)
+    query: dict = field(default_factory=dict)
+    selection_deadline_ms: float = 500.0
+    indexer_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise IceCacheConfigError(f"{name} must be an integer, got {v!r}")
+        if not 2 <= self.page_size <= MAX_PAGE_SIZE:
+            raise IceCacheConfigError(f"page_size must be in [2, {MAX_PAGE_SIZE}], got {self.page_size}")
+        for name in ("sink_tokens", "window_tokens", "dense_layers"):
+            if getattr(self, name) < 0:
+                raise IceCacheConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.layer_reuse < 1:
+            raise IceCacheConfigError(f"layer_reuse must be >= 1 (1 turns it off), got {self.layer_reuse}")
+        room = self.budget_tokens - self.sink_tokens - self.window_tokens
+        if room < self.page_size:
+            raise IceCacheConfigError(
+                f"budget_tokens ({self.budget_tokens}) must exceed sink_tokens + window_tokens "
+                f"({self.sink_tokens} + {self.window_tokens}) by at least one page of page_size "
+                f"({self.page_size}) tokens, or no page is ever selected")
+        d = self.selection_deadline_ms
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or d <= 0:
+            raise IceCacheConfigError(f"selection_deadline_ms must be a positive number, got {d!r}")
+        t = self.indexer_threads
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
+            raise IceCacheConfigError(f"indexer_threads must be a positive integer or null, got {t!r}")
+        for name, allowed in (("index", INDEX_KEYS), ("query", QUERY_KEYS)):
+            sub = getattr(self, name)
+            if not isinstance(sub, dict):
+                raise IceCacheConfigError(f"{name} must be a JSON object, got {sub!r}")
+            unknown = sorted(set(sub) - set(allowed))
+            if unknown:
+                raise IceCacheConfigError(f"unknown {name} key(s) {unknown}; known: {list(allowed)}")
+        try:
+            self.index_config()
+            self.query_params()
+        except ValueError as e:
+            raise IceCacheConfigError(str(e)) from None
+
+    @property
+    def n_pages(self) -> int:
+        """Selected pages per KV head at each decode step."""
+        return (self.budget_tokens - self.sink_tokens - self.window_tokens) // self.page_size
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(page_size=self.page_size, **self.index)
+
+    def query_params(self) -> QueryParams:
+        return QueryParams(**self.query)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> IceCacheConfig:
+        if text is None or not text.strip():
+            return cls()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise IceCacheConfigError(f"--icecache-config is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise IceCacheConfigError(f"--icecache-config must be a JSON object, got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise IceCacheConfigError(f"unknown --icecache-config key(s) {unknown}; known: {known}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)

@@ -1,0 +1,39 @@
+"""``--icecache-config`` is validated where it is read; every refusal names the key and the reason."""
+
+import pytest
+
+from icecache_sglang.runtime.config import IceCacheConfig, IceCacheConfigError
+
+
+def test_defaults_and_round_trip():
+    cfg = IceCacheConfig.from_json(None)
+    assert cfg == IceCacheConfig() and cfg.n_pages == (256 - 32 - 32) // 16
+    custom = IceCacheConfig.from_json('{"budget_tokens": 1024, "page_size": 32, "window_tokens": 64, '
+                                      '"index": {"seed": 3}, "query": {"fov": 40}, "layer_reuse": 3}')
+    assert custom.n_pages == (1024 - 32 - 64) // 32
+    assert custom.index_config().seed == 3 and custom.index_config().page_size == 32
+    assert custom.query_params().fov == 40
+    assert IceCacheConfig.from_json(custom.to_json()) == custom
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"budget": 256}', "unknown --icecache-config key"),
+    ('{"budget_tokens": 64}', "budget_tokens (64) must exceed"),
+    ('{"budget_tokens": 256, "sink_tokens": 128, "window_tokens": 120}', "at least one page"),
+    ('{"page_size": 1}', "page_size"),
+    ('{"page_size": "16"}', "page_size must be an integer"),
+    ('{"window_tokens": -1}', "window_tokens must be >= 0"),
+    ('{"layer_reuse": 0}', "layer_reuse"),
+    ('{"selection_deadline_ms": 0}', "selection_deadline_ms"),
+    ('{"indexer_threads": 0}', "indexer_threads"),
+    ('{"index": {"page_size": 8}}', "unknown index key"),
+    ('{"index": {"p_up": 2.0}}', "p_up"),
+    ('{"query": {"prop_to_retrieve": 0}}', "prop_to_retrieve"),
+    ('{"dense_layers": true}', "dense_layers must be an integer"),
+])
+def test_bad_configs_are_refused_with_the_reason(text, words):
+    with pytest.raises(IceCacheConfigError) as e:
+        IceCacheConfig.from_json(text)
+    assert words in str(e.value)
