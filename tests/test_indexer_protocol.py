@@ -144,6 +144,12 @@ def test_config_refuses_what_cannot_work(tmp_path):
             IndexerConfig(**{**ok, **bad})
 
 
+def test_key_store_larger_than_free_space_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="GiB free"):
+        KeyStore.create(str(tmp_path), 1024, 1 << 30, 8, 128)  # 4 PiB
+    assert not list(tmp_path.iterdir())
+
+
 def test_private_dir_is_0700_and_stale_dirs_are_swept(tmp_path):
     d = PrivateDir.create(str(tmp_path))
     import os

@@ -73,6 +73,11 @@ class KeyStore:
                dtype: str = "float32", name: str = "keys") -> KeyStore:
         spec = KeyStoreSpec(os.path.join(directory, f"{name}.shm"), dtype, num_layers, num_slots, num_kv_heads,
                             head_dim)
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        if spec.nbytes > free:  # a sparse file would be created, then fail with SIGBUS when written
+            raise ValueError(f"the key store needs {spec.nbytes / 2**30:.2f} GiB but {directory} has "
+                             f"{free / 2**30:.2f} GiB free; lower the number of host slots or enlarge /dev/shm")
         fd = os.open(spec.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, spec.nbytes)
