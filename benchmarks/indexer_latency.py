@@ -34,7 +34,7 @@ from icecache_sglang.index.config import IndexConfig  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 from icecache_sglang.indexer import Indexer, KeyStore  # noqa: E402
 from icecache_sglang.indexer import protocol as p  # noqa: E402
-from icecache_sglang.indexer.service import IndexerService, page_slots  # noqa: E402
+from icecache_sglang.indexer.service import IndexerService  # noqa: E402
 
 GROUP, D, P, C = 4, 128, 12, 16  # Llama-3.1-8B: 32 query heads over 8 KV heads
 
@@ -141,7 +141,7 @@ def run_context(ix: Indexer, local: IndexerService, context: int, distinct: int,
             in_t.append(time.perf_counter() - t)
             t = time.perf_counter()
             for b, idx in enumerate(indexes):  # one sequence at a time, KV heads in parallel (no batching)
-                page_slots(idx, idx.query(qs[k][b], P))
+                idx.page_positions(idx.query(qs[k][b], P))
             loop_t.append(time.perf_counter() - t)
             t = time.perf_counter()
             s = c.query(0, seqs, qs[k], P, timeout_s=600)

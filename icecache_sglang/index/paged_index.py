@@ -17,7 +17,14 @@ from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .schedule import LevelSchedule
 from .search import merge_group_pages, search_batch, search_rows
-from .transform import augmented_parents, exact_parents, key_projection, make_projection, query_projection, squared_norms
+from .transform import (
+    augmented_parents,
+    exact_parents,
+    key_projection,
+    make_projection,
+    query_projection,
+    squared_norms,
+)
 
 
 def _as_float_array(name: str, x, ndim: int) -> np.ndarray:
@@ -111,7 +118,7 @@ class PagedDCIIndex:
                 a = getattr(self, f)
                 setattr(self, f, np.concatenate([a, np.full((self.H, extra[kind]) + tail, fill, dtype)], axis=1))
 
-    def copy(self) -> "PagedDCIIndex":
+    def copy(self) -> PagedDCIIndex:
         """An independent deep copy (copy-on-write sharing of one sequence's index by another)."""
         new = object.__new__(type(self))
         for k, v in self.__dict__.items():
@@ -248,7 +255,7 @@ class PagedDCIIndex:
 
     def _rebuild_with(self, K_new, V_new, pos_new) -> np.ndarray:
         live = np.flatnonzero(self.alive[: self.n_tokens])
-        K_old = np.stack([self._key(h, live) for h in range(self.H)])
+        K_old = self.keys_of(live)
         V_old = np.stack([self._val(h, live) for h in range(self.H)])
         pos = np.concatenate([self.positions[live], pos_new])
         new = np.arange(self.n_tokens, self.n_tokens + K_new.shape[1], dtype=np.int64)
@@ -276,6 +283,10 @@ class PagedDCIIndex:
     def _key(self, h: int, t) -> np.ndarray:
         """Head h's key row(s) of token id(s) ``t``, read from the pages."""
         return self.page_keys[h, self.tok_page[h, t], self.tok_slot[h, t]]
+
+    def keys_of(self, token_ids: np.ndarray) -> np.ndarray:
+        """Key rows of ``token_ids`` for every head -> ``[H, n, d]`` (read from the pages)."""
+        return np.stack([self._key(h, token_ids) for h in range(self.H)])
 
     def _val(self, h: int, t) -> np.ndarray:
         return self.page_vals[h, self.tok_page[h, t], self.tok_slot[h, t]]
@@ -388,6 +399,15 @@ class PagedDCIIndex:
         toks = self.page_tokens(h, pages)
         return self.positions[np.concatenate(toks)] if toks else np.empty(0, np.int64)
 
+    def page_positions(self, pages: np.ndarray) -> np.ndarray:
+        """Caller positions of the tokens of ``pages [H, P]`` in slot order -> ``[H, P, C]`` (-1 padded, also
+        for page -1)."""
+        pg = np.maximum(pages, 0)
+        heads = np.arange(pages.shape[0])[:, None]
+        tok = self.page_tok[heads, pg]
+        valid = (np.arange(self.C) < self.page_fill[heads, pg][..., None]) & (pages[..., None] >= 0)
+        return np.where(valid, self.positions[np.maximum(tok, 0)], -1)
+
     def dirty_pages(self, clear: bool = True) -> list[np.ndarray]:
         out = [np.flatnonzero(self.page_dirty[h]) for h in range(self.H)]
         if clear:
@@ -464,8 +484,9 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
         raise ValueError(f"queries must have one row block per index: {Q.shape[0]} vs {len(indexes)} indexes")
     first = indexes[0]
     H, d = first.H, first.d
-    for idx in indexes:
-        if (idx.H, idx.d, idx.dv, idx.cfg) != (H, d, first.dv, first.cfg) or idx.n_live == 0:
+    n_live = [idx.n_live for idx in indexes]
+    for idx, n in zip(indexes, n_live):
+        if (idx.H, idx.d, idx.dv, idx.cfg) != (H, d, first.dv, first.cfg) or n == 0:
             raise ValueError("query_batch needs non-empty indexes of one shape and configuration")
     if Q.shape[2] != d or Q.shape[1] % H:
         raise ValueError(f"queries must have shape [B, a multiple of {H}, {d}], got {list(Q.shape)}")
@@ -479,7 +500,7 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
     scores = np.empty((B, Q.shape[1], P), np.float32)
     search_batch(states.states, which, Q, qp, np.repeat(np.arange(H), group).astype(np.int32),
                  np.stack([idx.top_level() for idx in indexes]),
-                 P, np.array([params.fov_for(idx.n_live) for idx in indexes], np.int64),
+                 P, np.array([params.fov_for(n) for n in n_live], np.int64),
                  float(params.prop_to_retrieve), int(params.num_to_retrieve), first.cfg.faithful_proj_scale,
                  np.array([max(idx.n_tokens, 1) for idx in indexes], np.int64), rows, scores)
     return np.stack([merge_group_pages(rows[b], group, P) for b in range(B)])
@@ -528,4 +549,4 @@ def _insert_heads(S, tids, parents, K, V, a):
             pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a)
 
 
-__all__ = ["PagedDCIIndex", "IndexConfig", "QueryParams", "StateList", "query_batch"]
+__all__ = ["IndexConfig", "PagedDCIIndex", "QueryParams", "StateList", "query_batch"]

@@ -189,11 +189,11 @@ class IndexerClient:
     synchronous calls; ``is_alive`` (optional) tells a dead indexer from a slow one."""
 
     def __init__(self, endpoint: str, num_kv_heads: int, page_size: int, timeout_s: float = 5.0,
-                 is_alive=None, ledger: Ledger | None = None):
+                 is_alive=None):
         self.H, self.C = num_kv_heads, page_size
         self.timeout_s = timeout_s
         self.is_alive = is_alive
-        self.ledger = ledger if ledger is not None else Ledger()
+        self.ledger = Ledger()
         self.counters = ClientCounters()
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()

@@ -23,7 +23,7 @@ from ..index.config import IndexConfig
 from .client import IndexerClient
 from .config import IndexerConfig
 from .keystore import KeyStore, PrivateDir
-from .server import indexer_main, process_name
+from .server import indexer_main, process_name, unlink_endpoint
 
 logger = logging.getLogger("icecache.indexer")
 
@@ -87,7 +87,7 @@ class IndexerProcess:
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(5.0)
-        _unlink(self.config.endpoint[len("ipc://"):])
+        unlink_endpoint(self.config.endpoint)
 
 
 class Indexer:
@@ -152,10 +152,3 @@ class Indexer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

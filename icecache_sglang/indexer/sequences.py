@@ -141,9 +141,8 @@ class SequenceTable:
             self.counters.copies += 1
             return new
         head = live[:keep]
-        keys = np.stack([idx._key(h, head) for h in range(idx.H)])
         new = self.new_index()
-        new.build(keys, positions=idx.positions[head])
+        new.build(idx.keys_of(head), positions=idx.positions[head])
         self.counters.builds += 1
         return new
 

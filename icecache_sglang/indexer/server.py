@@ -95,7 +95,7 @@ def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        _unlink_socket(cfg.endpoint)
+        unlink_endpoint(cfg.endpoint)
         sock.bind(cfg.endpoint)
         ready_conn.send({"ok": True, "pid": os.getpid()})
         ready_conn.close()
@@ -114,7 +114,7 @@ def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
         if ctx is not None:
             ctx.term()
         if cfg is not None:
-            _unlink_socket(cfg.endpoint)
+            unlink_endpoint(cfg.endpoint)
             if os.getppid() != parent_pid:  # orphaned: nobody else will clean up
                 shutil.rmtree(cfg.private_dir, ignore_errors=True)
         if store is not None:
@@ -161,7 +161,7 @@ def _answer(service, body: list) -> tuple[list, bool]:
         return p.encode_error(req.id, "internal", f"{type(e).__name__}: {e}"), False
 
 
-def _unlink_socket(endpoint: str) -> None:
+def unlink_endpoint(endpoint: str) -> None:
     path = endpoint[len("ipc://"):]
     try:
         os.unlink(path)

@@ -158,7 +158,7 @@ class IndexerService:
             pages[live] = query_batch([indexes[b] for b in live], q[live], P, params, states=self.table.states)
         if slots is not None:
             for b in live:
-                slots[b] = page_slots(indexes[b], pages[b])
+                slots[b] = indexes[b].page_positions(pages[b])  # an index's positions are key-store slots
         dt = (time.perf_counter() - t0) * 1e6
         self.queries += 1
         self.query_rows += B
@@ -201,13 +201,3 @@ class IndexerService:
             builds=c.builds, inserts=c.inserts, queries=self.queries, query_rows=self.query_rows, shares=c.shares,
             copies=c.copies, trims=c.trims, rebuilds=sum(e.index.rebuilds for e in distinct),
             query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)
-
-
-def page_slots(idx: PagedDCIIndex, pages: np.ndarray) -> np.ndarray:
-    """Key-store slots of the tokens of ``pages [H, P]`` -> ``[H, P, C]`` (int32, -1 padded)."""
-    H, C = pages.shape[0], idx.C
-    pg = np.maximum(pages, 0)
-    heads = np.arange(H)[:, None]
-    tok = idx.page_tok[heads, pg]  # [H, P, C]
-    valid = (np.arange(C) < idx.page_fill[heads, pg][..., None]) & (pages[..., None] >= 0)
-    return np.where(valid, idx.positions[np.maximum(tok, 0)], -1).astype(np.int32)
