@@ -1,1 +1,31 @@
-"""Every hook into SGLang internals, installed as ``icecache_sglang.patches``. Not built yet: see issue 4."""
+"""Every hook into SGLang internals, installed as ``icecache_sglang.patches``.
+
+``register()`` is the ``sglang.srt.plugins`` entry point: SGLang calls it in the launcher before argument
+parsing and again in every spawned process. It only registers hooks (``HookRegistry``, applied by SGLang
+right after) and the ``icecache`` attention backend; registering twice is harmless. Without
+``--enable-icecache`` none of the hooks changes anything: a plain launch behaves like stock SGLang.
+
+| file | hooks |
+|---|---|
+| ``cli.py`` | ``--enable-icecache`` / ``--icecache-config`` on ``ServerArgs.add_cli_args``; validation and the backend choice on ``ServerArgs.from_cli_args``; the config travels to schedulers as an environment variable |
+| ``attention.py`` | the ``icecache`` entry in SGLang's attention-backend registry |
+| ``allocator.py`` | KV-slot free / clear events from SGLang's token allocators (radix eviction, ``flush_cache``) |
+| ``metrics.py`` | ``GET /icecache/stats`` and the IceCache lines of ``/metrics`` on SGLang's HTTP server |
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from . import allocator, attention, cli, metrics
+
+    cli.install()
+    attention.install()
+    allocator.install()
+    metrics.install()

@@ -304,6 +304,11 @@ class IndexerClient:
         self._acks.add(rid)
         return rid
 
+    def pending_writes(self) -> int:
+        """Fire-and-forget requests not acknowledged yet (after collecting what has arrived)."""
+        self.poll()
+        return len(self._acks)
+
     def sync(self, timeout_s: float | None = None) -> None:
         """Wait until every fire-and-forget request is acknowledged; raise the first error among them."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s

@@ -169,6 +169,7 @@ class StatsResult(msgspec.Struct, tag=True):
     rebuilds: int  # index-internal growth rebuilds
     query_us_total: float
     busy_us_total: float
+    indexed_tokens: int = 0  # tokens received by Build/Insert, summed over layers (shares index nothing)
 
 
 Result = Pong | Done | QueryResult | StatsResult

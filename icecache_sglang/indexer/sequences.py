@@ -34,6 +34,7 @@ class TableCounters:
     shares: int = 0
     copies: int = 0
     trims: int = 0
+    indexed_tokens: int = 0  # tokens received by build/insert, summed over layers (not shares or rebuilds)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class SequenceTable:
         self._drop(seq, layer)
         layers = self.seqs.setdefault(seq, {})
         self.counters.builds += 1
+        self.counters.indexed_tokens += keys.shape[1]
         if keys.shape[1] == 0:
             return 0
         idx = self.new_index()
@@ -104,6 +106,7 @@ class SequenceTable:
         if idx is None:
             return self.build(seq, layer, keys, slots)
         self.counters.inserts += 1
+        self.counters.indexed_tokens += keys.shape[1]
         if keys.shape[1]:
             idx.insert(keys, positions=slots)
         return idx.n_live

@@ -200,4 +200,5 @@ class IndexerService:
             index_bytes=sum(e.index.nbytes() for e in distinct), state_slots=len(self.table.states), requests=self.requests, errors=self.errors,
             builds=c.builds, inserts=c.inserts, queries=self.queries, query_rows=self.query_rows, shares=c.shares,
             copies=c.copies, trims=c.trims, rebuilds=sum(e.index.rebuilds for e in distinct),
+            indexed_tokens=c.indexed_tokens,
             query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..index.config import MAX_PAGE_SIZE, IndexConfig, QueryParams
@@ -17,6 +18,10 @@ from ..index.config import MAX_PAGE_SIZE, IndexConfig, QueryParams
 #: the index parameters a user may set (the rest of IndexConfig is internal)
 INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
+
+
+#: how the launcher hands the validated configuration to SGLang's spawned scheduler processes
+ENV_VAR = "SGLANG_ICECACHE_CONFIG"
 
 
 class IceCacheConfigError(ValueError):
@@ -110,3 +115,9 @@ class IceCacheConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_env(cls) -> IceCacheConfig | None:
+        """The configuration the launcher exported, or None when IceCache is off."""
+        text = os.environ.get(ENV_VAR)
+        return None if text is None else cls.from_json(text)

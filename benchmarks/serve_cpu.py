@@ -1,0 +1,150 @@
+"""Dense SGLang vs SGLang with --enable-icecache, through real servers on CPU.
+
+For each mode (``dense``: stock torch_native attention; ``icecache``: the plugin at a 256-token budget) one
+server is started; for each context length one streamed ``/generate`` request (exact token ids) measures
+time to first token and time per output token. KV figures per request:
+
+- ``device_kv_bytes``: KV bytes decode attention reads per step, all layers (what must sit on the
+  accelerator): the whole context for dense, sink + window + selected pages for IceCache (from the server's
+  ``/icecache/stats``, the largest step of the request).
+- ``host_kv_bytes``: KV bytes kept in host memory for the request: nothing for dense (all on the device),
+  the full context for IceCache.
+
+    python benchmarks/serve_cpu.py            # tiny random Llama at 4k/16k/32k + SmolLM2 at 1k/2k/4k
+    python benchmarks/serve_cpu.py --quick    # tiny at 4k/16k, under 5 minutes
+    python benchmarks/serve_cpu.py --replot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, png_path, write_records
+
+from icecache_sglang.launch import ServerProcess
+from icecache_sglang.models.fetch import ensure_model, essays_text
+from icecache_sglang.models.tiny import ensure_tiny_model
+
+NAME = "serve_cpu"
+BUDGET = 256
+
+
+def streamed(srv: ServerProcess, ids: list[int], max_new: int) -> dict:
+    payload = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
+                                                                      "ignore_eos": True}}
+    req = urllib.request.Request(srv.url + "/generate", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    times, last = [], None
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            times.append(time.perf_counter())
+            last = json.loads(line[5:])
+    n_out = last["meta_info"]["completion_tokens"]
+    ttft = times[0] - t0
+    tpot = (times[-1] - times[0]) / max(len(times) - 1, 1) if n_out > 1 else float("nan")
+    return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": n_out, "prompt_tokens": last["meta_info"]["prompt_tokens"]}
+
+
+def prompt_ids(model: str, path: Path, n: int, seed: int) -> list[int]:
+    if model == "tiny-llama":
+        return random.Random(seed).choices(range(100, 40000), k=n)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(essays_text())["input_ids"]
+    return ids[seed * 7: seed * 7 + n]
+
+
+def kv_token_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of one token's K+V in one layer, layers), float32."""
+    cfg = json.loads((path / "config.json").read_text())
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_key_value_heads"] * hd * 4, cfg["num_hidden_layers"]
+
+
+def run_model(model: str, path: Path, contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
+    per_token, layers = kv_token_bytes(path)
+    records = []
+    for mode in ("dense", "icecache"):
+        args = [] if mode == "dense" else ["--enable-icecache", "--icecache-config",
+                                            json.dumps({"budget_tokens": BUDGET})]
+        with ServerProcess(path, args, log_path=log_dir / f"{NAME}-{model}-{mode}.log") as srv:
+            streamed(srv, prompt_ids(model, path, 64, 1), 4)  # warm-up
+            for ctx in contexts:
+                res = streamed(srv, prompt_ids(model, path, ctx, ctx % 97), max_new)
+                full = res["prompt_tokens"] * per_token * layers
+                if mode == "icecache":
+                    st = srv.icecache_stats()
+                    device, host = st["device_kv_bytes_last"], full
+                else:
+                    device, host = full, 0
+                rec = {"mode": mode, "model": model, "context": ctx, **res, "device_kv_bytes": device,
+                       "host_kv_bytes": host, "budget_tokens": BUDGET if mode == "icecache" else None}
+                print(json.dumps(rec), flush=True)
+                records.append(rec)
+    return records
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(len(models), 3, figsize=(14, 3.8 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, (key, label, scale) in enumerate([("ttft_s", "time to first token (s)", 1),
+                                                 ("tpot_s", "time per output token (ms)", 1e3),
+                                                 ("device_kv_bytes", "device KV per request (MiB)", 2**-20)]):
+            ax = axes[i][j]
+            for mode in ("dense", "icecache"):
+                rs = sorted((r for r in records if r["model"] == model and r["mode"] == mode), key=lambda r: r["context"])
+                ax.plot([r["context"] for r in rs], [r[key] * scale for r in rs], "o-", label=mode)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_title(f"{model}: {label}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max-new", type=int, default=32)
+    ap.add_argument("--replot", action="store_true")
+    ap.add_argument("--log-dir", default="/tmp")
+    args = ap.parse_args(argv)
+    if args.replot:
+        for q in (False, True):
+            p = RESULTS / f"{NAME}{'_quick' if q else ''}.json"
+            if p.exists():
+                plot(json.loads(p.read_text()), png_path(NAME, q))
+        return
+    log_dir = Path(args.log_dir)
+    plan = [("tiny-llama", ensure_tiny_model(), [4096, 16384] if args.quick else [4096, 16384, 32768])]
+    if not args.quick:
+        plan.append(("smollm2-135m-instruct", ensure_model("smollm2-135m-instruct"), [1024, 2048, 4096]))
+    records = []
+    for model, path, contexts in plan:
+        records += run_model(model, path, contexts, args.max_new, log_dir)
+    out = write_records(NAME, args.quick, records)
+    plot(records, png_path(NAME, args.quick))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

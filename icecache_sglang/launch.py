@@ -1,0 +1,175 @@
+"""Start ``python -m sglang.launch_server`` as a child process and wait until it serves (tests, benchmarks,
+examples, the main job), with the environment SGLang needs on a machine without a GPU.
+
+    python -m icecache_sglang.launch --model-path M --enable-icecache ...   # same flags as sglang.launch_server
+
+On a CUDA machine nothing is added; without one, ``SGLANG_USE_CPU_ENGINE=1`` and the torch_native path are
+set (docs/cpu.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def server_env(base: dict | None = None, cpu: bool | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    env["PYTHONSAFEPATH"] = "1"  # the repository's kernels/ folder must not shadow PyPI's `kernels`
+    if cpu if cpu is not None else not has_cuda():
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_server_args(max_total_tokens: int = 70000) -> list[str]:
+    """Flags a small CPU machine needs (sglang-integration.md section 6)."""
+    return ["--max-total-tokens", str(max_total_tokens), "--sleep-on-idle", "--dtype", "float32",
+            "--chunked-prefill-size", "8192", "--max-prefill-tokens", "16384"]
+
+
+class ServerProcess:
+    """One SGLang server. ``args``: extra launch flags. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, model_path: str | Path, args: list[str] = (), port: int | None = None,
+                 log_path: str | Path | None = None, cpu: bool | None = None, env: dict | None = None):
+        self.model_path = str(model_path)
+        self.cpu = (not has_cuda()) if cpu is None else cpu
+        self.port = port or free_port()
+        self.args = list(args)
+        self.log_path = Path(log_path) if log_path else None
+        self.env = server_env(env, self.cpu)
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.cpu:
+            cmd += cpu_server_args()
+            if "--enable-icecache" not in self.args and "--attention-backend" not in self.args:
+                cmd += ["--attention-backend", "torch_native"]
+        return cmd + self.args
+
+    def start(self, timeout_s: float = 900.0) -> ServerProcess:
+        out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log = out if self.log_path else None
+        self.proc = subprocess.Popen(self.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"SGLang server exited with {self.proc.returncode} during start-up"
+                                   + (f"; log: {self.log_path}\n{self.tail()}" if self.log_path else ""))
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"SGLang server not ready after {timeout_s:.0f} s")
+
+    def tail(self, n: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        self.proc = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ small client helpers
+    def post(self, path: str, payload: dict, timeout_s: float = 600.0) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            body = r.read()
+        try:
+            return json.loads(body or b"{}")
+        except ValueError:
+            return {"text": body.decode(errors="replace")}
+
+    def get(self, path: str, timeout_s: float = 30.0) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as r:
+            body = r.read()
+        try:
+            return json.loads(body)
+        except ValueError:
+            return {"text": body.decode(errors="replace")}
+
+    def generate(self, text=None, max_new_tokens: int = 16, input_ids=None, **sampling) -> dict:
+        payload = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, **sampling}}
+        if input_ids is not None:
+            payload["input_ids"] = input_ids
+        else:
+            payload["text"] = text
+        return self.post("/generate", payload)
+
+    def icecache_stats(self, rank: int = 0, wait_s: float = 1.2) -> dict:
+        """The rank's IceCache snapshot; waits ``wait_s`` first so it reflects what just happened."""
+        time.sleep(wait_s)
+        return self.get("/icecache/stats")["ranks"].get(str(rank), {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = server_env()
+    cmd = [sys.executable, "-m", "sglang.launch_server", *argv]
+    if env.get("SGLANG_USE_CPU_ENGINE") == "1" and "--attention-backend" not in argv \
+            and "--enable-icecache" not in argv:
+        cmd += ["--attention-backend", "torch_native"]
+    os.execve(sys.executable, cmd, env)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""The interface of a sparse decode attention path."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DecodePlan:
+    """The KV slots each (request, KV head) attends at one decode step: ``slots [B, H_kv, T]`` (int64,
+    padding entries hold any valid slot) and ``valid [B, H_kv, T]`` (bool). A GQA group's query heads share
+    their KV head's row. Built once per step (sink + selected pages + recent tokens) and reused by every
+    layer that shares the selection."""
+
+    slots: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def tokens_per_head(self) -> torch.Tensor:
+        """Attended tokens per (request, KV head): ``[B, H_kv]``."""
+        return self.valid.sum(-1)
+
+
+class SparseDecodeAttention(ABC):
+    """Decode attention of one layer over a :class:`DecodePlan`."""
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan,
+               scale: float) -> torch.Tensor:
+        """``q [B, H_q, d]``, ``k_cache [S, H_kv, d]``, ``v_cache [S, H_kv, d_v]`` (the layer's whole pool);
+        returns ``[B, H_q, d_v]`` in ``q``'s dtype."""

@@ -1,0 +1,96 @@
+"""``--enable-icecache`` and ``--icecache-config`` on SGLang's command line, validated at launch.
+
+``from_cli_args`` copies only declared ``ServerArgs`` fields, so the validated configuration travels to
+SGLang's spawned scheduler processes in the environment variable ``SGLANG_ICECACHE_CONFIG`` (children
+inherit the launcher's environment). The same hook selects the ``icecache`` attention backend. A bad flag
+stops the launch with ``sglang: error: ...`` and exit status 2, like any argparse error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from icecache_sglang.runtime.config import ENV_VAR, IceCacheConfig, IceCacheConfigError
+
+from .attention import BACKEND_NAME
+
+SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+#: attention backends --enable-icecache accepts beside itself (its decode path runs in torch on them)
+COMPATIBLE_BACKENDS = (None, "torch_native", BACKEND_NAME)
+
+
+def _add_cli_args(result, parser, *args, **kwargs):
+    if any("--enable-icecache" in a.option_strings for a in parser._actions):
+        return result
+    group = parser.add_argument_group("IceCache (icecache-sglang)")
+    group.add_argument("--enable-icecache", action="store_true",
+                       help="Keep the full KV cache in host memory and decode over sink + recent window + the "
+                            "pages an M-DCI index selects per KV head (IceCache).")
+    group.add_argument("--icecache-config", type=str, default=None,
+                       help="IceCache settings as one JSON object, e.g. '{\"budget_tokens\": 512}'. Keys: "
+                            "budget_tokens, page_size, sink_tokens, window_tokens, dense_layers, layer_reuse, "
+                            "index, query, selection_deadline_ms, indexer_threads.")
+    return result
+
+
+def unsupported_options(args) -> list[str]:
+    """Why these server arguments cannot run with IceCache (empty when they can)."""
+    problems = []
+    get = lambda name, default=None: getattr(args, name, default)
+    if get("speculative_algorithm"):
+        problems.append(f"speculative decoding (--speculative-algorithm {get('speculative_algorithm')}) is not "
+                        "supported with --enable-icecache")
+    if (get("pp_size") or 1) > 1:
+        problems.append("pipeline parallelism (--pp-size > 1) is not supported with --enable-icecache")
+    for flag in ("enable_hierarchical_cache", "enable_hisparse", "enable_lmcache", "enable_flexkv"):
+        if get(flag):
+            problems.append(f"--{flag.replace('_', '-')} manages the KV cache itself and cannot be combined with "
+                            "--enable-icecache")
+    kv = str(get("kv_cache_dtype") or "auto")
+    if kv not in ("auto", "float32", "float16", "bfloat16", "bf16", "fp16"):
+        problems.append(f"--kv-cache-dtype {kv}: IceCache indexes float32/float16/bfloat16 keys")
+    backend = get("attention_backend")
+    if backend not in COMPATIBLE_BACKENDS:
+        problems.append(f"--attention-backend {backend}: IceCache runs its own attention backend "
+                        f"({BACKEND_NAME}); leave the flag out or use torch_native")
+    for flag in ("prefill_attention_backend", "decode_attention_backend"):
+        if get(flag) not in COMPATIBLE_BACKENDS:
+            problems.append(f"--{flag.replace('_', '-')} {get(flag)} cannot be combined with --enable-icecache")
+    if get("is_embedding"):
+        problems.append("embedding models do not decode; --enable-icecache does not apply")
+    return problems
+
+
+def _fail(message: str):
+    print(f"sglang: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _from_cli_args(original, cls, args, *rest, **kwargs):
+    enabled = bool(getattr(args, "enable_icecache", False))
+    text = getattr(args, "icecache_config", None)
+    if not enabled:
+        if text:
+            _fail("--icecache-config is given but --enable-icecache is not")
+        os.environ.pop(ENV_VAR, None)
+        return original(cls, args, *rest, **kwargs)
+    try:
+        cfg = IceCacheConfig.from_json(text)
+    except IceCacheConfigError as e:
+        _fail(f"--icecache-config: {e}")
+    problems = unsupported_options(args)
+    if problems:
+        _fail("; ".join(problems))
+    server_args = original(cls, args, *rest, **kwargs)
+    server_args.attention_backend = BACKEND_NAME
+    os.environ[ENV_VAR] = cfg.to_json()
+    os.environ["ICECACHE_SERVER_PORT"] = str(getattr(args, "port", 0))
+    return server_args
+
+
+def install() -> None:
+    HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", _add_cli_args, HookType.AFTER)
+    HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", _from_cli_args, HookType.AROUND)

@@ -1,0 +1,82 @@
+"""--enable-icecache / --icecache-config on SGLang's real argument parser (through the plugin entry point),
+and a real launch that fails with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sglang", reason="the server tests need the 'server' set-up (scripts/setup.sh)")
+
+from icecache_sglang.launch import server_env
+from icecache_sglang.runtime.config import ENV_VAR, IceCacheConfig
+
+
+@pytest.fixture(scope="module")
+def parse(tmp_path_factory):
+    """prepare_server_args with the plugin loaded, as `python -m sglang.launch_server` does."""
+    os.environ.update({k: v for k, v in server_env().items() if k == "SGLANG_USE_CPU_ENGINE"})
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    model = tmp_path_factory.mktemp("model")
+    (model / "config.json").write_text("{}")
+
+    def run(*argv):
+        return prepare_server_args(["--model-path", str(model), *argv])
+
+    yield run
+    os.environ.pop(ENV_VAR, None)
+
+
+def fails(parse, capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_plain_launch_is_untouched(parse):
+    args = parse()
+    assert args.attention_backend is None
+    assert ENV_VAR not in os.environ
+
+
+def test_enable_icecache_selects_backend_and_exports_config(parse):
+    cfg = {"budget_tokens": 512, "window_tokens": 64}
+    args = parse("--enable-icecache", "--icecache-config", json.dumps(cfg))
+    assert args.attention_backend == "icecache"
+    got = IceCacheConfig.from_json(os.environ[ENV_VAR])
+    assert (got.budget_tokens, got.window_tokens) == (512, 64)
+    parse()  # a later plain launch in the same process forgets it
+    assert ENV_VAR not in os.environ
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--enable-icecache", "--icecache-config", '{"budget_tokens": 40}'], "budget_tokens (40) must exceed"),
+    (["--enable-icecache", "--icecache-config", '{"budget": 512}'], "unknown --icecache-config key(s) ['budget']"),
+    (["--enable-icecache", "--icecache-config", "{not json"], "not valid JSON"),
+    (["--icecache-config", "{}"], "--enable-icecache is not"),
+    (["--enable-icecache", "--speculative-algorithm", "EAGLE"], "speculative decoding"),
+    (["--enable-icecache", "--attention-backend", "triton"], "--attention-backend triton"),
+    (["--enable-icecache", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
+    (["--enable-icecache", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
+])
+def test_bad_flags_fail_with_the_reason(parse, capsys, argv, needle):
+    err = fails(parse, capsys, *argv)
+    assert err.startswith("sglang: error: ")
+    assert needle in err
+
+
+def test_real_launch_with_a_bad_flag_exits_at_once_with_the_reason(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path), "--enable-icecache",
+           "--icecache-config", '{"budget_tokens": 64, "sink_tokens": 32, "window_tokens": 32}']
+    p = subprocess.run(cmd, env=server_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 2
+    assert "sglang: error: --icecache-config: budget_tokens (64) must exceed" in p.stderr
