@@ -19,7 +19,7 @@ from icecache_sglang.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.slow
 
-tiny_ice = server_fixture("tiny_ice", ensure_tiny_model, icecache_args(TINY_ICE))
+tiny_ice = server_fixture("tiny_ice", ensure_tiny_model, icecache_args(TINY_ICE, "--enable-metrics"))
 
 TOKEN_BYTES = 2 * (32 + 32) * 4  # tiny model: 2 KV heads, head_dim 32, K and V, float32
 LAYERS = 4
@@ -188,7 +188,14 @@ def test_indexer_killed_mid_decode_is_survived_and_restarted(tiny_ice):
     assert "IceCache indexer (rank 0) is dead: restarting" in log
 
 
-def test_stats_endpoint_is_json(tiny_ice):
+def test_stats_endpoint_metrics_and_log_line(tiny_ice):
     data = tiny_ice.get("/icecache/stats")
     assert data["enabled"] is True
     json.dumps(data)
+    st = data["ranks"]["0"]
+    text = tiny_ice.get("/metrics")["text"]
+    assert 'sglang:icecache_sparse_rows{tp_rank="0"}' in text
+    assert "sglang:icecache_device_kv_bytes_last" in text and "sglang:icecache_fallbacks" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith('sglang:icecache_sparse_rows{'))
+    assert float(line.split()[-1]) > 0 and st["sparse_rows"] > 0
+    assert "IceCache: sparse-req" in tiny_ice.log_path.read_text(errors="replace")

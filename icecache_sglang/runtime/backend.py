@@ -41,7 +41,7 @@ from ..indexer.launcher import Indexer
 from . import events
 from .attention import DecodePlan, SparseDecodeAttention, TorchSparseDecode
 from .config import IceCacheConfig, IceCacheConfigError
-from .metrics import IceCacheMetrics, write_snapshot
+from .metrics import IceCacheMetrics, PrometheusExport, write_snapshot
 from .sequences import SequenceTracker
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ KEY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 SNAPSHOT_EVERY_S = 0.5
+LOG_EVERY_STEPS = 40
 #: how long indexing one token of one KV head of one layer may take before a decode step stops waiting for
 #: it (a 128k-token build of 8 heads takes ~14 s on 2 cores: ~14 us per token-head; twice that, here)
 BUILD_S_PER_TOKEN_HEAD = 30e-6
@@ -123,6 +124,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.attention = attention or TorchSparseDecode()
         self.query_params = cfg.query_params()
         self.metrics = IceCacheMetrics(rank=rank)
+        self.prometheus = PrometheusExport(rank)
         elem = pool.dtype.itemsize
         self.metrics.host_kv_bytes = self.num_slots * self.num_layers * self.H * (self.d + self.v_d) * elem
         self.metrics.key_store_bytes = self.indexer.store.spec.nbytes if hasattr(self.indexer.store.spec, "nbytes") \
@@ -330,6 +332,9 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
             worst = max(worst, toks)
         m.device_kv_bytes_last = worst * self._token_kv_bytes
         m.device_kv_bytes_max = max(m.device_kv_bytes_max, m.device_kv_bytes_last)
+        if m.decode_steps % LOG_EVERY_STEPS == 0:  # beside SGLang's "Decode batch" line, same cadence
+            m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
+            logger.info(m.log_line())
 
     def _publisher(self) -> None:
         """Refresh the rank's snapshot every SNAPSHOT_EVERY_S (a daemon thread: the scheduler never waits)."""
@@ -348,7 +353,9 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         extra = {"tracker": self.tracker.summary(), "indexer_pid": self.indexer.process.pid,
                  "indexer": self._indexer_stats()}
         write_snapshot(m, extra)
-        return m.snapshot() | extra
+        snap = m.snapshot()
+        self.prometheus.update(snap)
+        return snap | extra
 
     def _indexer_stats(self) -> dict | None:
         """The indexer's own counters, over a socket of the publisher thread (the scheduler's client is not

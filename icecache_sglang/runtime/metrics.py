@@ -66,3 +66,47 @@ def write_snapshot(metrics: IceCacheMetrics, extra: dict | None = None) -> Path:
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
     return path
+
+
+#: the snapshot fields exported to Prometheus as ``sglang:icecache_<name>`` (gauges, one per TP rank)
+PROMETHEUS_FIELDS = {
+    "decode_steps": "decode forward passes with at least one sparse request",
+    "sparse_rows": "request-steps decoded over sink + selected pages + recent tokens",
+    "dense_rows": "request-steps decoded densely (requests within the budget)",
+    "selection_s_total": "seconds spent waiting for page selections",
+    "selection_s_last": "seconds spent waiting for page selections in the last step",
+    "pages_per_step_last": "pages selected per request, KV head and anchor layer in the last step",
+    "fallbacks": "selections the indexer did not answer in time (most recent pages used)",
+    "indexer_restarts": "indexer processes restarted after dying",
+    "device_kv_bytes_last": "KV bytes decode attention read for the largest request of the last step",
+    "device_kv_bytes_max": "largest device_kv_bytes_last so far",
+    "host_kv_bytes": "bytes of this rank's full KV pool",
+    "indexed_tokens": "tokens sent to the indexer",
+    "shared_tokens": "tokens reused from cached prefixes' indexes",
+    "live_seqs": "running requests with an index",
+    "retained_seqs": "indexes kept for radix-cache prefixes",
+}
+
+
+class PrometheusExport:
+    """Gauges in SGLang's Prometheus multiprocess directory (present with ``--enable-metrics``), so the
+    figures appear in ``/metrics`` beside SGLang's own."""
+
+    def __init__(self, rank: int):
+        self.gauges = None
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return
+        try:
+            from prometheus_client import Gauge
+        except ImportError:
+            return
+        self.rank = str(rank)
+        self.gauges = {name: Gauge(f"sglang:icecache_{name}", doc, labelnames=["tp_rank"],
+                                   multiprocess_mode="mostrecent")
+                       for name, doc in PROMETHEUS_FIELDS.items()}
+
+    def update(self, snapshot: dict) -> None:
+        if self.gauges is None:
+            return
+        for name, g in self.gauges.items():
+            g.labels(tp_rank=self.rank).set(float(snapshot.get(name) or 0))
