@@ -73,12 +73,18 @@ def kv_token_bytes(path: Path) -> tuple[int, int]:
     return 2 * cfg["num_key_value_heads"] * hd * 4, cfg["num_hidden_layers"]
 
 
+def icecache_config(layers: int) -> dict:
+    """The defaults at a 256-token budget; the paper's 2 dense layers only where they are a small share of
+    the model (a 4-layer model keeps none, or half its KV would stay dense and grow with the context)."""
+    return {"budget_tokens": BUDGET, "dense_layers": 2 if layers >= 16 else 0}
+
+
 def run_model(model: str, path: Path, contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
     per_token, layers = kv_token_bytes(path)
     records = []
     for mode in ("dense", "icecache"):
-        args = [] if mode == "dense" else ["--enable-icecache", "--icecache-config",
-                                            json.dumps({"budget_tokens": BUDGET})]
+        cfg = icecache_config(layers)
+        args = [] if mode == "dense" else ["--enable-icecache", "--icecache-config", json.dumps(cfg)]
         with ServerProcess(path, args, log_path=log_dir / f"{NAME}-{model}-{mode}.log") as srv:
             streamed(srv, prompt_ids(model, path, 64, 1), 4)  # warm-up
             for ctx in contexts:
@@ -90,7 +96,7 @@ def run_model(model: str, path: Path, contexts: list[int], max_new: int, log_dir
                 else:
                     device, host = full, 0
                 rec = {"mode": mode, "model": model, "context": ctx, **res, "device_kv_bytes": device,
-                       "host_kv_bytes": host, "budget_tokens": BUDGET if mode == "icecache" else None}
+                       "host_kv_bytes": host, "icecache_config": cfg if mode == "icecache" else None}
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
     return records

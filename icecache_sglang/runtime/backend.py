@@ -64,6 +64,7 @@ class _Step:
     lens: np.ndarray  # sequence length per batch entry (including the token being decoded)
     sparse: np.ndarray  # batch entries decoded sparsely
     seqs: list[int]
+    fixed: list[tuple[np.ndarray, np.ndarray]]  # per batch entry: (slots before, slots after) the selected pages
     plans: dict[int, DecodePlan] = field(default_factory=dict)  # anchor layer -> plan
     selection_s: float = 0.0
     pages: int = 0
@@ -201,7 +202,8 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         if sparse:
             self._await_writes()
             sp = np.asarray(sparse)
-            self._step = _Step(rows, lens, sp, [self.tracker.seq_of(int(rows[b])) for b in sp])
+            self._step = _Step(rows, lens, sp, [self.tracker.seq_of(int(rows[b])) for b in sp],
+                               self._fixed_slots(rows, lens, set(sparse)))
             self.metrics.sparse_rows += len(sp)
         self.metrics.dense_rows += len(rows) - len(sparse)
 
@@ -288,27 +290,35 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         step.pages += int((sel.slots[..., 0] >= 0).sum())
         return sel
 
-    def _plan(self, step: _Step, anchor: int, q3: torch.Tensor) -> DecodePlan:
-        sel = self._select(step, anchor, q3)
+    def _fixed_slots(self, rows, lens, sparse: set[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The part of each request's plan that every anchor layer of the step shares: the sink and the
+        unindexed tail around the selected pages (sparse requests), or every token (requests within the
+        budget)."""
         table = self.req_to_token_pool.req_to_token
-        B, H, sink = len(step.rows), self.H, self.cfg.sink_tokens
-        parts: list[np.ndarray] = []  # per batch entry: [H, T_b] slots, -1 = padding
-        where = {int(b): j for j, b in enumerate(step.sparse)}
-        for b in range(B):
-            row, n = int(step.rows[b]), int(step.lens[b])
-            row_slots = table[row, :n].cpu().numpy().astype(np.int64)
-            j = where.get(b)
-            if j is None:
-                parts.append(np.broadcast_to(row_slots, (H, n)))
-                continue
-            end = self.tracker.indexed_end(row)
-            picked = sel.slots[j].reshape(H, -1).astype(np.int64)
-            parts.append(np.concatenate([np.broadcast_to(row_slots[:sink], (H, sink)), picked,
-                                         np.broadcast_to(row_slots[end:], (H, n - end))], axis=1))
-        T = max(p.shape[1] for p in parts)
-        slots = np.full((B, H, T), -1, np.int64)
-        for b, p in enumerate(parts):
-            slots[b, :, : p.shape[1]] = p
+        sink = self.cfg.sink_tokens
+        out = []
+        for b, (row, n) in enumerate(zip(rows, lens)):
+            row_slots = table[int(row), : int(n)].cpu().numpy().astype(np.int64)
+            if b in sparse:
+                out.append((row_slots[:sink], row_slots[self.tracker.indexed_end(int(row)):]))
+            else:
+                out.append((row_slots, row_slots[:0]))
+        return out
+
+    def _plan(self, step: _Step, anchor: int, q3: torch.Tensor) -> DecodePlan:
+        """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
+        sel = self._select(step, anchor, q3)
+        B, H = len(step.rows), self.H
+        picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
+        width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(step.fixed)]
+        slots = np.full((B, H, max(width)), -1, np.int64)
+        for b, (before, after) in enumerate(step.fixed):
+            slots[b, :, : len(before)] = before
+            at = len(before)
+            if b in picked:
+                slots[b, :, at: at + picked[b].shape[1]] = picked[b]
+                at += picked[b].shape[1]
+            slots[b, :, at: at + len(after)] = after
         valid = slots >= 0
         slots[~valid] = 0
         dev = self.token_to_kv_pool.get_key_buffer(anchor).device
