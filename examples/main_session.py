@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 
 from icecache_sglang.launch import ServerProcess
@@ -22,7 +24,7 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--chars", type=int, default=6000, help="length of the document (characters)")
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--log", default="icecache-server.log")
+    ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "icecache-server.log"))
     args = ap.parse_args()
 
     import openai

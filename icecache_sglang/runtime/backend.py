@@ -128,8 +128,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.prometheus = PrometheusExport(rank)
         elem = pool.dtype.itemsize
         self.metrics.host_kv_bytes = self.num_slots * self.num_layers * self.H * (self.d + self.v_d) * elem
-        self.metrics.key_store_bytes = self.indexer.store.spec.nbytes if hasattr(self.indexer.store.spec, "nbytes") \
-            else len(self.anchors) * self.num_slots * self.H * self.d * elem
+        self.metrics.key_store_bytes = self.indexer.store.keys.nbytes
         self._token_kv_bytes = self.H * (self.d + self.v_d) * elem  # one token, one layer
         self._restarts: deque[float] = deque()
         self._step: _Step | None = None
