@@ -7,7 +7,21 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 HTTP = "sglang.srt.entrypoints.http_server"
 
 
+def _alive(pid) -> bool:
+    import os
+
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_stats(port: int) -> dict:
+    """Snapshots of this server's ranks; one whose scheduler process is gone (an earlier server on the same
+    port; SGLang kills schedulers without running their exit handlers) is removed instead."""
     import json
 
     from icecache_sglang.runtime.metrics import stats_dir
@@ -17,6 +31,9 @@ def read_stats(port: int) -> dict:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
+            continue
+        if not _alive(data.get("pid")):
+            path.unlink(missing_ok=True)
             continue
         ranks[str(data.get("rank", path.stem))] = data
     return {"enabled": bool(ranks), "ranks": ranks}

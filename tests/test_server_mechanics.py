@@ -189,6 +189,9 @@ def test_indexer_killed_mid_decode_is_survived_and_restarted(tiny_ice):
 
 
 def test_stats_endpoint_metrics_and_log_line(tiny_ice):
+    r = tiny_ice.generate(input_ids=token_ids(600, 3), max_new_tokens=45)  # > 40 sparse steps: one log line
+    assert r["meta_info"]["completion_tokens"] == 45
+    tiny_ice.icecache_stats()
     data = tiny_ice.get("/icecache/stats")
     assert data["enabled"] is True
     json.dumps(data)

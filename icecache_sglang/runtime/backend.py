@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -41,7 +42,7 @@ from ..indexer.launcher import Indexer
 from . import events
 from .attention import DecodePlan, SparseDecodeAttention, TorchSparseDecode
 from .config import IceCacheConfig, IceCacheConfigError
-from .metrics import IceCacheMetrics, PrometheusExport, write_snapshot
+from .metrics import IceCacheMetrics, PrometheusExport, snapshot_path, write_snapshot
 from .sequences import SequenceTracker
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
     def close(self) -> None:
         self._closed.set()
         events.unsubscribe(self.tracker.slots_freed, self.tracker.clear)
+        snapshot_path(self.metrics.rank).unlink(missing_ok=True)  # a later server on this port starts clean
         try:
             self.indexer.close()
         except Exception as e:  # noqa: BLE001 - best effort at exit
@@ -359,7 +361,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         c = self.tracker.counters
         m.indexed_tokens, m.shared_tokens = c.indexed_tokens, c.shared_tokens
         m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
-        extra = {"tracker": self.tracker.summary(), "indexer_pid": self.indexer.process.pid,
+        extra = {"tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": self.indexer.process.pid,
                  "indexer": self._indexer_stats()}
         write_snapshot(m, extra)
         snap = m.snapshot()

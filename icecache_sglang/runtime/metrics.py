@@ -55,12 +55,15 @@ def stats_dir() -> Path:
     return Path(d)
 
 
+def snapshot_path(rank: int) -> Path:
+    """``icecache-r<rank>-<port>.json`` (port: SGLang's, from ``ICECACHE_SERVER_PORT``)."""
+    return stats_dir() / f"icecache-r{rank}-{os.environ.get('ICECACHE_SERVER_PORT', '0')}.json"
+
+
 def write_snapshot(metrics: IceCacheMetrics, extra: dict | None = None) -> Path:
-    """Atomically write ``icecache-r<rank>-<port>.json`` (port: SGLang's, from ``ICECACHE_SERVER_PORT``)."""
-    d = stats_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    port = os.environ.get("ICECACHE_SERVER_PORT", "0")
-    path = d / f"icecache-r{metrics.rank}-{port}.json"
+    """Atomically write the rank's snapshot."""
+    path = snapshot_path(metrics.rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
     data = metrics.snapshot() | (extra or {})
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data))
