@@ -45,6 +45,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_backend_args(args: list[str]) -> list[str]:
+    """torch_native on the CPU path, unless the flags pick a backend (``--enable-icecache`` picks its own)."""
+    if "--enable-icecache" in args or "--attention-backend" in args:
+        return []
+    return ["--attention-backend", "torch_native"]
+
+
 def cpu_server_args(max_total_tokens: int = 70000) -> list[str]:
     """Flags a small CPU machine needs (sglang-integration.md section 6)."""
     return ["--max-total-tokens", str(max_total_tokens), "--sleep-on-idle", "--dtype", "float32",
@@ -73,9 +80,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
                "--host", "127.0.0.1", "--port", str(self.port)]
         if self.cpu:
-            cmd += cpu_server_args()
-            if "--enable-icecache" not in self.args and "--attention-backend" not in self.args:
-                cmd += ["--attention-backend", "torch_native"]
+            cmd += cpu_server_args() + default_backend_args(self.args)
         return cmd + self.args
 
     def start(self, timeout_s: float = 900.0) -> ServerProcess:
@@ -164,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     env = server_env()
     cmd = [sys.executable, "-m", "sglang.launch_server", *argv]
-    if env.get("SGLANG_USE_CPU_ENGINE") == "1" and "--attention-backend" not in argv \
-            and "--enable-icecache" not in argv:
-        cmd += ["--attention-backend", "torch_native"]
+    if env.get("SGLANG_USE_CPU_ENGINE") == "1":
+        cmd += default_backend_args(argv)
     os.execve(sys.executable, cmd, env)
     return 0
 

@@ -110,6 +110,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.anchors = [layer for layer in range(cfg.dense_layers, self.num_layers)
                         if (layer - cfg.dense_layers) % cfg.layer_reuse == 0]
         self.store_layer = {a: i for i, a in enumerate(self.anchors)}
+        self._layers_per_anchor = {a: min(cfg.layer_reuse, self.num_layers - a) for a in self.anchors}
         self.anchor_of = {layer: self.anchors[(layer - cfg.dense_layers) // cfg.layer_reuse]
                           for layer in range(cfg.dense_layers, self.num_layers)}
         self.num_slots = pool.size + pool.page_size
@@ -189,21 +190,17 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         if not mode.is_decode() or forward_batch.batch_size == 0:
             return
         self._ensure_indexer()
-        rows = forward_batch.req_pool_indices.cpu().numpy().astype(np.int64)
-        lens = forward_batch.seq_lens_cpu.numpy().astype(np.int64) if forward_batch.seq_lens_cpu is not None \
-            else forward_batch.seq_lens.cpu().numpy().astype(np.int64)
-        table = self.req_to_token_pool.req_to_token
+        rows, lens = self._rows_and_lens(forward_batch)
         sparse = []
         for b, (row, n) in enumerate(zip(rows, lens)):
-            if n <= self.cfg.budget_tokens and not self.tracker.is_sparse(int(row)):
+            if n <= self.cfg.budget_tokens and not self.tracker.is_sparse(row):
                 continue
-            row_slots = table[row, :n].cpu().numpy()
-            if self.tracker.update(int(row), row_slots, int(n), block=self.cfg.page_size):
+            if self.tracker.update(row, self._row_slots(row, n), n, block=self.cfg.page_size):
                 sparse.append(b)
         if sparse:
             self._await_writes()
             sp = np.asarray(sparse)
-            self._step = _Step(rows, lens, sp, [self.tracker.seq_of(int(rows[b])) for b in sp],
+            self._step = _Step(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
                                self._fixed_slots(rows, lens, set(sparse)))
             self.metrics.sparse_rows += len(sp)
         self.metrics.dense_rows += len(rows) - len(sparse)
@@ -218,13 +215,19 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
 
     def _after_extend(self, forward_batch) -> None:
         self._ensure_indexer()
-        rows = forward_batch.req_pool_indices.cpu().numpy()
-        lens = forward_batch.seq_lens_cpu.numpy() if forward_batch.seq_lens_cpu is not None \
-            else forward_batch.seq_lens.cpu().numpy()
-        table = self.req_to_token_pool.req_to_token
-        for row, n in zip(rows, lens):
-            if n > self.cfg.budget_tokens or self.tracker.is_sparse(int(row)):
-                self.tracker.update(int(row), table[row, :n].cpu().numpy(), int(n), verify=True)
+        for row, n in zip(*self._rows_and_lens(forward_batch)):
+            if n > self.cfg.budget_tokens or self.tracker.is_sparse(row):
+                self.tracker.update(row, self._row_slots(row, n), n, verify=True)
+
+    @staticmethod
+    def _rows_and_lens(forward_batch) -> tuple[list[int], list[int]]:
+        """``req_to_token`` row and sequence length of each batch entry, as Python ints."""
+        lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+        return forward_batch.req_pool_indices.cpu().tolist(), lens.cpu().tolist()
+
+    def _row_slots(self, row: int, n: int) -> np.ndarray:
+        """KV slots of positions ``[0, n)`` of ``row`` (a view on CPU)."""
+        return self.req_to_token_pool.req_to_token[row, :n].cpu().numpy()
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         step = self._step
@@ -295,13 +298,12 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         """The part of each request's plan that every anchor layer of the step shares: the sink and the
         unindexed tail around the selected pages (sparse requests), or every token (requests within the
         budget)."""
-        table = self.req_to_token_pool.req_to_token
         sink = self.cfg.sink_tokens
         out = []
         for b, (row, n) in enumerate(zip(rows, lens)):
-            row_slots = table[int(row), : int(n)].cpu().numpy().astype(np.int64)
+            row_slots = self._row_slots(row, n).astype(np.int64)
             if b in sparse:
-                out.append((row_slots[:sink], row_slots[self.tracker.indexed_end(int(row)):]))
+                out.append((row_slots[:sink], row_slots[self.tracker.indexed_end(row):]))
             else:
                 out.append((row_slots, row_slots[:0]))
         return out
@@ -333,15 +335,11 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         m.pages_selected_total += step.pages
         n_sel = max(len(step.sparse) * self.H * len(self.anchors), 1)
         m.pages_per_step_last = step.pages / n_sel
-        per_layer = {a: p.tokens_per_head.max(dim=1).values for a, p in step.plans.items()}
-        sparse_b = step.sparse
-        worst = 0
-        for b in sparse_b:
-            toks = sum(int(per_layer[self.anchor_of[layer]][b]) for layer in range(self.cfg.dense_layers,
-                                                                                       self.num_layers))
-            toks += self.cfg.dense_layers * int(step.lens[b])
-            worst = max(worst, toks)
-        m.device_kv_bytes_last = worst * self._token_kv_bytes
+        # tokens attended per request over all layers: each anchor's plan counts once per layer it serves
+        toks = sum(self._layers_per_anchor[a] * p.tokens_per_head.max(dim=1).values for a, p in step.plans.items())
+        toks = toks[torch.from_numpy(step.sparse).to(toks.device)].cpu()
+        toks += self.cfg.dense_layers * torch.from_numpy(step.lens[step.sparse])
+        m.device_kv_bytes_last = int(toks.max()) * self._token_kv_bytes
         m.device_kv_bytes_max = max(m.device_kv_bytes_max, m.device_kv_bytes_last)
         if m.decode_steps % LOG_EVERY_STEPS == 0:  # beside SGLang's "Decode batch" line, same cadence
             m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
