@@ -32,6 +32,9 @@ def has_cuda() -> bool:
 
 def server_env(base: dict | None = None, cpu: bool | None = None) -> dict:
     env = dict(os.environ if base is None else base)
+    kernels = sys.modules.get("icecache_sglang.kernels")
+    if base is None and kernels is not None and kernels.INTERPRETED:
+        env.pop("TRITON_INTERPRET", None)  # set for our kernels' CPU tests, not a setting of the user's
     env["PYTHONSAFEPATH"] = "1"  # the repository's kernels/ folder must not shadow PyPI's `kernels`
     if cpu if cpu is not None else not has_cuda():
         env["SGLANG_USE_CPU_ENGINE"] = "1"

@@ -32,7 +32,7 @@ def _add_cli_args(result, parser, *args, **kwargs):
     group.add_argument("--icecache-config", type=str, default=None,
                        help="IceCache settings as one JSON object, e.g. '{\"budget_tokens\": 512}'. Keys: "
                             "budget_tokens, page_size, sink_tokens, window_tokens, dense_layers, layer_reuse, "
-                            "index, query, selection_deadline_ms, indexer_threads.")
+                            "index, query, selection_deadline_ms, indexer_threads, decode_attention.")
     return result
 
 
@@ -64,6 +64,17 @@ def unsupported_options(args) -> list[str]:
     return problems
 
 
+def flashinfer_problems() -> list[str]:
+    """Why ``decode_attention: flashinfer`` cannot run here (empty when it can)."""
+    from icecache_sglang.runtime.attention import flashinfer_importable
+
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
+        return ["decode_attention 'flashinfer' needs a CUDA GPU; this launch uses SGLang's CPU engine"]
+    if not flashinfer_importable():
+        return ["decode_attention 'flashinfer' needs flashinfer-python (SGLang pins 0.7.2); it is not installed"]
+    return []
+
+
 def _fail(message: str):
     print(f"sglang: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -82,8 +93,14 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
     except IceCacheConfigError as e:
         _fail(f"--icecache-config: {e}")
     problems = unsupported_options(args)
+    if cfg.decode_attention == "flashinfer":
+        problems += flashinfer_problems()
     if problems:
         _fail("; ".join(problems))
+    # Decode selects pages on the host between layers (the query of layer l picks layer l's pages), which a
+    # captured whole-step graph cannot do; SGLang turns graphs off for its torch_native backend for the same
+    # kind of reason.
+    args.disable_cuda_graph = True
     server_args = original(cls, args, *rest, **kwargs)
     server_args.attention_backend = BACKEND_NAME
     os.environ[ENV_VAR] = cfg.to_json()

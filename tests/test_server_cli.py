@@ -53,6 +53,8 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     assert args.attention_backend == "icecache"
     got = IceCacheConfig.from_json(os.environ[ENV_VAR])
     assert (got.budget_tokens, got.window_tokens) == (512, 64)
+    # decode selects pages on the host between layers: SGLang's decode graphs are off, as for torch_native
+    assert args.disable_cuda_graph
     parse()  # a later plain launch in the same process forgets it
     assert ENV_VAR not in os.environ
 
@@ -66,6 +68,8 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--attention-backend", "triton"], "--attention-backend triton"),
     (["--enable-icecache", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--enable-icecache", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
+    (["--enable-icecache", "--icecache-config", '{"decode_attention": "cuda"}'], "decode_attention must be one of"),
+    (["--enable-icecache", "--icecache-config", '{"decode_attention": "flashinfer"}'], "needs a CUDA GPU"),
 ])
 def test_bad_flags_fail_with_the_reason(parse, capsys, argv, needle):
     err = fails(parse, capsys, *argv)

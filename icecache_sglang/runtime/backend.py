@@ -40,7 +40,7 @@ from ..indexer.client import (
 )
 from ..indexer.launcher import Indexer
 from . import events
-from .attention import DecodePlan, SparseDecodeAttention, TorchSparseDecode
+from .attention import DecodePlan, SparseDecodeAttention, decode_attention_for
 from .config import IceCacheConfig, IceCacheConfigError
 from .metrics import IceCacheMetrics, PrometheusExport, snapshot_path, write_snapshot
 from .sequences import SequenceTracker
@@ -124,7 +124,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.tracker = SequenceTracker(self.indexer.client, list(range(len(self.anchors))), self.num_slots,
                                        sink=cfg.sink_tokens, window=cfg.window_tokens, budget=cfg.budget_tokens,
                                        block=cfg.page_size)
-        self.attention = attention or TorchSparseDecode()
+        self.attention = attention or decode_attention_for(cfg.decode_attention, pool.device)
         self.query_params = cfg.query_params()
         self.metrics = IceCacheMetrics(rank=rank)
         self.prometheus = PrometheusExport(rank)
@@ -141,8 +141,9 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self._closed = threading.Event()
         threading.Thread(target=self._publisher, name="icecache-stats", daemon=True).start()
         atexit.register(self.close)
-        logger.info("IceCache on rank %d: %s; %d anchor layers of %d, indexer pid %s, key store %s", rank,
-                    cfg.to_json(), len(self.anchors), self.num_layers, self.indexer.process.pid,
+        logger.info("IceCache on rank %d: %s; %d anchor layers of %d, decode attention %s, indexer pid %s, "
+                    "key store %s", rank, cfg.to_json(), len(self.anchors), self.num_layers,
+                    type(self.attention).__name__, self.indexer.process.pid,
                     self.indexer.store.spec.path)
 
     # ------------------------------------------------------------------ lifecycle

@@ -18,6 +18,7 @@ from ..index.config import MAX_PAGE_SIZE, IndexConfig, QueryParams
 #: the index parameters a user may set (the rest of IndexConfig is internal)
 INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
+DECODE_ATTENTION = ("auto", "torch", "flashinfer")
 
 
 #: how the launcher hands the validated configuration to SGLang's spawned scheduler processes
@@ -36,7 +37,9 @@ class IceCacheConfig:
     layer in every ``layer_reuse`` searches; the layers after it reuse its pages (1: every layer searches).
     index / query: parameters of the paged DCI index and its search. selection_deadline_ms: how long a
     decode step waits for the indexer before it falls back to the most recent pages. indexer_threads:
-    numba threads of each indexer process (None: all cores it may use)."""
+    numba threads of each indexer process (None: all cores it may use). decode_attention: the sparse decode
+    path: ``torch`` (any device), ``flashinfer`` (CUDA, flashinfer-python installed) or ``auto`` (flashinfer
+    where it can run, else torch)."""
 
     budget_tokens: int = 256
     page_size: int = 16
@@ -48,6 +51,7 @@ class IceCacheConfig:
     query: dict = field(default_factory=dict)
     selection_deadline_ms: float = 500.0
     indexer_threads: int | None = None
+    decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
@@ -73,6 +77,9 @@ class IceCacheConfig:
         t = self.indexer_threads
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise IceCacheConfigError(f"indexer_threads must be a positive integer or null, got {t!r}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise IceCacheConfigError(f"decode_attention must be one of {list(DECODE_ATTENTION)}, "
+                                      f"got {self.decode_attention!r}")
         for name, allowed in (("index", INDEX_KEYS), ("query", QUERY_KEYS)):
             sub = getattr(self, name)
             if not isinstance(sub, dict):

@@ -1,0 +1,112 @@
+"""Sparse decode attention with FlashInfer (``flashinfer-python==0.7.2``), one sequence per (request, KV head).
+
+FlashInfer's decode takes one page table per sequence shared by all KV heads; IceCache selects different
+pages per KV head. So each (request, KV head) becomes its own decode sequence with ``num_kv_heads=1`` and
+``num_qo_heads = group size`` (its GQA group's query heads), over the layer's KV viewed as rows of one head
+(``[rows, 1, 1, D]``: FlashInfer page size 1, so index lists are token-level and partly filled IceCache pages
+need no padding). Sink, selected pages and recent tokens are one index list, so one pass covers them.
+
+:class:`FlashInferSparseDecode` is the eager :class:`SparseDecodeAttention` over a :class:`DecodePlan`;
+:class:`GraphDecodeBuffers` holds the fixed buffers of one captured batch size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import DecodePlan, SparseDecodeAttention
+
+WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+def _flashinfer():
+    try:
+        import flashinfer
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError("IceCache's GPU decode path needs flashinfer-python==0.7.2 (SGLang's own pin)") from e
+    return flashinfer
+
+
+def rows_view(kv_plane: torch.Tensor) -> torch.Tensor:
+    """A ``[S, H, D]`` pool tensor, or ``[rows, D]``, as FlashInfer NHD pages of one token and one head."""
+    return kv_plane.reshape(-1, 1, 1, kv_plane.shape[-1])
+
+
+class FlashInferSparseDecode(SparseDecodeAttention):
+    """Eager sparse decode: plans every call (the plan's counts are read on the host)."""
+
+    def __init__(self, device: torch.device | str = "cuda", use_tensor_cores: bool = False):
+        fi = _flashinfer()
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=use_tensor_cores)
+
+    def decode(self, q, k_cache, v_cache, plan: DecodePlan, scale: float) -> torch.Tensor:
+        from icecache_sglang.kernels import plan_indptr, plan_rows  # Triton: imported where it runs
+
+        B, Hq, d = q.shape
+        H = k_cache.shape[1]
+        indptr = plan_indptr(plan.valid)
+        indices = plan_rows(plan.slots, plan.valid, indptr)
+        self.plan(indptr.cpu(), indices, H, Hq // H, d, q.dtype, k_cache.dtype, scale)
+        return self.run(q, k_cache, v_cache)
+
+    def plan(self, indptr_host: torch.Tensor, indices: torch.Tensor, n_kv_heads: int, group: int, head_dim: int,
+             q_dtype: torch.dtype, kv_dtype: torch.dtype, scale: float, last_page_len: torch.Tensor | None = None
+             ) -> None:
+        BH = indptr_host.numel() - 1
+        self._H = n_kv_heads
+        if last_page_len is None:
+            last_page_len = torch.ones(BH, dtype=torch.int32, device=indices.device)
+        self.wrapper.plan(indptr_host, indices, last_page_len, num_qo_heads=group, num_kv_heads=1,
+                          head_dim=head_dim, page_size=1, q_data_type=q_dtype, kv_data_type=kv_dtype,
+                          sm_scale=scale)
+
+    def run(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        """``q [B, H*G, D]`` (query head ``h*G + g`` reads KV head ``h``) over the planned rows of ``k_rows`` /
+        ``v_rows`` (``[S, H, D]`` pool tensors or ``[rows, D]``); returns ``[B, H*G, D]``."""
+        B, Hq, d = q.shape
+        H = self._H
+        qs = q.reshape(B * H, Hq // H, d)
+        o = self.wrapper.run(qs, (rows_view(k_rows), rows_view(v_rows)),
+                             out=None if out is None else out.view(B * H, Hq // H, -1))
+        return o.view(B, Hq, -1)
+
+
+class GraphDecodeBuffers:
+    """A CUDA-graph-safe wrapper for ``batch`` requests of ``n_kv_heads`` heads: FlashInfer's index buffers
+    are fixed (``max_tokens`` per sequence), ``plan`` runs on the host before each replay and the index list
+    is written in place by the graph."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_tokens: int, device: torch.device | str = "cuda",
+                 workspace: torch.Tensor | None = None, use_tensor_cores: bool = False):
+        fi = _flashinfer()
+        self.batch, self.H = batch, n_kv_heads
+        BH = batch * n_kv_heads
+        self.workspace = workspace if workspace is not None else torch.empty(WORKSPACE_BYTES, dtype=torch.uint8,
+                                                                             device=device)
+        self.indptr = torch.zeros(BH + 1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(BH * max_tokens, dtype=torch.int32, device=device)
+        self.last_page_len = torch.ones(BH, dtype=torch.int32, device=device)
+        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
+            paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len)
+        self._indptr_host = torch.zeros(BH + 1, dtype=torch.int32, pin_memory=True)
+
+    def plan(self, indptr: np.ndarray, group: int, head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype,
+             scale: float) -> None:
+        """Host side, before replay: the per-(request, head) token counts as offsets ``indptr [BH+1]``."""
+        self._indptr_host.numpy()[:] = indptr
+        n = int(indptr[-1])
+        self.wrapper.plan(self._indptr_host, self.indices[:n], self.last_page_len, num_qo_heads=group,
+                          num_kv_heads=1, head_dim=head_dim, page_size=1, q_data_type=q_dtype,
+                          kv_data_type=kv_dtype, sm_scale=scale)
+
+    def run(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, Hq, d = q.shape
+        G = Hq // self.H
+        self.wrapper.run(q.view(B * self.H, G, d), (rows_view(k_rows), rows_view(v_rows)),
+                         out=out.view(B * self.H, G, -1))
+        return out
