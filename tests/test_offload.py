@@ -72,6 +72,8 @@ def test_hot_map_reset_and_errors():
     m.assign(lanes, heads, *sel([1, 2], [4, 4]))
     m.reset(np.array([0]))
     assert m.assign(lanes, heads, *sel([1, 2], [4, 4])).hits == 0
+    # the indexer's int32 selections match the same way
+    assert m.assign(lanes, heads, *(x.astype(np.int32) for x in sel([1, 2], [4, 4]))).hits == 2
     with pytest.raises(ValueError, match="do not fit"):
         m.assign(lanes, heads, *sel([1, 2, 3], [4, 4, 4]))
     with pytest.raises(ValueError, match="twice"):
@@ -81,7 +83,10 @@ def test_hot_map_reset_and_errors():
 
 
 @pytest.mark.parametrize("mode", ["bulk", "uva"])
-def test_page_loader_moves_exactly_the_rows(mode):
+def test_page_loader_moves_exactly_the_rows(mode, monkeypatch):
+    from icecache_sglang.runtime.offload import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "CHUNK_ROWS", 16)  # several gather/copy chunks per step
     g = torch.Generator().manual_seed(0)
     host = torch.randn(2, 500, 16, generator=g).to(torch.bfloat16)
     if DEV == "cuda":

@@ -202,7 +202,7 @@ class HotPageMap:
             if min(len(src), len(dst)) < BH * P * self.page_size:
                 raise ValueError(f"row buffers of {min(len(src), len(dst))} cannot hold {BH * P * self.page_size} rows")
         n, hits, misses, max_src = _assign(np.ascontiguousarray(lanes, np.int64), np.ascontiguousarray(heads, np.int64),
-                                  np.ascontiguousarray(pages, np.int64), np.ascontiguousarray(slots, np.int64),
+                                  np.ascontiguousarray(pages), np.ascontiguousarray(slots),  # int32 or int64
                                   self.n_kv_heads, self.hot_base, self.res_page, self.res_slots, self.res_stamp,
                                   self.stamp, blocks, fills, src, dst)
         return HotAssignment(blocks, fills, src[:n], dst[:n], int(hits), int(misses), int(max_src))

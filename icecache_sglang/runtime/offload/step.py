@@ -116,10 +116,12 @@ class OffloadedDecodeLayer:
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have read the pinned buffers
         lanes, heads = self.map.lanes(inp.req_rows)
-        pages = np.full((B, H, P), -1, np.int64)
-        slots = np.full((B, H, P, C), -1, np.int64)
-        pages[:, :, : inp.pages.shape[2]] = inp.pages
-        slots[:, :, : inp.slots.shape[2]] = inp.slots
+        pages, slots = inp.pages, inp.slots
+        if pages.shape[2] != P:  # fewer pages than the layer's maximum: pad (the map sees fixed widths)
+            pages = np.full((B, H, P), -1, inp.pages.dtype)
+            slots = np.full((B, H, P, C), -1, inp.slots.dtype)
+            pages[:, :, : inp.pages.shape[2]] = inp.pages
+            slots[:, :, : inp.slots.shape[2]] = inp.slots
         a = self.map.assign(lanes, heads, pages.reshape(B * H, P), slots.reshape(B * H, P, C),
                             out=self.loader.row_buffers())
         self.loader.stage(host_kv, a.src_rows, a.dst_rows, a.max_src_row)
