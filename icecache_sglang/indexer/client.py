@@ -374,14 +374,14 @@ class IndexerClient:
     # ------------------------------------------------------------------ queries
     def query_async(self, layer: int, seqs, q: np.ndarray, n_pages: int, *, fov: int | None = None,
                     prop_to_retrieve: float = 0.8, num_to_retrieve: int = 0, want_slots: bool = True,
-                    q_dtype: str | None = None) -> int:
+                    q_dtype: str | None = None, policy: str = "icecache") -> int:
         """Send a Query for ``q [B, H_q, d]`` (float32/float16, or raw bfloat16 words with
         ``q_dtype="bfloat16"``); returns an id for :meth:`query_result`. Never raises for an unreachable
         indexer: the result will be a fallback."""
         seqs = [int(s) for s in seqs]
         op = p.Query(layer=int(layer), seqs=seqs, n_pages=int(n_pages), fov=fov,
                      prop_to_retrieve=float(prop_to_retrieve), num_to_retrieve=int(num_to_retrieve),
-                     want_slots=want_slots)
+                     want_slots=want_slots, policy=policy)
         pending = _PendingQuery(int(layer), seqs, int(n_pages), want_slots)
         arr = (q, q_dtype) if q_dtype else q
         try:

@@ -70,7 +70,8 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     """Select pages for one decode batch at one layer. Array ``q`` [B, H_q, d] (float32/float16/bfloat16)
     holds every query head of each of the B sequences in ``seqs``. The reply holds ``pages`` [B, H_kv, P]
     (int32, best first, -1 padded) and, unless ``want_slots`` is false, ``slots`` [B, H_kv, P, C] (int32,
-    the key-store slots of each page's tokens, -1 padded)."""
+    the key-store slots of each page's tokens, -1 padded). ``policy`` picks the selection: ``icecache`` (the
+    index's search) or a baseline over the same tokens (``indexer/baselines.py``)."""
 
     layer: int
     seqs: list[int]
@@ -79,6 +80,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     prop_to_retrieve: float = 0.8
     num_to_retrieve: int = 0
     want_slots: bool = True
+    policy: str = "icecache"
 
 
 class Share(msgspec.Struct, tag=True, frozen=True):

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ..index.config import QueryParams
+from .baselines import POLICIES, select_baseline
 from ..index.paged_index import PagedDCIIndex, query_batch
 from . import protocol as p
 from .config import IndexerConfig
@@ -133,6 +134,8 @@ class IndexerService:
             params = QueryParams(fov=op.fov, prop_to_retrieve=op.prop_to_retrieve, num_to_retrieve=op.num_to_retrieve)
         except ValueError as e:
             raise _bad(str(e)) from None
+        if op.policy not in POLICIES:
+            raise _bad(f"unknown policy {op.policy!r}; known: {list(POLICIES)}")
         if set(arrays) != {"q"}:
             raise _bad(f"expected exactly one array named 'q', got {sorted(arrays)}", "bad_array")
         if dtypes["q"] not in ("float32", "float16", "bfloat16"):
@@ -152,13 +155,19 @@ class IndexerService:
         indexes = [self.table.get(s, op.layer) for s in op.seqs]
         n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
         live = [b for b in range(B) if n_tokens[b]]
-        if len(live) == 1:  # KV heads in parallel
-            pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params)
-        elif live:  # one numba call: every (sequence, KV head) pair in parallel
-            pages[live] = query_batch([indexes[b] for b in live], q[live], P, params, states=self.table.states)
-        if slots is not None:
+        if op.policy != "icecache":  # a baseline over the same tokens (evaluation)
             for b in live:
-                slots[b] = indexes[b].page_positions(pages[b])  # an index's positions are key-store slots
+                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy)
+                if slots is not None:
+                    slots[b] = sl
+        else:
+            if len(live) == 1:  # KV heads in parallel
+                pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params)
+            elif live:  # one numba call: every (sequence, KV head) pair in parallel
+                pages[live] = query_batch([indexes[b] for b in live], q[live], P, params, states=self.table.states)
+            if slots is not None:
+                for b in live:
+                    slots[b] = indexes[b].page_positions(pages[b])  # an index's positions are key-store slots
         dt = (time.perf_counter() - t0) * 1e6
         self.queries += 1
         self.query_rows += B

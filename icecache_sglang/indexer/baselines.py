@@ -1,0 +1,68 @@
+"""Baseline page selections the indexer serves beside IceCache's search (``Query.policy``).
+
+Each answers over the same sequence's indexed tokens, in the same reply format (``pages [H_kv, P]``,
+``slots [H_kv, P, C]``), so an accuracy run through the server changes one thing only: how pages are chosen
+(evaluation.md). The positional baselines reuse the offline policies of ``index/selection``, so the server
+and the index-quality benchmark rank pages the same way.
+
+- ``oracle_page``: IceCache's own pages ranked by their exact best score (the best its search can do);
+- ``oracle_positional``: fixed pages of C consecutive tokens, ranked by exact best score;
+- ``quest``: the same pages ranked by Quest's per-page min/max bound;
+- ``streaming``: the most recent indexed tokens (with the sink and unindexed tail the backend adds, that is
+  StreamingLLM's sink + recent window at the same budget).
+
+Positional order is the index's insertion order (tokens arrive in position order: a build over the prompt,
+then the window's oldest tokens); page ids of positional baselines number those fixed pages, not index pages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..index.paged_index import PagedDCIIndex
+from ..index.selection import OraclePositionalPolicy, QuestPolicy
+from ..index.selection.base import merge_rankings, rank_desc
+
+BASELINES = ("oracle_page", "oracle_positional", "quest", "streaming")
+POLICIES = ("icecache",) + BASELINES
+
+
+def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """``q [H_q, d]`` (query head ``i`` on KV head ``i // group``) -> ``pages [H, P]`` and ``slots [H, P, C]``
+    (int32, -1 padded)."""
+    if policy not in BASELINES:
+        raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES)}")
+    H, C, P = idx.H, idx.C, n_pages
+    g = q.shape[0] // H
+    pages = np.full((H, P), -1, np.int32)
+    if policy == "oracle_page":
+        for h in range(H):
+            live = idx.live_pages(h)
+            if live.size == 0:
+                continue
+            valid = np.arange(C)[None, :] < idx.page_fill[h, live][:, None]  # [pages, C]
+            s = np.einsum("gd,pcd->gpc", q[h * g: (h + 1) * g].astype(np.float32), idx.page_keys[h, live])
+            best = np.where(valid[None], s, -np.inf).max(axis=2)  # [g, pages]
+            pages[h] = merge_rankings(live[rank_desc(best)], g, P)[0]
+        return pages, idx.page_positions(pages).astype(np.int32)
+    slots = np.full((H, P, C), -1, np.int32)
+    ids = idx.live_ids()
+    n = ids.size
+    if n == 0:
+        return pages, slots
+    pos = idx.positions[ids]
+    if policy == "streaming":  # the last P*C tokens, as P rows of C from the oldest
+        start = max(0, n - P * C)
+        for j, a in enumerate(range(start, n, C)):
+            chunk = pos[a: min(a + C, n)]
+            pages[:, j] = a // C
+            slots[:, j, : chunk.size] = chunk
+        return pages, slots
+    chooser = OraclePositionalPolicy(C) if policy == "oracle_positional" else QuestPolicy(C)
+    chooser.build(idx.keys_of(ids))
+    for h, chosen in enumerate(chooser.select(np.ascontiguousarray(q, np.float32), P * C)):
+        for j, pg in enumerate(np.unique(chosen // C)[:P]):
+            toks = chosen[chosen // C == pg]
+            pages[h, j] = pg
+            slots[h, j, : toks.size] = pos[toks]
+    return pages, slots

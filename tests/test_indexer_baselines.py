@@ -1,0 +1,115 @@
+"""The baseline selections a real indexer process serves beside IceCache's search (``Query.policy``),
+against the offline policies and exact scores over the same tokens."""
+
+import numpy as np
+import pytest
+
+from icecache_sglang.index.config import IndexConfig
+from icecache_sglang.index.selection import QuestPolicy
+from icecache_sglang.indexer import Indexer
+from icecache_sglang.indexer.baselines import BASELINES, select_baseline
+
+S, H, D, C, GROUP, P = 4096, 2, 16, 8, 2, 5
+
+
+@pytest.fixture(scope="module")
+def served():
+    """One sequence: a build over 300 slots in position order (a scattered slot layout, as after radix-cache
+    reuse), then 45 more inserted as the window slides."""
+    ix = Indexer.launch(num_layers=1, num_kv_heads=H, head_dim=D, num_slots=S, index=IndexConfig(page_size=C),
+                        timeout_s=10.0, threads=1)
+    rng = np.random.default_rng(5)
+    ix.store.keys[:] = rng.standard_normal(ix.store.keys.shape).astype(np.float32)
+    order = rng.permutation(S)[:345]  # slot of position i
+    ix.client.build(7, [0], order[:300])
+    ix.client.insert(7, [0], order[300:])
+    ix.client.sync()
+    q = rng.standard_normal((1, H * GROUP, D)).astype(np.float32)
+    yield ix, order, q, ix.store.read(0, order)  # keys [H, n, D] in position order
+    ix.close()
+
+
+def _query(ix, q, policy):
+    sel = ix.client.query(0, [7], q, P, policy=policy, timeout_s=10.0)
+    assert not sel.fallback, sel.reason
+    return sel.pages[0], sel.slots[0]
+
+
+def _best_positional_pages(keys, q, n):
+    """Per KV head: positional pages ranked by exact best score, GQA rank-major merge, first P."""
+    out = []
+    for h in range(H):
+        s = q[h * GROUP: (h + 1) * GROUP] @ keys[h].T  # [g, n]
+        npg = -(-n // C)
+        pad = np.full((GROUP, npg * C), -np.inf)
+        pad[:, :n] = s
+        ranked = np.argsort(-pad.reshape(GROUP, npg, C).max(axis=2), axis=1, kind="stable")
+        seen = []
+        for r in range(npg):
+            for g in range(GROUP):
+                if ranked[g, r] not in seen and len(seen) < P:
+                    seen.append(ranked[g, r])
+        out.append(sorted(seen))
+    return out
+
+
+def test_oracle_positional_picks_the_best_fixed_pages(served):
+    ix, order, q, keys = served
+    pages, slots = _query(ix, q, "oracle_positional")
+    want = _best_positional_pages(keys, q[0], len(order))
+    for h in range(H):
+        assert sorted(pages[h][pages[h] >= 0]) == want[h]
+        got = slots[h][slots[h] >= 0]
+        expect = np.concatenate([order[p * C: (p + 1) * C] for p in want[h]])
+        np.testing.assert_array_equal(np.sort(got), np.sort(expect))
+
+
+def test_quest_matches_the_offline_policy(served):
+    ix, order, q, keys = served
+    pages, slots = _query(ix, q, "quest")
+    offline = QuestPolicy(C)
+    offline.build(keys)
+    for h, toks in enumerate(offline.select(q[0], P * C)):
+        np.testing.assert_array_equal(np.sort(slots[h][slots[h] >= 0]), np.sort(order[toks]))
+
+
+def test_streaming_takes_the_most_recent_indexed_tokens(served):
+    ix, order, q, _ = served
+    pages, slots = _query(ix, q, "streaming")
+    for h in range(H):
+        np.testing.assert_array_equal(slots[h][slots[h] >= 0], order[-P * C:])
+
+
+def test_oracle_page_scores_at_least_what_the_index_search_finds_on_the_same_pages(served):
+    ix, order, q, keys = served
+    pages, slots = _query(ix, q, "oracle_page")
+    ice_pages, ice_slots = _query(ix, q, "icecache")
+    score = {int(s): keys[:, i] for i, s in enumerate(order)}
+    for h in range(H):
+        got = slots[h][slots[h] >= 0]
+        assert got.size >= P  # P real index pages
+        # the oracle's selected tokens carry at least the attention mass IceCache's carry (same layout)
+        qs = q[0, h * GROUP: (h + 1) * GROUP]
+
+        def best(sl):
+            return sum(max(qs[g] @ score[int(s)][h] for s in sl[sl >= 0]) for g in range(GROUP))
+        assert best(slots[h]) >= best(ice_slots[h]) - 1e-4
+
+
+def test_unknown_policy_is_an_error_reply_not_a_crash(served):
+    ix, _, q, _ = served
+    sel = ix.client.query(0, [7], q, P, policy="random", timeout_s=10.0)
+    assert sel.fallback and "unknown policy" in sel.reason
+    assert not ix.client.query(0, [7], q, P, timeout_s=10.0).fallback  # still serving
+
+
+def test_select_baseline_refuses_unknown_names():
+    from icecache_sglang.index.paged_index import PagedDCIIndex
+
+    idx = PagedDCIIndex(1, 4, config=IndexConfig(page_size=C))
+    idx.build(np.random.default_rng(0).standard_normal((1, 40, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match="unknown baseline"):
+        select_baseline(idx, np.ones((1, 4), np.float32), 2, "icecache")
+    for policy in BASELINES:
+        pages, slots = select_baseline(idx, np.ones((1, 4), np.float32), 2, policy)
+        assert pages.shape == (1, 2) and slots.shape == (1, 2, C)
