@@ -162,6 +162,14 @@ class ServerProcess:
             payload["text"] = text
         return self.post("/generate", payload)
 
+    def set_icecache(self, **settings) -> dict:
+        """``POST /icecache/config``: change budget_tokens / selection / query / selection_deadline_ms on the
+        running server; the next forward pass runs with them. Raises ValueError with the server's reason."""
+        try:
+            return self.post("/icecache/config", settings, timeout_s=30.0)
+        except urllib.error.HTTPError as e:
+            raise ValueError(json.loads(e.read() or b"{}").get("error", str(e))) from None
+
     def icecache_stats(self, rank: int = 0, wait_s: float = 1.2) -> dict:
         """The rank's IceCache snapshot; waits ``wait_s`` first so it reflects what just happened."""
         time.sleep(wait_s)

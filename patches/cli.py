@@ -32,7 +32,7 @@ def _add_cli_args(result, parser, *args, **kwargs):
     group.add_argument("--icecache-config", type=str, default=None,
                        help="IceCache settings as one JSON object, e.g. '{\"budget_tokens\": 512}'. Keys: "
                             "budget_tokens, page_size, sink_tokens, window_tokens, dense_layers, layer_reuse, "
-                            "index, query, selection_deadline_ms, indexer_threads, decode_attention.")
+                            "index, query, selection_deadline_ms, indexer_threads, decode_attention, selection.")
     return result
 
 

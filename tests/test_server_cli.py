@@ -70,6 +70,7 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
     (["--enable-icecache", "--icecache-config", '{"decode_attention": "cuda"}'], "decode_attention must be one of"),
     (["--enable-icecache", "--icecache-config", '{"decode_attention": "flashinfer"}'], "needs a CUDA GPU"),
+    (["--enable-icecache", "--icecache-config", '{"selection": "h2o"}'], "selection must be one of"),
 ])
 def test_bad_flags_fail_with_the_reason(parse, capsys, argv, needle):
     err = fails(parse, capsys, *argv)

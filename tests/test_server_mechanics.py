@@ -202,3 +202,29 @@ def test_stats_endpoint_metrics_and_log_line(tiny_ice):
     line = next(ln for ln in text.splitlines() if ln.startswith('sglang:icecache_sparse_rows{'))
     assert float(line.split()[-1]) > 0 and st["sparse_rows"] > 0
     assert "IceCache: sparse-req" in tiny_ice.log_path.read_text(errors="replace")
+
+
+def test_settings_change_on_the_running_server(tiny_ice):
+    """POST /icecache/config: the next request decodes with the new budget and a baseline selection served by
+    the same indexer; settings fixed at launch and bad values are refused with the reason."""
+    try:
+        r = tiny_ice.set_icecache(selection="streaming", budget_tokens=192)
+        assert r["config"]["selection"] == "streaming" and r["config"]["budget_tokens"] == 192
+        before = tiny_ice.icecache_stats(wait_s=0)
+        out = tiny_ice.generate(input_ids=token_ids(500, 11), max_new_tokens=10)
+        assert out["meta_info"]["completion_tokens"] == 10
+        st = tiny_ice.icecache_stats()
+        assert (st["selection"], st["budget_tokens"], st["config_version"]) == ("streaming", 192, r["version"])
+        assert st["queries"] > before["queries"] and st["fallbacks"] == 0
+        # a request between the old and the new budget is dense now
+        n0 = st["indexed_tokens"]
+        tiny_ice.generate(input_ids=token_ids(170, 12), max_new_tokens=4)
+        assert tiny_ice.icecache_stats()["indexed_tokens"] == n0
+        with pytest.raises(ValueError, match="cannot change on a running server"):
+            tiny_ice.set_icecache(page_size=32)
+        with pytest.raises(ValueError, match="selection must be one of"):
+            tiny_ice.set_icecache(selection="h2o")
+        with pytest.raises(ValueError, match="budget_tokens"):
+            tiny_ice.set_icecache(budget_tokens=40)
+    finally:
+        tiny_ice.set_icecache(selection="icecache", budget_tokens=TINY_ICE["budget_tokens"])

@@ -42,6 +42,7 @@ from ..indexer.launcher import Indexer
 from . import events
 from .attention import DecodePlan, SparseDecodeAttention, decode_attention_for
 from .config import IceCacheConfig, IceCacheConfigError
+from .control import control_path, read_control
 from .metrics import IceCacheMetrics, PrometheusExport, snapshot_path, write_snapshot
 from .sequences import SequenceTracker
 
@@ -138,6 +139,8 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.last_layer = self.num_layers - 1
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))
         events.subscribe(self.tracker.slots_freed, self.tracker.clear)
+        self.config_version = 0
+        self._control_path, self._control_mtime = control_path(), None
         self._closed = threading.Event()
         threading.Thread(target=self._publisher, name="icecache-stats", daemon=True).start()
         atexit.register(self.close)
@@ -187,6 +190,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         self._step = None
+        self._check_control()  # POST /icecache/config: applied between two forward passes
         mode = forward_batch.forward_mode
         if not mode.is_decode() or forward_batch.batch_size == 0:
             return
@@ -282,7 +286,8 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         rids = [client.query_async(self.store_layer[anchor], step.seqs[i: i + limit], arr[i: i + limit],
                                    self.cfg.n_pages, fov=self.query_params.fov,
                                    prop_to_retrieve=self.query_params.prop_to_retrieve,
-                                   num_to_retrieve=self.query_params.num_to_retrieve, q_dtype=q_dtype)
+                                   num_to_retrieve=self.query_params.num_to_retrieve, q_dtype=q_dtype,
+                                   policy=self.cfg.selection)
                 for i in range(0, len(step.seqs), limit)]  # an indexer query carries at most max_batch rows
         parts = [client.query_result(rid) for rid in rids]
         step.selection_s += time.perf_counter() - t0
@@ -346,6 +351,27 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
             m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
             logger.info(m.log_line())
 
+    def _check_control(self) -> None:
+        """Apply settings posted to ``/icecache/config`` since the last forward pass (one ``stat`` when none
+        were: the file is written before the HTTP reply, so the next request runs with them)."""
+        try:
+            mtime = self._control_path.stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._control_mtime:
+            return
+        self._control_mtime = mtime
+        got = read_control()
+        if got is not None and got[0] > self.config_version:
+            self._apply_config(*got)
+
+    def _apply_config(self, version: int, cfg: IceCacheConfig) -> None:
+        self.cfg = cfg
+        self.tracker.budget = cfg.budget_tokens
+        self.query_params = cfg.query_params()
+        self.config_version = version
+        logger.info("IceCache: settings version %d: %s", version, cfg.to_json())
+
     def _publisher(self) -> None:
         """Refresh the rank's snapshot every SNAPSHOT_EVERY_S (a daemon thread: the scheduler never waits)."""
         while not self._closed.wait(SNAPSHOT_EVERY_S):
@@ -361,6 +387,8 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         m.indexed_tokens, m.shared_tokens = c.indexed_tokens, c.shared_tokens
         m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
         extra = {"tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": self.indexer.process.pid,
+                 "selection": self.cfg.selection, "budget_tokens": self.cfg.budget_tokens,
+                 "config_version": self.config_version,
                  "indexer": self._indexer_stats()}
         write_snapshot(m, extra)
         snap = m.snapshot()

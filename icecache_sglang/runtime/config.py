@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..index.config import MAX_PAGE_SIZE, IndexConfig, QueryParams
+from ..indexer.baselines import POLICIES
 
 #: the index parameters a user may set (the rest of IndexConfig is internal)
 INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth")
@@ -39,7 +40,10 @@ class IceCacheConfig:
     decode step waits for the indexer before it falls back to the most recent pages. indexer_threads:
     numba threads of each indexer process (None: all cores it may use). decode_attention: the sparse decode
     path: ``torch`` (any device), ``flashinfer`` (CUDA, flashinfer-python installed) or ``auto`` (flashinfer
-    where it can run, else torch)."""
+    where it can run, else torch). selection: how pages are chosen: ``icecache`` (the index's search) or a
+    baseline over the same tokens and budget, for evaluation: ``oracle_page`` (IceCache's pages ranked by
+    exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
+    min/max bound) or ``streaming`` (the most recent tokens: sink + recent window)."""
 
     budget_tokens: int = 256
     page_size: int = 16
@@ -52,6 +56,7 @@ class IceCacheConfig:
     selection_deadline_ms: float = 500.0
     indexer_threads: int | None = None
     decode_attention: str = "auto"
+    selection: str = "icecache"
 
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
@@ -77,6 +82,8 @@ class IceCacheConfig:
         t = self.indexer_threads
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise IceCacheConfigError(f"indexer_threads must be a positive integer or null, got {t!r}")
+        if self.selection not in POLICIES:
+            raise IceCacheConfigError(f"selection must be one of {list(POLICIES)}, got {self.selection!r}")
         if self.decode_attention not in DECODE_ATTENTION:
             raise IceCacheConfigError(f"decode_attention must be one of {list(DECODE_ATTENTION)}, "
                                       f"got {self.decode_attention!r}")
