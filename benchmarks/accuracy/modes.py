@@ -1,0 +1,52 @@
+"""The decoding modes an accuracy run compares, all served by one IceCache backend.
+
+``dense``: a budget above every context, so every request decodes densely (SGLang's own attention path;
+token-identical to a server without IceCache, tests/test_server_outputs.py). ``icecache``: the index's
+search at a budget. Baselines at the same budget, same sink/window and pages: ``oracle_page`` (IceCache's
+page layout, exact scores), ``oracle_positional``, ``quest``, ``streaming`` (sink + recent window).
+``icecache_reuse``: the index's search with layer reuse (anchor layers only; needs its own server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icecache_sglang.index.selection import default_sink_window
+
+DENSE_BUDGET = 1 << 30
+BASELINES = ("oracle_page", "oracle_positional", "quest", "streaming")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str  # dense, icecache, icecache_reuse, or a baseline
+    budget: int | None  # None for dense
+    layer_reuse: int = 1
+
+    @property
+    def selection(self) -> str:
+        return "icecache" if self.name in ("dense", "icecache", "icecache_reuse") else self.name
+
+    def launch_group(self) -> tuple[int, int, int]:
+        """(sink, window, layer_reuse): what the server must be launched with (not changeable at runtime)."""
+        sink, window = default_sink_window(self.budget) if self.budget else default_sink_window(256)
+        return sink, window, self.layer_reuse
+
+    def settings(self) -> dict:
+        """``POST /icecache/config`` body."""
+        return {"budget_tokens": self.budget or DENSE_BUDGET, "selection": self.selection}
+
+    @property
+    def label(self) -> str:
+        return self.name if self.budget is None else f"{self.name}@{self.budget}"
+
+
+def modes(budgets, baselines=BASELINES, baseline_budgets=None, reuse: int = 0) -> list[Mode]:
+    """dense + IceCache at every budget + each baseline at ``baseline_budgets`` (default: every budget)
+    + IceCache with layer reuse ``reuse`` at 256 (when > 1)."""
+    out = [Mode("dense", None)] + [Mode("icecache", b) for b in budgets]
+    for b in baseline_budgets or budgets:
+        out += [Mode(name, b) for name in baselines]
+    if reuse > 1:
+        out.append(Mode("icecache_reuse", 256, layer_reuse=reuse))
+    return out
