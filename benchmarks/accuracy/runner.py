@@ -40,7 +40,7 @@ PRESETS = {
     # CI: one task, two samples, a short context, three modes
     "smoke": Preset("smoke", (("smollm2-135m-instruct", (512,), 2),), ("passkey",), (128,), ("streaming",)),
     # a 2-core CPU in under 15 minutes
-    "quick": Preset("quick", (("smollm2-135m-instruct", (1024,), 10),), ("passkey",), (64, 128, 256, 512),
+    "quick": Preset("quick", (("smollm2-135m-instruct", (1024,), 8),), ("passkey",), (64, 128, 256, 512),
                     baseline_budgets=(128, 256), reuse=3),
     # GPU machines
     "full": Preset("full", (("qwen2.5-coder-0.5b-instruct", (8192, 16384, 32768), 50),), ("passkey",),
