@@ -215,7 +215,7 @@ def test_settings_change_on_the_running_server(tiny_ice):
         assert out["meta_info"]["completion_tokens"] == 10
         st = tiny_ice.icecache_stats()
         assert (st["selection"], st["budget_tokens"], st["config_version"]) == ("streaming", 192, r["version"])
-        assert st["queries"] > before["queries"] and st["fallbacks"] == 0
+        assert st["queries"] > before["queries"] and st["fallbacks"] == before["fallbacks"]
         # a request between the old and the new budget is dense now
         n0 = st["indexed_tokens"]
         tiny_ice.generate(input_ids=token_ids(170, 12), max_new_tokens=4)
