@@ -208,13 +208,14 @@ def test_settings_change_on_the_running_server(tiny_ice):
     """POST /icecache/config: the next request decodes with the new budget and a baseline selection served by
     the same indexer; settings fixed at launch and bad values are refused with the reason."""
     try:
-        r = tiny_ice.set_icecache(selection="streaming", budget_tokens=192)
+        r = tiny_ice.set_icecache(selection="streaming", budget_tokens=192, selection_deadline_ms=2000)
         assert r["config"]["selection"] == "streaming" and r["config"]["budget_tokens"] == 192
         before = tiny_ice.icecache_stats(wait_s=0)
         out = tiny_ice.generate(input_ids=token_ids(500, 11), max_new_tokens=10)
         assert out["meta_info"]["completion_tokens"] == 10
         st = tiny_ice.icecache_stats()
         assert (st["selection"], st["budget_tokens"], st["config_version"]) == ("streaming", 192, r["version"])
+        assert st["deadline_s"] == 2.0
         assert st["queries"] > before["queries"] and st["fallbacks"] == before["fallbacks"]
         # a request between the old and the new budget is dense now
         n0 = st["indexed_tokens"]
@@ -227,4 +228,4 @@ def test_settings_change_on_the_running_server(tiny_ice):
         with pytest.raises(ValueError, match="budget_tokens"):
             tiny_ice.set_icecache(budget_tokens=40)
     finally:
-        tiny_ice.set_icecache(selection="icecache", budget_tokens=TINY_ICE["budget_tokens"])
+        tiny_ice.set_icecache(selection="icecache", budget_tokens=TINY_ICE["budget_tokens"], selection_deadline_ms=500)

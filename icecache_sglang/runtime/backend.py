@@ -369,6 +369,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.cfg = cfg
         self.tracker.budget = cfg.budget_tokens
         self.query_params = cfg.query_params()
+        self.indexer.client.timeout_s = cfg.selection_deadline_ms / 1e3  # the client survives restarts
         self.config_version = version
         logger.info("IceCache: settings version %d: %s", version, cfg.to_json())
 
@@ -388,7 +389,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
         extra = {"tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": self.indexer.process.pid,
                  "selection": self.cfg.selection, "budget_tokens": self.cfg.budget_tokens,
-                 "config_version": self.config_version,
+                 "config_version": self.config_version, "deadline_s": self.indexer.client.timeout_s,
                  "indexer": self._indexer_stats()}
         write_snapshot(m, extra)
         snap = m.snapshot()
