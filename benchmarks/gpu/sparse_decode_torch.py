@@ -21,23 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from icecache_sglang.runtime.attention import DecodePlan, TorchSparseDecode
+from icecache_sglang.runtime.attention import DecodePlan, TorchSparseDecode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import cuda_ms  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def run(context: int, batch: int, budget: int, reps: int, g: torch.Generator) -> dict:
@@ -72,8 +61,8 @@ def run(context: int, batch: int, budget: int, reps: int, g: torch.Generator) ->
             qs = q[b, h * 4:(h + 1) * 4].double()
             ref = torch.softmax(qs @ k_cache[sel, h].double().T * scale, -1) @ v_cache[sel, h].double()
             err = max(err, (out[b, h * 4:(h + 1) * 4].double() - ref).abs().max().item())
-    return {"context": context, "batch": batch, "budget": budget, "dense_ms": median_ms(dense, reps),
-            "sparse_torch_ms": median_ms(sparse, reps), "max_abs_err_vs_fp64": err, "ok": err < 2e-2}
+    return {"context": context, "batch": batch, "budget": budget, "dense_ms": cuda_ms(dense, reps),
+            "sparse_torch_ms": cuda_ms(sparse, reps), "max_abs_err_vs_fp64": err, "ok": err < 2e-2}
 
 
 def main() -> None:
