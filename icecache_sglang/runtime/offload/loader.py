@@ -59,6 +59,13 @@ def _gather(src, rows, out) -> None:
     (_gather_parallel if len(rows) >= PARALLEL_GATHER_ROWS else _gather_serial)(src, rows, out)
 
 
+def _is_front_of(rows: np.ndarray, buf: np.ndarray) -> bool:
+    """Whether ``rows`` already is ``buf[:len(rows)]`` (written in place by ``HotPageMap.assign(out=...)``):
+    same start, dtype and stride; an overlap at another offset still needs the copy."""
+    return (rows.dtype == buf.dtype and rows.strides == buf.strides
+            and rows.__array_interface__["data"][0] == buf.__array_interface__["data"][0])
+
+
 def _np_view(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor (16-bit floats as int16)."""
     if t.element_size() == 2:
@@ -109,9 +116,9 @@ class PageLoader:
             top = int(src_rows.max()) if max_src_row is None else max_src_row
             if top >= host_kv.shape[1] or top >= 2**31:
                 raise ValueError(f"host row {top} is outside the host KV ({host_kv.shape[1]} rows)")
-            if not np.shares_memory(src_rows, src_buf):
+            if not _is_front_of(src_rows, src_buf):
                 src_buf[:n] = src_rows
-            if not np.shares_memory(dst_rows, dst_buf):
+            if not _is_front_of(dst_rows, dst_buf):
                 dst_buf[:n] = dst_rows
         self._idx_host.numpy()[0] = n
         if self.mode == "bulk":
