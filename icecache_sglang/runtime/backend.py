@@ -3,7 +3,8 @@
 One instance per TP rank (in SGLang's scheduler process). It owns the rank's indexer (process, key store,
 client) and a :class:`SequenceTracker`. Per forward pass:
 
-- **extend (prefill chunk)**: SGLang's dense attention (the torch_native path); each anchor layer's keys are
+- **extend (prefill chunk)**: dense attention of the new tokens over their prefix (``attention/extend.py``:
+  SGLang's torch_native math without its re-prefill of a cached prefix); each anchor layer's keys are
   also written to the key store at their KV slots; after the last layer, every request longer than the
   budget is indexed up to its recent window (a prefix hit first takes the cached prefix's index).
 - **decode**: ``init_forward_metadata`` brings each request's index up to date (window's oldest tokens,
@@ -41,6 +42,7 @@ from ..indexer.client import (
 from ..indexer.launcher import Indexer
 from . import events
 from .attention import DecodePlan, SparseDecodeAttention, decode_attention_for
+from .attention.extend import extend_attention
 from .config import IceCacheConfig, IceCacheConfigError
 from .control import control_path, read_control
 from .metrics import IceCacheMetrics, PrometheusExport, snapshot_path, write_snapshot
@@ -217,6 +219,18 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         if layer.layer_id == self.last_layer:
             self._after_extend(forward_batch)
         return o
+
+    def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                 extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
+                                 enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
+        """Causal self-attention computes only the new tokens' rows (``attention/extend.py``): a prefix hit
+        costs its new tokens, not a second prefill of the prefix. Anything else: SGLang's own."""
+        if not causal or is_cross_attn or encoder_lens is not None or sliding_window_size is not None:
+            return super()._run_sdpa_forward_extend(
+                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
+                extend_seq_lens, encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
+        return extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                                extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
 
     def _after_extend(self, forward_batch) -> None:
         self._ensure_indexer()

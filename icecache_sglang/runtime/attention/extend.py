@@ -1,0 +1,48 @@
+"""Extend (prefill) attention over a cached prefix that computes only the new tokens' rows.
+
+SGLang's torch_native extend pads each request's queries to the whole sequence (prefix + new tokens) and
+runs causal attention over all of it, so a prefix hit of ``P`` cached tokens plus ``n`` new ones costs
+``(P + n)^2`` instead of ``n * (P + n)``: a one-token extend after a 1k-token prefix costs as much as the
+prefix's own prefill. Multi-turn chats and agents hit the radix cache on every turn, so the backend uses
+this instead (same math: query ``i`` sees keys ``[0, P + i]``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+
+def extend_attention(q: torch.Tensor, o: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float | None,
+                     enable_gqa: bool) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its prefix and themselves.
+
+    ``q``/``o``: ``[new tokens, heads, head_dim]`` (requests back to back); ``k_cache``/``v_cache``: the
+    layer's pool ``[slots, kv_heads, head_dim]``; ``req_to_token[row, pos]``: the slot of each position.
+    Writes ``o`` and returns it.
+    """
+    rows = req_pool_indices.tolist()
+    lens, prefixes, news = seq_lens.tolist(), prefix_lens.tolist(), extend_lens.tolist()
+    start = 0
+    for row, total, prefix, n in zip(rows, lens, prefixes, news):
+        if n == 0:
+            continue
+        slots = req_to_token[row, :total]
+        k = k_cache[slots].movedim(0, 1).unsqueeze(0)  # [1, kv_heads, total, d]
+        v = v_cache[slots].movedim(0, 1).unsqueeze(0)
+        qi = q[start:start + n].movedim(0, 1).unsqueeze(0)  # [1, heads, n, d]
+        if k.dtype != qi.dtype:
+            k, v = k.to(qi.dtype), v.to(qi.dtype)
+        mask, causal = None, False
+        if prefix == 0:
+            causal = True  # square: torch's causal mask is the right one
+        elif n > 1:  # query i (position prefix + i) sees keys [0, prefix + i]
+            pos = torch.arange(total, device=q.device)
+            mask = pos[None, :] <= (prefix + torch.arange(n, device=q.device))[:, None]
+        out = scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                           enable_gqa=enable_gqa)
+        o[start:start + n] = out.squeeze(0).movedim(0, 1)
+        start += n
+    return o
