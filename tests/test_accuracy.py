@@ -1,5 +1,5 @@
-"""The accuracy harness (benchmarks/accuracy): samples, scoring, intervals, and the smoke preset end to end
-through a real server (SmolLM2 on CPU), resumable."""
+"""The accuracy harness (benchmarks/accuracy): samples (passkey, and RULER's from NVIDIA's generators),
+scoring, intervals, and the smoke preset end to end through a real server (SmolLM2 on CPU), resumable."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from accuracy.modes import Mode, modes  # noqa: E402
-from accuracy.runner import PRESETS, load_results, run, summarize, wilson  # noqa: E402
+from accuracy.runner import PRESETS, load_results, run, summarize, targets, wilson  # noqa: E402
+from accuracy import ruler  # noqa: E402
 from accuracy.tasks import PASSKEY_DEPTHS, Sample, make_samples  # noqa: E402
 
 
@@ -37,9 +38,41 @@ def test_passkey_samples_are_seeded_sized_and_spread_over_depths(tokenizer):
         make_samples("niah_single_9", tokenizer, 1024, 1)
 
 
+def test_ruler_samples_come_from_nvidias_generators_seeded_and_within_the_context(tokenizer):
+    a = make_samples("niah_single_1", tokenizer, 512, 2)
+    assert [s.input_ids for s in a] == [s.input_ids for s in make_samples("niah_single_1", tokenizer, 512, 2)]
+    other = make_samples("niah_single_1", tokenizer, 512, 2, seed=1)
+    assert [s.answers for s in other] != [s.answers for s in a]
+    for s in a:
+        text = tokenizer.decode(s.input_ids)
+        assert 256 < len(s.input_ids) <= 512 and s.meta["prompt_len"] == len(s.input_ids)
+        (key,) = s.answers
+        assert key.isdigit() and f"is: {key}." in text  # RULER's needle: "One of the special magic numbers ..."
+        # an instruct model gets the task as the user's turn and RULER's answer prefix as the start of its own
+        assert text.rstrip().endswith("<|im_start|>assistant\nThe special magic number for " +
+                                      text.split("special magic number for ")[-1].split(" mentioned")[0] +
+                                      " mentioned in the provided text is")
+        assert s.metric == "all" and s.max_new_tokens <= ruler.task_config("niah_single_1")["tokens_to_generate"]
+    assert ruler.metric("qa_1") == "part" and ruler.metric("vt") == "all"
+    with pytest.raises(ValueError, match="unknown RULER task"):
+        ruler.task_config("niah_single_9")
+
+
+def test_a_ruler_generator_that_cannot_fit_its_haystack_fails_clearly(tokenizer, monkeypatch):
+    # RULER's QA generator retries forever when even its smallest set of documents is too long
+    monkeypatch.setattr(ruler, "GENERATOR_TIMEOUT_S", 20)
+    with pytest.raises(ruler.RulerError, match="did not finish qa_1 at 200 tokens"):
+        ruler.generate("qa_1", tokenizer.name_or_path, 200, 1, seed=12345)
+
+
 def test_scoring_intervals_and_summary():
     s = Sample("passkey", 512, 0, [1, 2], ("48213",), 8)
     assert s.score(" 48213. Remember") == 1.0 and s.score(" 4821") == 0.0
+    # RULER's scores: string_match_all is the fraction found (ignoring case); string_match_part any one
+    vt = Sample("vt", 512, 0, [1], ("XTEHF", "IRWNG", "XBQVB", "IDZEL"), 30)
+    assert vt.score(" xtehf, IRWNG, XBQVB") == 0.75
+    qa = Sample("qa_1", 512, 0, [1], ("France", "the French Republic"), 16, metric="part")
+    assert qa.score(" france") == 1.0 and qa.score(" Spain") == 0.0
     lo, hi = wilson(10, 10)
     assert hi == 1.0 and 0.65 < lo < 0.75
     lo, hi = wilson(0, 4)
@@ -48,6 +81,14 @@ def test_scoring_intervals_and_summary():
             for x in (1.0, 0.0, 1.0, 1.0)]
     (r,) = summarize(rows)
     assert (r["n"], r["accuracy"]) == (4, 0.75) and r["ci95_low"] < 0.75 < r["ci95_high"]
+    # targets compare modes over the cells both ran: task means, unweighted
+    cell = lambda task, mode, budget, score: {"model": "m", "context": 512, "task": task, "mode": mode,  # noqa: E731
+                                              "budget": budget, "score": score}
+    rows = [cell("a", "dense", None, 1.0), cell("b", "dense", None, 0.5), cell("a", "icecache", 256, 1.0),
+            cell("b", "icecache", 256, 0.25), cell("a", "quest", 256, 0.0)]
+    t = targets(summarize(rows))
+    assert t["icecache@256_vs_dense"]["fraction_of_dense"] == pytest.approx(0.625 / 0.75)
+    assert t["icecache_vs_quest@256"] == {"cells": 1, "icecache": 1.0, "quest": 0.0}
 
 
 def test_modes_share_servers_by_launch_settings():
@@ -57,6 +98,7 @@ def test_modes_share_servers_by_launch_settings():
     assert groups == {(16, 16, 1), (32, 32, 1), (32, 32, 3)}  # budget 64 needs a smaller sink/window
     assert Mode("quest", 128).settings() == {"budget_tokens": 128, "selection": "quest"}
     assert Mode("dense", None).settings()["budget_tokens"] > 10**6
+    assert Mode("dense", None) not in modes((64,), dense=False)
 
 
 @pytest.mark.slow
@@ -65,12 +107,20 @@ def test_smoke_preset_end_to_end_and_resumable(tmp_path):
     summary = run(preset, tmp_path, progress=lambda *_: None)
     records = json.loads(summary.read_text())
     assert {r["mode"] for r in records} == {"dense", "icecache", "streaming"}
+    assert {r["task"] for r in records} == {"passkey", "niah_single_1", "mean"}
     for r in records:
         assert {"model", "context", "task", "mode", "budget", "n", "accuracy"} <= set(r)
-        assert r["n"] == 2 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["n"] == (4 if r["task"] == "mean" else 2) and 0.0 <= r["accuracy"] <= 1.0
+    for mode in ("dense", "icecache", "streaming"):  # the mean over tasks is the mean of the tasks' accuracies
+        mean, *per_task = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["task"] != "mean")
+        assert mean["accuracy"] == pytest.approx(sum(r["accuracy"] for r in per_task) / 2)
+    t = json.loads((tmp_path / "accuracy_smoke_targets.json").read_text())
+    assert t["icecache_vs_streaming@128"]["cells"] == 2
     lines = load_results(tmp_path / "accuracy_smoke.jsonl")
     rows = [r for r in lines if "score" in r]
-    assert len(rows) == 6 and all(r["prompt_tokens"] == 512 for r in rows)
+    assert len(rows) == 12
+    assert all(r["prompt_tokens"] == 512 for r in rows if r["task"] == "passkey")
+    assert all(256 < r["prompt_tokens"] <= 512 for r in rows if r["task"] == "niah_single_1")
     # the backend really decoded each mode as asked: dense never queried; the others queried their policy
     per_mode = {r["mode_label"]: r for r in lines if r.get("kind") == "mode"}
     assert per_mode["dense"]["queries"] == 0 and per_mode["dense"]["sparse_rows"] == 0

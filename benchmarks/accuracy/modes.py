@@ -41,10 +41,10 @@ class Mode:
         return self.name if self.budget is None else f"{self.name}@{self.budget}"
 
 
-def modes(budgets, baselines=BASELINES, baseline_budgets=None, reuse: int = 0) -> list[Mode]:
-    """dense + IceCache at every budget + each baseline at ``baseline_budgets`` (default: every budget)
-    + IceCache with layer reuse ``reuse`` at 256 (when > 1)."""
-    out = [Mode("dense", None)] + [Mode("icecache", b) for b in budgets]
+def modes(budgets, baselines=BASELINES, baseline_budgets=None, reuse: int = 0, dense: bool = True) -> list[Mode]:
+    """dense (unless ``dense`` is false) + IceCache at every budget + each baseline at ``baseline_budgets``
+    (default: every budget) + IceCache with layer reuse ``reuse`` at 256 (when > 1)."""
+    out = [Mode("dense", None)] * dense + [Mode("icecache", b) for b in budgets]
     for b in baseline_budgets or budgets:
         out += [Mode(name, b) for name in baselines]
     if reuse > 1:

@@ -1,8 +1,9 @@
-"""python benchmarks/accuracy/run.py --preset smoke|quick|full [--out DIR] [--samples N] [--fresh]"""
+"""python benchmarks/accuracy/run.py --preset smoke|quick|full [--out DIR] [--samples N] [--parallel N] [--fresh]"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,17 +17,25 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--samples", type=int, help="samples per task and context (overrides the preset)")
+    ap.add_argument("--parallel", type=int, help="requests in flight per mode (overrides the preset)")
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming the preset's JSONL")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     if args.samples:
-        preset = replace(preset, models=tuple((m, c, args.samples) for m, c, _ in preset.models))
+        preset = replace(preset, parts=tuple(replace(p, samples=args.samples) for p in preset.parts))
+    if args.parallel:
+        preset = replace(preset, parallel=args.parallel)
     if args.fresh:
         (args.out / f"accuracy_{preset.name}.jsonl").unlink(missing_ok=True)
     path = run(preset, args.out)
-    for r in __import__("json").loads(path.read_text()):
-        print(f"{r['model']:28s} {r['context']:6d} {r['task']:10s} {r['mode']:18s} {str(r['budget']):>6s} "
-              f"n={r['n']:3d} acc={r['accuracy']:.2f} [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]")
+    for r in json.loads(path.read_text()):
+        ci = f"[{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]" if r["ci95_low"] is not None else ""
+        print(f"{r['model']:28s} {r['context']:6d} {r['task']:16s} {r['mode']:18s} {str(r['budget']):>6s} "
+              f"n={r['n']:3d} acc={r['accuracy']:.2f} {ci}")
+    targets = json.loads(path.with_name(path.stem + "_targets.json").read_text())
+    for k, v in targets.items():
+        if isinstance(v, dict):
+            print(f"{k:34s} " + " ".join(f"{a}={b:.3f}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()))
     print(f"wrote {path}")
     return 0
 

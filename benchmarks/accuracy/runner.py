@@ -5,46 +5,72 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icecache_sglang.launch import ServerProcess
+from icecache_sglang.launch import ServerProcess, server_env
 from icecache_sglang.models.fetch import ensure_model
 
 from .modes import BASELINES, Mode, modes
+from . import ruler
 from .tasks import Sample, make_samples
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 @dataclass(frozen=True)
-class Preset:
-    name: str
-    models: tuple[tuple[str, tuple[int, ...], int], ...]  # (model, contexts, samples per task and context)
+class Part:
+    """One model's share of a preset: its contexts, tasks, samples per (task, context) and modes."""
+    model: str
+    contexts: tuple[int, ...]
+    samples: int
     tasks: tuple[str, ...]
     budgets: tuple[int, ...]
     baselines: tuple[str, ...] = BASELINES
     baseline_budgets: tuple[int, ...] | None = None
     reuse: int = 0
-    dense_layers: int = 2
-    extra_args: tuple[str, ...] = field(default_factory=tuple)
+    dense: bool = True
 
     def modes(self) -> list[Mode]:
-        return modes(self.budgets, self.baselines, self.baseline_budgets, self.reuse)
+        return modes(self.budgets, self.baselines, self.baseline_budgets, self.reuse, self.dense)
 
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    parts: tuple[Part, ...]
+    dense_layers: int = 2
+    parallel: int = 8  # requests in flight per mode: SGLang batches them (a CPU run is decode-bound)
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+SMOL, QWEN = "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"
+#: RULER tasks of the quick preset: retrieval and tracking with short answers (a CPU run pays per decode step)
+QUICK_RULER = ("niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "qa_1")
+BASELINES_QUICK = ("oracle_page", "quest", "streaming")
 
 PRESETS = {
-    # CI: one task, two samples, a short context, three modes
-    "smoke": Preset("smoke", (("smollm2-135m-instruct", (512,), 2),), ("passkey",), (128,), ("streaming",)),
-    # a 2-core CPU in under 15 minutes
-    "quick": Preset("quick", (("smollm2-135m-instruct", (1024,), 8),), ("passkey",), (64, 128, 256, 512),
-                    baseline_budgets=(128, 256), reuse=3),
-    # GPU machines
-    "full": Preset("full", (("qwen2.5-coder-0.5b-instruct", (8192, 16384, 32768), 50),), ("passkey",),
-                   (64, 128, 256, 512, 1024), reuse=3),
+    # CI: passkey and one RULER task, two samples each, a short context, three modes
+    "smoke": Preset("smoke", (Part(SMOL, (512,), 2, ("passkey", "niah_single_1"), (128,), ("streaming",)),)),
+    # a 2-core CPU in under 15 minutes, one server per model: SmolLM2 sweeps the budgets on passkey at 1k;
+    # Qwen adds RULER at 2k (its prefill, ~25 s per sample on 2 cores, is what limits the samples)
+    "quick": Preset("quick", (
+        Part(SMOL, (1024,), 8, ("passkey",), (128, 256, 512), BASELINES_QUICK),
+        Part(QWEN, (2048,), 2, ("passkey", *QUICK_RULER), (128, 256), BASELINES_QUICK, baseline_budgets=(256,)),
+    ), parallel=16),
+    # budget 64 (its own sink/window) and layer reuse (its own server): two more SmolLM2 servers; dense: quick
+    "quick-extra": Preset("quick-extra", (
+        Part(SMOL, (1024,), 8, ("passkey",), (64,), BASELINES_QUICK, reuse=3, dense=False),
+    ), parallel=16),
+    # GPU machines: every RULER task, 8k-32k, 50 samples
+    "full": Preset("full", (Part(QWEN, (8192, 16384, 32768), 50, ("passkey", *ruler.TASKS), (64, 128, 256, 512, 1024),
+                                 reuse=3),)),
 }
 
 
@@ -72,6 +98,9 @@ def load_results(path: Path) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per (model, context, task, mode, budget): accuracy (the mean score) with a 95% Wilson interval; plus,
+    per (model, context, mode, budget) covering every task of its model and context, a ``task: "mean"``
+    record: the unweighted mean over those tasks."""
     groups = defaultdict(list)
     for r in rows:
         if "score" in r:  # (mode lines carry the backend's counters)
@@ -82,6 +111,46 @@ def summarize(rows: list[dict]) -> list[dict]:
         lo, hi = wilson(k, n)
         out.append({"model": model, "context": context, "task": task, "mode": mode, "budget": budget, "n": n,
                     "accuracy": k / n, "ci95_low": lo, "ci95_high": hi})
+    tasks = defaultdict(set)
+    for r in out:
+        tasks[(r["model"], r["context"])].add(r["task"])
+    per_mode = defaultdict(list)
+    for r in out:
+        per_mode[(r["model"], r["context"], r["mode"], r["budget"])].append(r)
+    for (model, context, mode, budget), rs in per_mode.items():
+        if len(tasks[(model, context)]) > 1 and {r["task"] for r in rs} == tasks[(model, context)]:
+            out.append({"model": model, "context": context, "task": "mean", "mode": mode, "budget": budget,
+                        "n": sum(r["n"] for r in rs), "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
+                        "ci95_low": None, "ci95_high": None})
+    return out
+
+
+def targets(summary: list[dict]) -> dict:
+    """The issue's targets, over every (model, context, task) cell both sides of a comparison ran:
+    IceCache at 256 as a fraction of dense (mean accuracy over cells); IceCache against Quest, StreamingLLM
+    and the oracle-page bound at each budget (mean accuracy over their shared cells)."""
+    cells = defaultdict(dict)
+    for r in summary:
+        if r["task"] != "mean":
+            cells[(r["mode"], r["budget"])][(r["model"], r["context"], r["task"])] = r["accuracy"]
+
+    def compare(a, b) -> dict | None:
+        shared = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
+        if not shared:
+            return None
+        ma = sum(cells[a][c] for c in shared) / len(shared)
+        mb = sum(cells[b][c] for c in shared) / len(shared)
+        return {"cells": len(shared), a[0]: ma, b[0]: mb}
+
+    out = {}
+    dense = compare(("icecache", 256), ("dense", None))
+    if dense:
+        out["icecache@256_vs_dense"] = {**dense, "fraction_of_dense": dense["icecache"] / max(dense["dense"], 1e-9)}
+    for budget in sorted({b for (m, b) in cells if m == "icecache"}):
+        for other in ("quest", "streaming", "oracle_page", "oracle_positional"):
+            c = compare(("icecache", budget), (other, budget))
+            if c:
+                out[f"icecache_vs_{other}@{budget}"] = c
     return out
 
 
@@ -92,59 +161,75 @@ def _server_args(preset: Preset, group: tuple[int, int, int]) -> list[str]:
     return ["--enable-icecache", "--icecache-config", json.dumps(cfg), *preset.extra_args]
 
 
+def _server_env() -> dict:
+    # every core for the model: a run is prefill-bound between modes, and the indexer waits while SGLang
+    # prefills (SGLang's CPU default here is half the cores, leaving the rest to a busy indexer)
+    return {**server_env(), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+
+
 def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progress=print) -> Path:
     """Run ``preset``; returns the summary path (``accuracy_<preset>.json`` in ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / f"accuracy_{preset.name}.jsonl"
     done = {(r["model"], r["mode_label"], r["sample"]) for r in load_results(jsonl) if "sample" in r}
-    all_modes = preset.modes()
-    groups = defaultdict(list)
-    for m in all_modes:
-        groups[m.launch_group()].append(m)
     from transformers import AutoTokenizer
 
+    lock = threading.Lock()
     with jsonl.open("a") as f:
-        for model, contexts, n in preset.models:
-            path = ensure_model(model)
+
+        def write(row: dict) -> None:
+            with lock:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
+        for part in preset.parts:
+            path = ensure_model(part.model)
             tok = AutoTokenizer.from_pretrained(str(path))
-            samples: list[Sample] = [s for task in preset.tasks for c in contexts
-                                     for s in make_samples(task, tok, c, n)]
+            samples: list[Sample] = [s for task in part.tasks for c in part.contexts
+                                     for s in make_samples(task, tok, c, part.samples)]
+            groups = defaultdict(list)
+            for m in part.modes():
+                groups[m.launch_group()].append(m)
             for group, group_modes in groups.items():
-                todo = [(m, s) for m in group_modes for s in samples if (model, m.label, s.sample_id) not in done]
+                todo = [(m, s) for m in group_modes for s in samples
+                        if (part.model, m.label, s.sample_id) not in done]
                 if not todo:
                     continue
-                log = (log_dir or out) / f"accuracy_{preset.name}_{model}_{'-'.join(map(str, group))}.log"
-                with ServerProcess(path, _server_args(preset, group), log_path=log) as srv:
+                log = (log_dir or out) / f"accuracy_{preset.name}_{part.model}_{'-'.join(map(str, group))}.log"
+                with ServerProcess(path, _server_args(preset, group), log_path=log, env=_server_env()) as srv:
                     t0, count = time.monotonic(), 0
                     for mode in group_modes:
                         srv.set_icecache(**mode.settings())
                         before = srv.icecache_stats(wait_s=0)
-                        for s in samples:
-                            if (model, mode.label, s.sample_id) in done:
-                                continue
+                        left = [s for s in samples if (part.model, mode.label, s.sample_id) not in done]
+
+                        def one(s: Sample, mode=mode) -> dict:
                             r = srv.generate(input_ids=s.input_ids, max_new_tokens=s.max_new_tokens)
                             text = r.get("text", "")
-                            row = {"model": model, "task": s.task, "context": s.context, "sample": s.sample_id,
+                            row = {"model": part.model, "task": s.task, "context": s.context, "sample": s.sample_id,
                                    "mode": mode.name, "budget": mode.budget, "mode_label": mode.label,
                                    "layer_reuse": mode.layer_reuse, "score": s.score(text), "completion": text,
                                    "prompt_tokens": r.get("meta_info", {}).get("prompt_tokens"), **s.meta}
-                            f.write(json.dumps(row) + "\n")
-                            f.flush()
-                            count += 1
-                            progress(f"[{count}/{len(todo)} {time.monotonic() - t0:.0f}s] {model} {mode.label:24s} "
-                                     f"{s.sample_id}: {row['score']:.0f} {text.strip()[:30]!r}")
+                            write(row)
+                            return row
+
+                        with ThreadPoolExecutor(max(1, preset.parallel)) as pool:
+                            for s, row in zip(left, pool.map(one, left)):
+                                count += 1
+                                progress(f"[{count}/{len(todo)} {time.monotonic() - t0:.0f}s] {part.model} "
+                                         f"{mode.label:20s} {s.sample_id}: {row['score']:.2f} "
+                                         f"{row['completion'].strip()[:30]!r}")
                         # what the backend did for this mode: sparse steps, indexer queries, fallbacks
                         after = srv.icecache_stats()
-                        f.write(json.dumps({"kind": "mode", "model": model, "mode_label": mode.label,
-                                            "selection": after.get("selection"), "budget_tokens": after.get("budget_tokens"),
-                                            **{k: after.get(k, 0) - before.get(k, 0)
-                                               for k in ("sparse_rows", "queries", "fallbacks")}}) + "\n")
-                        f.flush()
+                        write({"kind": "mode", "model": part.model, "mode_label": mode.label,
+                               "selection": after.get("selection"), "budget_tokens": after.get("budget_tokens"),
+                               **{k: after.get(k, 0) - before.get(k, 0) for k in ("sparse_rows", "queries", "fallbacks")}})
     rows = load_results(jsonl)
     summary = summarize(rows)
     path = out / f"accuracy_{preset.name}.json"
     meta = {"preset": preset.name, "command": "python " + " ".join(sys.argv)}
     path.write_text(json.dumps([{**r, **meta} for r in summary], indent=1))
+    (out / f"accuracy_{preset.name}_targets.json").write_text(json.dumps({**targets(summary), **meta}, indent=1))
     try:
         plot(summary, out / f"accuracy_{preset.name}.png")
     except ImportError:
@@ -158,20 +243,33 @@ def plot(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["model"], r["context"], r["task"]) for r in summary})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (model, context, task) in zip(axes[0], panels):
+    panels = sorted({(r["model"], r["context"], r["task"]) for r in summary}, key=lambda p: (p[0], p[1], p[2] != "mean", p[2]))
+    cols = min(4, len(panels))
+    rows_n = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (model, context, task) in zip(axes.flat, panels):
         rows = [r for r in summary if (r["model"], r["context"], r["task"]) == (model, context, task)]
         dense = [r for r in rows if r["mode"] == "dense"]
-        for name in sorted({r["mode"] for r in rows} - {"dense"}):
+        names = sorted({r["mode"] for r in rows} - {"dense"})
+        for i, name in enumerate(names):
             rr = sorted((r for r in rows if r["mode"] == name), key=lambda r: r["budget"])
-            ax.errorbar([r["budget"] for r in rr], [r["accuracy"] for r in rr],
-                        yerr=[[r["accuracy"] - r["ci95_low"] for r in rr], [r["ci95_high"] - r["accuracy"] for r in rr]],
-                        marker="o", capsize=3, label=name)
+            err = None
+            if all(r["ci95_low"] is not None for r in rr):
+                err = [[r["accuracy"] - r["ci95_low"] for r in rr], [r["ci95_high"] - r["accuracy"] for r in rr]]
+            dodge = 1 + 0.05 * (i - (len(names) - 1) / 2)  # modes side by side at each budget
+            ax.errorbar([r["budget"] * dodge for r in rr], [r["accuracy"] for r in rr], yerr=err, marker="o",
+                        capsize=3, label=name)
+        budgets = sorted({r["budget"] for r in rows if r["budget"]})
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         if dense:
-            ax.axhline(dense[0]["accuracy"], color="k", ls="--", label=f"dense ({dense[0]['n']})")
-        ax.set(xscale="log", xlabel="budget (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
-               title=f"{model} {task} @ {context}")
-        ax.legend(fontsize=7)
+            ax.axhline(dense[0]["accuracy"], color="k", ls="--", label=f"dense (n={dense[0]['n']})")
+        ax.set(xlabel="budget (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
+               title=f"{model.split('-instruct')[0]} {task} @ {context}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)

