@@ -2,7 +2,8 @@
 
 For each mode (``dense``: stock torch_native attention; ``icecache``: the plugin at a 256-token budget) one
 server is started; for each context length one streamed ``/generate`` request (exact token ids) measures
-time to first token and time per output token. KV figures per request:
+time to first token and time per output token; then the same prompt plus 16 new tokens (a radix-cache hit,
+like a conversation's next turn) measures the prefix hit's time to first token. KV figures per request:
 
 - ``device_kv_bytes``: KV bytes decode attention reads per step, all layers (what must sit on the
   accelerator): the whole context for dense, sink + window + selected pages for IceCache (from the server's
@@ -88,7 +89,10 @@ def run_model(model: str, path: Path, contexts: list[int], max_new: int, log_dir
         with ServerProcess(path, args, log_path=log_dir / f"{NAME}-{model}-{mode}.log") as srv:
             streamed(srv, prompt_ids(model, path, 64, 1), 4)  # warm-up
             for ctx in contexts:
-                res = streamed(srv, prompt_ids(model, path, ctx, ctx % 97), max_new)
+                ids = prompt_ids(model, path, ctx, ctx % 97)
+                res = streamed(srv, ids, max_new)
+                # next turn: the cached prompt + 16 new tokens (stock SGLang re-runs the prefix's attention)
+                res["prefix_hit_ttft_s"] = streamed(srv, ids + prompt_ids(model, path, 16, 5), 1)["ttft_s"]
                 full = res["prompt_tokens"] * per_token * layers
                 if mode == "icecache":
                     st = srv.icecache_stats()
@@ -109,14 +113,16 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in records})
-    fig, axes = plt.subplots(len(models), 3, figsize=(14, 3.8 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 4, figsize=(18, 3.8 * len(models)), squeeze=False)
     for i, model in enumerate(models):
         for j, (key, label, scale) in enumerate([("ttft_s", "time to first token (s)", 1),
+                                                 ("prefix_hit_ttft_s", "prefix hit (+16 tokens): TTFT (s)", 1),
                                                  ("tpot_s", "time per output token (ms)", 1e3),
                                                  ("device_kv_bytes", "device KV per request (MiB)", 2**-20)]):
             ax = axes[i][j]
             for mode in ("dense", "icecache"):
-                rs = sorted((r for r in records if r["model"] == model and r["mode"] == mode), key=lambda r: r["context"])
+                rs = sorted((r for r in records if r["model"] == model and r["mode"] == mode and key in r),
+                            key=lambda r: r["context"])
                 ax.plot([r["context"] for r in rs], [r[key] * scale for r in rs], "o-", label=mode)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("context (tokens)")
