@@ -1,3 +1,7 @@
+# First, before anything imports Triton (SGLang does): on a machine without CUDA this sets TRITON_INTERPRET,
+# which Triton reads when its own library functions (tl.cumsum, ...) are defined, not only ours.
+import icecache_sglang.kernels  # noqa: F401, I001
+
 import numpy as np
 import pytest
 

@@ -54,6 +54,13 @@ def test_ruler_samples_come_from_nvidias_generators_seeded_and_within_the_contex
                                       " mentioned in the provided text is")
         assert s.metric == "all" and s.max_new_tokens <= ruler.task_config("niah_single_1")["tokens_to_generate"]
     assert ruler.metric("qa_1") == "part" and ruler.metric("vt") == "all"
+    # a worked example (cwe's) stays in the user's turn with its own answer; only the last prefix starts ours
+    (cwe,) = make_samples("cwe", tokenizer, 1024, 1)
+    text = tokenizer.decode(cwe.input_ids)
+    assert text.count("<|im_start|>assistant") == 1 and ruler.SPLIT not in text
+    assert text.count("The top 10 words that appear most often in the list are:") == 2
+    assert text.endswith("<|im_start|>assistant\nAnswer: The top 10 words that appear most often in the list are:")
+    assert len(cwe.answers) == 10
     with pytest.raises(ValueError, match="unknown RULER task"):
         ruler.task_config("niah_single_9")
 
@@ -63,6 +70,9 @@ def test_a_ruler_generator_that_cannot_fit_its_haystack_fails_clearly(tokenizer,
     monkeypatch.setattr(ruler, "GENERATOR_TIMEOUT_S", 20)
     with pytest.raises(ruler.RulerError, match="did not finish qa_1 at 200 tokens"):
         ruler.generate("qa_1", tokenizer.name_or_path, 200, 1, seed=12345)
+    # and cwe below ~1k tokens makes samples with no common words to find: refused, not scored as 0/0
+    with pytest.raises(ruler.RulerError, match="without expected answers at 768 tokens"):
+        make_samples("cwe", tokenizer, 768, 1)
 
 
 def test_scoring_intervals_and_summary():

@@ -1,4 +1,5 @@
-"""python benchmarks/accuracy/run.py --preset smoke|quick|full [--out DIR] [--samples N] [--parallel N] [--fresh]"""
+"""python benchmarks/accuracy/run.py --preset smoke|quick|full [--out DIR] [--samples N] [--parallel N]
+    [--contexts N ...] [--tasks T ...] [--fresh]"""
 
 from __future__ import annotations
 
@@ -17,10 +18,16 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--samples", type=int, help="samples per task and context (overrides the preset)")
+    ap.add_argument("--contexts", type=int, nargs="+", help="only these context lengths (results: <preset>-slice)")
+    ap.add_argument("--tasks", nargs="+", help="only these tasks (results: <preset>-slice)")
     ap.add_argument("--parallel", type=int, help="requests in flight per mode (overrides the preset)")
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming the preset's JSONL")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.contexts or args.tasks:  # a slice of the preset (e.g. of "full", to check it on a CPU)
+        preset = replace(preset, name=f"{preset.name}-slice", parts=tuple(
+            replace(p, contexts=tuple(args.contexts or p.contexts), tasks=tuple(args.tasks or p.tasks))
+            for p in preset.parts))
     if args.samples:
         preset = replace(preset, parts=tuple(replace(p, samples=args.samples) for p in preset.parts))
     if args.parallel:

@@ -68,8 +68,8 @@ PRESETS = {
     "quick-extra": Preset("quick-extra", (
         Part(SMOL, (1024,), 8, ("passkey",), (64,), BASELINES_QUICK, reuse=3, dense=False),
     ), parallel=16),
-    # GPU machines: every RULER task, 8k-32k, 50 samples
-    "full": Preset("full", (Part(QWEN, (8192, 16384, 32768), 50, ("passkey", *ruler.TASKS), (64, 128, 256, 512, 1024),
+    # GPU machines: every RULER task, 8k-32k (Qwen's context is 32768 tokens with the answer), 50 samples
+    "full": Preset("full", (Part(QWEN, (8192, 16384, 32512), 50, ("passkey", *ruler.TASKS), (64, 128, 256, 512, 1024),
                                  reuse=3),)),
 }
 

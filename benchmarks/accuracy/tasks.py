@@ -76,10 +76,16 @@ def ruler_task(task: str):
         rows = ruler.generate(task, tokenizer.name_or_path, context + cfg["tokens_to_generate"] - overhead, n, seed)
         out = []
         for r in rows:
-            user, prefix = r["input"].split(ruler.SPLIT)
+            # the last separator starts the answer; earlier ones belong to worked examples (cwe, fwe, vt
+            # few-shot), where RULER's own text has the answer prefix right after the task
+            user, prefix = r["input"].rsplit(ruler.SPLIT, 1)
+            user = user.replace(ruler.SPLIT, "")
             text = wrap(user) + (prefix.lstrip() if chat else prefix)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             answers = tuple(r["outputs"])
+            if not answers:  # cwe below ~1k tokens: too few words for its 10 common ones
+                raise ruler.RulerError(f"RULER's generator made a {task} sample without expected answers at "
+                                       f"{context} tokens; use a longer context for {task}")
             ans = [len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in answers]
             need = (max(ans) if ruler.metric(task) == "part" else sum(ans) + len(ans))
             out.append(Sample(task, context, r["index"], ids, answers,
