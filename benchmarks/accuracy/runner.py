@@ -17,8 +17,8 @@ from pathlib import Path
 from icecache_sglang.launch import ServerProcess, server_env
 from icecache_sglang.models.fetch import ensure_model
 
-from .modes import BASELINES, Mode, modes
 from . import ruler
+from .modes import BASELINES, Mode, modes
 from .tasks import Sample, make_samples
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -46,7 +46,7 @@ class Preset:
     name: str
     parts: tuple[Part, ...]
     dense_layers: int = 2
-    parallel: int = 8  # requests in flight per mode: SGLang batches them (a CPU run is decode-bound)
+    parallel: int = 8  # requests in flight per mode: SGLang batches their decode steps
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
