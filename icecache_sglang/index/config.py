@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 
 MAX_PAGE_SIZE = 1024
+#: the widest search frontier (and per-cell retrieve count) a query may ask for: more than any cell holds
+MAX_FOV = 1 << 30
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -67,12 +69,14 @@ class QueryParams:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.fov is not None and (not isinstance(self.fov, int) or self.fov < 1):
-            raise ValueError(f"fov must be a positive int or None, got {self.fov!r}")
+        if self.fov is not None and (not isinstance(self.fov, int) or isinstance(self.fov, bool)
+                                     or not 1 <= self.fov <= MAX_FOV):
+            raise ValueError(f"fov must be an int in [1, {MAX_FOV}] or None, got {self.fov!r}")
         p = self.prop_to_retrieve
         if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 < p <= 1.0):
             raise ValueError(f"prop_to_retrieve must be in (0, 1], got {p!r}")
-        if not isinstance(self.num_to_retrieve, int) or self.num_to_retrieve < 0:
+        if (not isinstance(self.num_to_retrieve, int) or isinstance(self.num_to_retrieve, bool)
+                or not 0 <= self.num_to_retrieve <= MAX_FOV):
             raise ValueError(f"num_to_retrieve must be a non-negative int, got {self.num_to_retrieve!r}")
 
     def fov_for(self, n_tokens: int) -> int:

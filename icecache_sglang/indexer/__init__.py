@@ -4,32 +4,24 @@
 ``config``, ``sequences`` (copy-on-write table of indexes), ``service`` (request handling, no sockets),
 ``server`` (the child process), ``client`` (pipelining, deadlines, fallback, ledger), ``launcher``
 (spawn, ready check, restart, cleanup). See docs/architecture.md.
+
+Names are imported on first use, so a light module (``indexer.config``, ``indexer.policies``) can be
+imported without loading ZeroMQ, numba or the index.
 """
 
-from .client import (
-           IndexerClient,
-           IndexerError,
-           IndexerTimeout,
-           IndexerUnavailable,
-           Selection,
-)
-from .config import IndexerConfig
-from .keystore import KeyStore, KeyStoreSpec, PrivateDir
-from .launcher import Indexer, IndexerProcess, IndexerStartError
-from .protocol import PROTOCOL_VERSION
+from importlib import import_module
 
-__all__ = [
-           "PROTOCOL_VERSION",
-           "Indexer",
-           "IndexerClient",
-           "IndexerConfig",
-           "IndexerError",
-           "IndexerProcess",
-           "IndexerStartError",
-           "IndexerTimeout",
-           "IndexerUnavailable",
-           "KeyStore",
-           "KeyStoreSpec",
-           "PrivateDir",
-           "Selection",
-]
+_WHERE = {
+    "IndexerClient": "client", "IndexerError": "client", "IndexerTimeout": "client", "IndexerUnavailable": "client",
+    "Selection": "client", "IndexerConfig": "config", "KeyStore": "keystore", "KeyStoreSpec": "keystore",
+    "PrivateDir": "keystore", "Indexer": "launcher", "IndexerProcess": "launcher", "IndexerStartError": "launcher",
+    "PROTOCOL_VERSION": "protocol",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

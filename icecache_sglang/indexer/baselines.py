@@ -23,8 +23,7 @@ from ..index.paged_index import PagedDCIIndex
 from ..index.selection import OraclePositionalPolicy, QuestPolicy
 from ..index.selection.base import merge_rankings, rank_desc
 
-BASELINES = ("oracle_page", "oracle_positional", "quest", "streaming")
-POLICIES = ("icecache",) + BASELINES
+from .policies import BASELINES, POLICIES  # noqa: F401 - re-exported
 
 
 def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str) -> tuple[np.ndarray, np.ndarray]:

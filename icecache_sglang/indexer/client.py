@@ -2,9 +2,12 @@
 
 * Every request gets an id; replies are matched by id, so queries for several layers and steps can be in
   flight at once (``query_async`` ... ``query_result``).
-* Build, Insert, Share and Release are fire-and-forget: they return at once and their acknowledgements
-  are collected whenever the client reads the socket; an error among them is counted, logged and raised
-  by the next :meth:`IndexerClient.sync`.
+* Build, Insert, Share, Release and Reset are fire-and-forget: they return at once and their
+  acknowledgements are collected whenever the client reads the socket; an error among them is counted,
+  logged and raised by the next :meth:`IndexerClient.sync`. They **never raise for an unreachable
+  indexer**: the ledger is updated first, the write that could not be sent is counted (``unsent``) and
+  the client is marked ``diverged`` (the indexer no longer holds what the ledger says) until a
+  :meth:`replay` into a fresh indexer.
 * ``query_result(rid, timeout_s)`` never hangs: past the deadline, or when the indexer is unreachable or
   refuses the query, it returns a :class:`Selection` with ``fallback=True`` holding each sequence's most
   recent indexed pages (from the ledger), and counts the event. A late reply is dropped.
@@ -171,6 +174,7 @@ class ClientCounters:
     async_errors: int = 0
     fallbacks: int = 0
     timeouts: int = 0
+    unsent: int = 0  # writes that could not be sent (no indexer connected): in the ledger only
 
 
 @dataclass
@@ -203,6 +207,9 @@ class IndexerClient:
         self._queries: dict[int, _PendingQuery] = {}
         self._errors: list[IndexerError] = []
         self._waiting: set[int] = set()
+        self.diverged = False  # a write was lost: the indexer must be rebuilt from the ledger (replay)
+        self.last_rid = 0  # id of the last request sent
+        self.last_reply_at = time.monotonic()  # when the indexer last answered anything
         self.connect(endpoint)
 
     # ------------------------------------------------------------------ socket
@@ -243,6 +250,7 @@ class IndexerClient:
                     raise IndexerUnavailable(f"no indexer connected at {self.endpoint}") from None
                 time.sleep(0.002)
         self.counters.sent += 1
+        self.last_rid = rid
         return rid
 
     def _read(self, timeout_ms: int) -> bool:
@@ -256,6 +264,7 @@ class IndexerClient:
             logger.error("unreadable reply from the indexer dropped: %s", e)
             return True
         self.counters.replies += 1
+        self.last_reply_at = time.monotonic()
         if rep.id in self._acks:
             self._acks.discard(rep.id)
             if not rep.ok:
@@ -284,6 +293,9 @@ class IndexerClient:
             while rid not in self._replies:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self.poll()  # a reply that has already arrived counts, even with no time left
+                    if rid in self._replies:
+                        break
                     raise IndexerTimeout(f"no reply to request {rid} within {timeout_s:.3f} s")
                 self._read(max(1, int(left * 1000)))
         finally:
@@ -300,7 +312,16 @@ class IndexerClient:
         return (rep.result, out) if out else rep.result
 
     def _ack(self, op, arrays: dict | None = None) -> int:
-        rid = self.submit(op, arrays)
+        """Send a write; -1 (and ``diverged``) when no indexer is connected: the ledger has it anyway."""
+        try:
+            rid = self.submit(op, arrays)
+        except IndexerUnavailable:
+            self.counters.unsent += 1
+            if not self.diverged:
+                logger.warning("indexer unreachable at %s: writes are kept in the ledger until it is rebuilt",
+                               self.endpoint)
+            self.diverged = True
+            return -1
         self._acks.add(rid)
         return rid
 
@@ -308,6 +329,11 @@ class IndexerClient:
         """Fire-and-forget requests not acknowledged yet (after collecting what has arrived)."""
         self.poll()
         return len(self._acks)
+
+    def acked_through(self, rid: int) -> bool:
+        """Whether every fire-and-forget request up to ``rid`` is acknowledged (after collecting replies)."""
+        self.poll()
+        return all(a > rid for a in self._acks)
 
     def sync(self, timeout_s: float | None = None) -> None:
         """Wait until every fire-and-forget request is acknowledged; raise the first error among them."""
@@ -330,8 +356,8 @@ class IndexerClient:
             raise ValueError(f"slots must be a 1-D integer array, got {s.dtype} {s.shape}")
         return s.astype(np.int32 if s.size == 0 or s.max() < 2**31 else np.int64)
 
-    # Writes update the ledger before they are sent, so a write that fails to send (IndexerUnavailable)
-    # is still replayed by the next restart.
+    # Writes update the ledger before they are sent, so a write that cannot be sent is still replayed by
+    # the next restart.
     def build(self, seq: int, layers, slots) -> int:
         s = self._slots(slots)
         self.ledger.build(seq, list(layers), s)
@@ -365,7 +391,9 @@ class IndexerClient:
         self.call(p.Shutdown(), timeout_s=timeout_s)
 
     def replay(self) -> int:
-        """Rebuild a fresh indexer from the ledger; returns the number of Build requests sent."""
+        """Rebuild a fresh indexer from the ledger; returns the number of Build requests sent (``diverged``
+        again if one of them could not be sent)."""
+        self.diverged = False
         reqs = self.ledger.replay()
         for op, slots in reqs:
             self._ack(op, {"slots": self._slots(slots)})
@@ -374,14 +402,15 @@ class IndexerClient:
     # ------------------------------------------------------------------ queries
     def query_async(self, layer: int, seqs, q: np.ndarray, n_pages: int, *, fov: int | None = None,
                     prop_to_retrieve: float = 0.8, num_to_retrieve: int = 0, want_slots: bool = True,
-                    q_dtype: str | None = None, policy: str = "icecache") -> int:
+                    q_dtype: str | None = None, policy: str = "icecache", expires_at: float | None = None) -> int:
         """Send a Query for ``q [B, H_q, d]`` (float32/float16, or raw bfloat16 words with
         ``q_dtype="bfloat16"``); returns an id for :meth:`query_result`. Never raises for an unreachable
-        indexer: the result will be a fallback."""
+        indexer: the result will be a fallback. ``expires_at`` (``time.monotonic()``): the indexer skips
+        the query if it reads it later than that."""
         seqs = [int(s) for s in seqs]
         op = p.Query(layer=int(layer), seqs=seqs, n_pages=int(n_pages), fov=fov,
                      prop_to_retrieve=float(prop_to_retrieve), num_to_retrieve=int(num_to_retrieve),
-                     want_slots=want_slots, policy=policy)
+                     want_slots=want_slots, policy=policy, expires_at=expires_at)
         pending = _PendingQuery(int(layer), seqs, int(n_pages), want_slots)
         arr = (q, q_dtype) if q_dtype else q
         try:
@@ -416,6 +445,10 @@ class IndexerClient:
     def query(self, layer: int, seqs, q: np.ndarray, n_pages: int, timeout_s: float | None = None,
               **kw) -> Selection:
         return self.query_result(self.query_async(layer, seqs, q, n_pages, **kw), timeout_s)
+
+    def fallback(self, layer: int, seqs, n_pages: int, reason: str, want_slots: bool = True) -> Selection:
+        """A fallback selection without asking the indexer (it is known not to be serving)."""
+        return self._fallback(_PendingQuery(int(layer), [int(s) for s in seqs], int(n_pages), want_slots), reason)
 
     def _fallback(self, pending: _PendingQuery, reason: str) -> Selection:
         self.counters.fallbacks += 1

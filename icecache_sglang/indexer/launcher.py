@@ -28,6 +28,7 @@ from .server import indexer_main, process_name, unlink_endpoint
 logger = logging.getLogger("icecache.indexer")
 
 READY_TIMEOUT_S = 600.0  # a cold numba cache compiles for a few minutes on a small machine
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class IndexerStartError(RuntimeError):
@@ -38,14 +39,26 @@ class IndexerProcess:
     def __init__(self, config: IndexerConfig):
         self.config = config
         self.proc: mp.process.BaseProcess | None = None
+        self._ready = None  # the read end of the ready-report pipe, until the report is read
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> IndexerProcess:
+        """Spawn the process and wait until it reports ready (or raise :class:`IndexerStartError`)."""
+        return self.spawn().wait_ready(timeout_s)
+
+    def spawn(self) -> IndexerProcess:
+        """Start the child without waiting for it. Call this from a thread that outlives the child (the
+        scheduler's): Linux sends the child its parent-death signal when the *thread* that forked it ends."""
         ctx = mp.get_context("spawn")
-        recv_conn, send_conn = ctx.Pipe(duplex=False)
+        self._ready, send_conn = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=indexer_main, args=(self.config.to_json(), send_conn, os.getpid()),
                                 name=process_name(self.config.rank), daemon=True)
         self.proc.start()
         send_conn.close()
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> IndexerProcess:
+        """Wait for the spawned child's ready report (any thread may wait)."""
+        recv_conn = self._ready
         deadline = time.monotonic() + timeout_s
         msg = None
         while time.monotonic() < deadline:
@@ -72,6 +85,27 @@ class IndexerProcess:
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process has used (user + system, all threads); None where /proc cannot tell."""
+        if self.proc is None or self.proc.pid is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15 of stat)
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def stopped(self) -> bool:
+        """Whether the process is stopped (SIGSTOP, a debugger): alive, but it will not answer."""
+        if self.proc is None or self.proc.pid is None:
+            return False
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+        except (OSError, IndexError):
+            return False
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``."""
         if self.proc is None:
@@ -87,7 +121,10 @@ class IndexerProcess:
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(5.0)
-        unlink_endpoint(self.config.endpoint)
+        try:
+            unlink_endpoint(self.config.endpoint)
+        except OSError as e:  # something that is not our socket sits there: leave it, say so
+            logger.warning("indexer endpoint %s not removed: %s", self.config.endpoint, e)
 
 
 class Indexer:
@@ -120,15 +157,33 @@ class Indexer:
 
     def restart(self) -> int:
         """Replace the process (killing it if it still runs) on a fresh socket and rebuild every sequence
-        the ledger knows; returns the number of Build requests replayed."""
+        the ledger knows; returns the number of Build requests replayed. Blocks until the new process is
+        up; :meth:`replacement` + :meth:`adopt` do the same in two halves, so the wait can happen off the
+        caller's thread."""
         self.process.kill()
+        return self.adopt(self.replacement().start())
+
+    def replacement(self) -> IndexerProcess:
+        """A not yet started process for the same configuration on a fresh socket. Waiting for it to be
+        ready touches neither the client nor the current process, so it may happen in another thread."""
         self.restarts += 1
-        self.config = replace(self.config,
-                              endpoint=self.dir.endpoint(f"indexer-r{self.config.rank}-{self.restarts}.sock"))
-        self.process = IndexerProcess(self.config).start()
-        self.client.is_alive = self.process.is_alive
-        self.client.connect(self.config.endpoint)
-        self.client.ping(timeout_s=max(self.client.timeout_s, 10.0))
+        cfg = replace(self.config, endpoint=self.dir.endpoint(f"indexer-r{self.config.rank}-{self.restarts}.sock"))
+        return IndexerProcess(cfg)
+
+    def adopt(self, process: IndexerProcess, ping_timeout_s: float = 10.0) -> int:
+        """Make a started replacement the rank's indexer: connect, check it answers, replay the ledger.
+        Returns the number of Build requests replayed. Raises (and kills it) if it does not answer."""
+        old = self.process
+        self.process, self.config = process, process.config
+        self.client.is_alive = process.is_alive
+        self.client.connect(process.config.endpoint)
+        try:
+            self.client.ping(timeout_s=ping_timeout_s)
+        except Exception:
+            process.kill()
+            raise
+        if old is not process:
+            old.kill()
         n = self.client.replay()
         logger.warning("indexer for rank %d restarted (%d): %d builds replayed", self.config.rank, self.restarts, n)
         return n

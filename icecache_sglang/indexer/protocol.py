@@ -81,6 +81,10 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     num_to_retrieve: int = 0
     want_slots: bool = True
     policy: str = "icecache"
+    #: ``time.monotonic()`` (CLOCK_MONOTONIC, shared by the processes of one host) after which nobody waits
+    #: for the answer: the indexer skips the search and replies ``expired``, so a backlog queued while it
+    #: was stopped or slow costs nothing once it runs again
+    expires_at: float | None = None
 
 
 class Share(msgspec.Struct, tag=True, frozen=True):
@@ -172,6 +176,7 @@ class StatsResult(msgspec.Struct, tag=True):
     query_us_total: float
     busy_us_total: float
     indexed_tokens: int = 0  # tokens received by Build/Insert, summed over layers (shares index nothing)
+    expired: int = 0  # queries skipped because their ``expires_at`` had passed
 
 
 Result = Pong | Done | QueryResult | StatsResult

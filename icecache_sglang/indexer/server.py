@@ -162,6 +162,7 @@ def _answer(service, body: list) -> tuple[list, bool]:
 
 
 def unlink_endpoint(endpoint: str) -> None:
+    """Remove a socket file left at ``endpoint``; raises ``OSError`` when something else sits there."""
     path = endpoint[len("ipc://"):]
     try:
         os.unlink(path)

@@ -37,7 +37,7 @@ class IndexerService:
         self.C = config.page_size
         self.table = SequenceTable(lambda: PagedDCIIndex(self.H, self.d, config=config.index),
                                    trim_rebuild_ratio=config.trim_rebuild_ratio)
-        self.requests = self.errors = self.queries = self.query_rows = 0
+        self.requests = self.errors = self.queries = self.query_rows = self.expired = 0
         self.query_us_total = self.busy_us_total = 0.0
         self._handlers = {p.Ping: self._ping, p.Build: self._build, p.Insert: self._insert, p.Query: self._query,
                           p.Share: self._share, p.Release: self._release, p.Reset: self._reset,
@@ -49,8 +49,8 @@ class IndexerService:
         t0 = time.perf_counter()
         try:
             return self._handlers[type(req.op)](req.op, arrays, {a.name: a.dtype for a in req.arrays})
-        except p.ProtocolError:
-            self.errors += 1
+        except p.ProtocolError as e:
+            self.errors += e.code != "expired"  # an expired query is the client's deadline, not an error
             raise
         except ValueError as e:  # the index refused an input (NaN keys, wrong shapes, ...)
             self.errors += 1
@@ -136,6 +136,9 @@ class IndexerService:
             raise _bad(str(e)) from None
         if op.policy not in POLICIES:
             raise _bad(f"unknown policy {op.policy!r}; known: {list(POLICIES)}")
+        if op.expires_at is not None and time.monotonic() > op.expires_at:
+            self.expired += 1
+            raise _bad(f"query expired {time.monotonic() - op.expires_at:.3f} s before it was read", "expired")
         if set(arrays) != {"q"}:
             raise _bad(f"expected exactly one array named 'q', got {sorted(arrays)}", "bad_array")
         if dtypes["q"] not in ("float32", "float16", "bfloat16"):
@@ -209,5 +212,5 @@ class IndexerService:
             index_bytes=sum(e.index.nbytes() for e in distinct), state_slots=len(self.table.states), requests=self.requests, errors=self.errors,
             builds=c.builds, inserts=c.inserts, queries=self.queries, query_rows=self.query_rows, shares=c.shares,
             copies=c.copies, trims=c.trims, rebuilds=sum(e.index.rebuilds for e in distinct),
-            indexed_tokens=c.indexed_tokens,
+            indexed_tokens=c.indexed_tokens, expired=self.expired,
             query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)

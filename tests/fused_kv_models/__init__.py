@@ -1,0 +1,1 @@
+"""A test model package for ``SGLANG_EXTERNAL_MODEL_PACKAGE`` (tests/test_server_faults.py)."""
