@@ -65,8 +65,10 @@ class ServerProcess:
     """One SGLang server. ``args``: extra launch flags. Use as a context manager or call start()/stop()."""
 
     def __init__(self, model_path: str | Path, args: list[str] = (), port: int | None = None,
-                 log_path: str | Path | None = None, cpu: bool | None = None, env: dict | None = None):
+                 log_path: str | Path | None = None, cpu: bool | None = None, env: dict | None = None,
+                 api_key: str | None = None):
         self.model_path = str(model_path)
+        self.api_key = api_key  # sent as a bearer token by the helpers below (--api-key / --admin-api-key)
         self.cpu = (not has_cuda()) if cpu is None else cpu
         self.port = port or free_port()
         self.args = list(args)
@@ -136,9 +138,14 @@ class ServerProcess:
         self.stop()
 
     # ------------------------------------------------------------------ small client helpers
-    def post(self, path: str, payload: dict, timeout_s: float = 600.0) -> dict:
+    def _headers(self, key: str | None) -> dict:
+        key = self.api_key if key is None else key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def post(self, path: str, payload: dict, timeout_s: float = 600.0, key: str | None = None) -> dict:
+        """POST JSON; ``key`` overrides the server's API key ("" sends none)."""
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **self._headers(key)})
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             body = r.read()
         try:
@@ -146,8 +153,9 @@ class ServerProcess:
         except ValueError:
             return {"text": body.decode(errors="replace")}
 
-    def get(self, path: str, timeout_s: float = 30.0) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as r:
+    def get(self, path: str, timeout_s: float = 30.0, key: str | None = None) -> dict:
+        req = urllib.request.Request(self.url + path, headers=self._headers(key))
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
             body = r.read()
         try:
             return json.loads(body)
@@ -162,13 +170,17 @@ class ServerProcess:
             payload["text"] = text
         return self.post("/generate", payload)
 
-    def set_icecache(self, **settings) -> dict:
+    def set_icecache(self, key: str | None = None, **settings) -> dict:
         """``POST /icecache/config``: change budget_tokens / selection / query / selection_deadline_ms on the
-        running server; the next forward pass runs with them. Raises ValueError with the server's reason."""
+        running server; the next forward pass runs with them. Raises ValueError with the server's reason
+        (``PermissionError`` when the key is refused)."""
         try:
-            return self.post("/icecache/config", settings, timeout_s=30.0)
+            return self.post("/icecache/config", settings, timeout_s=30.0, key=key)
         except urllib.error.HTTPError as e:
-            raise ValueError(json.loads(e.read() or b"{}").get("error", str(e))) from None
+            reason = json.loads(e.read() or b"{}").get("error", str(e))
+            if e.code in (401, 403):
+                raise PermissionError(f"{e.code}: {reason}") from None
+            raise ValueError(reason) from None
 
     def icecache_stats(self, rank: int = 0, wait_s: float = 1.2) -> dict:
         """The rank's IceCache snapshot; waits ``wait_s`` first so it reflects what just happened."""

@@ -2,8 +2,10 @@
 
 ``from_cli_args`` copies only declared ``ServerArgs`` fields, so the validated configuration travels to
 SGLang's spawned scheduler processes in the environment variable ``SGLANG_ICECACHE_CONFIG`` (children
-inherit the launcher's environment). The same hook selects the ``icecache`` attention backend. A bad flag
-stops the launch with ``sglang: error: ...`` and exit status 2, like any argparse error.
+inherit the launcher's environment), with the server's private run directory (``$ICECACHE_RUN_DIR``,
+``runtime/rundir.py``). The same hook selects the ``icecache`` attention backend. A bad flag stops the
+launch with ``sglang: error: ...`` and exit status 2, like any argparse error; a model IceCache cannot
+serve (sliding window, hybrid, MLA) stops it when the scheduler builds the backend, with the reason.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def _add_cli_args(result, parser, *args, **kwargs):
         return result
     group = parser.add_argument_group("IceCache (icecache-sglang)")
     group.add_argument("--enable-icecache", action="store_true",
-                       help="Keep the full KV cache in host memory and decode over sink + recent window + the "
-                            "pages an M-DCI index selects per KV head (IceCache).")
+                       help="IceCache sparse decoding: each decode step attends to sink + recent window + the "
+                            "pages a per-KV-head M-DCI index (a separate CPU process) selects, within "
+                            "budget_tokens per request. Today the whole KV cache stays in SGLang's own pool "
+                            "(device memory on a GPU); moving it to host memory is not built yet.")
     group.add_argument("--icecache-config", type=str, default=None,
                        help="IceCache settings as one JSON object, e.g. '{\"budget_tokens\": 512}'. Keys: "
                             "budget_tokens, page_size, sink_tokens, window_tokens, dense_layers, layer_reuse, "
@@ -57,8 +61,14 @@ def unsupported_options(args) -> list[str]:
         problems.append(f"--attention-backend {backend}: IceCache runs its own attention backend "
                         f"({BACKEND_NAME}); leave the flag out or use torch_native")
     for flag in ("prefill_attention_backend", "decode_attention_backend"):
-        if get(flag) not in COMPATIBLE_BACKENDS:
-            problems.append(f"--{flag.replace('_', '-')} {get(flag)} cannot be combined with --enable-icecache")
+        # any other backend for one phase makes SGLang build a hybrid backend: prefill would never store keys
+        # for the index, or decode would never be sparse
+        if get(flag) not in (None, BACKEND_NAME):
+            problems.append(f"--{flag.replace('_', '-')} {get(flag)}: IceCache runs both prefill and decode in its "
+                            f"own attention backend; leave the flag out")
+    if get("enable_mixed_chunk"):
+        problems.append("--enable-mixed-chunk: decode requests batched with a prefill chunk would attend densely "
+                        "and unaccounted; leave the flag out with --enable-icecache")
     if get("is_embedding"):
         problems.append("embedding models do not decode; --enable-icecache does not apply")
     return problems
@@ -104,8 +114,26 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
     server_args = original(cls, args, *rest, **kwargs)
     server_args.attention_backend = BACKEND_NAME
     os.environ[ENV_VAR] = cfg.to_json()
-    os.environ["ICECACHE_SERVER_PORT"] = str(getattr(args, "port", 0))
+    _run_dir().export()  # the private directory this server's HTTP process and ranks exchange files in
     return server_args
+
+
+_RUN_DIR = None
+
+
+def _run_dir():
+    """One private run directory per launching process (removed when it exits)."""
+    global _RUN_DIR
+    from icecache_sglang.runtime.rundir import RunDir, RunDirError
+
+    if _RUN_DIR is not None:
+        try:
+            _RUN_DIR.verify()
+            return _RUN_DIR
+        except RunDirError:
+            pass
+    _RUN_DIR = RunDir.create()
+    return _RUN_DIR
 
 
 def install() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ pytest.importorskip("sglang", reason="the server tests need the 'server' set-up 
 
 from icecache_sglang.launch import server_env
 from icecache_sglang.runtime.config import ENV_VAR, IceCacheConfig
+from icecache_sglang.runtime.rundir import ENV_RUN_DIR
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,10 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     cfg = {"budget_tokens": 512, "window_tokens": 64}
     args = parse("--enable-icecache", "--icecache-config", json.dumps(cfg))
     assert args.attention_backend == "icecache"
+    # the server's private run directory, for its HTTP process and schedulers (stats, control)
+    run_dir = os.environ[ENV_RUN_DIR]
+    st = os.lstat(run_dir)
+    assert stat.S_ISDIR(st.st_mode) and st.st_mode & 0o777 == 0o700 and st.st_uid == os.getuid()
     got = IceCacheConfig.from_json(os.environ[ENV_VAR])
     assert (got.budget_tokens, got.window_tokens) == (512, 64)
     # decode selects pages on the host between layers: SGLang's decode graphs are off, as for torch_native
@@ -71,6 +77,15 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--icecache-config", '{"decode_attention": "cuda"}'], "decode_attention must be one of"),
     (["--enable-icecache", "--icecache-config", '{"decode_attention": "flashinfer"}'], "needs a CUDA GPU"),
     (["--enable-icecache", "--icecache-config", '{"selection": "h2o"}'], "selection must be one of"),
+    (["--enable-icecache", "--icecache-config", '{"budget_tokens": 1073741824}'],
+     "budget_tokens (1073741824) asks for 67108860 pages per KV head; the indexer selects at most 4096"),
+    (["--enable-icecache", "--icecache-config", '{"selection_deadline_ms": 1e9}'], "selection_deadline_ms must be"),
+    (["--enable-icecache", "--icecache-config", '{"query": {"fov": 4611686018427387904}}'], "fov must be an int in"),
+    (["--enable-icecache", "--icecache-config", '{"max_restarts": -1}'], "max_restarts must be"),
+    (["--enable-icecache", "--prefill-attention-backend", "torch_native"],
+     "--prefill-attention-backend torch_native: IceCache runs both prefill and decode"),
+    (["--enable-icecache", "--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
+    (["--enable-icecache", "--enable-mixed-chunk"], "--enable-mixed-chunk: decode requests batched"),
 ])
 def test_bad_flags_fail_with_the_reason(parse, capsys, argv, needle):
     err = fails(parse, capsys, *argv)

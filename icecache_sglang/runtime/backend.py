@@ -1,20 +1,30 @@
 """The ``icecache`` attention backend: dense prefill, sparse decode over sink + selected pages + recent tokens.
 
-One instance per TP rank (in SGLang's scheduler process). It owns the rank's indexer (process, key store,
-client) and a :class:`SequenceTracker`. Per forward pass:
+One instance per TP rank (in SGLang's scheduler process). It is SGLang's side of IceCache and delegates
+each job to its own module:
 
-- **extend (prefill chunk)**: dense attention of the new tokens over their prefix (``attention/extend.py``:
-  SGLang's torch_native math without its re-prefill of a cached prefix); each anchor layer's keys are
-  also written to the key store at their KV slots; after the last layer, every request longer than the
-  budget is indexed up to its recent window (a prefix hit first takes the cached prefix's index).
+| job | where |
+|---|---|
+| the rank's indexer: launch, health, restarts, stuck detection | ``supervisor.py`` (``IndexerSupervisor``) |
+| which request has which index (rows, KV slots, prefix reuse) | ``sequences.py`` (``SequenceTracker``) |
+| a decode step's queries under one deadline, fallbacks | ``selection.py`` (``Selector``) |
+| the sparse attention over a plan | ``attention/`` (``SparseDecodeAttention`` over a ``DecodePlan``) |
+| settings changed on a running server | ``control.py`` (files in the private ``rundir.py``) |
+| figures: counters, snapshot thread, Prometheus | ``metrics.py``, ``publisher.py`` |
+
+Per forward pass:
+
+- **extend (prefill chunk)**: dense attention of the new tokens over their prefix (``attention/extend.py``);
+  each anchor layer's keys, as the KV pool holds them, are also written to the key store at their slots;
+  after the last layer, every request longer than the budget is indexed up to its recent window (a prefix
+  hit first takes the cached prefix's index).
 - **decode**: ``init_forward_metadata`` brings each request's index up to date (window's oldest tokens,
-  in page-size blocks). At each anchor layer, one indexer query selects ``n_pages`` pages per KV head for
-  every sparse request; the plan (sink + those pages' slots + the tokens after the indexed range) serves
-  that layer and the ``layer_reuse - 1`` layers after it. Requests within the budget, and the first
-  ``dense_layers`` layers, attend to everything.
+  in page-size blocks) and starts the step's selection (one deadline for the whole step). At each anchor
+  layer, one indexer query selects pages per KV head for every sparse request; the plan (sink + those
+  pages' slots + the tokens after the indexed range) serves that layer and the ``layer_reuse - 1`` layers
+  after it. Requests within the budget, and the first ``dense_layers`` layers, attend to everything.
 
-If the indexer does not answer by the selection deadline, the client's fallback (most recent indexed
-pages) is used and counted; a dead indexer is restarted (at most ``MAX_RESTARTS`` in ``RESTART_WINDOW_S``).
+A fault in the indexer costs selection quality, never the scheduler: see ``supervisor.py``.
 """
 
 from __future__ import annotations
@@ -22,9 +32,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,32 +39,45 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from ..indexer.client import (
-    IndexerClient,
-    IndexerError,
-    IndexerTimeout,
-    IndexerUnavailable,
-    Selection,
-)
 from ..indexer.launcher import Indexer
 from . import events
 from .attention import DecodePlan, SparseDecodeAttention, decode_attention_for
 from .attention.extend import extend_attention
 from .config import IceCacheConfig, IceCacheConfigError
-from .control import control_path, read_control
-from .metrics import IceCacheMetrics, PrometheusExport, snapshot_path, write_snapshot
+from .control import read_control, updated
+from .metrics import IceCacheMetrics
+from .publisher import SnapshotPublisher
+from .rundir import CONTROL_FILE, RunDir, RunDirError
+from .selection import Selector, StepSelection
 from .sequences import SequenceTracker
+from .supervisor import IndexerSupervisor
 
 logger = logging.getLogger(__name__)
 
 KEY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-MAX_RESTARTS = 5
-RESTART_WINDOW_S = 600.0
-SNAPSHOT_EVERY_S = 0.5
 LOG_EVERY_STEPS = 40
-#: how long indexing one token of one KV head of one layer may take before a decode step stops waiting for
-#: it (a 128k-token build of 8 heads takes ~14 s on 2 cores: ~14 us per token-head; twice that, here)
-BUILD_S_PER_TOKEN_HEAD = 30e-6
+
+
+def model_problems(model_runner) -> list[str]:
+    """Why this model cannot run with IceCache (empty when it can). The sparse path attends over every
+    layer's full-attention KV pool: it would ignore a sliding window and index the wrong buffers of a
+    hybrid (SWA or linear-attention) pool."""
+    problems = []
+    if getattr(model_runner, "use_mla_backend", False):
+        problems.append("multi-head latent attention (MLA) models are not supported; IceCache indexes per-KV-head keys")
+    if getattr(model_runner, "is_hybrid_swa", False):
+        problems.append("hybrid sliding-window models (interleaved local and global layers) are not supported")
+    elif getattr(model_runner, "sliding_window_size", None) is not None:
+        problems.append(f"sliding-window attention (window {model_runner.sliding_window_size}) is not supported: "
+                        "the sparse decode would attend beyond the window")
+    try:
+        from sglang.srt.configs.hybrid_arch import mambaish_config
+
+        if mambaish_config(model_runner.model_config) is not None:
+            problems.append("hybrid linear-attention / state-space models are not supported")
+    except (ImportError, AttributeError):
+        pass
+    return problems
 
 
 @dataclass
@@ -69,13 +89,14 @@ class _Step:
     sparse: np.ndarray  # batch entries decoded sparsely
     seqs: list[int]
     fixed: list[tuple[np.ndarray, np.ndarray]]  # per batch entry: (slots before, slots after) the selected pages
+    n_pages: int  # pages per KV head asked for (the budget's, at most the longest index's token count)
+    selection: StepSelection
     plans: dict[int, DecodePlan] = field(default_factory=dict)  # anchor layer -> plan
-    selection_s: float = 0.0
-    pages: int = 0
 
 
 class _RowEvents:
-    """Attached to SGLang's ReqToTokenPool (``attach_aux_cache``): row lifecycle -> tracker."""
+    """Attached to SGLang's ReqToTokenPool (``attach_aux_cache``): row lifecycle -> tracker. An error here
+    is logged, never raised into SGLang's request bookkeeping (it would cost at most an index left behind)."""
 
     def __init__(self, backend: IceCacheAttnBackend, capacity: int):
         self.backend = backend
@@ -85,10 +106,16 @@ class _RowEvents:
         pass
 
     def free(self, row: int) -> None:
-        self.backend.tracker.row_freed(int(row))
+        try:
+            self.backend.tracker.row_freed(int(row))
+        except Exception:
+            logger.exception("IceCache: releasing row %s failed", row)
 
     def clear(self) -> None:
-        self.backend.tracker.clear()
+        try:
+            self.backend.tracker.clear()
+        except Exception:
+            logger.exception("IceCache: clearing the tracker failed")
 
     def reset_allocator(self) -> None:
         pass
@@ -98,12 +125,13 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner, config: IceCacheConfig | None = None, attention: SparseDecodeAttention | None = None):
         super().__init__(model_runner)
         cfg = config or IceCacheConfig.from_env() or IceCacheConfig()
-        self.cfg = cfg
+        self.launch_cfg = self.cfg = cfg
         pool = self.token_to_kv_pool
-        if getattr(model_runner, "use_mla_backend", False):
-            raise IceCacheConfigError("--enable-icecache supports multi-head / grouped-query attention models, not MLA")
+        problems = model_problems(model_runner)
         if pool.dtype not in KEY_DTYPES:
-            raise IceCacheConfigError(f"--enable-icecache needs a float32/float16/bfloat16 KV cache, got {pool.dtype}")
+            problems.append(f"IceCache needs a float32/float16/bfloat16 KV cache, got {pool.dtype}")
+        if problems:
+            raise IceCacheConfigError("--enable-icecache cannot serve this model: " + "; ".join(problems))
         self.num_layers = pool.layer_num
         self.H, self.d = pool.head_num, pool.head_dim
         self.v_d = getattr(pool, "v_head_dim", pool.head_dim)
@@ -120,70 +148,65 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         from sglang.srt.runtime_context import get_parallel
 
         rank = get_parallel().tp_rank
-        self.indexer = Indexer.launch(num_layers=len(self.anchors), num_kv_heads=self.H, head_dim=self.d,
-                                      num_slots=self.num_slots, rank=rank, key_dtype=KEY_DTYPES[pool.dtype],
-                                      index=cfg.index_config(), threads=cfg.indexer_threads,
-                                      timeout_s=cfg.selection_deadline_ms / 1e3)
-        self.tracker = SequenceTracker(self.indexer.client, list(range(len(self.anchors))), self.num_slots,
+        self.metrics = m = IceCacheMetrics(rank=rank)
+        indexer = Indexer.launch(num_layers=len(self.anchors), num_kv_heads=self.H, head_dim=self.d,
+                                 num_slots=self.num_slots, rank=rank, key_dtype=KEY_DTYPES[pool.dtype],
+                                 index=cfg.index_config(), threads=cfg.indexer_threads,
+                                 timeout_s=cfg.selection_deadline_ms / 1e3)
+        self.supervisor = IndexerSupervisor(indexer, m, max_restarts=cfg.max_restarts,
+                                            restart_window_s=cfg.restart_window_s)
+        self.selector = Selector(self.supervisor, self.H, len(self.anchors), m)
+        self.tracker = SequenceTracker(indexer.client, list(range(len(self.anchors))), self.num_slots,
                                        sink=cfg.sink_tokens, window=cfg.window_tokens, budget=cfg.budget_tokens,
                                        block=cfg.page_size)
         self.attention = attention or decode_attention_for(cfg.decode_attention, pool.device)
         self.query_params = cfg.query_params()
-        self.metrics = IceCacheMetrics(rank=rank)
-        self.prometheus = PrometheusExport(rank)
         elem = pool.dtype.itemsize
-        self.metrics.host_kv_bytes = self.num_slots * self.num_layers * self.H * (self.d + self.v_d) * elem
-        self.metrics.key_store_bytes = self.indexer.store.keys.nbytes
+        bufs = [t for name in ("k_buffer", "v_buffer") for t in (getattr(pool, name, None) or [])]
+        m.kv_pool_bytes = (sum(t.numel() * t.element_size() for t in bufs) if bufs  # the tensors SGLang allocated
+                           else self.num_slots * self.num_layers * self.H * (self.d + self.v_d) * elem)
+        m.key_store_bytes = indexer.store.spec.nbytes
         self._token_kv_bytes = self.H * (self.d + self.v_d) * elem  # one token, one layer
-        self._restarts: deque[float] = deque()
         self._step: _Step | None = None
-        self._acked_tokens = 0  # tracker.counters.indexed_tokens the indexer had acknowledged at the last step
+        self._acked_tokens = 0  # tracker.counters.indexed_tokens at the last step (writes since are waited for)
         self.last_layer = self.num_layers - 1
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))
         events.subscribe(self.tracker.slots_freed, self.tracker.clear)
         self.config_version = 0
-        self._control_path, self._control_mtime = control_path(), None
-        self._closed = threading.Event()
-        threading.Thread(target=self._publisher, name="icecache-stats", daemon=True).start()
+        self.run_dir = RunDir.from_env()
+        if self.run_dir is None:
+            logger.warning("IceCache: no run directory ($ICECACHE_RUN_DIR): /icecache/stats and /icecache/config "
+                           "are unavailable for this rank")
+        self._control_mtime = None
+        self.publisher = SnapshotPublisher(rank, self.run_dir, self.collect)
         atexit.register(self.close)
         logger.info("IceCache on rank %d: %s; %d anchor layers of %d, decode attention %s, indexer pid %s, "
                     "key store %s", rank, cfg.to_json(), len(self.anchors), self.num_layers,
-                    type(self.attention).__name__, self.indexer.process.pid,
-                    self.indexer.store.spec.path)
+                    type(self.attention).__name__, indexer.process.pid, indexer.store.spec.path)
+
+    @property
+    def indexer(self) -> Indexer:
+        return self.supervisor.indexer
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        self._closed.set()
         events.unsubscribe(self.tracker.slots_freed, self.tracker.clear)
-        snapshot_path(self.metrics.rank).unlink(missing_ok=True)  # a later server on this port starts clean
+        self.publisher.close(self.metrics.rank)
         try:
-            self.indexer.close()
+            self.supervisor.close()
         except Exception as e:  # noqa: BLE001 - best effort at exit
             logger.info("IceCache indexer close: %s", e)
 
-    def _ensure_indexer(self) -> None:
-        if self.indexer.process.is_alive():
-            return
-        now = time.monotonic()
-        while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
-            self._restarts.popleft()
-        if len(self._restarts) >= MAX_RESTARTS:
-            return  # crash loop: keep serving on fallback selections
-        self._restarts.append(now)
-        logger.warning("IceCache indexer (rank %d) is dead: restarting (%d in the last %.0f s)",
-                       self.metrics.rank, len(self._restarts), RESTART_WINDOW_S)
-        try:
-            self.indexer.restart()
-            self.metrics.indexer_restarts += 1
-        except Exception:
-            logger.exception("IceCache indexer restart failed; decoding continues on fallback selections")
-
     # ------------------------------------------------------------------ keys -> key store
-    def _store_keys(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor | None) -> None:
+    def _store_keys(self, layer_id: int, loc: torch.Tensor | None) -> None:
+        """Copy the keys the KV pool holds at ``loc`` for an anchor layer into the key store. Read from the
+        pool, not from the attention call's ``k``: models that fuse RoPE with the KV write (SGLang's
+        ``enable_fused_set_kv_buffer``: gpt-oss, Qwen3-MoE, ... on CUDA) pass ``save_kv_cache=False``, and
+        the pool is what the sparse attention will read."""
         i = self.store_layer.get(layer_id)
-        if i is None or k is None or loc is None or loc.numel() == 0:
+        if i is None or loc is None or loc.numel() == 0:
             return
-        k = k.detach().reshape(-1, self.H, self.d)
+        k = self.token_to_kv_pool.get_key_buffer(layer_id)[loc.to(torch.int64)].detach().reshape(-1, self.H, self.d)
         if k.dtype == torch.bfloat16:
             k = k.view(torch.int16)
         self.indexer.store.write(i, loc.detach().cpu().numpy(), k.cpu().numpy())
@@ -193,29 +216,33 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         super().init_forward_metadata(forward_batch)
         self._step = None
         self._check_control()  # POST /icecache/config: applied between two forward passes
+        self.supervisor.poll()
         mode = forward_batch.forward_mode
         if not mode.is_decode() or forward_batch.batch_size == 0:
             return
-        self._ensure_indexer()
         rows, lens = self._rows_and_lens(forward_batch)
         sparse = []
         for b, (row, n) in enumerate(zip(rows, lens)):
-            if n <= self.cfg.budget_tokens and not self.tracker.is_sparse(row):
+            if n <= self.cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
                 continue
             if self.tracker.update(row, self._row_slots(row, n), n, block=self.cfg.page_size):
                 sparse.append(b)
         if sparse:
-            self._await_writes()
+            new_tokens = self.tracker.counters.indexed_tokens - self._acked_tokens
+            self._acked_tokens = self.tracker.counters.indexed_tokens
+            selection = self.selector.begin_step(self.cfg.selection_deadline_ms / 1e3, new_tokens)
             sp = np.asarray(sparse)
+            longest = max(self.tracker.live[rows[b]].n for b in sparse)
             self._step = _Step(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
-                               self._fixed_slots(rows, lens, set(sparse)))
+                               self._fixed_slots(rows, lens, set(sparse)),
+                               max(1, min(self.cfg.n_pages, longest)), selection)
             self.metrics.sparse_rows += len(sp)
         self.metrics.dense_rows += len(rows) - len(sparse)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        if save_kv_cache and not layer.is_cross_attention:
-            self._store_keys(layer.layer_id, forward_batch.out_cache_loc, k)
+        if not layer.is_cross_attention:
+            self._store_keys(layer.layer_id, forward_batch.out_cache_loc)
         if layer.layer_id == self.last_layer:
             self._after_extend(forward_batch)
         return o
@@ -233,7 +260,6 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
                                 extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
 
     def _after_extend(self, forward_batch) -> None:
-        self._ensure_indexer()
         for row, n in zip(*self._rows_and_lens(forward_batch)):
             if n > self.cfg.budget_tokens or self.tracker.is_sparse(row):
                 self.tracker.update(row, self._row_slots(row, n), n, verify=True)
@@ -253,12 +279,12 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         lid = layer.layer_id
         if step is None or lid < self.cfg.dense_layers or layer.is_cross_attention:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-            if save_kv_cache:
-                self._store_keys(lid, forward_batch.out_cache_loc, k)
+            if not layer.is_cross_attention:
+                self._store_keys(lid, forward_batch.out_cache_loc)
             return o
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
-            self._store_keys(lid, forward_batch.out_cache_loc, k)
+        self._store_keys(lid, forward_batch.out_cache_loc)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         anchor = self.anchor_of[lid]
         plan = step.plans.get(anchor)
@@ -271,49 +297,6 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         return o.reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
     # ------------------------------------------------------------------ selection -> plan
-    def _await_writes(self) -> None:
-        """Before a step's first query, let the indexer finish the builds and inserts sent since the last
-        step (they are queued ahead of the query anyway), with a deadline that scales with their size, so
-        a long prefill's build does not turn the first decode steps into fallbacks."""
-        client = self.indexer.client
-        if not client.pending_writes():
-            self._acked_tokens = self.tracker.counters.indexed_tokens
-            return
-        pending = self.tracker.counters.indexed_tokens - self._acked_tokens
-        allowance = self.cfg.selection_deadline_ms / 1e3 + pending * self.H * len(self.anchors) * BUILD_S_PER_TOKEN_HEAD
-        try:
-            client.sync(timeout_s=allowance)
-        except (IndexerTimeout, IndexerUnavailable) as e:
-            logger.warning("IceCache: indexing not finished before decode (%s); selections may fall back", e)
-        except IndexerError as e:
-            logger.error("IceCache: an indexing request failed: %s", e)
-        self._acked_tokens = self.tracker.counters.indexed_tokens
-
-    def _select(self, step: _Step, anchor: int, q3: torch.Tensor) -> Selection:
-        qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
-        if qs.dtype == torch.bfloat16:
-            arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
-        else:
-            arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
-        client, limit = self.indexer.client, self.indexer.config.max_batch
-        t0 = time.perf_counter()
-        rids = [client.query_async(self.store_layer[anchor], step.seqs[i: i + limit], arr[i: i + limit],
-                                   self.cfg.n_pages, fov=self.query_params.fov,
-                                   prop_to_retrieve=self.query_params.prop_to_retrieve,
-                                   num_to_retrieve=self.query_params.num_to_retrieve, q_dtype=q_dtype,
-                                   policy=self.cfg.selection)
-                for i in range(0, len(step.seqs), limit)]  # an indexer query carries at most max_batch rows
-        parts = [client.query_result(rid) for rid in rids]
-        step.selection_s += time.perf_counter() - t0
-        self.metrics.queries += len(parts)
-        self.metrics.fallbacks += sum(p.fallback for p in parts)
-        sel = parts[0] if len(parts) == 1 else Selection(
-            np.concatenate([p.pages for p in parts]), np.concatenate([p.slots for p in parts]),
-            [n for p in parts for n in p.n_tokens], any(p.fallback for p in parts),
-            "; ".join(p.reason for p in parts if p.reason), sum(p.search_us for p in parts))
-        step.pages += int((sel.slots[..., 0] >= 0).sum())
-        return sel
-
     def _fixed_slots(self, rows, lens, sparse: set[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """The part of each request's plan that every anchor layer of the step shares: the sink and the
         unindexed tail around the selected pages (sparse requests), or every token (requests within the
@@ -330,7 +313,15 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
 
     def _plan(self, step: _Step, anchor: int, q3: torch.Tensor) -> DecodePlan:
         """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
-        sel = self._select(step, anchor, q3)
+        qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
+        if qs.dtype == torch.bfloat16:
+            arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
+        else:
+            arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
+        qp = self.query_params
+        sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype, step.n_pages,
+                                   policy=self.cfg.selection, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
+                                   num_to_retrieve=qp.num_to_retrieve)
         B, H = len(step.rows), self.H
         picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
         width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(step.fixed)]
@@ -348,36 +339,45 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         return DecodePlan(torch.from_numpy(slots).to(dev), torch.from_numpy(valid).to(dev))
 
     def _finish_step(self, step: _Step) -> None:
-        m = self.metrics
+        m, sel = self.metrics, step.selection
+        self.supervisor.step_finished(sel.timed_out)
         m.decode_steps += 1
-        m.selection_s_last = step.selection_s
-        m.selection_s_total += step.selection_s
-        m.pages_selected_total += step.pages
+        m.selection_s_last = sel.wait_s
+        m.selection_s_total += sel.wait_s
+        m.pages_selected_total += sel.pages
         n_sel = max(len(step.sparse) * self.H * len(self.anchors), 1)
-        m.pages_per_step_last = step.pages / n_sel
-        # tokens attended per request over all layers: each anchor's plan counts once per layer it serves
+        m.pages_per_step_last = sel.pages / n_sel
+        # KV tokens attended per request over all layers (computed from the plans, not allocated): each
+        # anchor's plan counts once per layer it serves, dense layers count every token
         toks = sum(self._layers_per_anchor[a] * p.tokens_per_head.max(dim=1).values for a, p in step.plans.items())
         toks = toks[torch.from_numpy(step.sparse).to(toks.device)].cpu()
         toks += self.cfg.dense_layers * torch.from_numpy(step.lens[step.sparse])
-        m.device_kv_bytes_last = int(toks.max()) * self._token_kv_bytes
-        m.device_kv_bytes_max = max(m.device_kv_bytes_max, m.device_kv_bytes_last)
+        m.attended_kv_bytes_last = int(toks.max()) * self._token_kv_bytes
+        m.attended_kv_bytes_max = max(m.attended_kv_bytes_max, m.attended_kv_bytes_last)
         if m.decode_steps % LOG_EVERY_STEPS == 0:  # beside SGLang's "Decode batch" line, same cadence
             m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
             logger.info(m.log_line())
 
+    # ------------------------------------------------------------------ settings and figures
     def _check_control(self) -> None:
-        """Apply settings posted to ``/icecache/config`` since the last forward pass (one ``stat`` when none
-        were: the file is written before the HTTP reply, so the next request runs with them)."""
-        try:
-            mtime = self._control_path.stat().st_mtime_ns
-        except OSError:
+        """Apply settings posted to ``/icecache/config`` since the last forward pass (one ``lstat`` when none
+        were: the file is written before the HTTP reply, so the next request runs with them). Only runtime
+        keys are applied, on top of the launch configuration; anything else is refused with a warning."""
+        if self.run_dir is None:
             return
-        if mtime == self._control_mtime:
+        mtime = self.run_dir.mtime_ns(CONTROL_FILE)
+        if mtime is None or mtime == self._control_mtime:
             return
         self._control_mtime = mtime
-        got = read_control()
-        if got is not None and got[0] > self.config_version:
-            self._apply_config(*got)
+        try:
+            got = read_control(self.run_dir)
+            if got is None or got[0] <= self.config_version:
+                return
+            cfg = updated(self.launch_cfg, got[1])
+        except (RunDirError, IceCacheConfigError) as e:
+            logger.error("IceCache: control file refused, settings unchanged: %s", e)
+            return
+        self._apply_config(got[0], cfg)
 
     def _apply_config(self, version: int, cfg: IceCacheConfig) -> None:
         self.cfg = cfg
@@ -387,40 +387,22 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.config_version = version
         logger.info("IceCache: settings version %d: %s", version, cfg.to_json())
 
-    def _publisher(self) -> None:
-        """Refresh the rank's snapshot every SNAPSHOT_EVERY_S (a daemon thread: the scheduler never waits)."""
-        while not self._closed.wait(SNAPSHOT_EVERY_S):
-            try:
-                self.publish()
-            except Exception as e:  # noqa: BLE001 - dicts may change under us; the next round retries
-                logger.debug("IceCache snapshot skipped: %s", e)
-
-    def publish(self) -> dict:
-        """Refresh the counters from the tracker and client and write the rank's snapshot."""
+    def collect(self) -> dict:
+        """The rank's snapshot (called by the publisher thread)."""
         m = self.metrics
         c = self.tracker.counters
         m.indexed_tokens, m.shared_tokens = c.indexed_tokens, c.shared_tokens
         m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
-        extra = {"tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": self.indexer.process.pid,
-                 "selection": self.cfg.selection, "budget_tokens": self.cfg.budget_tokens,
-                 "config_version": self.config_version, "deadline_s": self.indexer.client.timeout_s,
-                 "indexer": self._indexer_stats()}
-        write_snapshot(m, extra)
-        snap = m.snapshot()
-        self.prometheus.update(snap)
-        return snap | extra
-
-    def _indexer_stats(self) -> dict | None:
-        """The indexer's own counters, over a socket of the publisher thread (the scheduler's client is not
-        thread-safe)."""
-        endpoint = self.indexer.config.endpoint
-        c = getattr(self, "_stats_client", None)
-        if c is None or c.endpoint != endpoint:
-            if c is not None:
-                c.close()
-            c = self._stats_client = IndexerClient(endpoint, self.H, self.cfg.page_size, timeout_s=1.0)
-        try:
-            st = c.stats(timeout_s=1.0)
-        except Exception:  # noqa: BLE001 - a dead or busy indexer: no figures this round
-            return None
-        return {f: getattr(st, f) for f in st.__struct_fields__}
+        m.unsent_writes = self.indexer.client.counters.unsent
+        status = self.supervisor.status()
+        ind = self.publisher.indexer_stats(status["endpoint"], self.H, self.launch_cfg.page_size)
+        if ind is not None:
+            m.index_bytes = ind["index_bytes"]
+        m.icecache_host_bytes = m.key_store_bytes + m.index_bytes
+        return m.snapshot() | {
+            "tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": status["pid"],
+            "indexer_state": status["state"], "indexer_reason": status["reason"],
+            "indexer_endpoint": status["endpoint"], "ledger_sequences": len(self.indexer.client.ledger.seqs),
+            "selection": self.cfg.selection,
+            "budget_tokens": self.cfg.budget_tokens, "config_version": self.config_version,
+            "deadline_s": self.indexer.client.timeout_s, "indexer": ind}

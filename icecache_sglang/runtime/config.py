@@ -14,12 +14,15 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..index.config import MAX_PAGE_SIZE, IndexConfig, QueryParams
-from ..indexer.baselines import POLICIES
+from ..indexer.config import MAX_PAGES
+from ..indexer.policies import POLICIES
 
 #: the index parameters a user may set (the rest of IndexConfig is internal)
 INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
 DECODE_ATTENTION = ("auto", "torch", "flashinfer")
+#: the longest a decode step may wait for its selections (a minute already stalls every request in the batch)
+MAX_DEADLINE_MS = 60_000.0
 
 
 #: how the launcher hands the validated configuration to SGLang's spawned scheduler processes
@@ -32,7 +35,8 @@ class IceCacheConfigError(ValueError):
 
 @dataclass(frozen=True)
 class IceCacheConfig:
-    """budget_tokens: device KV tokens per request and KV head at decode: sink + window + selected pages.
+    """budget_tokens: KV tokens each sparse request attends per KV head and layer at decode: sink + window +
+    selected pages (at most ``max_budget_tokens``; a request within the budget decodes densely).
     page_size: tokens per page (C). sink_tokens / window_tokens: the first and the most recent tokens, always
     attended and never indexed. dense_layers: the first layers keep full attention. layer_reuse: one
     layer in every ``layer_reuse`` searches; the layers after it reuse its pages (1: every layer searches).
@@ -43,7 +47,9 @@ class IceCacheConfig:
     where it can run, else torch). selection: how pages are chosen: ``icecache`` (the index's search) or a
     baseline over the same tokens and budget, for evaluation: ``oracle_page`` (IceCache's pages ranked by
     exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
-    min/max bound) or ``streaming`` (the most recent tokens: sink + recent window)."""
+    min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). max_restarts /
+    restart_window_s: how many times a dead or stuck indexer is replaced within that many seconds before it
+    is left down (selections fall back) until the window frees a restart."""
 
     budget_tokens: int = 256
     page_size: int = 16
@@ -57,6 +63,8 @@ class IceCacheConfig:
     indexer_threads: int | None = None
     decode_attention: str = "auto"
     selection: str = "icecache"
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
@@ -76,9 +84,20 @@ class IceCacheConfig:
                 f"budget_tokens ({self.budget_tokens}) must exceed sink_tokens + window_tokens "
                 f"({self.sink_tokens} + {self.window_tokens}) by at least one page of page_size "
                 f"({self.page_size}) tokens, or no page is ever selected")
+        if self.n_pages > MAX_PAGES:
+            raise IceCacheConfigError(
+                f"budget_tokens ({self.budget_tokens}) asks for {self.n_pages} pages per KV head; the indexer "
+                f"selects at most {MAX_PAGES} (budget_tokens <= {self.max_budget_tokens} with these sink, window "
+                f"and page sizes). A request within the budget decodes densely anyway")
         d = self.selection_deadline_ms
-        if not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d) or d <= 0:
-            raise IceCacheConfigError(f"selection_deadline_ms must be a positive number, got {d!r}")
+        if (not isinstance(d, (int, float)) or isinstance(d, bool) or not math.isfinite(d)
+                or not 0 < d <= MAX_DEADLINE_MS):
+            raise IceCacheConfigError(f"selection_deadline_ms must be a number in (0, {MAX_DEADLINE_MS}], got {d!r}")
+        if not isinstance(self.max_restarts, int) or isinstance(self.max_restarts, bool) or not 0 <= self.max_restarts <= 1000:
+            raise IceCacheConfigError(f"max_restarts must be an integer in [0, 1000], got {self.max_restarts!r}")
+        w = self.restart_window_s
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or not 0 < w <= 86400:
+            raise IceCacheConfigError(f"restart_window_s must be a number of seconds in (0, 86400], got {w!r}")
         t = self.indexer_threads
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise IceCacheConfigError(f"indexer_threads must be a positive integer or null, got {t!r}")
@@ -99,6 +118,11 @@ class IceCacheConfig:
             self.query_params()
         except ValueError as e:
             raise IceCacheConfigError(str(e)) from None
+
+    @property
+    def max_budget_tokens(self) -> int:
+        """The largest budget the indexer can serve with these sink, window and page sizes."""
+        return self.sink_tokens + self.window_tokens + MAX_PAGES * self.page_size
 
     @property
     def n_pages(self) -> int:

@@ -1,31 +1,29 @@
 """Settings a running server changes without a restart: ``POST /icecache/config``.
 
-The HTTP process validates the new settings against the launch configuration and writes them, with a
-version number, to ``control-<port>.json`` beside the ranks' snapshots. Each rank's publisher thread reads
-the file (every 0.5 s); the backend applies it between two forward passes and reports the version it runs
-in its snapshot (``config_version``), so a client waits until every rank shows it (``ServerProcess.set_icecache``).
+The HTTP process validates the new settings against the launch configuration and publishes them, with a
+version number, as ``control.json`` in the server's private run directory (``rundir.py``). Each rank
+checks the file's modification time at every forward pass, applies a newer version between two forward
+passes and reports the version it runs in its snapshot (``config_version``), so a client waits until every
+rank shows it (``ServerProcess.set_icecache``).
 
-Requests already decoding sparsely stay sparse; the new budget decides for the others. Meant for
-evaluation (one server, one prefill per prompt through the radix cache, many selection modes) and for tuning.
+Only the runtime keys travel and only they are ever applied: a rank rebuilds its configuration from its
+launch configuration plus these keys, validated again, so a file that names anything else (sink, window,
+dense layers, page size) or a bad value is refused with a warning and changes nothing.
+
+A request decoding sparsely becomes dense at its next step when a new budget covers its length; the budget
+decides for the others. Meant for evaluation (one server, one prefill per prompt through the radix cache,
+many selection modes) and for tuning.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import replace
-from pathlib import Path
 
 from .config import IceCacheConfig, IceCacheConfigError
-from .metrics import stats_dir
+from .rundir import CONTROL_FILE, RunDir
 
 #: what can change on a running server (the rest sizes processes and buffers at launch)
 RUNTIME_KEYS = ("budget_tokens", "selection", "query", "selection_deadline_ms")
-
-
-def control_path(port: int | str | None = None) -> Path:
-    port = os.environ.get("ICECACHE_SERVER_PORT", "0") if port is None else port
-    return stats_dir() / f"control-{port}.json"
 
 
 def updated(base: IceCacheConfig, settings: dict) -> IceCacheConfig:
@@ -35,27 +33,29 @@ def updated(base: IceCacheConfig, settings: dict) -> IceCacheConfig:
     fixed = sorted(set(settings) - set(RUNTIME_KEYS))
     if fixed:
         raise IceCacheConfigError(f"{fixed} cannot change on a running server (only {list(RUNTIME_KEYS)})")
-    return replace(base, **settings)
+    try:
+        return replace(base, **settings)
+    except TypeError as e:
+        raise IceCacheConfigError(str(e)) from None
 
 
-def write_control(port: int | str, cfg: IceCacheConfig) -> int:
-    """Publish ``cfg`` for the ranks of the server on ``port``; returns its version."""
-    path = control_path(port)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    version = (read_control(port) or (0, None))[0] + 1
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": version, "config": json.loads(cfg.to_json())}))
-    tmp.replace(path)
+def runtime_settings(cfg: IceCacheConfig) -> dict:
+    return {k: getattr(cfg, k) for k in RUNTIME_KEYS}
+
+
+def write_control(run_dir: RunDir, cfg: IceCacheConfig, version: int) -> int:
+    """Publish ``cfg``'s runtime settings for the server's ranks as ``version`` (larger than any before)."""
+    run_dir.write_json(CONTROL_FILE, {"version": version, "settings": runtime_settings(cfg)})
     return version
 
 
-def read_control(port: int | str | None = None) -> tuple[int, IceCacheConfig] | None:
-    try:
-        data = json.loads(control_path(port).read_text())
-        return int(data["version"]), IceCacheConfig(**data["config"])
-    except (OSError, ValueError, KeyError, TypeError):
+def read_control(run_dir: RunDir) -> tuple[int, dict] | None:
+    """(version, runtime settings) as published; None when nothing was. Raises ``RunDirError`` for a file
+    that is not ours, :class:`IceCacheConfigError` for one that is malformed."""
+    data = run_dir.read_json(CONTROL_FILE)
+    if data is None:
         return None
-
-
-def clear_control(port: int | str) -> None:
-    control_path(port).unlink(missing_ok=True)
+    version, settings = data.get("version"), data.get("settings")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or not isinstance(settings, dict):
+        raise IceCacheConfigError("the control file must hold {\"version\": positive int, \"settings\": {...}}")
+    return version, settings

@@ -1,17 +1,18 @@
-"""IceCache figures of one TP rank: counters the backend updates, a log line, and a JSON snapshot.
+"""IceCache figures of one TP rank: counters the runtime updates, a log line, and a JSON snapshot.
 
-The snapshot (``snapshot()``) is what ``/metrics`` exports (``patches/metrics.py``) and what tests and
-benchmarks read; the log line follows SGLang's decode log cadence.
+The snapshot (``snapshot()``) is what ``GET /icecache/stats`` serves and ``/metrics`` exports
+(``patches/metrics.py``), and what tests and benchmarks read; the log line follows SGLang's decode log
+cadence. Each figure says what it is: **allocated** bytes are sizes of memory that exists (SGLang's KV
+pool, the key store mapping, the indexer's index arrays); **attended** bytes are computed from the decode
+plan (how much KV the sparse attention read), not an allocation.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
+from .rundir import RunDir, snapshot_name
 
 
 @dataclass
@@ -19,18 +20,25 @@ class IceCacheMetrics:
     rank: int = 0
     decode_steps: int = 0  # decode forward passes with at least one sparse request
     sparse_rows: int = 0  # (request, step) pairs decoded sparsely
-    dense_rows: int = 0  # (request, step) pairs decoded densely (short requests)
-    queries: int = 0  # indexer queries (one per anchor layer and step)
-    selection_s_total: float = 0.0  # wall time waiting for selections
+    dense_rows: int = 0  # (request, step) pairs decoded densely (requests within the budget)
+    queries: int = 0  # indexer queries (one per anchor layer, step and 64-request chunk)
+    selection_s_total: float = 0.0  # wall time waiting for the indexer (writes and selections)
     selection_s_last: float = 0.0  # per step (summed over anchor layers), last step
     pages_selected_total: int = 0  # pages selected, summed over requests, KV heads and anchor layers
     pages_per_step_last: float = 0.0  # pages per request and KV head and anchor layer, last step
-    fallbacks: int = 0  # selections the indexer did not answer in time
-    indexer_restarts: int = 0
-    device_kv_bytes_last: int = 0  # KV bytes attended by the largest request of the last step, all layers
-    device_kv_bytes_max: int = 0
-    host_kv_bytes: int = 0  # the full KV pool of this rank
-    key_store_bytes: int = 0  # keys shared with the indexer
+    fallbacks: int = 0  # selections made without the indexer's answer (most recent pages used)
+    timed_out_steps: int = 0  # decode steps whose selection deadline passed
+    indexer_restarts: int = 0  # replacement indexer processes that came up
+    failed_restarts: int = 0  # replacements that did not start
+    stuck_kills: int = 0  # indexers killed because they stopped answering (alive but silent)
+    unsent_writes: int = 0  # index writes that found no indexer (kept in the ledger, replayed later)
+    indexer_up: int = 1  # 1 while an indexer answers this rank's selections, 0 while it is down/restarting
+    attended_kv_bytes_last: int = 0  # computed: KV bytes the largest request's decode attention read, all layers
+    attended_kv_bytes_max: int = 0
+    kv_pool_bytes: int = 0  # allocated: SGLang's KV pool of this rank (K and V, every layer and slot)
+    key_store_bytes: int = 0  # allocated: the shared key store (anchor layers' keys, read by the indexer)
+    index_bytes: int = 0  # allocated: the indexer's index arrays (its own key copies, projections, pages)
+    icecache_host_bytes: int = 0  # key_store_bytes + index_bytes: host memory IceCache adds to SGLang's
     indexed_tokens: int = 0  # tokens sent to the indexer (per token, all anchor layers at once)
     shared_tokens: int = 0  # tokens reused from a cached prefix's index
     live_seqs: int = 0
@@ -41,34 +49,17 @@ class IceCacheMetrics:
         sel_ms = 1e3 * self.selection_s_total / max(self.decode_steps, 1)
         return (f"IceCache: sparse-req {self.live_seqs}, cached-idx {self.retained_seqs}, "
                 f"sel {sel_ms:.2f} ms/step, pages/head {self.pages_per_step_last:.1f}, "
-                f"dev-kv/req {self.device_kv_bytes_last / 2**20:.2f} MiB, host-kv {self.host_kv_bytes / 2**30:.2f} GiB, "
-                f"fallbacks {self.fallbacks}, restarts {self.indexer_restarts}")
+                f"attended-kv/req {self.attended_kv_bytes_last / 2**20:.2f} MiB, "
+                f"kv-pool {self.kv_pool_bytes / 2**30:.2f} GiB, icecache-host {self.icecache_host_bytes / 2**30:.2f} GiB, "
+                f"fallbacks {self.fallbacks}, restarts {self.indexer_restarts}, indexer {'up' if self.indexer_up else 'DOWN'}")
 
     def snapshot(self) -> dict:
         self.updated_at = time.time()
         return asdict(self)
 
 
-def stats_dir() -> Path:
-    """Where each rank publishes its snapshot (``$ICECACHE_STATS_DIR``, or a per-user temp folder)."""
-    d = os.environ.get("ICECACHE_STATS_DIR") or os.path.join(tempfile.gettempdir(), f"icecache-stats-{os.getuid()}")
-    return Path(d)
-
-
-def snapshot_path(rank: int) -> Path:
-    """``icecache-r<rank>-<port>.json`` (port: SGLang's, from ``ICECACHE_SERVER_PORT``)."""
-    return stats_dir() / f"icecache-r{rank}-{os.environ.get('ICECACHE_SERVER_PORT', '0')}.json"
-
-
-def write_snapshot(metrics: IceCacheMetrics, extra: dict | None = None) -> Path:
-    """Atomically write the rank's snapshot."""
-    path = snapshot_path(metrics.rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = metrics.snapshot() | (extra or {})
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-    return path
+def write_snapshot(run_dir: RunDir, data: dict) -> None:
+    run_dir.write_json(snapshot_name(data["rank"]), data)
 
 
 #: the snapshot fields exported to Prometheus as ``sglang:icecache_<name>`` (gauges, one per TP rank)
@@ -76,14 +67,22 @@ PROMETHEUS_FIELDS = {
     "decode_steps": "decode forward passes with at least one sparse request",
     "sparse_rows": "request-steps decoded over sink + selected pages + recent tokens",
     "dense_rows": "request-steps decoded densely (requests within the budget)",
-    "selection_s_total": "seconds spent waiting for page selections",
-    "selection_s_last": "seconds spent waiting for page selections in the last step",
+    "selection_s_total": "seconds spent waiting for the indexer",
+    "selection_s_last": "seconds spent waiting for the indexer in the last step",
     "pages_per_step_last": "pages selected per request, KV head and anchor layer in the last step",
-    "fallbacks": "selections the indexer did not answer in time (most recent pages used)",
-    "indexer_restarts": "indexer processes restarted after dying",
-    "device_kv_bytes_last": "KV bytes decode attention read for the largest request of the last step",
-    "device_kv_bytes_max": "largest device_kv_bytes_last so far",
-    "host_kv_bytes": "bytes of this rank's full KV pool",
+    "fallbacks": "selections made without the indexer's answer (most recent pages used)",
+    "timed_out_steps": "decode steps whose selection deadline passed",
+    "indexer_restarts": "replacement indexer processes started",
+    "failed_restarts": "replacement indexer processes that failed to start",
+    "stuck_kills": "indexer processes killed because they stopped answering",
+    "unsent_writes": "index writes that found no indexer (kept for replay)",
+    "indexer_up": "1 while the indexer serves this rank, 0 while it is down or restarting",
+    "attended_kv_bytes_last": "computed KV bytes decode attention read for the largest request of the last step",
+    "attended_kv_bytes_max": "largest attended_kv_bytes_last so far",
+    "kv_pool_bytes": "allocated bytes of SGLang's KV pool of this rank",
+    "key_store_bytes": "allocated bytes of the key store shared with the indexer",
+    "index_bytes": "allocated bytes of the indexer's indexes",
+    "icecache_host_bytes": "host bytes IceCache adds beyond SGLang's KV pool (key store + indexes)",
     "indexed_tokens": "tokens sent to the indexer",
     "shared_tokens": "tokens reused from cached prefixes' indexes",
     "live_seqs": "running requests with an index",
@@ -96,6 +95,8 @@ class PrometheusExport:
     figures appear in ``/metrics`` beside SGLang's own."""
 
     def __init__(self, rank: int):
+        import os
+
         self.gauges = None
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return

@@ -1,0 +1,102 @@
+"""Page selection for one decode step: every query of the step shares **one deadline**.
+
+A decode step asks the indexer once per anchor layer (and per 64-request chunk). Each answer is waited
+for only until the step's deadline: ``selection_deadline_ms`` after the step began, plus an allowance for
+the index writes sent since the last step (a long prefill's build is queued ahead of the first queries).
+Once the deadline has passed, the step's remaining queries take whatever has already arrived, else a
+fallback (each request's most recent indexed pages), so a silent indexer costs a step at most one
+deadline, not one per layer. Queries carry the deadline (``expires_at``), so an indexer that wakes up
+late skips the ones nobody waits for any more.
+
+While the supervisor says the indexer is not serving (restarting, rebuilding, down), nothing is waited
+for: selections fall back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from ..indexer.client import IndexerError, IndexerTimeout, Selection
+from .supervisor import IndexerSupervisor
+
+logger = logging.getLogger(__name__)
+
+#: how long indexing one token of one KV head of one layer may take before a decode step stops waiting for
+#: it (a 128k-token build of 8 heads takes ~14 s on 2 cores: ~14 us per token-head; twice that, here)
+BUILD_S_PER_TOKEN_HEAD = 30e-6
+
+
+class StepSelection:
+    """One decode step's selection state: its deadline (None: not waiting at all), whether it passed,
+    the time spent waiting and the pages selected."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+        self.timed_out = False
+        self.wait_s = 0.0
+        self.pages = 0
+
+    def left(self) -> float:
+        return 0.0 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+
+class Selector:
+    """Issues a step's queries through the supervised indexer's client and assembles the selections."""
+
+    def __init__(self, supervisor: IndexerSupervisor, num_kv_heads: int, num_indexed_layers: int, metrics):
+        self.sup = supervisor
+        self.H = num_kv_heads
+        self.L = num_indexed_layers
+        self.metrics = metrics
+
+    def begin_step(self, deadline_s: float, new_tokens: int) -> StepSelection:
+        """Start a decode step: set its deadline and let the indexer finish the writes sent since the last
+        step (``new_tokens``: tokens they carry), within that deadline."""
+        if not self.sup.serving:
+            return StepSelection(None)
+        step = StepSelection(time.monotonic() + deadline_s + new_tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD)
+        client = self.sup.client
+        if client.pending_writes():
+            t0 = time.perf_counter()
+            try:
+                client.sync(timeout_s=step.left())
+            except IndexerTimeout as e:
+                step.timed_out = True
+                logger.warning("IceCache: indexing not finished before decode (%s); selections may fall back", e)
+            except IndexerError as e:
+                logger.error("IceCache: an indexing request failed: %s", e)
+            step.wait_s += time.perf_counter() - t0
+        return step
+
+    def select(self, step: StepSelection, layer: int, seqs: list[int], q: np.ndarray, q_dtype: str | None,
+               n_pages: int, *, policy: str, fov, prop_to_retrieve: float, num_to_retrieve: int) -> Selection:
+        """Pages for ``seqs`` at indexer layer ``layer`` from queries ``q [B, H_q, d]``."""
+        client = self.sup.client
+        limit = self.sup.indexer.config.max_batch  # an indexer query carries at most max_batch rows
+        t0 = time.perf_counter()
+        chunks = [(seqs[i: i + limit], q[i: i + limit]) for i in range(0, len(seqs), limit)]
+        if step.deadline is None:
+            parts = [client.fallback(layer, s, n_pages, f"indexer {self.sup.state}: {self.sup.reason}")
+                     for s, _ in chunks]
+        else:
+            rids = [client.query_async(layer, s, qc, n_pages, fov=fov, prop_to_retrieve=prop_to_retrieve,
+                                       num_to_retrieve=num_to_retrieve, q_dtype=q_dtype, policy=policy,
+                                       expires_at=step.deadline)
+                    for s, qc in chunks]
+            parts = []
+            for rid in rids:
+                timeouts = client.counters.timeouts
+                parts.append(client.query_result(rid, timeout_s=step.left()))
+                step.timed_out |= client.counters.timeouts > timeouts
+            self.metrics.queries += len(parts)
+        step.wait_s += time.perf_counter() - t0
+        self.metrics.fallbacks += sum(p.fallback for p in parts)
+        sel = parts[0] if len(parts) == 1 else Selection(
+            np.concatenate([p.pages for p in parts]), np.concatenate([p.slots for p in parts]),
+            [n for p in parts for n in p.n_tokens], any(p.fallback for p in parts),
+            "; ".join(p.reason for p in parts if p.reason), sum(p.search_us for p in parts))
+        step.pages += int((sel.slots[..., 0] >= 0).sum())
+        return sel

@@ -1,0 +1,200 @@
+"""Indexer faults against real indexer processes (no SGLang): writes to a dead indexer never raise and are
+replayed by a restart made off the caller's thread; a spent restart budget leaves the indexer down with
+fallbacks, not exceptions; a stopped indexer costs a step one deadline and is killed after a few steps; a
+slow but working one is left alone; a replacement that cannot start leaves it down; slot frees release
+every retained index even with the indexer dead."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import faults  # noqa: E402
+
+from icecache_sglang.indexer.launcher import Indexer  # noqa: E402
+from icecache_sglang.runtime import supervisor as sv
+from icecache_sglang.runtime.metrics import IceCacheMetrics
+from icecache_sglang.runtime.selection import Selector
+from icecache_sglang.runtime.sequences import SequenceTracker
+
+H, D, S, L, C, GROUP = 2, 16, 8192, 2, 16, 2
+
+
+@pytest.fixture
+def ix():
+    with Indexer.launch(num_layers=L, num_kv_heads=H, head_dim=D, num_slots=S, timeout_s=5.0,
+                        index=None) as ix:
+        ix.store.keys[:] = np.random.default_rng(0).standard_normal(ix.store.keys.shape).astype(np.float32)
+        yield ix
+
+
+def wait_for(cond, timeout_s: float = 60.0) -> bool:
+    return faults.wait_until(cond, timeout_s, 0.05)
+
+
+def kill_and_wait(ix: Indexer) -> None:
+    pid = ix.process.pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not ix.process.is_alive(), 15)
+
+
+def q(rng, b: int = 1) -> np.ndarray:
+    return rng.standard_normal((b, H * GROUP, D)).astype(np.float32)
+
+
+def test_writes_to_a_dead_indexer_are_kept_and_replayed_by_a_background_restart(ix):
+    rng = np.random.default_rng(1)
+    m = IceCacheMetrics()
+    sup = sv.IndexerSupervisor(ix, m)
+    c = ix.client
+    c.build(1, range(L), rng.permutation(S)[:300])
+    c.sync()
+    kill_and_wait(ix)
+    # writes find no indexer: no exception, the ledger has them, the client knows it diverged
+    c.insert(1, range(L), rng.permutation(S)[:40])
+    c.build(2, range(L), rng.permutation(S)[:200])
+    c.release([99])
+    assert c.diverged and c.counters.unsent == 3
+    assert c.ledger.count(1, 0) == 340 and c.ledger.count(2, 1) == 200
+    t0 = time.monotonic()
+    sup.poll()  # notices the death and starts a replacement in a thread: it returns at once
+    assert time.monotonic() - t0 < 1.0
+    assert sup.state == sv.RESTARTING and m.indexer_up == 0
+    # meanwhile selections fall back at once and writes still go to the ledger only
+    sel = Selector(sup, H, L, m)
+    step = sel.begin_step(0.5, 0)
+    t0 = time.monotonic()
+    got = sel.select(step, 0, [1, 2], q(rng, 2), None, 4, policy="icecache", fov=None, prop_to_retrieve=0.8,
+                     num_to_retrieve=0)
+    assert got.fallback and time.monotonic() - t0 < 0.2
+    c.insert(2, range(L), rng.permutation(S)[:8])
+    assert wait_for(lambda: (sup.poll(), sup.state == sv.UP)[1], 120)
+    assert m.indexer_restarts == 1 and m.indexer_up == 1 and not c.diverged
+    st = c.stats()
+    assert st.sequences == 2 and st.tokens == L * (340 + 208)
+    assert not c.query(0, [1, 2], q(rng, 2), 4).fallback
+
+
+def test_spent_restart_budget_leaves_it_down_then_a_freed_window_restarts(ix, monkeypatch):
+    monkeypatch.setattr(sv, "MAX_RESTARTS", 1)
+    m = IceCacheMetrics()
+    sup = sv.IndexerSupervisor(ix, m)
+    c = ix.client
+    c.build(5, range(L), np.arange(100, 260))
+    kill_and_wait(ix)
+    sup.poll()
+    assert wait_for(lambda: (sup.poll(), sup.state == sv.UP)[1], 120)
+    kill_and_wait(ix)
+    sup.poll()
+    assert sup.state == sv.DOWN and "restarts were used" not in sup.reason
+    assert sup.status()["restarts_in_window"] == 1
+    # down: writes and selections keep working on the ledger
+    c.insert(5, range(L), np.arange(300, 316))
+    sel = Selector(sup, H, L, m)
+    got = sel.select(sel.begin_step(0.5, 0), 1, [5], q(np.random.default_rng(2)), None, 3, policy="icecache",
+                     fov=None, prop_to_retrieve=0.8, num_to_retrieve=0)
+    assert got.fallback and got.n_tokens == [176]
+    np.testing.assert_array_equal(got.slots[0, 0, 0], np.arange(300, 316))  # newest page first
+    monkeypatch.setattr(sv, "RESTART_WINDOW_S", 0.0)  # the window has passed
+    assert wait_for(lambda: (sup.poll(), sup.state == sv.UP)[1], 120)
+    assert c.stats().tokens == L * 176
+
+
+def supervised(ix: Indexer, seq: int, n: int, rng) -> tuple:
+    """(metrics, supervisor, selector, client) over ``ix`` with one sequence of ``n`` tokens indexed."""
+    m = IceCacheMetrics()
+    sup = sv.IndexerSupervisor(ix, m)
+    ix.client.build(seq, range(L), rng.permutation(S)[:n])
+    ix.client.sync()
+    return m, sup, Selector(sup, H, L, m), ix.client
+
+
+def test_a_stopped_indexer_costs_one_deadline_per_step_and_is_killed_after_a_few_steps(ix):
+    rng = np.random.default_rng(3)
+    m, sup, sel, c = supervised(ix, 7, 500, rng)
+    pid = ix.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for k in range(sv.STUCK_STEPS):
+            step = sel.begin_step(0.2, 0)
+            t0 = time.monotonic()
+            for _ in range(6):  # six anchor layers, each with two 1-request chunks' worth of queries
+                got = sel.select(step, k % L, [7], q(rng), None, 4, policy="icecache", fov=None,
+                                 prop_to_retrieve=0.8, num_to_retrieve=0)
+                assert got.fallback
+            assert time.monotonic() - t0 < 0.2 + 0.3  # one deadline for the whole step, not six
+            assert step.timed_out
+            sup.step_finished(step.timed_out)
+        assert m.stuck_kills == 1 and m.timed_out_steps == sv.STUCK_STEPS
+        assert sup.state == sv.RESTARTING
+        assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+                        10)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert wait_for(lambda: (sup.poll(), sup.state == sv.UP)[1], 120)
+    assert not c.query(0, [7], q(rng), 4).fallback
+
+
+def test_a_slow_but_working_indexer_is_not_killed(ix):
+    rng = np.random.default_rng(4)
+    m, sup, sel, c = supervised(ix, 8, 200, rng)
+    pid = ix.process.pid
+    # keep it busy for a while: many large builds queued ahead of the step's queries
+    for i in range(40):
+        c.build(100 + i, range(L), rng.permutation(S))
+    for _ in range(sv.STUCK_STEPS + 2):
+        step = sel.begin_step(0.01, 0)
+        sel.select(step, 0, [8], q(rng), None, 4, policy="icecache", fov=None, prop_to_retrieve=0.8,
+                   num_to_retrieve=0)
+        sup.step_finished(step.timed_out)
+        time.sleep(0.05)
+    assert m.timed_out_steps >= sv.STUCK_STEPS
+    assert m.stuck_kills == 0 and sup.state == sv.UP and ix.process.pid == pid
+    c.sync(timeout_s=120)
+    assert c.stats().expired >= 1  # the queries nobody waited for any more were skipped, not searched
+
+
+def test_a_replacement_that_cannot_start_leaves_it_down(ix, monkeypatch):
+    monkeypatch.setattr(sv, "MAX_RESTARTS", 2)
+    m = IceCacheMetrics()
+    sup = sv.IndexerSupervisor(ix, m)
+    # something else sits where the replacements' sockets would go: they cannot bind
+    for n in (1, 2):
+        os.mkdir(ix.dir.file(f"indexer-r0-{n}.sock"))
+    kill_and_wait(ix)
+    for _ in range(2):
+        sup.poll()
+        assert wait_for(lambda: (sup.poll(), sup.state == sv.DOWN)[1], 120)
+    assert m.failed_restarts == 2 and m.indexer_restarts == 0
+    assert "restart failed" in sup.reason
+    sup.poll()
+    assert sup.state == sv.DOWN  # budget spent: no third attempt
+    got = ix.client.query(0, [1], q(np.random.default_rng(5)), 2)
+    assert got.fallback
+
+
+def test_slot_frees_release_every_retained_index_with_the_indexer_dead(ix):
+    c = ix.client
+    tr = SequenceTracker(c, list(range(L)), S, sink=4, window=4, budget=32, block=8)
+    rows = {}
+    for r in range(5):  # five finished requests, each retained for the radix cache
+        rows[r] = np.arange(1000 * (r + 1), 1000 * (r + 1) + 100, dtype=np.int32)
+        tr.update(r, rows[r], 90)
+        tr.row_freed(r)
+    assert len(tr.retained) == 5
+    kill_and_wait(ix)
+    tr.slots_freed(np.concatenate([rows[r][10:12] for r in range(5)]))  # radix eviction touches all five
+    assert len(tr.retained) == 0 and not tr.slot_refs.any()
+    assert c.ledger.seqs == {} and c.diverged
+    tr.clear()  # flush_cache with the indexer dead
+    assert tr.summary()["retained"] == 0
