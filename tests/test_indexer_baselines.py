@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from icecache_sglang.index.config import IndexConfig
-from icecache_sglang.index.selection import QuestPolicy
 from icecache_sglang.indexer import Indexer
 from icecache_sglang.indexer.baselines import BASELINES, select_baseline
 
@@ -64,13 +63,48 @@ def test_oracle_positional_picks_the_best_fixed_pages(served):
         np.testing.assert_array_equal(np.sort(got), np.sort(expect))
 
 
-def test_quest_matches_the_offline_policy(served):
+def _quest_bounds(keys, q, n):
+    """Quest's bound, from its definition: per KV head, query head and positional page of C tokens (the
+    last one partial), ``max over the page's bounding box of <q, k> = sum_d max(q_d * min_d, q_d * max_d)``
+    with the per-coordinate min/max over that page's keys. ``[H, GROUP, pages]``, float64."""
+    npg = -(-n // C)
+    out = np.empty((H, GROUP, npg))
+    for h in range(H):
+        for p in range(npg):
+            page = keys[h, p * C: min((p + 1) * C, n)].astype(np.float64)  # [<=C, D]
+            lo, hi = page.min(axis=0), page.max(axis=0)
+            for g in range(GROUP):
+                qg = q[h * GROUP + g].astype(np.float64)
+                out[h, g, p] = np.maximum(qg * lo, qg * hi).sum()
+    return out
+
+
+def test_quest_serves_the_top_pages_by_its_min_max_bound(served):
     ix, order, q, keys = served
     pages, slots = _query(ix, q, "quest")
-    offline = QuestPolicy(C)
-    offline.build(keys)
-    for h, toks in enumerate(offline.select(q[0], P * C)):
-        np.testing.assert_array_equal(np.sort(slots[h][slots[h] >= 0]), np.sort(order[toks]))
+    bounds = _quest_bounds(keys, q[0], len(order))
+    for h in range(H):
+        got = pages[h][pages[h] >= 0]
+        assert got.size == P == len(set(got.tolist()))
+        # the bound really bounds: every key of a page scores at most its page's bound, for every query head
+        for p in got:
+            for g in range(GROUP):
+                assert (keys[h, p * C: (p + 1) * C] @ q[0, h * GROUP + g]).max() <= bounds[h, g, p] + 1e-4
+        # GQA: the KV head serves its query heads' rankings together. With top(r) = the union over the
+        # group's query heads of each one's r best pages, the P served pages hold every page of top(R-1)
+        # and only pages of top(R), R being the first rank at which top(R) reaches P pages.
+        ranked = [np.argsort(-bounds[h, g], kind="stable") for g in range(GROUP)]
+
+        def top(r, ranked=ranked):
+            return {int(p) for g in range(GROUP) for p in ranked[g][:r]}
+
+        R = next(r for r in range(1, bounds.shape[2] + 1) if len(top(r)) >= P)
+        assert top(R - 1) <= set(got.tolist()) <= top(R), (sorted(got), R, sorted(top(R)))
+        # each served page carries the slots of its C positions
+        for j, p in enumerate(pages[h]):
+            if p >= 0:
+                row = slots[h, j]
+                np.testing.assert_array_equal(np.sort(row[row >= 0]), np.sort(order[p * C: (p + 1) * C]))
 
 
 def test_streaming_takes_the_most_recent_indexed_tokens(served):

