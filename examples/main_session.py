@@ -52,10 +52,13 @@ def main() -> None:
             print(f"  assistant: {answer}\n", flush=True)
         st = srv.icecache_stats()
         print("IceCache figures (GET /icecache/stats):")
-        keys = ["decode_steps", "sparse_rows", "dense_rows", "queries", "fallbacks", "indexed_tokens",
-                "shared_tokens", "pages_per_step_last", "device_kv_bytes_max", "host_kv_bytes", "key_store_bytes"]
+        keys = ["indexer_state", "decode_steps", "sparse_rows", "dense_rows", "queries", "fallbacks",
+                "indexed_tokens", "shared_tokens", "pages_per_step_last", "attended_kv_bytes_max", "kv_pool_bytes",
+                "key_store_bytes", "index_bytes", "icecache_host_bytes"]
         for k in keys:
             print(f"  {k:22s} {st.get(k)}")
+        print("  (attended: computed from the decode plans; the other bytes: allocated. The whole KV stays in\n"
+              "   SGLang's pool (kv_pool_bytes); icecache_host_bytes is what IceCache adds in host memory.)")
         print(f"  {'selection ms/step':22s} {1e3 * st['selection_s_total'] / max(st['decode_steps'], 1):.2f}")
         ind = st.get("indexer") or {}
         print(f"  indexer: {ind.get('sequences')} sequences, {ind.get('tokens')} indexed token-layers, "

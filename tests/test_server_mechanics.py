@@ -1,16 +1,12 @@
 """--enable-icecache through a real SGLang server on CPU, with a tiny random Llama (mechanics, not quality):
-the HTTP and OpenAI APIs, the frontend language, bounded device KV up to 16k tokens, prefix reuse and
-cleanup under 200 concurrent requests with aborts, and an indexer killed mid-decode."""
+the HTTP and OpenAI APIs, the frontend language, bounded attended KV up to 16k tokens, prefix reuse, stats
+and settings on a running server. Faults (indexer killed or stopped, disconnects, hostile input) are in
+test_server_faults.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import random
-import signal
-import threading
-import time
 
 import pytest
 from sglang_servers import TINY_ICE, icecache_args, server_fixture
@@ -79,8 +75,9 @@ def token_ids(n: int, seed: int) -> list[int]:
     return random.Random(seed).choices(range(100, 40000), k=n)
 
 
-def test_device_kv_stays_bounded_up_to_16k_tokens(tiny_ice):
-    """The KV attended per request (all layers) stays within the budget while the context grows 16x."""
+def test_attended_kv_stays_bounded_up_to_16k_tokens(tiny_ice):
+    """The KV attended per request (all layers, computed from the decode plans) stays within the budget while
+    the context grows 16x; the allocated figures are the real sizes of SGLang's pool and the key store."""
     C = TINY_ICE["page_size"]
     bound = LAYERS * (TINY_ICE["budget_tokens"] + C - 1) * TOKEN_BYTES  # the window may run a block ahead
     seen = []
@@ -88,12 +85,15 @@ def test_device_kv_stays_bounded_up_to_16k_tokens(tiny_ice):
         r = tiny_ice.generate(input_ids=token_ids(n, n), max_new_tokens=6)
         ctx = r["meta_info"]["prompt_tokens"]
         st = tiny_ice.icecache_stats()
-        seen.append((ctx, st["device_kv_bytes_last"]))
-        assert 0 < st["device_kv_bytes_last"] <= bound, seen
+        seen.append((ctx, st["attended_kv_bytes_last"]))
+        assert 0 < st["attended_kv_bytes_last"] <= bound, seen
     assert seen[-1][0] == 16000, seen
     dense_bytes = LAYERS * seen[-1][0] * TOKEN_BYTES
     assert seen[-1][1] < dense_bytes / 50, seen
-    assert st["host_kv_bytes"] >= dense_bytes
+    slots = tiny_ice.get("/get_server_info")["max_total_num_tokens"] + 1  # SGLang's pool: one padding slot
+    assert st["kv_pool_bytes"] == slots * LAYERS * TOKEN_BYTES
+    assert st["key_store_bytes"] == slots * LAYERS * TOKEN_BYTES // 2  # the keys of every (anchor) layer
+    assert st["index_bytes"] > 0 and st["icecache_host_bytes"] == st["key_store_bytes"] + st["index_bytes"]
 
 
 def test_prefix_hit_indexes_only_new_tokens(tiny_ice):
@@ -111,83 +111,6 @@ def test_prefix_hit_indexes_only_new_tokens(tiny_ice):
     assert b["indexer"]["indexed_tokens"] - a["indexer"]["indexed_tokens"] <= LAYERS * (new_tokens + 16)
 
 
-async def _one_request(url: str, prompt: str, max_new: int, abort_after: int | None):
-    import aiohttp
-
-    payload = {"text": prompt, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0}}
-    async with aiohttp.ClientSession() as s, s.post(url + "/generate", json=payload) as resp:
-        chunks = 0
-        async for line in resp.content:
-            if not line.strip().startswith(b"data:"):
-                continue
-            if line.strip() == b"data: [DONE]":
-                return "done"
-            chunks += 1
-            if abort_after is not None and chunks >= abort_after:
-                return "aborted"  # leaving the session closes the connection: SGLang aborts the request
-        return "done"
-
-
-def test_200_concurrent_requests_with_aborts_leave_nothing_behind(tiny_ice):
-    rng = random.Random(7)
-    jobs = []
-    for i in range(200):
-        n = rng.randint(20, 180)
-        prompt = words(n, rng.choice([0, 50000, 60000]) + (i % 3) * 7)  # some shared prefixes
-        abort = rng.randint(1, 6) if rng.random() < 0.25 else None
-        jobs.append((prompt, rng.randint(4, 24), abort))
-
-    async def run_all():
-        return await asyncio.gather(*(_one_request(tiny_ice.url, *j) for j in jobs), return_exceptions=True)
-
-    results = asyncio.run(run_all())
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert not errors, errors[:3]
-    assert results.count("done") >= 140
-    time.sleep(2.0)  # aborted requests finish leaving the scheduler
-    st = tiny_ice.icecache_stats(wait_s=1.5)
-    assert st["tracker"]["live"] == 0
-    assert st["indexer"]["sequences"] == st["tracker"]["retained"]  # only cached prefixes keep an index
-    assert st["indexer"]["errors"] == 0
-    tiny_ice.post("/flush_cache", {})
-    st = tiny_ice.icecache_stats(wait_s=1.5)
-    assert st["tracker"] == {"live": 0, "retained": 0, "retained_tokens": 0, "slots_referenced": 0}
-    ind = st["indexer"]
-    assert (ind["sequences"], ind["layer_entries"], ind["indexes"], ind["tokens"], ind["index_bytes"],
-            ind["state_slots"]) == (0, 0, 0, 0, 0, 0)
-    mine = [d for d in os.listdir("/dev/shm") if d.startswith("icecache-")]
-    assert len(mine) <= 1  # this server's private directory (key store + socket), nothing else of ours
-
-
-def test_indexer_killed_mid_decode_is_survived_and_restarted(tiny_ice):
-    st = tiny_ice.icecache_stats(wait_s=0)
-    pid, restarts = st["indexer_pid"], st["indexer_restarts"]
-    out = {}
-
-    def long_request():
-        out["r"] = tiny_ice.generate(words(500, 70000), max_new_tokens=160)
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until the request decodes sparsely
-        cur = tiny_ice.icecache_stats(wait_s=0.3)
-        if cur.get("live_seqs", 0) >= 1 and cur["decode_steps"] > st["decode_steps"] + 5:
-            break
-    os.kill(pid, signal.SIGKILL)
-    t.join(300)
-    assert not t.is_alive()
-    assert out["r"]["meta_info"]["completion_tokens"] == 160
-    after = tiny_ice.icecache_stats()
-    assert after["indexer_restarts"] == restarts + 1
-    assert after["indexer_pid"] != pid
-    r = tiny_ice.generate(words(400, 80000), max_new_tokens=8)  # the new indexer serves
-    assert r["meta_info"]["completion_tokens"] == 8
-    assert tiny_ice.icecache_stats()["fallbacks"] == after["fallbacks"]
-    log = tiny_ice.log_path.read_text(errors="replace")
-    assert "IceCache indexer (rank 0) is dead: restarting" in log
-
-
 def test_stats_endpoint_metrics_and_log_line(tiny_ice):
     r = tiny_ice.generate(input_ids=token_ids(600, 3), max_new_tokens=45)  # > 40 sparse steps: one log line
     assert r["meta_info"]["completion_tokens"] == 45
@@ -198,7 +121,8 @@ def test_stats_endpoint_metrics_and_log_line(tiny_ice):
     st = data["ranks"]["0"]
     text = tiny_ice.get("/metrics")["text"]
     assert 'sglang:icecache_sparse_rows{tp_rank="0"}' in text
-    assert "sglang:icecache_device_kv_bytes_last" in text and "sglang:icecache_fallbacks" in text
+    assert "sglang:icecache_attended_kv_bytes_last" in text and "sglang:icecache_fallbacks" in text
+    assert 'sglang:icecache_indexer_up{tp_rank="0"} 1.0' in text
     line = next(ln for ln in text.splitlines() if ln.startswith('sglang:icecache_sparse_rows{'))
     assert float(line.split()[-1]) > 0 and st["sparse_rows"] > 0
     assert "IceCache: sparse-req" in tiny_ice.log_path.read_text(errors="replace")
