@@ -102,13 +102,15 @@ def test_fuzzed_indexer_messages_while_serving(fault_srv):
 
 def test_config_route_needs_the_api_key(fault_srv):
     """``--api-key`` alone: POST /icecache/config takes that key and nothing else."""
-    v0 = fault_srv.icecache_stats(wait_s=0)["config_version"]
+    v0 = fault_srv.set_icecache(key=faults.API_KEY, budget_tokens=faults.FAULT_ICE["budget_tokens"])["version"]
     for key in ("", "not-the-key"):
         with pytest.raises(PermissionError, match="401"):
             fault_srv.set_icecache(key=key, budget_tokens=160)
     r = fault_srv.set_icecache(key=faults.API_KEY, budget_tokens=faults.FAULT_ICE["budget_tokens"])
+    assert r["version"] == v0 + 1  # the refused POSTs published nothing
     fault_srv.generate(input_ids=faults.token_ids(20, 1), max_new_tokens=2)
-    assert fault_srv.icecache_stats()["config_version"] == r["version"] == v0 + 1
+    st = fault_srv.icecache_stats()
+    assert st["config_version"] == r["version"] and st["budget_tokens"] == faults.FAULT_ICE["budget_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------- model paths

@@ -1,6 +1,7 @@
 """The decoding modes an accuracy run compares, all served by one IceCache backend.
 
-``dense``: a budget above every context, so every request decodes densely (SGLang's own attention path;
+``dense``: the largest budget the server allows (sink + window + the indexer's 4096 pages: 65k+ tokens, above
+every context of the presets), so every request decodes densely (SGLang's own attention path;
 token-identical to a server without IceCache, tests/test_server_outputs.py). ``icecache``: the index's
 search at a budget. Baselines at the same budget, same sink/window and pages: ``oracle_page`` (IceCache's
 page layout, exact scores), ``oracle_positional``, ``quest``, ``streaming`` (sink + recent window).
@@ -12,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from icecache_sglang.index.selection import default_sink_window
+from icecache_sglang.indexer.config import MAX_PAGES
 
-DENSE_BUDGET = 1 << 30
+PAGE_SIZE = 16  # the accuracy servers' page size (runner._server_args)
 BASELINES = ("oracle_page", "oracle_positional", "quest", "streaming")
 
 
@@ -34,7 +36,10 @@ class Mode:
 
     def settings(self) -> dict:
         """``POST /icecache/config`` body."""
-        return {"budget_tokens": self.budget or DENSE_BUDGET, "selection": self.selection}
+        if self.budget is None:  # dense: the largest budget this server's sink and window allow
+            sink, window, _ = self.launch_group()
+            return {"budget_tokens": sink + window + MAX_PAGES * PAGE_SIZE, "selection": self.selection}
+        return {"budget_tokens": self.budget, "selection": self.selection}
 
     @property
     def label(self) -> str:

@@ -18,7 +18,7 @@ from icecache_sglang.launch import ServerProcess, server_env
 from icecache_sglang.models.fetch import ensure_model
 
 from . import ruler
-from .modes import BASELINES, Mode, modes
+from .modes import BASELINES, PAGE_SIZE, Mode, modes
 from .tasks import Sample, make_samples
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -156,7 +156,7 @@ def targets(summary: list[dict]) -> dict:
 
 def _server_args(preset: Preset, group: tuple[int, int, int]) -> list[str]:
     sink, window, reuse = group
-    cfg = {"budget_tokens": sink + window + 16, "page_size": 16, "sink_tokens": sink, "window_tokens": window,
+    cfg = {"budget_tokens": sink + window + 16, "page_size": PAGE_SIZE, "sink_tokens": sink, "window_tokens": window,
            "dense_layers": preset.dense_layers, "layer_reuse": reuse}
     return ["--enable-icecache", "--icecache-config", json.dumps(cfg), *preset.extra_args]
 
