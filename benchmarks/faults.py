@@ -18,7 +18,8 @@ sent to the indexer while it serves.
     python benchmarks/faults.py --quick     # every scenario, sharing two servers (< 10 minutes on 2 cores)
     python benchmarks/faults.py --scenarios sigstop_5s absurd_budget
 
-Records: ``benchmarks/results/faults[_quick].json``. ``tests/test_server_faults.py`` runs the same scenarios.
+Records: ``benchmarks/results/faults[_quick].{json,png}`` (``--table FILE`` prints the README's table).
+``tests/test_server_faults.py`` runs the same scenarios.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_records  # noqa: E402
+from common import png_path, write_records  # noqa: E402
 
 from icecache_sglang.launch import ServerProcess  # noqa: E402
 
@@ -509,13 +510,59 @@ def run_scenario(srv: ServerProcess, sc: Scenario) -> dict:
     return rec
 
 
+TABLE = ("scenario", "requests", "completed", "aborted", "errors", "server_alive", "fallbacks", "restarts",
+         "failed_restarts", "stuck_kills", "timed_out_steps", "leaked_sequences", "leaked_index_bytes",
+         "leaked_shm_entries", "answer_unchanged", "seconds", "ok")
+
+
+def table(records: list[dict]) -> str:
+    """The README's table."""
+    rows = ["| " + " | ".join(TABLE) + " |", "|" + "---|" * len(TABLE)]
+    for r in records:
+        rows.append("| " + " | ".join(str(r.get(k, "")) for k in TABLE) + " |")
+    return "\n".join(rows)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["scenario"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(names) + 1.5), sharey=True)
+    y = range(len(names))
+    axes[0].barh(y, [r.get("seconds", 0) for r in records],
+                 color=["tab:green" if r.get("ok") else "tab:red" for r in records])
+    axes[0].set_xlabel("seconds (green: every check passed)")
+    axes[0].set_yticks(list(y), names)
+    axes[1].barh(y, [r.get("fallbacks", 0) for r in records], color="tab:orange")
+    for i, r in enumerate(records):
+        axes[1].text(r.get("fallbacks", 0), i, f"  restarts {r.get('restarts', 0)}, stuck {r.get('stuck_kills', 0)}, "
+                     f"failed {r.get('failed_restarts', 0)}", va="center", fontsize=8)
+    axes[1].set_xlabel("selections that fell back (recent pages)")
+    fig.suptitle("IceCache fault scenarios through real SGLang servers (CPU, tiny model)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="share two servers between the scenarios")
     ap.add_argument("--scenarios", nargs="*", choices=list(BY_NAME), default=None)
     ap.add_argument("--name", default=NAME)
     ap.add_argument("--logs", default="/tmp/icecache-faults")
+    ap.add_argument("--table", metavar="JSON", help="print the README table of a results file and exit")
+    ap.add_argument("--replot", metavar="JSON", help="redraw the PNG of a results file and exit")
     args = ap.parse_args(argv)
+    if args.table or args.replot:
+        path = Path(args.table or args.replot)
+        recs = json.loads(path.read_text())
+        if args.table:
+            print(table(recs))
+        else:
+            plot(recs, path.with_suffix(".png"))
+        return 0
     todo = [BY_NAME[n] for n in args.scenarios] if args.scenarios else SCENARIOS
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -547,6 +594,8 @@ def main(argv=None) -> int:
         for srv in shared.values():
             srv.stop()
     path = write_records(args.name, args.quick, records)
+    plot(records, png_path(args.name, args.quick))
+    print(table(records))
     print(f"{sum(r.get('ok', False) for r in records)}/{len(records)} scenarios ok -> {path}")
     return 0 if all(r.get("ok") for r in records) else 1
 

@@ -149,10 +149,12 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
 
         rank = get_parallel().tp_rank
         self.metrics = m = IceCacheMetrics(rank=rank)
+        self.run_dir = RunDir.from_env()
         indexer = Indexer.launch(num_layers=len(self.anchors), num_kv_heads=self.H, head_dim=self.d,
                                  num_slots=self.num_slots, rank=rank, key_dtype=KEY_DTYPES[pool.dtype],
                                  index=cfg.index_config(), threads=cfg.indexer_threads,
-                                 timeout_s=cfg.selection_deadline_ms / 1e3)
+                                 timeout_s=cfg.selection_deadline_ms / 1e3,
+                                 server_dir=str(self.run_dir.path) if self.run_dir is not None else None)
         self.supervisor = IndexerSupervisor(indexer, m, max_restarts=cfg.max_restarts,
                                             restart_window_s=cfg.restart_window_s)
         self.selector = Selector(self.supervisor, self.H, len(self.anchors), m)
@@ -173,7 +175,6 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))
         events.subscribe(self.tracker.slots_freed, self.tracker.clear)
         self.config_version = 0
-        self.run_dir = RunDir.from_env()
         if self.run_dir is None:
             logger.warning("IceCache: no run directory ($ICECACHE_RUN_DIR): /icecache/stats and /icecache/config "
                            "are unavailable for this rank")
