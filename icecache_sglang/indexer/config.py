@@ -27,9 +27,6 @@ class IndexerConfig:
     max_batch / max_pages: limits a Query must respect (larger ones get an error reply).
     trim_rebuild_ratio: a Share that cuts more than this share of the source's tokens rebuilds the prefix
     from its keys instead of deleting the tail one token at a time.
-    server_dir: the server's run directory (``runtime/rundir.py``), if any: an orphaned indexer also removes
-    it once the process that created it is gone (SGLang ends its HTTP process with SIGKILL, so nothing
-    else would).
     """
 
     rank: int
@@ -41,7 +38,6 @@ class IndexerConfig:
     max_batch: int = MAX_BATCH
     max_pages: int = MAX_PAGES
     trim_rebuild_ratio: float = 0.25
-    server_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 0:

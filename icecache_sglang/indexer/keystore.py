@@ -122,22 +122,61 @@ class KeyStore:
                 pass
 
 
+#: a detached watcher: removes a private directory once the process that created it is gone. SGLang ends
+#: its processes with SIGKILL (no exit handler runs), so nothing inside the server could do it.
+_REAPER = r"""
+import os, shutil, sys, time
+pid, path = int(sys.argv[1]), sys.argv[2]
+if os.fork():
+    os._exit(0)
+def alive(p):
+    try:
+        os.kill(p, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open("/proc/%d/stat" % p, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+while os.path.isdir(path) and alive(pid):
+    time.sleep(0.5)
+shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+def _spawn_reaper(path: str) -> None:
+    """Start the watcher for ``path`` in a session of its own, outside this process's tree (a process
+    group kill or a recursive kill of the server's children does not reach it); it exits as soon as the
+    directory is gone, whoever removed it."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid()), path], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait()
+
+
 class PrivateDir:
     """A per-server directory with mode 0700 for the sockets and segments of one server process.
 
-    It lives on ``/dev/shm`` when that exists (else the temp dir) and is named after the creating pid, so
-    :meth:`sweep_stale` can remove what a SIGKILLed server left behind.
+    It lives on ``/dev/shm`` when that exists (else the temp dir) and is named after the creating pid. A
+    detached watcher removes it once that process is gone, however it ended; :meth:`sweep_stale` removes
+    what an older version or a killed watcher left behind.
     """
 
     def __init__(self, path: str):
         self.path = path
 
     @classmethod
-    def create(cls, root: str | None = None) -> PrivateDir:
+    def create(cls, root: str | None = None, reaper: bool = True) -> PrivateDir:
         root = root or (SHM_ROOT if os.path.isdir(SHM_ROOT) and os.access(SHM_ROOT, os.W_OK) else None)
         sweep_stale(root)
         path = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=root)  # mode 0700
         os.chmod(path, 0o700)
+        if reaper:
+            _spawn_reaper(path)
         return cls(path)
 
     def file(self, name: str) -> str:

@@ -5,9 +5,7 @@ It names itself (``icecache-idx-r<rank>`` in ``ps``), asks Linux to send it SIGT
 code, binds a ROUTER socket inside the private directory, reports ready through a pipe and serves until a
 Shutdown message, SIGTERM or the parent's death. On the way out it closes the socket and removes the
 socket file; if the parent is gone it also removes the private directory (segments included), so a
-SIGKILLed server leaves nothing behind; stopped with its whole server (SIGTERM to the process group), it
-waits a few seconds for the scheduler and the HTTP process to be gone and removes their private
-directories (SGLang ends its processes with SIGKILL, so their own exit handlers never run).
+SIGKILLed server leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -117,12 +115,8 @@ def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
             ctx.term()
         if cfg is not None:
             unlink_endpoint(cfg.endpoint)
-            if os.getppid() != parent_pid or _stop_requested:
-                # orphaned, or stopped with the whole server (SIGTERM to its process group; SGLang then
-                # SIGKILLs its processes, so their exit handlers never run): remove what they created
-                _remove_when_creator_gone(cfg.private_dir)
-                if cfg.server_dir:
-                    _remove_when_creator_gone(cfg.server_dir)
+            if os.getppid() != parent_pid:  # orphaned: nobody else will clean up
+                shutil.rmtree(cfg.private_dir, ignore_errors=True)
         if store is not None:
             store.close(unlink=False)
 
@@ -165,25 +159,6 @@ def _answer(service, body: list) -> tuple[list, bool]:
         logger.error("internal error on %s: %s", type(req.op).__name__, traceback.format_exc())
         service.count_error()
         return p.encode_error(req.id, "internal", f"{type(e).__name__}: {e}"), False
-
-
-def _remove_when_creator_gone(path: str, wait_s: float = 5.0) -> None:
-    """Remove a private directory (``icecache-<creator pid>-...``) once its creator has exited, waiting at
-    most ``wait_s`` for that (the server's HTTP process kills its schedulers first, then itself); a creator
-    still alive after that keeps its directory (it serves on, and cleans up itself)."""
-    import time
-
-    from .keystore import _DIR_RE, _alive
-
-    m = _DIR_RE.match(os.path.basename(path.rstrip("/")))
-    if m is None:
-        return
-    deadline = time.monotonic() + wait_s
-    while _alive(int(m.group(1))):
-        if time.monotonic() > deadline:
-            return  # still serving (only this rank went away): it cleans up itself, or the next sweep does
-        time.sleep(0.1)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def unlink_endpoint(endpoint: str) -> None:

@@ -153,8 +153,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         indexer = Indexer.launch(num_layers=len(self.anchors), num_kv_heads=self.H, head_dim=self.d,
                                  num_slots=self.num_slots, rank=rank, key_dtype=KEY_DTYPES[pool.dtype],
                                  index=cfg.index_config(), threads=cfg.indexer_threads,
-                                 timeout_s=cfg.selection_deadline_ms / 1e3,
-                                 server_dir=str(self.run_dir.path) if self.run_dir is not None else None)
+                                 timeout_s=cfg.selection_deadline_ms / 1e3)
         self.supervisor = IndexerSupervisor(indexer, m, max_restarts=cfg.max_restarts,
                                             restart_window_s=cfg.restart_window_s)
         self.selector = Selector(self.supervisor, self.H, len(self.anchors), m)
