@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import png_path, write_records  # noqa: E402
+from common import command, machine, png_path, write_records  # noqa: E402
 
 from icecache_sglang.launch import ServerProcess  # noqa: E402
 
@@ -541,7 +541,9 @@ def plot(records: list[dict], path: Path) -> None:
         axes[1].text(r.get("fallbacks", 0), i, f"  restarts {r.get('restarts', 0)}, stuck {r.get('stuck_kills', 0)}, "
                      f"failed {r.get('failed_restarts', 0)}", va="center", fontsize=8)
     axes[1].set_xlabel("selections that fell back (recent pages)")
-    fig.suptitle("IceCache fault scenarios through real SGLang servers (CPU, tiny model)", fontsize=10)
+    meta = records[0] if "machine" in records[0] else {"machine": machine(), "command": command()}
+    fig.suptitle(f"IceCache fault scenarios through real SGLang servers (CPU, tiny model)\n{meta['machine']}; "
+                 f"{meta['command']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
