@@ -5,11 +5,14 @@ server is started; for each context length one streamed ``/generate`` request (e
 time to first token and time per output token; then the same prompt plus 16 new tokens (a radix-cache hit,
 like a conversation's next turn) measures the prefix hit's time to first token. KV figures per request:
 
-- ``device_kv_bytes``: KV bytes decode attention reads per step, all layers (what must sit on the
-  accelerator): the whole context for dense, sink + window + selected pages for IceCache (from the server's
-  ``/icecache/stats``, the largest step of the request).
-- ``host_kv_bytes``: KV bytes kept in host memory for the request: nothing for dense (all on the device),
-  the full context for IceCache.
+- ``attended_kv_bytes`` (computed from the decode plans, not allocated): KV bytes decode attention reads
+  per step, all layers: the whole context for dense, sink + window + selected pages for IceCache (the
+  server's ``attended_kv_bytes_last``). It is what a GPU would have to hold for the step once the full KV
+  lives in host memory; today, on every path, the full KV stays in SGLang's own pool for both modes.
+- ``kv_bytes``: the request's full K+V, in SGLang's pool for both modes.
+- ``icecache_host_bytes`` (allocated): what IceCache adds in host memory for the request: its tokens' rows
+  of the key store (a copy of every anchor layer's keys) plus its index in the indexer process
+  (``index_bytes``, read while only this request's index is alive: each context ends with a ``flush_cache``).
 
     python benchmarks/serve_cpu.py            # tiny random Llama at 4k/16k/32k + SmolLM2 at 1k/2k/4k
     python benchmarks/serve_cpu.py --quick    # tiny at 4k/16k, under 5 minutes
@@ -23,6 +26,7 @@ import json
 import random
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,6 +59,17 @@ def streamed(srv: ServerProcess, ids: list[int], max_new: int) -> dict:
     ttft = times[0] - t0
     tpot = (times[-1] - times[0]) / max(len(times) - 1, 1) if n_out > 1 else float("nan")
     return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": n_out, "prompt_tokens": last["meta_info"]["prompt_tokens"]}
+
+
+def flush(srv: ServerProcess, tries: int = 60) -> None:
+    """``flush_cache`` (SGLang refuses it until the last request has left the scheduler)."""
+    for _ in range(tries):
+        try:
+            srv.post("/flush_cache", {})
+            return
+        except urllib.error.HTTPError:
+            time.sleep(0.5)
+    raise RuntimeError("flush_cache kept failing")
 
 
 def prompt_ids(model: str, path: Path, n: int, seed: int) -> list[int]:
@@ -94,13 +109,19 @@ def run_model(model: str, path: Path, contexts: list[int], max_new: int, log_dir
                 # next turn: the cached prompt + 16 new tokens (stock SGLang re-runs the prefix's attention)
                 res["prefix_hit_ttft_s"] = streamed(srv, ids + prompt_ids(model, path, 16, 5), 1)["ttft_s"]
                 full = res["prompt_tokens"] * per_token * layers
+                extra = {}
                 if mode == "icecache":
                     st = srv.icecache_stats()
-                    device, host = st["device_kv_bytes_last"], full
+                    attended = st["attended_kv_bytes_last"]
+                    # the key store holds every anchor layer's keys for every slot; this request's share:
+                    store_per_token = st["key_store_bytes"] / (st["kv_pool_bytes"] / (per_token * layers))
+                    extra = {"index_bytes": st["index_bytes"], "key_store_bytes": int(store_per_token * ctx),
+                             "icecache_host_bytes": int(st["index_bytes"] + store_per_token * ctx)}
                 else:
-                    device, host = full, 0
-                rec = {"mode": mode, "model": model, "context": ctx, **res, "device_kv_bytes": device,
-                       "host_kv_bytes": host, "icecache_config": cfg if mode == "icecache" else None}
+                    attended = full
+                flush(srv)  # the next context starts with no other index alive
+                rec = {"mode": mode, "model": model, "context": ctx, **res, "attended_kv_bytes": attended,
+                       "kv_bytes": full, **extra, "icecache_config": cfg if mode == "icecache" else None}
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
     return records
@@ -118,7 +139,8 @@ def plot(records: list[dict], path: Path) -> None:
         for j, (key, label, scale) in enumerate([("ttft_s", "time to first token (s)", 1),
                                                  ("prefix_hit_ttft_s", "prefix hit (+16 tokens): TTFT (s)", 1),
                                                  ("tpot_s", "time per output token (ms)", 1e3),
-                                                 ("device_kv_bytes", "device KV per request (MiB)", 2**-20)]):
+                                                 ("attended_kv_bytes", "KV attended per step (MiB, computed)",
+                                                  2**-20)]):
             ax = axes[i][j]
             for mode in ("dense", "icecache"):
                 rs = sorted((r for r in records if r["model"] == model and r["mode"] == mode and key in r),
