@@ -107,7 +107,13 @@ def test_modes_share_servers_by_launch_settings():
     groups = {m.launch_group() for m in ms}
     assert groups == {(16, 16, 1), (32, 32, 1), (32, 32, 3)}  # budget 64 needs a smaller sink/window
     assert Mode("quest", 128).settings() == {"budget_tokens": 128, "selection": "quest"}
-    assert Mode("dense", None).settings()["budget_tokens"] > 10**6
+    # dense: the largest budget a server with the dense mode's sink/window accepts, above every preset context
+    from icecache_sglang.runtime.config import IceCacheConfig
+
+    dense = Mode("dense", None).settings()["budget_tokens"]
+    sink, window, _ = Mode("dense", None).launch_group()
+    assert dense == IceCacheConfig(budget_tokens=dense, sink_tokens=sink, window_tokens=window).max_budget_tokens
+    assert dense > max(c for p in PRESETS.values() for part in p.parts for c in part.contexts)
     assert Mode("dense", None) not in modes((64,), dense=False)
 
 
