@@ -124,15 +124,10 @@ _RUN_DIR = None
 def _run_dir():
     """One private run directory per launching process (removed when it exits)."""
     global _RUN_DIR
-    from icecache_sglang.runtime.rundir import RunDir, RunDirError
+    if _RUN_DIR is None:
+        from icecache_sglang.runtime.rundir import RunDir
 
-    if _RUN_DIR is not None:
-        try:
-            _RUN_DIR.verify()
-            return _RUN_DIR
-        except RunDirError:
-            pass
-    _RUN_DIR = RunDir.create()
+        _RUN_DIR = RunDir.create()
     return _RUN_DIR
 
 

@@ -82,10 +82,9 @@ def test_writes_to_a_dead_indexer_are_kept_and_replayed_by_a_background_restart(
     assert not c.query(0, [1, 2], q(rng, 2), 4).fallback
 
 
-def test_spent_restart_budget_leaves_it_down_then_a_freed_window_restarts(ix, monkeypatch):
-    monkeypatch.setattr(sv, "MAX_RESTARTS", 1)
+def test_spent_restart_budget_leaves_it_down_then_a_freed_window_restarts(ix):
     m = IceCacheMetrics()
-    sup = sv.IndexerSupervisor(ix, m)
+    sup = sv.IndexerSupervisor(ix, m, max_restarts=1)
     c = ix.client
     c.build(5, range(L), np.arange(100, 260))
     kill_and_wait(ix)
@@ -102,7 +101,7 @@ def test_spent_restart_budget_leaves_it_down_then_a_freed_window_restarts(ix, mo
                      fov=None, prop_to_retrieve=0.8, num_to_retrieve=0)
     assert got.fallback and got.n_tokens == [176]
     np.testing.assert_array_equal(got.slots[0, 0, 0], np.arange(300, 316))  # newest page first
-    monkeypatch.setattr(sv, "RESTART_WINDOW_S", 0.0)  # the window has passed
+    sup.restart_window_s = 0.0  # the window has passed
     assert wait_for(lambda: (sup.poll(), sup.state == sv.UP)[1], 120)
     assert c.stats().tokens == L * 176
 
@@ -164,10 +163,9 @@ def test_a_slow_but_working_indexer_is_not_killed(ix):
     assert c.stats().expired >= 1  # the queries nobody waited for any more were skipped, not searched
 
 
-def test_a_replacement_that_cannot_start_leaves_it_down(ix, monkeypatch):
-    monkeypatch.setattr(sv, "MAX_RESTARTS", 2)
+def test_a_replacement_that_cannot_start_leaves_it_down(ix):
     m = IceCacheMetrics()
-    sup = sv.IndexerSupervisor(ix, m)
+    sup = sv.IndexerSupervisor(ix, m, max_restarts=2)
     # something else sits where the replacements' sockets would go: they cannot bind
     for n in (1, 2):
         os.mkdir(ix.dir.file(f"indexer-r0-{n}.sock"))

@@ -85,26 +85,25 @@ class IndexerProcess:
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time the process has used (user + system, all threads); None where /proc cannot tell."""
+    def _stat(self) -> list[bytes] | None:
+        """Fields of ``/proc/<pid>/stat`` after the command name (state first); None where it cannot tell."""
         if self.proc is None or self.proc.pid is None:
             return None
         try:
             with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15 of stat)
-        except (OSError, IndexError, ValueError):
+                return f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
             return None
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the process has used (user + system, all threads); None where /proc cannot tell."""
+        fields = self._stat()
+        return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
 
     def stopped(self) -> bool:
         """Whether the process is stopped (SIGSTOP, a debugger): alive, but it will not answer."""
-        if self.proc is None or self.proc.pid is None:
-            return False
-        try:
-            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
-        except (OSError, IndexError):
-            return False
+        fields = self._stat()
+        return fields is not None and fields[0] in (b"T", b"t")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``."""

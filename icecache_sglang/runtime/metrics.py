@@ -9,6 +9,7 @@ plan (how much KV the sparse attention read), not an allocation.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -95,8 +96,6 @@ class PrometheusExport:
     figures appear in ``/metrics`` beside SGLang's own."""
 
     def __init__(self, rank: int):
-        import os
-
         self.gauges = None
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return

@@ -32,6 +32,7 @@ import time
 from collections import deque
 
 from ..indexer.launcher import Indexer, IndexerProcess
+from .metrics import IceCacheMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,10 @@ class _Replacement(threading.Thread):
 class IndexerSupervisor:
     """Owns the rank's :class:`Indexer`; driven by the scheduler's thread (not thread-safe)."""
 
-    def __init__(self, indexer: Indexer, metrics=None, *, max_restarts: int | None = None,
-                 restart_window_s: float | None = None):
+    def __init__(self, indexer: Indexer, metrics: IceCacheMetrics | None = None, *, max_restarts: int = MAX_RESTARTS,
+                 restart_window_s: float = RESTART_WINDOW_S):
         self.indexer = indexer
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else IceCacheMetrics()
         self.max_restarts = max_restarts
         self.restart_window_s = restart_window_s
         self.state, self.reason = UP, ""
@@ -151,14 +152,12 @@ class IndexerSupervisor:
         if self._late_steps == 0:
             self._late_cpu0, self._late_replies0 = proc.cpu_seconds(), self.client.counters.replies
         self._late_steps += 1
-        if self.metrics is not None:
-            self.metrics.timed_out_steps += 1
+        self.metrics.timed_out_steps += 1
         if self._late_steps < STUCK_STEPS:
             return
         why = self._stuck_reason(proc)
         if why:
-            if self.metrics is not None:
-                self.metrics.stuck_kills += 1
+            self.metrics.stuck_kills += 1
             self._begin_restart(f"the indexer is stuck: {why}")
 
     def _stuck_reason(self, proc: IndexerProcess) -> str:
@@ -175,19 +174,11 @@ class IndexerSupervisor:
         return ""
 
     # ------------------------------------------------------------------ restarts
-    @property
-    def _max(self) -> int:
-        return MAX_RESTARTS if self.max_restarts is None else self.max_restarts
-
-    @property
-    def _window(self) -> float:
-        return RESTART_WINDOW_S if self.restart_window_s is None else self.restart_window_s
-
     def _budget_left(self) -> bool:
         now = time.monotonic()
-        while self._attempts and now - self._attempts[0] > self._window:
+        while self._attempts and now - self._attempts[0] > self.restart_window_s:
             self._attempts.popleft()
-        return len(self._attempts) < self._max
+        return len(self._attempts) < self.max_restarts
 
     def _begin_restart(self, reason: str) -> None:
         self._late_steps = 0
@@ -197,12 +188,12 @@ class IndexerSupervisor:
             if self.state != DOWN:
                 logger.error("IceCache indexer (rank %d) is down (%s) and %d restarts were used in the last %.0f s; "
                              "decoding continues on fallback selections until a restart is allowed again",
-                             rank, reason, self._max, self._window)
+                             rank, reason, self.max_restarts, self.restart_window_s)
             self._set(DOWN, reason)
             return
         self._attempts.append(time.monotonic())
         logger.warning("IceCache indexer (rank %d): %s; restarting (%d in the last %.0f s); decoding continues on "
-                       "fallback selections meanwhile", rank, reason, len(self._attempts), self._window)
+                       "fallback selections meanwhile", rank, reason, len(self._attempts), self.restart_window_s)
         self._pending = _Replacement(self.indexer.replacement())
         self._pending.start()
         self._set(RESTARTING, reason)
@@ -214,35 +205,32 @@ class IndexerSupervisor:
             try:
                 self.indexer.adopt(rep.process, ping_timeout_s=5.0)
                 self._replay_last_rid = self.client.last_rid
-                if self.metrics is not None:
-                    self.metrics.indexer_restarts += 1
+                self.metrics.indexer_restarts += 1
                 self._set(REBUILDING, "replaying the ledger")
                 self._poll()  # an empty ledger is rebuilt at once
                 return
             except Exception as e:  # noqa: BLE001 - a replacement that does not answer counts as failed
                 rep.error = e
         rep.process.kill()
-        if self.metrics is not None:
-            self.metrics.failed_restarts += 1
+        self.metrics.failed_restarts += 1
         first_line = str(rep.error).strip().splitlines()[-1] if str(rep.error).strip() else type(rep.error).__name__
         logger.error("IceCache indexer (rank %d) restart failed: %s", rank, first_line)
         self._set(DOWN, f"restart failed: {first_line}")
 
     def _set(self, state: str, reason: str) -> None:
         self.state, self.reason = state, reason
-        if self.metrics is not None:
-            self.metrics.indexer_up = int(state == UP)
+        self.metrics.indexer_up = int(state == UP)
 
     # ------------------------------------------------------------------ reporting and shutdown
     def status(self) -> dict:
         proc = self.indexer.process
         return {"state": self.state, "reason": self.reason, "pid": proc.pid, "endpoint": self.indexer.config.endpoint,
-                "restarts_in_window": len(self._attempts), "max_restarts": self._max,
-                "restart_window_s": self._window}
+                "restarts_in_window": len(self._attempts), "max_restarts": self.max_restarts,
+                "restart_window_s": self.restart_window_s}
 
     def close(self) -> None:
         rep, self._pending = self._pending, None
         if rep is not None:
-            rep.join(RESTART_READY_TIMEOUT_S if rep.process.proc is None else 10.0)
+            rep.join(10.0)
             rep.process.kill()
         self.indexer.close()
