@@ -10,6 +10,7 @@ serve (sliding window, hybrid, MLA) stops it when the scheduler builds the backe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -20,8 +21,10 @@ from icecache_sglang.runtime.config import ENV_VAR, IceCacheConfig, IceCacheConf
 from .attention import BACKEND_NAME
 
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
-#: attention backends --enable-icecache accepts beside itself (its decode path runs in torch on them)
-COMPATIBLE_BACKENDS = (None, "torch_native", BACKEND_NAME)
+#: --attention-backend values --enable-icecache accepts: SGLang's backend it runs prefill and dense attention on
+#: (``dense_attention``; IceCache's sparse decode is its own)
+DENSE_BACKENDS = ("torch_native", "triton", "flashinfer")
+COMPATIBLE_BACKENDS = (None, BACKEND_NAME, *DENSE_BACKENDS)
 
 
 def _add_cli_args(result, parser, *args, **kwargs):
@@ -58,8 +61,8 @@ def unsupported_options(args) -> list[str]:
         problems.append(f"--kv-cache-dtype {kv}: IceCache indexes float32/float16/bfloat16 keys")
     backend = get("attention_backend")
     if backend not in COMPATIBLE_BACKENDS:
-        problems.append(f"--attention-backend {backend}: IceCache runs its own attention backend "
-                        f"({BACKEND_NAME}); leave the flag out or use torch_native")
+        problems.append(f"--attention-backend {backend}: IceCache runs prefill and dense attention on one of "
+                        f"{list(DENSE_BACKENDS)} and its sparse decode on its own; leave the flag out or pick one")
     for flag in ("prefill_attention_backend", "decode_attention_backend"):
         # any other backend for one phase makes SGLang build a hybrid backend: prefill would never store keys
         # for the index, or decode would never be sparse
@@ -74,14 +77,25 @@ def unsupported_options(args) -> list[str]:
     return problems
 
 
-def flashinfer_problems() -> list[str]:
-    """Why ``decode_attention: flashinfer`` cannot run here (empty when it can)."""
-    from icecache_sglang.runtime.attention import flashinfer_importable
+def cuda_problems(what: str) -> list[str]:
+    """Why ``what`` (a GPU-only setting) cannot run in this launch (empty when it can)."""
+    import torch
 
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
-        return ["decode_attention 'flashinfer' needs a CUDA GPU; this launch uses SGLang's CPU engine"]
+        return [f"{what} needs a CUDA GPU; this launch uses SGLang's CPU engine"]
+    if not torch.cuda.is_available():
+        return [f"{what} needs a CUDA GPU; none is visible to this process"]
+    return []
+
+
+def flashinfer_problems(key: str = "decode_attention") -> list[str]:
+    """Why ``key: flashinfer`` cannot run here (empty when it can)."""
+    from icecache_sglang.runtime.attention import flashinfer_importable
+
+    if cuda_problems(f"{key} 'flashinfer'"):
+        return cuda_problems(f"{key} 'flashinfer'")
     if not flashinfer_importable():
-        return ["decode_attention 'flashinfer' needs flashinfer-python (SGLang pins 0.7.2); it is not installed"]
+        return [f"{key} 'flashinfer' needs flashinfer-python (SGLang pins 0.7.2); it is not installed"]
     return []
 
 
@@ -103,8 +117,19 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
     except IceCacheConfigError as e:
         _fail(f"--icecache-config: {e}")
     problems = unsupported_options(args)
+    backend = getattr(args, "attention_backend", None)
+    if backend in DENSE_BACKENDS:  # --attention-backend X with IceCache: X runs the dense attention
+        if cfg.dense_attention not in ("auto", backend):
+            problems.append(f"--attention-backend {backend} and dense_attention {cfg.dense_attention!r} disagree; "
+                            "give one of them")
+        else:
+            cfg = dataclasses.replace(cfg, dense_attention=backend)
     if cfg.decode_attention == "flashinfer":
-        problems += flashinfer_problems()
+        problems += flashinfer_problems("decode_attention")
+    if cfg.dense_attention == "flashinfer":
+        problems += flashinfer_problems("dense_attention")
+    if cfg.dense_attention == "triton":
+        problems += cuda_problems("dense_attention 'triton'")
     if problems:
         _fail("; ".join(problems))
     # Decode selects pages on the host between layers (the query of layer l picks layer l's pages), which a

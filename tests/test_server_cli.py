@@ -71,7 +71,13 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--icecache-config", "{not json"], "not valid JSON"),
     (["--icecache-config", "{}"], "--enable-icecache is not"),
     (["--enable-icecache", "--speculative-algorithm", "EAGLE"], "speculative decoding"),
-    (["--enable-icecache", "--attention-backend", "triton"], "--attention-backend triton"),
+    (["--enable-icecache", "--attention-backend", "fa3"], "--attention-backend fa3: IceCache runs prefill"),
+    # SGLang's GPU backends run IceCache's dense attention on a GPU only
+    (["--enable-icecache", "--attention-backend", "triton"], "dense_attention 'triton' needs a CUDA GPU"),
+    (["--enable-icecache", "--attention-backend", "flashinfer"], "dense_attention 'flashinfer' needs a CUDA GPU"),
+    (["--enable-icecache", "--attention-backend", "triton", "--icecache-config", '{"dense_attention": "flashinfer"}'],
+     "--attention-backend triton and dense_attention 'flashinfer' disagree"),
+    (["--enable-icecache", "--icecache-config", '{"dense_attention": "fa3"}'], "dense_attention must be one of"),
     (["--enable-icecache", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--enable-icecache", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
     (["--enable-icecache", "--icecache-config", '{"decode_attention": "cuda"}'], "decode_attention must be one of"),
@@ -100,3 +106,23 @@ def test_real_launch_with_a_bad_flag_exits_at_once_with_the_reason(tmp_path):
     p = subprocess.run(cmd, env=server_env(), capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 2
     assert "sglang: error: --icecache-config: budget_tokens (64) must exceed" in p.stderr
+
+
+def test_attention_backend_names_icecaches_dense_backend(parse):
+    """``--attention-backend X`` with IceCache: X runs prefill and the dense attention (dense_attention)."""
+    args = parse("--enable-icecache", "--attention-backend", "torch_native")
+    assert args.attention_backend == "icecache"
+    assert IceCacheConfig.from_json(os.environ[ENV_VAR]).dense_attention == "torch_native"
+    parse("--enable-icecache")
+    assert IceCacheConfig.from_json(os.environ[ENV_VAR]).dense_attention == "auto"
+
+
+def test_dense_attention_resolves_per_device():
+    from icecache_sglang.runtime.attention import flashinfer_importable
+    from icecache_sglang.runtime.dense import resolve_dense_attention
+
+    assert resolve_dense_attention("auto", "cpu") == "torch_native"
+    assert resolve_dense_attention("auto", "cuda") == ("flashinfer" if flashinfer_importable() else "triton")
+    assert resolve_dense_attention("triton", "cuda") == "triton"
+    with pytest.raises(ValueError, match="needs the KV cache on a CUDA device"):
+        resolve_dense_attention("triton", "cpu")

@@ -6,6 +6,7 @@ each job to its own module:
 | job | where |
 |---|---|
 | the rank's indexer: launch, health, restarts, stuck detection | ``supervisor.py`` (``IndexerSupervisor``) |
+| prefill, dense layers, requests within the budget | ``dense.py`` (one of SGLang's backends, held as ``self.dense``) |
 | which request has which index (rows, KV slots, prefix reuse) | ``sequences.py`` (``SequenceTracker``) |
 | a decode step's queries under one deadline, fallbacks | ``selection.py`` (``Selector``) |
 | the sparse attention over a plan | ``attention/`` (``SparseDecodeAttention`` over a ``DecodePlan``) |
@@ -14,7 +15,7 @@ each job to its own module:
 
 Per forward pass:
 
-- **extend (prefill chunk)**: dense attention of the new tokens over their prefix (``attention/extend.py``);
+- **extend (prefill chunk)**: the dense backend's attention of the new tokens over their prefix;
   each anchor layer's keys, as the KV pool holds them, are also written to the key store at their slots;
   after the last layer, every request longer than the budget is indexed up to its recent window (a prefix
   hit first takes the cached prefix's index).
@@ -36,15 +37,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..indexer.launcher import Indexer
 from . import events
 from .attention import DecodePlan, SparseDecodeAttention, decode_attention_for
-from .attention.extend import extend_attention
 from .config import IceCacheConfig, IceCacheConfigError
 from .control import read_control, updated
+from .dense import dense_backend_for, resolve_dense_attention
 from .metrics import IceCacheMetrics
 from .publisher import SnapshotPublisher
 from .rundir import CONTROL_FILE, RunDir, RunDirError
@@ -121,17 +122,25 @@ class _RowEvents:
         pass
 
 
-class IceCacheAttnBackend(TorchNativeAttnBackend):
+class IceCacheAttnBackend(AttentionBackend):
     def __init__(self, model_runner, config: IceCacheConfig | None = None, attention: SparseDecodeAttention | None = None):
-        super().__init__(model_runner)
+        super().__init__()
         cfg = config or IceCacheConfig.from_env() or IceCacheConfig()
         self.launch_cfg = self.cfg = cfg
-        pool = self.token_to_kv_pool
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = pool = model_runner.token_to_kv_pool
         problems = model_problems(model_runner)
         if pool.dtype not in KEY_DTYPES:
             problems.append(f"IceCache needs a float32/float16/bfloat16 KV cache, got {pool.dtype}")
+        try:
+            self.dense_name = resolve_dense_attention(cfg.dense_attention, pool.device)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise IceCacheConfigError("--enable-icecache cannot serve this model: " + "; ".join(problems))
+        # SGLang's own backend for prefill, the dense layers and requests within the budget (``dense.py``)
+        self.dense = dense_backend_for(self.dense_name, model_runner)
         self.num_layers = pool.layer_num
         self.H, self.d = pool.head_num, pool.head_dim
         self.v_d = getattr(pool, "v_head_dim", pool.head_dim)
@@ -180,9 +189,9 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self._control_mtime = None
         self.publisher = SnapshotPublisher(rank, self.run_dir, self.collect)
         atexit.register(self.close)
-        logger.info("IceCache on rank %d: %s; %d anchor layers of %d, decode attention %s, indexer pid %s, "
-                    "key store %s", rank, cfg.to_json(), len(self.anchors), self.num_layers,
-                    type(self.attention).__name__, indexer.process.pid, indexer.store.spec.path)
+        logger.info("IceCache on rank %d: %s; %d anchor layers of %d, dense attention %s, sparse decode "
+                    "attention %s, indexer pid %s, key store %s", rank, cfg.to_json(), len(self.anchors),
+                    self.num_layers, type(self.dense).__name__, type(self.attention).__name__, indexer.process.pid, indexer.store.spec.path)
 
     @property
     def indexer(self) -> Indexer:
@@ -213,7 +222,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
 
     # ------------------------------------------------------------------ SGLang backend interface
     def init_forward_metadata(self, forward_batch):
-        super().init_forward_metadata(forward_batch)
+        self.dense.init_forward_metadata(forward_batch)
         self._step = None
         self._check_control()  # POST /icecache/config: applied between two forward passes
         self.supervisor.poll()
@@ -240,24 +249,12 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         self.metrics.dense_rows += len(rows) - len(sparse)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         if not layer.is_cross_attention:
             self._store_keys(layer.layer_id, forward_batch.out_cache_loc)
         if layer.layer_id == self.last_layer:
             self._after_extend(forward_batch)
         return o
-
-    def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                                 extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None,
-                                 enable_gqa=False, causal=False, is_cross_attn=False, sliding_window_size=None):
-        """Causal self-attention computes only the new tokens' rows (``attention/extend.py``): a prefix hit
-        costs its new tokens, not a second prefill of the prefix. Anything else: SGLang's own."""
-        if not causal or is_cross_attn or encoder_lens is not None or sliding_window_size is not None:
-            return super()._run_sdpa_forward_extend(
-                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
-                extend_seq_lens, encoder_lens, scaling, enable_gqa, causal, is_cross_attn, sliding_window_size)
-        return extend_attention(query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                                extend_prefix_lens, extend_seq_lens, scaling, enable_gqa)
 
     def _after_extend(self, forward_batch) -> None:
         for row, n in zip(*self._rows_and_lens(forward_batch)):
@@ -278,7 +275,7 @@ class IceCacheAttnBackend(TorchNativeAttnBackend):
         step = self._step
         lid = layer.layer_id
         if step is None or lid < self.cfg.dense_layers or layer.is_cross_attention:
-            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            o = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
             if not layer.is_cross_attention:
                 self._store_keys(lid, forward_batch.out_cache_loc)
             return o

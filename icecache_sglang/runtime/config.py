@@ -21,6 +21,7 @@ from ..indexer.policies import POLICIES
 INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
 DECODE_ATTENTION = ("auto", "torch", "flashinfer")
+DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
 #: the longest a decode step may wait for its selections (a minute already stalls every request in the batch)
 MAX_DEADLINE_MS = 60_000.0
 
@@ -44,7 +45,10 @@ class IceCacheConfig:
     decode step waits for the indexer before it falls back to the most recent pages. indexer_threads:
     numba threads of each indexer process (None: all cores it may use). decode_attention: the sparse decode
     path: ``torch`` (any device), ``flashinfer`` (CUDA, flashinfer-python installed) or ``auto`` (flashinfer
-    where it can run, else torch). selection: how pages are chosen: ``icecache`` (the index's search) or a
+    where it can run, else torch). dense_attention: the SGLang backend that runs prefill, the dense layers and
+    requests within the budget: ``torch_native``, ``triton`` or ``flashinfer`` (CUDA), or ``auto``
+    (``--attention-backend`` when one is given; else flashinfer, or triton without it, on CUDA; torch_native
+    on the CPU). selection: how pages are chosen: ``icecache`` (the index's search) or a
     baseline over the same tokens and budget, for evaluation: ``oracle_page`` (IceCache's pages ranked by
     exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
     min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). max_restarts /
@@ -62,6 +66,7 @@ class IceCacheConfig:
     selection_deadline_ms: float = 500.0
     indexer_threads: int | None = None
     decode_attention: str = "auto"
+    dense_attention: str = "auto"
     selection: str = "icecache"
     max_restarts: int = 5
     restart_window_s: float = 600.0
@@ -106,6 +111,9 @@ class IceCacheConfig:
         if self.decode_attention not in DECODE_ATTENTION:
             raise IceCacheConfigError(f"decode_attention must be one of {list(DECODE_ATTENTION)}, "
                                       f"got {self.decode_attention!r}")
+        if self.dense_attention not in DENSE_ATTENTION:
+            raise IceCacheConfigError(f"dense_attention must be one of {list(DENSE_ATTENTION)}, "
+                                      f"got {self.dense_attention!r}")
         for name, allowed in (("index", INDEX_KEYS), ("query", QUERY_KEYS)):
             sub = getattr(self, name)
             if not isinstance(sub, dict):
