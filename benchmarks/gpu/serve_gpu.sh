@@ -13,14 +13,19 @@ T0=$(date +%s)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   for t in .whl/*.tar.xz; do tar -xJf "$t" -C /tmp/site || exit 1; done
 } > "$R/install.log" 2>&1 || { echo "INSTALL FAILED"; tail -40 "$R/install.log"; exit 1; }
+python3 benchmarks/gpu/patch_sglang.py /tmp/site || exit 1
 source benchmarks/gpu/sglang_env.sh
 echo "installed in $(( $(date +%s) - T0 )) s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "cores $(nproc); $(free -g | awk '/Mem/{print $2}') GiB; /dev/shm $(df -h /dev/shm | awk 'NR==2{print $2}')"
 python3 -c "import torch, sglang, sgl_kernel, flashinfer, icecache_sglang, importlib.metadata as m; print('torch', torch.__version__, 'sglang', sglang.__version__, 'sgl_kernel', sgl_kernel.__version__, 'flashinfer', flashinfer.__version__, 'plugins', [e.name for e in m.entry_points(group='sglang.srt.plugins')])" 2>&1 | tail -3
 # FlashInfer's JIT build for IceCache's sparse decode runs on the CPU while the dense server uses the GPU
+# and the indexer's numba functions compile (about 90 s on a bare machine) before the IceCache server needs them
 ( timeout 400 python3 benchmarks/gpu/prewarm_flashinfer.py > "$R/prewarm.log" 2>&1 & )
-timeout 240 python3 benchmarks/gpu/smoke_sglang.py > "$R/smoke.log" 2>&1; echo "smoke exit $? after $(( $(date +%s) - T0 )) s"; tail -14 "$R/smoke.log"
+( timeout 400 python3 benchmarks/gpu/prewarm_indexer.py > "$R/prewarm-indexer.log" 2>&1 & )
+if [ "${SMOKE:-1}" = 1 ]; then  # SMOKE=0 skips it (the server builds the same JIT kernels at its first requests)
+  timeout 240 python3 benchmarks/gpu/smoke_sglang.py > "$R/smoke.log" 2>&1; echo "smoke exit $? after $(( $(date +%s) - T0 )) s"; tail -14 "$R/smoke.log"
+fi
 LEFT=$(( ${SERVE_GPU_SECONDS:-300} - ($(date +%s) - T0) ))
 python3 benchmarks/gpu/serve_gpu.py --out "$R" --deadline-s "$LEFT" "$@" 2>&1 | grep -v "^RECORD" | tail -40
 python3 - "$R/serve_gpu.json" <<'PY'
@@ -30,5 +35,5 @@ for r in json.load(open(sys.argv[1])):
            if k not in ("command", "device", "server_args", "output_ids", "trace", "log_tail", "icecache_config", "time")})
     if r.get("log_tail"): print(r["log_tail"][-3000:])
 PY
-echo "prewarm: $(tail -2 "$R/prewarm.log")"
+echo "prewarm: $(tail -2 "$R/prewarm.log") / $(tail -1 "$R/prewarm-indexer.log")"
 echo "total $(( $(date +%s) - T0 )) s"
