@@ -1,0 +1,210 @@
+"""Exhaustive scan over the index's own pages: the exact top pages of a decode step, as a baseline.
+
+``scan_pages`` scores every valid key of every page in use against all query heads of its KV head and
+returns the exact top ``n_pages`` pages per KV head (the same GQA merge as the index); ``read_keys`` only
+reads the same keys once with the same parallel layout, the time floor of any exhaustive method.
+
+* ``page_keys [H_kv, page_cap, C, d]``: float32, or uint16 holding bfloat16 bits (value = the float32
+  whose upper 16 bits are the uint16); ``page_fill [H_kv, page_cap]`` valid slots per page (free pages:
+  0); ``next_page [H_kv]``: pages ``[0, next_page[h])`` are in use; ``Q [H_kv * g, d]`` float32, query
+  head ``h * g + r`` reads KV head ``h``.
+* Each key is read once per KV head and scored for all ``g`` query heads of the group (float32
+  accumulation). Work items are (KV head, chunk of pages), run in parallel, so one KV head fills the cores.
+* A page's score for a query head is its best token's score. Per query head the top ``n_pages`` pages are
+  chosen by a partial selection (score descending, ties by lower page id, pages with fill 0 never), -1
+  padded when fewer pages hold tokens; then :func:`.search.merge_group_pages` merges each KV head's rows.
+
+Pure numpy + numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .search import merge_group_pages
+
+NEG_INF = np.float32(-np.inf)
+CHUNK_PAGES = 32  # pages per work item (parallel over page chunks: one KV head still fills the cores)
+
+
+def _page_as_f32(page, n, scratch):  # pragma: no cover - replaced by the numba overload below
+    raise NotImplementedError
+
+
+@overload(_page_as_f32, inline="always")
+def _page_as_f32_impl(page, n, scratch):
+    """The first ``n`` values of a flat page ``[C * d]`` as float32: the page itself for float32 keys,
+    converted into the uint32 ``scratch`` and read as float32 for bf16 bits (uint16)."""
+    if page.dtype == types.float32:
+        return lambda page, n, scratch: page
+    if page.dtype == types.uint16:
+
+        def impl(page, n, scratch):
+            for i in range(n):
+                scratch[i] = np.uint32(page[i]) << np.uint32(16)
+            return scratch.view(np.float32)
+
+        return impl
+    return None
+
+
+@njit(cache=True)
+def _work_items(next_page, chunk):
+    """(KV head, first page) of every chunk of pages in use, heads in order."""
+    n = 0
+    for h in range(next_page.shape[0]):
+        n += (next_page[h] + chunk - 1) // chunk
+    items = np.empty((n, 2), np.int64)
+    k = 0
+    for h in range(next_page.shape[0]):
+        for p in range(0, next_page[h], chunk):
+            items[k, 0] = h
+            items[k, 1] = p
+            k += 1
+    return items
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def page_maxima(page_keys, page_fill, next_page, Q, chunk):
+    """``best [H_q, max(next_page)]``: each page's best float32 score ``<q, k>`` per query head over its
+    valid slots (-inf for pages with fill 0 and beyond a head's ``next_page``). ``page_keys [H, cap, C*d]``."""
+    H, d = page_keys.shape[0], Q.shape[1]
+    g = Q.shape[0] // H
+    n_max = 0
+    for h in range(H):
+        n_max = max(n_max, next_page[h])
+    best = np.full((Q.shape[0], n_max), NEG_INF, np.float32)
+    items = _work_items(next_page, chunk)
+    for it in prange(items.shape[0]):
+        h, p0 = items[it, 0], items[it, 1]
+        scratch = np.empty(page_keys.shape[2], np.uint32)
+        for p in range(p0, min(p0 + chunk, next_page[h])):
+            f = page_fill[h, p]
+            if f <= 0:
+                continue
+            keys = _page_as_f32(page_keys[h, p], f * d, scratch)
+            r = h * g
+            while r < (h + 1) * g:  # query rows in blocks of 4: each key row is loaded once per block
+                if r + 4 <= (h + 1) * g:
+                    q0, q1, q2, q3 = Q[r], Q[r + 1], Q[r + 2], Q[r + 3]
+                    m0 = m1 = m2 = m3 = NEG_INF
+                    for j in range(f):
+                        k = keys[j * d : (j + 1) * d]
+                        s0 = s1 = s2 = s3 = np.float32(0.0)
+                        for i in range(d):
+                            x = k[i]
+                            s0 += x * q0[i]
+                            s1 += x * q1[i]
+                            s2 += x * q2[i]
+                            s3 += x * q3[i]
+                        m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+                    best[r, p], best[r + 1, p], best[r + 2, p], best[r + 3, p] = m0, m1, m2, m3
+                    r += 4
+                else:
+                    q0 = Q[r]
+                    m0 = NEG_INF
+                    for j in range(f):
+                        k = keys[j * d : (j + 1) * d]
+                        s0 = np.float32(0.0)
+                        for i in range(d):
+                            s0 += k[i] * q0[i]
+                        m0 = max(m0, s0)
+                    best[r, p] = m0
+                    r += 1
+    return best
+
+
+@njit(cache=True, parallel=True)
+def top_pages(best, page_fill, next_page, g, n_pages):
+    """Per query row, the top ``n_pages`` pages with fill > 0 by score (descending, ties by lower page id),
+    -1 padded: an insertion into a sorted buffer of ``n_pages`` entries, most pages rejected by one compare."""
+    rows = np.full((best.shape[0], n_pages), -1, np.int32)
+    for row in prange(best.shape[0]):
+        h = row // g
+        top_s = np.empty(n_pages, np.float32)
+        top_p = rows[row]
+        n = 0
+        for p in range(next_page[h]):
+            if page_fill[h, p] <= 0:
+                continue
+            s = best[row, p]
+            if n == n_pages and not s > top_s[n - 1]:  # pages come in id order: a tie loses to the kept page
+                continue
+            i = n if n < n_pages else n_pages - 1
+            while i > 0 and s > top_s[i - 1]:
+                top_s[i] = top_s[i - 1]
+                top_p[i] = top_p[i - 1]
+                i -= 1
+            top_s[i] = s
+            top_p[i] = p
+            if n < n_pages:
+                n += 1
+    return rows
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _read_sum(page_keys, page_fill, next_page, d, chunk):
+    items = _work_items(next_page, chunk)
+    part = np.zeros(items.shape[0], np.float32)
+    for it in prange(items.shape[0]):
+        h, p0 = items[it, 0], items[it, 1]
+        scratch = np.empty(page_keys.shape[2], np.uint32)
+        s = np.float32(0.0)
+        for p in range(p0, min(p0 + chunk, next_page[h])):
+            f = page_fill[h, p]
+            if f <= 0:
+                continue
+            keys = _page_as_f32(page_keys[h, p], f * d, scratch)
+            for i in range(f * d):
+                s += keys[i]
+        part[it] = s
+    return part.sum()
+
+
+def _check(page_keys, page_fill, next_page):
+    if page_keys.ndim != 4 or page_keys.dtype not in (np.float32, np.uint16) or not page_keys.flags.c_contiguous:
+        raise ValueError(f"page_keys must be a C-contiguous float32 or uint16 (bf16) array [H, pages, C, d], "
+                         f"got {page_keys.dtype} {page_keys.shape}")
+    H, cap = page_keys.shape[:2]
+    if page_fill.shape != (H, cap) or next_page.shape != (H,):
+        raise ValueError(f"page_fill must be [{H}, {cap}] and next_page [{H}], "
+                         f"got {page_fill.shape}, {next_page.shape}")
+    if next_page.size and (next_page.min() < 0 or next_page.max() > cap):
+        raise ValueError(f"next_page must lie in [0, {cap}]")
+
+
+def scan_rows(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
+    """Exact top ``n_pages`` pages of every query row before the GQA merge -> ``[H_q, n_pages]`` int32."""
+    _check(page_keys, page_fill, next_page)
+    Q = np.ascontiguousarray(Q, dtype=np.float32)
+    H, d = page_keys.shape[0], page_keys.shape[3]
+    if Q.ndim != 2 or Q.shape[1] != d or Q.shape[0] % H or Q.shape[0] == 0:
+        raise ValueError(f"Q must be [a multiple of {H}, {d}], got {Q.shape}")
+    if not isinstance(n_pages, (int, np.integer)) or n_pages < 1:
+        raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
+    flat = page_keys.reshape(H, page_keys.shape[1], -1)
+    best = page_maxima(flat, page_fill, next_page, Q, int(chunk))
+    return top_pages(best, page_fill, next_page, Q.shape[0] // H, int(n_pages))
+
+
+def scan_pages(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
+    """Exact top ``n_pages`` pages per KV head -> ``[H_kv, n_pages]`` int32 (-1 padded), merged like
+    ``PagedDCIIndex.query``."""
+    rows = scan_rows(page_keys, page_fill, next_page, Q, n_pages, chunk)
+    return merge_group_pages(rows, rows.shape[0] // page_keys.shape[0], int(n_pages))
+
+
+def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) -> float:
+    """Read every key of the pages in use once (the scan's parallel layout and bf16 conversion) and return
+    their float32 sum: the time floor of an exhaustive scan. With ``page_fill``, only the valid slots (what
+    ``scan_pages`` reads); without, all ``C`` slots of every page in use."""
+    if page_fill is None:
+        page_fill = np.full(page_keys.shape[:2], page_keys.shape[2], np.int32)
+    _check(page_keys, page_fill, next_page)
+    flat = page_keys.reshape(page_keys.shape[0], page_keys.shape[1], -1)
+    return float(_read_sum(flat, page_fill, next_page, page_keys.shape[3], int(chunk)))
+
+
+__all__ = ["read_keys", "scan_pages", "scan_rows"]
