@@ -86,6 +86,8 @@ def plot(records, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--key-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="how the index keeps keys (the server picks bfloat16 for bfloat16 KV caches)")
     args = ap.parse_args(argv)
     contexts = [8192, 32768, 131072]
     reps = 7 if args.quick else 21
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
     records = []
     for n in contexts:
         K, Qs = lowrank_keys(rng, n + 512, D, rank=16, n_queries=reps, heads=H_KV, group=H_Q // H_KV)
-        idx = PagedDCIIndex(H_KV, D, config=IndexConfig(page_size=16, rebuild_growth=None))
+        idx = PagedDCIIndex(H_KV, D, config=IndexConfig(page_size=16, rebuild_growth=None, key_dtype=args.key_dtype))
         t_build = timed(lambda: idx.build(K[:, :n]), 1 if n > 32768 or args.quick else 3)
         batches = iter(range(n, n + 512, 16))
         t_insert = timed(lambda: idx.insert(K[:, (s := next(batches)) : s + 16]), min(reps, 32))

@@ -5,6 +5,7 @@ import icecache_sglang.kernels  # noqa: F401, I001
 import numpy as np
 import pytest
 
+from icecache_sglang.index.keys import from_storage
 from icecache_sglang.index.paged_index import PagedDCIIndex
 
 
@@ -24,7 +25,7 @@ def oracle_pages(idx: PagedDCIIndex, h: int, q: np.ndarray, P: int) -> list[int]
     ranked = []
     for p in idx.live_pages(h):
         toks = idx.page_tok[h, p, : idx.page_fill[h, p]]
-        s = idx.page_keys[h, p, : len(toks)].astype(np.float64) @ q.astype(np.float64)
+        s = from_storage(idx.page_keys[h, p, : len(toks)]).astype(np.float64) @ q.astype(np.float64)
         best = s.max()
         ranked.append((-best, int(toks[s == best].min()), int(p)))
     ranked.sort()

@@ -24,6 +24,9 @@ class IndexConfig:
     rebuild_growth: rebuild the whole tree once the live token count reaches ``growth`` times the
     count at the last build (decode inserts land on level 0 and would otherwise freeze the upper
     levels); ``None`` disables it.
+    key_dtype: how the index keeps key rows: ``"float32"``, or ``"bfloat16"`` (half the bytes; keys are
+    rounded to bfloat16 on the way in and the index then behaves exactly as a float32 index over the rounded
+    keys). ``None``: float32 (the indexer picks bfloat16 for bfloat16/float16 KV caches).
     """
 
     page_size: int = 16
@@ -33,6 +36,7 @@ class IndexConfig:
     faithful_proj_scale: bool = False
     rebuild_growth: float | None = 2.0
     parent_chunk: int = 8192
+    key_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or not (2 <= self.page_size <= MAX_PAGE_SIZE):
@@ -46,8 +50,15 @@ class IndexConfig:
             isinstance(self.rebuild_growth, (int, float)) and self.rebuild_growth > 1.0
         ):
             raise ValueError(f"rebuild_growth must be > 1 or None, got {self.rebuild_growth!r}")
+        if self.key_dtype is not None and self.key_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"key_dtype must be 'float32', 'bfloat16' or None, got {self.key_dtype!r}")
         if not isinstance(self.parent_chunk, int) or self.parent_chunk < 1:
             raise ValueError(f"parent_chunk must be a positive int, got {self.parent_chunk!r}")
+
+    @property
+    def storage_dtype(self) -> str:
+        """The key dtype the index keeps (``key_dtype``, float32 when unset)."""
+        return self.key_dtype or "float32"
 
     @property
     def level0_prob(self) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .keys import from_storage, round_keys
 from .transform import key_projection, kk_distance
 
 
@@ -92,8 +93,9 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
             _fail(h, "a free page still names a cell")
         # --- projections and physical rows
         if live.size:
-            keys = idx.page_keys[h, idx.tok_page[h, live], idx.tok_slot[h, live]]
-            if reference_keys is not None and not np.array_equal(keys, reference_keys[h, live].astype(np.float32)):
+            keys = from_storage(idx.page_keys[h, idx.tok_page[h, live], idx.tok_slot[h, live]])
+            if reference_keys is not None and not np.array_equal(
+                    keys, round_keys(reference_keys[h, live].astype(np.float32), idx.cfg.storage_dtype)):
                 _fail(h, "physical page rows differ from the tokens' keys")
             sqn = np.einsum("nd,nd->n", keys.astype(np.float64), keys.astype(np.float64))
             if not np.allclose(sqn, idx.tok_sqn[h, live], rtol=1e-9, atol=1e-12):
@@ -125,8 +127,8 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                 ups = live[level[live] == lv + 1]
                 if kids.size == 0:
                     continue
-                kk = idx.page_keys[h, idx.tok_page[h, kids], idx.tok_slot[h, kids]]
-                uk = idx.page_keys[h, idx.tok_page[h, ups], idx.tok_slot[h, ups]]
+                kk = from_storage(idx.page_keys[h, idx.tok_page[h, kids], idx.tok_slot[h, kids]])
+                uk = from_storage(idx.page_keys[h, idx.tok_page[h, ups], idx.tok_slot[h, ups]])
                 D = kk_distance(kk, uk, idx.M[h])
                 pos = {int(t): i for i, t in enumerate(ups)}
                 chosen = D[np.arange(kids.size), [pos[int(parent[t])] for t in kids]]

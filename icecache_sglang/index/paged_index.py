@@ -15,6 +15,7 @@ from numba.typed import List
 
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
+from .keys import STORAGE, from_storage, round_keys, to_storage
 from .schedule import LevelSchedule
 from .search import merge_group_pages, search_batch, search_rows
 from .transform import (
@@ -77,7 +78,7 @@ class PagedDCIIndex:
             "page_cell": ("page", (), np.int32, -1), "page_next": ("page", (), np.int32, -1),
             "page_prev": ("page", (), np.int32, -1), "page_dirty": ("page", (), np.bool_, 0),
             "free_stack": ("page", (), np.int32, 0), "free_n": ("head", (), np.int32, 0),
-            "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, self.d), np.float32, 0),
+            "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, self.d), STORAGE[self.cfg.storage_dtype], 0),
             "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), np.float64, 0),
         }[field]
 
@@ -153,6 +154,8 @@ class PagedDCIIndex:
             V = _as_float_array("values", values, 3)
             if V.shape != (self.H, K.shape[1], self.dv):
                 raise ValueError(f"values must have shape {(self.H, K.shape[1], self.dv)}, got {V.shape}")
+        # a bfloat16 index is a float32 index over the rounded keys: everything downstream sees those values
+        K = round_keys(K, self.cfg.storage_dtype) if self.cfg.storage_dtype != "float32" else K
         return np.ascontiguousarray(K), np.ascontiguousarray(V)
 
     def _check_positions(self, positions, n: int) -> np.ndarray:
@@ -198,11 +201,12 @@ class PagedDCIIndex:
         self.n_at_build = n
         self.M[:] = M
         S = self.state
+        stored = to_storage(K, self.cfg.storage_dtype)
         for h in range(self.H):
             cells = parent[h] + 1
             order = np.lexsort((tids, proj[h], cells))
             _build_head(S, h, tids.astype(np.int32), order.astype(np.int32), cells[order].astype(np.int32),
-                        K[h], V[h], level, parent[h].astype(np.int32), proj[h], sqn[h], M[h])
+                        stored[h], V[h], level, parent[h].astype(np.int32), proj[h], sqn[h], M[h])
             self.level_counts[h, : top + 1] = [len(b) for b in by_level]
 
     # ------------------------------------------------------------------ insert / delete
@@ -239,7 +243,7 @@ class PagedDCIIndex:
             self.cnt_desc[h, tids + 1] = 1
             self.cnt_pages[h, tids + 1] = 0
             self.level_counts[h, 0] += b
-        _insert_heads(S, tids.astype(np.int32), parents, K, V, self._a)
+        _insert_heads(S, tids.astype(np.int32), parents, to_storage(K, self.cfg.storage_dtype), V, self._a)
         return tids
 
     def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,9 +284,13 @@ class PagedDCIIndex:
                 self._delete_one(h, int(t))
             self.alive[t] = False
 
-    def _key(self, h: int, t) -> np.ndarray:
-        """Head h's key row(s) of token id(s) ``t``, read from the pages."""
+    def _raw_key(self, h: int, t) -> np.ndarray:
+        """Head h's stored key row(s) of token id(s) ``t`` (the index's key dtype)."""
         return self.page_keys[h, self.tok_page[h, t], self.tok_slot[h, t]]
+
+    def _key(self, h: int, t) -> np.ndarray:
+        """Head h's key row(s) of token id(s) ``t`` as float32, read from the pages."""
+        return from_storage(self._raw_key(h, t))
 
     def keys_of(self, token_ids: np.ndarray) -> np.ndarray:
         """Key rows of ``token_ids`` for every head -> ``[H, n, d]`` (read from the pages)."""
@@ -316,11 +324,12 @@ class PagedDCIIndex:
     def _move(self, h: int, t: int, new_parent: int) -> None:
         """Move ``t`` (with its subtree) under ``new_parent``, re-projected with the current max norm."""
         S = self.state
-        key, val = self._key(h, t).copy(), self._val(h, t).copy()
+        raw, val = self._raw_key(h, t).copy(), self._val(h, t).copy()
         pt.detach(S, h, t)
+        key = from_storage(raw)
         self.tok_proj[h, t] = key_projection(key[None], np.array([self.tok_sqn[h, t]]), self.M[h], self.u)[0]
         self.tok_m[h, t] = self.M[h]
-        pt.attach(S, h, t, new_parent, key, val, self._a)
+        pt.attach(S, h, t, new_parent, raw, val, self._a)
 
     def _vacate(self, h: int, t: int) -> None:
         """Re-home ``t``'s children so that ``t`` can leave its level (``t`` stays in its cell)."""

@@ -40,7 +40,7 @@ STATE_FIELDS = (
     "free_stack",  # int32 [H, P]   LIFO of released page ids
     "free_n",  # int32 [H]
     "next_page",  # int32 [H]      the next never-used page id
-    "page_keys",  # float32 [H, P, C, d]
+    "page_keys",  # [H, P, C, d] float32, or uint16 bfloat16 bits (index/keys.py)
     "page_vals",  # float32 [H, P, C, dv] (dv may be 0)
     "page_proj",  # float64 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
 )
@@ -306,7 +306,7 @@ def relift_cell(S, h, cell, new_m, a):
     d = page_keys.shape[3]
     dv = page_vals.shape[3]
     tids = np.empty(m, np.int32)
-    keys = np.empty((m, d), np.float32)
+    keys = np.empty((m, d), page_keys.dtype)  # stored rows, copied as they are
     vals = np.empty((m, dv), np.float32)
     i = 0
     old_pages = 0

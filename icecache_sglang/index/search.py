@@ -25,6 +25,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .keys import key_dot
+
 NEG_INF = np.float32(-np.inf)
 
 
@@ -42,14 +44,6 @@ def order_by_score(scores, tids, n):
         neg[i] = -scores[o1[i]]
     o2 = np.argsort(neg, kind="mergesort")
     return o1[o2]
-
-
-@njit(cache=True, fastmath=True)
-def _dot(k, q):
-    s = np.float32(0.0)
-    for i in range(q.shape[0]):
-        s += k[i] * q[i]
-    return s
 
 
 @njit(cache=True)
@@ -145,7 +139,7 @@ def _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc):
         k = page_keys[h, buf_p[i], buf_j[i]]
         for r in range(Q.shape[0]):
             if active[r] and lo[r] <= i < hi[r]:
-                sc[r, i] = _dot(k, Q[r])
+                sc[r, i] = key_dot(k, Q[r])
 
 
 @njit(cache=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..index.keys import from_storage
 from ..index.paged_index import PagedDCIIndex
 from ..index.selection import OraclePositionalPolicy, QuestPolicy
 from ..index.selection.base import merge_rankings, rank_desc
@@ -40,7 +41,7 @@ def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str
             if live.size == 0:
                 continue
             valid = np.arange(C)[None, :] < idx.page_fill[h, live][:, None]  # [pages, C]
-            s = np.einsum("gd,pcd->gpc", q[h * g: (h + 1) * g].astype(np.float32), idx.page_keys[h, live])
+            s = np.einsum("gd,pcd->gpc", q[h * g: (h + 1) * g].astype(np.float32), from_storage(idx.page_keys[h, live]))
             best = np.where(valid[None], s, -np.inf).max(axis=2)  # [g, pages]
             pages[h] = merge_rankings(live[rank_desc(best)], g, P)[0]
         return pages, idx.page_positions(pages).astype(np.int32)

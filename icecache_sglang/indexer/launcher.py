@@ -143,12 +143,15 @@ class Indexer:
     def launch(cls, *, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, rank: int = 0,
                key_dtype: str = "float32", index: IndexConfig | None = None, threads: int | None = None,
                timeout_s: float = 5.0, root: str | None = None, **limits) -> Indexer:
+        index = index or IndexConfig()
+        if index.key_dtype is None:  # the index keeps keys as the KV cache does: 16-bit caches -> bfloat16
+            index = replace(index, key_dtype="float32" if key_dtype == "float32" else "bfloat16")
         pdir = PrivateDir.create(root)
         try:
             store = KeyStore.create(pdir.path, num_layers, num_slots, num_kv_heads, head_dim, key_dtype,
                                     name=f"keys-r{rank}")
             config = IndexerConfig(rank=rank, store=store.spec, endpoint=pdir.endpoint(f"indexer-r{rank}-0.sock"),
-                                   private_dir=pdir.path, index=index or IndexConfig(), threads=threads, **limits)
+                                   private_dir=pdir.path, index=index, threads=threads, **limits)
             return cls(pdir, store, config, timeout_s)
         except BaseException:
             pdir.cleanup()

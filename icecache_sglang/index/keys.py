@@ -1,0 +1,101 @@
+"""How the index stores key rows: float32, or bfloat16 bits in uint16 (half the bytes, the dtype most models'
+KV cache has). Scores always accumulate in float32.
+
+numba has no 16-bit float type, so a bfloat16 value is kept as the upper 16 bits of its float32 pattern and
+widened in registers (``bf16_to_f32``: zero-extend, shift, bitcast; vectorised by LLVM). ``key_dot`` and
+``load_key`` take a key row of either dtype, so every kernel compiles one specialization per storage dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+#: the ``key_dtype`` values an index accepts -> the NumPy dtype of its ``page_keys``
+STORAGE = {"float32": np.float32, "bfloat16": np.uint16}
+
+
+def to_storage(keys: np.ndarray, key_dtype: str) -> np.ndarray:
+    """float32 keys -> the storage dtype (bfloat16: round to nearest, ties to even, as torch does)."""
+    k = np.ascontiguousarray(keys, dtype=np.float32)
+    if key_dtype == "float32":
+        return k
+    bits = k.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(k)
+    if nan.any():  # rounding must not turn a NaN into an infinity
+        out[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x40)
+    return out
+
+
+def from_storage(stored: np.ndarray) -> np.ndarray:
+    """Stored key rows -> float32 (exact: every bfloat16 value is a float32 value)."""
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.asarray(stored, dtype=np.float32)
+
+
+def round_keys(keys: np.ndarray, key_dtype: str) -> np.ndarray:
+    """The float32 values an index with ``key_dtype`` scores with (what a reference must use)."""
+    return from_storage(to_storage(keys, key_dtype))
+
+
+@intrinsic
+def bf16_to_f32(typingctx, x):
+    """uint16 bfloat16 bits -> float32 (numba)."""
+    if x == types.uint16:
+        def codegen(context, builder, sig, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+    return None
+
+
+def key_dot(k, q):
+    """``<k, q>`` in float32 for a stored key row ``k`` (float32 or bfloat16 bits) and a float32 ``q``."""
+    raise NotImplementedError("numba only")
+
+
+def load_key(k, out):
+    """Decode a stored key row into the float32 array ``out`` (numba)."""
+    raise NotImplementedError("numba only")
+
+
+@overload(key_dot, jit_options={"fastmath": True})
+def _key_dot(k, q):
+    if k.dtype == types.uint16:
+        def impl(k, q):
+            s = np.float32(0.0)
+            for i in range(q.shape[0]):
+                s += bf16_to_f32(k[i]) * q[i]
+            return s
+
+        return impl
+
+    def impl(k, q):
+        s = np.float32(0.0)
+        for i in range(q.shape[0]):
+            s += k[i] * q[i]
+        return s
+
+    return impl
+
+
+@overload(load_key, inline="always")
+def _load_key(k, out):
+    if k.dtype == types.uint16:
+        def impl(k, out):
+            for i in range(k.shape[0]):
+                out[i] = bf16_to_f32(k[i])
+
+        return impl
+
+    def impl(k, out):
+        for i in range(k.shape[0]):
+            out[i] = k[i]
+
+    return impl
