@@ -30,7 +30,7 @@ from common import png_path, write_records  # noqa: E402
 
 import numba  # noqa: E402
 
-from icecache_sglang.index.config import IndexConfig  # noqa: E402
+from icecache_sglang.index.config import IndexConfig, QueryParams  # noqa: E402
 from icecache_sglang.index.paged_index import PagedDCIIndex  # noqa: E402
 from icecache_sglang.index.scan import read_keys, scan_pages  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
@@ -70,7 +70,7 @@ def plot(records, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     labels = {"query": "IceCache query", "scan": "exhaustive scan (exact top pages)", "read": "read the keys once"}
     for op, style in (("query", "o-"), ("scan", "s--"), ("read", "^:")):
-        pts = sorted((r["context"], r["seconds_median"] * 1e3) for r in records if r["op"] == op)
+        pts = sorted((r["context"], r["seconds_median"] * 1e3) for r in records if r["op"] == op and not r.get("non_default"))
         ax.plot(*zip(*pts), style, label=labels[op])
     ax.set_title(f"one decode step, one layer ({H_KV} KV / {H_Q} q heads, d={D}, P={P})", fontsize=9)
     ax.set_xscale("log", base=2)
@@ -86,6 +86,8 @@ def plot(records, path: Path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--other-props", type=float, nargs="*", default=[0.8],
+                    help="also time the search at these prop_to_retrieve values (non-default query records)")
     ap.add_argument("--key-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="how the index keeps keys (the server picks bfloat16 for bfloat16 KV caches)")
     args = ap.parse_args(argv)
@@ -113,8 +115,11 @@ def main(argv=None) -> None:
         scan_index(idx, Qs[0], P)
         read_index(idx)
         t_query, t_scan, t_read = [], [], []
-        for q in Qs:  # interleaved: the three see the same machine state
+        t_alt = {prop: [] for prop in args.other_props}
+        for q in Qs:  # interleaved: all see the same machine state
             t_query += timed(lambda q=q: idx.query(q, P), 1)
+            for prop in args.other_props:
+                t_alt[prop] += timed(lambda q=q, prop=prop: idx.query(q, P, QueryParams(prop_to_retrieve=prop)), 1)
             t_scan += timed(lambda q=q: scan_index(idx, q, P), 1)
             t_read += timed(lambda: read_index(idx), 1)
         b, ins = float(np.median(t_build)), float(np.median(t_insert))
@@ -124,14 +129,19 @@ def main(argv=None) -> None:
             {**base, "op": "insert", "batch": 16, "seconds_median": ins, "rate": 16 * H_KV / ins,
              "rate_unit": "token-heads/s"},
             {**base, "op": "query", "pages": P, "seconds_median": tq, "rate": 1 / tq, "rate_unit": "steps/s",
-             "speedup_vs_scan": ts / tq},
+             "speedup_vs_scan": ts / tq, "prop_to_retrieve": QueryParams().prop_to_retrieve, "fov": QueryParams().fov_for(n)},
+            *({**base, "op": "query", "pages": P, "seconds_median": float(np.median(t)), "rate": 1 / float(np.median(t)),
+               "rate_unit": "steps/s", "speedup_vs_scan": ts / float(np.median(t)), "prop_to_retrieve": prop,
+               "fov": QueryParams().fov_for(n), "non_default": True} for prop, t in t_alt.items()),
             {**base, "op": "scan", "pages": P, "seconds_median": ts, "rate": 1 / ts, "rate_unit": "steps/s",
              "scan_over_read": ts / tr},
             {**base, "op": "read", "seconds_median": tr, "rate": base["scanned_key_bytes"] / tr,
              "rate_unit": "bytes/s"},
         ]
         print(f"n={n:7d}: build {b:6.2f} s ({n * H_KV / b / 1e6:.2f} M token-heads/s), insert(16) {ins * 1e3:6.2f} ms, "
-              f"query {tq * 1e3:6.2f} ms, scan {ts * 1e3:6.2f} ms, read {tr * 1e3:6.2f} ms "
+              f"query {tq * 1e3:6.2f} ms ("
+              + ", ".join(f"prop {p}: {np.median(t) * 1e3:.2f} ms" for p, t in t_alt.items())
+              + f"), scan {ts * 1e3:6.2f} ms, read {tr * 1e3:6.2f} ms "
               f"({base['scanned_key_bytes'] / tr / 1e9:.1f} GB/s), query speed-up vs scan {ts / tq:.2f}x, "
               f"scan/read {ts / tr:.2f}, {base['bytes_per_token_layer']:.0f} B per token-layer "
               f"(key row {key_row} B)", flush=True)

@@ -147,3 +147,20 @@ def test_select_baseline_refuses_unknown_names():
     for policy in BASELINES:
         pages, slots = select_baseline(idx, np.ones((1, 4), np.float32), 2, policy)
         assert pages.shape == (1, 2) and slots.shape == (1, 2, C)
+
+
+def test_exact_selection_is_the_exact_page_ranking_and_keeps_each_heads_best_page(served):
+    """``exact`` (the server's default selection) serves IceCache's pages ranked by exact score: the same
+    pages as ``oracle_page``, and every query head's exact best page is among them."""
+    ix, order, q, keys = served
+    pages, slots = _query(ix, q, "exact")
+    o_pages, o_slots = _query(ix, q, "oracle_page")
+    np.testing.assert_array_equal(pages, o_pages)
+    np.testing.assert_array_equal(slots, o_slots)
+    score = {int(s): keys[:, i] for i, s in enumerate(order)}
+    for h in range(H):
+        chosen = {int(s) for s in slots[h][slots[h] >= 0]}
+        for g in range(GROUP):
+            qs = q[0, h * GROUP + g]
+            best_slot = max(score, key=lambda s: (qs @ score[s][h], -s))
+            assert best_slot in chosen

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 #: the ``key_dtype`` values an index accepts -> the NumPy dtype of its ``page_keys``
@@ -22,20 +22,35 @@ def to_storage(keys: np.ndarray, key_dtype: str) -> np.ndarray:
     k = np.ascontiguousarray(keys, dtype=np.float32)
     if key_dtype == "float32":
         return k
-    bits = k.view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    out = rounded.astype(np.uint16)
-    nan = np.isnan(k)
-    if nan.any():  # rounding must not turn a NaN into an infinity
-        out[nan] = (bits[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x40)
+    out = np.empty(k.shape, np.uint16)
+    _round_bf16(k.reshape(-1).view(np.uint32), out.reshape(-1))
     return out
 
 
 def from_storage(stored: np.ndarray) -> np.ndarray:
     """Stored key rows -> float32 (exact: every bfloat16 value is a float32 value)."""
     if stored.dtype == np.uint16:
-        return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        flat = np.ascontiguousarray(stored)
+        out = np.empty(flat.shape, np.float32)
+        _widen_bf16(flat.reshape(-1), out.reshape(-1).view(np.uint32))
+        return out
     return np.asarray(stored, dtype=np.float32)
+
+
+@njit(cache=True, parallel=True)
+def _round_bf16(bits, out):
+    for i in prange(bits.shape[0]):
+        b = bits[i]
+        if (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (b & np.uint32(0x007FFFFF)) != 0:
+            out[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))  # NaN stays NaN (quiet)
+        else:
+            out[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(cache=True, parallel=True)
+def _widen_bf16(u, out_bits):
+    for i in prange(u.shape[0]):
+        out_bits[i] = np.uint32(u[i]) << np.uint32(16)
 
 
 def round_keys(keys: np.ndarray, key_dtype: str) -> np.ndarray:

@@ -5,7 +5,8 @@ Each answers over the same sequence's indexed tokens, in the same reply format (
 (evaluation.md). The positional baselines reuse the offline policies of ``index/selection``, so the server
 and the index-quality benchmark rank pages the same way.
 
-- ``oracle_page``: IceCache's own pages ranked by their exact best score (the best its search can do);
+- ``oracle_page``: IceCache's own pages ranked by their exact best score (the best its search can do), by
+  the tight scan of ``index/scan.py``: on CPU it costs about what the search does (``index_speed.py``);
 - ``oracle_positional``: fixed pages of C consecutive tokens, ranked by exact best score;
 - ``quest``: the same pages ranked by Quest's per-page min/max bound;
 - ``streaming``: the most recent indexed tokens (with the sink and unindexed tail the backend adds, that is
@@ -19,10 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..index.keys import from_storage
+from ..index.scan import scan_pages
 from ..index.paged_index import PagedDCIIndex
 from ..index.selection import OraclePositionalPolicy, QuestPolicy
-from ..index.selection.base import merge_rankings, rank_desc
 
 from .policies import BASELINES, POLICIES  # noqa: F401 - re-exported
 
@@ -30,20 +30,13 @@ from .policies import BASELINES, POLICIES  # noqa: F401 - re-exported
 def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
     """``q [H_q, d]`` (query head ``i`` on KV head ``i // group``) -> ``pages [H, P]`` and ``slots [H, P, C]``
     (int32, -1 padded)."""
-    if policy not in BASELINES:
-        raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES)}")
+    if policy not in BASELINES + ("exact",):
+        raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact']}")
     H, C, P = idx.H, idx.C, n_pages
     g = q.shape[0] // H
     pages = np.full((H, P), -1, np.int32)
-    if policy == "oracle_page":
-        for h in range(H):
-            live = idx.live_pages(h)
-            if live.size == 0:
-                continue
-            valid = np.arange(C)[None, :] < idx.page_fill[h, live][:, None]  # [pages, C]
-            s = np.einsum("gd,pcd->gpc", q[h * g: (h + 1) * g].astype(np.float32), from_storage(idx.page_keys[h, live]))
-            best = np.where(valid[None], s, -np.inf).max(axis=2)  # [g, pages]
-            pages[h] = merge_rankings(live[rank_desc(best)], g, P)[0]
+    if policy in ("oracle_page", "exact"):  # the tight exhaustive scan (index/scan.py): every key read once per KV head
+        pages = scan_pages(idx.page_keys, idx.page_fill, idx.next_page, np.ascontiguousarray(q, np.float32), P)
         return pages, idx.page_positions(pages).astype(np.int32)
     slots = np.full((H, P, C), -1, np.int32)
     ids = idx.live_ids()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from ..index.config import DEFAULT_PROP_TO_RETRIEVE
 from . import protocol as p
 
 logger = logging.getLogger("icecache.indexer.client")
@@ -401,7 +402,7 @@ class IndexerClient:
 
     # ------------------------------------------------------------------ queries
     def query_async(self, layer: int, seqs, q: np.ndarray, n_pages: int, *, fov: int | None = None,
-                    prop_to_retrieve: float = 0.8, num_to_retrieve: int = 0, want_slots: bool = True,
+                    prop_to_retrieve: float = DEFAULT_PROP_TO_RETRIEVE, num_to_retrieve: int = 0, want_slots: bool = True,
                     q_dtype: str | None = None, policy: str = "icecache", expires_at: float | None = None) -> int:
         """Send a Query for ``q [B, H_q, d]`` (float32/float16, or raw bfloat16 words with
         ``q_dtype="bfloat16"``); returns an id for :meth:`query_result`. Never raises for an unreachable

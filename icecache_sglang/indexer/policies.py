@@ -1,6 +1,15 @@
-"""The page-selection policies a ``Query`` may name (``Query.policy``): the index's search and the evaluation
-baselines the indexer serves beside it (``baselines.py``). A light module: the launcher validates
-``selection`` against it without loading the index."""
+"""The page-selection policies a ``Query`` may name (``Query.policy``). A light module: the launcher validates
+``selection`` against it without loading the index.
+
+- ``exact``: IceCache's own (semantic) pages ranked by their exact best score, by the tight scan of
+  ``index/scan.py`` (every key read once per KV head). The server's default: on CPU it is no slower than the
+  tree search at any measured context (``benchmarks/index_speed.py``) and never misses the page that exact
+  scoring ranks first, which the search does in a few percent of cases (``benchmarks/page_bounds.py``).
+- ``icecache``: the index's M-DCI tree search (index-spec section 3.3).
+- the evaluation baselines the indexer serves beside them (``baselines.py``): ``oracle_page`` (the same
+  ranking as ``exact``, under its evaluation name), ``oracle_positional``, ``quest``, ``streaming``.
+"""
 
 BASELINES = ("oracle_page", "oracle_positional", "quest", "streaming")
-POLICIES = ("icecache",) + BASELINES
+SEARCHES = ("exact", "icecache")
+POLICIES = SEARCHES + BASELINES

@@ -19,6 +19,8 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
+from ..index.config import DEFAULT_PROP_TO_RETRIEVE
+
 PROTOCOL_VERSION = 1
 
 #: the largest message the server accepts (ZeroMQ drops larger ones before they reach Python)
@@ -77,7 +79,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     seqs: list[int]
     n_pages: int
     fov: int | None = None
-    prop_to_retrieve: float = 0.8
+    prop_to_retrieve: float = DEFAULT_PROP_TO_RETRIEVE
     num_to_retrieve: int = 0
     want_slots: bool = True
     policy: str = "icecache"

@@ -159,7 +159,7 @@ class IndexerService:
         indexes = [self.table.get(s, op.layer) for s in op.seqs]
         n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
         live = [b for b in range(B) if n_tokens[b]]
-        if op.policy != "icecache":  # a baseline over the same tokens (evaluation)
+        if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
             for b in live:
                 pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy)
                 if slots is not None:

@@ -48,8 +48,10 @@ class IceCacheConfig:
     where it can run, else torch). dense_attention: the SGLang backend that runs prefill, the dense layers and
     requests within the budget: ``torch_native``, ``triton`` or ``flashinfer`` (CUDA), or ``auto``
     (``--attention-backend`` when one is given; else flashinfer, or triton without it, on CUDA; torch_native
-    on the CPU). selection: how pages are chosen: ``icecache`` (the index's search) or a
-    baseline over the same tokens and budget, for evaluation: ``oracle_page`` (IceCache's pages ranked by
+    on the CPU). selection: how pages are chosen: ``exact`` (the default: IceCache's
+    pages ranked by exact score with a tight scan, no slower than the search on CPU and never missing the
+    best page), ``icecache`` (the index's M-DCI search) or a baseline over the same tokens and budget, for
+    evaluation: ``oracle_page`` (IceCache's pages ranked by
     exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
     min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). max_restarts /
     restart_window_s: how many times a dead or stuck indexer is replaced within that many seconds before it
@@ -67,7 +69,7 @@ class IceCacheConfig:
     indexer_threads: int | None = None
     decode_attention: str = "auto"
     dense_attention: str = "auto"
-    selection: str = "icecache"
+    selection: str = "exact"
     max_restarts: int = 5
     restart_window_s: float = 600.0
 
