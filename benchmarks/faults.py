@@ -396,8 +396,9 @@ def unauthorized_post(srv: ServerProcess) -> dict:
 def control_files(srv: ServerProcess) -> dict:
     """Files in the run directory the server did not write: malformed, naming launch-only keys, a symlink;
     and the old shared location. None changes a setting; the server keeps serving."""
-    data = srv.get("/icecache/stats")
-    run_dir, st0 = Path(data["run_dir"]), data["ranks"]["0"]
+    poke(srv)  # settings an earlier scenario posted are applied at the next forward pass...
+    st0 = stats(srv)  # ...and reach the snapshot within the publisher's period: compare with that state
+    run_dir = Path(srv.get("/icecache/stats")["run_dir"])
     mode = oct(run_dir.stat().st_mode & 0o777)
     ctl = run_dir / "control.json"
     before = (st0["config_version"], st0["budget_tokens"], st0["selection"])

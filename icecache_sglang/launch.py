@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,7 +43,29 @@ def server_env(base: dict | None = None, cpu: bool | None = None) -> dict:
     return env
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free TCP port for a server, below the kernel's ephemeral range. The port is released before SGLang
+    binds it, and SGLang's own processes take ports with ``bind(0)``, which come from the ephemeral range:
+    a port from there could be handed to one of them in between (seen: the scheduler's port equal to the
+    HTTP port, a server that never answered)."""
+    low = _ephemeral_low()
+    if low > 12000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
