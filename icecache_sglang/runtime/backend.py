@@ -191,7 +191,8 @@ class IceCacheAttnBackend(AttentionBackend):
         atexit.register(self.close)
         logger.info("IceCache on rank %d: %s; %d anchor layers of %d, dense attention %s, sparse decode "
                     "attention %s, indexer pid %s, key store %s", rank, cfg.to_json(), len(self.anchors),
-                    self.num_layers, type(self.dense).__name__, type(self.attention).__name__, indexer.process.pid, indexer.store.spec.path)
+                    self.num_layers, type(self.dense).__name__, type(self.attention).__name__,
+                    indexer.process.pid, indexer.store.spec.path)
 
     @property
     def indexer(self) -> Indexer:
