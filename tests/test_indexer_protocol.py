@@ -163,3 +163,29 @@ def test_private_dir_is_0700_and_stale_dirs_are_swept(tmp_path):
     assert not stale.exists() and os.path.isdir(d.path)  # ours (live pid) stays
     d.cleanup()
     assert not os.path.exists(d.path)
+
+
+def test_warmup_compiles_the_default_selection(tmp_path):
+    """The indexer compiles (or loads) every numba function its first requests reach before it reports
+    ready, the default selection's scan too: in a fresh process, nothing else has compiled it."""
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np
+from icecache_sglang.index import scan
+from icecache_sglang.index.config import IndexConfig
+from icecache_sglang.indexer.config import IndexerConfig
+from icecache_sglang.indexer.keystore import KeyStore
+from icecache_sglang.indexer.service import IndexerService
+store = KeyStore.create({str(tmp_path)!r}, 1, 64, 2, 8, "bfloat16")
+cfg = IndexerConfig(rank=0, store=store.spec, endpoint="ipc://x", private_dir={str(tmp_path)!r},
+                    index=IndexConfig(page_size=4, key_dtype="bfloat16"))
+assert not scan.page_maxima.signatures
+IndexerService(cfg, store).warmup()
+print(len(scan.page_maxima.signatures), len(scan.top_pages.signatures))
+store.close()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    n_max, n_top = map(int, out.stdout.split())
+    assert n_max >= 1 and n_top >= 1

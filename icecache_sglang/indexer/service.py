@@ -72,6 +72,7 @@ class IndexerService:
         idx.insert(rng.standard_normal((self.H, 3, self.d)).astype(np.float32))
         idx.query(rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4)
         query_batch([idx, idx.copy()], rng.standard_normal((2, self.H * 2, self.d)).astype(np.float32), 4)
+        select_baseline(idx, rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4, "exact")  # the default
         idx.copy().delete(idx.live_ids()[-2:])
 
     # ------------------------------------------------------------------ checks
