@@ -91,7 +91,6 @@ def evaluate(layers, P: int, params_list) -> list[dict]:
         key_bytes = sum(int(t[2].sum()) for t in tabs) * d * 2
         for step in range(Q.shape[0]):
             q = Q[step].astype(np.float32)
-            probs_all = []
             for h in range(H):
                 live, keys, valid, pos = tabs[h]
                 qh = q[h * g:(h + 1) * g]
@@ -127,7 +126,6 @@ def evaluate(layers, P: int, params_list) -> list[dict]:
                                  "top_page_hits": int(np.isin(best, chosen).sum()), "cases": g,
                                  "mass_vs_oracle": float(np.mean(tok_mass(chosen) / np.maximum(m_oracle, 1e-12))),
                                  "read_share": None if nbytes is None else nbytes / (key_bytes / H)})
-            del probs_all
     return rows
 
 

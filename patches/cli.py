@@ -92,8 +92,9 @@ def flashinfer_problems(key: str = "decode_attention") -> list[str]:
     """Why ``key: flashinfer`` cannot run here (empty when it can)."""
     from icecache_sglang.runtime.attention import flashinfer_importable
 
-    if cuda_problems(f"{key} 'flashinfer'"):
-        return cuda_problems(f"{key} 'flashinfer'")
+    no_gpu = cuda_problems(f"{key} 'flashinfer'")
+    if no_gpu:
+        return no_gpu
     if not flashinfer_importable():
         return [f"{key} 'flashinfer' needs flashinfer-python (SGLang pins 0.7.2); it is not installed"]
     return []

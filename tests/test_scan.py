@@ -7,6 +7,7 @@ import pytest
 from conftest import EXHAUSTIVE, int_keys
 
 from icecache_sglang.index.config import IndexConfig, QueryParams
+from icecache_sglang.index.keys import from_storage
 from icecache_sglang.index.paged_index import PagedDCIIndex
 from icecache_sglang.index.scan import read_keys, scan_pages, scan_rows
 from icecache_sglang.index.synthetic import lowrank_keys
@@ -16,15 +17,9 @@ def bf16_bits(page_keys: np.ndarray) -> np.ndarray:
     return (page_keys.view(np.uint32) >> 16).astype(np.uint16)
 
 
-def as_f32(page_keys: np.ndarray) -> np.ndarray:
-    if page_keys.dtype == np.uint16:
-        return (page_keys.astype(np.uint32) << 16).view(np.float32)
-    return page_keys
-
-
 def ref_rows(page_keys, page_fill, next_page, Q, n_pages):
     """Plain NumPy: float64 scores of every valid token, max per page, top pages per query head."""
-    K = as_f32(page_keys).astype(np.float64)
+    K = from_storage(page_keys).astype(np.float64)
     H = K.shape[0]
     g = Q.shape[0] // H
     rows = np.full((Q.shape[0], n_pages), -1, np.int32)
@@ -107,7 +102,7 @@ def test_ties_go_to_the_lower_page_id(rng, dtype):
     pk, fill, nxt = arrays(idx, dtype)
     Q = int_keys(rng, (H * g, d), -1, 1)
     rows = scan_rows(pk, fill, nxt, Q, 12)
-    K = as_f32(pk).astype(np.float64)
+    K = from_storage(pk).astype(np.float64)
     best = [[K[h, p, : fill[h, p]] @ Q[h * g : (h + 1) * g].T for p in range(nxt[h])] for h in range(H)]
     n_tied = 0
     for row in range(H * g):
@@ -189,7 +184,7 @@ def test_chunking_does_not_change_the_answer(rng, chunk):
 def test_read_keys_sums_the_keys_in_use(rng, dtype):
     idx, _ = built_index(rng, 3, 1000, 32, 1)
     pk, fill, nxt = arrays(idx, dtype)
-    K = as_f32(pk).astype(np.float64)
+    K = from_storage(pk).astype(np.float64)
     valid = sum(K[h, p, : fill[h, p]].sum() for h in range(3) for p in range(nxt[h]))
     every = sum(K[h, : nxt[h]].sum() for h in range(3))
     scale = np.abs(K).sum()

@@ -190,7 +190,7 @@ def find(d, key):
     return None
 
 
-def server_args(mode: str, cfg: dict | None, backend: str, cuda_graph_max_bs: int, cpu: bool = False) -> list[str]:
+def server_args(cfg: dict | None, backend: str, cuda_graph_max_bs: int, cpu: bool = False) -> list[str]:
     if cpu:  # --cpu-dry-run: the harness itself on a machine without a GPU (tiny model, SGLang's CPU engine)
         args = ["--skip-tokenizer-init"]
         return args if cfg is None else args + ["--enable-icecache", "--icecache-config", json.dumps(cfg)]
@@ -206,7 +206,7 @@ def server_args(mode: str, cfg: dict | None, backend: str, cuda_graph_max_bs: in
 def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, deadline: float,
                  reference: dict) -> None:
     log = Path(a.out) / f"server-{name}.log"
-    srv = ServerProcess(model, server_args(name, cfg, a.dense_backend, max(a.batches), a.cpu_dry_run),
+    srv = ServerProcess(model, server_args(cfg, a.dense_backend, max(a.batches), a.cpu_dry_run),
                         log_path=log, cpu=a.cpu_dry_run)
     base = {"mode": name, "attention_backend": a.dense_backend, "icecache_config": cfg}
     t = time.perf_counter()

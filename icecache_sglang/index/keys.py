@@ -2,8 +2,9 @@
 KV cache has). Scores always accumulate in float32.
 
 numba has no 16-bit float type, so a bfloat16 value is kept as the upper 16 bits of its float32 pattern and
-widened in registers (``bf16_to_f32``: zero-extend, shift, bitcast; vectorised by LLVM). ``key_dot`` and
-``load_key`` take a key row of either dtype, so every kernel compiles one specialization per storage dtype.
+widened in registers (``bf16_to_f32``: zero-extend, shift, bitcast; vectorised by LLVM). ``key_dot`` takes a
+key row of either dtype and ``as_f32`` a flat run of rows (the scan's), so every kernel compiles one
+specialization per storage dtype.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def key_dot(k, q):
     raise NotImplementedError("numba only")
 
 
-def load_key(k, out):
-    """Decode a stored key row into the float32 array ``out`` (numba)."""
+def as_f32(rows, n, scratch):
+    """The first ``n`` values of flat stored rows as float32 (numba): ``rows`` itself when it is float32,
+    else widened into the float32 ``scratch`` (no copy on the float32 path)."""
     raise NotImplementedError("numba only")
 
 
@@ -100,17 +102,15 @@ def _key_dot(k, q):
     return impl
 
 
-@overload(load_key, inline="always")
-def _load_key(k, out):
-    if k.dtype == types.uint16:
-        def impl(k, out):
-            for i in range(k.shape[0]):
-                out[i] = bf16_to_f32(k[i])
+@overload(as_f32, inline="always")
+def _as_f32(rows, n, scratch):
+    if rows.dtype == types.float32:
+        return lambda rows, n, scratch: rows
+    if rows.dtype == types.uint16:
+        def impl(rows, n, scratch):
+            for i in range(n):
+                scratch[i] = bf16_to_f32(rows[i])
+            return scratch
 
         return impl
-
-    def impl(k, out):
-        for i in range(k.shape[0]):
-            out[i] = k[i]
-
-    return impl
+    return None

@@ -15,7 +15,7 @@ from numba.typed import List
 
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
-from .keys import STORAGE, from_storage, round_keys, to_storage
+from .keys import STORAGE, from_storage, to_storage
 from .schedule import LevelSchedule
 from .search import merge_group_pages, search_batch, search_rows
 from .transform import (
@@ -139,6 +139,7 @@ class PagedDCIIndex:
 
     # ------------------------------------------------------------------ checks
     def _check_kv(self, keys, values, n_expected: int | None = None):
+        """Validated ``K`` (float32, rounded to the key dtype), ``V`` and the key rows in the storage dtype."""
         K = _as_float_array("keys", keys, 3)
         if K.shape[0] != self.H or K.shape[2] != self.d:
             raise ValueError(f"keys must have shape [num_heads={self.H}, n, head_dim={self.d}], got {K.shape}")
@@ -154,9 +155,11 @@ class PagedDCIIndex:
             V = _as_float_array("values", values, 3)
             if V.shape != (self.H, K.shape[1], self.dv):
                 raise ValueError(f"values must have shape {(self.H, K.shape[1], self.dv)}, got {V.shape}")
-        # a bfloat16 index is a float32 index over the rounded keys: everything downstream sees those values
-        K = round_keys(K, self.cfg.storage_dtype) if self.cfg.storage_dtype != "float32" else K
-        return np.ascontiguousarray(K), np.ascontiguousarray(V)
+        # the rows as the pages store them; a bfloat16 index is a float32 index over the rounded keys, so
+        # everything downstream (norms, projections, parents) sees those values
+        stored = to_storage(K, self.cfg.storage_dtype)
+        K = from_storage(stored) if stored.dtype != np.float32 else stored
+        return K, np.ascontiguousarray(V), stored
 
     def _check_positions(self, positions, n: int) -> np.ndarray:
         if positions is None:
@@ -169,13 +172,15 @@ class PagedDCIIndex:
     # ------------------------------------------------------------------ build
     def build(self, keys, values=None, positions=None) -> None:
         """Index ``n`` tokens from scratch: levels -> exact parents -> sorted cells -> pages."""
-        K, V = self._check_kv(keys, values)
+        K, V, stored = self._check_kv(keys, values)
         n = K.shape[1]
         pos = self._check_positions(positions, n) if positions is not None else np.arange(n, dtype=np.int64)
-        self._build_from(K, V, pos, np.arange(n, dtype=np.int64))
+        self._build_from(K, V, pos, np.arange(n, dtype=np.int64), stored)
 
-    def _build_from(self, K: np.ndarray, V: np.ndarray, pos: np.ndarray, tids: np.ndarray) -> None:
-        """Bulk build over tokens ``tids`` (ascending; ids are kept, so a rebuild renames nothing)."""
+    def _build_from(self, K: np.ndarray, V: np.ndarray, pos: np.ndarray, tids: np.ndarray,
+                    stored: np.ndarray | None = None) -> None:
+        """Bulk build over tokens ``tids`` (ascending; ids are kept, so a rebuild renames nothing);
+        ``stored``: ``K`` in the storage dtype when the caller has it."""
         n = K.shape[1]
         n_ids = int(tids[-1]) + 1 if n else 0
         level = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up).assign(n)
@@ -201,7 +206,8 @@ class PagedDCIIndex:
         self.n_at_build = n
         self.M[:] = M
         S = self.state
-        stored = to_storage(K, self.cfg.storage_dtype)
+        if stored is None:
+            stored = to_storage(K, self.cfg.storage_dtype)
         for h in range(self.H):
             cells = parent[h] + 1
             order = np.lexsort((tids, proj[h], cells))
@@ -213,7 +219,7 @@ class PagedDCIIndex:
     def insert(self, keys, values=None, positions=None) -> np.ndarray:
         """Append tokens (decode-time): each lands on level 0 under its exact ``D_kk``-nearest level-1
         token (or the root when the tree has one level), split pages as needed. Returns the new ids."""
-        K, V = self._check_kv(keys, values)
+        K, V, stored = self._check_kv(keys, values)
         b = K.shape[1]
         pos = self._check_positions(positions, b)
         if b == 0:
@@ -243,7 +249,7 @@ class PagedDCIIndex:
             self.cnt_desc[h, tids + 1] = 1
             self.cnt_pages[h, tids + 1] = 0
             self.level_counts[h, 0] += b
-        _insert_heads(S, tids.astype(np.int32), parents, to_storage(K, self.cfg.storage_dtype), V, self._a)
+        _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._a)
         return tids
 
     def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:

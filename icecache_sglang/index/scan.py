@@ -20,34 +20,13 @@ Pure numpy + numba.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
+from .keys import as_f32
 from .search import merge_group_pages
 
 NEG_INF = np.float32(-np.inf)
 CHUNK_PAGES = 32  # pages per work item (parallel over page chunks: one KV head still fills the cores)
-
-
-def _page_as_f32(page, n, scratch):  # pragma: no cover - replaced by the numba overload below
-    raise NotImplementedError
-
-
-@overload(_page_as_f32, inline="always")
-def _page_as_f32_impl(page, n, scratch):
-    """The first ``n`` values of a flat page ``[C * d]`` as float32: the page itself for float32 keys,
-    converted into the uint32 ``scratch`` and read as float32 for bf16 bits (uint16)."""
-    if page.dtype == types.float32:
-        return lambda page, n, scratch: page
-    if page.dtype == types.uint16:
-
-        def impl(page, n, scratch):
-            for i in range(n):
-                scratch[i] = np.uint32(page[i]) << np.uint32(16)
-            return scratch.view(np.float32)
-
-        return impl
-    return None
 
 
 @njit(cache=True)
@@ -79,12 +58,12 @@ def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     items = _work_items(next_page, chunk)
     for it in prange(items.shape[0]):
         h, p0 = items[it, 0], items[it, 1]
-        scratch = np.empty(page_keys.shape[2], np.uint32)
+        scratch = np.empty(page_keys.shape[2], np.float32)
         for p in range(p0, min(p0 + chunk, next_page[h])):
             f = page_fill[h, p]
             if f <= 0:
                 continue
-            keys = _page_as_f32(page_keys[h, p], f * d, scratch)
+            keys = as_f32(page_keys[h, p], f * d, scratch)
             r = h * g
             while r < (h + 1) * g:  # query rows in blocks of 4: each key row is loaded once per block
                 if r + 4 <= (h + 1) * g:
@@ -150,13 +129,13 @@ def _read_sum(page_keys, page_fill, next_page, d, chunk):
     part = np.zeros(items.shape[0], np.float32)
     for it in prange(items.shape[0]):
         h, p0 = items[it, 0], items[it, 1]
-        scratch = np.empty(page_keys.shape[2], np.uint32)
+        scratch = np.empty(page_keys.shape[2], np.float32)
         s = np.float32(0.0)
         for p in range(p0, min(p0 + chunk, next_page[h])):
             f = page_fill[h, p]
             if f <= 0:
                 continue
-            keys = _page_as_f32(page_keys[h, p], f * d, scratch)
+            keys = as_f32(page_keys[h, p], f * d, scratch)
             for i in range(f * d):
                 s += keys[i]
         part[it] = s
