@@ -10,6 +10,7 @@ right after) and the ``icecache`` attention backend; registering twice is harmle
 | ``cli.py`` | ``--enable-icecache`` / ``--icecache-config`` on ``ServerArgs.add_cli_args``; validation and the backend choice on ``ServerArgs.from_cli_args``; the config travels to schedulers as an environment variable |
 | ``attention.py`` | the ``icecache`` entry in SGLang's attention-backend registry |
 | ``allocator.py`` | KV-slot free / clear events from SGLang's token allocators (radix eviction, ``flush_cache``) |
+| ``pool.py`` | IceCache's KV pool class (``runtime.pool.IceCacheKVPool``) where SGLang picks the MHA pool class |
 | ``metrics.py`` | ``GET /icecache/stats`` and the IceCache lines of ``/metrics`` on SGLang's HTTP server |
 """
 
@@ -23,9 +24,10 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from . import allocator, attention, cli, metrics
+    from . import allocator, attention, cli, metrics, pool
 
     cli.install()
     attention.install()
     allocator.install()
     metrics.install()
+    pool.install()

@@ -131,6 +131,15 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
         problems += flashinfer_problems("dense_attention")
     if cfg.dense_attention == "triton":
         problems += cuda_problems("dense_attention 'triton'")
+    lanes = cfg.device_lanes
+    if lanes is not None:  # the device pool decodes at most this many requests at once: so does SGLang
+        given = getattr(args, "max_running_requests", None)
+        if given is not None and given > lanes:
+            problems.append(f"--max-running-requests {given}: the offloaded decode's device pool holds {lanes} "
+                            f"requests (device_kv_tokens {cfg.device_kv_tokens} // {cfg.lane_rows} rows each); "
+                            f"raise device_kv_tokens to {given * cfg.lane_rows} or run fewer requests")
+        elif given is None:
+            args.max_running_requests = lanes
     if problems:
         _fail("; ".join(problems))
     # Decode selects pages on the host between layers (the query of layer l picks layer l's pages), which a

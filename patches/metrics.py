@@ -78,7 +78,7 @@ def _config_route(run_dir):
         import json
 
         from icecache_sglang.runtime.config import IceCacheConfig, IceCacheConfigError
-        from icecache_sglang.runtime.control import read_control, updated, write_control
+        from icecache_sglang.runtime.control import read_control, runtime_settings, updated, write_control
         from icecache_sglang.runtime.rundir import RunDirError
 
         base = IceCacheConfig.from_env()
@@ -96,7 +96,10 @@ def _config_route(run_dir):
             logger.error("IceCache: control file unreadable (%s); starting from the last published settings", e)
             in_force, last = published["config"] or base, 0
         try:
-            cfg = updated(in_force, settings)
+            if not isinstance(settings, dict):
+                raise IceCacheConfigError(f"expected a JSON object of settings, got {type(settings).__name__}")
+            # validated against the launch configuration (as each rank applies it), with the settings in force
+            cfg = updated(base, {**runtime_settings(in_force), **settings})
             version = write_control(run_dir, cfg, max(last, published["version"]) + 1)
         except IceCacheConfigError as e:
             return JSONResponse({"error": str(e)}, status_code=400)

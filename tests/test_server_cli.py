@@ -92,6 +92,17 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
      "--prefill-attention-backend torch_native: IceCache runs both prefill and decode"),
     (["--enable-icecache", "--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
     (["--enable-icecache", "--enable-mixed-chunk"], "--enable-mixed-chunk: decode requests batched"),
+    # the offloaded decode: no dense layer, a device pool of at least one lane, no more requests than lanes
+    (["--enable-icecache", "--icecache-config", '{"offload": true}'], "set dense_layers to 0 (it is 2)"),
+    (["--enable-icecache", "--icecache-config", '{"offload": true, "dense_layers": 0, "device_kv_tokens": 100}'],
+     "device_kv_tokens (100) holds no lane: one decoding request needs 272 rows (budget_tokens + page_size); "
+     "the smallest working size is 272"),
+    (["--enable-icecache", "--icecache-config", '{"device_kv_tokens": 1000}'], "set offload: true"),
+    (["--enable-icecache", "--icecache-config", '{"offload": "yes", "dense_layers": 0}'], "offload must be true or false"),
+    (["--enable-icecache", "--max-running-requests", "8", "--icecache-config",
+      '{"offload": true, "dense_layers": 0, "device_kv_tokens": 1000}'],
+     "--max-running-requests 8: the offloaded decode's device pool holds 3 requests (device_kv_tokens 1000 // 272 "
+     "rows each); raise device_kv_tokens to 2176"),
 ])
 def test_bad_flags_fail_with_the_reason(parse, capsys, argv, needle):
     err = fails(parse, capsys, *argv)
@@ -126,3 +137,11 @@ def test_dense_attention_resolves_per_device():
     assert resolve_dense_attention("triton", "cuda") == "triton"
     with pytest.raises(ValueError, match="needs the KV cache on a CUDA device"):
         resolve_dense_attention("triton", "cpu")
+
+
+def test_offload_runs_as_many_requests_as_the_device_pool_holds(parse):
+    cfg = {"offload": True, "dense_layers": 0, "device_kv_tokens": 1000}
+    args = parse("--enable-icecache", "--icecache-config", json.dumps(cfg))
+    assert args.max_running_requests == 3  # 1000 rows // (256 + 16) per request
+    args = parse("--enable-icecache", "--max-running-requests", "2", "--icecache-config", json.dumps(cfg))
+    assert args.max_running_requests == 2

@@ -77,7 +77,7 @@ def token_ids(n: int, seed: int) -> list[int]:
 
 def test_attended_kv_stays_bounded_up_to_16k_tokens(tiny_ice):
     """The KV attended per request (all layers, computed from the decode plans) stays within the budget while
-    the context grows 16x; the allocated figures are the real sizes of SGLang's pool and the key store."""
+    the context grows 16x; the allocated figures are the real sizes of SGLang's pool (which holds the indexed keys) and the indexes."""
     C = TINY_ICE["page_size"]
     bound = LAYERS * (TINY_ICE["budget_tokens"] + C - 1) * TOKEN_BYTES  # the window may run a block ahead
     seen = []
@@ -92,8 +92,9 @@ def test_attended_kv_stays_bounded_up_to_16k_tokens(tiny_ice):
     assert seen[-1][1] < dense_bytes / 50, seen
     slots = tiny_ice.get("/get_server_info")["max_total_num_tokens"] + 1  # SGLang's pool: one padding slot
     assert st["kv_pool_bytes"] == slots * LAYERS * TOKEN_BYTES
-    assert st["key_store_bytes"] == slots * LAYERS * TOKEN_BYTES // 2  # the keys of every (anchor) layer
-    assert st["index_bytes"] > 0 and st["icecache_host_bytes"] == st["key_store_bytes"] + st["index_bytes"]
+    # the anchor layers' K planes of that pool are the indexer's key store: no second copy of the keys
+    assert st["keys_shared"] == 1 and st["key_store_bytes"] == 0
+    assert st["index_bytes"] > 0 and st["icecache_host_bytes"] == st["index_bytes"]
 
 
 def test_prefix_hit_indexes_only_new_tokens(tiny_ice):

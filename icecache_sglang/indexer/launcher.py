@@ -142,14 +142,23 @@ class Indexer:
     @classmethod
     def launch(cls, *, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, rank: int = 0,
                key_dtype: str = "float32", index: IndexConfig | None = None, threads: int | None = None,
-               timeout_s: float = 5.0, root: str | None = None, **limits) -> Indexer:
+               timeout_s: float = 5.0, root: str | None = None, store: KeyStore | None = None,
+               private_dir: PrivateDir | None = None, **limits) -> Indexer:
+        """Create the rank's private directory and key store (or take over ``store`` and the
+        ``private_dir`` it lives in: a KV pool whose K planes are the store), start the process, connect."""
         index = index or IndexConfig()
         if index.key_dtype is None:  # the index keeps keys as the KV cache does: 16-bit caches -> bfloat16
             index = replace(index, key_dtype="float32" if key_dtype == "float32" else "bfloat16")
-        pdir = PrivateDir.create(root)
+        if store is not None:
+            want = (num_layers, num_slots, num_kv_heads, head_dim)
+            if store.spec.shape != want or store.spec.dtype != key_dtype or private_dir is None:
+                raise ValueError(f"the given key store {store.spec} does not match {want} {key_dtype} "
+                                 "(or comes without its private directory)")
+        pdir = private_dir or PrivateDir.create(root)
         try:
-            store = KeyStore.create(pdir.path, num_layers, num_slots, num_kv_heads, head_dim, key_dtype,
-                                    name=f"keys-r{rank}")
+            if store is None:
+                store = KeyStore.create(pdir.path, num_layers, num_slots, num_kv_heads, head_dim, key_dtype,
+                                        name=f"keys-r{rank}")
             config = IndexerConfig(rank=rank, store=store.spec, endpoint=pdir.endpoint(f"indexer-r{rank}-0.sock"),
                                    private_dir=pdir.path, index=index, threads=threads, **limits)
             return cls(pdir, store, config, timeout_s)

@@ -47,6 +47,7 @@ from .config import IceCacheConfig, IceCacheConfigError
 from .control import read_control, updated
 from .dense import dense_backend_for, resolve_dense_attention
 from .metrics import IceCacheMetrics
+from .pool import DeviceKVPool, shared_key_store
 from .publisher import SnapshotPublisher
 from .rundir import CONTROL_FILE, RunDir, RunDirError
 from .selection import Selector, StepSelection
@@ -91,8 +92,11 @@ class _Step:
     seqs: list[int]
     fixed: list[tuple[np.ndarray, np.ndarray]]  # per batch entry: (slots before, slots after) the selected pages
     n_pages: int  # pages per KV head asked for (the budget's, at most the longest index's token count)
-    selection: StepSelection
+    selection: StepSelection | None  # None when no request decodes sparsely (offload: dense plans only)
     plans: dict[int, DecodePlan] = field(default_factory=dict)  # anchor layer -> plan
+    lanes: np.ndarray | None = None  # offload: each batch entry's lane in the device pool
+    misses: dict[int, tuple] = field(default_factory=dict)  # offload: anchor layer -> rows each layer copies
+    rows_loaded: int = 0  # offload: (token, KV head) rows copied host -> device this step, all layers
 
 
 class _RowEvents:
@@ -109,12 +113,16 @@ class _RowEvents:
     def free(self, row: int) -> None:
         try:
             self.backend.tracker.row_freed(int(row))
+            if self.backend.device_pool is not None:
+                self.backend.device_pool.release(int(row))
         except Exception:
             logger.exception("IceCache: releasing row %s failed", row)
 
     def clear(self) -> None:
         try:
             self.backend.tracker.clear()
+            if self.backend.device_pool is not None:
+                self.backend.device_pool.clear()
         except Exception:
             logger.exception("IceCache: clearing the tracker failed")
 
@@ -147,8 +155,7 @@ class IceCacheAttnBackend(AttentionBackend):
         if cfg.dense_layers >= self.num_layers:
             raise IceCacheConfigError(f"dense_layers ({cfg.dense_layers}) leaves none of the model's "
                                       f"{self.num_layers} layers sparse")
-        self.anchors = [layer for layer in range(cfg.dense_layers, self.num_layers)
-                        if (layer - cfg.dense_layers) % cfg.layer_reuse == 0]
+        self.anchors = cfg.anchor_layers(self.num_layers)
         self.store_layer = {a: i for i, a in enumerate(self.anchors)}
         self._layers_per_anchor = {a: min(cfg.layer_reuse, self.num_layers - a) for a in self.anchors}
         self.anchor_of = {layer: self.anchors[(layer - cfg.dense_layers) // cfg.layer_reuse]
@@ -159,10 +166,16 @@ class IceCacheAttnBackend(AttentionBackend):
         rank = get_parallel().tp_rank
         self.metrics = m = IceCacheMetrics(rank=rank)
         self.run_dir = RunDir.from_env()
+        shared = shared_key_store(pool)  # the pool's anchor K planes are the key store: keys kept once
+        if shared is not None and getattr(pool, "anchors", None) != self.anchors:
+            raise IceCacheConfigError(f"the KV pool shares the keys of layers {pool.anchors}, the backend "
+                                      f"indexes {self.anchors}")
+        self.keys_shared = shared is not None
         indexer = Indexer.launch(num_layers=len(self.anchors), num_kv_heads=self.H, head_dim=self.d,
                                  num_slots=self.num_slots, rank=rank, key_dtype=KEY_DTYPES[pool.dtype],
                                  index=cfg.index_config(), threads=cfg.indexer_threads,
-                                 timeout_s=cfg.selection_deadline_ms / 1e3)
+                                 timeout_s=cfg.selection_deadline_ms / 1e3,
+                                 store=shared[0] if shared else None, private_dir=shared[1] if shared else None)
         self.supervisor = IndexerSupervisor(indexer, m, max_restarts=cfg.max_restarts,
                                             restart_window_s=cfg.restart_window_s)
         self.selector = Selector(self.supervisor, self.H, len(self.anchors), m)
@@ -171,12 +184,22 @@ class IceCacheAttnBackend(AttentionBackend):
                                        block=cfg.page_size)
         self.attention = attention or decode_attention_for(cfg.decode_attention, pool.device)
         self.query_params = cfg.query_params()
+        self.device_pool = None
+        if cfg.offload:  # decode attention reads a fixed-size device pool, filled from SGLang's (host) pool
+            lanes = cfg.device_lanes or self.req_to_token_pool.size
+            self.device_pool = DeviceKVPool(
+                num_layers=self.num_layers, groups={layer: self.anchor_of[layer] for layer in self.anchor_of},
+                lanes=lanes, lane_rows=cfg.lane_rows, head_num=self.H, head_dim=self.d, v_head_dim=self.v_d,
+                dtype=pool.dtype, device=self.device)
+            m.device_kv_bytes, m.device_lanes = self.device_pool.nbytes, lanes
         elem = pool.dtype.itemsize
         bufs = [t for name in ("k_buffer", "v_buffer") for t in (getattr(pool, name, None) or [])]
         m.kv_pool_bytes = (sum(t.numel() * t.element_size() for t in bufs) if bufs  # the tensors SGLang allocated
                            else self.num_slots * self.num_layers * self.H * (self.d + self.v_d) * elem)
-        m.key_store_bytes = indexer.store.spec.nbytes
+        m.keys_shared = int(self.keys_shared)
+        m.key_store_bytes = 0 if self.keys_shared else indexer.store.spec.nbytes  # shared: inside kv_pool_bytes
         self._token_kv_bytes = self.H * (self.d + self.v_d) * elem  # one token, one layer
+        self._row_bytes = (self.d + self.v_d) * elem  # one token, one KV head, one layer
         self._step: _Step | None = None
         self._acked_tokens = 0  # tracker.counters.indexed_tokens at the last step (writes since are waited for)
         self.last_layer = self.num_layers - 1
@@ -214,7 +237,7 @@ class IceCacheAttnBackend(AttentionBackend):
         ``enable_fused_set_kv_buffer``: gpt-oss, Qwen3-MoE, ... on CUDA) pass ``save_kv_cache=False``, and
         the pool is what the sparse attention will read."""
         i = self.store_layer.get(layer_id)
-        if i is None or loc is None or loc.numel() == 0:
+        if i is None or loc is None or loc.numel() == 0 or self.keys_shared:  # shared: the pool's write was it
             return
         k = self.token_to_kv_pool.get_key_buffer(layer_id)[loc.to(torch.int64)].detach().reshape(-1, self.H, self.d)
         if k.dtype == torch.bfloat16:
@@ -237,15 +260,18 @@ class IceCacheAttnBackend(AttentionBackend):
                 continue
             if self.tracker.update(row, self._row_slots(row, n), n, block=self.cfg.page_size):
                 sparse.append(b)
-        if sparse:
-            new_tokens = self.tracker.counters.indexed_tokens - self._acked_tokens
-            self._acked_tokens = self.tracker.counters.indexed_tokens
-            selection = self.selector.begin_step(self.cfg.selection_deadline_ms / 1e3, new_tokens)
-            sp = np.asarray(sparse)
-            longest = max(self.tracker.live[rows[b]].n for b in sparse)
+        if sparse or self.device_pool is not None:  # offload: every decode reads the device pool
+            selection, n_pages = None, 1
+            if sparse:
+                new_tokens = self.tracker.counters.indexed_tokens - self._acked_tokens
+                self._acked_tokens = self.tracker.counters.indexed_tokens
+                selection = self.selector.begin_step(self.cfg.selection_deadline_ms / 1e3, new_tokens)
+                n_pages = max(1, min(self.cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
+            sp = np.asarray(sparse, np.int64)
             self._step = _Step(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
-                               self._fixed_slots(rows, lens, set(sparse)),
-                               max(1, min(self.cfg.n_pages, longest)), selection)
+                               self._fixed_slots(rows, lens, set(sparse)), n_pages, selection)
+            if self.device_pool is not None:
+                self._step.lanes = self.device_pool.lanes_for(rows)
             self.metrics.sparse_rows += len(sp)
         self.metrics.dense_rows += len(rows) - len(sparse)
 
@@ -288,8 +314,14 @@ class IceCacheAttnBackend(AttentionBackend):
         plan = step.plans.get(anchor)
         if plan is None:
             plan = step.plans[anchor] = self._plan(step, anchor, q3)
-        o = self.attention.decode(q3, self.token_to_kv_pool.get_key_buffer(lid),
-                                  self.token_to_kv_pool.get_value_buffer(lid), plan, layer.scaling)
+        dp = self.device_pool
+        if dp is None:
+            k_buf, v_buf = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)
+        else:  # the plan names device rows; this layer's missed rows come from the host pool first
+            dp.load(lid, step.misses[anchor], self.token_to_kv_pool.get_key_buffer(lid),
+                    self.token_to_kv_pool.get_value_buffer(lid))
+            k_buf, v_buf = dp.k[lid], dp.v[lid]
+        o = self.attention.decode(q3, k_buf, v_buf, plan, layer.scaling)
         if lid == self.last_layer:
             self._finish_step(step)
         return o.reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
@@ -311,17 +343,19 @@ class IceCacheAttnBackend(AttentionBackend):
 
     def _plan(self, step: _Step, anchor: int, q3: torch.Tensor) -> DecodePlan:
         """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
-        qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
-        if qs.dtype == torch.bfloat16:
-            arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
-        else:
-            arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
-        qp = self.query_params
-        sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype, step.n_pages,
-                                   policy=self.cfg.selection, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
-                                   num_to_retrieve=qp.num_to_retrieve)
         B, H = len(step.rows), self.H
-        picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
+        picked = {}
+        if len(step.sparse):
+            qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
+            if qs.dtype == torch.bfloat16:
+                arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
+            else:
+                arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
+            qp = self.query_params
+            sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype,
+                                       step.n_pages, policy=self.cfg.selection, fov=qp.fov,
+                                       prop_to_retrieve=qp.prop_to_retrieve, num_to_retrieve=qp.num_to_retrieve)
+            picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
         width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(step.fixed)]
         slots = np.full((B, H, max(width)), -1, np.int64)
         for b, (before, after) in enumerate(step.fixed):
@@ -332,12 +366,27 @@ class IceCacheAttnBackend(AttentionBackend):
                 at += picked[b].shape[1]
             slots[b, :, at: at + len(after)] = after
         valid = slots >= 0
+        if self.device_pool is not None:  # host slots -> the device rows holding them (misses loaded per layer)
+            slots, step.misses[anchor] = self.device_pool.map_plan(anchor, step.lanes, slots, valid)
+            n_hit = int(valid.sum()) - len(step.misses[anchor][0])
+            layers = self._layers_per_anchor[anchor]
+            self.metrics.device_rows_hit += n_hit * layers
+            self.metrics.device_rows_loaded += len(step.misses[anchor][0]) * layers
+            step.rows_loaded += len(step.misses[anchor][0]) * layers
+            dev = self.device_pool.device
+        else:
+            dev = self.token_to_kv_pool.get_key_buffer(anchor).device
         slots[~valid] = 0
-        dev = self.token_to_kv_pool.get_key_buffer(anchor).device
         return DecodePlan(torch.from_numpy(slots).to(dev), torch.from_numpy(valid).to(dev))
 
     def _finish_step(self, step: _Step) -> None:
         m, sel = self.metrics, step.selection
+        if self.device_pool is not None:
+            m.device_kv_bytes_loaded_last = step.rows_loaded * self._row_bytes
+            m.device_kv_bytes_loaded_total += m.device_kv_bytes_loaded_last
+            m.device_lanes_in_use = self.device_pool.lanes_in_use
+        if sel is None:  # offload, no sparse request: nothing was selected
+            return
         self.supervisor.step_finished(sel.timed_out)
         m.decode_steps += 1
         m.selection_s_last = sel.wait_s
@@ -397,6 +446,8 @@ class IceCacheAttnBackend(AttentionBackend):
         if ind is not None:
             m.index_bytes = ind["index_bytes"]
         m.icecache_host_bytes = m.key_store_bytes + m.index_bytes
+        if self.device_pool is not None:
+            m.device_lanes_in_use = self.device_pool.lanes_in_use
         return m.snapshot() | {
             "tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": status["pid"],
             "indexer_state": status["state"], "indexer_reason": status["reason"],

@@ -55,7 +55,13 @@ class IceCacheConfig:
     exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
     min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). max_restarts /
     restart_window_s: how many times a dead or stuck indexer is replaced within that many seconds before it
-    is left down (selections fall back) until the window frees a restart."""
+    is left down (selections fall back) until the window frees a restart. offload: decode attention reads
+    only a device pool of fixed size (``runtime/pool/device_pool.py``), one lane per decoding request
+    holding its attended rows (sink + selected pages + recent tokens), filled from SGLang's KV pool;
+    device_kv_tokens: that pool's rows per layer and KV head (null: one lane per request SGLang may run;
+    else at least one lane of ``lane_rows``, and SGLang runs at most ``device_kv_tokens // lane_rows``
+    requests). With offload no layer attends densely at decode (``dense_layers`` must be 0) and the budget
+    cannot grow on a running server beyond the launch budget (a lane would not hold it)."""
 
     budget_tokens: int = 256
     page_size: int = 16
@@ -72,6 +78,8 @@ class IceCacheConfig:
     selection: str = "exact"
     max_restarts: int = 5
     restart_window_s: float = 600.0
+    offload: bool = False
+    device_kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
@@ -108,6 +116,21 @@ class IceCacheConfig:
         t = self.indexer_threads
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise IceCacheConfigError(f"indexer_threads must be a positive integer or null, got {t!r}")
+        if not isinstance(self.offload, bool):
+            raise IceCacheConfigError(f"offload must be true or false, got {self.offload!r}")
+        n = self.device_kv_tokens
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise IceCacheConfigError(f"device_kv_tokens must be a positive integer or null, got {n!r}")
+        if n is not None and not self.offload:
+            raise IceCacheConfigError("device_kv_tokens sizes the offloaded decode's device pool; set offload: true")
+        if self.offload and self.dense_layers:
+            raise IceCacheConfigError(
+                f"offload keeps no layer's full KV on the device, so no layer can attend densely at decode: "
+                f"set dense_layers to 0 (it is {self.dense_layers})")
+        if self.offload and n is not None and n < self.lane_rows:
+            raise IceCacheConfigError(
+                f"device_kv_tokens ({n}) holds no lane: one decoding request needs {self.lane_rows} rows "
+                f"(budget_tokens + page_size); the smallest working size is {self.lane_rows}")
         if self.selection not in POLICIES:
             raise IceCacheConfigError(f"selection must be one of {list(POLICIES)}, got {self.selection!r}")
         if self.decode_attention not in DECODE_ATTENTION:
@@ -135,9 +158,26 @@ class IceCacheConfig:
         return self.sink_tokens + self.window_tokens + MAX_PAGES * self.page_size
 
     @property
+    def lane_rows(self) -> int:
+        """Device rows one decoding request needs per layer and KV head with offload: the budget, and the
+        recent window running up to one page ahead of the indexed range."""
+        return self.budget_tokens + self.page_size
+
+    @property
+    def device_lanes(self) -> int | None:
+        """Requests the offloaded decode's device pool holds at once (None: as many as SGLang runs)."""
+        return None if self.device_kv_tokens is None else self.device_kv_tokens // self.lane_rows
+
+    @property
     def n_pages(self) -> int:
         """Selected pages per KV head at each decode step."""
         return (self.budget_tokens - self.sink_tokens - self.window_tokens) // self.page_size
+
+    def anchor_layers(self, num_layers: int) -> list[int]:
+        """The layers that search (and whose keys are indexed): after the dense layers, one in every
+        ``layer_reuse``; the layers between reuse the anchor before them."""
+        return [layer for layer in range(self.dense_layers, num_layers)
+                if (layer - self.dense_layers) % self.layer_reuse == 0]
 
     def index_config(self) -> IndexConfig:
         return IndexConfig(page_size=self.page_size, **self.index)

@@ -33,6 +33,10 @@ def updated(base: IceCacheConfig, settings: dict) -> IceCacheConfig:
     fixed = sorted(set(settings) - set(RUNTIME_KEYS))
     if fixed:
         raise IceCacheConfigError(f"{fixed} cannot change on a running server (only {list(RUNTIME_KEYS)})")
+    budget = settings.get("budget_tokens")
+    if base.offload and isinstance(budget, int) and budget > base.budget_tokens:
+        raise IceCacheConfigError(f"budget_tokens {budget}: with offload the device pool's lanes hold the launch "
+                                  f"budget ({base.budget_tokens}) at most")
     try:
         return replace(base, **settings)
     except TypeError as e:

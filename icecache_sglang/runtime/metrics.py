@@ -37,9 +37,18 @@ class IceCacheMetrics:
     attended_kv_bytes_last: int = 0  # computed: KV bytes the largest request's decode attention read, all layers
     attended_kv_bytes_max: int = 0
     kv_pool_bytes: int = 0  # allocated: SGLang's KV pool of this rank (K and V, every layer and slot)
-    key_store_bytes: int = 0  # allocated: the shared key store (anchor layers' keys, read by the indexer)
+    key_store_bytes: int = 0  # allocated: the key store beyond SGLang's pool (anchor layers' keys, read by the
+    # indexer); 0 when the pool's anchor K planes are the store (keys_shared)
+    keys_shared: int = 0  # 1 when SGLang's KV pool holds the anchor layers' keys in the indexer's store
     index_bytes: int = 0  # allocated: the indexer's index arrays (its own key copies, projections, pages)
     icecache_host_bytes: int = 0  # key_store_bytes + index_bytes: host memory IceCache adds to SGLang's
+    device_kv_bytes: int = 0  # allocated (offload): the decode's device pool, K and V of every lane and layer
+    device_lanes: int = 0  # offload: requests the device pool holds at once
+    device_lanes_in_use: int = 0
+    device_rows_loaded: int = 0  # offload: (token, KV head, layer) rows copied host -> device
+    device_rows_hit: int = 0  # offload: rows a step attended that the device pool already held
+    device_kv_bytes_loaded_last: int = 0  # offload: bytes copied host -> device in the last step, all layers
+    device_kv_bytes_loaded_total: int = 0
     indexed_tokens: int = 0  # tokens sent to the indexer (per token, all anchor layers at once)
     shared_tokens: int = 0  # tokens reused from a cached prefix's index
     live_seqs: int = 0
@@ -81,9 +90,17 @@ PROMETHEUS_FIELDS = {
     "attended_kv_bytes_last": "computed KV bytes decode attention read for the largest request of the last step",
     "attended_kv_bytes_max": "largest attended_kv_bytes_last so far",
     "kv_pool_bytes": "allocated bytes of SGLang's KV pool of this rank",
-    "key_store_bytes": "allocated bytes of the key store shared with the indexer",
+    "key_store_bytes": "allocated bytes of the key store beyond SGLang's KV pool (0 when the pool's keys are the store)",
+    "keys_shared": "1 when SGLang's KV pool holds the anchor layers' keys in the indexer's key store (one copy)",
     "index_bytes": "allocated bytes of the indexer's indexes",
     "icecache_host_bytes": "host bytes IceCache adds beyond SGLang's KV pool (key store + indexes)",
+    "device_kv_bytes": "allocated bytes of the offloaded decode's device pool",
+    "device_lanes": "requests the offloaded decode's device pool holds at once",
+    "device_lanes_in_use": "device pool lanes held by decoding requests",
+    "device_rows_loaded": "(token, KV head, layer) rows copied host -> device for decode",
+    "device_rows_hit": "(token, KV head, layer) rows decode attended that the device pool already held",
+    "device_kv_bytes_loaded_last": "bytes copied host -> device in the last decode step",
+    "device_kv_bytes_loaded_total": "bytes copied host -> device for decode",
     "indexed_tokens": "tokens sent to the indexer",
     "shared_tokens": "tokens reused from cached prefixes' indexes",
     "live_seqs": "running requests with an index",

@@ -1,0 +1,188 @@
+"""The device KV pool of the offloaded decode: a fixed number of lanes, each holding one decoding request's
+attended rows (sink + selected pages + recent tokens) of every layer, filled from the host pool.
+
+With ``offload`` on, SGLang's KV pool (host memory: ``kv_pool.py``) holds every token; decode attention
+reads only this pool. Its size is fixed at launch (``device_kv_tokens`` rows per layer and KV head, cut
+into lanes of ``lane_rows``), independent of context length and of how many sessions the host pool keeps.
+
+A lane belongs to one ``req_to_token`` row while that request decodes. Per anchor layer (its plan serves
+the layers that reuse it) and KV head, a lane's rows remember which host slot they hold: at each step the
+plan's slots are matched against them, hits stay where they are and only the misses are copied host ->
+device (with the decode's new token, a selection's new pages). A slot's KV never changes while the request
+owns it, and a lane is emptied when its row is freed, so a resident row is never stale.
+
+Layout per layer: one ``[1 + lanes * lane_rows, H, D]`` tensor for K and one for V (row 0 is padding);
+each KV head uses its own rows independently, which is what the sparse decode attention reads
+(``DecodePlan.slots [B, H, T]`` holds device rows here instead of host slots).
+
+The matching runs on the host, as the hot-page map of ``runtime/offload/`` does, because the selections
+arrive there and what to read from host memory must be known before any copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+
+@numba.njit(cache=True)
+def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head):  # pragma: no cover
+    """Match each (request, KV head)'s plan slots against its lane's resident slots ``res [lanes, H, R]``;
+    give each miss a row the plan does not need. Writes ``out_rows [B, H, T]`` (global device rows, 0 where
+    invalid) and the misses; returns (misses, hits)."""
+    B, H, T = slots.shape
+    R = res.shape[2]
+    tsize = 1
+    while tsize < 2 * R:
+        tsize *= 2
+    table = np.empty(tsize, np.int64)
+    used = np.zeros(R, np.bool_)
+    nm = 0
+    hits = 0
+    for b in range(B):
+        lane = lanes[b]
+        base = 1 + lane * R
+        for h in range(H):
+            table[:] = -1
+            for r in range(R):
+                s = res[lane, h, r]
+                used[r] = False
+                if s >= 0:
+                    k = (s * 0x9E3779B1) & (tsize - 1)
+                    while table[k] >= 0:
+                        k = (k + 1) & (tsize - 1)
+                    table[k] = r
+            first_miss = nm
+            for t in range(T):
+                out_rows[b, h, t] = 0
+                if not valid[b, h, t]:
+                    continue
+                s = slots[b, h, t]
+                k = (s * 0x9E3779B1) & (tsize - 1)
+                found = -1
+                while table[k] >= 0:
+                    r = table[k]
+                    if res[lane, h, r] == s:
+                        found = r
+                        break
+                    k = (k + 1) & (tsize - 1)
+                if found >= 0 and not used[found]:
+                    used[found] = True
+                    out_rows[b, h, t] = base + found
+                    hits += 1
+                else:  # a miss (or a slot the plan names twice: it gets a second row)
+                    miss_row[nm] = t  # the plan position, for now
+                    miss_slot[nm] = s
+                    miss_head[nm] = h
+                    nm += 1
+            # misses take the rows this step does not need: empty rows first, then stale ones
+            r = 0
+            for pass_ in range(2):
+                for i in range(first_miss, nm):
+                    if miss_row[i] < 0:
+                        continue  # placed in the first pass
+                    while r < R and (used[r] or (pass_ == 0 and res[lane, h, r] >= 0)):
+                        r += 1
+                    if r == R:
+                        break
+                    used[r] = True
+                    res[lane, h, r] = miss_slot[i]
+                    out_rows[b, h, miss_row[i]] = base + r
+                    miss_row[i] = -(base + r) - 1  # placed: remember the row, flagged
+                r = 0
+            for i in range(first_miss, nm):
+                if miss_row[i] >= 0:  # no row left: the lane is smaller than the plan (checked by the caller)
+                    return -1, hits
+                miss_row[i] = -miss_row[i] - 1
+    return nm, hits
+
+
+@dataclass
+class LoadStats:
+    rows_loaded: int = 0  # (slot, KV head) rows copied host -> device, one layer
+    rows_hit: int = 0  # rows the lanes already held
+
+
+class DeviceKVPool:
+    """Decode lanes on ``device`` for ``num_layers`` layers; ``groups[layer]`` names the plan (anchor layer)
+    each layer's rows follow."""
+
+    def __init__(self, *, num_layers: int, groups: dict[int, int], lanes: int, lane_rows: int, head_num: int,
+                 head_dim: int, v_head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        if lanes < 1 or lane_rows < 1:
+            raise ValueError(f"the device pool needs at least one lane of one row, got {lanes} x {lane_rows}")
+        self.lanes, self.lane_rows, self.H = lanes, lane_rows, head_num
+        self.device = torch.device(device)
+        self.groups = dict(groups)
+        rows = 1 + lanes * lane_rows
+        self.k = {layer: torch.zeros(rows, head_num, head_dim, dtype=dtype, device=self.device) for layer in groups}
+        self.v = {layer: torch.zeros(rows, head_num, v_head_dim, dtype=dtype, device=self.device) for layer in groups}
+        self.resident = {g: np.full((lanes, head_num, lane_rows), -1, np.int64) for g in set(groups.values())}
+        self.lane_of: dict[int, int] = {}  # req_to_token row -> lane
+        self._free = list(range(lanes - 1, -1, -1))
+        self.nbytes = sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+        self.stats = LoadStats()
+
+    # ------------------------------------------------------------------ lanes
+    def lanes_for(self, req_rows) -> np.ndarray:
+        """The lane of each request row (a new request takes a free lane)."""
+        out = np.empty(len(req_rows), np.int64)
+        for i, row in enumerate(req_rows):
+            lane = self.lane_of.get(int(row))
+            if lane is None:
+                if not self._free:
+                    raise RuntimeError(f"the device pool's {self.lanes} lanes are all in use; the scheduler "
+                                       f"must not run more decoding requests than that")
+                lane = self.lane_of[int(row)] = self._free.pop()
+            out[i] = lane
+        return out
+
+    def release(self, req_row: int) -> None:
+        lane = self.lane_of.pop(int(req_row), None)
+        if lane is not None:
+            for res in self.resident.values():
+                res[lane] = -1
+            self._free.append(lane)
+
+    def clear(self) -> None:
+        for row in list(self.lane_of):
+            self.release(row)
+
+    @property
+    def lanes_in_use(self) -> int:
+        return len(self.lane_of)
+
+    # ------------------------------------------------------------------ one step
+    def map_plan(self, group: int, lanes: np.ndarray, slots: np.ndarray, valid: np.ndarray) -> tuple:
+        """Device rows for a plan's host slots ``[B, H, T]``; returns (rows [B, H, T], misses) where misses
+        is (rows, slots, heads) to copy for each layer of the group."""
+        B, H, T = slots.shape
+        if T > self.lane_rows:
+            raise RuntimeError(f"a plan of {T} rows per KV head does not fit a lane of {self.lane_rows}")
+        rows = np.zeros((B, H, T), np.int64)
+        n = B * H * T
+        m_row, m_slot, m_head = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        nm, hits = _map_rows(self.resident[group], np.ascontiguousarray(lanes, np.int64),
+                             np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(valid), rows,
+                             m_row, m_slot, m_head)
+        if nm < 0:
+            raise RuntimeError("a plan names more rows than its lane holds")
+        self.stats.rows_hit += int(hits)
+        return rows, (m_row[:nm], m_slot[:nm], m_head[:nm])
+
+    def load(self, layer: int, misses: tuple, host_k: torch.Tensor, host_v: torch.Tensor) -> int:
+        """Copy one layer's missed rows from the host pool; returns how many."""
+        rows, slots, heads = misses
+        if len(rows) == 0:
+            return 0
+        r = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        h_dev = torch.from_numpy(heads).to(self.device, non_blocking=True)
+        s_host = torch.from_numpy(slots).to(host_k.device)
+        h_host = torch.from_numpy(heads).to(host_k.device)
+        self.k[layer][r, h_dev] = host_k[s_host, h_host].to(self.device, non_blocking=True)
+        self.v[layer][r, h_dev] = host_v[s_host, h_host].to(self.device, non_blocking=True)
+        self.stats.rows_loaded += len(rows)
+        return len(rows)

@@ -1,0 +1,95 @@
+"""The offloaded decode through real SGLang servers on CPU (``offload: true``): decode attention reads only
+the fixed-size device pool (``runtime/pool/device_pool.py``; on a machine without a GPU a second tensor in
+RAM), filled from SGLang's KV pool. Its answers are token for token those of IceCache without offload (the
+same selections over the same keys, attended from device rows instead of the pool), while sessions whose
+contexts add up to many times the device pool run through it, the pool's size never changes and every lane
+is returned when requests end."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from sglang_servers import TINY_ICE, icecache_args, server_fixture
+
+from icecache_sglang.models.tiny import ensure_tiny_model
+from icecache_sglang.runtime.config import IceCacheConfig
+
+pytestmark = pytest.mark.slow
+
+LANES = 3
+LANE_ROWS = IceCacheConfig(**TINY_ICE).lane_rows  # 128 + 16
+OFFLOAD = {**TINY_ICE, "offload": True, "device_kv_tokens": LANES * LANE_ROWS}
+ROW_BYTES = (32 + 32) * 4  # tiny model: head_dim 32, K and V, float32
+LAYERS, KV_HEADS = 4, 2
+
+tiny_ref = server_fixture("tiny_ice_ref", ensure_tiny_model, icecache_args(TINY_ICE))
+tiny_offload = server_fixture("tiny_offload", ensure_tiny_model, icecache_args(OFFLOAD))
+
+
+def token_ids(n: int, seed: int) -> list[int]:
+    return random.Random(seed).choices(range(100, 40000), k=n)
+
+
+def answer(srv, ids, max_new=24) -> list[int]:
+    r = srv.generate(input_ids=ids, max_new_tokens=max_new, ignore_eos=True)
+    return r["output_ids"]
+
+
+def test_offloaded_decode_answers_like_icecache_without_offload(tiny_ref, tiny_offload):
+    for n, seed in ((60, 1), (400, 2), (1500, 3), (3000, 4)):  # within the budget, then 3x-23x beyond it
+        ids = token_ids(n, seed)
+        assert answer(tiny_offload, ids) == answer(tiny_ref, ids), n
+    st = tiny_offload.icecache_stats()
+    assert st["device_lanes"] == LANES
+    assert st["device_kv_bytes"] == 2 * LAYERS * (1 + LANES * LANE_ROWS) * KV_HEADS * 32 * 4  # K and V, row 0 padding
+    assert st["device_rows_loaded"] > 0 and st["device_rows_hit"] > 0
+    # consecutive steps attend mostly the same rows: far fewer rows move than are attended
+    assert st["device_rows_hit"] > 3 * st["device_rows_loaded"], st
+    assert st["device_kv_bytes_loaded_total"] == st["device_rows_loaded"] * ROW_BYTES
+
+
+def test_sessions_far_beyond_the_device_pool_all_complete_through_it(tiny_ref, tiny_offload):
+    before = tiny_offload.icecache_stats(wait_s=0)
+    info = tiny_offload.get("/get_server_info")
+    assert info["max_running_requests"] == LANES  # SGLang runs as many requests as the device pool holds
+    jobs = [token_ids(1200 + 50 * i, 100 + i) for i in range(8)]
+    assert sum(map(len, jobs)) > 20 * LANES * LANE_ROWS  # the contexts add up to 20x the device pool
+    got = [None] * len(jobs)
+
+    def one(i):
+        got[i] = answer(tiny_offload, jobs[i], 16)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert got == [answer(tiny_ref, ids, 16) for ids in jobs]
+    st = tiny_offload.icecache_stats()
+    assert st["device_kv_bytes"] == before["device_kv_bytes"]  # fixed at launch
+    assert st["device_lanes_in_use"] == 0  # every lane went back when its request ended
+    assert st["kv_pool_bytes"] == before["kv_pool_bytes"]
+    assert st["fallbacks"] == before.get("fallbacks", 0)
+
+
+def test_flush_cache_and_aborts_return_every_lane(tiny_offload):
+    jobs = [token_ids(900, 300 + i) for i in range(LANES)]
+    threads = [threading.Thread(target=answer, args=(tiny_offload, ids, 40)) for ids in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    tiny_offload.post("/flush_cache", {})
+    st = tiny_offload.icecache_stats()
+    assert st["device_lanes_in_use"] == 0 and st["live_seqs"] == 0
+
+
+def test_the_budget_cannot_outgrow_the_lanes(tiny_offload):
+    with pytest.raises(ValueError, match="with offload the device pool's lanes hold the launch budget"):
+        tiny_offload.set_icecache(budget_tokens=512)
+    tiny_offload.set_icecache(budget_tokens=96)  # a smaller one fits the lanes
+    r = tiny_offload.generate(input_ids=token_ids(700, 7), max_new_tokens=8, ignore_eos=True)
+    assert r["meta_info"]["completion_tokens"] == 8
+    tiny_offload.set_icecache(budget_tokens=TINY_ICE["budget_tokens"])
