@@ -72,9 +72,22 @@ def unsupported_options(args) -> list[str]:
     if get("enable_mixed_chunk"):
         problems.append("--enable-mixed-chunk: decode requests batched with a prefill chunk would attend densely "
                         "and unaccounted; leave the flag out with --enable-icecache")
+    if get("enable_page_major_kv_layout"):
+        problems.append("--enable-page-major-kv-layout: IceCache's KV pool keeps SGLang's per-layer layout (its "
+                        "key planes are what the indexer reads); leave the flag out")
+    if get("enable_streaming_session") and _offload_requested(args):
+        problems.append("--enable-streaming-session with offload: a session's next turn re-points its row's "
+                        "KV slots under the device pool; run offload without streaming sessions")
     if get("is_embedding"):
         problems.append("embedding models do not decode; --enable-icecache does not apply")
     return problems
+
+
+def _offload_requested(args) -> bool:
+    try:
+        return bool(IceCacheConfig.from_json(getattr(args, "icecache_config", None)).offload)
+    except IceCacheConfigError:
+        return False  # reported on its own
 
 
 def cuda_problems(what: str) -> list[str]:
@@ -136,8 +149,9 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
         given = getattr(args, "max_running_requests", None)
         if given is not None and given > lanes:
             problems.append(f"--max-running-requests {given}: the offloaded decode's device pool holds {lanes} "
-                            f"requests (device_kv_tokens {cfg.device_kv_tokens} // {cfg.lane_rows} rows each); "
-                            f"raise device_kv_tokens to {given * cfg.lane_rows} or run fewer requests")
+                            f"requests (device_kv_tokens {cfg.device_kv_tokens or lanes * cfg.lane_rows} // "
+                            f"{cfg.lane_rows} rows each); raise device_kv_tokens to {given * cfg.lane_rows} or run "
+                            f"fewer requests")
         elif given is None:
             args.max_running_requests = lanes
     if problems:

@@ -83,12 +83,42 @@ def test_lanes_are_per_request_and_released():
     pool = make(lanes=2)
     a = pool.lanes_for([5, 6])
     assert sorted(a.tolist()) == [0, 1] and pool.lanes_for([6]).tolist() == [a[1]]
-    with pytest.raises(RuntimeError, match="lanes are all in use"):
-        pool.lanes_for([9])
+    with pytest.raises(RuntimeError, match="does not fit the device pool's 2 lanes"):
+        pool.lanes_for([5, 6, 9])
     pool.release(5)
     assert pool.lanes_for([9]).tolist() == [a[0]] and pool.lanes_in_use == 2
     pool.clear()
     assert pool.lanes_in_use == 0
+
+
+def test_a_full_pool_takes_the_lane_of_a_request_outside_the_batch():
+    """A lane left to a request that is not decoding (paused, or a release that never came) is reclaimed
+    instead of failing the step; its rows are not counted as hits for the new owner."""
+    rng = np.random.default_rng(3)
+    hk, hv = host()
+    pool = make(lanes=2)
+    plan = random_plan(rng, 1, 12)
+    for row in (5, 6):
+        rows, misses = pool.map_plan(0, pool.lanes_for([row]), plan, plan >= 0)
+        pool.load(0, misses, hk, hv)
+    lanes = pool.lanes_for([6, 9])  # 5 is not in the batch: its lane goes to 9
+    assert 5 not in pool.lane_of and pool.lane_of[9] == lanes[1]
+    rows, misses = pool.map_plan(0, lanes, np.concatenate([plan, plan]), np.concatenate([plan, plan]) >= 0)
+    assert len(misses[0]) == int((plan >= 0).sum())  # row 6 hit everything, row 9 loaded everything
+
+
+def test_a_slot_named_twice_keeps_both_copies():
+    hk, hv = host()
+    pool = make(lanes=1)
+    plan = np.full((1, H, 4), -1, np.int64)
+    plan[0, :, :3] = 3
+    lanes = pool.lanes_for([1])
+    for step in range(3):
+        rows, misses = pool.map_plan(0, lanes, plan, plan >= 0)
+        pool.load(0, misses, hk, hv)
+        check_rows = rows[0, 0, :3]
+        assert len(set(check_rows.tolist())) == 3
+        assert len(misses[0]) == (3 * H if step == 0 else 0)
 
 
 def test_a_released_lane_holds_nothing_of_its_last_request():

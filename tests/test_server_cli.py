@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("sglang", reason="the server tests need the 'server' set-up (scripts/setup.sh)")
 
 from icecache_sglang.launch import server_env
-from icecache_sglang.runtime.config import ENV_VAR, IceCacheConfig
+from icecache_sglang.runtime.config import DEFAULT_DEVICE_LANES, ENV_VAR, IceCacheConfig
 from icecache_sglang.runtime.rundir import ENV_RUN_DIR
 
 
@@ -99,6 +99,9 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
      "the smallest working size is 272"),
     (["--enable-icecache", "--icecache-config", '{"device_kv_tokens": 1000}'], "set offload: true"),
     (["--enable-icecache", "--icecache-config", '{"offload": "yes", "dense_layers": 0}'], "offload must be true or false"),
+    (["--enable-icecache", "--enable-page-major-kv-layout"], "--enable-page-major-kv-layout: IceCache's KV pool"),
+    (["--enable-icecache", "--enable-streaming-session", "--icecache-config", '{"offload": true, "dense_layers": 0}'],
+     "--enable-streaming-session with offload"),
     (["--enable-icecache", "--max-running-requests", "8", "--icecache-config",
       '{"offload": true, "dense_layers": 0, "device_kv_tokens": 1000}'],
      "--max-running-requests 8: the offloaded decode's device pool holds 3 requests (device_kv_tokens 1000 // 272 "
@@ -145,3 +148,6 @@ def test_offload_runs_as_many_requests_as_the_device_pool_holds(parse):
     assert args.max_running_requests == 3  # 1000 rows // (256 + 16) per request
     args = parse("--enable-icecache", "--max-running-requests", "2", "--icecache-config", json.dumps(cfg))
     assert args.max_running_requests == 2
+    # without device_kv_tokens: the default lane count, never SGLang's own (thousands of lanes)
+    args = parse("--enable-icecache", "--icecache-config", json.dumps({"offload": True, "dense_layers": 0}))
+    assert args.max_running_requests == DEFAULT_DEVICE_LANES

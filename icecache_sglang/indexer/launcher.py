@@ -154,7 +154,8 @@ class Indexer:
             if store.spec.shape != want or store.spec.dtype != key_dtype or private_dir is None:
                 raise ValueError(f"the given key store {store.spec} does not match {want} {key_dtype} "
                                  "(or comes without its private directory)")
-        pdir = private_dir or PrivateDir.create(root)
+        pdir = private_dir or PrivateDir.create(root)  # a given store and directory belong to the Indexer now
+        created = private_dir is None
         try:
             if store is None:
                 store = KeyStore.create(pdir.path, num_layers, num_slots, num_kv_heads, head_dim, key_dtype,
@@ -163,7 +164,8 @@ class Indexer:
                                    private_dir=pdir.path, index=index, threads=threads, **limits)
             return cls(pdir, store, config, timeout_s)
         except BaseException:
-            pdir.cleanup()
+            if created:  # a given directory stays with its owner (the KV pool), which still maps its store
+                pdir.cleanup()
             raise
 
     def restart(self) -> int:

@@ -9,14 +9,17 @@ each job to its own module:
 | prefill, dense layers, requests within the budget | ``dense.py`` (one of SGLang's backends, held as ``self.dense``) |
 | which request has which index (rows, KV slots, prefix reuse) | ``sequences.py`` (``SequenceTracker``) |
 | a decode step's queries under one deadline, fallbacks | ``selection.py`` (``Selector``) |
+| a step's plans: sink + selected pages + tail per (request, KV head) | ``plan.py`` (``Planner``, ``DecodeStep``) |
 | the sparse attention over a plan | ``attention/`` (``SparseDecodeAttention`` over a ``DecodePlan``) |
+| KV memory: SGLang's pool (keys shared with the indexer), the offloaded decode's device pool | ``pool/`` |
 | settings changed on a running server | ``control.py`` (files in the private ``rundir.py``) |
 | figures: counters, snapshot thread, Prometheus | ``metrics.py``, ``publisher.py`` |
 
 Per forward pass:
 
 - **extend (prefill chunk)**: the dense backend's attention of the new tokens over their prefix;
-  each anchor layer's keys, as the KV pool holds them, are also written to the key store at their slots;
+  each anchor layer's keys, as the KV pool holds them, are in the key store at their slots (the pool's K
+  plane is the store in host memory; otherwise they are copied there);
   after the last layer, every request longer than the budget is indexed up to its recent window (a prefix
   hit first takes the cached prefix's index).
 - **decode**: ``init_forward_metadata`` brings each request's index up to date (window's oldest tokens,
@@ -24,6 +27,7 @@ Per forward pass:
   layer, one indexer query selects pages per KV head for every sparse request; the plan (sink + those
   pages' slots + the tokens after the indexed range) serves that layer and the ``layer_reuse - 1`` layers
   after it. Requests within the budget, and the first ``dense_layers`` layers, attend to everything.
+  With ``offload`` every plan names rows of the device pool, each layer copying its missed rows first.
 
 A fault in the indexer costs selection quality, never the scheduler: see ``supervisor.py``.
 """
@@ -33,24 +37,22 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from dataclasses import dataclass, field
-
-import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..indexer.launcher import Indexer
 from . import events
-from .attention import DecodePlan, SparseDecodeAttention, decode_attention_for
+from .attention import SparseDecodeAttention, decode_attention_for
 from .config import IceCacheConfig, IceCacheConfigError
-from .control import read_control, updated
+from .control import ControlWatcher
 from .dense import dense_backend_for, resolve_dense_attention
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool, shared_key_store
 from .publisher import SnapshotPublisher
-from .rundir import CONTROL_FILE, RunDir, RunDirError
-from .selection import Selector, StepSelection
+from .plan import DecodeStep, Planner
+from .rundir import RunDir
+from .selection import Selector
 from .sequences import SequenceTracker
 from .supervisor import IndexerSupervisor
 
@@ -82,23 +84,6 @@ def model_problems(model_runner) -> list[str]:
     return problems
 
 
-@dataclass
-class _Step:
-    """Decode-step state shared by the layers of one forward pass."""
-
-    rows: np.ndarray  # req_to_token row per batch entry
-    lens: np.ndarray  # sequence length per batch entry (including the token being decoded)
-    sparse: np.ndarray  # batch entries decoded sparsely
-    seqs: list[int]
-    fixed: list[tuple[np.ndarray, np.ndarray]]  # per batch entry: (slots before, slots after) the selected pages
-    n_pages: int  # pages per KV head asked for (the budget's, at most the longest index's token count)
-    selection: StepSelection | None  # None when no request decodes sparsely (offload: dense plans only)
-    plans: dict[int, DecodePlan] = field(default_factory=dict)  # anchor layer -> plan
-    lanes: np.ndarray | None = None  # offload: each batch entry's lane in the device pool
-    misses: dict[int, tuple] = field(default_factory=dict)  # offload: anchor layer -> rows each layer copies
-    rows_loaded: int = 0  # offload: (token, KV head) rows copied host -> device this step, all layers
-
-
 class _RowEvents:
     """Attached to SGLang's ReqToTokenPool (``attach_aux_cache``): row lifecycle -> tracker. An error here
     is logged, never raised into SGLang's request bookkeeping (it would cost at most an index left behind)."""
@@ -113,18 +98,18 @@ class _RowEvents:
     def free(self, row: int) -> None:
         try:
             self.backend.tracker.row_freed(int(row))
-            if self.backend.device_pool is not None:
-                self.backend.device_pool.release(int(row))
         except Exception:
             logger.exception("IceCache: releasing row %s failed", row)
+        if self.backend.device_pool is not None:
+            self.backend.device_pool.release(int(row))
 
     def clear(self) -> None:
         try:
             self.backend.tracker.clear()
-            if self.backend.device_pool is not None:
-                self.backend.device_pool.clear()
         except Exception:
             logger.exception("IceCache: clearing the tracker failed")
+        if self.backend.device_pool is not None:
+            self.backend.device_pool.clear()
 
     def reset_allocator(self) -> None:
         pass
@@ -186,7 +171,7 @@ class IceCacheAttnBackend(AttentionBackend):
         self.query_params = cfg.query_params()
         self.device_pool = None
         if cfg.offload:  # decode attention reads a fixed-size device pool, filled from SGLang's (host) pool
-            lanes = cfg.device_lanes or self.req_to_token_pool.size
+            lanes = cfg.device_lanes  # SGLang runs at most this many requests (patches/cli.py)
             self.device_pool = DeviceKVPool(
                 num_layers=self.num_layers, groups={layer: self.anchor_of[layer] for layer in self.anchor_of},
                 lanes=lanes, lane_rows=cfg.lane_rows, head_num=self.H, head_dim=self.d, v_head_dim=self.v_d,
@@ -200,16 +185,18 @@ class IceCacheAttnBackend(AttentionBackend):
         m.key_store_bytes = 0 if self.keys_shared else indexer.store.spec.nbytes  # shared: inside kv_pool_bytes
         self._token_kv_bytes = self.H * (self.d + self.v_d) * elem  # one token, one layer
         self._row_bytes = (self.d + self.v_d) * elem  # one token, one KV head, one layer
-        self._step: _Step | None = None
-        self._acked_tokens = 0  # tracker.counters.indexed_tokens at the last step (writes since are waited for)
+        self.planner = Planner(tracker=self.tracker, selector=self.selector, metrics=m,
+                               req_to_token=self.req_to_token_pool.req_to_token, num_kv_heads=self.H,
+                               store_layer=self.store_layer, layers_per_anchor=self._layers_per_anchor,
+                               slots_device=pool.device, device_pool=self.device_pool)
+        self._step: DecodeStep | None = None
         self.last_layer = self.num_layers - 1
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))
         events.subscribe(self.tracker.slots_freed, self.tracker.clear)
-        self.config_version = 0
+        self.control = ControlWatcher(self.run_dir, self.launch_cfg)  # POST /icecache/config, applied per pass
         if self.run_dir is None:
             logger.warning("IceCache: no run directory ($ICECACHE_RUN_DIR): /icecache/stats and /icecache/config "
                            "are unavailable for this rank")
-        self._control_mtime = None
         self.publisher = SnapshotPublisher(rank, self.run_dir, self.collect)
         atexit.register(self.close)
         logger.info("IceCache on rank %d: %s; %d anchor layers of %d, dense attention %s, sparse decode "
@@ -254,26 +241,7 @@ class IceCacheAttnBackend(AttentionBackend):
         if not mode.is_decode() or forward_batch.batch_size == 0:
             return
         rows, lens = self._rows_and_lens(forward_batch)
-        sparse = []
-        for b, (row, n) in enumerate(zip(rows, lens)):
-            if n <= self.cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
-                continue
-            if self.tracker.update(row, self._row_slots(row, n), n, block=self.cfg.page_size):
-                sparse.append(b)
-        if sparse or self.device_pool is not None:  # offload: every decode reads the device pool
-            selection, n_pages = None, 1
-            if sparse:
-                new_tokens = self.tracker.counters.indexed_tokens - self._acked_tokens
-                self._acked_tokens = self.tracker.counters.indexed_tokens
-                selection = self.selector.begin_step(self.cfg.selection_deadline_ms / 1e3, new_tokens)
-                n_pages = max(1, min(self.cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
-            sp = np.asarray(sparse, np.int64)
-            self._step = _Step(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
-                               self._fixed_slots(rows, lens, set(sparse)), n_pages, selection)
-            if self.device_pool is not None:
-                self._step.lanes = self.device_pool.lanes_for(rows)
-            self.metrics.sparse_rows += len(sp)
-        self.metrics.dense_rows += len(rows) - len(sparse)
+        self._step = self.planner.begin(rows, lens, self.cfg)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
@@ -285,18 +253,16 @@ class IceCacheAttnBackend(AttentionBackend):
 
     def _after_extend(self, forward_batch) -> None:
         for row, n in zip(*self._rows_and_lens(forward_batch)):
+            if self.device_pool is not None:  # the row's tokens may have been re-pointed (a session's next turn)
+                self.device_pool.release(row)
             if n > self.cfg.budget_tokens or self.tracker.is_sparse(row):
-                self.tracker.update(row, self._row_slots(row, n), n, verify=True)
+                self.tracker.update(row, self.planner.row_slots(row, n), n, verify=True)
 
     @staticmethod
     def _rows_and_lens(forward_batch) -> tuple[list[int], list[int]]:
         """``req_to_token`` row and sequence length of each batch entry, as Python ints."""
         lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
         return forward_batch.req_pool_indices.cpu().tolist(), lens.cpu().tolist()
-
-    def _row_slots(self, row: int, n: int) -> np.ndarray:
-        """KV slots of positions ``[0, n)`` of ``row`` (a view on CPU)."""
-        return self.req_to_token_pool.req_to_token[row, :n].cpu().numpy()
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         step = self._step
@@ -313,7 +279,7 @@ class IceCacheAttnBackend(AttentionBackend):
         anchor = self.anchor_of[lid]
         plan = step.plans.get(anchor)
         if plan is None:
-            plan = step.plans[anchor] = self._plan(step, anchor, q3)
+            plan = self.planner.plan(step, anchor, q3, self.cfg, self.query_params)
         dp = self.device_pool
         if dp is None:
             k_buf, v_buf = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)
@@ -326,60 +292,7 @@ class IceCacheAttnBackend(AttentionBackend):
             self._finish_step(step)
         return o.reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
-    # ------------------------------------------------------------------ selection -> plan
-    def _fixed_slots(self, rows, lens, sparse: set[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The part of each request's plan that every anchor layer of the step shares: the sink and the
-        unindexed tail around the selected pages (sparse requests), or every token (requests within the
-        budget)."""
-        sink = self.cfg.sink_tokens
-        out = []
-        for b, (row, n) in enumerate(zip(rows, lens)):
-            row_slots = self._row_slots(row, n).astype(np.int64)
-            if b in sparse:
-                out.append((row_slots[:sink], row_slots[self.tracker.indexed_end(row):]))
-            else:
-                out.append((row_slots, row_slots[:0]))
-        return out
-
-    def _plan(self, step: _Step, anchor: int, q3: torch.Tensor) -> DecodePlan:
-        """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
-        B, H = len(step.rows), self.H
-        picked = {}
-        if len(step.sparse):
-            qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
-            if qs.dtype == torch.bfloat16:
-                arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
-            else:
-                arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
-            qp = self.query_params
-            sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype,
-                                       step.n_pages, policy=self.cfg.selection, fov=qp.fov,
-                                       prop_to_retrieve=qp.prop_to_retrieve, num_to_retrieve=qp.num_to_retrieve)
-            picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
-        width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(step.fixed)]
-        slots = np.full((B, H, max(width)), -1, np.int64)
-        for b, (before, after) in enumerate(step.fixed):
-            slots[b, :, : len(before)] = before
-            at = len(before)
-            if b in picked:
-                slots[b, :, at: at + picked[b].shape[1]] = picked[b]
-                at += picked[b].shape[1]
-            slots[b, :, at: at + len(after)] = after
-        valid = slots >= 0
-        if self.device_pool is not None:  # host slots -> the device rows holding them (misses loaded per layer)
-            slots, step.misses[anchor] = self.device_pool.map_plan(anchor, step.lanes, slots, valid)
-            n_hit = int(valid.sum()) - len(step.misses[anchor][0])
-            layers = self._layers_per_anchor[anchor]
-            self.metrics.device_rows_hit += n_hit * layers
-            self.metrics.device_rows_loaded += len(step.misses[anchor][0]) * layers
-            step.rows_loaded += len(step.misses[anchor][0]) * layers
-            dev = self.device_pool.device
-        else:
-            dev = self.token_to_kv_pool.get_key_buffer(anchor).device
-        slots[~valid] = 0
-        return DecodePlan(torch.from_numpy(slots).to(dev), torch.from_numpy(valid).to(dev))
-
-    def _finish_step(self, step: _Step) -> None:
+    def _finish_step(self, step: DecodeStep) -> None:
         m, sel = self.metrics, step.selection
         if self.device_pool is not None:
             m.device_kv_bytes_loaded_last = step.rows_loaded * self._row_bytes
@@ -407,31 +320,16 @@ class IceCacheAttnBackend(AttentionBackend):
 
     # ------------------------------------------------------------------ settings and figures
     def _check_control(self) -> None:
-        """Apply settings posted to ``/icecache/config`` since the last forward pass (one ``lstat`` when none
-        were: the file is written before the HTTP reply, so the next request runs with them). Only runtime
-        keys are applied, on top of the launch configuration; anything else is refused with a warning."""
-        if self.run_dir is None:
-            return
-        mtime = self.run_dir.mtime_ns(CONTROL_FILE)
-        if mtime is None or mtime == self._control_mtime:
-            return
-        self._control_mtime = mtime
-        try:
-            got = read_control(self.run_dir)
-            if got is None or got[0] <= self.config_version:
-                return
-            cfg = updated(self.launch_cfg, got[1])
-        except (RunDirError, IceCacheConfigError) as e:
-            logger.error("IceCache: control file refused, settings unchanged: %s", e)
-            return
-        self._apply_config(got[0], cfg)
+        """Apply settings posted to ``/icecache/config`` since the last forward pass (``control.py``)."""
+        cfg = self.control.poll()
+        if cfg is not None:
+            self._apply_config(self.control.version, cfg)
 
     def _apply_config(self, version: int, cfg: IceCacheConfig) -> None:
         self.cfg = cfg
         self.tracker.budget = cfg.budget_tokens
         self.query_params = cfg.query_params()
         self.indexer.client.timeout_s = cfg.selection_deadline_ms / 1e3  # the client survives restarts
-        self.config_version = version
         logger.info("IceCache: settings version %d: %s", version, cfg.to_json())
 
     def collect(self) -> dict:
@@ -453,5 +351,5 @@ class IceCacheAttnBackend(AttentionBackend):
             "indexer_state": status["state"], "indexer_reason": status["reason"],
             "indexer_endpoint": status["endpoint"], "ledger_sequences": len(self.indexer.client.ledger.seqs),
             "selection": self.cfg.selection,
-            "budget_tokens": self.cfg.budget_tokens, "config_version": self.config_version,
+            "budget_tokens": self.cfg.budget_tokens, "config_version": self.control.version,
             "deadline_s": self.indexer.client.timeout_s, "indexer": ind}

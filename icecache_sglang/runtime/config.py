@@ -22,6 +22,8 @@ INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth", "key_dtype")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
 DECODE_ATTENTION = ("auto", "torch", "flashinfer")
 DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
+#: lanes of the offloaded decode's device pool when device_kv_tokens is not given
+DEFAULT_DEVICE_LANES = 32
 #: the longest a decode step may wait for its selections (a minute already stalls every request in the batch)
 MAX_DEADLINE_MS = 60_000.0
 
@@ -58,9 +60,8 @@ class IceCacheConfig:
     is left down (selections fall back) until the window frees a restart. offload: decode attention reads
     only a device pool of fixed size (``runtime/pool/device_pool.py``), one lane per decoding request
     holding its attended rows (sink + selected pages + recent tokens), filled from SGLang's KV pool;
-    device_kv_tokens: that pool's rows per layer and KV head (null: one lane per request SGLang may run;
-    else at least one lane of ``lane_rows``, and SGLang runs at most ``device_kv_tokens // lane_rows``
-    requests). With offload no layer attends densely at decode (``dense_layers`` must be 0) and the budget
+    device_kv_tokens: that pool's rows per layer and KV head, at least one lane of ``lane_rows`` (null:
+    ``DEFAULT_DEVICE_LANES`` lanes); SGLang runs at most ``device_kv_tokens // lane_rows`` requests. With offload no layer attends densely at decode (``dense_layers`` must be 0) and the budget
     cannot grow on a running server beyond the launch budget (a lane would not hold it)."""
 
     budget_tokens: int = 256
@@ -165,8 +166,10 @@ class IceCacheConfig:
 
     @property
     def device_lanes(self) -> int | None:
-        """Requests the offloaded decode's device pool holds at once (None: as many as SGLang runs)."""
-        return None if self.device_kv_tokens is None else self.device_kv_tokens // self.lane_rows
+        """Requests the offloaded decode's device pool holds at once (None without offload)."""
+        if not self.offload:
+            return None
+        return DEFAULT_DEVICE_LANES if self.device_kv_tokens is None else self.device_kv_tokens // self.lane_rows
 
     @property
     def n_pages(self) -> int:

@@ -17,10 +17,13 @@ many selection modes) and for tuning.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from .config import IceCacheConfig, IceCacheConfigError
-from .rundir import CONTROL_FILE, RunDir
+from .rundir import CONTROL_FILE, RunDir, RunDirError
+
+logger = logging.getLogger(__name__)
 
 #: what can change on a running server (the rest sizes processes and buffers at launch)
 RUNTIME_KEYS = ("budget_tokens", "selection", "query", "selection_deadline_ms")
@@ -63,3 +66,34 @@ def read_control(run_dir: RunDir) -> tuple[int, dict] | None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1 or not isinstance(settings, dict):
         raise IceCacheConfigError("the control file must hold {\"version\": positive int, \"settings\": {...}}")
     return version, settings
+
+
+class ControlWatcher:
+    """A rank's side: the settings posted since the last forward pass, on top of the launch configuration.
+    One ``lstat`` per pass when nothing was posted (the file is written before the HTTP reply, so the next
+    request runs with the new settings)."""
+
+    def __init__(self, run_dir: RunDir | None, launch_cfg: IceCacheConfig):
+        self.run_dir, self.launch_cfg = run_dir, launch_cfg
+        self.version = 0  # the version in force (0: the launch configuration)
+        self._mtime = None
+
+    def poll(self) -> IceCacheConfig | None:
+        """The configuration of a newer published version (then ``version`` is its number), else None. A
+        file that is not ours or is malformed is refused with an error in the log; nothing changes."""
+        if self.run_dir is None:
+            return None
+        mtime = self.run_dir.mtime_ns(CONTROL_FILE)
+        if mtime is None or mtime == self._mtime:
+            return None
+        self._mtime = mtime
+        try:
+            got = read_control(self.run_dir)
+            if got is None or got[0] <= self.version:
+                return None
+            cfg = updated(self.launch_cfg, got[1])
+        except (RunDirError, IceCacheConfigError) as e:
+            logger.error("IceCache: control file refused, settings unchanged: %s", e)
+            return None
+        self.version = got[0]
+        return cfg

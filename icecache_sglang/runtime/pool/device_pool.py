@@ -65,11 +65,11 @@ def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head
                 found = -1
                 while table[k] >= 0:
                     r = table[k]
-                    if res[lane, h, r] == s:
+                    if res[lane, h, r] == s and not used[r]:  # a slot named twice takes its second copy
                         found = r
                         break
                     k = (k + 1) & (tsize - 1)
-                if found >= 0 and not used[found]:
+                if found >= 0:
                     used[found] = True
                     out_rows[b, h, t] = base + found
                     hits += 1
@@ -128,15 +128,21 @@ class DeviceKVPool:
 
     # ------------------------------------------------------------------ lanes
     def lanes_for(self, req_rows) -> np.ndarray:
-        """The lane of each request row (a new request takes a free lane)."""
-        out = np.empty(len(req_rows), np.int64)
-        for i, row in enumerate(req_rows):
-            lane = self.lane_of.get(int(row))
+        """The lane of each request row of a decode batch. A new request takes a free lane, else the lane of
+        a row outside this batch (a paused request reloads its rows when it decodes again). SGLang runs at
+        most ``lanes`` requests (``patches/cli.py``), so only a batch larger than the pool is refused."""
+        rows = [int(r) for r in req_rows]
+        if len(set(rows)) > self.lanes:
+            raise RuntimeError(f"a decode batch of {len(set(rows))} requests does not fit the device pool's "
+                               f"{self.lanes} lanes; the scheduler must not run more requests than that")
+        batch = set(rows)
+        out = np.empty(len(rows), np.int64)
+        for i, row in enumerate(rows):
+            lane = self.lane_of.get(row)
             if lane is None:
                 if not self._free:
-                    raise RuntimeError(f"the device pool's {self.lanes} lanes are all in use; the scheduler "
-                                       f"must not run more decoding requests than that")
-                lane = self.lane_of[int(row)] = self._free.pop()
+                    self.release(next(r for r in self.lane_of if r not in batch))
+                lane = self.lane_of[row] = self._free.pop()
             out[i] = lane
         return out
 

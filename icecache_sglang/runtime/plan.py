@@ -1,0 +1,139 @@
+"""A decode step's plans: per (request, KV head), the KV rows decode attention reads at each anchor layer.
+
+One plan type serves both attention paths (``attention/``: a ``DecodePlan`` of rows ``[B, H, T]`` and a
+validity mask): without offload the rows are SGLang's KV slots; with ``offload`` they are rows of the
+device pool (``pool/device_pool.py``), each layer copying its missed rows first.
+
+``Planner.begin`` (once per forward pass, from ``init_forward_metadata``) brings each long request's index
+up to date and starts the step's selection (one deadline for the whole step); ``Planner.plan`` (at each
+anchor layer, from ``forward_decode``) asks for that layer's pages and lays out, per (request, KV head):
+the sink, the selected pages' slots, the unindexed tail. Requests within the budget attend to all their
+tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .attention import DecodePlan
+from .config import IceCacheConfig
+from .metrics import IceCacheMetrics
+from .pool import DeviceKVPool
+from .selection import Selector, StepSelection
+from .sequences import SequenceTracker
+
+
+@dataclass
+class DecodeStep:
+    """Decode-step state shared by the layers of one forward pass."""
+
+    rows: np.ndarray  # req_to_token row per batch entry
+    lens: np.ndarray  # sequence length per batch entry (including the token being decoded)
+    sparse: np.ndarray  # batch entries decoded sparsely
+    seqs: list[int]
+    fixed: list[tuple[np.ndarray, np.ndarray]]  # per batch entry: (slots before, slots after) the selected pages
+    n_pages: int  # pages per KV head asked for (the budget's, at most the longest index's token count)
+    selection: StepSelection | None  # None when no request decodes sparsely (offload: dense plans only)
+    plans: dict[int, DecodePlan] = field(default_factory=dict)  # anchor layer -> plan
+    lanes: np.ndarray | None = None  # offload: each batch entry's lane in the device pool
+    misses: dict[int, tuple] = field(default_factory=dict)  # offload: anchor layer -> rows each layer copies
+    rows_loaded: int = 0  # offload: (token, KV head) rows copied host -> device this step, all layers
+
+
+class Planner:
+    def __init__(self, *, tracker: SequenceTracker, selector: Selector, metrics: IceCacheMetrics,
+                 req_to_token: torch.Tensor, num_kv_heads: int, store_layer: dict[int, int],
+                 layers_per_anchor: dict[int, int], slots_device: torch.device,
+                 device_pool: DeviceKVPool | None = None):
+        self.tracker, self.selector, self.metrics = tracker, selector, metrics
+        self.req_to_token = req_to_token
+        self.H = num_kv_heads
+        self.store_layer, self.layers_per_anchor = store_layer, layers_per_anchor
+        self.slots_device = slots_device  # where plans of SGLang slots go (the KV pool's device)
+        self.device_pool = device_pool
+        self._acked_tokens = 0  # tracker.counters.indexed_tokens at the last step (writes since are waited for)
+
+    def row_slots(self, row: int, n: int) -> np.ndarray:
+        """KV slots of positions ``[0, n)`` of ``row`` (a view on CPU)."""
+        return self.req_to_token[row, :n].cpu().numpy()
+
+    # ------------------------------------------------------------------ once per step
+    def begin(self, rows: list[int], lens: list[int], cfg: IceCacheConfig) -> DecodeStep | None:
+        """The step's shared state, or None when every request decodes densely on SGLang's backend."""
+        sparse = []
+        for b, (row, n) in enumerate(zip(rows, lens)):
+            if n <= cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
+                continue
+            if self.tracker.update(row, self.row_slots(row, n), n, block=cfg.page_size):
+                sparse.append(b)
+        self.metrics.dense_rows += len(rows) - len(sparse)
+        if not sparse and self.device_pool is None:  # offload: every decode reads the device pool
+            return None
+        selection, n_pages = None, 1
+        if sparse:
+            new_tokens = self.tracker.counters.indexed_tokens - self._acked_tokens
+            self._acked_tokens = self.tracker.counters.indexed_tokens
+            selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, new_tokens)
+            n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
+        sp = np.asarray(sparse, np.int64)
+        step = DecodeStep(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
+                          self._fixed_slots(rows, lens, set(sparse), cfg.sink_tokens), n_pages, selection)
+        if self.device_pool is not None:
+            step.lanes = self.device_pool.lanes_for(rows)
+        self.metrics.sparse_rows += len(sp)
+        return step
+
+    def _fixed_slots(self, rows, lens, sparse: set[int], sink: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The part of each request's plan that every anchor layer of the step shares: the sink and the
+        unindexed tail around the selected pages (sparse requests), or every token (requests within the
+        budget)."""
+        out = []
+        for b, (row, n) in enumerate(zip(rows, lens)):
+            row_slots = self.row_slots(row, n).astype(np.int64)
+            if b in sparse:
+                out.append((row_slots[:sink], row_slots[self.tracker.indexed_end(row):]))
+            else:
+                out.append((row_slots, row_slots[:0]))
+        return out
+
+    # ------------------------------------------------------------------ once per anchor layer
+    def plan(self, step: DecodeStep, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params) -> DecodePlan:
+        """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
+        B, H = len(step.rows), self.H
+        picked = {}
+        if len(step.sparse):
+            qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
+            if qs.dtype == torch.bfloat16:
+                arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
+            else:
+                arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
+            qp = query_params
+            sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype,
+                                       step.n_pages, policy=cfg.selection, fov=qp.fov,
+                                       prop_to_retrieve=qp.prop_to_retrieve, num_to_retrieve=qp.num_to_retrieve)
+            picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
+        width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(step.fixed)]
+        slots = np.full((B, H, max(width)), -1, np.int64)
+        for b, (before, after) in enumerate(step.fixed):
+            slots[b, :, : len(before)] = before
+            at = len(before)
+            if b in picked:
+                slots[b, :, at: at + picked[b].shape[1]] = picked[b]
+                at += picked[b].shape[1]
+            slots[b, :, at: at + len(after)] = after
+        valid = slots >= 0
+        dev = self.slots_device
+        if self.device_pool is not None:  # host slots -> the device rows holding them (misses loaded per layer)
+            slots, misses = self.device_pool.map_plan(anchor, step.lanes, slots, valid)
+            step.misses[anchor] = misses
+            layers = self.layers_per_anchor[anchor]
+            self.metrics.device_rows_hit += (int(valid.sum()) - len(misses[0])) * layers
+            self.metrics.device_rows_loaded += len(misses[0]) * layers
+            step.rows_loaded += len(misses[0]) * layers
+            dev = self.device_pool.device
+        slots[~valid] = 0
+        plan = step.plans[anchor] = DecodePlan(torch.from_numpy(slots).to(dev), torch.from_numpy(valid).to(dev))
+        return plan
