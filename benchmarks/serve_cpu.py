@@ -8,11 +8,12 @@ like a conversation's next turn) measures the prefix hit's time to first token. 
 - ``attended_kv_bytes`` (computed from the decode plans, not allocated): KV bytes decode attention reads
   per step, all layers: the whole context for dense, sink + window + selected pages for IceCache (the
   server's ``attended_kv_bytes_last``). It is what a GPU would have to hold for the step once the full KV
-  lives in host memory; today, on every path, the full KV stays in SGLang's own pool for both modes.
+  lives in host memory; here the full KV stays in SGLang's own pool for both modes (no ``offload``).
 - ``kv_bytes``: the request's full K+V, in SGLang's pool for both modes.
 - ``icecache_host_bytes`` (allocated): what IceCache adds in host memory for the request: its tokens' rows
-  of the key store (a copy of every anchor layer's keys) plus its index in the indexer process
-  (``index_bytes``, read while only this request's index is alive: each context ends with a ``flush_cache``).
+  of a separate key store (0 when SGLang's pool holds the anchor keys in the store, as on CPU) plus its
+  index in the indexer process (``index_bytes``, read while only this request's index is alive: each
+  context ends with a ``flush_cache``).
 
     python benchmarks/serve_cpu.py            # tiny random Llama at 4k/16k/32k + SmolLM2 at 1k/2k/4k
     python benchmarks/serve_cpu.py --quick    # tiny at 4k/16k, under 5 minutes
