@@ -27,7 +27,6 @@ GPU's speed. ``device`` says which.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, png_path, write_records
+from common import png_path, replot, server_benchmark_args, write_records
 from serve_cpu import kv_token_bytes, prompt_ids, streamed
 
 from icecache_sglang.launch import ServerProcess
@@ -161,17 +160,9 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--max-new", type=int, default=32)
-    ap.add_argument("--replot", action="store_true")
-    ap.add_argument("--log-dir", default="/tmp")
-    args = ap.parse_args(argv)
+    args = server_benchmark_args(__doc__).parse_args(argv)
     if args.replot:
-        for q in (False, True):
-            p = RESULTS / f"{NAME}{'_quick' if q else ''}.json"
-            if p.exists():
-                plot(json.loads(p.read_text()), png_path(NAME, q))
+        replot(NAME, plot)
         return
     records = run([8192] if args.quick else [2048, 8192], args.max_new, Path(args.log_dir))
     out = write_records(NAME, args.quick, records)

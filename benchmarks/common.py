@@ -45,3 +45,23 @@ def write_records(name: str, quick: bool, records: list[dict]) -> Path:
 
 def png_path(name: str, quick: bool) -> Path:
     return RESULTS / f"{name}{'_quick' if quick else ''}.png"
+
+
+def replot(name: str, plot) -> None:
+    """Redraw ``<name>.png`` and ``<name>_quick.png`` from the records on disk, where they exist."""
+    for quick in (False, True):
+        path = RESULTS / f"{name}{'_quick' if quick else ''}.json"
+        if path.exists():
+            plot(json.loads(path.read_text()), png_path(name, quick))
+
+
+def server_benchmark_args(doc: str):
+    """The arguments the server benchmarks share (``--quick``, ``--max-new``, ``--replot``, ``--log-dir``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--max-new", type=int, default=32)
+    ap.add_argument("--replot", action="store_true")
+    ap.add_argument("--log-dir", default="/tmp")
+    return ap

@@ -22,7 +22,6 @@ like a conversation's next turn) measures the prefix hit's time to first token. 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -32,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, png_path, write_records
+from common import png_path, replot, server_benchmark_args, write_records
 
 from icecache_sglang.launch import ServerProcess
 from icecache_sglang.models.fetch import ensure_model, essays_text
@@ -157,17 +156,9 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--max-new", type=int, default=32)
-    ap.add_argument("--replot", action="store_true")
-    ap.add_argument("--log-dir", default="/tmp")
-    args = ap.parse_args(argv)
+    args = server_benchmark_args(__doc__).parse_args(argv)
     if args.replot:
-        for q in (False, True):
-            p = RESULTS / f"{NAME}{'_quick' if q else ''}.json"
-            if p.exists():
-                plot(json.loads(p.read_text()), png_path(NAME, q))
+        replot(NAME, plot)
         return
     log_dir = Path(args.log_dir)
     plan = [("tiny-llama", ensure_tiny_model(), [4096, 16384] if args.quick else [4096, 16384, 32768])]
