@@ -63,7 +63,7 @@ class IceCacheKVPool(MHATokenToKVPool):
         pdir = PrivateDir.create()
         try:
             store = KeyStore.create(pdir.path, max(len(self.anchors), 1), rows, self.head_num, self.head_dim,
-                                    STORE_DTYPES[self.dtype], name="keys")
+                                    STORE_DTYPES[self.dtype], name=f"keys-r{_tp_rank()}")
         except BaseException:
             pdir.cleanup()
             raise
@@ -74,6 +74,16 @@ class IceCacheKVPool(MHATokenToKVPool):
         self.v_buffer = [torch.zeros(v_shape, dtype=self.store_dtype) for _ in range(self.layer_num)]
         logger.info("IceCache KV pool: the K planes of %d anchor layers are the indexer's key store %s "
                     "(%.2f GiB, one copy of the keys)", len(self.anchors), store.spec.path, store.spec.nbytes / 2**30)
+
+
+def _tp_rank() -> int:
+    """This scheduler's TP rank (the store is named for it, as ``Indexer.launch`` names its own)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(get_parallel().tp_rank)
+    except Exception:  # noqa: BLE001 - outside a scheduler (tests): rank 0
+        return 0
 
 
 def _torch_view(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
