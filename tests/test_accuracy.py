@@ -15,6 +15,8 @@ from accuracy.runner import PRESETS, load_results, run, summarize, targets, wils
 from accuracy import ruler  # noqa: E402
 from accuracy.tasks import PASSKEY_DEPTHS, Sample, make_samples  # noqa: E402
 
+from icecache_sglang.runtime.config import MAX_DEADLINE_MS  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -106,7 +108,9 @@ def test_modes_share_servers_by_launch_settings():
     assert ms[0] == Mode("dense", None)
     groups = {m.launch_group() for m in ms}
     assert groups == {(16, 16, 1), (32, 32, 1), (32, 32, 3)}  # budget 64 needs a smaller sink/window
-    assert Mode("quest", 128).settings() == {"budget_tokens": 128, "selection": "quest"}
+    # the longest deadline: a selection late on a loaded CPU would fall back and measure the load, not the mode
+    assert Mode("quest", 128).settings() == {"budget_tokens": 128, "selection": "quest",
+                                             "selection_deadline_ms": MAX_DEADLINE_MS}
     # dense: the largest budget a server with the dense mode's sink/window accepts, above every preset context
     from icecache_sglang.runtime.config import IceCacheConfig
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from icecache_sglang.index.selection import default_sink_window
 from icecache_sglang.indexer.config import MAX_PAGES
+from icecache_sglang.runtime.config import MAX_DEADLINE_MS
 
 PAGE_SIZE = 16  # the accuracy servers' page size (runner._server_args)
 BASELINES = ("oracle_page", "oracle_positional", "quest", "streaming")
@@ -35,11 +36,17 @@ class Mode:
         return sink, window, self.layer_reuse
 
     def settings(self) -> dict:
-        """``POST /icecache/config`` body."""
+        """``POST /icecache/config`` body. The selection deadline is the longest allowed: an accuracy run
+        measures what each mode selects, and several requests in flight on a few cores make the indexer
+        late (its queries wait behind other requests' builds and the model's prefill): a late selection
+        falls back to the most recent pages, which measures the machine's load, not the mode. The deadline's
+        own behaviour is ``benchmarks/faults.py``'s."""
         if self.budget is None:  # dense: the largest budget this server's sink and window allow
             sink, window, _ = self.launch_group()
-            return {"budget_tokens": sink + window + MAX_PAGES * PAGE_SIZE, "selection": self.selection}
-        return {"budget_tokens": self.budget, "selection": self.selection}
+            budget = sink + window + MAX_PAGES * PAGE_SIZE
+        else:
+            budget = self.budget
+        return {"budget_tokens": budget, "selection": self.selection, "selection_deadline_ms": MAX_DEADLINE_MS}
 
     @property
     def label(self) -> str:
