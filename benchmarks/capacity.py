@@ -9,7 +9,8 @@ Both modes get the same "device" KV memory, ``DEVICE_TOKENS`` token rows of ever
   decoding request), SGLang's own pool (``--max-total-tokens HOST_TOKENS``) holds the full KV in host
   memory.
 
-For each context length ``SESSIONS`` sessions (``context`` prompt tokens + ``--max-new`` new, streamed) are
+For each context length ``SESSIONS`` sessions (``context`` prompt tokens + ``--max-new`` new, default 256,
+streamed) are
 submitted at once. Recorded: ``sessions`` (the most requests SGLang ran at once, sampled from its
 ``sglang:num_running_reqs`` gauge), ``tokens_per_s`` (output tokens of all sessions over the wall time from
 submission to the last token), median ``ttft_s`` / ``tpot_s``, and the pools' bytes: for IceCache the
@@ -20,7 +21,7 @@ On a machine without a GPU the "device" pool is a second tensor in RAM: the reco
 (how many sessions a fixed device memory keeps decoding, what moving rows costs on this machine), not a
 GPU's speed. ``device`` says which.
 
-    python benchmarks/capacity.py            # tiny random Llama, 2k and 8k contexts
+    python benchmarks/capacity.py --max-new 256   # tiny random Llama, 2k and 8k contexts (the README's run)
     python benchmarks/capacity.py --quick    # 8k only
     python benchmarks/capacity.py --replot
 """
@@ -160,7 +161,9 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    args = server_benchmark_args(__doc__).parse_args(argv)
+    ap = server_benchmark_args(__doc__)
+    ap.set_defaults(max_new=256)  # long enough that decoding, not the prefills, decides the throughput
+    args = ap.parse_args(argv)
     if args.replot:
         replot(NAME, plot)
         return
