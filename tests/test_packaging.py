@@ -27,3 +27,14 @@ def test_index_is_pure_algorithm():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('sglang', 'zmq', 'torch')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "[]"
+
+
+def test_every_package_folder_is_installed():
+    """A subpackage missing from pyproject's ``packages`` works in the editable checkout and is absent from
+    the wheel (the GPU machine installs the wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"icecache_sglang." + ".".join(p.parent.relative_to(ROOT / "icecache_sglang").parts)
+               for p in (ROOT / "icecache_sglang").rglob("__init__.py") if p.parent != ROOT / "icecache_sglang"}
+    assert folders - listed == set()
