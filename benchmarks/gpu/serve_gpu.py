@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import subprocess
@@ -197,6 +196,8 @@ def server_args(cfg: dict | None, backend: str, cuda_graph_max_bs: int, cpu: boo
     args = ["--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend", backend,
             "--context-length", str(LLAMA_8B["max_position_embeddings"]), "--mem-fraction-static", "0.85",
             "--max-running-requests", "32", "--sampling-backend", "pytorch", "--log-level", "info"]
+    if cfg is not None and cfg.get("offload"):  # SGLang runs as many requests as the device pool has lanes
+        args = [x for i, x in enumerate(args) if x != "--max-running-requests" and args[i - 1] != "--max-running-requests"]
     if cfg is None:
         # decode graphs on (what TPOT needs); the breakable prefill graph's 58 captured shapes take minutes
         return args + ["--cuda-graph-max-bs-decode", str(cuda_graph_max_bs), "--disable-prefill-cuda-graph"]
@@ -225,13 +226,16 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
                   "cuda_graph": cfg is None and not a.cpu_dry_run, "server_args": srv.args}
         if cfg is not None:
             st = srv.icecache_stats()
-            launch |= {"kv_pool_bytes": st.get("kv_pool_bytes"), "key_store_bytes": st.get("key_store_bytes")}
+            launch |= {k: st.get(k) for k in ("kv_pool_bytes", "key_store_bytes", "keys_shared", "device_kv_bytes",
+                                              "device_lanes")}
         rec.add(launch)
         kv_alloc = (launch.get("kv_pool_bytes") or pool_tokens * kv_bytes_per_token(*MODEL))
         run_batch(srv.url, [1], 512, 4, 300)  # warm-up: JIT kernels, first allocation
         # outputs against dense: the same prompt, budget covering it (IceCache decodes densely), then sparse
         check = {**base, "phase": "check", "context": CHECK_CONTEXT, "output_tokens": CHECK_TOKENS}
-        budgets = [None] if cfg is None else [65600] + list(a.budgets)
+        # offload: the device pool's lanes hold the launch budget at most, so no covering budget at runtime
+        offload = bool(cfg and cfg.get("offload"))
+        budgets = [None] if cfg is None else ([] if offload else [65600]) + list(a.budgets)
         for budget in budgets:
             if budget is not None:
                 srv.set_icecache(budget_tokens=budget)
@@ -372,6 +376,8 @@ def main(argv=None) -> int:
         cfg = modes[name]
         if cfg is not None:
             cfg = {"dense_attention": a.dense_backend, **cfg}
+            if cfg.get("offload"):  # the lanes must hold the largest budget measured (it cannot grow at runtime)
+                cfg.setdefault("budget_tokens", max(a.budgets))
         left = t_end - time.monotonic()
         deadline = time.monotonic() + (left * a.share if (cfg is None and i < len(chosen) - 1) else left)
         print(f"== {name}: {deadline - time.monotonic():.0f} s", flush=True)
