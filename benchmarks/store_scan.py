@@ -38,7 +38,7 @@ from icecache_sglang.index.config import IndexConfig  # noqa: E402
 from icecache_sglang.index.keys import as_f32, to_storage  # noqa: E402
 from icecache_sglang.index.paged_index import PagedDCIIndex  # noqa: E402
 from icecache_sglang.index.scan import scan_pages  # noqa: E402
-from icecache_sglang.index.scan_store import scan_index_store  # noqa: E402
+from icecache_sglang.index.scan_store import scan_index_store, scan_store  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 
 NAME = "store_scan"
@@ -83,17 +83,9 @@ def main(argv=None) -> None:
         idx.build(K, positions=slots)
         store = np.zeros((n + 1, H_KV, D), np.uint16)
         store[slots] = to_storage(K.transpose(1, 0, 2).reshape(-1, D), "bfloat16").reshape(n, H_KV, D)
-        shuffled = rng.permutation(slots)
+        shuffled = rng.permutation(slots)  # the same tokens, their rows scattered over the store
         store_sh = np.zeros_like(store)
         store_sh[shuffled] = store[slots]
-        idx_sh_positions = shuffled  # token t lives at row shuffled[t]
-
-        class Shuffled:  # the same index, its tokens' rows scattered over the store
-            pass
-
-        sh = Shuffled()
-        sh.__dict__.update(idx.__dict__)
-        sh.positions = np.concatenate([idx_sh_positions, np.full(idx.positions.shape[0] - n, -1, np.int64)])
 
         def f_pages(q):
             return scan_pages(idx.page_keys, idx.page_fill, idx.next_page, q, P)
@@ -101,8 +93,8 @@ def main(argv=None) -> None:
         def f_store(q):
             return scan_index_store(idx, store, q, P)
 
-        def f_store_sh(q):
-            return scan_index_store(sh, store_sh, q, P)
+        def f_store_sh(q):  # token t lives at row shuffled[t]
+            return scan_store(store_sh, shuffled, idx.tok_page, idx.alive, n, idx.page_fill, idx.next_page, q, P)
 
         def f_read():
             return _read_store(store, slots, n, numba.get_num_threads())

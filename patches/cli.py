@@ -75,19 +75,9 @@ def unsupported_options(args) -> list[str]:
     if get("enable_page_major_kv_layout"):
         problems.append("--enable-page-major-kv-layout: IceCache's KV pool keeps SGLang's per-layer layout (its "
                         "key planes are what the indexer reads); leave the flag out")
-    if get("enable_streaming_session") and _offload_requested(args):
-        problems.append("--enable-streaming-session with offload: a session's next turn re-points its row's "
-                        "KV slots under the device pool; run offload without streaming sessions")
     if get("is_embedding"):
         problems.append("embedding models do not decode; --enable-icecache does not apply")
     return problems
-
-
-def _offload_requested(args) -> bool:
-    try:
-        return bool(IceCacheConfig.from_json(getattr(args, "icecache_config", None)).offload)
-    except IceCacheConfigError:
-        return False  # reported on its own
 
 
 def cuda_problems(what: str) -> list[str]:
@@ -144,6 +134,9 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
         problems += flashinfer_problems("dense_attention")
     if cfg.dense_attention == "triton":
         problems += cuda_problems("dense_attention 'triton'")
+    if cfg.offload and getattr(args, "enable_streaming_session", False):
+        problems.append("--enable-streaming-session with offload: a session's next turn re-points its row's "
+                        "KV slots under the device pool; run offload without streaming sessions")
     lanes = cfg.device_lanes
     if lanes is not None:  # the device pool decodes at most this many requests at once: so does SGLang
         given = getattr(args, "max_running_requests", None)

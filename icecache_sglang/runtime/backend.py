@@ -49,6 +49,7 @@ from .control import ControlWatcher
 from .dense import dense_backend_for, resolve_dense_attention
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool, shared_key_store
+from .pool.kv_pool import KEY_DTYPES
 from .publisher import SnapshotPublisher
 from .plan import DecodeStep, Planner
 from .rundir import RunDir
@@ -58,7 +59,6 @@ from .supervisor import IndexerSupervisor
 
 logger = logging.getLogger(__name__)
 
-KEY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 LOG_EVERY_STEPS = 40
 
 
@@ -297,7 +297,6 @@ class IceCacheAttnBackend(AttentionBackend):
         if self.device_pool is not None:
             m.device_kv_bytes_loaded_last = step.rows_loaded * self._row_bytes
             m.device_kv_bytes_loaded_total += m.device_kv_bytes_loaded_last
-            m.device_lanes_in_use = self.device_pool.lanes_in_use
         if sel is None:  # offload, no sparse request: nothing was selected
             return
         self.supervisor.step_finished(sel.timed_out)

@@ -22,6 +22,7 @@ arrive there and what to read from host memory must be known before any copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -100,6 +101,17 @@ def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head
     return nm, hits
 
 
+class Misses(NamedTuple):
+    """The (device row, host slot, KV head) triples one plan must copy, for every layer of its group:
+    made once per plan, its device indices moved once, then used by each layer's :meth:`DeviceKVPool.load`."""
+
+    rows: torch.Tensor  # device rows (CPU)
+    slots: torch.Tensor  # host pool slots (CPU)
+    heads: torch.Tensor  # KV heads (CPU)
+    rows_dev: torch.Tensor  # ``rows`` on the device pool's device
+    heads_dev: torch.Tensor
+
+
 @dataclass
 class LoadStats:
     rows_loaded: int = 0  # (slot, KV head) rows copied host -> device, one layer
@@ -163,8 +175,8 @@ class DeviceKVPool:
 
     # ------------------------------------------------------------------ one step
     def map_plan(self, group: int, lanes: np.ndarray, slots: np.ndarray, valid: np.ndarray) -> tuple:
-        """Device rows for a plan's host slots ``[B, H, T]``; returns (rows [B, H, T], misses) where misses
-        is (rows, slots, heads) to copy for each layer of the group."""
+        """Device rows for a plan's host slots ``[B, H, T]``; returns (rows [B, H, T], :class:`Misses`), the
+        rows each layer of the group copies."""
         B, H, T = slots.shape
         if T > self.lane_rows:
             raise RuntimeError(f"a plan of {T} rows per KV head does not fit a lane of {self.lane_rows}")
@@ -177,18 +189,17 @@ class DeviceKVPool:
         if nm < 0:
             raise RuntimeError("a plan names more rows than its lane holds")
         self.stats.rows_hit += int(hits)
-        return rows, (m_row[:nm], m_slot[:nm], m_head[:nm])
+        r, h = torch.from_numpy(m_row[:nm]), torch.from_numpy(m_head[:nm])
+        return rows, Misses(r, torch.from_numpy(m_slot[:nm]), h, r.to(self.device, non_blocking=True),
+                            h.to(self.device, non_blocking=True))
 
-    def load(self, layer: int, misses: tuple, host_k: torch.Tensor, host_v: torch.Tensor) -> int:
+    def load(self, layer: int, misses: Misses, host_k: torch.Tensor, host_v: torch.Tensor) -> int:
         """Copy one layer's missed rows from the host pool; returns how many."""
-        rows, slots, heads = misses
-        if len(rows) == 0:
+        n = len(misses.rows)
+        if n == 0:
             return 0
-        r = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        h_dev = torch.from_numpy(heads).to(self.device, non_blocking=True)
-        s_host = torch.from_numpy(slots).to(host_k.device)
-        h_host = torch.from_numpy(heads).to(host_k.device)
-        self.k[layer][r, h_dev] = host_k[s_host, h_host].to(self.device, non_blocking=True)
-        self.v[layer][r, h_dev] = host_v[s_host, h_host].to(self.device, non_blocking=True)
-        self.stats.rows_loaded += len(rows)
-        return len(rows)
+        s, h = misses.slots.to(host_k.device), misses.heads.to(host_k.device)  # no-ops for a pool in host memory
+        self.k[layer][misses.rows_dev, misses.heads_dev] = host_k[s, h].to(self.device, non_blocking=True)
+        self.v[layer][misses.rows_dev, misses.heads_dev] = host_v[s, h].to(self.device, non_blocking=True)
+        self.stats.rows_loaded += n
+        return n

@@ -26,8 +26,8 @@ from ..config import IceCacheConfig
 
 logger = logging.getLogger(__name__)
 
-#: the pool dtypes a key store can hold (its dtype names)
-STORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: the KV dtypes a key store can hold, by their names (the backend checks a pool's dtype against it too)
+KEY_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 class IceCacheKVPool(MHATokenToKVPool):
@@ -40,7 +40,7 @@ class IceCacheKVPool(MHATokenToKVPool):
         """Why this pool cannot hold its keys in a shared store ('' when it can)."""
         if torch.device(self.device).type != "cpu":
             return f"the pool is on {self.device} (device memory)"
-        if self.store_dtype not in STORE_DTYPES or self.store_dtype != self.dtype:
+        if self.store_dtype not in KEY_DTYPES or self.store_dtype != self.dtype:
             return f"KV dtype {self.dtype} stored as {self.store_dtype}"
         if getattr(self, "kv_cache_layout", "nhd") != "nhd" or getattr(self, "use_hnd", False):
             return f"KV layout {getattr(self, 'kv_cache_layout', '?')}"
@@ -63,7 +63,7 @@ class IceCacheKVPool(MHATokenToKVPool):
         pdir = PrivateDir.create()
         try:
             store = KeyStore.create(pdir.path, max(len(self.anchors), 1), rows, self.head_num, self.head_dim,
-                                    STORE_DTYPES[self.dtype], name=f"keys-r{_tp_rank()}")
+                                    KEY_DTYPES[self.dtype], name=f"keys-r{_tp_rank()}")
         except BaseException:
             pdir.cleanup()
             raise
