@@ -12,7 +12,8 @@ the serving system's, not a model's answers. Each record (one mode, context, bat
 ``serve_gpu.json`` as soon as it is measured, with the device and the command; ``--replot`` redraws the PNG.
 
 Modes: ``dense`` is stock SGLang (no plugin flag, CUDA graphs on); ``icecache-sync`` is ``--enable-icecache``
-as it is today (synchronous selection, every KV still in SGLang's device pool, no CUDA graphs); a later mode
+as it is today (synchronous selection, every KV still in SGLang's device pool, no CUDA graphs; dense steps
+while a prompt's index is built); ``icecache-wait`` the same with ``while_indexing: wait``; a later mode
 is added with ``--mode NAME=JSON`` (its ``--icecache-config``, passed through as is), and its budgets are set
 through ``POST /icecache/config``.
 
@@ -27,7 +28,11 @@ What each figure is:
   server's ``max_total_num_tokens``; IceCache: the pool's tensors, from ``/icecache/stats``).
 - ``max_sessions``: computed: requests of ``context + output`` tokens the pool holds at once (and at most
   ``max_running_requests``).
-- ``selection_wait_s``: IceCache's wait for the indexer per decode step (all anchor layers), measured;
+- ``selection_wait_s``: IceCache's wait for selections per decode step that selected (all anchor layers),
+  measured; ``index_wait_s``: the request's steps' waits for index writes (with ``while_indexing: wait``,
+  the first step waits for the prompt's index: SGLang's overlapped loop streams the first token after the
+  next step has begun, so this wait lands in ``ttft_s``); ``dense_while_indexing_rows``: steps that attended
+  densely because the indexer was behind (the default);
   ``load_s``: host -> device page loads per step (none yet: no offloaded pool); ``rest_s``: ``tpot_s`` minus
   the selection wait (attention, the model, the scheduler).
 """
@@ -236,7 +241,7 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
         # offload: the device pool's lanes hold the launch budget at most, so no covering budget at runtime
         offload = bool(cfg and cfg.get("offload"))
         budgets = [None] if cfg is None else ([] if offload else [65600]) + list(a.budgets)
-        for budget in budgets:
+        for budget in [] if a.skip_check else budgets:
             if budget is not None:
                 srv.set_icecache(budget_tokens=budget)
             got = stream(srv.url, prompt(7, CHECK_CONTEXT), CHECK_TOKENS, 300)["output_ids"]
@@ -278,6 +283,9 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
                 steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
                 sel = after.get("selection_s_total", 0.0) - before.get("selection_s_total", 0.0)
                 r |= {"decode_steps": steps, "selection_wait_s": sel / steps if steps else None,
+                      "index_wait_s": after.get("write_wait_s_total", 0.0) - before.get("write_wait_s_total", 0.0),
+                      "dense_while_indexing_rows": (after.get("dense_while_indexing_rows", 0)
+                                                    - before.get("dense_while_indexing_rows", 0)),
                       "timed_out_steps": after.get("timed_out_steps", 0) - before.get("timed_out_steps", 0),
                       "fallbacks": after.get("fallbacks", 0) - before.get("fallbacks", 0),
                       "index_bytes": after.get("index_bytes"), "icecache_host_bytes": after.get("icecache_host_bytes"),
@@ -303,14 +311,14 @@ def plot(path: Path, png: Path) -> None:
     if not serve:
         return
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    xs = sorted({(r["batch"], r["context"]) for r in serve})  # one shared axis: (batch, context) points
     for (mode, budget), rows in sorted(_group(serve).items(), key=lambda kv: str(kv[0])):
         for ax, key in zip(axes, ("ttft_s", "tpot_s", "decode_tokens_per_s")):
-            pts = sorted((r["context"] * 100 + r["batch"], r["context"], r["batch"], r[key]) for r in rows
-                         if r.get(key) is not None)
+            pts = sorted((xs.index((r["batch"], r["context"])), r[key]) for r in rows if r.get(key) is not None)
             if pts:
-                ax.plot(range(len(pts)), [p[3] for p in pts], "o-",
-                        label=f"{mode}" + ("" if budget is None else f" @{budget}"))
-                ax.set_xticks(range(len(pts)), [f"{p[1] // 1024}k x{p[2]}" for p in pts], rotation=30)
+                ax.plot(*zip(*pts), "o-", label=f"{mode}" + ("" if budget is None else f" @{budget}"))
+    for ax in axes:
+        ax.set_xticks(range(len(xs)), [f"{round(c / 1024)}k x{b}" for b, c in xs], rotation=30)
     for ax, title in zip(axes, ("TTFT (s)", "time per output token (s, steady)", "decode tokens/s (batch / TPOT)")):
         ax.set_title(title)
         ax.set_yscale("log")
@@ -344,6 +352,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-point-s", type=float, default=40.0)
     p.add_argument("--share", type=float, default=0.4, help="share of the time the dense mode may use")
     p.add_argument("--replot", action="store_true")
+    p.add_argument("--skip-check", action="store_true", help="no outputs-against-dense check (a short probe)")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="check the harness on this machine: the tiny test model on SGLang's CPU engine")
     a = p.parse_args(argv)
@@ -355,7 +364,7 @@ def main(argv=None) -> int:
     a.contexts = [int(x) for x in a.contexts.split(",")]
     a.batches = [int(x) for x in a.batches.split(",")]
     a.budgets = [int(x) for x in a.budgets.split(",")]
-    modes = {"dense": None, "icecache-sync": {}}
+    modes = {"dense": None, "icecache-sync": {}, "icecache-wait": {"while_indexing": "wait"}}
     for spec in a.mode:
         name, _, text = spec.partition("=")
         modes[name] = json.loads(text or "{}")
@@ -372,14 +381,17 @@ def main(argv=None) -> int:
     else:
         model = write_model(Path("/tmp/llama-3.1-8b-dummy"))
     reference: dict = {}
-    for i, name in enumerate(dict.fromkeys(chosen)):
+    names = list(dict.fromkeys(chosen))
+    for i, name in enumerate(names):
         cfg = modes[name]
         if cfg is not None:
             cfg = {"dense_attention": a.dense_backend, **cfg}
             if cfg.get("offload"):  # the lanes must hold the largest budget measured (it cannot grow at runtime)
                 cfg.setdefault("budget_tokens", max(a.budgets))
         left = t_end - time.monotonic()
-        deadline = time.monotonic() + (left * a.share if (cfg is None and i < len(chosen) - 1) else left)
+        # dense (not last): its share; each IceCache mode: an even part of what is left to the modes after it
+        part = a.share if (cfg is None and i < len(names) - 1) else 1.0 / (len(names) - i)
+        deadline = time.monotonic() + left * part
         print(f"== {name}: {deadline - time.monotonic():.0f} s", flush=True)
         measure_mode(name, cfg, a, rec, model, deadline, reference)
     compare_checks(rec)

@@ -27,6 +27,8 @@ if [ "${SMOKE:-1}" = 1 ]; then  # SMOKE=0 skips it (the server builds the same J
   timeout 240 python3 benchmarks/gpu/smoke_sglang.py > "$R/smoke.log" 2>&1; echo "smoke exit $? after $(( $(date +%s) - T0 )) s"; tail -14 "$R/smoke.log"
 fi
 LEFT=$(( ${SERVE_GPU_SECONDS:-300} - ($(date +%s) - T0) ))
+# what every thread on the machine does, every 5 s (who holds the cores while a request waits)
+( timeout "$LEFT" top -b -H -d 5 -w 200 2>/dev/null | awk '/^top -/{n=0} n++<28 {print; fflush()}' > "$R/top.log" & )
 python3 benchmarks/gpu/serve_gpu.py --out "$R" --deadline-s "$LEFT" "$@" 2>&1 | grep -v "^RECORD" | tail -40
 python3 - "$R/serve_gpu.json" <<'PY'
 import json, sys

@@ -22,6 +22,7 @@ INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth", "key_dtype")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
 DECODE_ATTENTION = ("auto", "torch", "flashinfer")
 DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
+WHILE_INDEXING = ("auto", "dense", "wait")
 #: lanes of the offloaded decode's device pool when device_kv_tokens is not given
 DEFAULT_DEVICE_LANES = 32
 #: the longest a decode step may wait for its selections (a minute already stalls every request in the batch)
@@ -62,7 +63,15 @@ class IceCacheConfig:
     holding its attended rows (sink + selected pages + recent tokens), filled from SGLang's KV pool;
     device_kv_tokens: that pool's rows per layer and KV head, at least one lane of ``lane_rows`` (null:
     ``DEFAULT_DEVICE_LANES`` lanes); SGLang runs at most ``device_kv_tokens // lane_rows`` requests. With offload no layer attends densely at decode (``dense_layers`` must be 0) and the budget
-    cannot grow on a running server beyond the launch budget (a lane would not hold it)."""
+    cannot grow on a running server beyond the launch budget (a lane would not hold it). stall_report_s: a
+    forward pass that takes this many seconds is logged with the scheduler thread's stack, and again every
+    as many seconds while it lasts (``runtime/stall.py``; 0 turns it off). while_indexing: how a decode step
+    runs while the indexer is behind (a request's first index is being built, or index writes of earlier
+    steps are unanswered) or not serving (restarting, down): ``dense`` (the step attends to every token, as SGLang would: exact, and no wait; the first
+    token of a long prompt is not held back by its index) or ``wait`` (the step waits for the writes up to
+    the deadline plus an allowance per indexed token, then falls back: the paper's behaviour, and what the
+    accuracy harness measures); ``auto``: ``dense``, or ``wait`` with offload (the device pool holds no
+    request's full KV)."""
 
     budget_tokens: int = 256
     page_size: int = 16
@@ -81,6 +90,8 @@ class IceCacheConfig:
     restart_window_s: float = 600.0
     offload: bool = False
     device_kv_tokens: int | None = None
+    stall_report_s: float = 30.0
+    while_indexing: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
@@ -114,6 +125,9 @@ class IceCacheConfig:
         w = self.restart_window_s
         if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or not 0 < w <= 86400:
             raise IceCacheConfigError(f"restart_window_s must be a number of seconds in (0, 86400], got {w!r}")
+        r = self.stall_report_s
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or not 0 <= r <= 86400:
+            raise IceCacheConfigError(f"stall_report_s must be a number of seconds in [0, 86400] (0: off), got {r!r}")
         t = self.indexer_threads
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise IceCacheConfigError(f"indexer_threads must be a positive integer or null, got {t!r}")
@@ -132,6 +146,12 @@ class IceCacheConfig:
             raise IceCacheConfigError(
                 f"device_kv_tokens ({n}) holds no lane: one decoding request needs {self.lane_rows} rows "
                 f"(budget_tokens + page_size); the smallest working size is {self.lane_rows}")
+        if self.while_indexing not in WHILE_INDEXING:
+            raise IceCacheConfigError(f"while_indexing must be one of {list(WHILE_INDEXING)}, got {self.while_indexing!r}")
+        if self.offload and self.while_indexing == "dense":
+            raise IceCacheConfigError(
+                "while_indexing 'dense' attends to every token, but with offload the device pool holds only "
+                "each request's budget: use 'wait' or 'auto'")
         if self.selection not in POLICIES:
             raise IceCacheConfigError(f"selection must be one of {list(POLICIES)}, got {self.selection!r}")
         if self.decode_attention not in DECODE_ATTENTION:
@@ -170,6 +190,11 @@ class IceCacheConfig:
         if not self.offload:
             return None
         return DEFAULT_DEVICE_LANES if self.device_kv_tokens is None else self.device_kv_tokens // self.lane_rows
+
+    @property
+    def dense_while_indexing(self) -> bool:
+        """Whether a step decodes densely while the indexer is behind (else it waits for it)."""
+        return self.while_indexing == "dense" or (self.while_indexing == "auto" and not self.offload)
 
     @property
     def n_pages(self) -> int:
