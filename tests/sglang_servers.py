@@ -15,10 +15,14 @@ from icecache_sglang.launch import ServerProcess
 
 LOG_DIR = Path(os.environ.get("ICECACHE_TEST_LOGS", tempfile.gettempdir())) / "icecache-test-servers"
 
-#: the mechanics configuration: everything sparse beyond 128 tokens
-TINY_ICE = {"budget_tokens": 128, "page_size": 16, "sink_tokens": 16, "window_tokens": 16, "dense_layers": 0}
+#: the mechanics configuration: everything sparse beyond 128 tokens, from the first decode step (a step
+#: waits for the request's index instead of attending densely while it is built: what these tests check is
+#: the sparse decode; the default, ``while_indexing: dense``, has its own tests in test_server_indexing.py)
+TINY_ICE = {"budget_tokens": 128, "page_size": 16, "sink_tokens": 16, "window_tokens": 16, "dense_layers": 0,
+            "while_indexing": "wait"}
 #: the real-model configuration (the paper's 256-token budget)
-SMOL_ICE = {"budget_tokens": 256, "page_size": 16, "sink_tokens": 32, "window_tokens": 32, "dense_layers": 2}
+SMOL_ICE = {"budget_tokens": 256, "page_size": 16, "sink_tokens": 32, "window_tokens": 32, "dense_layers": 2,
+            "while_indexing": "wait"}
 
 
 def icecache_args(cfg: dict, *more: str) -> list[str]:

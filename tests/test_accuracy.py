@@ -110,7 +110,7 @@ def test_modes_share_servers_by_launch_settings():
     assert groups == {(16, 16, 1), (32, 32, 1), (32, 32, 3)}  # budget 64 needs a smaller sink/window
     # the longest deadline: a selection late on a loaded CPU would fall back and measure the load, not the mode
     assert Mode("quest", 128).settings() == {"budget_tokens": 128, "selection": "quest",
-                                             "selection_deadline_ms": MAX_DEADLINE_MS}
+                                             "selection_deadline_ms": MAX_DEADLINE_MS, "while_indexing": "wait"}
     # dense: the largest budget a server with the dense mode's sink/window accepts, above every preset context
     from icecache_sglang.runtime.config import IceCacheConfig
 

@@ -15,7 +15,10 @@ from icecache_sglang.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.slow
 
-tiny_ice = server_fixture("tiny_ice", ensure_tiny_model, icecache_args(TINY_ICE, "--enable-metrics"))
+#: a forward pass of half a second is reported with the scheduler's stack (a 16k-token prefill takes longer)
+STALL_S = 0.5
+tiny_ice = server_fixture("tiny_ice", ensure_tiny_model,
+                          icecache_args({**TINY_ICE, "stall_report_s": STALL_S}, "--enable-metrics"))
 
 TOKEN_BYTES = 2 * (32 + 32) * 4  # tiny model: 2 KV heads, head_dim 32, K and V, float32
 LAYERS = 4
@@ -154,3 +157,26 @@ def test_settings_change_on_the_running_server(tiny_ice):
             tiny_ice.set_icecache(budget_tokens=40)
     finally:
         tiny_ice.set_icecache(selection="icecache", budget_tokens=TINY_ICE["budget_tokens"], selection_deadline_ms=500)
+
+
+def test_a_slow_forward_pass_is_logged_with_the_schedulers_stack(tiny_ice):
+    """The stall report (patches/scheduler.py, runtime/stall.py) inside a real scheduler: a 16k-token prefill
+    pass outlasts stall_report_s and the log shows where the scheduler thread was, down to the model."""
+    tiny_ice.generate(input_ids=token_ids(16000, 99), max_new_tokens=2)
+    log = tiny_ice.log_path.read_text(errors="replace")
+    i = log.find("IceCache: the scheduler has been on one forward pass")
+    assert i >= 0, tiny_ice.tail(60)
+    report = log[i: i + 20000]
+    assert "event_loop" in report and "forward" in report, report[:4000]
+
+
+def test_a_chunked_prefill_is_indexed_once_at_its_first_decode_step(tiny_ice):
+    """A prompt SGLang prefills in three chunks (8192 tokens each on CPU) reaches the indexer as one Build
+    per anchor layer and no Insert: indexed chunk by chunk it cost 3.7x (32k) to 6.8x (64k) the indexer
+    time (benchmarks/prefill_indexing.py)."""
+    a = tiny_ice.icecache_stats()["indexer"]
+    r = tiny_ice.generate(input_ids=token_ids(20000, 7), max_new_tokens=4)
+    assert r["meta_info"]["completion_tokens"] == 4
+    b = tiny_ice.icecache_stats()["indexer"]
+    assert b["builds"] - a["builds"] == LAYERS, (a, b)
+    assert b["inserts"] - a["inserts"] == 0, (a, b)

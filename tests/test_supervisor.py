@@ -196,3 +196,30 @@ def test_slot_frees_release_every_retained_index_with_the_indexer_dead(ix):
     assert c.ledger.seqs == {} and c.diverged
     tr.clear()  # flush_cache with the indexer dead
     assert tr.summary()["retained"] == 0
+
+
+def test_dense_steps_behind_the_indexer_get_a_fresh_allowance_each_time_it_falls_behind(ix):
+    """``while_indexing: dense``: steps that attend densely while writes are unanswered count as late only
+    after the time a waiting step would give those writes, counted from when the indexer fell behind this
+    time, not from an earlier episode (an hour-old one would get a healthy, building indexer killed)."""
+    rng = np.random.default_rng(5)
+    m, sup, sel, c = supervised(ix, 9, 500, rng)
+    assert not sel.behind_now()
+    os.kill(ix.process.pid, signal.SIGSTOP)  # a first episode that runs past its allowance
+    try:
+        c.insert(9, range(L), rng.permutation(S)[:16])
+        assert sel.behind_now()
+        sel.behind(0.01, 16)
+        time.sleep(0.05)
+        sel.behind(0.01, 0)
+        assert m.timed_out_steps == 1  # late: past the deadline and the allowance
+    finally:
+        os.kill(ix.process.pid, signal.SIGCONT)
+    c.sync(timeout_s=30)
+    assert not sel.behind_now()  # caught up: the episode is over
+    time.sleep(1.0)  # longer than the first episode's allowance and the second one's
+    c.build(10, range(L), rng.permutation(S)[:4000])  # a new episode: a long build, well within its allowance
+    assert sel.behind_now()
+    sel.behind(2.0, 4000)
+    assert m.timed_out_steps == 1 and sup.state == sv.UP
+    c.sync(timeout_s=60)

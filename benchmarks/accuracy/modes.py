@@ -40,13 +40,15 @@ class Mode:
         measures what each mode selects, and several requests in flight on a few cores make the indexer
         late (its queries wait behind other requests' builds and the model's prefill): a late selection
         falls back to the most recent pages, which measures the machine's load, not the mode. The deadline's
-        own behaviour is ``benchmarks/faults.py``'s."""
+        own behaviour is ``benchmarks/faults.py``'s. Every decode step selects (``while_indexing: wait``):
+        attending densely while an index is built would score dense's answers to the mode."""
         if self.budget is None:  # dense: the largest budget this server's sink and window allow
             sink, window, _ = self.launch_group()
             budget = sink + window + MAX_PAGES * PAGE_SIZE
         else:
             budget = self.budget
-        return {"budget_tokens": budget, "selection": self.selection, "selection_deadline_ms": MAX_DEADLINE_MS}
+        return {"budget_tokens": budget, "selection": self.selection, "selection_deadline_ms": MAX_DEADLINE_MS,
+                "while_indexing": "wait"}
 
     @property
     def label(self) -> str:

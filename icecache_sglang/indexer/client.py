@@ -205,6 +205,7 @@ class IndexerClient:
         self._sock = None
         self._replies: dict[int, tuple[p.Reply, dict]] = {}
         self._acks: set[int] = set()
+        self._index_writes: set[int] = set()  # the unacknowledged Build / Insert / Share among _acks
         self._queries: dict[int, _PendingQuery] = {}
         self._errors: list[IndexerError] = []
         self._waiting: set[int] = set()
@@ -228,6 +229,7 @@ class IndexerClient:
         self._sock = s
         self._replies.clear()
         self._acks.clear()
+        self._index_writes.clear()
         for q in self._queries.values():
             q.failed = q.failed or "reconnected"
 
@@ -268,6 +270,7 @@ class IndexerClient:
         self.last_reply_at = time.monotonic()
         if rep.id in self._acks:
             self._acks.discard(rep.id)
+            self._index_writes.discard(rep.id)
             if not rep.ok:
                 err = IndexerError(rep.code, rep.error)
                 self.counters.async_errors += 1
@@ -312,8 +315,9 @@ class IndexerClient:
         rep, out = self.wait(self.submit(op, arrays, wait_connect_s=timeout_s), timeout_s)
         return (rep.result, out) if out else rep.result
 
-    def _ack(self, op, arrays: dict | None = None) -> int:
-        """Send a write; -1 (and ``diverged``) when no indexer is connected: the ledger has it anyway."""
+    def _ack(self, op, arrays: dict | None = None, indexing: bool = False) -> int:
+        """Send a write; -1 (and ``diverged``) when no indexer is connected: the ledger has it anyway.
+        ``indexing``: a write that adds to an index (Build, Insert, Share), which queries queue behind."""
         try:
             rid = self.submit(op, arrays)
         except IndexerUnavailable:
@@ -324,12 +328,20 @@ class IndexerClient:
             self.diverged = True
             return -1
         self._acks.add(rid)
+        if indexing:
+            self._index_writes.add(rid)
         return rid
 
     def pending_writes(self) -> int:
         """Fire-and-forget requests not acknowledged yet (after collecting what has arrived)."""
         self.poll()
         return len(self._acks)
+
+    def pending_index_writes(self) -> int:
+        """Build / Insert / Share requests not acknowledged yet (after collecting what has arrived): work a
+        query sent now would wait behind. Releases and resets are quick and do not count."""
+        self.poll()
+        return len(self._index_writes)
 
     def acked_through(self, rid: int) -> bool:
         """Whether every fire-and-forget request up to ``rid`` is acknowledged (after collecting replies)."""
@@ -362,16 +374,16 @@ class IndexerClient:
     def build(self, seq: int, layers, slots) -> int:
         s = self._slots(slots)
         self.ledger.build(seq, list(layers), s)
-        return self._ack(p.Build(seq=seq, layers=[int(x) for x in layers]), {"slots": s})
+        return self._ack(p.Build(seq=seq, layers=[int(x) for x in layers]), {"slots": s}, indexing=True)
 
     def insert(self, seq: int, layers, slots) -> int:
         s = self._slots(slots)
         self.ledger.insert(seq, list(layers), s)
-        return self._ack(p.Insert(seq=seq, layers=[int(x) for x in layers]), {"slots": s})
+        return self._ack(p.Insert(seq=seq, layers=[int(x) for x in layers]), {"slots": s}, indexing=True)
 
     def share(self, src: int, dst: int, prefix_len: int) -> int:
         self.ledger.share(src, dst, prefix_len)
-        return self._ack(p.Share(src=src, dst=dst, prefix_len=int(prefix_len)))
+        return self._ack(p.Share(src=src, dst=dst, prefix_len=int(prefix_len)), indexing=True)
 
     def release(self, seqs) -> int:
         seqs = [int(s) for s in seqs]

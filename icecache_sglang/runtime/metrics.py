@@ -21,10 +21,13 @@ class IceCacheMetrics:
     rank: int = 0
     decode_steps: int = 0  # decode forward passes with at least one sparse request
     sparse_rows: int = 0  # (request, step) pairs decoded sparsely
-    dense_rows: int = 0  # (request, step) pairs decoded densely (requests within the budget)
+    dense_rows: int = 0  # (request, step) pairs decoded densely (requests within the budget, or while indexing)
+    dense_while_indexing_rows: int = 0  # (request, step) pairs beyond the budget decoded densely: indexer behind
+    # (or not serving) with while_indexing: dense
     queries: int = 0  # indexer queries (one per anchor layer, step and 64-request chunk)
-    selection_s_total: float = 0.0  # wall time waiting for the indexer (writes and selections)
+    selection_s_total: float = 0.0  # wall time decode steps waited for selections (all anchor layers)
     selection_s_last: float = 0.0  # per step (summed over anchor layers), last step
+    write_wait_s_total: float = 0.0  # wall time decode steps waited for index writes (while_indexing: wait)
     pages_selected_total: int = 0  # pages selected, summed over requests, KV heads and anchor layers
     pages_per_step_last: float = 0.0  # pages per request and KV head and anchor layer, last step
     fallbacks: int = 0  # selections made without the indexer's answer (most recent pages used)
@@ -58,7 +61,8 @@ class IceCacheMetrics:
     def log_line(self) -> str:
         sel_ms = 1e3 * self.selection_s_total / max(self.decode_steps, 1)
         return (f"IceCache: sparse-req {self.live_seqs}, cached-idx {self.retained_seqs}, "
-                f"sel {sel_ms:.2f} ms/step, pages/head {self.pages_per_step_last:.1f}, "
+                f"sel {sel_ms:.2f} ms/step, index-wait {self.write_wait_s_total:.2f} s, "
+                f"dense-while-indexing {self.dense_while_indexing_rows}, pages/head {self.pages_per_step_last:.1f}, "
                 f"attended-kv/req {self.attended_kv_bytes_last / 2**20:.2f} MiB, "
                 f"kv-pool {self.kv_pool_bytes / 2**30:.2f} GiB, icecache-host {self.icecache_host_bytes / 2**30:.2f} GiB, "
                 f"fallbacks {self.fallbacks}, restarts {self.indexer_restarts}, indexer {'up' if self.indexer_up else 'DOWN'}")
@@ -76,9 +80,11 @@ def write_snapshot(run_dir: RunDir, data: dict) -> None:
 PROMETHEUS_FIELDS = {
     "decode_steps": "decode forward passes with at least one sparse request",
     "sparse_rows": "request-steps decoded over sink + selected pages + recent tokens",
-    "dense_rows": "request-steps decoded densely (requests within the budget)",
-    "selection_s_total": "seconds spent waiting for the indexer",
-    "selection_s_last": "seconds spent waiting for the indexer in the last step",
+    "dense_rows": "request-steps decoded densely (requests within the budget, or while the indexer is behind)",
+    "dense_while_indexing_rows": "request-steps beyond the budget decoded densely because the indexer was behind or not serving",
+    "selection_s_total": "seconds decode steps waited for selections",
+    "selection_s_last": "seconds the last decode step waited for selections",
+    "write_wait_s_total": "seconds decode steps waited for index writes (a new request's index)",
     "pages_per_step_last": "pages selected per request, KV head and anchor layer in the last step",
     "fallbacks": "selections made without the indexer's answer (most recent pages used)",
     "timed_out_steps": "decode steps whose selection deadline passed",

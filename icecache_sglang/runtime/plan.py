@@ -5,7 +5,8 @@ validity mask): without offload the rows are SGLang's KV slots; with ``offload``
 device pool (``pool/device_pool.py``), each layer copying its missed rows first.
 
 ``Planner.begin`` (once per forward pass, from ``init_forward_metadata``) brings each long request's index
-up to date and starts the step's selection (one deadline for the whole step); ``Planner.plan`` (at each
+up to date and starts the step's selection (one deadline for the whole step); while the indexer is behind
+(a first index being built, earlier writes unanswered) the step attends densely instead (``while_indexing``); ``Planner.plan`` (at each
 anchor layer, from ``forward_decode``) asks for that layer's pages and lays out, per (request, KV head):
 the sink, the selected pages' slots, the unindexed tail. Requests within the budget attend to all their
 tokens.
@@ -64,18 +65,30 @@ class Planner:
     def begin(self, rows: list[int], lens: list[int], cfg: IceCacheConfig) -> DecodeStep | None:
         """The step's shared state, or None when every request decodes densely on SGLang's backend."""
         sparse = []
+        # the indexer is behind when index writes of earlier steps are unanswered, or a request's first index
+        # (or a prefix's) goes out now: a query sent this step would queue behind that work; or it is not
+        # serving (restarting, rebuilding, down): a selection would be a fallback
+        c = self.tracker.counters
+        behind = cfg.dense_while_indexing and self.selector.behind_now()
+        firsts = c.builds + c.shares
         for b, (row, n) in enumerate(zip(rows, lens)):
             if n <= cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
                 continue
             if self.tracker.update(row, self.row_slots(row, n), n, block=cfg.page_size):
                 sparse.append(b)
+        behind = behind or c.builds + c.shares > firsts
+        new_tokens = c.indexed_tokens - self._acked_tokens  # sent since the last step that selected
+        if sparse and behind and cfg.dense_while_indexing:  # attend to every token instead of waiting
+            self.metrics.dense_while_indexing_rows += len(sparse)
+            self.selector.behind(cfg.selection_deadline_ms / 1e3, new_tokens)
+            self._acked_tokens = c.indexed_tokens
+            sparse = []
         self.metrics.dense_rows += len(rows) - len(sparse)
         if not sparse and self.device_pool is None:  # offload: every decode reads the device pool
             return None
         selection, n_pages = None, 1
         if sparse:
-            new_tokens = self.tracker.counters.indexed_tokens - self._acked_tokens
-            self._acked_tokens = self.tracker.counters.indexed_tokens
+            self._acked_tokens = c.indexed_tokens
             selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, new_tokens)
             n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
         sp = np.asarray(sparse, np.int64)

@@ -9,7 +9,9 @@ deadline, not one per layer. Queries carry the deadline (``expires_at``), so an 
 late skips the ones nobody waits for any more.
 
 While the supervisor says the indexer is not serving (restarting, rebuilding, down), nothing is waited
-for: selections fall back at once.
+for: selections fall back at once. With ``while_indexing: dense`` a step whose queries would queue behind
+unanswered writes does not select at all (``Planner.begin`` attends to every token); ``behind`` keeps the
+supervisor's stuck detection going meanwhile.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class StepSelection:
     def __init__(self, deadline: float | None):
         self.deadline = deadline
         self.timed_out = False
-        self.wait_s = 0.0
+        self.wait_s = 0.0  # waiting for selections
+        self.write_wait_s = 0.0  # waiting for index writes before the step's queries (a new request's build)
         self.pages = 0
 
     def left(self) -> float:
@@ -51,10 +54,36 @@ class Selector:
         self.H = num_kv_heads
         self.L = num_indexed_layers
         self.metrics = metrics
+        self._behind_until: float | None = None  # while steps attend densely: when the writes are late
+
+    def behind(self, deadline_s: float, new_tokens: int) -> None:
+        """A step that attends densely because the indexer is behind (``while_indexing: dense``). Its writes
+        get the time a waiting step would give them (the deadline plus the allowance for the tokens they
+        carry, counted from the first such step); past it, each such step counts as late for the
+        supervisor's stuck detection, as a waiting step past its deadline would."""
+        if not self.sup.serving:  # restarting, rebuilding or down: the supervisor is already on it
+            return
+        now = time.monotonic()
+        if self._behind_until is None:
+            self._behind_until = now + deadline_s
+        self._behind_until += new_tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD
+        self.sup.step_finished(now > self._behind_until)
+
+    def behind_now(self) -> bool:
+        """At the start of a step, before its own writes: whether index writes sent earlier are unanswered
+        (queries would queue behind them), or the indexer is not serving at all. When it is not behind,
+        a later behind period starts afresh."""
+        if not self.sup.serving:
+            return True
+        if self.sup.client.pending_index_writes() > 0:
+            return True
+        self._behind_until = None
+        return False
 
     def begin_step(self, deadline_s: float, new_tokens: int) -> StepSelection:
         """Start a decode step: set its deadline and let the indexer finish the writes sent since the last
         step (``new_tokens``: tokens they carry), within that deadline."""
+        self._behind_until = None
         if not self.sup.serving:
             return StepSelection(None)
         step = StepSelection(time.monotonic() + deadline_s + new_tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD)
@@ -68,7 +97,7 @@ class Selector:
                 logger.warning("IceCache: indexing not finished before decode (%s); selections may fall back", e)
             except IndexerError as e:
                 logger.error("IceCache: an indexing request failed: %s", e)
-            step.wait_s += time.perf_counter() - t0
+            step.write_wait_s = time.perf_counter() - t0
         return step
 
     def select(self, step: StepSelection, layer: int, seqs: list[int], q: np.ndarray, q_dtype: str | None,
