@@ -14,6 +14,9 @@ like a conversation's next turn) measures the prefix hit's time to first token. 
   of a separate key store (0 when SGLang's pool holds the anchor keys in the store, as on CPU) plus its
   index in the indexer process (``index_bytes``, read while only this request's index is alive: each
   context ends with a ``flush_cache``).
+- ``dense_while_indexing_steps`` / ``sparse_steps``: the request's decode steps (and its next turn's) that
+  attended to every token while its index was being built (``while_indexing: dense``, the default) and
+  those that attended sparsely; ``tpot_s`` averages both kinds.
 
     python benchmarks/serve_cpu.py            # tiny random Llama at 4k/16k/32k + SmolLM2 at 1k/2k/4k
     python benchmarks/serve_cpu.py --quick    # tiny at 4k/16k, under 5 minutes
@@ -105,6 +108,7 @@ def run_model(model: str, path: Path, contexts: list[int], max_new: int, log_dir
             streamed(srv, prompt_ids(model, path, 64, 1), 4)  # warm-up
             for ctx in contexts:
                 ids = prompt_ids(model, path, ctx, ctx % 97)
+                st0 = srv.icecache_stats(wait_s=0.6) if mode == "icecache" else {}
                 res = streamed(srv, ids, max_new)
                 # next turn: the cached prompt + 16 new tokens (stock SGLang re-runs the prefix's attention)
                 res["prefix_hit_ttft_s"] = streamed(srv, ids + prompt_ids(model, path, 16, 5), 1)["ttft_s"]
@@ -116,7 +120,12 @@ def run_model(model: str, path: Path, contexts: list[int], max_new: int, log_dir
                     # the key store holds every anchor layer's keys for every slot; this request's share:
                     store_per_token = st["key_store_bytes"] / (st["kv_pool_bytes"] / (per_token * layers))
                     extra = {"index_bytes": st["index_bytes"], "key_store_bytes": int(store_per_token * ctx),
-                             "icecache_host_bytes": int(st["index_bytes"] + store_per_token * ctx)}
+                             "icecache_host_bytes": int(st["index_bytes"] + store_per_token * ctx),
+                             # decode steps of this request (and its next turn) that attended densely while
+                             # its index was built (while_indexing: dense, the default) and sparsely
+                             "dense_while_indexing_steps": st["dense_while_indexing_rows"]
+                             - st0["dense_while_indexing_rows"],
+                             "sparse_steps": st["sparse_rows"] - st0["sparse_rows"]}
                 else:
                     attended = full
                 flush(srv)  # the next context starts with no other index alive
