@@ -12,6 +12,7 @@ right after) and the ``icecache`` attention backend; registering twice is harmle
 | ``allocator.py`` | KV-slot free / clear events from SGLang's token allocators (radix eviction, ``flush_cache``) |
 | ``pool.py`` | IceCache's KV pool class (``runtime.pool.IceCacheKVPool``) where SGLang picks the MHA pool class |
 | ``metrics.py`` | ``GET /icecache/stats`` and the IceCache lines of ``/metrics`` on SGLang's HTTP server |
+| ``forward_batch.py`` | which requests of an extend batch are on their last prefill chunk (``runtime.events.extend_batch``) |
 | ``scheduler.py`` | the stall report: a forward pass slower than ``stall_report_s`` is logged with the scheduler's stack |
 """
 
@@ -25,7 +26,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from . import allocator, attention, cli, metrics, pool, scheduler
+    from . import allocator, attention, cli, forward_batch, metrics, pool, scheduler
 
     cli.install()
     attention.install()
@@ -33,3 +34,4 @@ def register() -> None:
     metrics.install()
     pool.install()
     scheduler.install()
+    forward_batch.install()

@@ -170,7 +170,7 @@ def test_a_slow_forward_pass_is_logged_with_the_schedulers_stack(tiny_ice):
     assert "event_loop" in report and "forward" in report, report[:4000]
 
 
-def test_a_chunked_prefill_is_indexed_once_at_its_first_decode_step(tiny_ice):
+def test_a_chunked_prefill_is_indexed_once_after_its_last_chunk(tiny_ice):
     """A prompt SGLang prefills in three chunks (8192 tokens each on CPU) reaches the indexer as one Build
     per anchor layer and no Insert: indexed chunk by chunk it cost 3.7x (32k) to 6.8x (64k) the indexer
     time (benchmarks/prefill_indexing.py)."""
@@ -180,3 +180,8 @@ def test_a_chunked_prefill_is_indexed_once_at_its_first_decode_step(tiny_ice):
     b = tiny_ice.icecache_stats()["indexer"]
     assert b["builds"] - a["builds"] == LAYERS, (a, b)
     assert b["inserts"] - a["inserts"] == 0, (a, b)
+    # the Build goes out right after the last chunk (patches/forward_batch.py), before any decode step: a
+    # prompt-only request is indexed too (a later request can share its prefix)
+    tiny_ice.generate(input_ids=token_ids(9000, 8), max_new_tokens=1)
+    c = tiny_ice.icecache_stats()["indexer"]
+    assert c["builds"] - b["builds"] == LAYERS and c["inserts"] == b["inserts"], (b, c)

@@ -20,11 +20,11 @@ Per forward pass:
 - **extend (prefill chunk)**: the dense backend's attention of the new tokens over their prefix;
   each anchor layer's keys, as the KV pool holds them, are in the key store at their slots (the pool's K
   plane is the store in host memory; otherwise they are copied there);
-  a new request is not indexed yet (a row that already has an index is updated and checked for
-  re-pointed tokens).
-- **decode**: ``init_forward_metadata`` brings each request's index up to date (at its first step a request
-  longer than the budget is indexed in one Build up to its recent window, a prefix hit first taking the
-  cached prefix's index; later steps add the window's oldest tokens in page-size blocks) and starts the
+  a request longer than the budget is indexed after its last chunk, in one Build up to its recent window
+  (a row that already has an index is updated and checked for re-pointed tokens).
+- **decode**: ``init_forward_metadata`` brings each request's index up to date (a request not indexed yet, in
+  one Build, a prefix hit first taking the cached prefix's index; later steps add the window's oldest
+  tokens in page-size blocks) and starts the
   step's selection (one deadline for the whole step), or, while the indexer is behind and
   ``while_indexing`` is dense, lets the step attend to every token. At each anchor layer, one indexer query selects pages per KV head for every sparse request; the plan (sink + those
   pages' slots + the tokens after the indexed range) serves that layer and the ``layer_reuse - 1`` layers
@@ -254,16 +254,18 @@ class IceCacheAttnBackend(AttentionBackend):
         return o
 
     def _after_extend(self, forward_batch) -> None:
-        """A request's first index is built at its first decode step, in one Build of the whole prompt:
-        a chunked prefill indexed chunk by chunk costs the indexer 3.7x (32k tokens) to 6.8x (64k) more
-        (one Build, then an Insert per 8192-token chunk that grows the index and triggers its rebuilds;
-        8 KV heads, 2 cores, ``benchmarks/prefill_indexing.py``).
-        A row that already has an index (a session's next turn on the same row) is checked here: its
-        tokens may have been re-pointed."""
-        for row, n in zip(*self._rows_and_lens(forward_batch)):
+        """A long request is indexed once, in one Build of the whole prompt, after its last prefill chunk
+        (``events.ends_prompt``, told by ``patches/forward_batch.py``; without it, at its first decode step): a
+        chunked prefill indexed chunk by chunk costs the indexer 3.7x (32k tokens) to 6.8x (64k) more (one
+        Build, then an Insert per 8192-token chunk that grows the index and triggers its rebuilds; 8 KV
+        heads, 2 cores, ``benchmarks/prefill_indexing.py``). A row that already has an index (a session's
+        next turn on the same row) is updated and checked here: its tokens may have been re-pointed."""
+        rows, lens = self._rows_and_lens(forward_batch)
+        for row, n in zip(rows, lens):
             if self.device_pool is not None:  # the row's tokens may have been re-pointed (a session's next turn)
                 self.device_pool.release(row)
-            if self.tracker.is_sparse(row):
+            final = events.ends_prompt(row)
+            if self.tracker.is_sparse(row) or (final and n > self.cfg.budget_tokens):
                 self.tracker.update(row, self.planner.row_slots(row, n), n, verify=True)
 
     @staticmethod

@@ -1,7 +1,9 @@
-"""KV-slot events from SGLang's allocators, delivered to whoever listens (the IceCache backend).
+"""Events from SGLang's internals, delivered to the IceCache backend.
 
 ``patches/allocator.py`` calls :func:`slots_freed` / :func:`slots_cleared` after SGLang's token allocators
-free slots or reset; this module imports nothing from SGLang, so the runtime stays testable without it.
+free slots or reset; ``patches/forward_batch.py`` calls :func:`extend_batch` when SGLang builds an extend
+batch (which of its requests' chunks end their prompts), read back with :func:`ends_prompt`. This module
+imports nothing from SGLang, so the runtime stays testable without it.
 """
 
 from __future__ import annotations
@@ -46,3 +48,18 @@ def slots_cleared() -> None:
             fn()
         except Exception:
             logger.exception("IceCache: slot-clear listener failed")
+
+
+#: the latest extend batch of this process: req_to_token row -> whether its chunk ends the prompt
+_last_chunk: dict[int, bool] = {}
+
+
+def extend_batch(rows_final: dict[int, bool]) -> None:
+    """SGLang built an extend batch (its forward pass follows on the same thread)."""
+    _last_chunk.clear()
+    _last_chunk.update(rows_final)
+
+
+def ends_prompt(row: int) -> bool | None:
+    """Whether the current extend batch's chunk for ``row`` ends its prompt (None: not known)."""
+    return _last_chunk.get(row)
