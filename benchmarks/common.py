@@ -47,6 +47,29 @@ def png_path(name: str, quick: bool) -> Path:
     return RESULTS / f"{name}{'_quick' if quick else ''}.png"
 
 
+def plot_log_lines(path: Path, series, title: str, xlabel: str, ylabel: str, figsize=(5.5, 3.8),
+                   title_size: int = 9) -> None:
+    """One log-log figure (x in powers of two) of ``series``: ``(label, style, [(x, y), ...])`` each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    for label, style, pts in series:
+        ax.plot(*zip(*sorted(pts)), style, label=label)
+    ax.set_title(title, fontsize=title_size)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def replot(name: str, plot) -> None:
     """Redraw ``<name>.png`` and ``<name>_quick.png`` from the records on disk, where they exist."""
     for quick in (False, True):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import png_path, write_records  # noqa: E402
+from common import plot_log_lines, png_path, write_records  # noqa: E402
 
 import numba  # noqa: E402
 
@@ -62,25 +62,12 @@ def timed(fn, reps: int) -> list[float]:
 
 
 def plot(records, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     labels = {"query": "IceCache query", "scan": "exhaustive scan (exact top pages)", "read": "read the keys once"}
-    for op, style in (("query", "o-"), ("scan", "s--"), ("read", "^:")):
-        pts = sorted((r["context"], r["seconds_median"] * 1e3) for r in records if r["op"] == op and not r.get("non_default"))
-        ax.plot(*zip(*pts), style, label=labels[op])
-    ax.set_title(f"one decode step, one layer ({H_KV} KV / {H_Q} q heads, d={D}, P={P})", fontsize=9)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("ms per decode step per layer")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    series = [(labels[op], style, [(r["context"], r["seconds_median"] * 1e3) for r in records
+                                   if r["op"] == op and not r.get("non_default")])
+              for op, style in (("query", "o-"), ("scan", "s--"), ("read", "^:"))]
+    plot_log_lines(path, series, f"one decode step, one layer ({H_KV} KV / {H_Q} q heads, d={D}, P={P})",
+                   "context tokens", "ms per decode step per layer")
 
 
 def main(argv=None) -> None:

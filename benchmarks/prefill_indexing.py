@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import png_path, replot, write_records  # noqa: E402
+from common import plot_log_lines, png_path, replot, write_records  # noqa: E402
 
 import numba  # noqa: E402
 
@@ -56,26 +56,12 @@ WAYS = {"one_build": index_one_build, "build_then_insert_per_chunk": index_per_c
 
 
 def plot(records, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for way, style in (("one_build", "o-"), ("build_then_insert_per_chunk", "s--")):
-        pts = sorted((r["context"], r["seconds_median"]) for r in records if r["way"] == way)
-        ax.plot(*zip(*pts), style, label=way.replace("_", " "))
     r0 = records[0]
-    ax.set_title(f"indexing one layer of a chunked prefill ({H_KV} KV heads, d={D}, chunks of {CHUNK});\n"
-                 f"measured, {r0['threads']} threads: {r0['machine'][:60]}", fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("seconds per layer")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    series = [(way.replace("_", " "), style, [(r["context"], r["seconds_median"]) for r in records if r["way"] == way])
+              for way, style in (("one_build", "o-"), ("build_then_insert_per_chunk", "s--"))]
+    plot_log_lines(path, series, f"indexing one layer of a chunked prefill ({H_KV} KV heads, d={D}, chunks of "
+                   f"{CHUNK});\nmeasured, {r0['threads']} threads: {r0['machine'][:60]}", "prompt tokens",
+                   "seconds per layer", figsize=(6, 3.8), title_size=8)
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,7 @@
 """Which requests of an extend batch are on their last prefill chunk (AFTER hook on ``ForwardBatch.init_new``).
 
-While IceCache is on, each extend batch tells ``runtime.events.extend_batch`` per request (its
-``req_to_token`` row) whether this chunk ends its prompt (SGLang's own test, ``req.extend_end ==
+While IceCache is on, each extend batch tells ``runtime.events.extend_batch`` per request, in the batch's
+order (the order of its ``req_to_token`` rows), whether this chunk ends its prompt (SGLang's own test, ``req.extend_end ==
 len(req.full_untruncated_fill_ids)``, which it uses for ``contains_last_prefill_chunk``). The backend then
 indexes a long prompt once, right after its last chunk, instead of chunk by chunk (several times the
 indexer's work) or only at its first decode step (too late to overlap with other requests' prefill). Where
@@ -18,15 +18,14 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 
 
-def last_chunk_rows(batch, rows: list[int]) -> dict[int, bool] | None:
-    """``req_to_token`` row -> whether that request's extend reaches the end of its prompt, for the
-    requests of ``batch`` (SGLang's ScheduleBatch) in order, whose rows are ``rows``."""
+def prompt_ends(batch) -> list[bool] | None:
+    """Per request of ``batch`` (SGLang's ScheduleBatch), in order, whether its extend reaches the end of
+    its prompt."""
     try:
         decoding = {id(r) for r in (getattr(batch, "decoding_reqs", None) or ())}
-        final = [r.extend_end == len(r.full_untruncated_fill_ids) for r in batch.reqs if id(r) not in decoding]
+        return [r.extend_end == len(r.full_untruncated_fill_ids) for r in batch.reqs if id(r) not in decoding]
     except (AttributeError, TypeError):
         return None
-    return dict(zip(rows, final)) if len(final) == len(rows) else None
 
 
 def _after_init_new(result, *args, **kwargs):
@@ -34,16 +33,14 @@ def _after_init_new(result, *args, **kwargs):
 
     if ENV_VAR not in os.environ or result is None:
         return None
-    # called as a classmethod: (cls, batch, model_runner, ...)
-    batch = kwargs.get("batch") or next((a for a in args if not isinstance(a, type) and hasattr(a, "reqs")), None)
+    # the hooked classmethod is called with (cls, batch, model_runner, ...)
+    batch = kwargs["batch"] if "batch" in kwargs else (args[1] if len(args) > 1 else None)
     mode = getattr(result, "forward_mode", None)
     if batch is None or mode is None or not mode.is_extend():
         return None
-    rows = last_chunk_rows(batch, result.req_pool_indices.cpu().tolist())
-    if rows is not None:
-        from icecache_sglang.runtime import events
+    from icecache_sglang.runtime import events
 
-        events.extend_batch(rows)
+    events.extend_batch(prompt_ends(batch) or [])  # [] (not known): the first decode step indexes
     return None
 
 

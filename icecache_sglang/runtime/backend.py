@@ -255,16 +255,16 @@ class IceCacheAttnBackend(AttentionBackend):
 
     def _after_extend(self, forward_batch) -> None:
         """A long request is indexed once, in one Build of the whole prompt, after its last prefill chunk
-        (``events.ends_prompt``, told by ``patches/forward_batch.py``; without it, at its first decode step): a
+        (``events.prompt_ends``, told by ``patches/forward_batch.py``; without it, at its first decode step): a
         chunked prefill indexed chunk by chunk costs the indexer 3.7x (32k tokens) to 6.8x (64k) more (one
         Build, then an Insert per 8192-token chunk that grows the index and triggers its rebuilds; 8 KV
         heads, 2 cores, ``benchmarks/prefill_indexing.py``). A row that already has an index (a session's
         next turn on the same row) is updated and checked here: its tokens may have been re-pointed."""
         rows, lens = self._rows_and_lens(forward_batch)
-        for row, n in zip(rows, lens):
+        ends = events.prompt_ends(len(rows)) or [False] * len(rows)
+        for row, n, final in zip(rows, lens, ends):
             if self.device_pool is not None:  # the row's tokens may have been re-pointed (a session's next turn)
                 self.device_pool.release(row)
-            final = events.ends_prompt(row)
             if self.tracker.is_sparse(row) or (final and n > self.cfg.budget_tokens):
                 self.tracker.update(row, self.planner.row_slots(row, n), n, verify=True)
 

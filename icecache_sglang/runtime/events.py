@@ -2,7 +2,8 @@
 
 ``patches/allocator.py`` calls :func:`slots_freed` / :func:`slots_cleared` after SGLang's token allocators
 free slots or reset; ``patches/forward_batch.py`` calls :func:`extend_batch` when SGLang builds an extend
-batch (which of its requests' chunks end their prompts), read back with :func:`ends_prompt`. This module
+batch (which of its requests' chunks end their prompts, in the batch's order), read back with
+:func:`prompt_ends`. This module
 imports nothing from SGLang, so the runtime stays testable without it.
 """
 
@@ -50,16 +51,15 @@ def slots_cleared() -> None:
             logger.exception("IceCache: slot-clear listener failed")
 
 
-#: the latest extend batch of this process: req_to_token row -> whether its chunk ends the prompt
-_last_chunk: dict[int, bool] = {}
+#: the latest extend batch of this process: per request, in the batch's order, whether its chunk ends the prompt
+_prompt_ends: list[bool] = []
 
 
-def extend_batch(rows_final: dict[int, bool]) -> None:
+def extend_batch(final: list[bool]) -> None:
     """SGLang built an extend batch (its forward pass follows on the same thread)."""
-    _last_chunk.clear()
-    _last_chunk.update(rows_final)
+    _prompt_ends[:] = final
 
 
-def ends_prompt(row: int) -> bool | None:
-    """Whether the current extend batch's chunk for ``row`` ends its prompt (None: not known)."""
-    return _last_chunk.get(row)
+def prompt_ends(batch_size: int) -> list[bool] | None:
+    """Per request of the current extend batch, whether its chunk ends its prompt (None: not known)."""
+    return list(_prompt_ends) if len(_prompt_ends) == batch_size else None

@@ -56,6 +56,10 @@ class Selector:
         self.metrics = metrics
         self._behind_until: float | None = None  # while steps attend densely: when the writes are late
 
+    def _allowance(self, new_tokens: int) -> float:
+        """Extra seconds index writes carrying ``new_tokens`` tokens may take (every KV head and layer)."""
+        return new_tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD
+
     def behind(self, deadline_s: float, new_tokens: int) -> None:
         """A step that attends densely because the indexer is behind (``while_indexing: dense``). Its writes
         get the time a waiting step would give them (the deadline plus the allowance for the tokens they
@@ -66,7 +70,7 @@ class Selector:
         now = time.monotonic()
         if self._behind_until is None:
             self._behind_until = now + deadline_s
-        self._behind_until += new_tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD
+        self._behind_until += self._allowance(new_tokens)
         self.sup.step_finished(now > self._behind_until)
 
     def behind_now(self) -> bool:
@@ -86,7 +90,7 @@ class Selector:
         self._behind_until = None
         if not self.sup.serving:
             return StepSelection(None)
-        step = StepSelection(time.monotonic() + deadline_s + new_tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD)
+        step = StepSelection(time.monotonic() + deadline_s + self._allowance(new_tokens))
         client = self.sup.client
         if client.pending_writes():
             t0 = time.perf_counter()
