@@ -96,7 +96,9 @@ class PagedDCIIndex:
         length = {"tok": (T,), "cell": (T + 1,), "page": (P,), "head": ()}
         for f in pt.STATE_FIELDS:
             kind, tail, dtype, fill = self._spec(f)
-            setattr(self, f, np.full((self.H,) + length[kind] + tail, fill, dtype))
+            shape = (self.H,) + length[kind] + tail
+            # zeros come from the allocator lazily (np.full would write every byte of the page arrays)
+            setattr(self, f, np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype))
 
     @property
     def state(self) -> tuple:

@@ -8,6 +8,7 @@ neighbours of augmented keys are then maximum-inner-product neighbours of the ra
 from __future__ import annotations
 
 import numpy as np
+from numba import njit, prange
 
 
 def make_projection(dim: int, seed: int, n_proj: int = 1) -> np.ndarray:
@@ -45,7 +46,23 @@ def augment_queries(queries: np.ndarray) -> np.ndarray:
 def key_projection(keys: np.ndarray, sqn: np.ndarray, m, u: np.ndarray) -> np.ndarray:
     """Raw ("faithful") projection ``w.k + a*sqrt(m - |k|^2)`` on the first direction of ``u``."""
     w, a = u[0, :-1], u[0, -1]
-    return np.asarray(keys, dtype=np.float64) @ w + a * augmented_coordinate(sqn, m)
+    k = np.asarray(keys)
+    if k.dtype != np.float32:
+        k = k.astype(np.float64)
+    return _rows_dot(k.reshape(-1, k.shape[-1]), np.ascontiguousarray(w)).reshape(k.shape[:-1]) + (
+        a * augmented_coordinate(sqn, m))
+
+
+@njit(cache=True, parallel=True)
+def _rows_dot(keys, w):
+    """``keys @ w`` accumulated in float64, row by row in order (no float64 copy of the keys)."""
+    out = np.empty(keys.shape[0])
+    for i in prange(keys.shape[0]):
+        s = 0.0
+        for j in range(keys.shape[1]):
+            s += np.float64(keys[i, j]) * w[j]
+        out[i] = s
+    return out
 
 
 def query_projection(queries: np.ndarray, u: np.ndarray) -> np.ndarray:
