@@ -6,6 +6,8 @@ token-identical to a server without IceCache, tests/test_server_outputs.py). ``i
 search at a budget. Baselines at the same budget, same sink/window and pages: ``oracle_page`` (IceCache's
 page layout, exact scores), ``oracle_positional``, ``quest``, ``streaming`` (sink + recent window).
 ``icecache_reuse``: the index's search with layer reuse (anchor layers only; needs its own server).
+``icecache_async{k}``: the search with asynchronous selection (``max_stale_steps: k``), and
+``icecache_every{k}``: synchronous selection every k steps (``step_reuse: k``), on the same server.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ class Mode:
     name: str  # dense, icecache, icecache_reuse, or a baseline
     budget: int | None  # None for dense
     layer_reuse: int = 1
+    step_reuse: int = 1  # synchronous selection every step_reuse steps
+    max_stale: int = 0  # asynchronous selection: a selection at most this many steps old (0: synchronous)
 
     @property
     def selection(self) -> str:
-        return "icecache" if self.name in ("dense", "icecache", "icecache_reuse") else self.name
+        return "icecache" if self.name == "dense" or self.name.startswith("icecache") else self.name
 
     def launch_group(self) -> tuple[int, int, int]:
         """(sink, window, layer_reuse): what the server must be launched with (not changeable at runtime)."""
@@ -48,17 +52,23 @@ class Mode:
         else:
             budget = self.budget
         return {"budget_tokens": budget, "selection": self.selection, "selection_deadline_ms": MAX_DEADLINE_MS,
-                "while_indexing": "wait"}
+                "while_indexing": "wait", "step_reuse": self.step_reuse, "max_stale_steps": self.max_stale}
 
     @property
     def label(self) -> str:
         return self.name if self.budget is None else f"{self.name}@{self.budget}"
 
 
-def modes(budgets, baselines=BASELINES, baseline_budgets=None, reuse: int = 0, dense: bool = True) -> list[Mode]:
+def modes(budgets, baselines=BASELINES, baseline_budgets=None, reuse: int = 0, dense: bool = True,
+          stale: tuple[int, ...] = (), every: tuple[int, ...] = ()) -> list[Mode]:
     """dense (unless ``dense`` is false) + IceCache at every budget + each baseline at ``baseline_budgets``
-    (default: every budget) + IceCache with layer reuse ``reuse`` at 256 (when > 1)."""
+    (default: every budget) + IceCache with layer reuse ``reuse`` at 256 (when > 1) + IceCache at every
+    budget with asynchronous selection at each staleness bound of ``stale`` and with synchronous selection
+    every k steps for each k of ``every``."""
     out = [Mode("dense", None)] * dense + [Mode("icecache", b) for b in budgets]
+    for b in budgets:
+        out += [Mode(f"icecache_async{k}", b, max_stale=k) for k in stale]
+        out += [Mode(f"icecache_every{k}", b, step_reuse=k) for k in every]
     for b in baseline_budgets or budgets:
         out += [Mode(name, b) for name in baselines]
     if reuse > 1:

@@ -36,9 +36,12 @@ class Part:
     baseline_budgets: tuple[int, ...] | None = None
     reuse: int = 0
     dense: bool = True
+    stale: tuple[int, ...] = ()  # asynchronous selection's staleness bounds (max_stale_steps)
+    every: tuple[int, ...] = ()  # synchronous selection every k steps (step_reuse)
 
     def modes(self) -> list[Mode]:
-        return modes(self.budgets, self.baselines, self.baseline_budgets, self.reuse, self.dense)
+        return modes(self.budgets, self.baselines, self.baseline_budgets, self.reuse, self.dense, self.stale,
+                     self.every)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,13 @@ PRESETS = {
     # budget 64 (its own sink/window) and layer reuse (its own server): two more SmolLM2 servers; dense: quick
     "quick-extra": Preset("quick-extra", (
         Part(SMOL, (1024,), 8, ("passkey",), (64,), BASELINES_QUICK, reuse=3, dense=False),
+    ), parallel=16),
+    # selections reused across steps (issue 16): IceCache at 256 synchronous (staleness 0), asynchronous at
+    # staleness bounds 1-8 and synchronous every 2-8 steps, beside dense and the exact ranking of its pages
+    "stale": Preset("stale", (
+        Part(SMOL, (1024,), 8, ("passkey",), (256,), ("oracle_page",), stale=(1, 2, 4, 8), every=(2, 4, 8)),
+        Part(QWEN, (2048,), 2, ("passkey", *QUICK_RULER), (256,), ("oracle_page",), stale=(1, 2, 4, 8),
+             every=(2, 4, 8)),
     ), parallel=16),
     # GPU machines: every RULER task, 8k-32k (Qwen's context is 32768 tokens with the answer), 50 samples
     "full": Preset("full", (Part(QWEN, (8192, 16384, 32512), 50, ("passkey", *ruler.TASKS), (64, 128, 256, 512, 1024),
@@ -208,7 +218,8 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
                             text = r.get("text", "")
                             row = {"model": part.model, "task": s.task, "context": s.context, "sample": s.sample_id,
                                    "mode": mode.name, "budget": mode.budget, "mode_label": mode.label,
-                                   "layer_reuse": mode.layer_reuse, "score": s.score(text), "completion": text,
+                                   "layer_reuse": mode.layer_reuse, "staleness": mode.max_stale,
+                                   "step_reuse": mode.step_reuse, "score": s.score(text), "completion": text,
                                    "prompt_tokens": r.get("meta_info", {}).get("prompt_tokens"), **s.meta}
                             write(row)
                             return row
@@ -223,7 +234,9 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
                         after = srv.icecache_stats()
                         write({"kind": "mode", "model": part.model, "mode_label": mode.label,
                                "selection": after.get("selection"), "budget_tokens": after.get("budget_tokens"),
-                               **{k: after.get(k, 0) - before.get(k, 0) for k in ("sparse_rows", "queries", "fallbacks")}})
+                               **{k: after.get(k, 0) - before.get(k, 0) for k in ("sparse_rows", "queries", "fallbacks",
+                                                                                   "reused_selections")},
+                               "selection_age_steps_max": after.get("selection_age_steps_max")})
     rows = load_results(jsonl)
     summary = summarize(rows)
     path = out / f"accuracy_{preset.name}.json"

@@ -205,7 +205,7 @@ class IndexerClient:
         self._sock = None
         self._replies: dict[int, tuple[p.Reply, dict]] = {}
         self._acks: set[int] = set()
-        self._index_writes: set[int] = set()  # the unacknowledged Build / Insert / Share among _acks
+        self._index_writes: dict[int, str] = {}  # the unacknowledged Build / Insert / Share among _acks: kind
         self._queries: dict[int, _PendingQuery] = {}
         self._errors: list[IndexerError] = []
         self._waiting: set[int] = set()
@@ -270,7 +270,7 @@ class IndexerClient:
         self.last_reply_at = time.monotonic()
         if rep.id in self._acks:
             self._acks.discard(rep.id)
-            self._index_writes.discard(rep.id)
+            self._index_writes.pop(rep.id, None)
             if not rep.ok:
                 err = IndexerError(rep.code, rep.error)
                 self.counters.async_errors += 1
@@ -315,9 +315,10 @@ class IndexerClient:
         rep, out = self.wait(self.submit(op, arrays, wait_connect_s=timeout_s), timeout_s)
         return (rep.result, out) if out else rep.result
 
-    def _ack(self, op, arrays: dict | None = None, indexing: bool = False) -> int:
+    def _ack(self, op, arrays: dict | None = None, indexing: str = "") -> int:
         """Send a write; -1 (and ``diverged``) when no indexer is connected: the ledger has it anyway.
-        ``indexing``: a write that adds to an index (Build, Insert, Share), which queries queue behind."""
+        ``indexing``: the kind of a write that adds to an index ("build", "insert", "share"), which queries
+        queue behind."""
         try:
             rid = self.submit(op, arrays)
         except IndexerUnavailable:
@@ -329,7 +330,7 @@ class IndexerClient:
             return -1
         self._acks.add(rid)
         if indexing:
-            self._index_writes.add(rid)
+            self._index_writes[rid] = indexing
         return rid
 
     def pending_writes(self) -> int:
@@ -337,11 +338,11 @@ class IndexerClient:
         self.poll()
         return len(self._acks)
 
-    def pending_index_writes(self) -> int:
-        """Build / Insert / Share requests not acknowledged yet (after collecting what has arrived): work a
-        query sent now would wait behind. Releases and resets are quick and do not count."""
+    def pending_index_writes(self, kinds: tuple[str, ...] = ("build", "insert", "share")) -> int:
+        """Build / Insert / Share requests (of ``kinds``) not acknowledged yet (after collecting what has
+        arrived): work a query sent now would wait behind. Releases and resets are quick and do not count."""
         self.poll()
-        return len(self._index_writes)
+        return sum(k in kinds for k in self._index_writes.values())
 
     def acked_through(self, rid: int) -> bool:
         """Whether every fire-and-forget request up to ``rid`` is acknowledged (after collecting replies)."""
@@ -374,16 +375,16 @@ class IndexerClient:
     def build(self, seq: int, layers, slots) -> int:
         s = self._slots(slots)
         self.ledger.build(seq, list(layers), s)
-        return self._ack(p.Build(seq=seq, layers=[int(x) for x in layers]), {"slots": s}, indexing=True)
+        return self._ack(p.Build(seq=seq, layers=[int(x) for x in layers]), {"slots": s}, indexing="build")
 
     def insert(self, seq: int, layers, slots) -> int:
         s = self._slots(slots)
         self.ledger.insert(seq, list(layers), s)
-        return self._ack(p.Insert(seq=seq, layers=[int(x) for x in layers]), {"slots": s}, indexing=True)
+        return self._ack(p.Insert(seq=seq, layers=[int(x) for x in layers]), {"slots": s}, indexing="insert")
 
     def share(self, src: int, dst: int, prefix_len: int) -> int:
         self.ledger.share(src, dst, prefix_len)
-        return self._ack(p.Share(src=src, dst=dst, prefix_len=int(prefix_len)), indexing=True)
+        return self._ack(p.Share(src=src, dst=dst, prefix_len=int(prefix_len)), indexing="share")
 
     def release(self, seqs) -> int:
         seqs = [int(s) for s in seqs]
@@ -454,6 +455,26 @@ class IndexerClient:
             return Selection(arrays["pages"], arrays.get("slots"), list(res.n_tokens), search_us=res.search_us)
         finally:
             self._queries.pop(rid, None)
+
+    def query_ready(self, rid: int) -> bool:
+        """Whether :meth:`query_result` would return at once for ``rid`` (after collecting what has
+        arrived): its reply is in, or the request never left."""
+        pending = self._queries.get(rid)
+        if pending is None:
+            raise KeyError(f"no query {rid} in flight")
+        if pending.failed:
+            return True
+        self.poll()
+        return rid in self._replies
+
+    def queries_in_flight(self) -> int:
+        """Queries sent whose result nobody has read yet."""
+        return len(self._queries)
+
+    def drop_query(self, rid: int) -> None:
+        """Forget a query nobody will read (its sequences finished); a reply arriving later is counted late."""
+        self._queries.pop(rid, None)
+        self._replies.pop(rid, None)
 
     def query(self, layer: int, seqs, q: np.ndarray, n_pages: int, timeout_s: float | None = None,
               **kw) -> Selection:

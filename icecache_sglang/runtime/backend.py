@@ -339,6 +339,7 @@ class IceCacheAttnBackend(AttentionBackend):
         self.cfg = cfg
         self.tracker.budget = cfg.budget_tokens
         self.query_params = cfg.query_params()
+        self.metrics.selection_age_steps_max = 0  # the bound may have changed
         self.indexer.client.timeout_s = cfg.selection_deadline_ms / 1e3  # the client survives restarts
         logger.info("IceCache: settings version %d: %s", version, cfg.to_json())
 
@@ -349,6 +350,7 @@ class IceCacheAttnBackend(AttentionBackend):
         m.indexed_tokens, m.shared_tokens = c.indexed_tokens, c.shared_tokens
         m.live_seqs, m.retained_seqs = len(self.tracker.live), len(self.tracker.retained)
         m.unsent_writes = self.indexer.client.counters.unsent
+        m.queries_in_flight = self.indexer.client.queries_in_flight()
         status = self.supervisor.status()
         ind = self.publisher.indexer_stats(status["endpoint"], self.H, self.launch_cfg.page_size)
         if ind is not None:

@@ -25,6 +25,8 @@ DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
 WHILE_INDEXING = ("auto", "dense", "wait")
 #: lanes of the offloaded decode's device pool when device_kv_tokens is not given
 DEFAULT_DEVICE_LANES = 32
+#: the most decode steps a selection may be reused for (step_reuse) or be old (max_stale_steps)
+MAX_REUSE_STEPS = 1024
 #: the longest a decode step may wait for its selections (a minute already stalls every request in the batch)
 MAX_DEADLINE_MS = 60_000.0
 
@@ -71,7 +73,12 @@ class IceCacheConfig:
     token of a long prompt is not held back by its index) or ``wait`` (the step waits for the writes up to
     the deadline plus an allowance per indexed token, then falls back: the paper's behaviour, and what the
     accuracy harness measures); ``auto``: ``dense``, or ``wait`` with offload (the device pool holds no
-    request's full KV)."""
+    request's full KV). step_reuse / max_stale_steps: how fresh a step's selections are
+    (``runtime/selection_cache.py``): ``step_reuse: k`` selects synchronously every k steps of a request and
+    reuses that selection in between; ``max_stale_steps: k`` (k >= 1) sends each anchor layer's query
+    without waiting for it and attends with the freshest selection already answered, waiting only when none
+    is at most k steps old. Both 1 / 0 (the default): every step selects and waits, the paper's behaviour.
+    A reused selection attends, besides its pages, to every token indexed after it was made."""
 
     budget_tokens: int = 256
     page_size: int = 16
@@ -92,6 +99,8 @@ class IceCacheConfig:
     device_kv_tokens: int | None = None
     stall_report_s: float = 30.0
     while_indexing: str = "auto"
+    step_reuse: int = 1
+    max_stale_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
@@ -152,6 +161,18 @@ class IceCacheConfig:
             raise IceCacheConfigError(
                 "while_indexing 'dense' attends to every token, but with offload the device pool holds only "
                 "each request's budget: use 'wait' or 'auto'")
+        for name, lo in (("step_reuse", 1), ("max_stale_steps", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= MAX_REUSE_STEPS:
+                raise IceCacheConfigError(f"{name} must be an integer in [{lo}, {MAX_REUSE_STEPS}], got {v!r}")
+        if self.step_reuse > 1 and self.max_stale_steps > 0:
+            raise IceCacheConfigError(
+                f"step_reuse ({self.step_reuse}) and max_stale_steps ({self.max_stale_steps}) are two ways of "
+                "reusing selections (synchronous every k steps, or asynchronous): set one of them")
+        if self.offload and self.reuses_selections:
+            raise IceCacheConfigError(
+                "step_reuse / max_stale_steps attend, besides a reused selection's pages, to every token indexed "
+                "after it, more rows than an offload lane holds: not supported with offload yet")
         if self.selection not in POLICIES:
             raise IceCacheConfigError(f"selection must be one of {list(POLICIES)}, got {self.selection!r}")
         if self.decode_attention not in DECODE_ATTENTION:
@@ -195,6 +216,11 @@ class IceCacheConfig:
     def dense_while_indexing(self) -> bool:
         """Whether a step decodes densely while the indexer is behind (else it waits for it)."""
         return self.while_indexing == "dense" or (self.while_indexing == "auto" and not self.offload)
+
+    @property
+    def reuses_selections(self) -> bool:
+        """Whether a step may attend with a selection made at an earlier step."""
+        return self.step_reuse > 1 or self.max_stale_steps > 0
 
     @property
     def n_pages(self) -> int:

@@ -31,6 +31,11 @@ class IceCacheMetrics:
     pages_selected_total: int = 0  # pages selected, summed over requests, KV heads and anchor layers
     pages_per_step_last: float = 0.0  # pages per request and KV head and anchor layer, last step
     fallbacks: int = 0  # selections made without the indexer's answer (most recent pages used)
+    reused_selections: int = 0  # (request, anchor layer, step) served by a selection made at an earlier step
+    selection_age_steps_total: int = 0  # steps since their query, summed over those reused selections
+    selection_age_steps_max: int = 0  # the oldest selection a step attended with (steps since its query), since
+    # the settings last changed (the bound is a setting)
+    queries_in_flight: int = 0  # queries sent and not yet read (asynchronous selection), at the snapshot
     timed_out_steps: int = 0  # decode steps whose selection deadline passed
     indexer_restarts: int = 0  # replacement indexer processes that came up
     failed_restarts: int = 0  # replacements that did not start
@@ -87,6 +92,9 @@ PROMETHEUS_FIELDS = {
     "write_wait_s_total": "seconds decode steps waited for index writes (a new request's index)",
     "pages_per_step_last": "pages selected per request, KV head and anchor layer in the last step",
     "fallbacks": "selections made without the indexer's answer (most recent pages used)",
+    "reused_selections": "request-layer-steps served by a selection made at an earlier step (step_reuse, max_stale_steps)",
+    "selection_age_steps_max": "the oldest selection a decode step attended with, in steps since its query",
+    "queries_in_flight": "indexer queries sent and not yet read (asynchronous selection)",
     "timed_out_steps": "decode steps whose selection deadline passed",
     "indexer_restarts": "replacement indexer processes started",
     "failed_restarts": "replacement indexer processes that failed to start",

@@ -24,6 +24,7 @@ from .config import IceCacheConfig
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool
 from .selection import Selector, StepSelection
+from .selection_cache import SelectionCache
 from .sequences import SequenceTracker
 
 
@@ -41,6 +42,7 @@ class DecodeStep:
     plans: dict[int, DecodePlan] = field(default_factory=dict)  # anchor layer -> plan
     lanes: np.ndarray | None = None  # offload: each batch entry's lane in the device pool
     misses: dict[int, tuple] = field(default_factory=dict)  # offload: anchor layer -> rows each layer copies
+    row_slots: list[np.ndarray] = field(default_factory=list)  # per batch entry: its slots, positions [0, len)
     rows_loaded: int = 0  # offload: (token, KV head) rows copied host -> device this step, all layers
 
 
@@ -50,6 +52,7 @@ class Planner:
                  layers_per_anchor: dict[int, int], slots_device: torch.device,
                  device_pool: DeviceKVPool | None = None):
         self.tracker, self.selector, self.metrics = tracker, selector, metrics
+        self.cache = SelectionCache(selector, metrics, num_kv_heads)  # step_reuse / max_stale_steps
         self.req_to_token = req_to_token
         self.H = num_kv_heads
         self.store_layer, self.layers_per_anchor = store_layer, layers_per_anchor
@@ -69,7 +72,7 @@ class Planner:
         # (or a prefix's) goes out now: a query sent this step would queue behind that work; or it is not
         # serving (restarting, rebuilding, down): a selection would be a fallback
         c = self.tracker.counters
-        behind = cfg.dense_while_indexing and self.selector.behind_now()
+        behind = cfg.dense_while_indexing and self.selector.behind_now(builds_only=cfg.max_stale_steps > 0)
         firsts = c.builds + c.shares
         for b, (row, n) in enumerate(zip(rows, lens)):
             if n <= cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
@@ -89,23 +92,29 @@ class Planner:
         selection, n_pages = None, 1
         if sparse:
             self._acked_tokens = c.indexed_tokens
-            selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, new_tokens)
+            selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, new_tokens,
+                                                 wait_writes=cfg.max_stale_steps == 0)
             n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
         sp = np.asarray(sparse, np.int64)
+        row_slots = [self.row_slots(row, n).astype(np.int64) for row, n in zip(rows, lens)]
         step = DecodeStep(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
-                          self._fixed_slots(rows, lens, set(sparse), cfg.sink_tokens), n_pages, selection)
+                          self._fixed_slots(rows, row_slots, set(sparse), cfg.sink_tokens), n_pages, selection,
+                          row_slots=row_slots)
+        if sparse and cfg.reuses_selections:
+            self.cache.new_step(step.seqs)
+        elif self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
+            self.cache.clear()
         if self.device_pool is not None:
             step.lanes = self.device_pool.lanes_for(rows)
         self.metrics.sparse_rows += len(sp)
         return step
 
-    def _fixed_slots(self, rows, lens, sparse: set[int], sink: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _fixed_slots(self, rows, all_slots, sparse: set[int], sink: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The part of each request's plan that every anchor layer of the step shares: the sink and the
         unindexed tail around the selected pages (sparse requests), or every token (requests within the
         budget)."""
         out = []
-        for b, (row, n) in enumerate(zip(rows, lens)):
-            row_slots = self.row_slots(row, n).astype(np.int64)
+        for b, (row, row_slots) in enumerate(zip(rows, all_slots)):
             if b in sparse:
                 out.append((row_slots[:sink], row_slots[self.tracker.indexed_end(row):]))
             else:
@@ -116,7 +125,7 @@ class Planner:
     def plan(self, step: DecodeStep, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params) -> DecodePlan:
         """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
         B, H = len(step.rows), self.H
-        picked = {}
+        picked, tails = {}, {}
         if len(step.sparse):
             qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
             if qs.dtype == torch.bfloat16:
@@ -124,13 +133,24 @@ class Planner:
             else:
                 arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
             qp = query_params
-            sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype,
-                                       step.n_pages, policy=cfg.selection, fov=qp.fov,
-                                       prop_to_retrieve=qp.prop_to_retrieve, num_to_retrieve=qp.num_to_retrieve)
-            picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
-        width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(step.fixed)]
+            query = dict(policy=cfg.selection, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
+                         num_to_retrieve=qp.num_to_retrieve)
+            if cfg.reuses_selections:  # a selection of an earlier step attends to every token indexed since
+                ends = [self.tracker.indexed_end(int(step.rows[b])) for b in step.sparse]
+                chosen = self.cache.choose(step.selection, self.store_layer[anchor], step.seqs, ends, arr, q_dtype,
+                                           step.n_pages, step_reuse=cfg.step_reuse, max_stale=cfg.max_stale_steps,
+                                           **query)
+                for (pages, end), b in zip(chosen, step.sparse):
+                    picked[int(b)] = pages
+                    tails[int(b)] = step.row_slots[b][end:]
+            else:
+                sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype,
+                                           step.n_pages, **query)
+                picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
+        fixed = [(a, tails.get(b, z)) for b, (a, z) in enumerate(step.fixed)]
+        width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(fixed)]
         slots = np.full((B, H, max(width)), -1, np.int64)
-        for b, (before, after) in enumerate(step.fixed):
+        for b, (before, after) in enumerate(fixed):
             slots[b, :, : len(before)] = before
             at = len(before)
             if b in picked:

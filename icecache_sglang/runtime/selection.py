@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +30,17 @@ logger = logging.getLogger(__name__)
 #: how long indexing one token of one KV head of one layer may take before a decode step stops waiting for
 #: it (a 128k-token build of 8 heads takes ~14 s on 2 cores: ~14 us per token-head; twice that, here)
 BUILD_S_PER_TOKEN_HEAD = 30e-6
+
+
+@dataclass
+class SentQuery:
+    """One query message in flight: its id (None when the indexer was not serving: a fallback), indexer
+    layer, sequences and pages per KV head asked for."""
+
+    rid: int | None
+    layer: int
+    seqs: list[int]
+    n_pages: int
 
 
 class StepSelection:
@@ -73,26 +85,28 @@ class Selector:
         self._behind_until += self._allowance(new_tokens)
         self.sup.step_finished(now > self._behind_until)
 
-    def behind_now(self) -> bool:
+    def behind_now(self, builds_only: bool = False) -> bool:
         """At the start of a step, before its own writes: whether index writes sent earlier are unanswered
         (queries would queue behind them), or the indexer is not serving at all. When it is not behind,
-        a later behind period starts afresh."""
+        a later behind period starts afresh. ``builds_only``: only a request's first index (Build, Share)
+        counts, not the decode's small Inserts (asynchronous selection does not wait for those)."""
         if not self.sup.serving:
             return True
-        if self.sup.client.pending_index_writes() > 0:
+        if self.sup.client.pending_index_writes(("build", "share") if builds_only else ("build", "insert", "share")) > 0:
             return True
         self._behind_until = None
         return False
 
-    def begin_step(self, deadline_s: float, new_tokens: int) -> StepSelection:
-        """Start a decode step: set its deadline and let the indexer finish the writes sent since the last
-        step (``new_tokens``: tokens they carry), within that deadline."""
+    def begin_step(self, deadline_s: float, new_tokens: int, wait_writes: bool = True) -> StepSelection:
+        """Start a decode step: set its deadline and (``wait_writes``) let the indexer finish the writes sent
+        since the last step (``new_tokens``: tokens they carry), within that deadline. Asynchronous selection
+        does not wait: its queries are answered after those writes anyway, and only waited for when due."""
         self._behind_until = None
         if not self.sup.serving:
             return StepSelection(None)
         step = StepSelection(time.monotonic() + deadline_s + self._allowance(new_tokens))
         client = self.sup.client
-        if client.pending_writes():
+        if wait_writes and client.pending_writes():
             t0 = time.perf_counter()
             try:
                 client.sync(timeout_s=step.left())
@@ -105,31 +119,56 @@ class Selector:
         return step
 
     def select(self, step: StepSelection, layer: int, seqs: list[int], q: np.ndarray, q_dtype: str | None,
-               n_pages: int, *, policy: str, fov, prop_to_retrieve: float, num_to_retrieve: int) -> Selection:
-        """Pages for ``seqs`` at indexer layer ``layer`` from queries ``q [B, H_q, d]``."""
-        client = self.sup.client
-        limit = self.sup.indexer.config.max_batch  # an indexer query carries at most max_batch rows
-        t0 = time.perf_counter()
-        chunks = [(seqs[i: i + limit], q[i: i + limit]) for i in range(0, len(seqs), limit)]
-        if step.deadline is None:
-            parts = [client.fallback(layer, s, n_pages, f"indexer {self.sup.state}: {self.sup.reason}")
-                     for s, _ in chunks]
-        else:
-            rids = [client.query_async(layer, s, qc, n_pages, fov=fov, prop_to_retrieve=prop_to_retrieve,
-                                       num_to_retrieve=num_to_retrieve, q_dtype=q_dtype, policy=policy,
-                                       expires_at=step.deadline)
-                    for s, qc in chunks]
-            parts = []
-            for rid in rids:
-                timeouts = client.counters.timeouts
-                parts.append(client.query_result(rid, timeout_s=step.left()))
-                step.timed_out |= client.counters.timeouts > timeouts
-            self.metrics.queries += len(parts)
-        step.wait_s += time.perf_counter() - t0
-        self.metrics.fallbacks += sum(p.fallback for p in parts)
+               n_pages: int, **query) -> Selection:
+        """Pages for ``seqs`` at indexer layer ``layer`` from queries ``q [B, H_q, d]``: sent and waited for
+        within the step's deadline."""
+        parts = [self.receive(step, chunk) for chunk in self.send(step, layer, seqs, q, q_dtype, n_pages, **query)]
         sel = parts[0] if len(parts) == 1 else Selection(
             np.concatenate([p.pages for p in parts]), np.concatenate([p.slots for p in parts]),
             [n for p in parts for n in p.n_tokens], any(p.fallback for p in parts),
             "; ".join(p.reason for p in parts if p.reason), sum(p.search_us for p in parts))
+        return sel
+
+    def send(self, step: StepSelection, layer: int, seqs: list[int], q: np.ndarray, q_dtype: str | None,
+             n_pages: int, *, policy: str, fov, prop_to_retrieve: float, num_to_retrieve: int,
+             expires: bool = True) -> list[SentQuery]:
+        """Send the queries for ``seqs`` (one message per ``max_batch`` rows) without waiting. ``expires``:
+        the indexer skips them once the step's deadline has passed (a query nobody will wait for); an
+        asynchronous query is read at a later step and does not expire."""
+        limit = self.sup.indexer.config.max_batch  # an indexer query carries at most max_batch rows
+        out = []
+        for i in range(0, len(seqs), limit):
+            chunk = seqs[i: i + limit]
+            if step.deadline is None:  # not serving: answered by a fallback when received
+                out.append(SentQuery(None, layer, chunk, n_pages))
+                continue
+            rid = self.sup.client.query_async(layer, chunk, q[i: i + limit], n_pages, fov=fov,
+                                              prop_to_retrieve=prop_to_retrieve, num_to_retrieve=num_to_retrieve,
+                                              q_dtype=q_dtype, policy=policy,
+                                              expires_at=step.deadline if expires else None)
+            out.append(SentQuery(rid, layer, chunk, n_pages))
+            self.metrics.queries += 1
+        return out
+
+    def ready(self, sent: SentQuery) -> bool:
+        """Whether :meth:`receive` would return at once."""
+        return sent.rid is None or self.sup.client.query_ready(sent.rid)
+
+    def receive(self, step: StepSelection, sent: SentQuery) -> Selection:
+        """The selection of one sent message, waited for until the step's deadline (then a fallback)."""
+        client = self.sup.client
+        t0 = time.perf_counter()
+        if sent.rid is None:
+            sel = client.fallback(sent.layer, sent.seqs, sent.n_pages, f"indexer {self.sup.state}: {self.sup.reason}")
+        else:
+            timeouts = client.counters.timeouts
+            sel = client.query_result(sent.rid, timeout_s=step.left())
+            step.timed_out |= client.counters.timeouts > timeouts
+        step.wait_s += time.perf_counter() - t0
+        self.metrics.fallbacks += int(sel.fallback)
         step.pages += int((sel.slots[..., 0] >= 0).sum())
         return sel
+
+    def drop(self, sent: SentQuery) -> None:
+        if sent.rid is not None:
+            self.sup.client.drop_query(sent.rid)

@@ -1,0 +1,120 @@
+"""Attention mass of stale selections on real Q/K (issue 16): pages selected with the queries of an earlier
+decode step, scored against the attention of the current one.
+
+Real post-RoPE Q/K of a model over essay text (``index_quality.real_layers``: the last ``steps`` positions
+act as decode queries over the context before them, every layer but the first two). Per layer, IceCache's
+pages are built once; each step ``s`` selects at a 256-token budget (sink + window + pages, as the server)
+with the query of step ``s - age`` and is scored with step ``s``'s attention probabilities:
+
+- ``async{k}``: age ``k`` at every step (``max_stale_steps: k`` when the indexer is slower than a step: the
+  worst case of the bound; the server uses fresher answers when they are in);
+- ``every{k}``: ages ``0 .. k-1`` in turn (``step_reuse: k``);
+- ``sync``: age 0.
+
+Two selections: ``exact`` (IceCache's pages ranked by exact score: the server's default) and ``icecache``
+(the M-DCI search). Records: mean attention-mass recall, its ratio to the synchronous selection's (mean over
+(step, layer) and the 5th percentile), and the share of (step, layer, query head) cases whose
+highest-attention token is selected (``top_token_recall``). The keys are the same at every step (the steps' own new tokens are not in
+the index; the server attends to them in full after a reused selection, so this is the harder case).
+
+    python benchmarks/stale_selection.py           # SmolLM2-135M 4k and Qwen2.5-Coder-0.5B 4k, 24 steps
+    python benchmarks/stale_selection.py --quick   # SmolLM2 4k, 16 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import png_path, write_records  # noqa: E402
+from index_quality import make_policy, real_layers  # noqa: E402
+
+from icecache_sglang.index.metrics import attention_probs, mass_recall_per_head  # noqa: E402
+
+NAME = "stale_selection"
+BUDGET, PAGE = 256, 16
+AGES = {"sync": lambda s: 0, **{f"async{k}": (lambda s, k=k: k) for k in (1, 2, 4, 8)},
+        **{f"every{k}": (lambda s, k=k: s % k) for k in (2, 4, 8)}}
+FIRST = 8  # steps before this have no query 8 steps back: not scored
+
+
+def evaluate(layers, steps: int) -> dict:
+    """{(selection, mode): {"mass": [...], "ratio": [...], "top": [...]}} over (step, layer)."""
+    out: dict = {}
+    for keys, _values, queries in layers:
+        ice = make_policy("icecache", BUDGET, PAGE)
+        ice.build(keys)
+        exact = make_policy("oracle_page", BUDGET, PAGE, ice.inner.index)
+        exact.build(keys)
+        for sel_name, pol in (("exact", exact), ("icecache", ice)):
+            chosen = [pol.select(q, BUDGET) for q in queries]  # per step: per KV head, positions
+            sets = [[set(np.asarray(x).tolist()) for x in c] for c in chosen]
+            for s in range(FIRST, steps):
+                probs = attention_probs(queries[s], keys)
+                base = mass_recall_per_head(probs, chosen[s])
+                best = probs.argmax(axis=1)  # each query head's highest-attention token
+                g = probs.shape[0] // len(chosen[s])
+                for mode, age in AGES.items():
+                    sel = chosen[s - age(s)]
+                    mass = mass_recall_per_head(probs, sel)
+                    r = out.setdefault((sel_name, mode), {"mass": [], "ratio": [], "top": []})
+                    r["mass"].append(float(mass.mean()))
+                    r["ratio"].append(float(mass.mean() / max(base.mean(), 1e-12)))
+                    r["top"].append(float(np.mean([best[i] in sets[s - age(s)][i // g] for i in range(len(best))])))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    plan = [("smollm2-135m-instruct", 4096)] if args.quick else [("smollm2-135m-instruct", 4096),
+                                                                 ("qwen2.5-coder-0.5b-instruct", 4096)]
+    steps = 16 if args.quick else 24
+    records = []
+    for model, n in plan:
+        t0 = time.monotonic()
+        layers = real_layers(model, "essays", n, steps)[2:]  # the server's 2 dense layers left out
+        res = evaluate(layers, steps)
+        for (sel_name, mode), r in res.items():
+            rec = {"model": model, "context": n, "budget": BUDGET, "selection": sel_name, "mode": mode,
+                   "steps_scored": steps - FIRST, "layers": len(layers), "mass_recall": float(np.mean(r["mass"])),
+                   "mass_rel_sync": float(np.mean(r["ratio"])), "mass_rel_sync_p5": float(np.percentile(r["ratio"], 5)),
+                   "top_token_recall": float(np.mean(r["top"]))}
+            print(rec, flush=True)
+            records.append(rec)
+        print(f"{model}: {time.monotonic() - t0:.0f} s", flush=True)
+    out = write_records(NAME, args.quick, records)
+    plot(records, png_path(NAME, args.quick))
+    print(f"wrote {out}")
+
+
+def plot(records, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for sel_name, style in (("exact", "o-"), ("icecache", "s--")):
+            rs = [r for r in records if r["model"] == model and r["selection"] == sel_name]
+            names = [r["mode"] for r in rs]
+            ax.plot(names, [r["mass_rel_sync"] for r in rs], style, label=f"{sel_name}: mean")
+            ax.plot(names, [r["mass_rel_sync_p5"] for r in rs], style, alpha=0.4, label=f"{sel_name}: p5")
+        ax.axhline(0.99, color="gray", lw=0.8, ls=":")
+        ax.set_title(f"{model}, 4k, budget {BUDGET}: attention mass vs synchronous (measured)", fontsize=9)
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Selections reused across decode steps (``step_reuse``, ``max_stale_steps``: runtime/selection_cache.py)
+through a real SGLang server on CPU with the tiny random Llama: the staleness bound, what a reused
+selection attends to, dropped queries of finished requests, and a stopped indexer during asynchronous
+decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+from sglang_servers import TINY_ICE, icecache_args, server_fixture
+
+from icecache_sglang.models.tiny import ensure_tiny_model
+
+pytestmark = pytest.mark.slow
+
+tiny_reuse = server_fixture("tiny_reuse", ensure_tiny_model, icecache_args(TINY_ICE))
+ANCHORS = 4  # the tiny model's layers (dense_layers 0, layer_reuse 1)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    import random
+
+    return random.Random(seed).choices(range(100, 30000), k=n)
+
+
+def run(server, settings: dict, ids: list[int], new_tokens: int) -> tuple[dict, dict, dict]:
+    """One request under ``settings``, indexed afresh (the radix cache flushed: no index reused)."""
+    server.set_icecache(**settings)
+    server.get("/flush_cache")
+    before = server.icecache_stats(wait_s=0)
+    out = server.generate(input_ids=ids, max_new_tokens=new_tokens, ignore_eos=True)
+    after = server.icecache_stats()
+    return out, before, after
+
+
+def delta(after: dict, before: dict, key: str):
+    return after[key] - before.get(key, 0)
+
+
+@pytest.fixture
+def reset(tiny_reuse):
+    yield tiny_reuse
+    tiny_reuse.set_icecache(step_reuse=1, max_stale_steps=0, selection_deadline_ms=500)
+
+
+def test_step_reuse_selects_every_k_steps_and_reuses_in_between(reset):
+    server = reset
+    ids = prompt(700, 1)
+    sync, b0, a0 = run(server, {}, ids, 24)
+    assert delta(a0, b0, "reused_selections") == 0
+    out, b, a = run(server, {"step_reuse": 4}, ids, 24)
+    steps = delta(a, b, "decode_steps")
+    assert out["meta_info"]["completion_tokens"] == 24
+    # one query per anchor layer every 4th step (the first sparse step included), reused at the 3 between
+    assert delta(a, b, "queries") == ANCHORS * -(-steps // 4)
+    assert delta(a, b, "reused_selections") == ANCHORS * (steps - -(-steps // 4))
+    assert a["selection_age_steps_max"] == 3 and delta(a, b, "fallbacks") == 0
+    # k = 1 is the synchronous mode: the same tokens as the default
+    again, b1, a1 = run(server, {"step_reuse": 1}, ids, 24)
+    assert again["output_ids"] == sync["output_ids"]
+    assert delta(a1, b1, "reused_selections") == 0
+
+
+def test_asynchronous_selection_honours_the_staleness_bound(reset):
+    server = reset
+    out, b, a = run(server, {"max_stale_steps": 2}, prompt(900, 2), 40)
+    steps = delta(a, b, "decode_steps")
+    assert out["meta_info"]["completion_tokens"] == 40 and steps >= 38
+    assert delta(a, b, "fallbacks") == 0
+    assert delta(a, b, "reused_selections") > 0  # selections answered after their layer ran were used later
+    assert 1 <= a["selection_age_steps_max"] <= 2
+    # about one query per anchor layer and step: never more than one in flight per request and layer
+    assert delta(a, b, "queries") <= ANCHORS * steps
+    # the finished request's queries were read or dropped (a new step prunes them): nothing leaks
+    server.generate(input_ids=prompt(400, 3), max_new_tokens=3)
+    assert server.icecache_stats()["queries_in_flight"] <= ANCHORS
+
+
+def test_a_stopped_indexer_during_asynchronous_decoding_costs_fallbacks_then_recovers(reset):
+    server = reset
+    server.set_icecache(max_stale_steps=2, selection_deadline_ms=300)
+    server.generate(input_ids=prompt(600, 5), max_new_tokens=4)  # an index, and the indexer warm
+    pid = server.icecache_stats()["indexer_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        before = server.icecache_stats(wait_s=0)
+        t0 = time.monotonic()
+        out = server.generate(input_ids=prompt(600, 6), max_new_tokens=12, ignore_eos=True)
+        assert out["meta_info"]["completion_tokens"] == 12
+        assert time.monotonic() - t0 < 60
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the supervisor may have replaced it as stuck
+            os.kill(pid, signal.SIGCONT)
+    st = server.icecache_stats()
+    assert st["fallbacks"] > before["fallbacks"]
+    # later requests select again (the stopped indexer was replaced, or answered again once continued)
+    deadline = time.monotonic() + 60
+    while True:
+        b = server.icecache_stats(wait_s=0)
+        server.generate(input_ids=prompt(600, 7), max_new_tokens=8)
+        a = server.icecache_stats()
+        if delta(a, b, "fallbacks") == 0 and delta(a, b, "queries") > 0:
+            break
+        assert time.monotonic() < deadline, server.tail(40)
