@@ -147,6 +147,9 @@ class Planner:
                 sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype,
                                            step.n_pages, **query)
                 picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
+        if picked:
+            step.selection.pages += sum(int((p.reshape(H, -1, cfg.page_size)[..., 0] >= 0).sum())
+                                        for p in picked.values())
         fixed = [(a, tails.get(b, z)) for b, (a, z) in enumerate(step.fixed)]
         width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(fixed)]
         slots = np.full((B, H, max(width)), -1, np.int64)

@@ -52,7 +52,7 @@ class StepSelection:
         self.timed_out = False
         self.wait_s = 0.0  # waiting for selections
         self.write_wait_s = 0.0  # waiting for index writes before the step's queries (a new request's build)
-        self.pages = 0
+        self.pages = 0  # pages the step's plans attend (counted by Planner.plan, reused selections included)
 
     def left(self) -> float:
         return 0.0 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -166,7 +166,6 @@ class Selector:
             step.timed_out |= client.counters.timeouts > timeouts
         step.wait_s += time.perf_counter() - t0
         self.metrics.fallbacks += int(sel.fallback)
-        step.pages += int((sel.slots[..., 0] >= 0).sum())
         return sel
 
     def drop(self, sent: SentQuery) -> None:
