@@ -16,6 +16,9 @@ from numba.extending import intrinsic, overload
 
 #: the ``key_dtype`` values an index accepts -> the NumPy dtype of its ``page_keys``
 STORAGE = {"float32": np.float32, "bfloat16": np.uint16}
+#: below this many values the conversions run on one thread: waking numba's pool for a decode insert's few
+#: rows cost more than the work (2-5 ms per call next to a 128k-token index on 2 cores, index_speed.py)
+PARALLEL_MIN = 1 << 16
 
 
 def to_storage(keys: np.ndarray, key_dtype: str) -> np.ndarray:
@@ -24,7 +27,7 @@ def to_storage(keys: np.ndarray, key_dtype: str) -> np.ndarray:
     if key_dtype == "float32":
         return k
     out = np.empty(k.shape, np.uint16)
-    _round_bf16(k.reshape(-1).view(np.uint32), out.reshape(-1))
+    (_round_bf16 if k.size >= PARALLEL_MIN else _round_bf16_serial)(k.reshape(-1).view(np.uint32), out.reshape(-1))
     return out
 
 
@@ -33,7 +36,7 @@ def from_storage(stored: np.ndarray) -> np.ndarray:
     if stored.dtype == np.uint16:
         flat = np.ascontiguousarray(stored)
         out = np.empty(flat.shape, np.float32)
-        _widen_bf16(flat.reshape(-1), out.reshape(-1).view(np.uint32))
+        (_widen_bf16 if flat.size >= PARALLEL_MIN else _widen_bf16_serial)(flat.reshape(-1), out.reshape(-1).view(np.uint32))
         return out
     return np.asarray(stored, dtype=np.float32)
 
@@ -41,16 +44,33 @@ def from_storage(stored: np.ndarray) -> np.ndarray:
 @njit(cache=True, parallel=True)
 def _round_bf16(bits, out):
     for i in prange(bits.shape[0]):
-        b = bits[i]
-        if (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (b & np.uint32(0x007FFFFF)) != 0:
-            out[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))  # NaN stays NaN (quiet)
-        else:
-            out[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        _round_one(bits, out, i)
+
+
+@njit(cache=True)
+def _round_bf16_serial(bits, out):
+    for i in range(bits.shape[0]):
+        _round_one(bits, out, i)
+
+
+@njit(cache=True, inline="always")
+def _round_one(bits, out, i):
+    b = bits[i]
+    if (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (b & np.uint32(0x007FFFFF)) != 0:
+        out[i] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))  # NaN stays NaN (quiet)
+    else:
+        out[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 @njit(cache=True, parallel=True)
 def _widen_bf16(u, out_bits):
     for i in prange(u.shape[0]):
+        out_bits[i] = np.uint32(u[i]) << np.uint32(16)
+
+
+@njit(cache=True)
+def _widen_bf16_serial(u, out_bits):
+    for i in range(u.shape[0]):
         out_bits[i] = np.uint32(u[i]) << np.uint32(16)
 
 

@@ -49,8 +49,21 @@ def key_projection(keys: np.ndarray, sqn: np.ndarray, m, u: np.ndarray) -> np.nd
     k = np.asarray(keys)
     if k.dtype != np.float32:
         k = k.astype(np.float64)
-    return _rows_dot(k.reshape(-1, k.shape[-1]), np.ascontiguousarray(w)).reshape(k.shape[:-1]) + (
-        a * augmented_coordinate(sqn, m))
+    rows = k.reshape(-1, k.shape[-1])
+    dot = _rows_dot if rows.shape[0] >= PARALLEL_MIN_ROWS else _rows_dot_serial  # a decode insert's few rows:
+    # waking numba's thread pool costs more than the work (5 ms per call beside a 128k index on 2 cores)
+    return dot(rows, np.ascontiguousarray(w)).reshape(k.shape[:-1]) + a * augmented_coordinate(sqn, m)
+
+
+PARALLEL_MIN_ROWS = 4096
+
+
+@njit(cache=True, inline="always")
+def _row_dot(keys, w, i):
+    s = 0.0
+    for j in range(keys.shape[1]):
+        s += np.float64(keys[i, j]) * w[j]
+    return s
 
 
 @njit(cache=True, parallel=True)
@@ -58,10 +71,15 @@ def _rows_dot(keys, w):
     """``keys @ w`` accumulated in float64, row by row in order (no float64 copy of the keys)."""
     out = np.empty(keys.shape[0])
     for i in prange(keys.shape[0]):
-        s = 0.0
-        for j in range(keys.shape[1]):
-            s += np.float64(keys[i, j]) * w[j]
-        out[i] = s
+        out[i] = _row_dot(keys, w, i)
+    return out
+
+
+@njit(cache=True)
+def _rows_dot_serial(keys, w):
+    out = np.empty(keys.shape[0])
+    for i in range(keys.shape[0]):
+        out[i] = _row_dot(keys, w, i)
     return out
 
 
