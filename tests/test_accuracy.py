@@ -110,7 +110,14 @@ def test_modes_share_servers_by_launch_settings():
     assert groups == {(16, 16, 1), (32, 32, 1), (32, 32, 3)}  # budget 64 needs a smaller sink/window
     # the longest deadline: a selection late on a loaded CPU would fall back and measure the load, not the mode
     assert Mode("quest", 128).settings() == {"budget_tokens": 128, "selection": "quest",
-                                             "selection_deadline_ms": MAX_DEADLINE_MS, "while_indexing": "wait"}
+                                             "selection_deadline_ms": MAX_DEADLINE_MS, "while_indexing": "wait",
+                                             "step_reuse": 1, "max_stale_steps": 0}
+    # reused selections: IceCache's search with the reuse keys set, on the same server
+    stale = modes((256,), baselines=(), stale=(2,), every=(4,), dense=False)
+    assert [m.label for m in stale] == ["icecache@256", "icecache_async2@256", "icecache_every4@256"]
+    assert {m.launch_group() for m in stale} == {(32, 32, 1)}
+    assert stale[1].settings()["max_stale_steps"] == 2 and stale[2].settings()["step_reuse"] == 4
+    assert stale[1].selection == stale[2].selection == "icecache"
     # dense: the largest budget a server with the dense mode's sink/window accepts, above every preset context
     from icecache_sglang.runtime.config import IceCacheConfig
 
