@@ -288,6 +288,9 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
                                                     - before.get("dense_while_indexing_rows", 0)),
                       "timed_out_steps": after.get("timed_out_steps", 0) - before.get("timed_out_steps", 0),
                       "fallbacks": after.get("fallbacks", 0) - before.get("fallbacks", 0),
+                      "sparse_rows": after.get("sparse_rows", 0) - before.get("sparse_rows", 0),
+                      "reused_selections": after.get("reused_selections", 0) - before.get("reused_selections", 0),
+                      "selection_age_steps_max": after.get("selection_age_steps_max"),
                       "index_bytes": after.get("index_bytes"), "icecache_host_bytes": after.get("icecache_host_bytes"),
                       "attended_kv_bytes_last": after.get("attended_kv_bytes_last")}
                 if r.get("tpot_s") and r["selection_wait_s"] is not None:
@@ -364,7 +367,10 @@ def main(argv=None) -> int:
     a.contexts = [int(x) for x in a.contexts.split(",")]
     a.batches = [int(x) for x in a.batches.split(",")]
     a.budgets = [int(x) for x in a.budgets.split(",")]
-    modes = {"dense": None, "icecache-sync": {}, "icecache-wait": {"while_indexing": "wait"}}
+    modes = {"dense": None, "icecache-sync": {}, "icecache-wait": {"while_indexing": "wait"},
+             # issue 16: queries not waited for, selections at most 4 steps old; and a synchronous refresh
+             # every 4 steps
+             "icecache-async": {"max_stale_steps": 4}, "icecache-every4": {"step_reuse": 4}}
     for spec in a.mode:
         name, _, text = spec.partition("=")
         modes[name] = json.loads(text or "{}")
