@@ -9,7 +9,9 @@ with the query of step ``s - age`` and is scored with step ``s``'s attention pro
 - ``async{k}``: age ``k`` at every step (``max_stale_steps: k`` when the indexer is slower than a step: the
   worst case of the bound; the server uses fresher answers when they are in);
 - ``every{k}``: ages ``0 .. k-1`` in turn (``step_reuse: k``);
-- ``sync``: age 0.
+- ``sync``: age 0;
+- ``adaptive{tau}``: the previous step's selection unless a query head's cosine to the query that made it is
+  below tau (then the fresh one): whether a drift test could keep staleness where it is cheap.
 
 Two selections: ``exact`` (IceCache's pages ranked by exact score: the server's default) and ``icecache``
 (the M-DCI search). Records: mean attention-mass recall, its ratio to the synchronous selection's (mean over
@@ -41,6 +43,7 @@ BUDGET, PAGE = 256, 16
 AGES = {"sync": lambda s: 0, **{f"async{k}": (lambda s, k=k: k) for k in (1, 2, 4, 8)},
         **{f"every{k}": (lambda s, k=k: s % k) for k in (2, 4, 8)}}
 FIRST = 8  # steps before this have no query 8 steps back: not scored
+TAUS = (0.7, 0.8, 0.9, 0.95)  # adaptive: refresh when a query head's cosine to the selection's query is below
 
 
 def evaluate(layers, steps: int) -> dict:
@@ -59,6 +62,20 @@ def evaluate(layers, steps: int) -> dict:
                 base = mass_recall_per_head(probs, chosen[s])
                 best = probs.argmax(axis=1)  # each query head's highest-attention token
                 g = probs.shape[0] // len(chosen[s])
+                # adaptive: the selection of step s-1 unless a query head turned away from the query that made it
+                # (cosine below tau: then wait for the fresh one, age 0)
+                qa, qb = queries[s], queries[s - 1]
+                cos = (qa * qb).sum(-1) / np.maximum(np.linalg.norm(qa, axis=-1) * np.linalg.norm(qb, axis=-1), 1e-12)
+                for tau in TAUS:
+                    fresh = cos.min() < tau
+                    sel = chosen[s] if fresh else chosen[s - 1]
+                    mass = mass_recall_per_head(probs, sel)
+                    r = out.setdefault((sel_name, f"adaptive{tau}"), {"mass": [], "ratio": [], "top": [], "fresh": []})
+                    r["mass"].append(float(mass.mean()))
+                    r["ratio"].append(float(mass.mean() / max(base.mean(), 1e-12)))
+                    r["top"].append(float(np.mean([best[i] in sets[s if fresh else s - 1][i // g]
+                                                   for i in range(len(best))])))
+                    r["fresh"].append(float(fresh))
                 for mode, age in AGES.items():
                     sel = chosen[s - age(s)]
                     mass = mass_recall_per_head(probs, sel)
@@ -85,7 +102,8 @@ def main(argv=None) -> None:
             rec = {"model": model, "context": n, "budget": BUDGET, "selection": sel_name, "mode": mode,
                    "steps_scored": steps - FIRST, "layers": len(layers), "mass_recall": float(np.mean(r["mass"])),
                    "mass_rel_sync": float(np.mean(r["ratio"])), "mass_rel_sync_p5": float(np.percentile(r["ratio"], 5)),
-                   "top_token_recall": float(np.mean(r["top"]))}
+                   "top_token_recall": float(np.mean(r["top"])),
+                   "fresh_share": float(np.mean(r["fresh"])) if "fresh" in r else None}
             print(rec, flush=True)
             records.append(rec)
         print(f"{model}: {time.monotonic() - t0:.0f} s", flush=True)
