@@ -467,6 +467,12 @@ class IndexerClient:
         self.poll()
         return rid in self._replies
 
+    def take_errors(self) -> list[IndexerError]:
+        """The errors of fire-and-forget requests answered so far (after collecting replies), forgotten."""
+        self.poll()
+        errors, self._errors = self._errors, []
+        return errors
+
     def queries_in_flight(self) -> int:
         """Queries sent whose result nobody has read yet."""
         return len(self._queries)

@@ -72,6 +72,10 @@ class Planner:
         # (or a prefix's) goes out now: a query sent this step would queue behind that work; or it is not
         # serving (restarting, rebuilding, down): a selection would be a fallback
         c = self.tracker.counters
+        if cfg.reuses_selections:  # ages count every decode step; finished requests' selections are dropped
+            self.cache.new_step({st.seq for st in self.tracker.live.values()})
+        elif self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
+            self.cache.clear()
         behind = cfg.dense_while_indexing and self.selector.behind_now(builds_only=cfg.max_stale_steps > 0)
         firsts = c.builds + c.shares
         for b, (row, n) in enumerate(zip(rows, lens)):
@@ -100,10 +104,6 @@ class Planner:
         step = DecodeStep(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
                           self._fixed_slots(rows, row_slots, set(sparse), cfg.sink_tokens), n_pages, selection,
                           row_slots=row_slots)
-        if sparse and cfg.reuses_selections:
-            self.cache.new_step(step.seqs)
-        elif self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
-            self.cache.clear()
         if self.device_pool is not None:
             step.lanes = self.device_pool.lanes_for(rows)
         self.metrics.sparse_rows += len(sp)
@@ -139,7 +139,7 @@ class Planner:
                 ends = [self.tracker.indexed_end(int(step.rows[b])) for b in step.sparse]
                 chosen = self.cache.choose(step.selection, self.store_layer[anchor], step.seqs, ends, arr, q_dtype,
                                            step.n_pages, step_reuse=cfg.step_reuse, max_stale=cfg.max_stale_steps,
-                                           **query)
+                                           deadline_s=cfg.selection_deadline_ms / 1e3, **query)
                 for (pages, end), b in zip(chosen, step.sparse):
                     picked[int(b)] = pages
                     tails[int(b)] = step.row_slots[b][end:]

@@ -106,7 +106,10 @@ class Selector:
             return StepSelection(None)
         step = StepSelection(time.monotonic() + deadline_s + self._allowance(new_tokens))
         client = self.sup.client
-        if wait_writes and client.pending_writes():
+        if not wait_writes:  # the writes' errors are still reported, not left to pile up
+            for e in client.take_errors():
+                logger.error("IceCache: an indexing request failed: %s", e)
+        elif client.pending_writes():
             t0 = time.perf_counter()
             try:
                 client.sync(timeout_s=step.left())
@@ -131,10 +134,10 @@ class Selector:
 
     def send(self, step: StepSelection, layer: int, seqs: list[int], q: np.ndarray, q_dtype: str | None,
              n_pages: int, *, policy: str, fov, prop_to_retrieve: float, num_to_retrieve: int,
-             expires: bool = True) -> list[SentQuery]:
-        """Send the queries for ``seqs`` (one message per ``max_batch`` rows) without waiting. ``expires``:
-        the indexer skips them once the step's deadline has passed (a query nobody will wait for); an
-        asynchronous query is read at a later step and does not expire."""
+             expires_at: float | None = None) -> list[SentQuery]:
+        """Send the queries for ``seqs`` (one message per ``max_batch`` rows) without waiting. The indexer
+        skips them once ``expires_at`` has passed (default: the step's deadline, after which nobody waits
+        for them; an asynchronous query is read at a later step and expires later)."""
         limit = self.sup.indexer.config.max_batch  # an indexer query carries at most max_batch rows
         out = []
         for i in range(0, len(seqs), limit):
@@ -145,7 +148,7 @@ class Selector:
             rid = self.sup.client.query_async(layer, chunk, q[i: i + limit], n_pages, fov=fov,
                                               prop_to_retrieve=prop_to_retrieve, num_to_retrieve=num_to_retrieve,
                                               q_dtype=q_dtype, policy=policy,
-                                              expires_at=step.deadline if expires else None)
+                                              expires_at=step.deadline if expires_at is None else expires_at)
             out.append(SentQuery(rid, layer, chunk, n_pages))
             self.metrics.queries += 1
         return out
@@ -154,8 +157,10 @@ class Selector:
         """Whether :meth:`receive` would return at once."""
         return sent.rid is None or self.sup.client.query_ready(sent.rid)
 
-    def receive(self, step: StepSelection, sent: SentQuery) -> Selection:
-        """The selection of one sent message, waited for until the step's deadline (then a fallback)."""
+    def receive(self, step: StepSelection, sent: SentQuery, used: bool = True) -> Selection:
+        """The selection of one sent message, waited for until the step's deadline (then a fallback).
+        ``used``: a fallback counts only when the step attends with it (an asynchronous answer nobody
+        waited for is dropped when it falls back)."""
         client = self.sup.client
         t0 = time.perf_counter()
         if sent.rid is None:
@@ -165,7 +170,7 @@ class Selector:
             sel = client.query_result(sent.rid, timeout_s=step.left())
             step.timed_out |= client.counters.timeouts > timeouts
         step.wait_s += time.perf_counter() - t0
-        self.metrics.fallbacks += int(sel.fallback)
+        self.metrics.fallbacks += int(sel.fallback and used)
         return sel
 
     def drop(self, sent: SentQuery) -> None:

@@ -53,11 +53,13 @@ class SelectionCache:
         self.messages: dict[int, list[_InFlight]] = {}  # indexer layer -> every query message in flight there
         self.step = 0
 
-    def new_step(self, seqs: list[int]) -> None:
-        """A decode step with sparse requests ``seqs`` begins: forget every other request's selections and
-        queries (a finished request's answers would never be read)."""
+    def new_step(self, live: set[int]) -> None:
+        """A decode forward pass begins (every one counts, dense ones too: ages are in decode steps) with
+        requests ``live`` indexed: forget every other request's selections and queries (a finished
+        request's answers would never be read)."""
         self.step += 1
-        live = set(seqs)
+        if not (self.entries or self.latest or any(self.messages.values())):
+            return
         for key in [k for k in self.entries if k[0] not in live]:
             del self.entries[key]
         for key in [k for k in self.latest if k[0] not in live]:
@@ -83,10 +85,13 @@ class SelectionCache:
         return sum(len(m) for m in self.messages.values())
 
     def choose(self, step: StepSelection, layer: int, seqs: list[int], ends: list[int], q: np.ndarray,
-               q_dtype: str | None, n_pages: int, *, step_reuse: int, max_stale: int,
+               q_dtype: str | None, n_pages: int, *, step_reuse: int, max_stale: int, deadline_s: float,
                **query) -> list[tuple[np.ndarray, int]]:
         """Per request of ``seqs`` (indexed ends ``ends`` now, queries ``q``): the slots of the pages to attend
-        at indexer layer ``layer`` and the position from which it attends every token."""
+        at indexer layer ``layer`` and the position from which it attends every token. ``deadline_s``: the
+        selection deadline; an asynchronous query expires ``max_stale`` deadlines after the step's (past
+        that it is too old to be used), so a slow indexer skips queries nobody can use instead of
+        queueing them."""
         now = self.step
         self._collect(step, layer, must=set())
         send, need = [], []
@@ -105,9 +110,11 @@ class SelectionCache:
                 need.append(j)
         if send:
             idx = np.asarray(send)
+            end_of = dict(zip(seqs, ends))
+            expires_at = None if step.deadline is None else step.deadline + max_stale * deadline_s
             for sent in self.selector.send(step, layer, [seqs[j] for j in send], q[idx], q_dtype, n_pages,
-                                           expires=not max_stale, **query):
-                f = _InFlight(sent, [ends[seqs.index(s)] for s in sent.seqs], now)
+                                           expires_at=expires_at, **query):
+                f = _InFlight(sent, [end_of[s] for s in sent.seqs], now)
                 self.messages.setdefault(layer, []).append(f)
                 for s in sent.seqs:
                     self.latest[(s, layer)] = f
@@ -136,7 +143,7 @@ class SelectionCache:
             if not waited and not self.selector.ready(f.sent):
                 keep.append(f)
                 continue
-            sel = self.selector.receive(step, f.sent)
+            sel = self.selector.receive(step, f.sent, used=waited)
             for s in f.sent.seqs:
                 if self.latest.get((s, layer)) is f:
                     del self.latest[(s, layer)]
