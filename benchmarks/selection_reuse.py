@@ -26,13 +26,11 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import png_path, replot, server_benchmark_args, write_records
-from serve_cpu import flush, icecache_config, kv_token_bytes, prompt_ids
+from serve_cpu import flush, icecache_config, kv_token_bytes, prompt_ids, stream_times
 
 from icecache_sglang.launch import ServerProcess
 from icecache_sglang.models.fetch import ensure_model
@@ -43,20 +41,6 @@ MODES = {"dense": {"budget_tokens": 65000}, "sync": {}, "every2": {"step_reuse":
          "every8": {"step_reuse": 8}, "async1": {"max_stale_steps": 1}, "async2": {"max_stale_steps": 2},
          "async4": {"max_stale_steps": 4}, "async8": {"max_stale_steps": 8}}
 SKIP = 4  # first inter-token gaps left out (the prefix hit's index share, the first selections)
-
-
-def stream_times(srv: ServerProcess, ids: list[int], max_new: int) -> list[float]:
-    payload = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
-                                                                      "ignore_eos": True}}
-    req = urllib.request.Request(srv.url + "/generate", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    times = []
-    with urllib.request.urlopen(req, timeout=3600) as r:
-        for line in r:
-            line = line.strip()
-            if line.startswith(b"data:") and line != b"data: [DONE]":
-                times.append(time.perf_counter())
-    return times
 
 
 def run_model(model: str, path: Path, contexts: list[int], rounds: int, max_new: int, log_dir: Path) -> list[dict]:
@@ -74,7 +58,7 @@ def run_model(model: str, path: Path, contexts: list[int], rounds: int, max_new:
                     srv.set_icecache(**{"budget_tokens": cfg["budget_tokens"], "step_reuse": 1, "max_stale_steps": 0,
                                         **settings})
                     st0 = srv.icecache_stats(wait_s=0.3)
-                    times = stream_times(srv, ids, max_new)
+                    times = stream_times(srv, ids, max_new)[1]
                     st = srv.icecache_stats()
                     gaps = [b - a for a, b in zip(times, times[1:])][SKIP:]
                     steps = max(st["decode_steps"] - st0["decode_steps"], 1)

@@ -44,7 +44,9 @@ NAME = "serve_cpu"
 BUDGET = 256
 
 
-def streamed(srv: ServerProcess, ids: list[int], max_new: int) -> dict:
+def stream_times(srv: ServerProcess, ids: list[int], max_new: int) -> tuple[float, list[float], dict]:
+    """One streamed ``/generate`` (exact token ids, greedy, ``ignore_eos``): the start time, each chunk's
+    arrival time and the last chunk."""
     payload = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
                                                                       "ignore_eos": True}}
     req = urllib.request.Request(srv.url + "/generate", data=json.dumps(payload).encode(),
@@ -58,6 +60,11 @@ def streamed(srv: ServerProcess, ids: list[int], max_new: int) -> dict:
                 continue
             times.append(time.perf_counter())
             last = json.loads(line[5:])
+    return t0, times, last
+
+
+def streamed(srv: ServerProcess, ids: list[int], max_new: int) -> dict:
+    t0, times, last = stream_times(srv, ids, max_new)
     n_out = last["meta_info"]["completion_tokens"]
     ttft = times[0] - t0
     tpot = (times[-1] - times[0]) / max(len(times) - 1, 1) if n_out > 1 else float("nan")

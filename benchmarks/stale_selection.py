@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import png_path, write_records  # noqa: E402
 from index_quality import make_policy, real_layers  # noqa: E402
 
-from icecache_sglang.index.metrics import attention_probs, mass_recall_per_head  # noqa: E402
+from icecache_sglang.index.metrics import attention_probs, mass_recall_per_head, top_token_hits  # noqa: E402
 
 NAME = "stale_selection"
 BUDGET, PAGE = 256, 16
@@ -54,35 +54,32 @@ def evaluate(layers, steps: int) -> dict:
         ice.build(keys)
         exact = make_policy("oracle_page", BUDGET, PAGE, ice.inner.index)
         exact.build(keys)
-        for sel_name, pol in (("exact", exact), ("icecache", ice)):
-            chosen = [pol.select(q, BUDGET) for q in queries]  # per step: per KV head, positions
-            sets = [[set(np.asarray(x).tolist()) for x in c] for c in chosen]
-            for s in range(FIRST, steps):
-                probs = attention_probs(queries[s], keys)
-                base = mass_recall_per_head(probs, chosen[s])
-                best = probs.argmax(axis=1)  # each query head's highest-attention token
-                g = probs.shape[0] // len(chosen[s])
-                # adaptive: the selection of step s-1 unless a query head turned away from the query that made it
-                # (cosine below tau: then wait for the fresh one, age 0)
-                qa, qb = queries[s], queries[s - 1]
-                cos = (qa * qb).sum(-1) / np.maximum(np.linalg.norm(qa, axis=-1) * np.linalg.norm(qb, axis=-1), 1e-12)
-                for tau in TAUS:
-                    fresh = cos.min() < tau
-                    sel = chosen[s] if fresh else chosen[s - 1]
-                    mass = mass_recall_per_head(probs, sel)
-                    r = out.setdefault((sel_name, f"adaptive{tau}"), {"mass": [], "ratio": [], "top": [], "fresh": []})
-                    r["mass"].append(float(mass.mean()))
-                    r["ratio"].append(float(mass.mean() / max(base.mean(), 1e-12)))
-                    r["top"].append(float(np.mean([best[i] in sets[s if fresh else s - 1][i // g]
-                                                   for i in range(len(best))])))
-                    r["fresh"].append(float(fresh))
-                for mode, age in AGES.items():
-                    sel = chosen[s - age(s)]
-                    mass = mass_recall_per_head(probs, sel)
+        chosen = {name: [pol.select(q, BUDGET) for q in queries]  # per step: per KV head, positions
+                  for name, pol in (("exact", exact), ("icecache", ice))}
+        for s in range(FIRST, steps):
+            probs = attention_probs(queries[s], keys)
+            # adaptive: the selection of step s-1 unless a query head turned away from the query that made it
+            # (cosine below tau: then wait for the fresh one, age 0)
+            qa, qb = queries[s], queries[s - 1]
+            cos = (qa * qb).sum(-1) / np.maximum(np.linalg.norm(qa, axis=-1) * np.linalg.norm(qb, axis=-1), 1e-12)
+            for sel_name, sels in chosen.items():
+                base = mass_recall_per_head(probs, sels[s]).mean()
+
+                def score(mode: str, src: int, **extra) -> None:
+                    """Step ``s`` attending with the selection made at step ``src``."""
+                    mass = mass_recall_per_head(probs, sels[src]).mean()
                     r = out.setdefault((sel_name, mode), {"mass": [], "ratio": [], "top": []})
-                    r["mass"].append(float(mass.mean()))
-                    r["ratio"].append(float(mass.mean() / max(base.mean(), 1e-12)))
-                    r["top"].append(float(np.mean([best[i] in sets[s - age(s)][i // g] for i in range(len(best))])))
+                    r["mass"].append(float(mass))
+                    r["ratio"].append(float(mass / max(base, 1e-12)))
+                    r["top"].append(float(top_token_hits(probs, sels[src]).mean()))
+                    for k, v in extra.items():
+                        r.setdefault(k, []).append(v)
+
+                for tau in TAUS:
+                    fresh = bool(cos.min() < tau)
+                    score(f"adaptive{tau}", s if fresh else s - 1, fresh=float(fresh))
+                for mode, age in AGES.items():
+                    score(mode, s - age(s))
     return out
 
 

@@ -16,8 +16,9 @@ from numba.extending import intrinsic, overload
 
 #: the ``key_dtype`` values an index accepts -> the NumPy dtype of its ``page_keys``
 STORAGE = {"float32": np.float32, "bfloat16": np.uint16}
-#: below this many values the conversions run on one thread: waking numba's pool for a decode insert's few
-#: rows cost more than the work (2-5 ms per call next to a 128k-token index on 2 cores, index_speed.py)
+#: below this many values the conversions (and ``transform.key_projection``) run on one thread: waking numba's
+#: pool for a decode insert's few rows cost more than the work (2-5 ms per call next to a 128k-token index on
+#: 2 cores, index_speed.py)
 PARALLEL_MIN = 1 << 16
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .keys import PARALLEL_MIN
+
 
 def make_projection(dim: int, seed: int, n_proj: int = 1) -> np.ndarray:
     """``n_proj`` unit directions in R^{dim+1} (float64), drawn from a seeded generator."""
@@ -50,12 +52,9 @@ def key_projection(keys: np.ndarray, sqn: np.ndarray, m, u: np.ndarray) -> np.nd
     if k.dtype != np.float32:
         k = k.astype(np.float64)
     rows = k.reshape(-1, k.shape[-1])
-    dot = _rows_dot if rows.shape[0] >= PARALLEL_MIN_ROWS else _rows_dot_serial  # a decode insert's few rows:
-    # waking numba's thread pool costs more than the work (5 ms per call beside a 128k index on 2 cores)
+    dot = _rows_dot if rows.size >= PARALLEL_MIN else _rows_dot_serial  # a decode insert's few rows: waking
+    # numba's thread pool costs more than the work (5 ms per call beside a 128k index on 2 cores)
     return dot(rows, np.ascontiguousarray(w)).reshape(k.shape[:-1]) + a * augmented_coordinate(sqn, m)
-
-
-PARALLEL_MIN_ROWS = 4096
 
 
 @njit(cache=True, inline="always")

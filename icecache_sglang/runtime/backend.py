@@ -9,6 +9,7 @@ each job to its own module:
 | prefill, dense layers, requests within the budget | ``dense.py`` (one of SGLang's backends, held as ``self.dense``) |
 | which request has which index (rows, KV slots, prefix reuse) | ``sequences.py`` (``SequenceTracker``) |
 | a decode step's queries under one deadline, fallbacks | ``selection.py`` (``Selector``) |
+| selections reused across steps (``step_reuse``, asynchronous ``max_stale_steps``) | ``selection_cache.py`` (``SelectionCache``) |
 | a step's plans: sink + selected pages + tail per (request, KV head) | ``plan.py`` (``Planner``, ``DecodeStep``) |
 | the sparse attention over a plan | ``attention/`` (``SparseDecodeAttention`` over a ``DecodePlan``) |
 | KV memory: SGLang's pool (keys shared with the indexer), the offloaded decode's device pool | ``pool/`` |

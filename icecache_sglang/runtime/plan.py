@@ -78,10 +78,12 @@ class Planner:
             self.cache.clear()
         behind = cfg.dense_while_indexing and self.selector.behind_now(builds_only=cfg.max_stale_steps > 0)
         firsts = c.builds + c.shares
+        fetched = {}  # batch entry -> its row's slots (a device-to-host copy on a GPU: once per step)
         for b, (row, n) in enumerate(zip(rows, lens)):
             if n <= cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
                 continue
-            if self.tracker.update(row, self.row_slots(row, n), n, block=cfg.page_size):
+            fetched[b] = self.row_slots(row, n)
+            if self.tracker.update(row, fetched[b], n, block=cfg.page_size):
                 sparse.append(b)
         behind = behind or c.builds + c.shares > firsts
         new_tokens = c.indexed_tokens - self._acked_tokens  # sent since the last step that selected
@@ -100,7 +102,8 @@ class Planner:
                                                  wait_writes=cfg.max_stale_steps == 0)
             n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
         sp = np.asarray(sparse, np.int64)
-        row_slots = [self.row_slots(row, n).astype(np.int64) for row, n in zip(rows, lens)]
+        row_slots = [(fetched[b] if b in fetched else self.row_slots(row, n)).astype(np.int64)
+                     for b, (row, n) in enumerate(zip(rows, lens))]
         step = DecodeStep(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
                           self._fixed_slots(rows, row_slots, set(sparse), cfg.sink_tokens), n_pages, selection,
                           row_slots=row_slots)
