@@ -54,7 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import png_path, write_records  # noqa: E402
 
-from icecache_sglang.index.config import MAX_FOV, QueryParams  # noqa: E402
+from icecache_sglang.index.config import DEFAULT_GQA_MERGE, GQA_MERGES, MAX_FOV, QueryParams  # noqa: E402
 from icecache_sglang.index.metrics import (attention_probs, best_pages, dense_output,  # noqa: E402
                                            mass_recall_per_head, output_rel_err, pages_covering, ratio_percentile,
                                            recall_at_k, row_top_page_hits, tokens_per_head, top_logit_gap,
@@ -77,6 +77,7 @@ SWEEP = ([QueryParams()] + [QueryParams(fov=f) for f in (8, 16, 60, 120, 480)]
 
 
 SINK_WINDOW: tuple[int, int] | None = None  # --sink/--window override of default_sink_window
+GQA_MERGE = DEFAULT_GQA_MERGE  # --gqa-merge: how every page method shares a KV head's pages (index/gqa_merge.py)
 
 
 def sink_window(budget: int) -> tuple[int, int]:
@@ -90,7 +91,7 @@ def make_policy(method: str, budget: int, page_size: int, shared_index=None):
         pol = POLICIES[method](page_size=page_size)
     if method in ("streaming", "oracle_token"):
         return pol
-    return SinkWindowPolicy(pol, *sink_window(budget))
+    return SinkWindowPolicy(pol, *sink_window(budget)).set_merge(GQA_MERGE)
 
 
 def params_fields(params: QueryParams, n_indexed: int) -> dict:
@@ -212,7 +213,7 @@ def evaluate_layer_steps(keys, values, queries, budgets, page_size, methods=METH
                 if has_pages and m == "icecache":
                     n_pages = max(1, (budget - fixed) // C)
                     for _ in range(TIME_REPEATS - 1):  # the same query again: best of TIME_REPEATS calls
-                        idx.query(q, n_pages, pol.inner.params)
+                        idx.query(q, n_pages, pol.inner.params, merge=GQA_MERGE)
                     res["query_s"].append(min(timer.lap()))
                     rows, _ = idx.query_rows(q, row_head, n_pages, pol.inner.params)
                     res["top_page_own_row"].append(row_top_page_hits(best[s], rows))
@@ -526,6 +527,8 @@ def main(argv=None) -> None:
                          "a parallel search waits on descheduled threads and its times scatter by 10x; 0: numba's "
                          "default)")
     ap.add_argument("--no-equal-tokens", action="store_true", help="skip the runs at IceCache's token count")
+    ap.add_argument("--gqa-merge", choices=GQA_MERGES, default=DEFAULT_GQA_MERGE,
+                    help="how the page methods share a KV head's pages among its query heads (the server's default)")
     ap.add_argument("--sweep-budget", type=int, default=256, help="budget of the search-settings sweep")
     ap.add_argument("--no-sweep", action="store_true", help="skip the search-settings sweep")
     ap.add_argument("--name", default="index_quality", help="results file name (benchmarks/results/NAME.json)")
@@ -553,8 +556,9 @@ def main(argv=None) -> None:
     contexts = args.contexts or contexts
     if (args.sink is None) != (args.window is None):
         ap.error("--sink and --window go together")
-    global SINK_WINDOW
+    global SINK_WINDOW, GQA_MERGE
     SINK_WINDOW = (args.sink, args.window) if args.sink is not None else None
+    GQA_MERGE = args.gqa_merge
     budgets = [b for b in budgets if SINK_WINDOW is None or b > sum(SINK_WINDOW)]
     if args.search_threads:
         import numba
@@ -587,6 +591,7 @@ def main(argv=None) -> None:
                 sw = sink_window(budget)
                 base = {"source": source, "text": "" if source.startswith("synthetic") else kind,
                         "sink": sw[0], "window": sw[1], "context": ctx, "budget": budget, "budget_basis": basis,
+                        "gqa_merge": GQA_MERGE,
                         "page_size": args.page_size, "method": method, "recall_k": RECALL_K,
                         "steps": steps, "n_layers": len(layers), **params_fields(params, ctx - sum(sw)), **threads}
                 res = _stack(per_layer, key)

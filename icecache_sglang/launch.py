@@ -185,13 +185,14 @@ class ServerProcess:
         except ValueError:
             return {"text": body.decode(errors="replace")}
 
-    def generate(self, text=None, max_new_tokens: int = 16, input_ids=None, **sampling) -> dict:
+    def generate(self, text=None, max_new_tokens: int = 16, input_ids=None, timeout_s: float = 600.0,
+                 **sampling) -> dict:
         payload = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, **sampling}}
         if input_ids is not None:
             payload["input_ids"] = input_ids
         else:
             payload["text"] = text
-        return self.post("/generate", payload)
+        return self.post("/generate", payload, timeout_s=timeout_s)
 
     def set_icecache(self, key: str | None = None, **settings) -> dict:
         """``POST /icecache/config``: change budget_tokens / selection / query / selection_deadline_ms on the

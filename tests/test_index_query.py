@@ -20,15 +20,17 @@ def _built(K, C=8, p0=0.02, **kw):
     return idx
 
 
+@pytest.mark.parametrize("layout", ["projection", "bisect"])
 @pytest.mark.parametrize("faithful", [False, True])
 @pytest.mark.parametrize("fov,prop", [(3, 0.3), (12, 0.8), (10**9, 1.0)])
-def test_fast_path_equals_reference(rng, fov, prop, faithful):
+def test_fast_path_equals_reference(rng, fov, prop, faithful, layout):
     H, n, d, C = 2, 4000, 12, 8
     K = int_keys(rng, (H, n, d))
-    idx = _built(K, C, faithful_proj_scale=faithful)
+    idx = _built(K, C, faithful_proj_scale=faithful, layout=layout)
     Q = int_keys(rng, (5, d))
     for h in range(H):
-        ref = ReferenceIndex(K[h], C, idx.cfg.level0_prob, idx.cfg.p_up, idx.cfg.seed, faithful_proj_scale=faithful)
+        ref = ReferenceIndex(K[h], C, idx.cfg.level0_prob, idx.cfg.p_up, idx.cfg.seed, faithful_proj_scale=faithful,
+                             layout=layout)
         assert np.array_equal(ref.level, idx.tok_level[h, :n])
         assert np.array_equal(ref.parent, idx.tok_parent[h, :n])
         for p, toks in enumerate(ref.pages):  # same page ids, same tokens in the same slots

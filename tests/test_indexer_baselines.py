@@ -164,3 +164,37 @@ def test_exact_selection_is_the_exact_page_ranking_and_keeps_each_heads_best_pag
             qs = q[0, h * GROUP + g]
             best_slot = max(score, key=lambda s: (qs @ score[s][h], -s))
             assert best_slot in chosen
+
+
+@pytest.mark.parametrize("policy", ["oracle_positional", "quest"])
+def test_served_mass_merge_equals_the_offline_policy(served, policy):
+    from icecache_sglang.index.selection import OraclePositionalPolicy, QuestPolicy
+
+    ix, order, q, keys = served
+    sel = ix.client.query(0, [7], q, P, policy=policy, merge="mass", timeout_s=10.0)
+    assert not sel.fallback, sel.reason
+    offline = (OraclePositionalPolicy(C) if policy == "oracle_positional" else QuestPolicy(C)).set_merge("mass")
+    offline.build(keys)
+    for h, toks in enumerate(offline.select(q[0], P * C)):
+        assert sorted(sel.pages[0][h][sel.pages[0][h] >= 0]) == sorted(np.unique(toks // C))
+
+
+@pytest.mark.parametrize("policy", ["exact", "icecache"])
+def test_served_mass_merge_keeps_each_query_heads_best_page(served, policy):
+    ix, order, q, keys = served
+    sel = ix.client.query(0, [7], q, P, policy=policy, merge="mass", timeout_s=10.0)
+    assert not sel.fallback, sel.reason
+    slot_of = {int(s): i for i, s in enumerate(order)}
+    for h in range(H):
+        got = {slot_of[int(s)] for s in sel.slots[0][h].ravel() if s >= 0}
+        for g in range(GROUP):
+            best = int(np.argmax(q[0, h * GROUP + g] @ keys[h].T))
+            if policy == "exact":  # the exact scan never misses a query head's best token's page
+                assert best in got
+
+
+def test_unknown_merge_is_an_error_reply_not_a_crash(served):
+    ix, _, q, _ = served
+    sel = ix.client.query(0, [7], q, P, policy="exact", merge="sum", timeout_s=10.0)
+    assert sel.fallback and "unknown merge" in sel.reason
+    assert not ix.client.query(0, [7], q, P, policy="exact", timeout_s=10.0).fallback

@@ -37,6 +37,8 @@ def test_defaults_and_round_trip():
     ('{"step_reuse": 4, "max_stale_steps": 2}', "set one of them"),
     ('{"max_stale_steps": 2, "offload": true, "dense_layers": 0}', "not supported with offload"),
     ('{"stall_report_s": "30"}', "stall_report_s"),
+    ('{"gqa_merge": "max"}', "gqa_merge must be one of"),
+    ('{"index": {"layout": "random"}}', "layout must be one of"),
     ('{"index": {"page_size": 8}}', "unknown index key"),
     ('{"index": {"p_up": 2.0}}', "p_up"),
     ('{"query": {"prop_to_retrieve": 0}}', "prop_to_retrieve"),

@@ -22,6 +22,7 @@ from .modes import BASELINES, PAGE_SIZE, Mode, modes
 from .tasks import Sample, make_samples
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+REQUEST_TIMEOUT_S = 3600.0  # one request of a mode: 16 prefills of 4k tokens share 2 cores before it decodes
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Part:
     dense: bool = True
     stale: tuple[int, ...] = ()  # asynchronous selection's staleness bounds (max_stale_steps)
     every: tuple[int, ...] = ()  # synchronous selection every k steps (step_reuse)
+    server_args: tuple[str, ...] = ()  # extra launch flags of this part's servers
 
     def modes(self) -> list[Mode]:
         return modes(self.budgets, self.baselines, self.baseline_budgets, self.reuse, self.dense, self.stale,
@@ -57,6 +59,13 @@ SMOL, QWEN = "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"
 #: RULER tasks of the quick preset: retrieval and tracking with short answers (a CPU run pays per decode step)
 QUICK_RULER = ("niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "qa_1")
 BASELINES_QUICK = ("oracle_page", "quest", "streaming")
+#: RULER's look-alike retrieval tasks (issue 14): several needles of one template with near-identical keys or
+#: values, where missing the one page that holds the asked-for needle gives a look-alike's value. Qwen at 4k:
+#: IceCache's search against the exact ranking of its own pages (oracle_page) at 256 tokens, beside dense
+LOOKALIKE_RULER = ("niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery")
+LOOKALIKE = Part(QWEN, (4096,), 6, LOOKALIKE_RULER, (256,), ("oracle_page",),
+                 # SGLang's KV pool holds every prompt (24 x 4k), so the modes after dense reuse their prefill
+                 server_args=("--max-total-tokens", "131072"))
 
 PRESETS = {
     # CI: passkey and one RULER task, two samples each, a short context, three modes
@@ -66,7 +75,10 @@ PRESETS = {
     "quick": Preset("quick", (
         Part(SMOL, (1024,), 8, ("passkey",), (128, 256, 512), BASELINES_QUICK),
         Part(QWEN, (2048,), 2, ("passkey", *QUICK_RULER), (128, 256), BASELINES_QUICK, baseline_budgets=(256,)),
+        LOOKALIKE,
     ), parallel=16),
+    # the quick preset's look-alike part alone
+    "lookalike": Preset("lookalike", (LOOKALIKE,), parallel=16),
     # budget 64 (its own sink/window) and layer reuse (its own server): two more SmolLM2 servers; dense: quick
     "quick-extra": Preset("quick-extra", (
         Part(SMOL, (1024,), 8, ("passkey",), (64,), BASELINES_QUICK, reuse=3, dense=False),
@@ -164,11 +176,30 @@ def targets(summary: list[dict]) -> dict:
     return out
 
 
-def _server_args(preset: Preset, group: tuple[int, int, int]) -> list[str]:
+def agreement(rows: list[dict], a: str, b: str, tasks=LOOKALIKE_RULER) -> dict | None:
+    """Per sample of ``tasks`` both mode labels ran: the share where their scores are equal and where their
+    completions are the same text, and the samples where they differ (issue 14: IceCache's answers equal
+    oracle_page's at the same budget on look-alike facts)."""
+    by = defaultdict(dict)
+    for r in rows:
+        if "score" in r and r["task"] in tasks and r["mode_label"] in (a, b):
+            by[(r["model"], r["sample"])][r["mode_label"]] = r
+    pairs = [(k, v[a], v[b]) for k, v in sorted(by.items()) if a in v and b in v]
+    if not pairs:
+        return None
+    differ = [{"sample": k[1], a: ra["score"], b: rb["score"]} for k, ra, rb in pairs if ra["score"] != rb["score"]]
+    return {"samples": len(pairs), "equal_score": 1 - len(differ) / len(pairs),
+            "same_text": sum(ra["completion"] == rb["completion"] for _, ra, rb in pairs) / len(pairs),
+            a: sum(ra["score"] for _, ra, _ in pairs) / len(pairs),
+            b: sum(rb["score"] for _, _, rb in pairs) / len(pairs), "differ": differ}
+
+
+def _server_args(preset: Preset, group: tuple[int, int, int], part: Part | None = None) -> list[str]:
     sink, window, reuse = group
     cfg = {"budget_tokens": sink + window + 16, "page_size": PAGE_SIZE, "sink_tokens": sink, "window_tokens": window,
            "dense_layers": preset.dense_layers, "layer_reuse": reuse}
-    return ["--enable-icecache", "--icecache-config", json.dumps(cfg), *preset.extra_args]
+    return ["--enable-icecache", "--icecache-config", json.dumps(cfg), *preset.extra_args,
+            *(part.server_args if part else ())]
 
 
 def _server_env() -> dict:
@@ -206,7 +237,7 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
                 if not todo:
                     continue
                 log = (log_dir or out) / f"accuracy_{preset.name}_{part.model}_{'-'.join(map(str, group))}.log"
-                with ServerProcess(path, _server_args(preset, group), log_path=log, env=_server_env()) as srv:
+                with ServerProcess(path, _server_args(preset, group, part), log_path=log, env=_server_env()) as srv:
                     t0, count = time.monotonic(), 0
                     for mode in group_modes:
                         srv.set_icecache(**mode.settings())
@@ -214,7 +245,9 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
                         left = [s for s in samples if (part.model, mode.label, s.sample_id) not in done]
 
                         def one(s: Sample, mode=mode) -> dict:
-                            r = srv.generate(input_ids=s.input_ids, max_new_tokens=s.max_new_tokens)
+                            # a request waits behind up to ``parallel`` prefills on a few cores
+                            r = srv.generate(input_ids=s.input_ids, max_new_tokens=s.max_new_tokens,
+                                             timeout_s=REQUEST_TIMEOUT_S)
                             text = r.get("text", "")
                             row = {"model": part.model, "task": s.task, "context": s.context, "sample": s.sample_id,
                                    "mode": mode.name, "budget": mode.budget, "mode_label": mode.label,
@@ -233,7 +266,8 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
                         # what the backend did for this mode: sparse steps, indexer queries, fallbacks
                         after = srv.icecache_stats()
                         write({"kind": "mode", "model": part.model, "mode_label": mode.label,
-                               "selection": after.get("selection"), "budget_tokens": after.get("budget_tokens"),
+                               "selection": after.get("selection"), "gqa_merge": after.get("gqa_merge", "rank"),
+                               "budget_tokens": after.get("budget_tokens"),
                                **{k: after.get(k, 0) - before.get(k, 0) for k in ("sparse_rows", "queries", "fallbacks",
                                                                                    "reused_selections")},
                                "selection_age_steps_max": after.get("selection_age_steps_max")})
@@ -242,7 +276,12 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
     path = out / f"accuracy_{preset.name}.json"
     meta = {"preset": preset.name, "command": "python " + " ".join(sys.argv)}
     path.write_text(json.dumps([{**r, **meta} for r in summary], indent=1))
-    (out / f"accuracy_{preset.name}_targets.json").write_text(json.dumps({**targets(summary), **meta}, indent=1))
+    goals = targets(summary)
+    for a, b in (("icecache@256", "oracle_page@256"), ("icecache@256", "dense")):
+        agree = agreement(rows, a, b)
+        if agree:
+            goals[f"lookalike_{a}_vs_{b}"] = agree
+    (out / f"accuracy_{preset.name}_targets.json").write_text(json.dumps({**goals, **meta}, indent=1))
     try:
         plot(summary, out / f"accuracy_{preset.name}.png")
     except ImportError:

@@ -6,9 +6,15 @@ import math
 from dataclasses import dataclass, field
 
 MAX_PAGE_SIZE = 1024
+#: how a cell's children are cut into pages (index/layout.py)
+LAYOUTS = ("projection", "bisect")
 #: share of a frontier cell's children scored exactly. 1.0 (every child of the cells the frontier reaches):
 #: at 0.8 the search missed the exact best page in 4-5% of cases on real Q/K (benchmarks/page_bounds.py)
 DEFAULT_PROP_TO_RETRIEVE = 1.0
+#: how a KV head's query heads share its pages (index/gqa_merge.py): rank-major, or heads' best pages then
+#: estimated attention mass (0.4-3% more attention at equal tokens on real Q/K, benchmarks/page_layout.py)
+GQA_MERGES = ("rank", "mass")
+DEFAULT_GQA_MERGE = "mass"
 #: the widest search frontier (and per-cell retrieve count) a query may ask for: more than any cell holds
 MAX_FOV = 1 << 30
 
@@ -30,6 +36,8 @@ class IndexConfig:
     key_dtype: how the index keeps key rows: ``"float32"``, or ``"bfloat16"`` (half the bytes; keys are
     rounded to bfloat16 on the way in and the index then behaves exactly as a float32 index over the rounded
     keys). ``None``: float32 (the indexer picks bfloat16 for bfloat16/float16 KV caches).
+    layout: how a cell's children are cut into pages (``layout.py``): ``projection`` (runs along the one
+    random projection, the spec's) or ``bisect`` (recursive balanced bisection of similar keys).
     """
 
     page_size: int = 16
@@ -40,6 +48,7 @@ class IndexConfig:
     rebuild_growth: float | None = 2.0
     parent_chunk: int = 8192
     key_dtype: str | None = None
+    layout: str = "bisect"
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or not (2 <= self.page_size <= MAX_PAGE_SIZE):
@@ -55,6 +64,8 @@ class IndexConfig:
             raise ValueError(f"rebuild_growth must be > 1 or None, got {self.rebuild_growth!r}")
         if self.key_dtype is not None and self.key_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"key_dtype must be 'float32', 'bfloat16' or None, got {self.key_dtype!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
         if not isinstance(self.parent_chunk, int) or self.parent_chunk < 1:
             raise ValueError(f"parent_chunk must be a positive int, got {self.parent_chunk!r}")
 

@@ -67,9 +67,11 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                         _fail(h, f"token {t} maps to ({idx.tok_page[h, t]}, {idx.tok_slot[h, t]}), lives in ({p}, {j})")
                     if parent[t] + 1 != cell:
                         _fail(h, f"token {t} sits in cell {cell} but its parent is {parent[t]}")
-                    keys_in_order.append((idx.tok_proj[h, t], t))
+                    keys_in_order.append((idx.tok_pkey[h, t], t))
                     if idx.page_proj[h, p, j] != idx.tok_proj[h, t]:
                         _fail(h, f"page_proj of token {t} differs from tok_proj")
+                    if idx.cfg.layout == "projection" and idx.tok_pkey[h, t] != idx.tok_proj[h, t]:
+                        _fail(h, f"token {t}'s page key differs from its projection (projection layout)")
                     if idx.tok_m[h, t] != idx.cell_m[h, cell]:
                         _fail(h, f"token {t} has m {idx.tok_m[h, t]} but its cell has {idx.cell_m[h, cell]}")
                     if idx.tok_m[h, t] < idx.tok_sqn[h, t]:
@@ -79,7 +81,7 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
             if idx.cell_last[h, cell] != prev:
                 _fail(h, f"cell {cell} last page {idx.cell_last[h, cell]} != {prev}")
             if keys_in_order != sorted(keys_in_order):
-                _fail(h, f"cell {cell}'s pages are not in projection order")
+                _fail(h, f"cell {cell}'s pages are not in page-key order")
             if idx.cell_nchild[h, cell] != len(keys_in_order):
                 _fail(h, f"cell {cell} child count {idx.cell_nchild[h, cell]} != {len(keys_in_order)}")
         if set(seen_tok) != live_set:

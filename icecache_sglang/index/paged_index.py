@@ -15,9 +15,11 @@ from numba.typed import List
 
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
+from .gqa_merge import merge_rows
 from .keys import STORAGE, from_storage, to_storage
+from .layout import bisect_cells
 from .schedule import LevelSchedule
-from .search import merge_group_pages, search_batch, search_rows
+from .search import search_batch, search_rows
 from .transform import (
     augmented_parents,
     exact_parents,
@@ -59,6 +61,7 @@ class PagedDCIIndex:
         self.C = self.cfg.page_size
         self.u = make_projection(self.d, self.cfg.seed)
         self._a = float(self.u[0, -1])
+        self._bisect = self.cfg.layout == "bisect"
         self._alloc(0, 0)
 
     # ------------------------------------------------------------------ storage
@@ -80,6 +83,7 @@ class PagedDCIIndex:
             "free_stack": ("page", (), np.int32, 0), "free_n": ("head", (), np.int32, 0),
             "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, self.d), STORAGE[self.cfg.storage_dtype], 0),
             "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), np.float64, 0),
+            "tok_pkey": ("tok", (), np.float64, 0),
         }[field]
 
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
@@ -212,9 +216,13 @@ class PagedDCIIndex:
             stored = to_storage(K, self.cfg.storage_dtype)
         for h in range(self.H):
             cells = parent[h] + 1
-            order = np.lexsort((tids, proj[h], cells))
-            _build_head(S, h, tids.astype(np.int32), order.astype(np.int32), cells[order].astype(np.int32),
-                        stored[h], V[h], level, parent[h].astype(np.int32), proj[h], sqn[h], M[h])
+            order = np.lexsort((tids, proj[h], cells)).astype(np.int32)
+            cells_sorted = cells[order].astype(np.int32)
+            if self._bisect:  # cut the keys the index keeps (bfloat16 rounded, as they are read back)
+                Kf = K[h] if stored.dtype == np.float32 else from_storage(stored[h])
+                bisect_cells(order, cells_sorted, np.ascontiguousarray(Kf, np.float32), self.C)
+            _build_head(S, h, tids.astype(np.int32), order, cells_sorted, stored[h], V[h], level,
+                        parent[h].astype(np.int32), proj[h], sqn[h], M[h], self._bisect)
             self.level_counts[h, : top + 1] = [len(b) for b in by_level]
 
     # ------------------------------------------------------------------ insert / delete
@@ -251,7 +259,7 @@ class PagedDCIIndex:
             self.cnt_desc[h, tids + 1] = 1
             self.cnt_pages[h, tids + 1] = 0
             self.level_counts[h, 0] += b
-        _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._a)
+        _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._a, self._bisect)
         return tids
 
     def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,7 +345,7 @@ class PagedDCIIndex:
         key = from_storage(raw)
         self.tok_proj[h, t] = key_projection(key[None], np.array([self.tok_sqn[h, t]]), self.M[h], self.u)[0]
         self.tok_m[h, t] = self.M[h]
-        pt.attach(S, h, t, new_parent, raw, val, self._a)
+        pt.attach(S, h, t, new_parent, raw, val, self._a, self._bisect)
 
     def _vacate(self, h: int, t: int) -> None:
         """Re-home ``t``'s children so that ``t`` can leave its level (``t`` stays in its cell)."""
@@ -392,15 +400,16 @@ class PagedDCIIndex:
                     self.cfg.faithful_proj_scale, max(self.n_tokens, 1), out_pages, out_scores)
         return out_pages, out_scores
 
-    def query(self, queries, n_pages: int, params: QueryParams | None = None) -> np.ndarray:
+    def query(self, queries, n_pages: int, params: QueryParams | None = None, merge: str = "rank") -> np.ndarray:
         """Top-``n_pages`` pages per KV head for ``queries [Hq, d]`` (GQA: ``Hq = group * H``, query
-        head ``i`` belongs to KV head ``i // group``); rank-interleaved, first-P-unique merge."""
+        head ``i`` belongs to KV head ``i // group``); the query heads' pages merged by ``merge``
+        (``"rank"``: rank-interleaved, first P unique; ``"mass"``: :mod:`.gqa_merge`)."""
         Q = _as_float_array("queries", queries, 2)
         if Q.shape[0] % self.H != 0:
             raise ValueError(f"queries must have a multiple of num_heads={self.H} rows, got {Q.shape[0]}")
         group = Q.shape[0] // self.H
-        rows, _ = self.query_rows(Q, np.repeat(np.arange(self.H), group), n_pages, params)
-        return merge_group_pages(rows, group, int(n_pages))
+        rows, scores = self.query_rows(Q, np.repeat(np.arange(self.H), group), n_pages, params)
+        return merge_rows(rows, scores, group, int(n_pages), merge, 1.0 / math.sqrt(self.d))
 
     # ------------------------------------------------------------------ page table views
     def page_tokens(self, h: int, pages) -> list[np.ndarray]:
@@ -490,7 +499,7 @@ class StateList:
 
 
 def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: QueryParams | None = None,
-                states: StateList | None = None) -> np.ndarray:
+                states: StateList | None = None, merge: str = "rank") -> np.ndarray:
     """``PagedDCIIndex.query`` for B indexes of one shape and configuration at once -> ``[B, H, P]``.
     ``queries [B, Hq, d]``: row b queries ``indexes[b]``, which must hold at least one token. The same
     result as B separate queries, with every (index, KV head) pair searched in parallel. Pass a long-lived
@@ -520,16 +529,18 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
                  P, np.array([params.fov_for(n) for n in n_live], np.int64),
                  float(params.prop_to_retrieve), int(params.num_to_retrieve), first.cfg.faithful_proj_scale,
                  np.array([max(idx.n_tokens, 1) for idx in indexes], np.int64), rows, scores)
-    return np.stack([merge_group_pages(rows[b], group, P) for b in range(B)])
+    return np.stack([merge_rows(rows[b], scores[b], group, P, merge, 1.0 / math.sqrt(d)) for b in range(B)])
 
 
 # ---------------------------------------------------------------------- numba drivers
 
 
 @njit(cache=True)
-def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn, m):
-    """Lay out one head's cells; ``order`` sorts the local indices by (cell, projection, token id)."""
-    tok_level, tok_parent, tok_proj, tok_m, tok_sqn = S[0], S[1], S[4], S[5], S[6]
+def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn, m, bisect):
+    """Lay out one head's cells; ``order`` sorts the local indices by cell, then in page order: (projection,
+    token id), or each cell's bisection order (``layout.bisect_cells``), where a child's page key is its
+    rank."""
+    tok_level, tok_parent, tok_proj, tok_m, tok_sqn, tok_pkey = S[0], S[1], S[4], S[5], S[6], S[25]
     cell_m, cnt_desc, cnt_pages = S[10], S[11], S[12]
     n = K.shape[0]
     for i in range(n):
@@ -537,6 +548,7 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         tok_level[h, t] = level[i]
         tok_parent[h, t] = parent[i]
         tok_proj[h, t] = proj[i]
+        tok_pkey[h, t] = proj[i]
         tok_m[h, t] = m
         tok_sqn[h, t] = sqn[i]
         cnt_desc[h, t + 1] = 1
@@ -547,6 +559,9 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         while j < n and cells_sorted[j] == c:
             j += 1
         seg = order[i:j]
+        if bisect:
+            for r in range(j - i):
+                tok_pkey[h, tids[seg[r]]] = r
         cnt_pages[h, c] += pt.layout_sorted(S, h, c, tids[seg], K[seg], V[seg])
         cell_m[h, c] = m
         i = j
@@ -560,10 +575,10 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
 
 
 @njit(cache=True, parallel=True)
-def _insert_heads(S, tids, parents, K, V, a):
+def _insert_heads(S, tids, parents, K, V, a, bisect):
     for h in prange(K.shape[0]):
         for i in range(tids.shape[0]):
-            pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a)
+            pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a, bisect)
 
 
 __all__ = ["IndexConfig", "PagedDCIIndex", "QueryParams", "StateList", "query_batch"]

@@ -1,8 +1,9 @@
 """Numba page-table operations for one KV head of a :class:`PagedDCIIndex` (index-spec section 5.2).
 
 A *cell* is the ordered child set of a token (cell ``t + 1``) or of the root (cell ``0``). Its children
-are kept sorted by ``(projection, token id)`` and laid out as a linked list of pages of at most ``C``
-slots; a page never mixes cells. Physical key/value rows live in ``page_keys[h, page, slot]`` so that
+are kept sorted by ``(page key, token id)`` and laid out as a linked list of pages of at most ``C``
+slots; a page never mixes cells. The page key (``tok_pkey``) is the projection under the ``projection``
+layout and a rank in the cell's bisection order under ``bisect`` (``layout.py``). Physical key/value rows live in ``page_keys[h, page, slot]`` so that
 scoring a cell reads contiguous memory and a selected page can be copied as one block.
 
 Every function takes the state tuple ``S`` (see :data:`STATE_FIELDS`) and a head ``h``. They are
@@ -15,6 +16,8 @@ import math
 
 import numpy as np
 from numba import njit
+
+from .keys import as_f32, key_dot
 
 # The order of the arrays in the state tuple passed to every kernel.
 STATE_FIELDS = (
@@ -43,12 +46,13 @@ STATE_FIELDS = (
     "page_keys",  # [H, P, C, d] float32, or uint16 bfloat16 bits (index/keys.py)
     "page_vals",  # float32 [H, P, C, dv] (dv may be 0)
     "page_proj",  # float64 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
+    "tok_pkey",  # float64 [H, T] page key: the cell order (layout.py); tok_proj under the projection layout
 )
 
 
 @njit(cache=True, inline="always")
 def key_less(pa, ta, pb, tb):
-    """Cell order: by projection, ties by token id."""
+    """Cell order: by page key, ties by token id."""
     return pa < pb or (pa == pb and ta < tb)
 
 
@@ -144,17 +148,17 @@ def move_slot(S, h, src_p, src_j, dst_p, dst_j):
 
 @njit(cache=True)
 def page_insert(S, h, t, cell, key, val):
-    """Insert token ``t`` (its ``tok_proj`` already relative to the cell's m) into ``cell``'s pages.
+    """Insert token ``t`` (its ``tok_pkey`` set) into ``cell``'s pages.
 
     The page is the first whose last key is >= the new key (else the last page); a full page splits
     in half first, the new id taken from the free list. Both pages become dirty.
     """
-    tok_page, tok_slot, tok_proj = S[2], S[3], S[4]
+    tok_page, tok_slot, tok_pkey = S[2], S[3], S[25]
     cell_first, cell_nchild = S[7], S[9]
     page_tok, page_fill, page_next, page_dirty = S[13], S[14], S[16], S[18]
     page_keys, page_vals = S[22], S[23]
     C = page_tok.shape[2]
-    pt = tok_proj[h, t]
+    pt = tok_pkey[h, t]
     p = cell_first[h, cell]
     if p < 0:
         p = page_alloc(S, h, cell)
@@ -164,7 +168,7 @@ def page_insert(S, h, t, cell, key, val):
     else:
         while True:
             last = page_tok[h, p, page_fill[h, p] - 1]
-            if not key_less(tok_proj[h, last], last, pt, t):
+            if not key_less(tok_pkey[h, last], last, pt, t):
                 break
             nx = page_next[h, p]
             if nx < 0:
@@ -174,7 +178,7 @@ def page_insert(S, h, t, cell, key, val):
         pos = f
         for j in range(f):
             tj = page_tok[h, p, j]
-            if key_less(pt, t, tok_proj[h, tj], tj):
+            if key_less(pt, t, tok_pkey[h, tj], tj):
                 pos = j
                 break
         if f == C:
@@ -194,7 +198,7 @@ def page_insert(S, h, t, cell, key, val):
     for j in range(f, pos, -1):
         move_slot(S, h, p, j - 1, p, j)
     page_tok[h, p, pos] = t
-    S[24][h, p, pos] = pt
+    S[24][h, p, pos] = S[4][h, t]
     page_keys[h, p, pos, :] = key
     if page_vals.shape[3] > 0:
         page_vals[h, p, pos, :] = val
@@ -297,9 +301,10 @@ def layout_sorted(S, h, cell, tids, keys, vals):
 
 
 @njit(cache=True)
-def relift_cell(S, h, cell, new_m, a):
-    """Raise the m of ``cell``'s children to ``new_m`` and rebuild its pages (all dirty, ids recycled)."""
-    tok_proj, tok_m, tok_sqn = S[4], S[5], S[6]
+def relift_cell(S, h, cell, new_m, a, bisect):
+    """Raise the m of ``cell``'s children to ``new_m`` and rebuild its pages (all dirty, ids recycled). The
+    projection layout's page keys move with the projections (the order stays: a monotone shift per cell)."""
+    tok_proj, tok_m, tok_sqn, tok_pkey = S[4], S[5], S[6], S[25]
     cell_first, cell_nchild, cell_m = S[7], S[9], S[10]
     page_tok, page_fill, page_next, page_keys, page_vals = S[13], S[14], S[16], S[22], S[23]
     m = cell_nchild[h, cell]
@@ -329,10 +334,12 @@ def relift_cell(S, h, cell, new_m, a):
         s = tok_sqn[h, t]
         tok_proj[h, t] += a * (math.sqrt(max(new_m - s, 0.0)) - math.sqrt(max(old_m - s, 0.0)))
         tok_m[h, t] = new_m
+        if not bisect:
+            tok_pkey[h, t] = tok_proj[h, t]
     cell_m[h, cell] = new_m
     proj = np.empty(m, np.float64)
     for i in range(m):
-        proj[i] = tok_proj[h, tids[i]]
+        proj[i] = tok_pkey[h, tids[i]]
     o1 = np.argsort(tids, kind="mergesort")
     o2 = np.argsort(proj[o1], kind="mergesort")
     order = o1[o2]
@@ -341,10 +348,45 @@ def relift_cell(S, h, cell, new_m, a):
 
 
 @njit(cache=True)
-def attach(S, h, t, parent, key, val, a):
+def neighbour_pkey(S, h, cell, key):
+    """A page key for a new child of ``cell`` under the bisect layout: just before its nearest child (squared
+    Euclidean distance of the raw keys), so that it joins that child's page; when the keys leave no room
+    between the nearest child and the one before it, the nearest child's own key (the token id then puts the
+    new child right after it)."""
+    tok_sqn, cell_first, tok_pkey = S[6], S[7], S[25]
+    page_tok, page_fill, page_next, page_prev, page_keys = S[13], S[14], S[16], S[17], S[22]
+    p = cell_first[h, cell]
+    if p < 0:
+        return 0.0
+    d = key.shape[0]
+    kf = as_f32(key, d, np.empty(d, np.float32))
+    best, bp, bj = np.inf, -1, -1
+    while p >= 0:
+        for j in range(page_fill[h, p]):
+            dist = tok_sqn[h, page_tok[h, p, j]] - 2.0 * key_dot(page_keys[h, p, j], kf)
+            if dist < best:
+                best, bp, bj = dist, p, j
+        p = page_next[h, p]
+    kn = tok_pkey[h, page_tok[h, bp, bj]]
+    if bj > 0:
+        kp = tok_pkey[h, page_tok[h, bp, bj - 1]]
+    elif page_prev[h, bp] >= 0:
+        pp = page_prev[h, bp]
+        kp = tok_pkey[h, page_tok[h, pp, page_fill[h, pp] - 1]]
+    else:
+        return kn - 1.0
+    mid = 0.5 * (kp + kn)
+    if mid <= kp or mid >= kn:
+        return kn
+    return mid
+
+
+@njit(cache=True)
+def attach(S, h, t, parent, key, val, a, bisect):
     """Put token ``t`` (projected with ``tok_m``) into ``parent``'s cell: lift to the cell's m (or
-    raise the cell's m), insert into its pages, and add ``t``'s subtree to the ancestors' counters."""
-    tok_parent, tok_proj, tok_m, tok_sqn = S[1], S[4], S[5], S[6]
+    raise the cell's m), give it its page key, insert into its pages, and add ``t``'s subtree to the
+    ancestors' counters."""
+    tok_parent, tok_proj, tok_m, tok_sqn, tok_pkey = S[1], S[4], S[5], S[6], S[25]
     cell_nchild, cell_m, cnt_desc, cnt_pages = S[9], S[10], S[11], S[12]
     cell = parent + 1
     mt = tok_m[h, t]
@@ -357,7 +399,8 @@ def attach(S, h, t, parent, key, val, a):
             tok_proj[h, t] += a * (math.sqrt(max(mc - s, 0.0)) - math.sqrt(max(mt - s, 0.0)))
             tok_m[h, t] = mc
         elif mt > mc:
-            relift_cell(S, h, cell, mt, a)
+            relift_cell(S, h, cell, mt, a, bisect)
+    tok_pkey[h, t] = neighbour_pkey(S, h, cell, key) if bisect else tok_proj[h, t]
     tok_parent[h, t] = parent
     page_insert(S, h, t, cell, key, val)
     bump_chain(S, h, cell, cnt_desc[h, t + 1], cnt_pages[h, t + 1])

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .schedule import schedule_levels
+from .layout import bisect_order
 from .transform import augment_keys, augment_queries, exact_parents, key_projection, make_projection, query_projection
 
 
@@ -38,7 +39,7 @@ class ReferenceIndex:
     """One head's M-DCI tree with pages, built in bulk."""
 
     def __init__(self, keys: np.ndarray, page_size: int, p0: float, p_up: float, seed: int,
-                 faithful_proj_scale: bool = False, u: np.ndarray | None = None):
+                 faithful_proj_scale: bool = False, u: np.ndarray | None = None, layout: str = "projection"):
         K = np.asarray(keys, dtype=np.float32)
         n, d = K.shape
         self.K = K
@@ -61,12 +62,15 @@ class ReferenceIndex:
             self.children.setdefault(int(self.parent[t]) + 1, []).append(t)
         for c in self.children:
             self.children[c].sort(key=lambda t: (self.proj[t], t))
-        # pages: balanced runs of each cell, ids handed out in cell order
+        # pages: balanced runs of each cell in its page order (the projection order, or the bisection of the
+        # cell's keys taken in projection order: layout.py), ids handed out in cell order
         self.pages: list[list[int]] = []
         self.page_of = np.empty(n, dtype=np.int64)
         self.cell_pages: dict[int, int] = {}
         for c in sorted(self.children):
             ch = self.children[c]
+            if layout == "bisect" and len(ch) > page_size:
+                ch = [ch[i] for i in bisect_order(np.ascontiguousarray(K[ch]), page_size)]
             npg = -(-len(ch) // page_size)
             i = 0
             for g in range(npg):

@@ -12,7 +12,9 @@ reads the same keys once with the same parallel layout, the time floor of any ex
   accumulation). Work items are (KV head, chunk of pages), run in parallel, so one KV head fills the cores.
 * A page's score for a query head is its best token's score. Per query head the top ``n_pages`` pages are
   chosen by a partial selection (score descending, ties by lower page id, pages with fill 0 never), -1
-  padded when fewer pages hold tokens; then :func:`.search.merge_group_pages` merges each KV head's rows.
+  padded when fewer pages hold tokens; then :func:`.search.merge_group_pages` merges each KV head's rows
+  (``merge="rank"``). ``merge="mass"`` merges the page scores by estimated attention mass instead
+  (:mod:`.gqa_merge`).
 
 Pure numpy + numba.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .gqa_merge import check_merge, merge_by_mass
 from .keys import as_f32
 from .search import merge_group_pages
 
@@ -154,8 +157,8 @@ def _check(page_keys, page_fill, next_page):
         raise ValueError(f"next_page must lie in [0, {cap}]")
 
 
-def scan_rows(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
-    """Exact top ``n_pages`` pages of every query row before the GQA merge -> ``[H_q, n_pages]`` int32."""
+def _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk) -> np.ndarray:
+    """Checked inputs -> ``best [H_q, max(next_page)]`` (see ``page_maxima``)."""
     _check(page_keys, page_fill, next_page)
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     H, d = page_keys.shape[0], page_keys.shape[3]
@@ -164,15 +167,26 @@ def scan_rows(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHU
     if not isinstance(n_pages, (int, np.integer)) or n_pages < 1:
         raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
     flat = page_keys.reshape(H, page_keys.shape[1], -1)
-    best = page_maxima(flat, page_fill, next_page, Q, int(chunk))
+    return page_maxima(flat, page_fill, next_page, Q, int(chunk))
+
+
+def scan_rows(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
+    """Exact top ``n_pages`` pages of every query row before the GQA merge -> ``[H_q, n_pages]`` int32."""
+    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk)
+    H = page_keys.shape[0]
     return top_pages(best, page_fill, next_page, Q.shape[0] // H, int(n_pages))
 
 
-def scan_pages(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
-    """Exact top ``n_pages`` pages per KV head -> ``[H_kv, n_pages]`` int32 (-1 padded), merged like
-    ``PagedDCIIndex.query``."""
-    rows = scan_rows(page_keys, page_fill, next_page, Q, n_pages, chunk)
-    return merge_group_pages(rows, rows.shape[0] // page_keys.shape[0], int(n_pages))
+def scan_pages(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES,
+               merge: str = "rank") -> np.ndarray:
+    """Exact top ``n_pages`` pages per KV head -> ``[H_kv, n_pages]`` int32 (-1 padded), the query heads of a
+    KV head merged by ``merge`` (``"rank"``: like ``PagedDCIIndex.query``; ``"mass"``: :mod:`.gqa_merge`)."""
+    if check_merge(merge) == "rank":
+        rows = scan_rows(page_keys, page_fill, next_page, Q, n_pages, chunk)
+        return merge_group_pages(rows, rows.shape[0] // page_keys.shape[0], int(n_pages))
+    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk)
+    H, d = page_keys.shape[0], page_keys.shape[3]
+    return merge_by_mass(best, best.shape[0] // H, int(n_pages), 1.0 / float(np.sqrt(d)))
 
 
 def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) -> float:

@@ -5,7 +5,8 @@ One query row = one query head searching its KV head's tree. ``search_rows`` run
 
 Search rules, shared with the NumPy reference (:mod:`icecache_sglang.index.reference`):
 
-* children of a cell are kept sorted by projection; a cell search scores exactly the ``R`` children
+* a cell's children are read in projection order (the order of their pages under the projection layout,
+  sorted on the way in under the bisect layout); a cell search scores exactly the ``R`` children
   nearest to the query's projection (a contiguous window of the sorted list, left wins ties), where
   ``R = max(num_to_retrieve, ceil(prop * mc), k_req)``, or all children when ``k_req >= mc``;
 * on levels >= 1 a cell keeps its best ``max(fov, coverage prefix)`` children, where the coverage
@@ -78,7 +79,9 @@ def _grow_window(pn, n, qp, lo, hi):
 
 @njit(cache=True)
 def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
-    """The cell's children in order: token ids, scaled projections, (page, slot). Reads pages only."""
+    """The cell's children in page order: token ids, scaled projections, (page, slot). Reads pages only.
+    Under the bisect layout that is not projection order: a caller whose window is narrower than the cell
+    calls ``_projection_order`` first (a window over the whole cell needs no order)."""
     cell_first, cell_m = S[7], S[10]
     page_tok, page_fill, page_next, page_proj = S[13], S[14], S[16], S[24]
     scale = 1.0 if faithful else 1.0 / math.sqrt(max(cell_m[h, cell], 1e-30))
@@ -93,6 +96,30 @@ def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
             n += 1
         p = page_next[h, p]
     return n
+
+
+@njit(cache=True)
+def _projection_order(buf_t, buf_pn, buf_p, buf_j, n):
+    """Sort gathered children by (projection, token id) unless they already are."""
+    for i in range(1, n):
+        if not _proj_le(buf_pn[i - 1], buf_t[i - 1], buf_pn[i], buf_t[i]):
+            _sort_by_projection(buf_t, buf_pn, buf_p, buf_j, n)
+            return
+
+
+@njit(cache=True, inline="always")
+def _proj_le(pa, ta, pb, tb):
+    return pa < pb or (pa == pb and ta <= tb)
+
+
+@njit(cache=True)
+def _sort_by_projection(buf_t, buf_pn, buf_p, buf_j, n):
+    o1 = np.argsort(buf_t[:n], kind="mergesort")
+    o2 = np.argsort(buf_pn[:n][o1], kind="mergesort")
+    order = o1[o2]
+    t, pn, p, j = buf_t[:n].copy(), buf_pn[:n].copy(), buf_p[:n].copy(), buf_j[:n].copy()
+    for i in range(n):
+        buf_t[i], buf_pn[i], buf_p[i], buf_j[i] = t[order[i]], pn[order[i]], p[order[i]], j[order[i]]
 
 
 @njit(cache=True)
@@ -150,6 +177,8 @@ def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, b
     mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
     if mc == 0:
         return
+    if _retrieve_count(mc, fov, prop, ntr) < mc:
+        _projection_order(buf_t, buf_pn, buf_p, buf_j, mc)
     for r in range(Q.shape[0]):
         if not active[r]:
             continue
@@ -182,6 +211,8 @@ def _search_leaf_cell(S, h, cell, Q, qp, active, P, prop, ntr, faithful, buf_t, 
     mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
     if mc == 0:
         return
+    if _retrieve_count(mc, P, prop, ntr) < mc:
+        _projection_order(buf_t, buf_pn, buf_p, buf_j, mc)
     for r in range(Q.shape[0]):
         if active[r]:
             lo[r], hi[r] = _window(buf_pn, mc, qp[r], _retrieve_count(mc, P, prop, ntr))

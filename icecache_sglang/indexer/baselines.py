@@ -27,16 +27,18 @@ from ..index.selection import OraclePositionalPolicy, QuestPolicy
 from .policies import BASELINES, POLICIES  # noqa: F401 - re-exported
 
 
-def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
+def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str,
+                    merge: str = "rank") -> tuple[np.ndarray, np.ndarray]:
     """``q [H_q, d]`` (query head ``i`` on KV head ``i // group``) -> ``pages [H, P]`` and ``slots [H, P, C]``
-    (int32, -1 padded)."""
+    (int32, -1 padded). ``merge``: the GQA merge of the page-ranking policies (``index/gqa_merge.py``)."""
     if policy not in BASELINES + ("exact",):
         raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact']}")
     H, C, P = idx.H, idx.C, n_pages
     g = q.shape[0] // H
     pages = np.full((H, P), -1, np.int32)
     if policy in ("oracle_page", "exact"):  # the tight exhaustive scan (index/scan.py): every key read once per KV head
-        pages = scan_pages(idx.page_keys, idx.page_fill, idx.next_page, np.ascontiguousarray(q, np.float32), P)
+        pages = scan_pages(idx.page_keys, idx.page_fill, idx.next_page, np.ascontiguousarray(q, np.float32), P,
+                           merge=merge)
         return pages, idx.page_positions(pages).astype(np.int32)
     slots = np.full((H, P, C), -1, np.int32)
     ids = idx.live_ids()
@@ -51,7 +53,7 @@ def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str
             pages[:, j] = a // C
             slots[:, j, : chunk.size] = chunk
         return pages, slots
-    chooser = OraclePositionalPolicy(C) if policy == "oracle_positional" else QuestPolicy(C)
+    chooser = (OraclePositionalPolicy(C) if policy == "oracle_positional" else QuestPolicy(C)).set_merge(merge)
     chooser.build(idx.keys_of(ids))
     for h, chosen in enumerate(chooser.select(np.ascontiguousarray(q, np.float32), P * C)):
         for j, pg in enumerate(np.unique(chosen // C)[:P]):

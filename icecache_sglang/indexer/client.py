@@ -416,7 +416,8 @@ class IndexerClient:
     # ------------------------------------------------------------------ queries
     def query_async(self, layer: int, seqs, q: np.ndarray, n_pages: int, *, fov: int | None = None,
                     prop_to_retrieve: float = DEFAULT_PROP_TO_RETRIEVE, num_to_retrieve: int = 0, want_slots: bool = True,
-                    q_dtype: str | None = None, policy: str = "icecache", expires_at: float | None = None) -> int:
+                    q_dtype: str | None = None, policy: str = "icecache", merge: str = "rank",
+                    expires_at: float | None = None) -> int:
         """Send a Query for ``q [B, H_q, d]`` (float32/float16, or raw bfloat16 words with
         ``q_dtype="bfloat16"``); returns an id for :meth:`query_result`. Never raises for an unreachable
         indexer: the result will be a fallback. ``expires_at`` (``time.monotonic()``): the indexer skips
@@ -424,7 +425,7 @@ class IndexerClient:
         seqs = [int(s) for s in seqs]
         op = p.Query(layer=int(layer), seqs=seqs, n_pages=int(n_pages), fov=fov,
                      prop_to_retrieve=float(prop_to_retrieve), num_to_retrieve=int(num_to_retrieve),
-                     want_slots=want_slots, policy=policy, expires_at=expires_at)
+                     want_slots=want_slots, policy=policy, merge=merge, expires_at=expires_at)
         pending = _PendingQuery(int(layer), seqs, int(n_pages), want_slots)
         arr = (q, q_dtype) if q_dtype else q
         try:

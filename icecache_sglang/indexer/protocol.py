@@ -73,7 +73,8 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     holds every query head of each of the B sequences in ``seqs``. The reply holds ``pages`` [B, H_kv, P]
     (int32, best first, -1 padded) and, unless ``want_slots`` is false, ``slots`` [B, H_kv, P, C] (int32,
     the key-store slots of each page's tokens, -1 padded). ``policy`` picks the selection: ``icecache`` (the
-    index's search) or a baseline over the same tokens (``indexer/baselines.py``)."""
+    index's search) or a baseline over the same tokens (``indexer/baselines.py``). ``merge``: how the query heads
+    of a KV head share its pages (``index/gqa_merge.py``: ``rank`` or ``mass``; streaming ignores it)."""
 
     layer: int
     seqs: list[int]
@@ -83,6 +84,7 @@ class Query(msgspec.Struct, tag=True, frozen=True):
     num_to_retrieve: int = 0
     want_slots: bool = True
     policy: str = "icecache"
+    merge: str = "rank"
     #: ``time.monotonic()`` (CLOCK_MONOTONIC, shared by the processes of one host) after which nobody waits
     #: for the answer: the indexer skips the search and replies ``expired``, so a backlog queued while it
     #: was stopped or slow costs nothing once it runs again

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ..index.config import QueryParams
+from ..index.gqa_merge import GQA_MERGES
 from .baselines import POLICIES, select_baseline
 from ..index.paged_index import PagedDCIIndex, query_batch
 from . import protocol as p
@@ -137,6 +138,8 @@ class IndexerService:
             raise _bad(str(e)) from None
         if op.policy not in POLICIES:
             raise _bad(f"unknown policy {op.policy!r}; known: {list(POLICIES)}")
+        if op.merge not in GQA_MERGES:
+            raise _bad(f"unknown merge {op.merge!r}; known: {list(GQA_MERGES)}")
         late_s = time.monotonic() - op.expires_at if op.expires_at is not None else 0.0
         if late_s > 0:
             self.expired += 1
@@ -162,14 +165,15 @@ class IndexerService:
         live = [b for b in range(B) if n_tokens[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
             for b in live:
-                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy)
+                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge)
                 if slots is not None:
                     slots[b] = sl
         else:
             if len(live) == 1:  # KV heads in parallel
-                pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params)
+                pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params, merge=op.merge)
             elif live:  # one numba call: every (sequence, KV head) pair in parallel
-                pages[live] = query_batch([indexes[b] for b in live], q[live], P, params, states=self.table.states)
+                pages[live] = query_batch([indexes[b] for b in live], q[live], P, params, states=self.table.states,
+                                          merge=op.merge)
             if slots is not None:
                 for b in live:
                     slots[b] = indexes[b].page_positions(pages[b])  # an index's positions are key-store slots

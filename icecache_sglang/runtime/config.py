@@ -13,12 +13,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from ..index.config import MAX_PAGE_SIZE, IndexConfig, QueryParams
+from ..index.config import DEFAULT_GQA_MERGE, GQA_MERGES, MAX_PAGE_SIZE, IndexConfig, QueryParams
 from ..indexer.config import MAX_PAGES
 from ..indexer.policies import POLICIES
 
 #: the index parameters a user may set (the rest of IndexConfig is internal)
-INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth", "key_dtype")
+INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth", "key_dtype", "layout")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
 DECODE_ATTENTION = ("auto", "torch", "flashinfer")
 DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
@@ -58,7 +58,10 @@ class IceCacheConfig:
     best page), ``icecache`` (the index's M-DCI search) or a baseline over the same tokens and budget, for
     evaluation: ``oracle_page`` (IceCache's pages ranked by
     exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
-    min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). max_restarts /
+    min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). gqa_merge: how the query
+    heads of a KV head share its pages (``index/gqa_merge.py``): ``mass`` (the default: every query head's best
+    page, then the pages with the most estimated attention for the group) or ``rank`` (rank-major: each query
+    head's next best page in turn, the paper's). max_restarts /
     restart_window_s: how many times a dead or stuck indexer is replaced within that many seconds before it
     is left down (selections fall back) until the window frees a restart. offload: decode attention reads
     only a device pool of fixed size (``runtime/pool/device_pool.py``), one lane per decoding request
@@ -93,6 +96,7 @@ class IceCacheConfig:
     decode_attention: str = "auto"
     dense_attention: str = "auto"
     selection: str = "exact"
+    gqa_merge: str = DEFAULT_GQA_MERGE
     max_restarts: int = 5
     restart_window_s: float = 600.0
     offload: bool = False
@@ -175,6 +179,8 @@ class IceCacheConfig:
                 "after it, more rows than an offload lane holds: not supported with offload yet")
         if self.selection not in POLICIES:
             raise IceCacheConfigError(f"selection must be one of {list(POLICIES)}, got {self.selection!r}")
+        if self.gqa_merge not in GQA_MERGES:
+            raise IceCacheConfigError(f"gqa_merge must be one of {list(GQA_MERGES)}, got {self.gqa_merge!r}")
         if self.decode_attention not in DECODE_ATTENTION:
             raise IceCacheConfigError(f"decode_attention must be one of {list(DECODE_ATTENTION)}, "
                                       f"got {self.decode_attention!r}")

@@ -26,7 +26,7 @@ from .rundir import CONTROL_FILE, RunDir, RunDirError
 logger = logging.getLogger(__name__)
 
 #: what can change on a running server (the rest sizes processes and buffers at launch)
-RUNTIME_KEYS = ("budget_tokens", "selection", "query", "selection_deadline_ms", "while_indexing",
+RUNTIME_KEYS = ("budget_tokens", "selection", "gqa_merge", "query", "selection_deadline_ms", "while_indexing",
                 "step_reuse", "max_stale_steps")
 
 

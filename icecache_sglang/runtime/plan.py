@@ -136,7 +136,7 @@ class Planner:
             else:
                 arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
             qp = query_params
-            query = dict(policy=cfg.selection, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
+            query = dict(policy=cfg.selection, merge=cfg.gqa_merge, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
                          num_to_retrieve=qp.num_to_retrieve)
             if cfg.reuses_selections:  # a selection of an earlier step attends to every token indexed since
                 ends = [self.tracker.indexed_end(int(step.rows[b])) for b in step.sparse]

@@ -133,7 +133,7 @@ class Selector:
         return sel
 
     def send(self, step: StepSelection, layer: int, seqs: list[int], q: np.ndarray, q_dtype: str | None,
-             n_pages: int, *, policy: str, fov, prop_to_retrieve: float, num_to_retrieve: int,
+             n_pages: int, *, policy: str, merge: str, fov, prop_to_retrieve: float, num_to_retrieve: int,
              expires_at: float | None = None) -> list[SentQuery]:
         """Send the queries for ``seqs`` (one message per ``max_batch`` rows) without waiting. The indexer
         skips them once ``expires_at`` has passed (default: the step's deadline, after which nobody waits
@@ -147,7 +147,7 @@ class Selector:
                 continue
             rid = self.sup.client.query_async(layer, chunk, q[i: i + limit], n_pages, fov=fov,
                                               prop_to_retrieve=prop_to_retrieve, num_to_retrieve=num_to_retrieve,
-                                              q_dtype=q_dtype, policy=policy,
+                                              q_dtype=q_dtype, policy=policy, merge=merge,
                                               expires_at=step.deadline if expires_at is None else expires_at)
             out.append(SentQuery(rid, layer, chunk, n_pages))
             self.metrics.queries += 1

@@ -11,16 +11,28 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from ..search import merge_group_pages
+from ..gqa_merge import check_merge, merge_scores
 
 
 class SelectionPolicy(ABC):
     name: str = ""
+    #: how the page-ranking policies share a KV head's pages among its query heads (``index/gqa_merge.py``)
+    merge: str = "rank"
 
     def __init__(self, page_size: int = 16) -> None:
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         self.page_size = page_size
+
+    def set_merge(self, merge: str) -> SelectionPolicy:
+        self.merge = check_merge(merge)
+        return self
+
+    def merge_pages(self, page_scores: np.ndarray, n_pages: int, head_dim: int) -> np.ndarray:
+        """One KV head's page set from its query heads' page scores ``[g, pages]`` (the policy's
+        ``merge``, softmax scale ``1/sqrt(head_dim)``): page indices, best first, -1 padded."""
+        return merge_scores(np.asarray(page_scores, np.float64), page_scores.shape[0], n_pages, self.merge,
+                            1.0 / np.sqrt(head_dim))[0]
 
     @abstractmethod
     def build(self, keys: np.ndarray) -> None:
@@ -43,11 +55,6 @@ def group_size(queries: np.ndarray, n_kv: int) -> int:
     return queries.shape[0] // n_kv
 
 
-def merge_rankings(rankings: np.ndarray, group: int, n_pages: int) -> np.ndarray:
-    """Per KV head, the first ``n_pages`` unique pages of its query heads' rankings, rank-major."""
-    return merge_group_pages(np.ascontiguousarray(rankings, dtype=np.int32), group, n_pages)
-
-
 def positional_page_scores(scores: np.ndarray, page_size: int) -> np.ndarray:
     """Max score per positional page of ``page_size`` tokens: ``[rows, n] -> [rows, ceil(n/C)]``."""
     rows, n = scores.shape
@@ -56,7 +63,3 @@ def positional_page_scores(scores: np.ndarray, page_size: int) -> np.ndarray:
     pad[:, :n] = scores
     return pad.reshape(rows, npg, page_size).max(axis=2)
 
-
-def rank_desc(scores: np.ndarray) -> np.ndarray:
-    """Row-wise indices by score descending, ties by index."""
-    return np.argsort(-scores, axis=1, kind="stable")

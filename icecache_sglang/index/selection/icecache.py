@@ -26,5 +26,5 @@ class IceCachePolicy(SelectionPolicy):
 
     def select(self, queries: np.ndarray, budget: int) -> list[np.ndarray]:
         n_pages = max(1, self.check_budget(budget) // self.page_size)
-        pages = self.index.query(queries, n_pages, self.params)
+        pages = self.index.query(queries, n_pages, self.params, merge=self.merge)
         return [np.sort(self.index.pages_to_positions(h, pages[h][pages[h] >= 0])) for h in range(self.index.H)]

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import IndexConfig
 from ..paged_index import PagedDCIIndex
-from .base import SelectionPolicy, group_size, merge_rankings, positional_page_scores, rank_desc
+from .base import SelectionPolicy, group_size, positional_page_scores
 
 
 def _softmax_rows(scores: np.ndarray) -> np.ndarray:
@@ -65,9 +65,8 @@ class OraclePagePolicy(SelectionPolicy):
             valid = np.arange(idx.C)[None, :] < idx.page_fill[h, live][:, None]
             scores = queries[h * g : (h + 1) * g].astype(np.float32) @ self.keys[h].T  # [g, n]
             per_page = np.where(valid[None], scores[:, np.where(valid, toks, 0)], -np.inf).max(axis=2)
-            ranked = live[rank_desc(per_page)]
-            pages = merge_rankings(ranked, g, n_pages)[0]
-            out.append(np.sort(idx.pages_to_positions(h, pages[pages >= 0])))
+            cols = self.merge_pages(per_page, n_pages, queries.shape[1])
+            out.append(np.sort(idx.pages_to_positions(h, live[cols[cols >= 0]])))
         return out
 
 
@@ -84,7 +83,7 @@ class OraclePositionalPolicy(SelectionPolicy):
         out = []
         for h in range(H):
             scores = queries[h * g : (h + 1) * g].astype(np.float32) @ self.keys[h].T
-            pages = merge_rankings(rank_desc(positional_page_scores(scores, self.page_size)), g, n_pages)[0]
+            pages = self.merge_pages(positional_page_scores(scores, self.page_size), n_pages, queries.shape[1])
             out.append(_positional_tokens(pages[pages >= 0], self.page_size, n))
         return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SelectionPolicy, group_size, merge_rankings, rank_desc
+from .base import SelectionPolicy, group_size
 from .oracle import _positional_tokens
 
 
@@ -33,6 +33,6 @@ class QuestPolicy(SelectionPolicy):
         for h in range(H):
             q = queries[h * g : (h + 1) * g].astype(np.float32)  # [g, d]
             bound = np.maximum(q[:, None, :] * self.kmin[h][None], q[:, None, :] * self.kmax[h][None]).sum(axis=2)
-            pages = merge_rankings(rank_desc(bound), g, n_pages)[0]
+            pages = self.merge_pages(bound, n_pages, queries.shape[1])
             out.append(_positional_tokens(pages[pages >= 0], self.page_size, self.n))
         return out

@@ -25,6 +25,10 @@ class SinkWindowPolicy(SelectionPolicy):
         self.inner, self.sink, self.window = inner, sink, window
         self.name = f"{inner.name}+sink{sink}+window{window}"
 
+    def set_merge(self, merge: str) -> SelectionPolicy:
+        self.inner.set_merge(merge)
+        return super().set_merge(merge)
+
     def build(self, keys: np.ndarray) -> None:
         self.n = keys.shape[1]
         self.H = keys.shape[0]

@@ -1,0 +1,77 @@
+"""The bisect page layout (index/layout.py): pages are the leaves of a balanced bisection of each cell's keys,
+and a token that joins a cell later lands in its nearest child's page."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icecache_sglang.index import IndexConfig, PagedDCIIndex
+from icecache_sglang.index.layout import bisect_order
+
+
+def _runs(m: int, C: int) -> list[int]:
+    npg, out, i = -(-m // C), [], 0
+    for g in range(npg):
+        out.append((m - i) // (npg - g))
+        i += out[-1]
+    return out
+
+
+def test_bisect_order_puts_each_cluster_in_its_own_page(rng):
+    C, k, d = 16, 8, 24
+    centres = rng.standard_normal((k, d)) * 20
+    X = np.concatenate([c + rng.standard_normal((C, d)) * 0.1 for c in centres]).astype(np.float32)
+    perm = rng.permutation(len(X))
+    order = bisect_order(X[perm], C)
+    assert sorted(order) == list(range(len(X)))
+    label = (perm // C)[order]
+    for i in range(k):  # balanced runs of 16 of the order: one cluster each
+        assert len(set(label[i * C: (i + 1) * C])) == 1
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 100, 255, 1000])
+def test_bisect_leaves_are_the_balanced_pages(rng, m):
+    """Every run of layout_sorted's balanced cut is one part of the recursion: its keys are closer to each
+    other than a random run of the same size."""
+    C, d = 16, 8
+    X = rng.standard_normal((m, d)).astype(np.float32)
+    order = bisect_order(X, C)
+    assert sorted(order) == list(range(m))
+    spread = []
+    i = 0
+    for size in _runs(m, C):
+        run = X[order[i: i + size]]
+        spread.append(((run - run.mean(axis=0)) ** 2).sum(axis=1).mean())
+        i += size
+    if m > 2 * C:
+        assert np.mean(spread) < 0.8 * ((X - X.mean(axis=0)) ** 2).sum(axis=1).mean()
+
+
+def test_a_later_token_joins_its_nearest_childs_page(rng):
+    H, d, C = 2, 16, 16
+    K = rng.standard_normal((H, 3000, d)).astype(np.float32)
+    idx = PagedDCIIndex(H, d, 0, IndexConfig(page_size=C, rebuild_growth=None))
+    assert idx.cfg.layout == "bisect"
+    idx.build(K)
+    twins = rng.choice(3000, 40, replace=False)
+    new = idx.insert(K[:, twins] + 1e-4 * rng.standard_normal((H, 40, d)).astype(np.float32))
+    idx.check_invariants()
+    for h in range(H):
+        same_cell = idx.tok_parent[h, new] == idx.tok_parent[h, twins]
+        assert same_cell.mean() > 0.9  # the twin's nearest level-1 token is almost always the original's parent
+        joined = idx.tok_page[h, new][same_cell] == idx.tok_page[h, twins][same_cell]
+        split = idx.page_cell[h, idx.tok_page[h, new][same_cell]] == idx.page_cell[h, idx.tok_page[h, twins][same_cell]]
+        assert split.all()
+        # in the twin's page, or in the half a full page split off (both halves are runs of one leaf)
+        assert joined.mean() > 0.7, joined.mean()
+
+
+def test_projection_layout_is_the_specs(rng):
+    idx = PagedDCIIndex(1, 8, 0, IndexConfig(page_size=8, layout="projection"))
+    idx.build(rng.standard_normal((1, 500, 8)).astype(np.float32))
+    idx.check_invariants()
+    live = idx.live_ids()
+    np.testing.assert_array_equal(idx.tok_pkey[0, live], idx.tok_proj[0, live])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        IndexConfig(layout="kmeans")
