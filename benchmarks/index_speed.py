@@ -52,7 +52,6 @@ def read_index(idx: PagedDCIIndex) -> float:
     return read_keys(idx.page_keys, idx.next_page, idx.page_fill)
 
 
-bruteforce_pages = scan_index  # the former baseline's name (tests/test_benchmarks.py)
 
 
 def timed(fn, reps: int) -> list[float]:

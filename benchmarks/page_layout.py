@@ -346,6 +346,15 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
+#: the series the figure draws (the JSON holds every layout and merge)
+PLOTTED = (("icecache_projection", "rank", "IceCache pages, projection layout, rank merge (before)"),
+           ("icecache", "rank", "IceCache pages, bisect layout, rank merge"),
+           ("icecache", "first_then_mass", "IceCache pages, bisect layout, mass merge (server default)"),
+           ("cells4_icecache", "first_then_mass", "cells 4x larger, bisect layout, mass merge"),
+           ("bisect", "first_then_mass", "no tree: bisection of all keys, mass merge"),
+           ("positional", "first_then_mass", "positional pages, mass merge"))
+
+
 def plot(records, path: Path) -> None:
     import matplotlib
 
@@ -353,20 +362,24 @@ def plot(records, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     srcs = sorted({(r["source"], r["text"], r["context"]) for r in records})
-    fig, axes = plt.subplots(1, len(srcs), figsize=(5.5 * len(srcs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(srcs), figsize=(5 * len(srcs), 4.8), squeeze=False)
     for ax, src in zip(axes[0], srcs):
         rs = [r for r in records if (r["source"], r["text"], r["context"]) == src]
-        for nm, merge in dict.fromkeys((r["layout"], r["merge"]) for r in rs):
+        for nm, merge, label in PLOTTED:
             rr = sorted((r for r in rs if r["layout"] == nm and r["merge"] == merge), key=lambda r: r["budget"])
-            ax.plot([r["budget"] for r in rr], [r.get("mass_vs_positional_rank_merge", r["mass_vs_positional"])
-                                                for r in rr], marker="o", label=f"{nm}, {merge} merge",
-                    ls="--" if nm == "positional" else "-")
+            if rr:
+                ax.plot([r["budget"] for r in rr], [r.get("mass_vs_positional_rank_merge", r["mass_vs_positional"])
+                                                    for r in rr], marker="o", label=label,
+                        ls="--" if nm == "positional" else "-")
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="tokens attended", ylabel="mass / positional pages' (rank merge)",
+        ax.set(xlabel="tokens attended (sink + window + pages)", ylabel="attention mass / positional pages' (rank merge)",
                title=f"{src[0].split(':')[1]} {src[1]} @ {src[2]}")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"page layouts at equal tokens (mass at equal tokens, measured); {machine()}", fontsize=8)
-    fig.tight_layout()
+        ax.title.set_fontsize(9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.suptitle(f"page layouts and GQA merges at equal tokens (measured); {machine()}", fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     fig.savefig(path, dpi=100)
 
 
@@ -380,9 +393,14 @@ def main(argv=None) -> None:
     ap.add_argument("--merges", nargs="+", choices=MERGES, default=list(DEFAULT_MERGES),
                     help="GQA merges (see merged_order)")
     ap.add_argument("--table", type=Path, help="print the tables of a results file and exit")
+    ap.add_argument("--replot", type=Path, help="redraw the figure of a results file and exit")
     args = ap.parse_args(argv)
-    if args.table:
-        print(table(json.loads(args.table.read_text())))
+    if args.table or args.replot:
+        records = json.loads((args.table or args.replot).read_text())
+        if args.replot:
+            plot(records, args.replot.with_suffix(".png"))
+        else:
+            print(table(records))
         return
     names = list(dict.fromkeys(args.layouts + ["positional"]))
     records = []

@@ -309,7 +309,9 @@ def plot(summary: list[dict], path: Path) -> None:
             rr = sorted((r for r in rows if r["mode"] == name), key=lambda r: r["budget"])
             err = None
             if all(r["ci95_low"] is not None for r in rr):
-                err = [[r["accuracy"] - r["ci95_low"] for r in rr], [r["ci95_high"] - r["accuracy"] for r in rr]]
+                # (clipped: a Wilson bound can sit a rounding error inside an accuracy of 0 or 1)
+                err = [[max(0.0, r["accuracy"] - r["ci95_low"]) for r in rr],
+                       [max(0.0, r["ci95_high"] - r["accuracy"]) for r in rr]]
             dodge = 1 + 0.05 * (i - (len(names) - 1) / 2)  # modes side by side at each budget
             ax.errorbar([r["budget"] * dodge for r in rr], [r["accuracy"] for r in rr], yerr=err, marker="o",
                         capsize=3, label=name)

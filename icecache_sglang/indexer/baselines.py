@@ -34,7 +34,6 @@ def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str
     if policy not in BASELINES + ("exact",):
         raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact']}")
     H, C, P = idx.H, idx.C, n_pages
-    g = q.shape[0] // H
     pages = np.full((H, P), -1, np.int32)
     if policy in ("oracle_page", "exact"):  # the tight exhaustive scan (index/scan.py): every key read once per KV head
         pages = scan_pages(idx.page_keys, idx.page_fill, idx.next_page, np.ascontiguousarray(q, np.float32), P,

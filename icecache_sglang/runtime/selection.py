@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..index.config import DEFAULT_GQA_MERGE
 from ..indexer.client import IndexerError, IndexerTimeout, Selection
 from .supervisor import IndexerSupervisor
 
@@ -133,7 +134,8 @@ class Selector:
         return sel
 
     def send(self, step: StepSelection, layer: int, seqs: list[int], q: np.ndarray, q_dtype: str | None,
-             n_pages: int, *, policy: str, merge: str, fov, prop_to_retrieve: float, num_to_retrieve: int,
+             n_pages: int, *, policy: str, fov, prop_to_retrieve: float, num_to_retrieve: int,
+             merge: str = DEFAULT_GQA_MERGE,
              expires_at: float | None = None) -> list[SentQuery]:
         """Send the queries for ``seqs`` (one message per ``max_batch`` rows) without waiting. The indexer
         skips them once ``expires_at`` has passed (default: the step's deadline, after which nobody waits
