@@ -46,9 +46,12 @@ from common import machine, png_path, write_records  # noqa: E402
 
 from icecache_sglang.index import IndexConfig, PagedDCIIndex  # noqa: E402
 from icecache_sglang.index.gqa_merge import merge_by_mass  # noqa: E402
+from icecache_sglang.index.layout import bisect_order  # noqa: E402
 
 C = 16
 MERGES = ("rank", "mass", "first_then_mass", "true_mass", "first_then_true_mass")
+#: seconds spent cutting pages per ``iters_p<P>l<L>`` layout (one thread, every cell of every head measured)
+CUT_SECONDS: defaultdict = defaultdict(float)
 DEFAULT_MERGES = ("rank", "mass", "first_then_mass", "first_then_true_mass")  # how a KV head's query heads share its pages (merged_order)
 
 
@@ -166,7 +169,16 @@ def layouts(K: np.ndarray, names: list[str]) -> dict[str, list[np.ndarray]]:
         return built[key]
 
     for name in names:
-        if name == "positional":
+        if name.startswith("iters_p"):  # the index's bisection (layout.bisect_order) with other iteration counts
+            n_power, n_lloyd = (int(x) for x in name[len("iters_p"):].split("l"))
+            cells = cells_of(index(1, "projection"), n)
+            bisect_order(np.ascontiguousarray(K[cells[0]]), C, n_power, n_lloyd)  # compiled before timing
+            t0 = time.perf_counter()
+            orders = [cell[bisect_order(np.ascontiguousarray(K[cell]), C, n_power, n_lloyd)] if len(cell) > C
+                      else cell for cell in cells]
+            CUT_SECONDS[name] += time.perf_counter() - t0
+            out[name] = [r for o in orders for r in balanced_runs(o, len(o))]
+        elif name == "positional":
             out[name] = [np.arange(i, min(i + C, n)) for i in range(0, n, C)]
         elif name == "bisect":
             out[name] = cut_bisect(K, np.arange(n))
@@ -265,6 +277,7 @@ def run_source(model: str, text: str, n: int, steps: int, layers: list[int] | No
     from icecache_sglang.index.metrics import attention_probs
 
     caps = real_layers(model, text, n, steps)
+    CUT_SECONDS.clear()
     layer_ids = layers if layers is not None else list(range(len(caps)))
     rec = defaultdict(list)  # (layout, merge, budget) -> [(layer, mass, top-page share)]
     pages_n = defaultdict(list)
@@ -300,7 +313,7 @@ def run_source(model: str, text: str, n: int, steps: int, layers: list[int] | No
              "tokens_attended": b, "mass": float(mass.mean()), "top_page_recall": float(np.mean([r[2] for r in rows])),
              "cases": int(mass.size) * (Q.shape[1] // H), "pages": float(np.mean(pages_n[nm])),
              "mean_page_tokens": float((n_ctx - 2 * sink_window(budgets[0])[0]) / np.mean(pages_n[nm])),
-             "layers": layer_ids}
+             "layers": layer_ids, **({"cut_seconds": CUT_SECONDS[nm]} if nm in CUT_SECONDS else {})}
         for ref_merge in dict.fromkeys(["rank", merge]):
             if ("positional", ref_merge, b) not in rec:
                 continue
