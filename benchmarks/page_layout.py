@@ -109,6 +109,8 @@ def cut_principal(X: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
 
 
 def cut_bisect(X: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
+    """Recursive balanced bisection along each part's two-means direction (NumPy; the index's own cut is
+    ``layout.bisect_order``, the ``icecache`` and ``iters_*`` layouts)."""
     out, stack = [], [ids]
     while stack:
         part = stack.pop()
@@ -119,22 +121,6 @@ def cut_bisect(X: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
         npg = -(-m // C)
         left = int(round(m * (npg // 2) / npg))
         order = part[np.argsort(X[part] @ two_means_direction(X[part]), kind="stable")]
-        stack += [order[:left], order[left:]]
-    return out
-
-
-def cut_bisect_principal(X: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
-    """Recursive balanced bisection along each part's principal direction (2 power iterations)."""
-    out, stack = [], [ids]
-    while stack:
-        part = stack.pop()
-        m = len(part)
-        if m <= C:
-            out.append(part)
-            continue
-        npg = -(-m // C)
-        left = int(round(m * (npg // 2) / npg))
-        order = part[np.argsort(X[part] @ principal_direction(X[part], 2), kind="stable")]
         stack += [order[:left], order[left:]]
     return out
 
@@ -204,9 +190,8 @@ def layouts(K: np.ndarray, names: list[str]) -> dict[str, list[np.ndarray]]:
                              for p in balanced_runs(cell[np.argsort(K[cell] @ u, kind="stable")], len(cell))]
                 continue
             else:
-                fn = {"cell_principal": cut_principal, "principal": cut_principal,
-                      "cell_bisect": cut_bisect, "bisect": cut_bisect,
-                      "cell_pbisect": cut_bisect_principal, "pbisect": cut_bisect_principal}[cut]
+                fn = {"cell_principal": cut_principal, "principal": cut_principal,  # cellsX_principal
+                      "cell_bisect": cut_bisect, "bisect": cut_bisect}[cut]
                 out[name] = [p for cell in cells_of(idx, n) for p in fn(K, cell)]
     for name, pages in out.items():
         seen = np.concatenate(pages)

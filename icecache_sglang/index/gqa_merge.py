@@ -33,10 +33,39 @@ from .search import merge_group_pages
 
 
 @njit(cache=True)
+def _top_first_then_weight(first, w, ids, n, P, out):
+    """The ``P`` best of ``n`` candidates by (is a head's best page, weight), ties to the lower id, into
+    ``out`` (best first): an insertion into a sorted buffer, most candidates rejected by one compare."""
+    top_f = np.zeros(P, np.bool_)
+    top_w = np.zeros(P, np.float64)
+    top_p = np.full(P, -1, np.int64)
+    k = 0
+    for c in range(n):
+        f, x, p = first[c], w[c], ids[c]
+        if not x > 0.0 and not f:
+            continue
+        if k == P and not (f > top_f[k - 1] or (f == top_f[k - 1] and (x > top_w[k - 1]
+                                                                        or (x == top_w[k - 1] and p < top_p[k - 1])))):
+            continue
+        i = k if k < P else P - 1
+        while i > 0 and (f > top_f[i - 1] or (f == top_f[i - 1] and (x > top_w[i - 1]
+                                                                       or (x == top_w[i - 1] and p < top_p[i - 1])))):
+            top_f[i], top_w[i], top_p[i] = top_f[i - 1], top_w[i - 1], top_p[i - 1]
+            i -= 1
+        top_f[i], top_w[i], top_p[i] = f, x, p
+        if k < P:
+            k += 1
+    for i in range(k):
+        out[i] = top_p[i]
+    return k
+
+
+@njit(cache=True)
 def _mass_one(best, r0, g, P, scale, out):
     """Fill ``out [P]`` for the rows ``r0 .. r0 + g - 1`` of ``best``; returns the count written."""
     n = best.shape[1]
     w = np.zeros(n, np.float64)
+    e = np.empty(n, np.float64)
     first = np.zeros(n, np.bool_)
     for r in range(r0, r0 + g):
         m = -np.inf
@@ -52,34 +81,11 @@ def _mass_one(best, r0, g, P, scale, out):
         z = 0.0
         for p in range(n):
             s = best[r, p]
-            if s > -np.inf:
-                z += math.exp((s - m) * scale)
+            e[p] = math.exp((s - m) * scale) if s > -np.inf else 0.0
+            z += e[p]
         for p in range(n):
-            s = best[r, p]
-            if s > -np.inf:
-                w[p] += math.exp((s - m) * scale) / z
-    # the selection key: (is a head's best page, weight); insertion into a sorted buffer of P entries
-    top_f = np.zeros(P, np.bool_)
-    top_w = np.zeros(P, np.float64)
-    k = 0
-    for p in range(n):
-        if not w[p] > 0.0 and not first[p]:
-            continue
-        f, x = first[p], w[p]
-        if k == P and not (f > top_f[k - 1] or (f == top_f[k - 1] and x > top_w[k - 1])):
-            continue
-        i = k if k < P else P - 1
-        while i > 0 and (f > top_f[i - 1] or (f == top_f[i - 1] and x > top_w[i - 1])):
-            top_f[i] = top_f[i - 1]
-            top_w[i] = top_w[i - 1]
-            out[i] = out[i - 1]
-            i -= 1
-        top_f[i] = f
-        top_w[i] = x
-        out[i] = p
-        if k < P:
-            k += 1
-    return k
+            w[p] += e[p] / z
+    return _top_first_then_weight(first, w, np.arange(n), n, P, out)
 
 
 @njit(cache=True, parallel=True)
@@ -129,37 +135,18 @@ def _rows_mass_one(rows, scores, r0, g, P, scale, out):
         while cand[i] != best_p:
             i += 1
         first[i] = True
-    top_f = np.zeros(P, np.bool_)
-    top_w = np.zeros(P, np.float64)
-    top_p = np.full(P, -1, np.int64)
-    k = 0
-    for c in range(nc):
-        f, x, p = first[c], w[c], cand[c]
-        if k == P and not (f > top_f[k - 1] or (f == top_f[k - 1] and (x > top_w[k - 1]
-                                                                        or (x == top_w[k - 1] and p < top_p[k - 1])))):
-            continue
-        i = k if k < P else P - 1
-        while i > 0 and (f > top_f[i - 1] or (f == top_f[i - 1] and (x > top_w[i - 1]
-                                                                       or (x == top_w[i - 1] and p < top_p[i - 1])))):
-            top_f[i], top_w[i], top_p[i] = top_f[i - 1], top_w[i - 1], top_p[i - 1]
-            i -= 1
-        top_f[i], top_w[i], top_p[i] = f, x, p
-        if k < P:
-            k += 1
-    for i in range(k):
-        out[i] = top_p[i]
-    return k
+    return _top_first_then_weight(first, w, cand, nc, P, out)
 
 
 @njit(cache=True, parallel=True)
-def merge_rows_by_mass(rows, scores, group, P):
-    """The ``mass`` merge from each query row's best pages ``rows [H_q, R]`` (-1 padded) and their scores
-    ``scores [H_q, R]``: each row's softmax over its own ``R`` pages -> ``[H_kv, P]``, -1 padded. ``scores``
-    must already carry the softmax scale (the caller multiplies)."""
+def merge_rows_by_mass(rows, scores, group, P, scale):
+    """The ``mass`` merge from each query row's best pages ``rows [H_q, R]`` (-1 padded; the scores of
+    padding are never read) and their scores ``scores [H_q, R]``: each row's softmax over its own ``R``
+    pages -> ``[H_kv, P]``, -1 padded."""
     H = rows.shape[0] // group
     out = np.full((H, P), -1, np.int32)
     for h in prange(H):
-        _rows_mass_one(rows, scores, h * group, group, P, 1.0, out[h])
+        _rows_mass_one(rows, scores, h * group, group, P, scale, out[h])
     return out
 
 
@@ -170,8 +157,8 @@ def merge_rows(rows: np.ndarray, scores: np.ndarray, group: int, n_pages: int, m
     check_merge(merge)
     if merge == "rank":
         return merge_group_pages(np.ascontiguousarray(rows, np.int32), group, int(n_pages))
-    scaled = np.where(rows >= 0, np.asarray(scores, np.float64), 0.0) * scale  # padding may hold anything
-    return merge_rows_by_mass(np.ascontiguousarray(rows), scaled, int(group), int(n_pages))
+    return merge_rows_by_mass(np.ascontiguousarray(rows), np.ascontiguousarray(scores), int(group), int(n_pages),
+                              float(scale))
 
 
 def ranked_rows(best: np.ndarray) -> np.ndarray:
