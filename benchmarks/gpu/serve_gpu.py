@@ -118,7 +118,7 @@ def stream(url: str, ids: list[int], n_out: int, timeout_s: float) -> dict:
     payload = {"input_ids": ids, "stream": True,
                "sampling_params": {"max_new_tokens": n_out, "temperature": 0.0, "ignore_eos": True}}
     t0 = time.perf_counter()
-    times, out_ids = [], []
+    times, out_ids, finish = [], [], None
     with requests.post(url + "/generate", json=payload, stream=True, timeout=timeout_s) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -132,9 +132,12 @@ def stream(url: str, ids: list[int], n_out: int, timeout_s: float) -> dict:
             now = time.perf_counter() - t0
             while len(times) < k:
                 times.append(now)
+            finish = chunk.get("meta_info", {}).get("finish_reason") or finish
             got = chunk.get("output_ids")
             if got is not None:
                 out_ids = got if len(got) >= len(out_ids) else out_ids + got
+    if len(times) < n_out:  # e.g. prompt + max_new_tokens past the context length: SGLang ends the request early
+        raise RuntimeError(f"{len(times)} of {n_out} tokens; finish_reason {finish}")
     return {"times": times, "output_ids": out_ids[-n_out:]}
 
 
@@ -161,11 +164,15 @@ def run_batch(url: str, seeds: list[int], context: int, n_out: int, timeout_s: f
     first = [r["times"][1] - r["times"][0] for r in results if len(r["times"]) > 1]
     steady = [(r["times"][-1] - r["times"][1]) / (len(r["times"]) - 2) for r in results if len(r["times"]) > 2]
     tpot = float(np.mean(steady)) if steady else None
+    # the last quarter of each request's steps: once a long prompt's index is built, its steps are sparse
+    tail = [float(np.mean(np.diff(r["times"][-max(2, len(r["times"]) // 4):]))) for r in results if len(r["times"]) > 8]
     return {"ttft_s": float(np.mean(ttft)), "ttft_max_s": float(np.max(ttft)),
             "first_step_s": float(np.mean(first)) if first else None, "tpot_s": tpot,
             "tokens_per_s": sum(len(r["times"]) for r in results) / wall, "wall_s": wall,
             "decode_tokens_per_s": len(seeds) / tpot if tpot else None,
-            "output_tokens": min(len(r["times"]) for r in results)}
+            "output_tokens": min(len(r["times"]) for r in results),
+            "tpot_last_quarter_s": float(np.mean(tail)) if tail else None,
+            "token_times_s": [round(t, 4) for t in results[0]["times"]]}  # the first request's, from its send
 
 
 class Records:

@@ -34,7 +34,7 @@ python3 - "$R/serve_gpu.json" <<'PY'
 import json, sys
 for r in json.load(open(sys.argv[1])):
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-           if k not in ("command", "device", "server_args", "output_ids", "trace", "log_tail", "icecache_config", "time")})
+           if k not in ("command", "device", "server_args", "output_ids", "trace", "log_tail", "icecache_config", "time", "token_times_s")})
     if r.get("log_tail"): print(r["log_tail"][-3000:])
 PY
 echo "prewarm: $(tail -2 "$R/prewarm.log") / $(tail -1 "$R/prewarm-indexer.log")"
