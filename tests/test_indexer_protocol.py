@@ -10,7 +10,7 @@ from icecache_sglang.index.paged_index import PagedDCIIndex
 from icecache_sglang.indexer import protocol as p
 from icecache_sglang.indexer.config import IndexerConfig
 from icecache_sglang.indexer.keystore import KeyStore, PrivateDir, sweep_stale
-from icecache_sglang.indexer.server import _answer
+from icecache_sglang.indexer.dispatch import answer as _answer
 from icecache_sglang.indexer.service import IndexerService
 
 L, S, H, D, C = 2, 512, 2, 8, 4

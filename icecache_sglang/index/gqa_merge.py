@@ -32,7 +32,7 @@ from .config import DEFAULT_GQA_MERGE, GQA_MERGES
 from .search import merge_group_pages
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _top_first_then_weight(first, w, ids, n, P, out):
     """The ``P`` best of ``n`` candidates by (is a head's best page, weight), ties to the lower id, into
     ``out`` (best first): an insertion into a sorted buffer, most candidates rejected by one compare."""
@@ -60,7 +60,7 @@ def _top_first_then_weight(first, w, ids, n, P, out):
     return k
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mass_one(best, r0, g, P, scale, out):
     """Fill ``out [P]`` for the rows ``r0 .. r0 + g - 1`` of ``best``; returns the count written."""
     n = best.shape[1]
@@ -88,7 +88,7 @@ def _mass_one(best, r0, g, P, scale, out):
     return _top_first_then_weight(first, w, np.arange(n), n, P, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def merge_by_mass(best, group, P, scale):
     """``best [H_q, n]`` page scores (float32/64, ``-inf``: not a page of that head) -> ``[H_kv, P]`` page
     indices (columns of ``best``), heads' best pages first, then by summed softmax weight; -1 padded."""
@@ -99,7 +99,7 @@ def merge_by_mass(best, group, P, scale):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_mass_one(rows, scores, r0, g, P, scale, out):
     K = g * rows.shape[1]
     cand = np.full(K, -1, np.int64)
@@ -138,7 +138,7 @@ def _rows_mass_one(rows, scores, r0, g, P, scale, out):
     return _top_first_then_weight(first, w, cand, nc, P, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def merge_rows_by_mass(rows, scores, group, P, scale):
     """The ``mass`` merge from each query row's best pages ``rows [H_q, R]`` (-1 padded; the scores of
     padding are never read) and their scores ``scores [H_q, R]``: each row's softmax over its own ``R``

@@ -42,19 +42,19 @@ def from_storage(stored: np.ndarray) -> np.ndarray:
     return np.asarray(stored, dtype=np.float32)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _round_bf16(bits, out):
     for i in prange(bits.shape[0]):
         _round_one(bits, out, i)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_bf16_serial(bits, out):
     for i in range(bits.shape[0]):
         _round_one(bits, out, i)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _round_one(bits, out, i):
     b = bits[i]
     if (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (b & np.uint32(0x007FFFFF)) != 0:
@@ -63,13 +63,13 @@ def _round_one(bits, out, i):
         out[i] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _widen_bf16(u, out_bits):
     for i in prange(u.shape[0]):
         out_bits[i] = np.uint32(u[i]) << np.uint32(16)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _widen_bf16_serial(u, out_bits):
     for i in range(u.shape[0]):
         out_bits[i] = np.uint32(u[i]) << np.uint32(16)

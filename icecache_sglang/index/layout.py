@@ -29,7 +29,7 @@ POWER_ITERS = 2
 TWO_MEANS_ITERS = 2
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _split(Y, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
     """Sort the rows ``Y[a:b]`` (and ``ids[a:b]`` with them) along the part's split direction."""
     m = b - a
@@ -93,7 +93,7 @@ def _split(Y, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
             break
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def bisect_order(X, C, n_power=POWER_ITERS, n_lloyd=TWO_MEANS_ITERS):
     """The ``bisect`` order of the rows of ``X [m, d]`` (float32) for pages of ``C``: a permutation whose
     balanced runs (``layout_sorted``'s cut) are the leaves of the recursive bisection."""
@@ -125,7 +125,7 @@ def bisect_order(X, C, n_power=POWER_ITERS, n_lloyd=TWO_MEANS_ITERS):
     return ids
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def bisect_cells(order, cells_sorted, X, C):
     """Reorder each cell's run of ``order`` (local indices sorted by cell, runs of equal ``cells_sorted``)
     into its ``bisect_order`` over the rows ``X[order]``, cells in parallel."""

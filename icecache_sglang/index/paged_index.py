@@ -18,7 +18,7 @@ from .config import IndexConfig, QueryParams
 from .gqa_merge import merge_rows
 from .keys import STORAGE, from_storage, to_storage
 from .layout import bisect_cells
-from .schedule import LevelSchedule
+from .schedule import schedule_levels
 from .search import search_batch, search_rows
 from .transform import (
     augmented_parents,
@@ -189,7 +189,7 @@ class PagedDCIIndex:
         ``stored``: ``K`` in the storage dtype when the caller has it."""
         n = K.shape[1]
         n_ids = int(tids[-1]) + 1 if n else 0
-        level = LevelSchedule(self.cfg.level0_prob, self.cfg.p_up).assign(n)
+        level = schedule_levels(n, self.cfg.level0_prob, self.cfg.p_up)
         top = int(level.max()) if n else -1
         by_level = [np.flatnonzero(level == lv) for lv in range(top + 1)]
         sqn = squared_norms(K)
@@ -535,7 +535,7 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
 # ---------------------------------------------------------------------- numba drivers
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn, m, bisect):
     """Lay out one head's cells; ``order`` sorts the local indices by cell, then in page order: (projection,
     token id), or each cell's bisection order (``layout.bisect_cells``), where a child's page key is its
@@ -574,7 +574,7 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         cnt_pages[h, pc] += cnt_pages[h, t + 1]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _insert_heads(S, tids, parents, K, V, a, bisect):
     for h in prange(K.shape[0]):
         for i in range(tids.shape[0]):

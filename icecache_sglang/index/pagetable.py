@@ -50,13 +50,13 @@ STATE_FIELDS = (
 )
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def key_less(pa, ta, pb, tb):
     """Cell order: by page key, ties by token id."""
     return pa < pb or (pa == pb and ta < tb)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def bump_chain(S, h, cell, d_desc, d_pages):
     """Add to the subtree counters of ``cell`` and of every ancestor up to the root."""
     tok_parent = S[1]
@@ -71,7 +71,7 @@ def bump_chain(S, h, cell, d_desc, d_pages):
         c = tok_parent[h, c - 1] + 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def page_alloc(S, h, cell):
     page_fill, page_cell, page_next, page_prev, page_dirty = S[14], S[15], S[16], S[17], S[18]
     free_stack, free_n, next_page = S[19], S[20], S[21]
@@ -89,7 +89,7 @@ def page_alloc(S, h, cell):
     return p
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def page_release(S, h, p):
     page_fill, page_cell, page_dirty, free_stack, free_n = S[14], S[15], S[18], S[19], S[20]
     page_fill[h, p] = 0
@@ -99,7 +99,7 @@ def page_release(S, h, p):
     free_n[h] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def link_after(S, h, cell, after, p):
     """Link page ``p`` into ``cell``'s list after page ``after`` (-1: at the front)."""
     cell_first, cell_last, page_next, page_prev = S[7], S[8], S[16], S[17]
@@ -117,7 +117,7 @@ def link_after(S, h, cell, after, p):
         page_prev[h, nxt] = p
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def unlink(S, h, p):
     cell_first, cell_last, page_cell, page_next, page_prev = S[7], S[8], S[15], S[16], S[17]
     cell = page_cell[h, p]
@@ -132,7 +132,7 @@ def unlink(S, h, p):
         page_prev[h, b] = a
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def move_slot(S, h, src_p, src_j, dst_p, dst_j):
     """Copy the token in (src_p, src_j) with its key/value rows to (dst_p, dst_j)."""
     tok_page, tok_slot, page_tok, page_keys, page_vals, page_proj = S[2], S[3], S[13], S[22], S[23], S[24]
@@ -146,7 +146,7 @@ def move_slot(S, h, src_p, src_j, dst_p, dst_j):
     tok_slot[h, t] = dst_j
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def page_insert(S, h, t, cell, key, val):
     """Insert token ``t`` (its ``tok_pkey`` set) into ``cell``'s pages.
 
@@ -209,7 +209,7 @@ def page_insert(S, h, t, cell, key, val):
     cell_nchild[h, cell] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def page_remove(S, h, t):
     """Remove token ``t`` from its page; an emptied page is freed, a page under C/2 borrows or merges."""
     tok_page, tok_slot = S[2], S[3]
@@ -267,7 +267,7 @@ def page_remove(S, h, t):
         page_fill[h, right] = fr + 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def layout_sorted(S, h, cell, tids, keys, vals):
     """Bulk layout of a cell's children (sorted) into fresh pages of balanced fill (sizes differ <= 1)."""
     tok_page, tok_slot = S[2], S[3]
@@ -300,7 +300,7 @@ def layout_sorted(S, h, cell, tids, keys, vals):
     return npg
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relift_cell(S, h, cell, new_m, a, bisect):
     """Raise the m of ``cell``'s children to ``new_m`` and rebuild its pages (all dirty, ids recycled). The
     projection layout's page keys move with the projections (the order stays: a monotone shift per cell)."""
@@ -347,7 +347,7 @@ def relift_cell(S, h, cell, new_m, a, bisect):
     bump_chain(S, h, cell, 0, npg - old_pages)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def neighbour_pkey(S, h, cell, key):
     """A page key for a new child of ``cell`` under the bisect layout: just before its nearest child (squared
     Euclidean distance of the raw keys), so that it joins that child's page; when the keys leave no room
@@ -381,7 +381,7 @@ def neighbour_pkey(S, h, cell, key):
     return mid
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def attach(S, h, t, parent, key, val, a, bisect):
     """Put token ``t`` (projected with ``tok_m``) into ``parent``'s cell: lift to the cell's m (or
     raise the cell's m), give it its page key, insert into its pages, and add ``t``'s subtree to the
@@ -406,7 +406,7 @@ def attach(S, h, t, parent, key, val, a, bisect):
     bump_chain(S, h, cell, cnt_desc[h, t + 1], cnt_pages[h, t + 1])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def detach(S, h, t):
     """Take token ``t`` (with its subtree) out of its parent's cell."""
     tok_parent, cnt_desc, cnt_pages = S[1], S[11], S[12]

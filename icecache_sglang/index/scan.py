@@ -32,7 +32,7 @@ NEG_INF = np.float32(-np.inf)
 CHUNK_PAGES = 32  # pages per work item (parallel over page chunks: one KV head still fills the cores)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _work_items(next_page, chunk):
     """(KV head, first page) of every chunk of pages in use, heads in order."""
     n = 0
@@ -48,7 +48,7 @@ def _work_items(next_page, chunk):
     return items
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     """``best [H_q, max(next_page)]``: each page's best float32 score ``<q, k>`` per query head over its
     valid slots (-inf for pages with fill 0 and beyond a head's ``next_page``). ``page_keys [H, cap, C*d]``."""
@@ -98,7 +98,7 @@ def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     return best
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def top_pages(best, page_fill, next_page, g, n_pages):
     """Per query row, the top ``n_pages`` pages with fill > 0 by score (descending, ties by lower page id),
     -1 padded: an insertion into a sorted buffer of ``n_pages`` entries, most pages rejected by one compare."""
@@ -126,7 +126,7 @@ def top_pages(best, page_fill, next_page, g, n_pages):
     return rows
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _read_sum(page_keys, page_fill, next_page, d, chunk):
     items = _work_items(next_page, chunk)
     part = np.zeros(items.shape[0], np.float32)

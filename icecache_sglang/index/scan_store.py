@@ -22,7 +22,7 @@ from .scan import NEG_INF, top_pages
 from .search import merge_group_pages
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def store_page_maxima(store, slots, tok_page, alive, n_tok, next_page, Q, n_blocks):  # pragma: no cover
     """``best [H_q, max(next_page)]``: each page's best float32 score per query head, from the store's rows
     of the index's live tokens. ``store [S, H, d]`` float32 or uint16 (bfloat16 bits); ``slots [T]`` the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -44,5 +45,11 @@ class LevelSchedule:
 
 
 def schedule_levels(n: int, p0: float, p_up: float) -> np.ndarray:
-    """Levels of ``n`` tokens under a fresh schedule (what a bulk build uses)."""
+    """Levels of ``n`` tokens under a fresh schedule (what a bulk build uses). The schedule is a Python loop
+    over the tokens and every layer of a prompt asks for the same one, so it is computed once per size."""
+    return _cached_levels(int(n), float(p0), float(p_up)).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_levels(n: int, p0: float, p_up: float) -> np.ndarray:
     return LevelSchedule(p0, p_up).assign(n)

@@ -31,12 +31,12 @@ from .keys import key_dot
 NEG_INF = np.float32(-np.inf)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _better(sa, ta, sb, tb):
     return sa > sb or (sa == sb and ta < tb)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def order_by_score(scores, tids, n):
     """Indices of the first ``n`` entries by score descending, ties by token id ascending."""
     o1 = np.argsort(tids[:n], kind="mergesort")
@@ -47,7 +47,7 @@ def order_by_score(scores, tids, n):
     return o1[o2]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _window(pn, n, qp, r):
     """[lo, hi) of the ``r`` entries of the sorted ``pn[:n]`` nearest to ``qp`` (left wins ties)."""
     a, b = 0, n
@@ -68,7 +68,7 @@ def _window(pn, n, qp, r):
     return lo, hi
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _grow_window(pn, n, qp, lo, hi):
     gl = qp - pn[lo - 1] if lo > 0 else np.inf
     gr = pn[hi] - qp if hi < n else np.inf
@@ -77,7 +77,7 @@ def _grow_window(pn, n, qp, lo, hi):
     return lo, hi + 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
     """The cell's children in page order: token ids, scaled projections, (page, slot). Reads pages only.
     Under the bisect layout that is not projection order: a caller whose window is narrower than the cell
@@ -98,7 +98,7 @@ def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _projection_order(buf_t, buf_pn, buf_p, buf_j, n):
     """Sort gathered children by (projection, token id) unless they already are."""
     for i in range(1, n):
@@ -107,12 +107,12 @@ def _projection_order(buf_t, buf_pn, buf_p, buf_j, n):
             return
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _proj_le(pa, ta, pb, tb):
     return pa < pb or (pa == pb and ta <= tb)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sort_by_projection(buf_t, buf_pn, buf_p, buf_j, n):
     o1 = np.argsort(buf_t[:n], kind="mergesort")
     o2 = np.argsort(buf_pn[:n][o1], kind="mergesort")
@@ -122,7 +122,7 @@ def _sort_by_projection(buf_t, buf_pn, buf_p, buf_j, n):
         buf_t[i], buf_pn[i], buf_p[i], buf_j[i] = t[order[i]], pn[order[i]], p[order[i]], j[order[i]]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _retrieve_count(mc, k_req, prop, ntr):
     if k_req >= mc:
         return mc
@@ -130,7 +130,7 @@ def _retrieve_count(mc, k_req, prop, ntr):
     return min(r, mc)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _keep_count(cnt_pages, h, tids, order, n, fov, P):
     """How many of the best entries to keep: at least ``fov``, and enough for their subtrees to hold
     ``P`` pages (the coverage rule), never more than ``n``."""
@@ -142,7 +142,7 @@ def _keep_count(cnt_pages, h, tids, order, n, fov, P):
     return e
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _offer_page(p, t, s, pbest, ptid, touched, n_touched):
     if ptid[p] < 0:
         touched[n_touched] = p
@@ -153,7 +153,7 @@ def _offer_page(p, t, s, pbest, ptid, touched, n_touched):
     return n_touched
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc):
     """Scores of every active row over its own window; each key row is read once for all rows."""
     page_keys = S[22]
@@ -169,7 +169,7 @@ def _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc):
                 sc[r, i] = key_dot(k, Q[r])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                        sc, lo, hi, out_t, out_s, n_out):
     """For each active row, append the kept children of an upper cell (children on level >= 1)."""
@@ -204,7 +204,7 @@ def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, b
         n_out[r] += e
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _search_leaf_cell(S, h, cell, Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                       sc, lo, hi, pbest, ptid, touched, n_touched):
     """For each active row, score its window of a cell whose children are on level 0 and offer pages."""
@@ -223,7 +223,7 @@ def _search_leaf_cell(S, h, cell, Q, qp, active, P, prop, ntr, faithful, buf_t, 
                 n_touched[r] = _offer_page(buf_p[i], buf_t[i], sc[r, i], pbest[r], ptid[r], touched[r], n_touched[r])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cells_by_row(fr_t, n_fr):
     """(cell, row) pairs of every row's frontier, sorted by cell, so each cell is gathered once."""
     total = 0
@@ -241,7 +241,7 @@ def _cells_by_row(fr_t, n_fr):
     return cells[order], rows[order]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mark_rows_of_cell(cells, rows, i, active):
     """Mark active the rows whose frontier holds ``cells[i]``; return the end of that run of pairs."""
     active[:] = False
@@ -252,7 +252,7 @@ def _mark_rows_of_cell(cells, rows, i, active):
     return j
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
     """The cumulative descent for the query rows ``Q [g, d]`` of one KV head ``h``.
 
@@ -333,7 +333,7 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
             out_scores[r, i] = ps[order[i]]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _search_head(S, h, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
     """The rows of ``Q`` that belong to KV head ``h``, searched together in its tree."""
     rows = np.flatnonzero(row_head == h)
@@ -352,7 +352,7 @@ def _search_head(S, h, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, 
         out_scores[rows[i]] = osc[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def search_rows(S, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
     """Search every query row in its KV head's tree; the rows of one head run together, heads in parallel."""
     for h in prange(top_level.shape[0]):
@@ -360,7 +360,7 @@ def search_rows(S, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_to
                      out_scores)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def search_batch(states, which, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages,
                  out_scores):
     """``search_rows`` over B indexes at once (index b's state tuple is ``states[which[b]]``): ``Q [B, R, d]``,
@@ -374,7 +374,7 @@ def search_batch(states, which, Q, qp, row_head, top_level, P, fov, prop, ntr, f
                      n_tok_cap[b], out_pages[b], out_scores[b])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def merge_group_pages(row_pages, group, P):
     """GQA merge: per KV head, interleave its ``group`` rows rank-major and keep the first P unique."""
     n_kv = row_pages.shape[0] // group

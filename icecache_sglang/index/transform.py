@@ -57,7 +57,7 @@ def key_projection(keys: np.ndarray, sqn: np.ndarray, m, u: np.ndarray) -> np.nd
     return dot(rows, np.ascontiguousarray(w)).reshape(k.shape[:-1]) + a * augmented_coordinate(sqn, m)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _row_dot(keys, w, i):
     s = 0.0
     for j in range(keys.shape[1]):
@@ -65,7 +65,7 @@ def _row_dot(keys, w, i):
     return s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _rows_dot(keys, w):
     """``keys @ w`` accumulated in float64, row by row in order (no float64 copy of the keys)."""
     out = np.empty(keys.shape[0])
@@ -74,7 +74,7 @@ def _rows_dot(keys, w):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_dot_serial(keys, w):
     out = np.empty(keys.shape[0])
     for i in range(keys.shape[0]):

@@ -24,6 +24,8 @@ class IndexerConfig:
     private_dir: that directory; the indexer removes it if its parent dies without cleaning up.
     index: parameters of every per-layer index (page size, seed, level probabilities, rebuild growth).
     threads: numba threads for the search and inserts (None: every core this process may use).
+    write_workers: threads that index the layers of one Build or Insert side by side, each with an even
+    share of ``threads`` (None: one per thread, at most 8; 1: one layer after another).
     max_batch / max_pages: limits a Query must respect (larger ones get an error reply).
     trim_rebuild_ratio: a Share that cuts more than this share of the source's tokens rebuilds the prefix
     from its keys instead of deleting the tail one token at a time.
@@ -35,6 +37,7 @@ class IndexerConfig:
     private_dir: str
     index: IndexConfig = field(default_factory=IndexConfig)
     threads: int | None = None
+    write_workers: int | None = None
     max_batch: int = MAX_BATCH
     max_pages: int = MAX_PAGES
     trim_rebuild_ratio: float = 0.25
@@ -49,6 +52,9 @@ class IndexerConfig:
                              f"{self.endpoint!r}; use a shorter private directory root")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        if self.write_workers is not None and (not isinstance(self.write_workers, int) or isinstance(
+                self.write_workers, bool) or not 1 <= self.write_workers <= 64):
+            raise ValueError(f"write_workers must be an int in [1, 64] or None, got {self.write_workers!r}")
         for name, v in (("max_batch", self.max_batch), ("max_pages", self.max_pages)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -90,26 +90,56 @@ class SequenceTable:
 
     def build(self, seq: int, layer: int, keys: np.ndarray, slots: np.ndarray) -> int:
         """Index ``keys [H, n, d]`` (tokens at ``slots``) from scratch; replaces the layer's index."""
-        self._drop(seq, layer)
-        layers = self.seqs.setdefault(seq, {})
-        self.counters.builds += 1
-        self.counters.indexed_tokens += keys.shape[1]
-        if keys.shape[1] == 0:
-            return 0
-        idx = self.new_index()
-        idx.build(keys, positions=slots)
-        layers[layer] = SharedIndex(idx)
-        return idx.n_live
+        return self.write("build", seq, [layer], lambda _: keys, slots)[0]
 
     def insert(self, seq: int, layer: int, keys: np.ndarray, slots: np.ndarray) -> int:
-        idx = self._writable(seq, layer)
-        if idx is None:
-            return self.build(seq, layer, keys, slots)
-        self.counters.inserts += 1
-        self.counters.indexed_tokens += keys.shape[1]
-        if keys.shape[1]:
-            idx.insert(keys, positions=slots)
-        return idx.n_live
+        """Add ``keys`` to the layer's index (a build when it has none)."""
+        return self.write("insert", seq, [layer], lambda _: keys, slots)[0]
+
+    def write(self, kind: str, seq: int, layers: list[int], read_keys: Callable[[int], np.ndarray],
+              slots: np.ndarray, run: Callable = map) -> list[int]:
+        """Build (``kind`` "build") or extend ("insert") the index of each of ``layers``; returns each layer's
+        live token count. :meth:`begin_write`, its work through ``run`` and its commit, in one call."""
+        w = self.begin_write(kind, seq, layers, read_keys, slots)
+        w.run(run)
+        return w.commit()
+
+    def begin_write(self, kind: str, seq: int, layers: list[int], read_keys: Callable[[int], np.ndarray],
+                    slots: np.ndarray) -> TableWrite:
+        """The first of a write's three parts; the table is read and changed only in the first and last.
+
+        1. here, in the table's thread: the indexes to extend (a shared one is copied first);
+        2. :meth:`TableWrite.run`, in any thread: the layers' index work, ``read_keys(layer) -> [H, n, d]``
+           included, through ``run`` (``map``'s signature: the service passes its write workers' ``map``);
+        3. :meth:`TableWrite.commit`, in the table's thread: the new indexes and the counters. When a layer
+           failed, the layers that succeeded are kept and the first failure is raised.
+
+        Until the commit, nothing else may touch ``seq`` (the server holds back its other requests)."""
+        if kind not in ("build", "insert"):
+            raise ValueError(f"kind must be 'build' or 'insert', got {kind!r}")
+        targets = [self._writable(seq, layer) if kind == "insert" else None for layer in layers]
+        return TableWrite(self, seq, list(zip(layers, targets)), read_keys, slots)
+
+    def _commit(self, w: TableWrite) -> list[int]:
+        counts, error = [], None
+        for (layer, _), res in zip(w.jobs, w.results):
+            if isinstance(res, Exception):
+                error = error or res
+                continue
+            idx, fresh, n = res
+            self.counters.indexed_tokens += n
+            if fresh:
+                self.counters.builds += 1
+                self._drop(w.seq, layer)
+                indexed = self.seqs.setdefault(w.seq, {})  # a sequence built from no tokens is still known
+                if n:
+                    indexed[layer] = SharedIndex(idx)
+            else:
+                self.counters.inserts += 1
+            counts.append(idx.n_live if n or not fresh else 0)
+        if error is not None:
+            raise error
+        return counts
 
     def share(self, src: int, dst: int, prefix_len: int) -> list[int]:
         """``dst`` gets the first ``prefix_len`` indexed tokens of every layer of ``src``; returns the
@@ -162,3 +192,37 @@ class SequenceTable:
         for seq in list(self.seqs):
             self.release(seq)
         return n
+
+
+@dataclass
+class TableWrite:
+    """A Build or Insert between :meth:`SequenceTable.begin_write` and its commit."""
+
+    table: SequenceTable
+    seq: int
+    jobs: list  # (layer, the index to extend or None for a new one)
+    read_keys: Callable[[int], np.ndarray]
+    slots: np.ndarray
+    results: list = field(default_factory=list)
+
+    def _one(self, job):
+        layer, idx = job
+        try:
+            keys = self.read_keys(layer)
+            if idx is None:
+                idx = self.table.new_index()
+                if keys.shape[1]:
+                    idx.build(keys, positions=self.slots)
+                return idx, True, keys.shape[1]
+            if keys.shape[1]:
+                idx.insert(keys, positions=self.slots)
+            return idx, False, keys.shape[1]
+        except Exception as e:  # noqa: BLE001 - raised by the commit, after the other layers are kept
+            return e
+
+    def run(self, run: Callable = map) -> None:
+        """The index work of every layer (any thread; touches no table state)."""
+        self.results = list(run(self._one, self.jobs))
+
+    def commit(self) -> list[int]:
+        return self.table._commit(self)

@@ -22,12 +22,15 @@ import zmq
 
 from . import protocol as p
 from .config import IndexerConfig
+from .dispatch import Dispatcher
 
 logger = logging.getLogger("icecache.indexer")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 IDLE_POLL_MS = 200
+#: how often the loop looks for a finished write while one runs (the reply's added latency at most)
+WRITE_POLL_MS = 2
 
 
 def _prctl(option: int, arg) -> bool:
@@ -75,7 +78,7 @@ def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
     logging.basicConfig(level=os.environ.get("ICECACHE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s icecache-indexer %(levelname)s %(message)s")
     cfg = None
-    sock = ctx = store = None
+    sock = ctx = store = service = None
     try:
         cfg = IndexerConfig.from_json(config_json)
         _set_process_name(process_name(cfg.rank))
@@ -117,48 +120,33 @@ def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
             unlink_endpoint(cfg.endpoint)
             if os.getppid() != parent_pid:  # orphaned: nobody else will clean up
                 shutil.rmtree(cfg.private_dir, ignore_errors=True)
+        if service is not None:
+            service.close()
         if store is not None:
             store.close(unlink=False)
 
 
 def serve(sock: zmq.Socket, service, parent_pid: int | None = None) -> None:
-    """Answer requests in arrival order until Shutdown (or the parent dies)."""
-    while not _stop_requested:
-        if not sock.poll(IDLE_POLL_MS):
-            if parent_pid is not None and os.getppid() != parent_pid:
+    """Answer requests until Shutdown (or the parent dies); a Build or Insert runs off this thread
+    (:class:`~.dispatch.Dispatcher`), so other sequences' queries are answered while it runs."""
+    dispatcher = Dispatcher(service)
+    try:
+        while not _stop_requested:
+            if sock.poll(WRITE_POLL_MS if dispatcher.busy else IDLE_POLL_MS):
+                frames = sock.recv_multipart(copy=False)
+                dispatcher.accept(frames[0], frames[1:])
+            elif not dispatcher.busy and parent_pid is not None and os.getppid() != parent_pid:
                 logger.warning("parent %d is gone; exiting", parent_pid)
                 return
-            continue
-        frames = sock.recv_multipart(copy=False)
-        reply, stop = _answer(service, frames[1:])
-        try:
-            sock.send_multipart([frames[0]] + reply, copy=False)
-        except zmq.ZMQError as e:  # the peer went away; nothing to answer
-            logger.warning("reply not sent: %s", e)
-        if stop:
-            return
-
-
-def _answer(service, body: list) -> tuple[list, bool]:
-    """Reply frames for one request, and whether it asked us to stop. Never raises."""
-    try:
-        req, arrays = p.decode_request(body)
-    except p.ProtocolError as e:
-        service.count_error(new_request=True)
-        return p.encode_error(getattr(e, "rid", -1), e.code, str(e)), False
-    except Exception as e:  # noqa: BLE001 - decode_request maps every decoding problem to ProtocolError; this is a bug
-        logger.error("internal error while decoding: %s", traceback.format_exc())
-        service.count_error(new_request=True)
-        return p.encode_error(-1, "internal", f"{type(e).__name__}: {e}"), False
-    try:
-        result, out = service.handle(req, arrays)
-        return p.encode_reply(req.id, result, out), isinstance(req.op, p.Shutdown)
-    except p.ProtocolError as e:
-        return p.encode_error(req.id, e.code, str(e)), False
-    except Exception as e:  # noqa: BLE001 - a bug must not take the indexer down: report it and keep serving
-        logger.error("internal error on %s: %s", type(req.op).__name__, traceback.format_exc())
-        service.count_error()
-        return p.encode_error(req.id, "internal", f"{type(e).__name__}: {e}"), False
+            for route, reply, stop in dispatcher.ready():
+                try:
+                    sock.send_multipart([route] + reply, copy=False)
+                except zmq.ZMQError as e:  # the peer went away; nothing to answer
+                    logger.warning("reply not sent: %s", e)
+                if stop:
+                    return
+    finally:
+        dispatcher.close()
 
 
 def unlink_endpoint(endpoint: str) -> None:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..index.config import QueryParams
@@ -20,13 +24,32 @@ from ..index.paged_index import PagedDCIIndex, query_batch
 from . import protocol as p
 from .config import IndexerConfig
 from .keystore import KeyStore
-from .sequences import SequenceTable
+from .sequences import SequenceTable, TableWrite
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
     return p.ProtocolError(code, message)
+
+
+@dataclass
+class PendingWrite:
+    """A Build or Insert between :meth:`IndexerService.begin_write` and :meth:`IndexerService.finish_write`."""
+
+    write: TableWrite
+    run_layers: Callable  # ``map`` over the layers (the write workers')
+    busy_us: float = 0.0
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        """The index work of every layer; any thread. Never raises: ``finish_write`` reports."""
+        t0 = time.perf_counter()
+        try:
+            self.write.run(self.run_layers)
+        except BaseException as e:  # noqa: BLE001 - e.g. the workers were shut down under it
+            self.error = e
+        self.busy_us = (time.perf_counter() - t0) * 1e6
 
 
 class IndexerService:
@@ -40,16 +63,42 @@ class IndexerService:
                                    trim_rebuild_ratio=config.trim_rebuild_ratio)
         self.requests = self.errors = self.queries = self.query_rows = self.expired = 0
         self.query_us_total = self.busy_us_total = 0.0
+        self._pool: ThreadPoolExecutor | None = None  # write workers, started by warmup()
+        self.write_workers = 1
         self._handlers = {p.Ping: self._ping, p.Build: self._build, p.Insert: self._insert, p.Query: self._query,
                           p.Share: self._share, p.Release: self._release, p.Reset: self._reset,
                           p.Stats: self._stats, p.Shutdown: self._shutdown}
 
     # ------------------------------------------------------------------ entry
     def handle(self, req: p.Request, arrays: dict[str, np.ndarray]):
+        """Answer ``req`` in this thread: ``(result, reply_arrays)``."""
         self.requests += 1
+        return self._counted(lambda: self._handlers[type(req.op)](req.op, arrays,
+                                                                  {a.name: a.dtype for a in req.arrays}))
+
+    def begin_write(self, req: p.Request, arrays: dict[str, np.ndarray]) -> PendingWrite:
+        """A Build or Insert in three parts, so that the socket loop can answer other sequences meanwhile:
+        this call checks and prepares it (this thread), :meth:`PendingWrite.run` indexes (any thread), and
+        :meth:`finish_write` (this thread) changes the table and gives ``(result, reply_arrays)``."""
+        self.requests += 1
+        kind = {p.Build: "build", p.Insert: "insert"}[type(req.op)]
+
+        def begin():
+            seq, layers, slots = self._seq_id("seq", req.op.seq), self._layers(req.op.layers), self._slots(arrays)
+            w = self.table.begin_write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots)
+            return PendingWrite(w, self._layer_map(len(layers)))
+        return self._counted(begin)
+
+    def finish_write(self, pending: PendingWrite):
+        self.busy_us_total += pending.busy_us
+        if pending.error is not None:  # not an index's refusal (those are per layer): a bug
+            raise pending.error
+        return self._counted(lambda: (p.Done(tokens=pending.write.commit()), {}))
+
+    def _counted(self, fn):
         t0 = time.perf_counter()
         try:
-            return self._handlers[type(req.op)](req.op, arrays, {a.name: a.dtype for a in req.arrays})
+            return fn()
         except p.ProtocolError as e:
             self.errors += e.code != "expired"  # an expired query is the client's deadline, not an error
             raise
@@ -75,6 +124,24 @@ class IndexerService:
         query_batch([idx, idx.copy()], rng.standard_normal((2, self.H * 2, self.d)).astype(np.float32), 4)
         select_baseline(idx, rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4, "exact")  # the default
         idx.copy().delete(idx.live_ids()[-2:])
+        self._start_write_workers()
+
+    def _start_write_workers(self) -> None:
+        """The write workers, once numba's threading layer is known: the workqueue layer (no OpenMP or TBB)
+        cannot run parallel regions from two threads at once, so it gets none."""
+        threads = numba.get_num_threads()
+        workers = self.cfg.write_workers or min(8, threads)
+        if numba.threading_layer() == "workqueue":
+            workers = 1
+        self.write_workers = max(1, workers)
+        if self.write_workers > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.write_workers, thread_name_prefix="icecache-write")
+
+    def close(self) -> None:
+        """Stop the write workers; a layer being indexed finishes, the request's other layers do not start."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     # ------------------------------------------------------------------ checks
     def _seq_id(self, name: str, v: int) -> int:
@@ -111,18 +178,32 @@ class IndexerService:
         return p.Pong(pid=os.getpid(), rank=self.cfg.rank, num_layers=self.L, num_kv_heads=self.H, head_dim=self.d,
                       page_size=self.C, num_slots=self.S), {}
 
-    def _write(self, op, arrays, table_op):
-        seq = self._seq_id("seq", op.seq)
-        layers = self._layers(op.layers)
-        slots = self._slots(arrays)
-        counts = [table_op(seq, layer, self.store.read(layer, slots), slots) for layer in layers]
+    def _write(self, op, arrays, kind: str):
+        seq, layers, slots = self._seq_id("seq", op.seq), self._layers(op.layers), self._slots(arrays)
+        counts = self.table.write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots,
+                                  run=self._layer_map(len(layers)))
         return p.Done(tokens=counts), {}
 
+    def _layer_map(self, n_layers: int):
+        """``map`` over a request's layers: the write workers when there are several of both, each worker
+        with an even share of this thread's numba threads (numba's thread count is per thread)."""
+        workers = min(self.write_workers, n_layers)
+        if self._pool is None or workers < 2:
+            return map
+        share = max(1, numba.get_num_threads() // workers)
+
+        def with_share(fn):
+            def run(job):
+                numba.set_num_threads(share)
+                return fn(job)
+            return run
+        return lambda fn, jobs: self._pool.map(with_share(fn), jobs)
+
     def _build(self, op, arrays, dtypes):
-        return self._write(op, arrays, self.table.build)
+        return self._write(op, arrays, "build")
 
     def _insert(self, op, arrays, dtypes):
-        return self._write(op, arrays, self.table.insert)
+        return self._write(op, arrays, "insert")
 
     def _query(self, op: p.Query, arrays, dtypes):
         if not 0 <= op.layer < self.L:

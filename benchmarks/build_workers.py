@@ -1,0 +1,115 @@
+"""What one Build of a prompt's layers costs the indexer: its layers one after another (``write_workers: 1``)
+against the write workers (several layers side by side, each worker with an even share of the numba threads).
+
+The indexer's own request handling (``IndexerService``, in process) over a real bfloat16 key store, with the
+server's index settings (``IceCacheConfig().index_config()``), ``LAYERS`` layers of 8 KV heads x 128 dims of
+low-rank keys (``index/synthetic.py``). The settings are interleaved per repetition on the same keys.
+``model_seconds_computed`` scales the measured time to 30 anchor layers (Llama-3.1-8B with 2 dense
+layers): a computed figure, not a measured one.
+
+    python benchmarks/build_workers.py --quick     # 8k, 32k: ~2 min on 2 cores
+    python benchmarks/build_workers.py             # and 128k, 2 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import plot_log_lines, png_path, replot, write_records  # noqa: E402
+
+import numba  # noqa: E402
+
+from icecache_sglang.index.keys import to_storage  # noqa: E402
+from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
+from icecache_sglang.indexer import protocol as p  # noqa: E402
+from icecache_sglang.indexer.config import IndexerConfig  # noqa: E402
+from icecache_sglang.indexer.keystore import KeyStore  # noqa: E402
+from icecache_sglang.indexer.service import IndexerService  # noqa: E402
+from icecache_sglang.runtime.config import IceCacheConfig  # noqa: E402
+
+H_KV, D, LAYERS, ANCHORS = 8, 128, 8, 30
+NAME = "build_workers"
+
+
+def service(store: KeyStore, tmp: str, workers: int | None) -> IndexerService:
+    cfg = IndexerConfig(rank=0, store=store.spec, endpoint=f"ipc://{tmp}/s", private_dir=tmp,
+                        index=IceCacheConfig().index_config(), write_workers=workers)
+    svc = IndexerService(cfg, store)
+    svc.warmup()
+    return svc
+
+
+def build_all(svc: IndexerService, seq: int, n: int) -> float:
+    req = p.Request(v=p.PROTOCOL_VERSION, id=seq, op=p.Build(seq=seq, layers=list(range(LAYERS))))
+    t = time.perf_counter()
+    result, _ = svc.handle(req, {"slots": np.arange(n, dtype=np.int32)})
+    dt = time.perf_counter() - t
+    assert result.tokens == [n] * LAYERS
+    svc.handle(p.Request(v=p.PROTOCOL_VERSION, id=seq, op=p.Release(seqs=[seq])), {})
+    return dt
+
+
+def plot(records, path: Path) -> None:
+    r0 = records[0]
+    settings = sorted({r["write_workers"] for r in records})
+    series = [(f"write_workers {w}" + (" (one layer at a time)" if w == 1 else ""), "o-" if w == 1 else "s--",
+               [(r["context"], r["seconds_median"]) for r in records if r["write_workers"] == w]) for w in settings]
+    plot_log_lines(path, series, f"one Build of {r0['layers']} layers ({H_KV} KV heads, d={D}) in the indexer;\n"
+                   f"measured, {r0['threads']} threads: {r0['machine'][:60]}", "prompt tokens",
+                   f"seconds for {r0['layers']} layers", figsize=(6, 3.8), title_size=8)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--replot", action="store_true")
+    ap.add_argument("--workers", default=None, help="comma-separated write_workers settings (default: 1 and "
+                    "the indexer's default for this machine)")
+    args = ap.parse_args(argv)
+    if args.replot:
+        return replot(NAME, plot)
+    contexts = [8192, 32768] + ([] if args.quick else [131072])
+    reps = 1 if args.quick else 2
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = KeyStore.create(tmp, LAYERS, max(contexts), H_KV, D, dtype="bfloat16")
+        for layer in range(LAYERS):
+            K, _ = lowrank_keys(np.random.default_rng(layer), max(contexts), D, rank=16, n_queries=1, heads=H_KV)
+            store.write(layer, np.arange(max(contexts)), to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)),
+                                                                    "bfloat16"))
+        default = service(store, tmp, None)
+        settings = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, default.write_workers})
+        default.close()
+        services = {w: service(store, tmp, w) for w in settings}
+        for n in contexts:
+            times = {w: [] for w in settings}
+            for rep in range(reps):
+                for w in (settings if rep % 2 == 0 else settings[::-1]):
+                    times[w].append(build_all(services[w], rep + 1, n))
+            base = float(np.median(times[1])) if 1 in times else None
+            for w, ts in times.items():
+                s = float(np.median(ts))
+                records.append({"context": n, "layers": LAYERS, "heads": H_KV, "head_dim": D, "write_workers": w,
+                                "threads": numba.get_num_threads(), "reps": reps, "seconds": ts, "seconds_median": s,
+                                "seconds_per_layer": s / LAYERS, "model_seconds_computed": s / LAYERS * ANCHORS,
+                                "speedup_vs_one_layer_at_a_time": base / s if base else None})
+                print(f"{n:>7} write_workers {w}: {s:7.2f} s for {LAYERS} layers"
+                      + (f"  x{base / s:.2f}" if base else ""), flush=True)
+        for svc in services.values():
+            svc.close()
+        store.close()
+    path = write_records(NAME, args.quick, records)
+    plot(json.loads(path.read_text()), png_path(NAME, args.quick))
+
+
+if __name__ == "__main__":
+    main()
