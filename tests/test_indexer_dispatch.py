@@ -35,11 +35,13 @@ def test_a_query_for_another_sequence_is_answered_during_a_build(ix):
     c.sync(timeout_s=30)
     q = np.random.default_rng(1).standard_normal((1, 2 * H, D)).astype(np.float32)
     build = c.build(1, range(L), np.arange(BIG))
+    c.insert(2, range(L), np.arange(BIG + 1000, BIG + 1010))  # another sequence's decode step
     other = c.submit(p.Query(layer=1, seqs=[2], n_pages=4), {"q": q})
     same = c.submit(p.Query(layer=1, seqs=[1], n_pages=4), {"q": q})
     rep, _ = c.wait(other, timeout_s=30)
-    assert rep.ok and rep.result.n_tokens == [1000]
+    assert rep.ok and rep.result.n_tokens == [1010]  # after its own Insert, which did not wait for the Build
     assert not c.acked_through(build)  # the Build was still running when the other sequence's answer came
+    assert c.pending_index_seqs() == {1}
     rep, _ = c.wait(same, timeout_s=60)
     assert rep.ok and rep.result.n_tokens == [BIG]  # held back until the Build was done, and saw it
     assert c.acked_through(build)

@@ -64,15 +64,15 @@ def test_workers_build_and_insert_the_same_indexes_as_one_layer_at_a_time(store,
 
 def test_a_failing_layer_keeps_the_others_and_the_old_index(store, tmp_path):
     svc = make_service(store, tmp_path, 3)
-    slots = np.arange(300, dtype=np.int32)
+    slots = np.arange(600, dtype=np.int32)  # large enough for the write workers (POOLED_WRITE_TOKENS)
     assert ask(svc, p.Build(seq=1, layers=[0, 1, 2, 3]), {"slots": slots})[0].ok
-    store.keys[2, 400:500] = np.nan  # layer 2's next keys cannot be indexed
-    rep, _ = ask(svc, p.Build(seq=1, layers=[0, 1, 2, 3]), {"slots": np.arange(200, 500, dtype=np.int32)})
+    store.keys[2, 700:800] = np.nan  # layer 2's next keys cannot be indexed
+    rep, _ = ask(svc, p.Build(seq=1, layers=[0, 1, 2, 3]), {"slots": np.arange(300, 900, dtype=np.int32)})
     assert not rep.ok and rep.code == "bad_request" and "NaN" in rep.error
     counts = [svc.table.n_tokens(1, layer) for layer in range(L)]
-    assert counts == [300, 300, 300, 300]  # layers 0, 1 and 3 were rebuilt over slots 200..499, layer 2 kept
+    assert counts == [600, 600, 600, 600]  # layers 0, 1 and 3 were rebuilt over slots 300..899, layer 2 kept
     idx0, idx2 = svc.table.get(1, 0), svc.table.get(1, 2)
-    assert idx0.positions[idx0.live_ids()].min() == 200
+    assert idx0.positions[idx0.live_ids()].min() == 300
     assert idx2.positions[idx2.live_ids()].min() == 0
     q = np.ones((1, 2 * H, D), np.float32)
     assert ask(svc, p.Query(layer=2, seqs=[1], n_pages=2), {"q": q})[0].ok  # still serving

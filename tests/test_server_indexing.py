@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -73,3 +74,32 @@ def test_a_stopped_indexer_is_replaced_while_steps_attend_densely(tiny_default):
     r = tiny_default.generate(input_ids=token_ids(3000, 4), max_new_tokens=40, ignore_eos=True)
     c = tiny_default.icecache_stats()
     assert delta(b, c, "sparse_rows") >= 1, c
+
+
+# a slow index (half the tokens on level 1: the exact parent search is quadratic) makes a long prompt's build
+# take seconds on 2 cores, while a running request's steps take milliseconds
+tiny_slow_build = server_fixture("tiny_slow_build", ensure_tiny_model,
+                                 icecache_args(DEFAULT | {"index": {"p0": 0.5}}))
+
+
+def test_a_new_prompts_build_holds_back_only_its_own_request(tiny_slow_build):
+    srv = tiny_slow_build
+    a0 = srv.icecache_stats(wait_s=0)
+    out = {}
+    running = threading.Thread(target=lambda: out.setdefault("a", srv.generate(
+        input_ids=token_ids(2000, 5), max_new_tokens=1500, ignore_eos=True)))
+    running.start()
+    deadline = time.monotonic() + 120
+    while True:  # the running request decodes sparsely: its own index is built
+        s1 = srv.icecache_stats(wait_s=0.2)
+        if delta(a0, s1, "sparse_rows") >= 5:
+            break
+        assert time.monotonic() < deadline and running.is_alive(), s1
+    r = srv.generate(input_ids=token_ids(24000, 6), max_new_tokens=6, ignore_eos=True)
+    s2 = srv.icecache_stats(wait_s=0)
+    running.join(timeout=600)
+    assert r["meta_info"]["completion_tokens"] == 6 and out["a"]["meta_info"]["completion_tokens"] == 1500
+    # only the new request's own steps waited for its index (5 decode steps at most); the running request
+    # kept selecting pages while the indexer built the new one
+    assert delta(s1, s2, "dense_while_indexing_rows") <= 5, s2
+    assert delta(s1, s2, "sparse_rows") >= 10, s2

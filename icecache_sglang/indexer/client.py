@@ -205,7 +205,8 @@ class IndexerClient:
         self._sock = None
         self._replies: dict[int, tuple[p.Reply, dict]] = {}
         self._acks: set[int] = set()
-        self._index_writes: dict[int, str] = {}  # the unacknowledged Build / Insert / Share among _acks: kind
+        # the unacknowledged Build / Insert / Share among _acks: kind and the sequences it names
+        self._index_writes: dict[int, tuple[str, frozenset[int]]] = {}
         self._queries: dict[int, _PendingQuery] = {}
         self._errors: list[IndexerError] = []
         self._waiting: set[int] = set()
@@ -330,7 +331,8 @@ class IndexerClient:
             return -1
         self._acks.add(rid)
         if indexing:
-            self._index_writes[rid] = indexing
+            op_seqs = (op.src, op.dst) if isinstance(op, p.Share) else (op.seq,)
+            self._index_writes[rid] = (indexing, frozenset(op_seqs))
         return rid
 
     def pending_writes(self) -> int:
@@ -342,21 +344,34 @@ class IndexerClient:
         """Build / Insert / Share requests (of ``kinds``) not acknowledged yet (after collecting what has
         arrived): work a query sent now would wait behind. Releases and resets are quick and do not count."""
         self.poll()
-        return sum(k in kinds for k in self._index_writes.values())
+        return sum(k in kinds for k, _ in self._index_writes.values())
+
+    def pending_index_seqs(self, kinds: tuple[str, ...] = ("build", "insert", "share")) -> set[int]:
+        """The sequences named by unacknowledged index writes of ``kinds`` (after collecting what has
+        arrived): the indexer answers their queries after that work, other sequences' at once."""
+        self.poll()
+        return {s for k, seqs in self._index_writes.values() if k in kinds for s in seqs}
 
     def acked_through(self, rid: int) -> bool:
         """Whether every fire-and-forget request up to ``rid`` is acknowledged (after collecting replies)."""
         self.poll()
         return all(a > rid for a in self._acks)
 
-    def sync(self, timeout_s: float | None = None) -> None:
-        """Wait until every fire-and-forget request is acknowledged; raise the first error among them."""
+    def sync(self, timeout_s: float | None = None, seqs=None) -> None:
+        """Wait until every fire-and-forget request is acknowledged (``seqs``: only the index writes that name
+        one of those sequences); raise the first error among them."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        while self._acks:
+        mine = None if seqs is None else frozenset(seqs)
+
+        def waiting() -> int:
+            if mine is None:
+                return len(self._acks)
+            return sum(bool(named & mine) for _, named in self._index_writes.values())
+        while waiting():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise IndexerTimeout(f"{len(self._acks)} request(s) unacknowledged after {timeout_s:.3f} s")
+                raise IndexerTimeout(f"{waiting()} request(s) unacknowledged after {timeout_s:.3f} s")
             self._read(max(1, int(left * 1000)))
         if self._errors:
             err, self._errors = self._errors[0], []

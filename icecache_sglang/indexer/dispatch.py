@@ -1,17 +1,18 @@
 """From request frames to reply frames: :func:`answer` in the caller's thread, and :class:`Dispatcher`, which the
 socket loop uses so that a long Build does not hold up other sequences.
 
-The dispatcher indexes one Build or Insert at a time on a background thread (which spreads the layers over
-the service's write workers) and answers everything else on the loop's thread at once, except a request that
+The dispatcher indexes Builds and Inserts on background threads (a large one spreads its layers over the
+service's write workers) and answers everything else on the loop's thread at once, except a request that
 must see an earlier request's effect: one that names a sequence a waiting or running request names, or one
 that concerns every sequence (Reset, Shutdown) while anything waits or runs. Those wait, in arrival order.
-A query for another sequence is answered while a prompt's index is being built; a query for the sequence
-being written is answered right after the write. Replies can therefore leave in another order than their
-requests came; the client matches them by id.
+So a query for another sequence is answered, and another sequence's decode Inserts are indexed, while a
+prompt's index is being built; a query for the sequence being written is answered right after the write.
+Replies can therefore leave in another order than their requests came; the client matches them by id.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -24,6 +25,8 @@ logger = logging.getLogger("icecache.indexer")
 
 #: every sequence: a request that must wait for everything before it, and that everything after waits for
 EVERY = None
+#: writes indexed at once (on different sequences): a long Build does not hold up other sequences' Inserts
+WRITER_THREADS = 4
 WRITES = (p.Build, p.Insert)
 
 
@@ -87,17 +90,20 @@ class Dispatcher:
     def __init__(self, service):
         self.service = service
         self._backlog: deque = deque()  # (route, request, arrays), arrival order
-        self._running = None  # (route, request, PendingWrite)
+        self._running: dict[int, tuple] = {}  # key -> (route, request, PendingWrite)
+        self._keys = itertools.count()
         self._out: list = []
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._write_loop, name="icecache-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._write_loop, name=f"icecache-writer-{i}", daemon=True)
+                         for i in range(WRITER_THREADS)]
+        for t in self._threads:
+            t.start()
 
     @property
     def busy(self) -> bool:
         """A write is running or a request waits: the loop should look for finished work often."""
-        return self._running is not None or bool(self._backlog)
+        return bool(self._running) or bool(self._backlog)
 
     def accept(self, route, body: list) -> None:
         got = decode(self.service, body)
@@ -114,29 +120,27 @@ class Dispatcher:
         """Replies ready to send: finished writes, and what could start after them."""
         while True:
             try:
-                pending = self._done.get_nowait()
+                key = self._done.get_nowait()
             except queue.Empty:
                 break
-            route, req, _ = self._running
-            self._running = None
+            route, req, pending = self._running.pop(key)
             self._out.append((route, reply(self.service, req, lambda: self.service.finish_write(pending)), False))
             self._drain()
         out, self._out = self._out, []
         return out
 
     def close(self) -> None:
-        self._todo.put(None)
+        for _ in self._threads:
+            self._todo.put(None)
 
     # ------------------------------------------------------------------ internals
     def _must_wait(self, req: p.Request, ahead: int) -> bool:
         """Whether ``req`` must wait for the running write or for one of the first ``ahead`` waiting requests."""
         mine = sequences_of(req.op)
-        if self._running is not None and (isinstance(req.op, WRITES) or _conflict(mine, sequences_of(
-                self._running[1].op))):
-            return True
         if mine is not EVERY and not mine:
             return False
-        return any(_conflict(mine, sequences_of(self._backlog[i][1].op)) for i in range(ahead))
+        return (any(_conflict(mine, sequences_of(r.op)) for _, r, _ in self._running.values())
+                or any(_conflict(mine, sequences_of(self._backlog[i][1].op)) for i in range(ahead)))
 
     def _start(self, route, req: p.Request, arrays) -> None:
         if not isinstance(req.op, WRITES):
@@ -149,8 +153,9 @@ class Dispatcher:
             refused = e
             self._out.append((route, reply(self.service, req, lambda: _raise(refused)), False))
             return
-        self._running = (route, req, pending)
-        self._todo.put(pending)
+        key = next(self._keys)
+        self._running[key] = (route, req, pending)
+        self._todo.put((key, pending))
 
     def _drain(self) -> None:
         """Start, in arrival order, every waiting request that no earlier one holds back."""
@@ -165,11 +170,12 @@ class Dispatcher:
 
     def _write_loop(self) -> None:
         while True:
-            pending = self._todo.get()
-            if pending is None:
+            job = self._todo.get()
+            if job is None:
                 return
+            key, pending = job
             pending.run()
-            self._done.put(pending)
+            self._done.put(key)
 
 
 def _raise(e: BaseException):

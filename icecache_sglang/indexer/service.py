@@ -27,6 +27,8 @@ from .keystore import KeyStore
 from .sequences import SequenceTable, TableWrite
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+#: a write of fewer tokens indexes its layers one after another in its own thread, not on the write workers
+POOLED_WRITE_TOKENS = 512
 
 
 def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
@@ -86,7 +88,7 @@ class IndexerService:
         def begin():
             seq, layers, slots = self._seq_id("seq", req.op.seq), self._layers(req.op.layers), self._slots(arrays)
             w = self.table.begin_write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots)
-            return PendingWrite(w, self._layer_map(len(layers)))
+            return PendingWrite(w, self._layer_map(len(layers), len(slots)))
         return self._counted(begin)
 
     def finish_write(self, pending: PendingWrite):
@@ -181,14 +183,15 @@ class IndexerService:
     def _write(self, op, arrays, kind: str):
         seq, layers, slots = self._seq_id("seq", op.seq), self._layers(op.layers), self._slots(arrays)
         counts = self.table.write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots,
-                                  run=self._layer_map(len(layers)))
+                                  run=self._layer_map(len(layers), len(slots)))
         return p.Done(tokens=counts), {}
 
-    def _layer_map(self, n_layers: int):
-        """``map`` over a request's layers: the write workers when there are several of both, each worker
-        with an even share of this thread's numba threads (numba's thread count is per thread)."""
+    def _layer_map(self, n_layers: int, n_tokens: int):
+        """``map`` over a request's layers: the write workers when there are several of both and the write is
+        large (a decode step's Insert is not queued behind a prompt's Build there), each worker with an even
+        share of this thread's numba threads (numba's thread count is per thread)."""
         workers = min(self.write_workers, n_layers)
-        if self._pool is None or workers < 2:
+        if self._pool is None or workers < 2 or n_tokens < POOLED_WRITE_TOKENS:
             return map
         share = max(1, numba.get_num_threads() // workers)
 

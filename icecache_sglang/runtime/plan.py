@@ -76,8 +76,8 @@ class Planner:
             self.cache.new_step({st.seq for st in self.tracker.live.values()})
         elif self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
             self.cache.clear()
-        behind = cfg.dense_while_indexing and self.selector.behind_now(builds_only=cfg.max_stale_steps > 0)
-        firsts = c.builds + c.shares
+        # sequences the indexer is behind on (None: every sequence, it is not serving)
+        behind = self.selector.behind_seqs(builds_only=cfg.max_stale_steps > 0) if cfg.dense_while_indexing else set()
         fetched = {}  # batch entry -> its row's slots (a device-to-host copy on a GPU: once per step)
         for b, (row, n) in enumerate(zip(rows, lens)):
             if n <= cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
@@ -85,13 +85,17 @@ class Planner:
             fetched[b] = self.row_slots(row, n)
             if self.tracker.update(row, fetched[b], n, block=cfg.page_size):
                 sparse.append(b)
-        behind = behind or c.builds + c.shares > firsts
         new_tokens = c.indexed_tokens - self._acked_tokens  # sent since the last step that selected
-        if sparse and behind and cfg.dense_while_indexing:  # attend to every token instead of waiting
-            self.metrics.dense_while_indexing_rows += len(sparse)
-            self.selector.behind(cfg.selection_deadline_ms / 1e3, new_tokens)
-            self._acked_tokens = c.indexed_tokens
-            sparse = []
+        if sparse and cfg.dense_while_indexing:  # a sequence whose index is being written attends to every token
+            firsts = self.selector.first_indexes_pending()  # this step's first indexes included
+            behind = None if behind is None or firsts is None else behind | firsts
+            held = [b for b in sparse if behind is None or self.tracker.seq_of(rows[b]) in behind]
+            if held:
+                self.metrics.dense_while_indexing_rows += len(held)
+                sparse = [b for b in sparse if b not in set(held)]
+            if held and not sparse:  # the whole step waits on the indexer: keep its stuck detection going
+                self.selector.behind(cfg.selection_deadline_ms / 1e3, new_tokens)
+                self._acked_tokens = c.indexed_tokens
         self.metrics.dense_rows += len(rows) - len(sparse)
         if not sparse and self.device_pool is None:  # offload: every decode reads the device pool
             return None
@@ -99,7 +103,8 @@ class Planner:
         if sparse:
             self._acked_tokens = c.indexed_tokens
             selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, new_tokens,
-                                                 wait_writes=cfg.max_stale_steps == 0)
+                                                 wait_writes=cfg.max_stale_steps == 0,
+                                                 seqs={self.tracker.seq_of(rows[b]) for b in sparse})
             n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
         sp = np.asarray(sparse, np.int64)
         row_slots = [(fetched[b] if b in fetched else self.row_slots(row, n)).astype(np.int64)

@@ -87,21 +87,36 @@ class Selector:
         self.sup.step_finished(now > self._behind_until)
 
     def behind_now(self, builds_only: bool = False) -> bool:
-        """At the start of a step, before its own writes: whether index writes sent earlier are unanswered
-        (queries would queue behind them), or the indexer is not serving at all. When it is not behind,
-        a later behind period starts afresh. ``builds_only``: only a request's first index (Build, Share)
-        counts, not the decode's small Inserts (asynchronous selection does not wait for those)."""
-        if not self.sup.serving:
-            return True
-        if self.sup.client.pending_index_writes(("build", "share") if builds_only else ("build", "insert", "share")) > 0:
-            return True
-        self._behind_until = None
-        return False
+        """Whether any sequence is behind (:meth:`behind_seqs`), or the indexer is not serving at all."""
+        seqs = self.behind_seqs(builds_only)
+        return seqs is None or bool(seqs)
 
-    def begin_step(self, deadline_s: float, new_tokens: int, wait_writes: bool = True) -> StepSelection:
+    def behind_seqs(self, builds_only: bool = False) -> set[int] | None:
+        """At the start of a step, before its own writes: the sequences whose index writes sent earlier are
+        unanswered (the indexer answers their queries after that work, other sequences' at once), or None
+        when the indexer is not serving at all (every sequence). When none is behind, a later behind period
+        starts afresh. ``builds_only``: only a request's first index (Build, Share) counts, not the decode's
+        small Inserts (asynchronous selection does not wait for those)."""
+        if not self.sup.serving:
+            return None
+        seqs = self.sup.client.pending_index_seqs(("build", "share") if builds_only else ("build", "insert", "share"))
+        if not seqs:
+            self._behind_until = None
+        return seqs
+
+    def first_indexes_pending(self) -> set[int] | None:
+        """The sequences whose first index (Build, Share) is unanswered, this step's included; None when the
+        indexer is not serving."""
+        if not self.sup.serving:
+            return None
+        return self.sup.client.pending_index_seqs(("build", "share"))
+
+    def begin_step(self, deadline_s: float, new_tokens: int, wait_writes: bool = True,
+                   seqs: set[int] | None = None) -> StepSelection:
         """Start a decode step: set its deadline and (``wait_writes``) let the indexer finish the writes sent
-        since the last step (``new_tokens``: tokens they carry), within that deadline. Asynchronous selection
-        does not wait: its queries are answered after those writes anyway, and only waited for when due."""
+        since the last step (``new_tokens``: tokens they carry; ``seqs``: only those naming the step's
+        selecting sequences), within that deadline. Asynchronous selection does not wait: its queries are
+        answered after those writes anyway, and only waited for when due."""
         self._behind_until = None
         if not self.sup.serving:
             return StepSelection(None)
@@ -110,10 +125,10 @@ class Selector:
         if not wait_writes:  # the writes' errors are still reported, not left to pile up
             for e in client.take_errors():
                 logger.error("IceCache: an indexing request failed: %s", e)
-        elif client.pending_writes():
+        elif client.pending_writes() if seqs is None else client.pending_index_seqs() & seqs:
             t0 = time.perf_counter()
             try:
-                client.sync(timeout_s=step.left())
+                client.sync(timeout_s=step.left(), seqs=seqs)
             except IndexerTimeout as e:
                 step.timed_out = True
                 logger.warning("IceCache: indexing not finished before decode (%s); selections may fall back", e)
