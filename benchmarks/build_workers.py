@@ -1,5 +1,7 @@
 """What one Build of a prompt's layers costs the indexer: its layers one after another (``write_workers: 1``)
-against the write workers (several layers side by side, each worker with an even share of the numba threads).
+against the write workers (several layers side by side, each worker with an even share of the numba threads);
+and what another sequence's queries wait while that Build runs, through a real indexer process and socket
+(``query_during_build``: the indexer answers them between the Build's layers' work, not after it).
 
 The indexer's own request handling (``IndexerService``, in process) over a real bfloat16 key store, with the
 server's index settings (``IceCacheConfig().index_config()``), ``LAYERS`` layers of 8 KV heads x 128 dims of
@@ -30,6 +32,7 @@ import numba  # noqa: E402
 
 from icecache_sglang.index.keys import to_storage  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
+from icecache_sglang.indexer import Indexer  # noqa: E402
 from icecache_sglang.indexer import protocol as p  # noqa: E402
 from icecache_sglang.indexer.config import IndexerConfig  # noqa: E402
 from icecache_sglang.indexer.keystore import KeyStore  # noqa: E402
@@ -58,7 +61,47 @@ def build_all(svc: IndexerService, seq: int, n: int) -> float:
     return dt
 
 
+def fill(store: KeyStore, n: int) -> None:
+    for layer in range(LAYERS):
+        K, _ = lowrank_keys(np.random.default_rng(layer), n, D, rank=16, n_queries=1, heads=H_KV)
+        store.write(layer, np.arange(n), to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)), "bfloat16"))
+
+
+def query_during_build(n: int, other: int = 4096, n_pages: int = 14) -> dict:
+    """Latency of one query for a sequence of ``other`` tokens: idle, and while a Build of ``n`` tokens of
+    every layer of another sequence runs in the same indexer process."""
+    ix = Indexer.launch(num_layers=LAYERS, num_kv_heads=H_KV, head_dim=D, num_slots=n + other, key_dtype="bfloat16",
+                        index=IceCacheConfig().index_config(), timeout_s=120.0)
+    try:
+        fill(ix.store, n + other)
+        c = ix.client
+        c.build(2, range(LAYERS), np.arange(n, n + other))
+        c.sync(timeout_s=120)
+        q = np.random.default_rng(9).standard_normal((1, 4 * H_KV, D)).astype(np.float32)
+
+        def one(i):
+            t = time.perf_counter()
+            c.call(p.Query(layer=i % LAYERS, seqs=[2], n_pages=n_pages), {"q": q}, timeout_s=300)
+            return time.perf_counter() - t
+        idle = [one(i) for i in range(60)]
+        t0 = time.perf_counter()
+        rid = c.build(1, range(LAYERS), np.arange(n))
+        during = []
+        while not c.acked_through(rid):
+            during.append(one(len(during)))
+        build_s = time.perf_counter() - t0
+        c.sync(timeout_s=5)
+    finally:
+        ix.close()
+    pct = lambda xs, q: float(np.percentile(xs, q) * 1e3)  # noqa: E731
+    return {"measure": "query_during_build", "context": n, "other_tokens": other, "layers": LAYERS, "heads": H_KV,
+            "head_dim": D, "n_pages": n_pages, "build_s": build_s, "queries_during_build": len(during),
+            "idle_ms_p50": pct(idle, 50), "idle_ms_p99": pct(idle, 99), "during_ms_p50": pct(during, 50),
+            "during_ms_p99": pct(during, 99), "during_ms_max": float(np.max(during) * 1e3)}
+
+
 def plot(records, path: Path) -> None:
+    records = [r for r in records if r.get("measure") != "query_during_build"]
     r0 = records[0]
     settings = sorted({r["write_workers"] for r in records})
     series = [(f"write_workers {w}" + (" (one layer at a time)" if w == 1 else ""), "o-" if w == 1 else "s--",
@@ -82,10 +125,7 @@ def main(argv=None) -> None:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         store = KeyStore.create(tmp, LAYERS, max(contexts), H_KV, D, dtype="bfloat16")
-        for layer in range(LAYERS):
-            K, _ = lowrank_keys(np.random.default_rng(layer), max(contexts), D, rank=16, n_queries=1, heads=H_KV)
-            store.write(layer, np.arange(max(contexts)), to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)),
-                                                                    "bfloat16"))
+        fill(store, max(contexts))
         default = service(store, tmp, None)
         settings = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, default.write_workers})
         default.close()
@@ -107,6 +147,12 @@ def main(argv=None) -> None:
         for svc in services.values():
             svc.close()
         store.close()
+    for n in contexts[1:]:  # a Build long enough to send queries during it
+        r = query_during_build(n)
+        records.append({**r, "threads": numba.get_num_threads()})
+        print(f"{n:>7} another sequence's query: idle p50 {r['idle_ms_p50']:.2f} ms, during a {r['build_s']:.1f} s "
+              f"Build p50 {r['during_ms_p50']:.2f} / p99 {r['during_ms_p99']:.2f} / max {r['during_ms_max']:.1f} ms "
+              f"({r['queries_during_build']} queries)", flush=True)
     path = write_records(NAME, args.quick, records)
     plot(json.loads(path.read_text()), png_path(NAME, args.quick))
 

@@ -51,7 +51,7 @@ def test_a_query_for_another_sequence_is_answered_during_a_build(ix):
 
 
 def test_requests_for_every_sequence_wait_and_pings_do_not(tmp_path):
-    store = KeyStore.create(str(tmp_path), 2, 256, H, D)
+    store = KeyStore.create(str(tmp_path), 2, 1024, H, D)
     store.keys[:] = np.random.default_rng(0).standard_normal(store.keys.shape).astype(np.float32)
     cfg = IndexerConfig(rank=0, store=store.spec, endpoint="ipc://" + str(tmp_path / "s"), private_dir=str(tmp_path),
                         index=IndexConfig(page_size=C))
@@ -74,18 +74,23 @@ def test_requests_for_every_sequence_wait_and_pings_do_not(tmp_path):
     def replies():
         return [p.decode_reply([bytes(f) for f in frames])[0] for _, frames, _ in d.ready()]
 
-    send(1, p.Build(seq=7, layers=[0, 1]), {"slots": np.arange(100, dtype=np.int32)})
+    send(1, p.Build(seq=7, layers=[0, 1]), {"slots": np.arange(600, dtype=np.int32)})  # large: in the background
     send(2, p.Reset())
     send(3, p.Ping())
-    send(4, p.Build(seq=8, layers=[0]), {"slots": np.arange(10, dtype=np.int32)})  # behind the Reset
+    send(4, p.Build(seq=8, layers=[0]), {"slots": np.arange(10, dtype=np.int32)})  # small, but behind the Reset
     got = replies()
-    assert [r.id for r in got] == [3] and d.busy  # only the Ping
+    assert [r.id for r in got] == [3] and d.busy  # only the Ping (3)
+    send(5, p.Shutdown())  # waits for everything before it
+    send(6, p.Ping())  # answered at once: it names no sequence
+    send(7, p.Build(seq=9, layers=[0]), {"slots": np.arange(10, dtype=np.int32)})  # after the Shutdown: never
     gate.set()
     deadline = time.monotonic() + 20
     ids = []
-    while len(ids) < 3 and time.monotonic() < deadline:
+    while len(ids) < 4 and time.monotonic() < deadline:
         ids += [r.id for r in replies() if r.ok]
-    assert ids == [1, 2, 4]
+    time.sleep(0.1)
+    ids += [r.id for r in replies()]
+    assert ids == [6, 1, 2, 4, 5]
     assert svc.table.n_tokens(8, 0) == 10 and 7 not in svc.table  # the Reset came after seq 7's Build
     d.close()
     svc.close()

@@ -205,8 +205,9 @@ class IndexerClient:
         self._sock = None
         self._replies: dict[int, tuple[p.Reply, dict]] = {}
         self._acks: set[int] = set()
-        # the unacknowledged Build / Insert / Share among _acks: kind and the sequences it names
-        self._index_writes: dict[int, tuple[str, frozenset[int]]] = {}
+        # the unacknowledged Build / Insert / Share among _acks: kind, the sequence it writes (a Share: its
+        # destination) and the tokens it carries
+        self._index_writes: dict[int, tuple[str, frozenset[int], int]] = {}
         self._queries: dict[int, _PendingQuery] = {}
         self._errors: list[IndexerError] = []
         self._waiting: set[int] = set()
@@ -330,9 +331,10 @@ class IndexerClient:
             self.diverged = True
             return -1
         self._acks.add(rid)
-        if indexing:
-            op_seqs = (op.src, op.dst) if isinstance(op, p.Share) else (op.seq,)
-            self._index_writes[rid] = (indexing, frozenset(op_seqs))
+        if indexing:  # a Share's source is only read: its own queries are not held back by it
+            seq = op.dst if isinstance(op, p.Share) else op.seq
+            tokens = op.prefix_len if isinstance(op, p.Share) else int(arrays["slots"].size)
+            self._index_writes[rid] = (indexing, frozenset((seq,)), tokens)
         return rid
 
     def pending_writes(self) -> int:
@@ -344,13 +346,18 @@ class IndexerClient:
         """Build / Insert / Share requests (of ``kinds``) not acknowledged yet (after collecting what has
         arrived): work a query sent now would wait behind. Releases and resets are quick and do not count."""
         self.poll()
-        return sum(k in kinds for k, _ in self._index_writes.values())
+        return sum(k in kinds for k, _, _ in self._index_writes.values())
 
     def pending_index_seqs(self, kinds: tuple[str, ...] = ("build", "insert", "share")) -> set[int]:
         """The sequences named by unacknowledged index writes of ``kinds`` (after collecting what has
         arrived): the indexer answers their queries after that work, other sequences' at once."""
         self.poll()
-        return {s for k, seqs in self._index_writes.values() if k in kinds for s in seqs}
+        return {s for k, seqs, _ in self._index_writes.values() if k in kinds for s in seqs}
+
+    def pending_index_tokens(self, seqs) -> int:
+        """Tokens carried by the unacknowledged index writes of ``seqs`` (each counted once, not per layer)."""
+        mine = frozenset(seqs)
+        return sum(n for _, named, n in self._index_writes.values() if named & mine)
 
     def acked_through(self, rid: int) -> bool:
         """Whether every fire-and-forget request up to ``rid`` is acknowledged (after collecting replies)."""
@@ -367,7 +374,7 @@ class IndexerClient:
         def waiting() -> int:
             if mine is None:
                 return len(self._acks)
-            return sum(bool(named & mine) for _, named in self._index_writes.values())
+            return sum(bool(named & mine) for _, named, _ in self._index_writes.values())
         while waiting():
             left = deadline - time.monotonic()
             if left <= 0:

@@ -1,8 +1,9 @@
 """From request frames to reply frames: :func:`answer` in the caller's thread, and :class:`Dispatcher`, which the
 socket loop uses so that a long Build does not hold up other sequences.
 
-The dispatcher indexes Builds and Inserts on background threads (a large one spreads its layers over the
-service's write workers) and answers everything else on the loop's thread at once, except a request that
+The dispatcher indexes large Builds and Inserts on background threads (spreading their layers over the
+service's write workers) and answers everything else on the loop's thread at once (a decode step's small
+Insert included: it takes milliseconds, less than a hand-over to another thread), except a request that
 must see an earlier request's effect: one that names a sequence a waiting or running request names, or one
 that concerns every sequence (Reset, Shutdown) while anything waits or runs. Those wait, in arrival order.
 So a query for another sequence is answered, and another sequence's decode Inserts are indexed, while a
@@ -18,6 +19,8 @@ import queue
 import threading
 import traceback
 from collections import deque
+
+import numba
 
 from . import protocol as p
 
@@ -89,6 +92,8 @@ class Dispatcher:
 
     def __init__(self, service):
         self.service = service
+        self._threads_each = numba.get_num_threads()  # the loop thread's numba threads: the writers get as many
+        self._stopping = False
         self._backlog: deque = deque()  # (route, request, arrays), arrival order
         self._running: dict[int, tuple] = {}  # key -> (route, request, PendingWrite)
         self._keys = itertools.count()
@@ -111,6 +116,8 @@ class Dispatcher:
             self._out.append((route, got, False))
             return
         req, arrays = got
+        if self._stopping:  # after a Shutdown: nothing more starts, nobody reads the replies
+            return
         if self._must_wait(req, len(self._backlog)):
             self._backlog.append((route, req, arrays))
         else:
@@ -143,9 +150,10 @@ class Dispatcher:
                 or any(_conflict(mine, sequences_of(self._backlog[i][1].op)) for i in range(ahead)))
 
     def _start(self, route, req: p.Request, arrays) -> None:
-        if not isinstance(req.op, WRITES):
+        if not isinstance(req.op, WRITES) or not self.service.write_in_background(req, arrays):
+            self._stopping = isinstance(req.op, p.Shutdown)
             self._out.append((route, reply(self.service, req, lambda: self.service.handle(req, arrays)),
-                              isinstance(req.op, p.Shutdown)))
+                              self._stopping))
             return
         try:
             pending = self.service.begin_write(req, arrays)
@@ -160,7 +168,7 @@ class Dispatcher:
     def _drain(self) -> None:
         """Start, in arrival order, every waiting request that no earlier one holds back."""
         i = 0
-        while i < len(self._backlog):
+        while i < len(self._backlog) and not self._stopping:
             route, req, arrays = self._backlog[i]
             if self._must_wait(req, i):
                 i += 1
@@ -169,6 +177,7 @@ class Dispatcher:
             self._start(route, req, arrays)
 
     def _write_loop(self) -> None:
+        numba.set_num_threads(self._threads_each)  # per thread: a new thread would use every core
         while True:
             job = self._todo.get()
             if job is None:

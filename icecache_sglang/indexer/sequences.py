@@ -72,17 +72,6 @@ class SequenceTable:
         return list(seen.values())
 
     # ------------------------------------------------------------------ writes
-    def _writable(self, seq: int, layer: int) -> PagedDCIIndex | None:
-        layers = self.seqs.setdefault(seq, {})
-        entry = layers.get(layer)
-        if entry is None:
-            return None
-        if entry.refs > 1:  # copy on write
-            self._unref(entry)
-            entry = layers[layer] = SharedIndex(entry.index.copy())
-            self.counters.copies += 1
-        return entry.index
-
     def _drop(self, seq: int, layer: int) -> None:
         entry = self.seqs.get(seq, {}).pop(layer, None)
         if entry is not None:
@@ -117,16 +106,20 @@ class SequenceTable:
         Until the commit, nothing else may touch ``seq`` (the server holds back its other requests)."""
         if kind not in ("build", "insert"):
             raise ValueError(f"kind must be 'build' or 'insert', got {kind!r}")
-        targets = [self._writable(seq, layer) if kind == "insert" else None for layer in layers]
-        return TableWrite(self, seq, list(zip(layers, targets)), read_keys, slots)
+        jobs = []
+        for layer in layers:
+            entry = self.seqs.setdefault(seq, {}).get(layer) if kind == "insert" else None
+            # a shared index is copied by the write's work (run), not here: a long copy would hold up the table
+            jobs.append((layer, None if entry is None else entry.index, entry is not None and entry.refs > 1))
+        return TableWrite(self, seq, jobs, read_keys, slots)
 
     def _commit(self, w: TableWrite) -> list[int]:
         counts, error = [], None
-        for (layer, _), res in zip(w.jobs, w.results):
+        for (layer, _, _), res in zip(w.jobs, w.results):
             if isinstance(res, Exception):
                 error = error or res
                 continue
-            idx, fresh, n = res
+            idx, fresh, copied, n = res
             self.counters.indexed_tokens += n
             if fresh:
                 self.counters.builds += 1
@@ -136,6 +129,10 @@ class SequenceTable:
                     indexed[layer] = SharedIndex(idx)
             else:
                 self.counters.inserts += 1
+                if copied:  # copy on write: this sequence leaves the shared index for its own copy
+                    self.counters.copies += 1
+                    self._drop(w.seq, layer)
+                    self.seqs[w.seq][layer] = SharedIndex(idx)
             counts.append(idx.n_live if n or not fresh else 0)
         if error is not None:
             raise error
@@ -200,23 +197,25 @@ class TableWrite:
 
     table: SequenceTable
     seq: int
-    jobs: list  # (layer, the index to extend or None for a new one)
+    jobs: list  # (layer, the index to extend or None for a new one, whether that index is shared: copy it)
     read_keys: Callable[[int], np.ndarray]
     slots: np.ndarray
     results: list = field(default_factory=list)
 
     def _one(self, job):
-        layer, idx = job
+        layer, idx, shared = job
         try:
             keys = self.read_keys(layer)
             if idx is None:
                 idx = self.table.new_index()
                 if keys.shape[1]:
                     idx.build(keys, positions=self.slots)
-                return idx, True, keys.shape[1]
+                return idx, True, False, keys.shape[1]
+            if shared:  # the other holders keep reading the original meanwhile
+                idx = idx.copy()
             if keys.shape[1]:
                 idx.insert(keys, positions=self.slots)
-            return idx, False, keys.shape[1]
+            return idx, False, shared, keys.shape[1]
         except Exception as e:  # noqa: BLE001 - raised by the commit, after the other layers are kept
             return e
 

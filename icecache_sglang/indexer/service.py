@@ -27,7 +27,8 @@ from .keystore import KeyStore
 from .sequences import SequenceTable, TableWrite
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
-#: a write of fewer tokens indexes its layers one after another in its own thread, not on the write workers
+#: a write of fewer tokens (a decode step's Insert) is indexed on the socket loop's thread, its layers one
+#: after another; a larger one on a background thread, its layers on the write workers
 POOLED_WRITE_TOKENS = 512
 
 
@@ -67,6 +68,7 @@ class IndexerService:
         self.query_us_total = self.busy_us_total = 0.0
         self._pool: ThreadPoolExecutor | None = None  # write workers, started by warmup()
         self.write_workers = 1
+        self.concurrent_writes = False  # whether writes may run beside each other and queries (warmup() says)
         self._handlers = {p.Ping: self._ping, p.Build: self._build, p.Insert: self._insert, p.Query: self._query,
                           p.Share: self._share, p.Release: self._release, p.Reset: self._reset,
                           p.Stats: self._stats, p.Shutdown: self._shutdown}
@@ -91,10 +93,16 @@ class IndexerService:
             return PendingWrite(w, self._layer_map(len(layers), len(slots)))
         return self._counted(begin)
 
+    def write_in_background(self, req: p.Request, arrays: dict[str, np.ndarray]) -> bool:
+        """Whether a Build or Insert goes to a background thread (:meth:`begin_write`): a large one, when numba's
+        threading layer lets two threads run parallel regions at once (not the workqueue layer)."""
+        slots = arrays.get("slots")
+        return self.concurrent_writes and slots is not None and slots.size >= POOLED_WRITE_TOKENS
+
     def finish_write(self, pending: PendingWrite):
-        self.busy_us_total += pending.busy_us
+        self.busy_us_total += pending.busy_us  # summed over threads: may exceed the wall time
         if pending.error is not None:  # not an index's refusal (those are per layer): a bug
-            raise pending.error
+            raise RuntimeError(f"the write failed: {pending.error!r}") from pending.error
         return self._counted(lambda: (p.Done(tokens=pending.write.commit()), {}))
 
     def _counted(self, fn):
@@ -133,7 +141,8 @@ class IndexerService:
         cannot run parallel regions from two threads at once, so it gets none."""
         threads = numba.get_num_threads()
         workers = self.cfg.write_workers or min(8, threads)
-        if numba.threading_layer() == "workqueue":
+        self.concurrent_writes = numba.threading_layer() != "workqueue"
+        if not self.concurrent_writes:
             workers = 1
         self.write_workers = max(1, workers)
         if self.write_workers > 1 and self._pool is None:

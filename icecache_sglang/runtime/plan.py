@@ -58,7 +58,6 @@ class Planner:
         self.store_layer, self.layers_per_anchor = store_layer, layers_per_anchor
         self.slots_device = slots_device  # where plans of SGLang slots go (the KV pool's device)
         self.device_pool = device_pool
-        self._acked_tokens = 0  # tracker.counters.indexed_tokens at the last step (writes since are waited for)
 
     def row_slots(self, row: int, n: int) -> np.ndarray:
         """KV slots of positions ``[0, n)`` of ``row`` (a view on CPU)."""
@@ -68,10 +67,10 @@ class Planner:
     def begin(self, rows: list[int], lens: list[int], cfg: IceCacheConfig) -> DecodeStep | None:
         """The step's shared state, or None when every request decodes densely on SGLang's backend."""
         sparse = []
-        # the indexer is behind when index writes of earlier steps are unanswered, or a request's first index
-        # (or a prefix's) goes out now: a query sent this step would queue behind that work; or it is not
-        # serving (restarting, rebuilding, down): a selection would be a fallback
-        c = self.tracker.counters
+        # the indexer is behind on a sequence when its index writes of earlier steps are unanswered, or its
+        # first index (or a prefix's) goes out now: its queries would queue behind that work (other sequences'
+        # are answered meanwhile); or on every sequence when it is not serving (restarting, rebuilding,
+        # down): a selection would be a fallback
         if cfg.reuses_selections:  # ages count every decode step; finished requests' selections are dropped
             self.cache.new_step({st.seq for st in self.tracker.live.values()})
         elif self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
@@ -85,26 +84,24 @@ class Planner:
             fetched[b] = self.row_slots(row, n)
             if self.tracker.update(row, fetched[b], n, block=cfg.page_size):
                 sparse.append(b)
-        new_tokens = c.indexed_tokens - self._acked_tokens  # sent since the last step that selected
         if sparse and cfg.dense_while_indexing:  # a sequence whose index is being written attends to every token
             firsts = self.selector.first_indexes_pending()  # this step's first indexes included
             behind = None if behind is None or firsts is None else behind | firsts
-            held = [b for b in sparse if behind is None or self.tracker.seq_of(rows[b]) in behind]
+            held = {b for b in sparse if behind is None or self.tracker.seq_of(rows[b]) in behind}
             if held:
                 self.metrics.dense_while_indexing_rows += len(held)
-                sparse = [b for b in sparse if b not in set(held)]
+                sparse = [b for b in sparse if b not in held]
             if held and not sparse:  # the whole step waits on the indexer: keep its stuck detection going
-                self.selector.behind(cfg.selection_deadline_ms / 1e3, new_tokens)
-                self._acked_tokens = c.indexed_tokens
+                self.selector.behind(cfg.selection_deadline_ms / 1e3,
+                                     self.selector.pending_tokens({self.tracker.seq_of(rows[b]) for b in held}))
         self.metrics.dense_rows += len(rows) - len(sparse)
         if not sparse and self.device_pool is None:  # offload: every decode reads the device pool
             return None
         selection, n_pages = None, 1
         if sparse:
-            self._acked_tokens = c.indexed_tokens
-            selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, new_tokens,
-                                                 wait_writes=cfg.max_stale_steps == 0,
-                                                 seqs={self.tracker.seq_of(rows[b]) for b in sparse})
+            seqs = {self.tracker.seq_of(rows[b]) for b in sparse}
+            selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, self.selector.pending_tokens(seqs),
+                                                 wait_writes=cfg.max_stale_steps == 0, seqs=seqs)
             n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
         sp = np.asarray(sparse, np.int64)
         row_slots = [(fetched[b] if b in fetched else self.row_slots(row, n)).astype(np.int64)

@@ -67,24 +67,28 @@ class Selector:
         self.H = num_kv_heads
         self.L = num_indexed_layers
         self.metrics = metrics
-        self._behind_until: float | None = None  # while steps attend densely: when the writes are late
+        self._behind_since: float | None = None  # while whole steps attend densely: since when
 
-    def _allowance(self, new_tokens: int) -> float:
-        """Extra seconds index writes carrying ``new_tokens`` tokens may take (every KV head and layer)."""
-        return new_tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD
+    def _allowance(self, tokens: int) -> float:
+        """Extra seconds index writes carrying ``tokens`` tokens may take (every KV head and layer)."""
+        return tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD
 
-    def behind(self, deadline_s: float, new_tokens: int) -> None:
-        """A step that attends densely because the indexer is behind (``while_indexing: dense``). Its writes
-        get the time a waiting step would give them (the deadline plus the allowance for the tokens they
-        carry, counted from the first such step); past it, each such step counts as late for the
-        supervisor's stuck detection, as a waiting step past its deadline would."""
+    def behind(self, deadline_s: float, pending_tokens: int) -> None:
+        """A step whose every row attends densely because the indexer is behind on it (``while_indexing:
+        dense``). The unanswered writes (``pending_tokens``: the tokens they carry) get the time a waiting
+        step would give them (the deadline plus their allowance, counted from the first such step); past it,
+        each such step counts as late for the supervisor's stuck detection, as a waiting step past its
+        deadline would. Steps where other rows select do not count: the indexer answers them."""
         if not self.sup.serving:  # restarting, rebuilding or down: the supervisor is already on it
             return
         now = time.monotonic()
-        if self._behind_until is None:
-            self._behind_until = now + deadline_s
-        self._behind_until += self._allowance(new_tokens)
-        self.sup.step_finished(now > self._behind_until)
+        if self._behind_since is None:
+            self._behind_since = now
+        self.sup.step_finished(now > self._behind_since + deadline_s + self._allowance(pending_tokens))
+
+    def pending_tokens(self, seqs) -> int:
+        """Tokens carried by unanswered index writes of ``seqs`` (what their allowance is for)."""
+        return self.sup.client.pending_index_tokens(seqs) if self.sup.serving else 0
 
     def behind_now(self, builds_only: bool = False) -> bool:
         """Whether any sequence is behind (:meth:`behind_seqs`), or the indexer is not serving at all."""
@@ -101,7 +105,7 @@ class Selector:
             return None
         seqs = self.sup.client.pending_index_seqs(("build", "share") if builds_only else ("build", "insert", "share"))
         if not seqs:
-            self._behind_until = None
+            self._behind_since = None
         return seqs
 
     def first_indexes_pending(self) -> set[int] | None:
@@ -111,16 +115,15 @@ class Selector:
             return None
         return self.sup.client.pending_index_seqs(("build", "share"))
 
-    def begin_step(self, deadline_s: float, new_tokens: int, wait_writes: bool = True,
+    def begin_step(self, deadline_s: float, pending_tokens: int, wait_writes: bool = True,
                    seqs: set[int] | None = None) -> StepSelection:
-        """Start a decode step: set its deadline and (``wait_writes``) let the indexer finish the writes sent
-        since the last step (``new_tokens``: tokens they carry; ``seqs``: only those naming the step's
-        selecting sequences), within that deadline. Asynchronous selection does not wait: its queries are
-        answered after those writes anyway, and only waited for when due."""
-        self._behind_until = None
+        """Start a decode step: set its deadline (plus the allowance for ``pending_tokens``, the tokens of the
+        unanswered writes it may wait for) and (``wait_writes``) let the indexer finish those writes (``seqs``:
+        only those of the step's selecting sequences; None: every write) within it. Asynchronous selection
+        does not wait: its queries are answered after those writes anyway, and only waited for when due."""
         if not self.sup.serving:
             return StepSelection(None)
-        step = StepSelection(time.monotonic() + deadline_s + self._allowance(new_tokens))
+        step = StepSelection(time.monotonic() + deadline_s + self._allowance(pending_tokens))
         client = self.sup.client
         if not wait_writes:  # the writes' errors are still reported, not left to pile up
             for e in client.take_errors():
