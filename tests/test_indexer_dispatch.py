@@ -104,3 +104,40 @@ def test_what_each_request_names():
     assert sequences_of(p.Release(seqs=[5])) == {5}
     assert sequences_of(p.Ping()) == frozenset() and sequences_of(p.Stats()) == frozenset()
     assert sequences_of(p.Reset()) is EVERY and sequences_of(p.Shutdown()) is EVERY
+
+
+def test_a_share_that_cuts_a_long_prefix_runs_in_the_background(tmp_path):
+    store = KeyStore.create(str(tmp_path), 2, 2048, H, D)
+    store.keys[:] = np.random.default_rng(0).standard_normal(store.keys.shape).astype(np.float32)
+    cfg = IndexerConfig(rank=0, store=store.spec, endpoint="ipc://" + str(tmp_path / "s"), private_dir=str(tmp_path),
+                        index=IndexConfig(page_size=C), write_workers=2)
+    svc = IndexerService(cfg, store)
+    svc.warmup()
+    d = Dispatcher(svc)
+
+    def send(rid, op, arrays=None):
+        d.accept(b"r%d" % rid, [bytes(f) for f in p.encode_request(rid, op, arrays)])
+
+    def wait_for(n):
+        got, deadline = [], time.monotonic() + 30
+        while len(got) < n and time.monotonic() < deadline:
+            got += [p.decode_reply([bytes(f) for f in frames])[0] for _, frames, _ in d.ready()]
+        return got
+
+    send(1, p.Build(seq=1, layers=[0, 1]), {"slots": np.arange(1500, dtype=np.int32)})
+    assert [r.id for r in wait_for(1)] == [1]
+    send(2, p.Share(src=1, dst=2, prefix_len=400))  # 1100 of 1500 tokens cut: a rebuild of the prefix per layer
+    assert d.busy and not d._out  # on a background thread, not answered yet
+    send(3, p.Share(src=1, dst=3, prefix_len=1500))  # whole indexes: references, but it names seq 1: waits
+    send(4, p.Ping())
+    got = wait_for(3)
+    assert [r.id for r in got][0] == 4 and sorted(r.id for r in got) == [2, 3, 4]
+    assert all(r.ok for r in got)
+    assert [svc.table.n_tokens(2, layer) for layer in (0, 1)] == [400, 400]
+    assert svc.table.get(3, 0) is svc.table.get(1, 0)  # shared, not copied
+    idx = svc.table.get(2, 1)
+    np.testing.assert_array_equal(np.sort(idx.positions[idx.live_ids()]), np.arange(400))
+    assert svc.table.counters.trims == 2 and svc.table.counters.builds == 4  # 2 layers built, 2 prefixes rebuilt
+    d.close()
+    svc.close()
+    store.close()

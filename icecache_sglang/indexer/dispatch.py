@@ -1,8 +1,8 @@
 """From request frames to reply frames: :func:`answer` in the caller's thread, and :class:`Dispatcher`, which the
 socket loop uses so that a long Build does not hold up other sequences.
 
-The dispatcher indexes large Builds and Inserts on background threads (spreading their layers over the
-service's write workers) and answers everything else on the loop's thread at once (a decode step's small
+The dispatcher indexes large Builds and Inserts, and Shares that cut a long prefix, on background threads
+(spreading their layers over the service's write workers) and answers everything else on the loop's thread at once (a decode step's small
 Insert included: it takes milliseconds, less than a hand-over to another thread), except a request that
 must see an earlier request's effect: one that names a sequence a waiting or running request names, or one
 that concerns every sequence (Reset, Shutdown) while anything waits or runs. Those wait, in arrival order.
@@ -31,6 +31,8 @@ EVERY = None
 #: writes indexed at once (on different sequences): a long Build does not hold up other sequences' Inserts
 WRITER_THREADS = 4
 WRITES = (p.Build, p.Insert)
+#: requests that may run on a background thread (:meth:`IndexerService.write_in_background` says which do)
+BACKGROUND = (p.Build, p.Insert, p.Share)
 
 
 def sequences_of(op) -> frozenset[int] | None:
@@ -150,7 +152,7 @@ class Dispatcher:
                 or any(_conflict(mine, sequences_of(self._backlog[i][1].op)) for i in range(ahead)))
 
     def _start(self, route, req: p.Request, arrays) -> None:
-        if not isinstance(req.op, WRITES) or not self.service.write_in_background(req, arrays):
+        if not isinstance(req.op, BACKGROUND) or not self.service.write_in_background(req, arrays):
             self._stopping = isinstance(req.op, p.Shutdown)
             self._out.append((route, reply(self.service, req, lambda: self.service.handle(req, arrays)),
                               self._stopping))

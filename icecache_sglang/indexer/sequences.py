@@ -138,43 +138,58 @@ class SequenceTable:
             raise error
         return counts
 
-    def share(self, src: int, dst: int, prefix_len: int) -> list[int]:
+    def share(self, src: int, dst: int, prefix_len: int, run: Callable = map) -> list[int]:
         """``dst`` gets the first ``prefix_len`` indexed tokens of every layer of ``src``; returns the
-        token count per layer of ``src`` (ascending layer order)."""
+        token count per layer of ``src`` (ascending layer order). :meth:`begin_share`, its work, its commit."""
+        s = self.begin_share(src, dst, prefix_len)
+        s.run(run)
+        return s.commit()
+
+    def begin_share(self, src: int, dst: int, prefix_len: int) -> TableShare:
+        """A Share in the three parts of a write (:meth:`begin_write`): a layer whose whole index is shared
+        is a reference; a shorter prefix is a new index, made by the work (any thread)."""
         if src not in self.seqs:
             raise KeyError(src)
-        self.release(dst)
-        out = self.seqs[dst] = {}
-        self.counters.shares += 1
-        counts = []
-        for layer in sorted(self.seqs[src]):
-            entry = self.seqs[src][layer]
-            n = entry.index.n_live
-            keep = min(prefix_len, n)
-            counts.append(keep)
-            if keep == 0:
-                continue
-            if keep == n:
-                entry.refs += 1
-                out[layer] = entry
-            else:
-                out[layer] = SharedIndex(self._prefix_of(entry.index, keep))
-                self.counters.trims += 1
-        return counts
+        jobs = [(layer, entry, min(prefix_len, entry.index.n_live)) for layer, entry in sorted(self.seqs[src].items())]
+        return TableShare(self, dst, jobs)
 
-    def _prefix_of(self, idx: PagedDCIIndex, keep: int) -> PagedDCIIndex:
+    def _prefix_of(self, idx: PagedDCIIndex, keep: int) -> tuple[PagedDCIIndex, str]:
+        """A new index of the first ``keep`` live tokens of ``idx`` and how it was made ("copy" or "build")."""
         live = idx.live_ids()
         tail = live[keep:]
         if tail.size <= self.trim_rebuild_ratio * live.size:
             new = idx.copy()
             new.delete(tail)
-            self.counters.copies += 1
-            return new
+            return new, "copy"
         head = live[:keep]
         new = self.new_index()
         new.build(idx.keys_of(head), positions=idx.positions[head])
-        self.counters.builds += 1
-        return new
+        return new, "build"
+
+    def _commit_share(self, s: TableShare) -> list[int]:
+        errors = [r for r in s.results if isinstance(r, Exception)]
+        if errors:  # dst is left as it was
+            raise errors[0]
+        self.release(s.dst)
+        out = self.seqs[s.dst] = {}
+        self.counters.shares += 1
+        counts = []
+        for (layer, entry, keep), res in zip(s.jobs, s.results):
+            counts.append(keep)
+            if keep == 0:
+                continue
+            if res is None:  # the whole index: shared
+                entry.refs += 1
+                out[layer] = entry
+            else:
+                new, how = res
+                out[layer] = SharedIndex(new)
+                self.counters.trims += 1
+                if how == "copy":
+                    self.counters.copies += 1
+                else:
+                    self.counters.builds += 1
+        return counts
 
     def release(self, seq: int) -> bool:
         layers = self.seqs.pop(seq, None)
@@ -225,3 +240,30 @@ class TableWrite:
 
     def commit(self) -> list[int]:
         return self.table._commit(self)
+
+
+@dataclass
+class TableShare:
+    """A Share between :meth:`SequenceTable.begin_share` and its commit."""
+
+    table: SequenceTable
+    dst: int
+    jobs: list  # (layer, the source's entry, tokens to keep)
+    results: list = field(default_factory=list)
+
+    def needs_work(self) -> int:
+        """Tokens of the source indexes a shorter prefix is cut from (0: every layer is a reference)."""
+        return sum(e.index.n_live for _, e, keep in self.jobs if 0 < keep < e.index.n_live)
+
+    def _one(self, job):
+        layer, entry, keep = job
+        try:
+            return self.table._prefix_of(entry.index, keep) if 0 < keep < entry.index.n_live else None
+        except Exception as e:  # noqa: BLE001 - raised by the commit
+            return e
+
+    def run(self, run: Callable = map) -> None:
+        self.results = list(run(self._one, self.jobs))
+
+    def commit(self) -> list[int]:
+        return self.table._commit_share(self)

@@ -24,7 +24,7 @@ from ..index.paged_index import PagedDCIIndex, query_batch
 from . import protocol as p
 from .config import IndexerConfig
 from .keystore import KeyStore
-from .sequences import SequenceTable, TableWrite
+from .sequences import SequenceTable, TableShare, TableWrite
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 #: a write of fewer tokens (a decode step's Insert) is indexed on the socket loop's thread, its layers one
@@ -40,7 +40,7 @@ def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
 class PendingWrite:
     """A Build or Insert between :meth:`IndexerService.begin_write` and :meth:`IndexerService.finish_write`."""
 
-    write: TableWrite
+    write: TableWrite | TableShare
     run_layers: Callable  # ``map`` over the layers (the write workers')
     busy_us: float = 0.0
     error: BaseException | None = None
@@ -81,23 +81,35 @@ class IndexerService:
                                                                   {a.name: a.dtype for a in req.arrays}))
 
     def begin_write(self, req: p.Request, arrays: dict[str, np.ndarray]) -> PendingWrite:
-        """A Build or Insert in three parts, so that the socket loop can answer other sequences meanwhile:
-        this call checks and prepares it (this thread), :meth:`PendingWrite.run` indexes (any thread), and
-        :meth:`finish_write` (this thread) changes the table and gives ``(result, reply_arrays)``."""
+        """A Build, Insert or Share in three parts, so that the socket loop can answer other sequences
+        meanwhile: this call checks and prepares it (this thread), :meth:`PendingWrite.run` indexes (any
+        thread), and :meth:`finish_write` (this thread) changes the table and gives ``(result, reply_arrays)``."""
         self.requests += 1
-        kind = {p.Build: "build", p.Insert: "insert"}[type(req.op)]
+        op = req.op
 
         def begin():
-            seq, layers, slots = self._seq_id("seq", req.op.seq), self._layers(req.op.layers), self._slots(arrays)
+            if isinstance(op, p.Share):
+                s = self.table.begin_share(*self._share_args(op))
+                return PendingWrite(s, self._layer_map(len(s.jobs), s.needs_work()))
+            kind = "build" if isinstance(op, p.Build) else "insert"
+            seq, layers, slots = self._seq_id("seq", op.seq), self._layers(op.layers), self._slots(arrays)
             w = self.table.begin_write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots)
             return PendingWrite(w, self._layer_map(len(layers), len(slots)))
         return self._counted(begin)
 
     def write_in_background(self, req: p.Request, arrays: dict[str, np.ndarray]) -> bool:
-        """Whether a Build or Insert goes to a background thread (:meth:`begin_write`): a large one, when numba's
+        """Whether a write goes to a background thread (:meth:`begin_write`): a Build or Insert of at least
+        ``POOLED_WRITE_TOKENS`` tokens, or a Share that cuts a shorter prefix out of that many, when numba's
         threading layer lets two threads run parallel regions at once (not the workqueue layer)."""
+        if not self.concurrent_writes:
+            return False
+        op = req.op
+        if isinstance(op, p.Share):
+            src = self.table.seqs.get(op.src) if isinstance(op.src, int) else None
+            return src is not None and op.src != op.dst and sum(
+                e.index.n_live for e in src.values() if 0 < op.prefix_len < e.index.n_live) >= POOLED_WRITE_TOKENS
         slots = arrays.get("slots")
-        return self.concurrent_writes and slots is not None and slots.size >= POOLED_WRITE_TOKENS
+        return slots is not None and slots.size >= POOLED_WRITE_TOKENS
 
     def finish_write(self, pending: PendingWrite):
         self.busy_us_total += pending.busy_us  # summed over threads: may exceed the wall time
@@ -279,7 +291,7 @@ class IndexerService:
             out["slots"] = slots
         return p.QueryResult(n_tokens=n_tokens, search_us=dt), out
 
-    def _share(self, op: p.Share, arrays, dtypes):
+    def _share_args(self, op: p.Share) -> tuple[int, int, int]:
         self._seq_id("src", op.src)
         self._seq_id("dst", op.dst)
         self._known(op.src)
@@ -287,7 +299,12 @@ class IndexerService:
             raise _bad("src and dst must differ")
         if op.prefix_len < 0:
             raise _bad(f"prefix_len must be >= 0, got {op.prefix_len}", "out_of_range")
-        return p.Done(tokens=self.table.share(op.src, op.dst, op.prefix_len)), {}
+        return op.src, op.dst, op.prefix_len
+
+    def _share(self, op: p.Share, arrays, dtypes):
+        s = self.table.begin_share(*self._share_args(op))
+        s.run(self._layer_map(len(s.jobs), s.needs_work()))
+        return p.Done(tokens=s.commit()), {}
 
     def _release(self, op: p.Release, arrays, dtypes):
         return p.Done(tokens=[sum(self.table.release(s) for s in op.seqs)]), {}
