@@ -99,7 +99,8 @@ def test_a_new_prompts_build_holds_back_only_its_own_request(tiny_slow_build):
     s2 = srv.icecache_stats(wait_s=0)
     running.join(timeout=600)
     assert r["meta_info"]["completion_tokens"] == 6 and out["a"]["meta_info"]["completion_tokens"] == 1500
-    # only the new request's own steps waited for its index (5 decode steps at most); the running request
-    # kept selecting pages while the indexer built the new one
+    # only the new request's own steps waited for its index (its 5 decode steps at most: the build outlasts
+    # them); the running request, in the batch at each of them, kept selecting pages meanwhile. Before, each
+    # of those steps held back both rows (10).
     assert delta(s1, s2, "dense_while_indexing_rows") <= 5, s2
-    assert delta(s1, s2, "sparse_rows") >= 10, s2
+    assert delta(s1, s2, "sparse_rows") >= 5, s2
