@@ -141,3 +141,27 @@ def test_a_share_that_cuts_a_long_prefix_runs_in_the_background(tmp_path):
     d.close()
     svc.close()
     store.close()
+
+
+def test_a_large_insert_in_the_background_extends_the_index(tmp_path):
+    """An Insert large enough for a background thread (a radix hit's new turn after a Share) adds to the
+    index; it must not be taken for a Build (``p.Insert`` is a subclass of ``p.Build``)."""
+    store = KeyStore.create(str(tmp_path), 2, 2048, H, D)
+    store.keys[:] = np.random.default_rng(0).standard_normal(store.keys.shape).astype(np.float32)
+    cfg = IndexerConfig(rank=0, store=store.spec, endpoint="ipc://" + str(tmp_path / "s"), private_dir=str(tmp_path),
+                        index=IndexConfig(page_size=C), write_workers=2)
+    svc = IndexerService(cfg, store)
+    svc.warmup()
+    d = Dispatcher(svc)
+    got = []
+    for rid, op, slots in ((1, p.Build(seq=1, layers=[0, 1]), np.arange(600)),
+                           (2, p.Insert(seq=1, layers=[0, 1]), np.arange(600, 1300))):
+        d.accept(b"r", [bytes(f) for f in p.encode_request(rid, op, {"slots": slots.astype(np.int32)})])
+        deadline = time.monotonic() + 30
+        while len(got) < rid and time.monotonic() < deadline:
+            got += [p.decode_reply([bytes(f) for f in frames])[0] for _, frames, _ in d.ready()]
+    assert [r.result.tokens for r in got] == [[600, 600], [1300, 1300]]
+    assert [svc.table.n_tokens(1, layer) for layer in (0, 1)] == [1300, 1300]
+    d.close()
+    svc.close()
+    store.close()

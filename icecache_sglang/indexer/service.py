@@ -91,7 +91,7 @@ class IndexerService:
             if isinstance(op, p.Share):
                 s = self.table.begin_share(*self._share_args(op))
                 return PendingWrite(s, self._layer_map(len(s.jobs), s.needs_work()))
-            kind = "build" if isinstance(op, p.Build) else "insert"
+            kind = "insert" if isinstance(op, p.Insert) else "build"  # Insert is a subclass of Build
             seq, layers, slots = self._seq_id("seq", op.seq), self._layers(op.layers), self._slots(arrays)
             w = self.table.begin_write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots)
             return PendingWrite(w, self._layer_map(len(layers), len(slots)))
