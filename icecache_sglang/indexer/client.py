@@ -342,12 +342,6 @@ class IndexerClient:
         self.poll()
         return len(self._acks)
 
-    def pending_index_writes(self, kinds: tuple[str, ...] = ("build", "insert", "share")) -> int:
-        """Build / Insert / Share requests (of ``kinds``) not acknowledged yet (after collecting what has
-        arrived): work a query sent now would wait behind. Releases and resets are quick and do not count."""
-        self.poll()
-        return sum(k in kinds for k, _, _ in self._index_writes.values())
-
     def pending_index_seqs(self, kinds: tuple[str, ...] = ("build", "insert", "share")) -> set[int]:
         """The sequences named by unacknowledged index writes of ``kinds`` (after collecting what has
         arrived): the indexer answers their queries after that work, other sequences' at once."""

@@ -31,7 +31,7 @@ EVERY = None
 #: writes indexed at once (on different sequences): a long Build does not hold up other sequences' Inserts
 WRITER_THREADS = 4
 WRITES = (p.Build, p.Insert)
-#: requests that may run on a background thread (:meth:`IndexerService.write_in_background` says which do)
+#: requests that may run on a background thread (:meth:`IndexerService.in_background` says which do)
 BACKGROUND = (p.Build, p.Insert, p.Share)
 
 
@@ -152,7 +152,7 @@ class Dispatcher:
                 or any(_conflict(mine, sequences_of(self._backlog[i][1].op)) for i in range(ahead)))
 
     def _start(self, route, req: p.Request, arrays) -> None:
-        if not isinstance(req.op, BACKGROUND) or not self.service.write_in_background(req, arrays):
+        if not isinstance(req.op, BACKGROUND):
             self._stopping = isinstance(req.op, p.Shutdown)
             self._out.append((route, reply(self.service, req, lambda: self.service.handle(req, arrays)),
                               self._stopping))
@@ -162,6 +162,10 @@ class Dispatcher:
         except Exception as e:  # noqa: BLE001 - a refused write is answered at once
             refused = e
             self._out.append((route, reply(self.service, req, lambda: _raise(refused)), False))
+            return
+        if not self.service.in_background(pending):  # small: here, now
+            pending.run()
+            self._out.append((route, reply(self.service, req, lambda: self.service.finish_write(pending)), False))
             return
         key = next(self._keys)
         self._running[key] = (route, req, pending)

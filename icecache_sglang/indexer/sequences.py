@@ -77,22 +77,6 @@ class SequenceTable:
         if entry is not None:
             self._unref(entry)
 
-    def build(self, seq: int, layer: int, keys: np.ndarray, slots: np.ndarray) -> int:
-        """Index ``keys [H, n, d]`` (tokens at ``slots``) from scratch; replaces the layer's index."""
-        return self.write("build", seq, [layer], lambda _: keys, slots)[0]
-
-    def insert(self, seq: int, layer: int, keys: np.ndarray, slots: np.ndarray) -> int:
-        """Add ``keys`` to the layer's index (a build when it has none)."""
-        return self.write("insert", seq, [layer], lambda _: keys, slots)[0]
-
-    def write(self, kind: str, seq: int, layers: list[int], read_keys: Callable[[int], np.ndarray],
-              slots: np.ndarray, run: Callable = map) -> list[int]:
-        """Build (``kind`` "build") or extend ("insert") the index of each of ``layers``; returns each layer's
-        live token count. :meth:`begin_write`, its work through ``run`` and its commit, in one call."""
-        w = self.begin_write(kind, seq, layers, read_keys, slots)
-        w.run(run)
-        return w.commit()
-
     def begin_write(self, kind: str, seq: int, layers: list[int], read_keys: Callable[[int], np.ndarray],
                     slots: np.ndarray) -> TableWrite:
         """The first of a write's three parts; the table is read and changed only in the first and last.
@@ -137,13 +121,6 @@ class SequenceTable:
         if error is not None:
             raise error
         return counts
-
-    def share(self, src: int, dst: int, prefix_len: int, run: Callable = map) -> list[int]:
-        """``dst`` gets the first ``prefix_len`` indexed tokens of every layer of ``src``; returns the
-        token count per layer of ``src`` (ascending layer order). :meth:`begin_share`, its work, its commit."""
-        s = self.begin_share(src, dst, prefix_len)
-        s.run(run)
-        return s.commit()
 
     def begin_share(self, src: int, dst: int, prefix_len: int) -> TableShare:
         """A Share in the three parts of a write (:meth:`begin_write`): a layer whose whole index is shared
@@ -206,8 +183,19 @@ class SequenceTable:
         return n
 
 
+class _LayerWork:
+    """What :class:`TableWrite` and :class:`TableShare` share: ``run`` does ``_one`` for every job."""
+
+    jobs: list
+    results: list
+
+    def run(self, run: Callable = map) -> None:
+        """The index work of every layer (any thread; touches no table state)."""
+        self.results = list(run(self._one, self.jobs))
+
+
 @dataclass
-class TableWrite:
+class TableWrite(_LayerWork):
     """A Build or Insert between :meth:`SequenceTable.begin_write` and its commit."""
 
     table: SequenceTable
@@ -234,16 +222,12 @@ class TableWrite:
         except Exception as e:  # noqa: BLE001 - raised by the commit, after the other layers are kept
             return e
 
-    def run(self, run: Callable = map) -> None:
-        """The index work of every layer (any thread; touches no table state)."""
-        self.results = list(run(self._one, self.jobs))
-
     def commit(self) -> list[int]:
         return self.table._commit(self)
 
 
 @dataclass
-class TableShare:
+class TableShare(_LayerWork):
     """A Share between :meth:`SequenceTable.begin_share` and its commit."""
 
     table: SequenceTable
@@ -261,9 +245,6 @@ class TableShare:
             return self.table._prefix_of(entry.index, keep) if 0 < keep < entry.index.n_live else None
         except Exception as e:  # noqa: BLE001 - raised by the commit
             return e
-
-    def run(self, run: Callable = map) -> None:
-        self.results = list(run(self._one, self.jobs))
 
     def commit(self) -> list[int]:
         return self.table._commit_share(self)

@@ -38,10 +38,11 @@ def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
 
 @dataclass
 class PendingWrite:
-    """A Build or Insert between :meth:`IndexerService.begin_write` and :meth:`IndexerService.finish_write`."""
+    """A Build, Insert or Share between :meth:`IndexerService.begin_write` and :meth:`IndexerService.finish_write`."""
 
     write: TableWrite | TableShare
     run_layers: Callable  # ``map`` over the layers (the write workers')
+    tokens: int  # what it carries (a Share: the source tokens it cuts a prefix from)
     busy_us: float = 0.0
     error: BaseException | None = None
 
@@ -69,8 +70,8 @@ class IndexerService:
         self._pool: ThreadPoolExecutor | None = None  # write workers, started by warmup()
         self.write_workers = 1
         self.concurrent_writes = False  # whether writes may run beside each other and queries (warmup() says)
-        self._handlers = {p.Ping: self._ping, p.Build: self._build, p.Insert: self._insert, p.Query: self._query,
-                          p.Share: self._share, p.Release: self._release, p.Reset: self._reset,
+        self._handlers = {p.Ping: self._ping, p.Build: self._write_now, p.Insert: self._write_now, p.Query: self._query,
+                          p.Share: self._write_now, p.Release: self._release, p.Reset: self._reset,
                           p.Stats: self._stats, p.Shutdown: self._shutdown}
 
     # ------------------------------------------------------------------ entry
@@ -85,31 +86,13 @@ class IndexerService:
         meanwhile: this call checks and prepares it (this thread), :meth:`PendingWrite.run` indexes (any
         thread), and :meth:`finish_write` (this thread) changes the table and gives ``(result, reply_arrays)``."""
         self.requests += 1
-        op = req.op
+        return self._counted(lambda: self._prepare_write(req.op, arrays))
 
-        def begin():
-            if isinstance(op, p.Share):
-                s = self.table.begin_share(*self._share_args(op))
-                return PendingWrite(s, self._layer_map(len(s.jobs), s.needs_work()))
-            kind = "insert" if isinstance(op, p.Insert) else "build"  # Insert is a subclass of Build
-            seq, layers, slots = self._seq_id("seq", op.seq), self._layers(op.layers), self._slots(arrays)
-            w = self.table.begin_write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots)
-            return PendingWrite(w, self._layer_map(len(layers), len(slots)))
-        return self._counted(begin)
-
-    def write_in_background(self, req: p.Request, arrays: dict[str, np.ndarray]) -> bool:
-        """Whether a write goes to a background thread (:meth:`begin_write`): a Build or Insert of at least
-        ``POOLED_WRITE_TOKENS`` tokens, or a Share that cuts a shorter prefix out of that many, when numba's
-        threading layer lets two threads run parallel regions at once (not the workqueue layer)."""
-        if not self.concurrent_writes:
-            return False
-        op = req.op
-        if isinstance(op, p.Share):
-            src = self.table.seqs.get(op.src) if isinstance(op.src, int) else None
-            return src is not None and op.src != op.dst and sum(
-                e.index.n_live for e in src.values() if 0 < op.prefix_len < e.index.n_live) >= POOLED_WRITE_TOKENS
-        slots = arrays.get("slots")
-        return slots is not None and slots.size >= POOLED_WRITE_TOKENS
+    def in_background(self, pending: PendingWrite) -> bool:
+        """Whether a prepared write should run on a background thread: it carries (a Share: cuts) at least
+        ``POOLED_WRITE_TOKENS`` tokens, and numba's threading layer lets two threads run parallel regions at
+        once (not the workqueue layer)."""
+        return self.concurrent_writes and pending.tokens >= POOLED_WRITE_TOKENS
 
     def finish_write(self, pending: PendingWrite):
         self.busy_us_total += pending.busy_us  # summed over threads: may exceed the wall time
@@ -201,11 +184,24 @@ class IndexerService:
         return p.Pong(pid=os.getpid(), rank=self.cfg.rank, num_layers=self.L, num_kv_heads=self.H, head_dim=self.d,
                       page_size=self.C, num_slots=self.S), {}
 
-    def _write(self, op, arrays, kind: str):
-        seq, layers, slots = self._seq_id("seq", op.seq), self._layers(op.layers), self._slots(arrays)
-        counts = self.table.write(kind, seq, layers, lambda layer: self.store.read(layer, slots), slots,
-                                  run=self._layer_map(len(layers), len(slots)))
-        return p.Done(tokens=counts), {}
+    def _prepare_write(self, op, arrays) -> PendingWrite:
+        """Check a Build, Insert or Share and prepare its table work (this thread)."""
+        if isinstance(op, p.Share):
+            work = self.table.begin_share(*self._share_args(op))
+            tokens = work.needs_work()
+        else:
+            seq, layers, slots = self._seq_id("seq", op.seq), self._layers(op.layers), self._slots(arrays)
+            kind = "insert" if isinstance(op, p.Insert) else "build"  # Insert is a subclass of Build
+            work = self.table.begin_write(kind, seq, layers,
+                                          lambda layer: self.store.read(layer, slots), slots)
+            tokens = len(slots)
+        return PendingWrite(work, self._layer_map(len(work.jobs), tokens), tokens)
+
+    def _write_now(self, op, arrays, dtypes):
+        """A Build, Insert or Share answered in this thread (:meth:`handle`)."""
+        w = self._prepare_write(op, arrays)
+        w.write.run(w.run_layers)
+        return p.Done(tokens=w.write.commit()), {}
 
     def _layer_map(self, n_layers: int, n_tokens: int):
         """``map`` over a request's layers: the write workers when there are several of both and the write is
@@ -222,12 +218,6 @@ class IndexerService:
                 return fn(job)
             return run
         return lambda fn, jobs: self._pool.map(with_share(fn), jobs)
-
-    def _build(self, op, arrays, dtypes):
-        return self._write(op, arrays, "build")
-
-    def _insert(self, op, arrays, dtypes):
-        return self._write(op, arrays, "insert")
 
     def _query(self, op: p.Query, arrays, dtypes):
         if not 0 <= op.layer < self.L:
@@ -300,11 +290,6 @@ class IndexerService:
         if op.prefix_len < 0:
             raise _bad(f"prefix_len must be >= 0, got {op.prefix_len}", "out_of_range")
         return op.src, op.dst, op.prefix_len
-
-    def _share(self, op: p.Share, arrays, dtypes):
-        s = self.table.begin_share(*self._share_args(op))
-        s.run(self._layer_map(len(s.jobs), s.needs_work()))
-        return p.Done(tokens=s.commit()), {}
 
     def _release(self, op: p.Release, arrays, dtypes):
         return p.Done(tokens=[sum(self.table.release(s) for s in op.seqs)]), {}
