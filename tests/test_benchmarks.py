@@ -71,3 +71,17 @@ def test_indexer_latency_measures_the_same_answers_both_ways():
         assert r["in_process_us"] > 0 and r["ipc_us"] > 0 and r["queries_per_s"] > 0
         assert {"batch", "context", "in_process_us", "ipc_us", "queries_per_s"} <= set(r)
         assert r["kv_heads"] == 2 and r["q_heads"] == 8
+
+
+def test_int8_keys_benchmark_records_bytes_and_times():
+    """``int8_keys.py``'s speed part: both copies built over the same keys, the int8 index smaller than the
+    bfloat16 one by about its key bytes, every timed op recorded."""
+    import int8_keys
+
+    recs = int8_keys.speed(3000, 4)
+    by = {r["key_dtype"]: r for r in recs if r["part"] == "bytes"}
+    assert by["int8"]["index_bytes_per_token_layer"] < by["bfloat16"]["index_bytes_per_token_layer"] - 800
+    assert by["int8"]["page_copy_bytes_per_token_layer"] < 0.6 * by["bfloat16"]["page_copy_bytes_per_token_layer"]
+    ops = {r["op"] for r in recs if r["part"] == "speed"}
+    assert len(ops) == 5
+    assert all(r["median_ms"] > 0 for r in recs if r["part"] == "speed")

@@ -1,4 +1,5 @@
-"""bfloat16 key storage: half the bytes, and exactly a float32 index over the rounded keys."""
+"""Key storage: bfloat16 (half the bytes) and int8 (a quarter, each row over its own scale), each exactly a
+float32 index over the values it keeps; an int8 index's exact scan rescored from the key store."""
 
 import numpy as np
 import pytest
@@ -6,9 +7,10 @@ import torch
 
 from icecache_sglang.index.config import IndexConfig
 from icecache_sglang.index.invariants import check_invariants
-from icecache_sglang.index.keys import from_storage, round_keys, to_storage
+from icecache_sglang.index.keys import from_storage, int8_scales, round_keys, to_storage
 from icecache_sglang.index.paged_index import PagedDCIIndex, query_batch
-from icecache_sglang.index.scan import scan_pages
+from icecache_sglang.index.scan import ExactKeys, scan_pages
+from icecache_sglang.indexer.baselines import select_baseline
 
 STATE = ("tok_level", "tok_parent", "tok_page", "tok_slot", "tok_proj", "tok_sqn", "page_tok", "page_fill",
          "page_cell", "page_next", "cnt_pages", "cnt_desc")
@@ -25,12 +27,12 @@ def test_rounding_is_torchs_bfloat16(rng):
     assert to_storage(x, "float32") is not None and np.array_equal(to_storage(x, "float32"), x)
 
 
-def _pair(rng, H=3, n=3000, d=32):
+def _pair(rng, H=3, n=3000, d=32, key_dtype="bfloat16"):
     K = rng.standard_normal((H, n, d)).astype(np.float32) * 3
-    bf = PagedDCIIndex(H, d, config=IndexConfig(key_dtype="bfloat16", rebuild_growth=None))
+    bf = PagedDCIIndex(H, d, config=IndexConfig(key_dtype=key_dtype, rebuild_growth=None))
     f32 = PagedDCIIndex(H, d, config=IndexConfig(key_dtype="float32", rebuild_growth=None))
     bf.build(K)
-    f32.build(round_keys(K, "bfloat16"))
+    f32.build(round_keys(K, key_dtype))
     bf.check_invariants()
     return K, bf, f32
 
@@ -38,12 +40,14 @@ def _pair(rng, H=3, n=3000, d=32):
 def _same(a: PagedDCIIndex, b: PagedDCIIndex) -> None:
     for f in STATE:
         assert np.array_equal(getattr(a, f), getattr(b, f)), f
-    assert a.page_keys.dtype == np.uint16 and b.page_keys.dtype == np.float32
-    assert np.array_equal(from_storage(a.page_keys), b.page_keys)
+    assert a.page_keys.dtype in (np.uint16, np.int8) and b.page_keys.dtype == np.float32
+    used = b.page_tok >= 0
+    assert np.array_equal(from_storage(a.page_keys)[used], b.page_keys[used])
 
 
-def test_bf16_index_is_a_float32_index_over_the_rounded_keys(rng):
-    K, bf, f32 = _pair(rng)
+@pytest.mark.parametrize("key_dtype", ["bfloat16", "int8"])
+def test_a_compact_index_is_a_float32_index_over_the_values_it_keeps(rng, key_dtype):
+    K, bf, f32 = _pair(rng, key_dtype=key_dtype)
     _same(bf, f32)
     Q = rng.standard_normal((9, 32)).astype(np.float32)
     assert np.array_equal(bf.query(Q, 12), f32.query(Q, 12))
@@ -51,7 +55,7 @@ def test_bf16_index_is_a_float32_index_over_the_rounded_keys(rng):
                           query_batch([f32, f32.copy()], np.stack([Q, Q]), 12))
     # decode-time inserts (raising the max norm: cells re-lifted), deletes (children re-homed): still equal
     extra = rng.standard_normal((3, 40, 32)).astype(np.float32) * 6
-    assert np.array_equal(bf.insert(extra), f32.insert(round_keys(extra, "bfloat16")))
+    assert np.array_equal(bf.insert(extra), f32.insert(round_keys(extra, key_dtype)))
     gone = bf.live_ids()[::97]
     bf.delete(gone)
     f32.delete(gone)
@@ -59,6 +63,66 @@ def test_bf16_index_is_a_float32_index_over_the_rounded_keys(rng):
     assert np.array_equal(bf.query(Q, 12), f32.query(Q, 12))
     check_invariants(bf, exact_parents=False)  # a larger max norm moves D_kk argmins; parents stay (spec)
     assert np.array_equal(bf.keys_of(bf.live_ids()), f32.keys_of(f32.live_ids()))
+
+
+def test_int8_rows_carry_their_scale_and_round_to_half_a_step(rng):
+    K = np.concatenate([rng.standard_normal((50, 64)).astype(np.float32) * 4, np.zeros((1, 64), np.float32)])
+    K[3, 5] = 900.0  # an outlier sets its own row's scale only
+    st = to_storage(K, "int8")
+    assert st.dtype == np.int8 and st.shape == (51, 68)
+    s = int8_scales(st)
+    assert np.allclose(s, np.abs(K).max(1) / 127) and s[-1] == 0
+    back = from_storage(st)
+    assert back.shape == K.shape and np.all(np.abs(back - K) <= s[:, None] / 2 * (1 + 1e-6) + 1e-30)
+    assert np.abs(st[:, :64]).max() <= 127 and np.array_equal(back[-1], np.zeros(64, np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        to_storage(np.array([[1.0, np.inf]], np.float32), "int8")
+
+
+def _exact_copy(idx, K):
+    out = np.zeros(idx.page_tok.shape + (K.shape[2],), np.float32)
+    for h in range(idx.H):
+        m = idx.page_tok[h] >= 0
+        out[h][m] = K[h][idx.page_tok[h][m]]
+    return out
+
+
+@pytest.mark.parametrize("merge", ["rank", "mass"])
+def test_int8_scan_rescored_from_the_store_is_the_exact_ranking(rng, merge):
+    """The int8 rows alone often rank a page set differently from the exact keys; rescored from the store
+    (bfloat16 rows, as a 16-bit KV cache holds them) the scan chooses the exact ranking's pages: always by
+    rank; by estimated mass, every query head's exact best page always, and the same set but for rare
+    near-ties (a head's softmax over all pages still sees the int8 scores of the pages not rescored)."""
+    H, n, d, g, P = 4, 12000, 64, 4, 12
+    K = (rng.standard_normal((H, n, 8)) @ rng.standard_normal((8, d)) + 0.3 * rng.standard_normal((H, n, d)))
+    store = np.ascontiguousarray(to_storage(K.transpose(1, 0, 2).astype(np.float32), "bfloat16"))  # [n, H, d]
+    Kb = np.ascontiguousarray(from_storage(store).transpose(1, 0, 2))
+    idx = PagedDCIIndex(H, d, config=IndexConfig(key_dtype="int8", rebuild_growth=None))
+    idx.build(Kb)
+    exact_pk = _exact_copy(idx, Kb)
+    valid = np.arange(idx.C)[None, None, :] < idx.page_fill[:, :, None]
+    differ = near_ties = 0
+    for _ in range(30):
+        Q = (rng.standard_normal((H * g, d)) * 2).astype(np.float32)
+        ref = np.sort(scan_pages(exact_pk, idx.page_fill, idx.next_page, Q, P, merge=merge), axis=1)
+        alone = np.sort(scan_pages(idx.page_keys, idx.page_fill, idx.next_page, Q, P, merge=merge, rescore=0), axis=1)
+        got = np.sort(scan_pages(idx.page_keys, idx.page_fill, idx.next_page, Q, P, merge=merge,
+                                 exact=ExactKeys(store, idx.positions, idx.page_tok)), axis=1)
+        differ += not np.array_equal(alone, ref)
+        full = np.where(valid[:, None], np.einsum("hgd,hpcd->hgpc", Q.reshape(H, g, d), exact_pk), -np.inf).max(-1)
+        for h in range(H):
+            assert np.isin(full[h].argmax(-1), got[h]).all()  # every query head's exact best page
+        if merge == "rank":
+            assert np.array_equal(got, ref)
+        else:
+            near_ties += not np.array_equal(got, ref)
+        # the indexer's exact selection does the same with the store it maps; it refuses to guess without one
+        pages, slots = select_baseline(idx, Q, P, "exact", merge, store)
+        assert np.array_equal(np.sort(pages, axis=1), got)
+    assert near_ties <= 3
+    assert differ >= 5  # the int8 rows alone are not exact: the rescoring is what makes it so
+    with pytest.raises(ValueError, match="key store"):
+        select_baseline(idx, Q, P, "exact", merge)
 
 
 def test_bf16_halves_the_key_rows_and_the_scan_reads_them(rng):
@@ -73,4 +137,5 @@ def test_bf16_halves_the_key_rows_and_the_scan_reads_them(rng):
 def test_key_dtype_is_validated():
     with pytest.raises(ValueError, match="key_dtype must be"):
         IndexConfig(key_dtype="float16")
+    assert IndexConfig(key_dtype="int8").storage_dtype == "int8"
     assert IndexConfig().storage_dtype == "float32"

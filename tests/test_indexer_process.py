@@ -112,11 +112,12 @@ def test_queries_equal_the_in_process_index(ix):
         seqs[100 + seq] = (slots, extra)
     c.sync()
     q = rng.standard_normal((5, H * GROUP, D)).astype(np.float32)
+    assert ix.config.index.key_dtype == "int8"  # the default over a float32 (or bfloat16) key store
     for layer in range(L):
         sel = c.query(layer, list(seqs), q, 6)
         assert not sel.fallback
         for b, (seq, (slots, extra)) in enumerate(seqs.items()):
-            idx = PagedDCIIndex(H, D, config=IndexConfig(page_size=C))
+            idx = PagedDCIIndex(H, D, config=IndexConfig(page_size=C, key_dtype="int8"))
             idx.build(ix.store.read(layer, slots), positions=slots)
             idx.insert(ix.store.read(layer, extra), positions=extra)
             pages = idx.query(q[b], 6)

@@ -165,27 +165,29 @@ def test_private_dir_is_0700_and_stale_dirs_are_swept(tmp_path):
     assert not os.path.exists(d.path)
 
 
-def test_warmup_compiles_the_default_selection(tmp_path):
+@pytest.mark.parametrize("key_dtype", ["bfloat16", "int8"])
+def test_warmup_compiles_the_default_selection(tmp_path, key_dtype):
     """The indexer compiles (or loads) every numba function its first requests reach before it reports
-    ready, the default selection's scan too: in a fresh process, nothing else has compiled it."""
+    ready, the default selection's scan too (and an int8 index's rescoring from the store): in a fresh
+    process, nothing else has compiled it."""
     import subprocess
     import sys
 
     code = f"""
 import numpy as np
-from icecache_sglang.index import scan
+from icecache_sglang.index import gqa_merge, scan
 from icecache_sglang.index.config import IndexConfig
 from icecache_sglang.indexer.config import IndexerConfig
 from icecache_sglang.indexer.keystore import KeyStore
 from icecache_sglang.indexer.service import IndexerService
 store = KeyStore.create({str(tmp_path)!r}, 1, 64, 2, 8, "bfloat16")
 cfg = IndexerConfig(rank=0, store=store.spec, endpoint="ipc://x", private_dir={str(tmp_path)!r},
-                    index=IndexConfig(page_size=4, key_dtype="bfloat16"))
-assert not scan.page_maxima.signatures
+                    index=IndexConfig(page_size=4, key_dtype={key_dtype!r}))
+assert not scan.page_maxima.signatures and not scan.rescore_pages.signatures
 IndexerService(cfg, store).warmup()
-print(len(scan.page_maxima.signatures), len(scan.top_pages.signatures))
+print(len(scan.page_maxima.signatures), len(gqa_merge.merge_by_mass.signatures), len(scan.rescore_pages.signatures))
 store.close()
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
-    n_max, n_top = map(int, out.stdout.split())
-    assert n_max >= 1 and n_top >= 1
+    n_max, n_merge, n_rescore = map(int, out.stdout.split())
+    assert n_max >= 1 and n_merge >= 1 and n_rescore == (1 if key_dtype == "int8" else 0)

@@ -62,8 +62,8 @@ class IndexConfig:
             isinstance(self.rebuild_growth, (int, float)) and self.rebuild_growth > 1.0
         ):
             raise ValueError(f"rebuild_growth must be > 1 or None, got {self.rebuild_growth!r}")
-        if self.key_dtype is not None and self.key_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"key_dtype must be 'float32', 'bfloat16' or None, got {self.key_dtype!r}")
+        if self.key_dtype is not None and self.key_dtype not in ("float32", "bfloat16", "int8"):
+            raise ValueError(f"key_dtype must be 'float32', 'bfloat16', 'int8' or None, got {self.key_dtype!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
         if not isinstance(self.parent_chunk, int) or self.parent_chunk < 1:

@@ -1,10 +1,19 @@
-"""How the index stores key rows: float32, or bfloat16 bits in uint16 (half the bytes, the dtype most models'
-KV cache has). Scores always accumulate in float32.
+"""How the index stores key rows: float32, bfloat16 bits in uint16 (half the bytes, the dtype most models'
+KV cache has), or int8 (a quarter: a row's ``d`` values over its own scale). Scores always accumulate in
+float32.
 
 numba has no 16-bit float type, so a bfloat16 value is kept as the upper 16 bits of its float32 pattern and
-widened in registers (``bf16_to_f32``: zero-extend, shift, bitcast; vectorised by LLVM). ``key_dot`` takes a
-key row of either dtype and ``as_f32`` a flat run of rows (the scan's), so every kernel compiles one
-specialization per storage dtype.
+widened in registers (``bf16_to_f32``: zero-extend, shift, bitcast; vectorised by LLVM).
+
+An int8 row is ``d + 4`` bytes: ``d`` values ``k8`` in [-127, 127], then its float32 scale ``s = max|k| / 127``
+(little-endian bytes), so a row moves through the page table as one unit. Its value is ``float32(k8) * s``,
+rounded once, the same in NumPy (``from_storage``) and in the kernels: an int8 index is exactly a float32
+index over those values, as a bfloat16 one is over the rounded keys. It is an approximate copy (an error of
+at most ``s / 2`` per value); the exact selection rescores its best candidates from the key store
+(``scan.rescore_pages``).
+
+``key_dot`` takes a key row of any storage dtype, ``key_row`` turns one stored row into float32 values and
+``rows_f32`` a page's run of rows (the scan's), so every kernel compiles one specialization per dtype.
 """
 
 from __future__ import annotations
@@ -15,25 +24,83 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 #: the ``key_dtype`` values an index accepts -> the NumPy dtype of its ``page_keys``
-STORAGE = {"float32": np.float32, "bfloat16": np.uint16}
+STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
+#: bytes an int8 row carries after its values: its float32 scale
+INT8_SCALE_BYTES = 4
 #: below this many values the conversions (and ``transform.key_projection``) run on one thread: waking numba's
 #: pool for a decode insert's few rows cost more than the work (2-5 ms per call next to a 128k-token index on
 #: 2 cores, index_speed.py)
 PARALLEL_MIN = 1 << 16
 
 
+def stored_width(d: int, key_dtype: str) -> int:
+    """Elements of one stored key row of dimension ``d``."""
+    return d + INT8_SCALE_BYTES if key_dtype == "int8" else d
+
+
 def to_storage(keys: np.ndarray, key_dtype: str) -> np.ndarray:
-    """float32 keys -> the storage dtype (bfloat16: round to nearest, ties to even, as torch does)."""
+    """float32 keys ``[..., d]`` -> the storage dtype (bfloat16: round to nearest, ties to even, as torch does;
+    int8: ``[..., d + 4]``, each row over its own scale)."""
     k = np.ascontiguousarray(keys, dtype=np.float32)
     if key_dtype == "float32":
         return k
+    if key_dtype == "int8":
+        return _quantize_int8(k)
     out = np.empty(k.shape, np.uint16)
     (_round_bf16 if k.size >= PARALLEL_MIN else _round_bf16_serial)(k.reshape(-1).view(np.uint32), out.reshape(-1))
     return out
 
 
+def _quantize_int8(k: np.ndarray) -> np.ndarray:
+    d = k.shape[-1]
+    rows = k.reshape(-1, d)
+    if not np.isfinite(rows).all():
+        raise ValueError("int8 keys must be finite")
+    out = np.empty((rows.shape[0], d + INT8_SCALE_BYTES), np.int8)
+    (_quantize_rows if rows.size >= PARALLEL_MIN else _quantize_rows_serial)(rows, out)
+    return out.reshape(k.shape[:-1] + (d + INT8_SCALE_BYTES,))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _quantize_rows(rows, out):
+    for r in prange(rows.shape[0]):
+        _quantize_one(rows, out, r)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_rows_serial(rows, out):
+    for r in range(rows.shape[0]):
+        _quantize_one(rows, out, r)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _quantize_one(rows, out, r):
+    """Row ``r``: scale ``max|k| / 127`` (float32), values ``rint(k / scale)`` (ties to even), then the scale's
+    four little-endian bytes."""
+    d = rows.shape[1]
+    m = np.float32(0.0)
+    for i in range(d):
+        m = max(m, abs(rows[r, i]))
+    s = m / np.float32(127.0)
+    for i in range(d):
+        out[r, i] = np.int8(min(max(np.rint(rows[r, i] / s), np.float32(-127.0)), np.float32(127.0))) if s > 0 else 0
+    u = f32_as_u32(s)
+    for b in range(4):
+        out[r, d + b] = np.int8(np.uint8((u >> np.uint32(8 * b)) & np.uint32(0xFF)))
+
+
+def int8_scales(stored: np.ndarray) -> np.ndarray:
+    """The float32 scale of every int8 row ``[..., d + 4]`` -> ``[...]``."""
+    tail = np.ascontiguousarray(stored[..., -INT8_SCALE_BYTES:])
+    return tail.view("<f4")[..., 0].astype(np.float32)
+
+
 def from_storage(stored: np.ndarray) -> np.ndarray:
-    """Stored key rows -> float32 (exact: every bfloat16 value is a float32 value)."""
+    """Stored key rows -> float32 (exact for bfloat16: every bfloat16 value is a float32 value; an int8 row
+    gives ``float32(k8) * scale``, its ``d`` values)."""
+    if stored.dtype == np.int8:
+        vals = stored[..., :-INT8_SCALE_BYTES].astype(np.float32)
+        return np.ascontiguousarray(vals * int8_scales(stored)[..., None], dtype=np.float32)
     if stored.dtype == np.uint16:
         flat = np.ascontiguousarray(stored)
         out = np.empty(flat.shape, np.float32)
@@ -92,9 +159,117 @@ def bf16_to_f32(typingctx, x):
     return None
 
 
+@intrinsic
+def f32_as_u32(typingctx, x):
+    """float32 -> its uint32 bits (numba)."""
+    if x == types.float32:
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+    return None
+
+
+@intrinsic
+def u32_as_f32(typingctx, x):
+    """uint32 bits -> float32 (numba)."""
+    if x == types.uint32:
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+    return None
+
+
 def key_dot(k, q):
-    """``<k, q>`` in float32 for a stored key row ``k`` (float32 or bfloat16 bits) and a float32 ``q``."""
+    """``<k, q>`` in float32 for a stored key row ``k`` (float32, bfloat16 bits or int8 with its scale) and a
+    float32 ``q`` of the key dimension."""
     raise NotImplementedError("numba only")
+
+
+def row_scale(k, d):
+    """The float32 scale of an int8 row ``k`` whose values are ``k[:d]`` (numba)."""
+    raise NotImplementedError("numba only")
+
+
+def key_row(k, d, scratch):
+    """One stored key row as ``d`` float32 values (numba): ``k`` itself when float32, else into ``scratch``."""
+    raise NotImplementedError("numba only")
+
+
+def key_dim(k):
+    """The key dimension of one stored row (numba): its length, less the scale bytes of an int8 row."""
+    raise NotImplementedError("numba only")
+
+
+def rows_f32(rows, f, d, scratch):
+    """The first ``f`` rows of a page's flat stored rows as ``f * d`` float32 values (numba): ``rows`` itself
+    when float32, else widened (bfloat16) or scaled (int8) into ``scratch``."""
+    raise NotImplementedError("numba only")
+
+
+@overload(row_scale, inline="always")
+def _row_scale(k, d):
+    def impl(k, d):
+        u = np.uint32(np.uint32(np.uint8(k[d])) | (np.uint32(np.uint8(k[d + 1])) << np.uint32(8))
+                      | (np.uint32(np.uint8(k[d + 2])) << np.uint32(16))
+                      | (np.uint32(np.uint8(k[d + 3])) << np.uint32(24)))
+        return u32_as_f32(u)
+
+    return impl
+
+
+@overload(key_dim, inline="always")
+def _key_dim(k):
+    if k.dtype == types.int8:
+        return lambda k: k.shape[0] - 4
+    return lambda k: k.shape[0]
+
+
+@overload(key_row, inline="always")
+def _key_row(k, d, scratch):
+    if k.dtype == types.float32:
+        return lambda k, d, scratch: k
+    if k.dtype == types.uint16:
+        def impl(k, d, scratch):
+            for i in range(d):
+                scratch[i] = bf16_to_f32(k[i])
+            return scratch
+
+        return impl
+    if k.dtype == types.int8:
+        def impl(k, d, scratch):
+            s = row_scale(k, d)
+            for i in range(d):
+                scratch[i] = np.float32(k[i]) * s
+            return scratch
+
+        return impl
+    return None
+
+
+@overload(rows_f32, inline="always")
+def _rows_f32(rows, f, d, scratch):
+    if rows.dtype == types.float32:
+        return lambda rows, f, d, scratch: rows
+    if rows.dtype == types.uint16:
+        def impl(rows, f, d, scratch):
+            for i in range(f * d):
+                scratch[i] = bf16_to_f32(rows[i])
+            return scratch
+
+        return impl
+    if rows.dtype == types.int8:
+        def impl(rows, f, d, scratch):
+            w = d + 4
+            for j in range(f):
+                s = row_scale(rows, j * w + d)
+                for i in range(d):
+                    scratch[j * d + i] = np.float32(rows[j * w + i]) * s
+            return scratch
+
+        return impl
+    return None
 
 
 def as_f32(rows, n, scratch):
@@ -105,6 +280,16 @@ def as_f32(rows, n, scratch):
 
 @overload(key_dot, jit_options={"fastmath": True})
 def _key_dot(k, q):
+    if k.dtype == types.int8:
+        def impl(k, q):
+            d = q.shape[0]
+            sc = row_scale(k, d)
+            s = np.float32(0.0)
+            for i in range(d):
+                s += (np.float32(k[i]) * sc) * q[i]
+            return s
+
+        return impl
     if k.dtype == types.uint16:
         def impl(k, q):
             s = np.float32(0.0)

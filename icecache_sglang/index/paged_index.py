@@ -16,7 +16,7 @@ from numba.typed import List
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .gqa_merge import merge_rows
-from .keys import STORAGE, from_storage, to_storage
+from .keys import STORAGE, from_storage, stored_width, to_storage
 from .layout import bisect_cells
 from .schedule import schedule_levels
 from .search import search_batch, search_rows
@@ -81,7 +81,7 @@ class PagedDCIIndex:
             "page_cell": ("page", (), np.int32, -1), "page_next": ("page", (), np.int32, -1),
             "page_prev": ("page", (), np.int32, -1), "page_dirty": ("page", (), np.bool_, 0),
             "free_stack": ("page", (), np.int32, 0), "free_n": ("head", (), np.int32, 0),
-            "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, self.d), STORAGE[self.cfg.storage_dtype], 0),
+            "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, stored_width(self.d, self.cfg.storage_dtype)), STORAGE[self.cfg.storage_dtype], 0),
             "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), np.float64, 0),
             "tok_pkey": ("tok", (), np.float64, 0),
         }[field]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .keys import as_f32, key_dot
+from .keys import key_dim, key_dot, key_row
 
 # The order of the arrays in the state tuple passed to every kernel.
 STATE_FIELDS = (
@@ -43,7 +43,7 @@ STATE_FIELDS = (
     "free_stack",  # int32 [H, P]   LIFO of released page ids
     "free_n",  # int32 [H]
     "next_page",  # int32 [H]      the next never-used page id
-    "page_keys",  # [H, P, C, d] float32, or uint16 bfloat16 bits (index/keys.py)
+    "page_keys",  # [H, P, C, d] float32 or uint16 bfloat16 bits, or [H, P, C, d + 4] int8 rows (index/keys.py)
     "page_vals",  # float32 [H, P, C, dv] (dv may be 0)
     "page_proj",  # float64 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
     "tok_pkey",  # float64 [H, T] page key: the cell order (layout.py); tok_proj under the projection layout
@@ -358,8 +358,8 @@ def neighbour_pkey(S, h, cell, key):
     p = cell_first[h, cell]
     if p < 0:
         return 0.0
-    d = key.shape[0]
-    kf = as_f32(key, d, np.empty(d, np.float32))
+    d = key_dim(key)
+    kf = key_row(key, d, np.empty(d, np.float32))
     best, bp, bj = np.inf, -1, -1
     while p >= 0:
         for j in range(page_fill[h, p]):

@@ -5,7 +5,8 @@ returns the exact top ``n_pages`` pages per KV head (the same GQA merge as the i
 reads the same keys once with the same parallel layout, the time floor of any exhaustive method.
 
 * ``page_keys [H_kv, page_cap, C, d]``: float32, or uint16 holding bfloat16 bits (value = the float32
-  whose upper 16 bits are the uint16); ``page_fill [H_kv, page_cap]`` valid slots per page (free pages:
+  whose upper 16 bits are the uint16), or ``[H_kv, page_cap, C, d + 4]`` int8 rows with their scales
+  (``keys.py``: an approximate copy, a quarter of float32's bytes); ``page_fill [H_kv, page_cap]`` valid slots per page (free pages:
   0); ``next_page [H_kv]``: pages ``[0, next_page[h])`` are in use; ``Q [H_kv * g, d]`` float32, query
   head ``h * g + r`` reads KV head ``h``.
 * Each key is read once per KV head and scored for all ``g`` query heads of the group (float32
@@ -15,20 +16,28 @@ reads the same keys once with the same parallel layout, the time floor of any ex
   padded when fewer pages hold tokens; then :func:`.search.merge_group_pages` merges each KV head's rows
   (``merge="rank"``). ``merge="mass"`` merges the page scores by estimated attention mass instead
   (:mod:`.gqa_merge`).
+* Over an int8 copy the scan has a second pass: each KV head's best ``2 * n_pages`` pages by the int8 rows
+  (ranked by the same merge, so every query head's best page is among them) are rescored from the exact
+  keys (``ExactKeys``: the key store the indexer maps) and the merge runs again; a page is missed only if
+  its int8 score ranks it below twice the budget (``benchmarks/int8_keys.py`` measures how often).
 
 Pure numpy + numba.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange
 
 from .gqa_merge import check_merge, merge_by_mass
-from .keys import as_f32
+from .keys import INT8_SCALE_BYTES, key_row, rows_f32
 from .search import merge_group_pages
 
 NEG_INF = np.float32(-np.inf)
+#: an int8 page copy's scan rescores this many times the selected pages per KV head from the exact keys
+RESCORE_FACTOR = 2
 CHUNK_PAGES = 32  # pages per work item (parallel over page chunks: one KV head still fills the cores)
 
 
@@ -66,7 +75,7 @@ def page_maxima(page_keys, page_fill, next_page, Q, chunk):
             f = page_fill[h, p]
             if f <= 0:
                 continue
-            keys = as_f32(page_keys[h, p], f * d, scratch)
+            keys = rows_f32(page_keys[h, p], f, d, scratch)
             r = h * g
             while r < (h + 1) * g:  # query rows in blocks of 4: each key row is loaded once per block
                 if r + 4 <= (h + 1) * g:
@@ -127,6 +136,60 @@ def top_pages(best, page_fill, next_page, g, n_pages):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
+    """Exact scores for the candidate pages, in place: for every page among ``cand [H_q, X]`` (page ids, -1
+    padded) of any query row of a KV head, ``best[r, p]`` of each of that head's rows becomes the page's best
+    float32 ``<q, k>`` over the keys as the store holds them (``store [S, H, d]`` float32 or bfloat16 bits,
+    the row of token ``t`` at ``positions[t]``). Parallel over KV heads; a page's rows are gathered once and
+    scored for the head's ``g`` query rows four at a time, as ``page_maxima`` does."""
+    H, d = store.shape[1], Q.shape[1]
+    g = Q.shape[0] // H
+    C = page_tok.shape[2]
+    for h in prange(H):
+        seen = np.zeros(best.shape[1], np.bool_)
+        row = np.empty(d, np.float32)
+        keys = np.empty(C * d, np.float32)
+        for rr in range(h * g, (h + 1) * g):
+            for x in range(cand.shape[1]):
+                p = cand[rr, x]
+                if p < 0 or seen[p]:
+                    continue
+                seen[p] = True
+                f = page_fill[h, p]
+                for j in range(f):
+                    kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
+                    for i in range(d):
+                        keys[j * d + i] = kr[i]
+                r = h * g
+                while r < (h + 1) * g:
+                    if r + 4 <= (h + 1) * g:
+                        q0, q1, q2, q3 = Q[r], Q[r + 1], Q[r + 2], Q[r + 3]
+                        m0 = m1 = m2 = m3 = NEG_INF
+                        for j in range(f):
+                            k = keys[j * d : (j + 1) * d]
+                            s0 = s1 = s2 = s3 = np.float32(0.0)
+                            for i in range(d):
+                                y = k[i]
+                                s0 += y * q0[i]
+                                s1 += y * q1[i]
+                                s2 += y * q2[i]
+                                s3 += y * q3[i]
+                            m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+                        best[r, p], best[r + 1, p], best[r + 2, p], best[r + 3, p] = m0, m1, m2, m3
+                        r += 4
+                    else:
+                        q0 = Q[r]
+                        m0 = NEG_INF
+                        for j in range(f):
+                            s0 = np.float32(0.0)
+                            for i in range(d):
+                                s0 += keys[j * d + i] * q0[i]
+                            m0 = max(m0, s0)
+                        best[r, p] = m0
+                        r += 1
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _read_sum(page_keys, page_fill, next_page, d, chunk):
     items = _work_items(next_page, chunk)
     part = np.zeros(items.shape[0], np.float32)
@@ -138,17 +201,22 @@ def _read_sum(page_keys, page_fill, next_page, d, chunk):
             f = page_fill[h, p]
             if f <= 0:
                 continue
-            keys = as_f32(page_keys[h, p], f * d, scratch)
+            keys = rows_f32(page_keys[h, p], f, d, scratch)
             for i in range(f * d):
                 s += keys[i]
         part[it] = s
     return part.sum()
 
 
+def key_width(page_keys) -> int:
+    """The key dimension of stored rows ``page_keys [..., w]`` (an int8 row carries 4 scale bytes)."""
+    return page_keys.shape[-1] - (INT8_SCALE_BYTES if page_keys.dtype == np.int8 else 0)
+
+
 def _check(page_keys, page_fill, next_page):
-    if page_keys.ndim != 4 or page_keys.dtype not in (np.float32, np.uint16) or not page_keys.flags.c_contiguous:
-        raise ValueError(f"page_keys must be a C-contiguous float32 or uint16 (bf16) array [H, pages, C, d], "
-                         f"got {page_keys.dtype} {page_keys.shape}")
+    if page_keys.ndim != 4 or page_keys.dtype not in (np.float32, np.uint16, np.int8) or not page_keys.flags.c_contiguous:
+        raise ValueError(f"page_keys must be a C-contiguous float32, uint16 (bf16) or int8 array [H, pages, C, d "
+                         f"(+4 for int8)], got {page_keys.dtype} {page_keys.shape}")
     H, cap = page_keys.shape[:2]
     if page_fill.shape != (H, cap) or next_page.shape != (H,):
         raise ValueError(f"page_fill must be [{H}, {cap}] and next_page [{H}], "
@@ -157,36 +225,78 @@ def _check(page_keys, page_fill, next_page):
         raise ValueError(f"next_page must lie in [0, {cap}]")
 
 
-def _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk) -> np.ndarray:
-    """Checked inputs -> ``best [H_q, max(next_page)]`` (see ``page_maxima``)."""
+class ExactKeys(NamedTuple):
+    """Where the exact keys of an index's tokens are, for rescoring an approximate (int8) page copy:
+    ``store [S, H, d]`` (float32 or bfloat16 bits), token ``t``'s row at ``positions[t]``, and the index's
+    ``page_tok [H, P, C]``."""
+    store: np.ndarray
+    positions: np.ndarray
+    page_tok: np.ndarray
+
+
+def _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact: ExactKeys | None = None,
+                 rescore: int = 0, merge: str = "rank") -> np.ndarray:
+    """Checked inputs -> ``best [H_q, max(next_page)]`` (see ``page_maxima``); with ``exact``, each KV head's
+    best ``rescore`` pages by the stored rows' scores (ranked by ``merge``, so every query head's best page
+    is among them) are rescored from the exact keys (``rescore_pages``)."""
     _check(page_keys, page_fill, next_page)
     Q = np.ascontiguousarray(Q, dtype=np.float32)
-    H, d = page_keys.shape[0], page_keys.shape[3]
+    H, d = page_keys.shape[0], key_width(page_keys)
     if Q.ndim != 2 or Q.shape[1] != d or Q.shape[0] % H or Q.shape[0] == 0:
         raise ValueError(f"Q must be [a multiple of {H}, {d}], got {Q.shape}")
     if not isinstance(n_pages, (int, np.integer)) or n_pages < 1:
         raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
     flat = page_keys.reshape(H, page_keys.shape[1], -1)
-    return page_maxima(flat, page_fill, next_page, Q, int(chunk))
+    best = page_maxima(flat, page_fill, next_page, Q, int(chunk))
+    if exact is not None and rescore > 0 and best.shape[1]:
+        store = exact.store
+        if store.ndim != 3 or store.shape[1:] != (H, d) or store.dtype not in (np.float32, np.uint16):
+            raise ValueError(f"the exact keys must be a float32 or uint16 (bf16) store [S, {H}, {d}], "
+                             f"got {store.dtype} {store.shape}")
+        g = Q.shape[0] // H
+        per_head = _merged(best, page_fill, next_page, g, int(rescore), merge, d)  # [H, rescore]
+        cand = np.full((Q.shape[0], per_head.shape[1]), -1, np.int32)
+        cand[::g] = per_head
+        rescore_pages(best, cand, exact.page_tok, page_fill, exact.positions, store, Q)
+    return best
 
 
-def scan_rows(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES) -> np.ndarray:
+def _merged(best, page_fill, next_page, g: int, n_pages: int, merge: str, d: int) -> np.ndarray:
+    """A KV head's ``n_pages`` pages from its query heads' page scores -> ``[H, n_pages]`` (-1 padded)."""
+    if merge == "rank":
+        rows = top_pages(best, page_fill, next_page, g, n_pages)
+        return merge_group_pages(rows, g, n_pages)
+    return merge_by_mass(best, g, n_pages, 1.0 / float(np.sqrt(d)))
+
+
+def scan_rows(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES,
+              exact: ExactKeys | None = None, rescore: int = 0) -> np.ndarray:
     """Exact top ``n_pages`` pages of every query row before the GQA merge -> ``[H_q, n_pages]`` int32."""
-    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk)
+    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact, rescore)
     H = page_keys.shape[0]
     return top_pages(best, page_fill, next_page, Q.shape[0] // H, int(n_pages))
 
 
+def rescore_count(n_pages: int) -> int:
+    """How many pages per KV head an approximate page copy's scan rescores exactly: ``RESCORE_FACTOR``
+    times the pages selected."""
+    return RESCORE_FACTOR * int(n_pages)
+
+
 def scan_pages(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES,
-               merge: str = "rank") -> np.ndarray:
+               merge: str = "rank", exact: ExactKeys | None = None, rescore: int | None = None) -> np.ndarray:
     """Exact top ``n_pages`` pages per KV head -> ``[H_kv, n_pages]`` int32 (-1 padded), the query heads of a
-    KV head merged by ``merge`` (``"rank"``: like ``PagedDCIIndex.query``; ``"mass"``: :mod:`.gqa_merge`)."""
-    if check_merge(merge) == "rank":
-        rows = scan_rows(page_keys, page_fill, next_page, Q, n_pages, chunk)
-        return merge_group_pages(rows, rows.shape[0] // page_keys.shape[0], int(n_pages))
-    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk)
-    H, d = page_keys.shape[0], page_keys.shape[3]
-    return merge_by_mass(best, best.shape[0] // H, int(n_pages), 1.0 / float(np.sqrt(d)))
+    KV head merged by ``merge`` (``"rank"``: like ``PagedDCIIndex.query``; ``"mass"``: :mod:`.gqa_merge`).
+
+    With int8 ``page_keys`` (an approximate copy) and ``exact``, the scan ranks by the int8 rows, then
+    rescores each KV head's best ``rescore`` pages by that ranking (default ``rescore_count(n_pages)``) from
+    the exact keys before choosing."""
+    if rescore is None:
+        rescore = rescore_count(n_pages) if page_keys.dtype == np.int8 else 0
+    merge = check_merge(merge)
+    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact, rescore, merge)
+    H = page_keys.shape[0]
+    return _merged(best, page_fill, next_page, best.shape[0] // H, int(n_pages), merge, key_width(page_keys))
 
 
 def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) -> float:
@@ -197,7 +307,7 @@ def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) ->
         page_fill = np.full(page_keys.shape[:2], page_keys.shape[2], np.int32)
     _check(page_keys, page_fill, next_page)
     flat = page_keys.reshape(page_keys.shape[0], page_keys.shape[1], -1)
-    return float(_read_sum(flat, page_fill, next_page, page_keys.shape[3], int(chunk)))
+    return float(_read_sum(flat, page_fill, next_page, key_width(page_keys), int(chunk)))
 
 
-__all__ = ["read_keys", "scan_pages", "scan_rows"]
+__all__ = ["ExactKeys", "read_keys", "rescore_count", "scan_pages", "scan_rows"]

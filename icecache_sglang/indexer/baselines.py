@@ -6,7 +6,9 @@ Each answers over the same sequence's indexed tokens, in the same reply format (
 and the index-quality benchmark rank pages the same way.
 
 - ``oracle_page``: IceCache's own pages ranked by their exact best score (the best its search can do), by
-  the tight scan of ``index/scan.py``: on CPU it costs about what the search does (``index_speed.py``);
+  the tight scan of ``index/scan.py``: on CPU it costs about what the search does (``index_speed.py``).
+  Over an int8 index (an approximate copy of the keys) the scan rescores its best candidates from the key
+  store (``exact``), so the ranking stays exact (``benchmarks/int8_keys.py``);
 - ``oracle_positional``: fixed pages of C consecutive tokens, ranked by exact best score;
 - ``quest``: the same pages ranked by Quest's per-page min/max bound;
 - ``streaming``: the most recent indexed tokens (with the sink and unindexed tail the backend adds, that is
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..index.scan import scan_pages
+from ..index.keys import from_storage
+from ..index.scan import ExactKeys, scan_pages
 from ..index.paged_index import PagedDCIIndex
 from ..index.selection import OraclePositionalPolicy, QuestPolicy
 
@@ -28,16 +31,23 @@ from .policies import BASELINES, POLICIES  # noqa: F401 - re-exported
 
 
 def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str,
-                    merge: str = "rank") -> tuple[np.ndarray, np.ndarray]:
+                    merge: str = "rank", store: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``q [H_q, d]`` (query head ``i`` on KV head ``i // group``) -> ``pages [H, P]`` and ``slots [H, P, C]``
-    (int32, -1 padded). ``merge``: the GQA merge of the page-ranking policies (``index/gqa_merge.py``)."""
+    (int32, -1 padded). ``merge``: the GQA merge of the page-ranking policies (``index/gqa_merge.py``);
+    ``store [S, H, d]``: the layer's exact keys, the row of a token at its position (the key store), which
+    an int8 index's exact scan rescores from."""
     if policy not in BASELINES + ("exact",):
         raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact']}")
     H, C, P = idx.H, idx.C, n_pages
     pages = np.full((H, P), -1, np.int32)
     if policy in ("oracle_page", "exact"):  # the tight exhaustive scan (index/scan.py): every key read once per KV head
+        exact = None
+        if idx.page_keys.dtype == np.int8:
+            if store is None:
+                raise ValueError("an int8 index's exact scan needs the key store to rescore from")
+            exact = ExactKeys(store, idx.positions, idx.page_tok)
         pages = scan_pages(idx.page_keys, idx.page_fill, idx.next_page, np.ascontiguousarray(q, np.float32), P,
-                           merge=merge)
+                           merge=merge, exact=exact)
         return pages, idx.page_positions(pages).astype(np.int32)
     slots = np.full((H, P, C), -1, np.int32)
     ids = idx.live_ids()
@@ -53,7 +63,11 @@ def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str
             slots[:, j, : chunk.size] = chunk
         return pages, slots
     chooser = (OraclePositionalPolicy(C) if policy == "oracle_positional" else QuestPolicy(C)).set_merge(merge)
-    chooser.build(idx.keys_of(ids))
+    if store is not None:  # the exact keys (an int8 index keeps an approximate copy)
+        keys = np.ascontiguousarray(from_storage(store[pos]).transpose(1, 0, 2))
+    else:
+        keys = idx.keys_of(ids)
+    chooser.build(keys)
     for h, chosen in enumerate(chooser.select(np.ascontiguousarray(q, np.float32), P * C)):
         for j, pg in enumerate(np.unique(chosen // C)[:P]):
             toks = chosen[chosen // C == pg]

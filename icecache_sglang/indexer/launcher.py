@@ -27,6 +27,8 @@ from .server import indexer_main, process_name, unlink_endpoint
 
 logger = logging.getLogger("icecache.indexer")
 
+#: key store dtypes an int8 index's exact scan rescores from (the default index for these KV caches)
+INT8_RESCORE_FROM = ("float32", "bfloat16")
 READY_TIMEOUT_S = 600.0  # a cold numba cache compiles for a few minutes on a small machine
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -147,8 +149,11 @@ class Indexer:
         """Create the rank's private directory and key store (or take over ``store`` and the
         ``private_dir`` it lives in: a KV pool whose K planes are the store), start the process, connect."""
         index = index or IndexConfig()
-        if index.key_dtype is None:  # the index keeps keys as the KV cache does: 16-bit caches -> bfloat16
-            index = replace(index, key_dtype="float32" if key_dtype == "float32" else "bfloat16")
+        if index.key_dtype is None:  # int8 page rows, rescored from the store (numba reads no float16: bfloat16)
+            index = replace(index, key_dtype="int8" if key_dtype in INT8_RESCORE_FROM else "bfloat16")
+        elif index.key_dtype == "int8" and key_dtype not in INT8_RESCORE_FROM:
+            raise ValueError(f"an int8 index rescores its exact scan from the key store, which must be "
+                             f"{' or '.join(INT8_RESCORE_FROM)}, not {key_dtype}")
         if store is not None:
             want = (num_layers, num_slots, num_kv_heads, head_dim)
             if store.spec.shape != want or store.spec.dtype != key_dtype or private_dir is None:

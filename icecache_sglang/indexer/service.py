@@ -127,7 +127,9 @@ class IndexerService:
         idx.insert(rng.standard_normal((self.H, 3, self.d)).astype(np.float32))
         idx.query(rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4)
         query_batch([idx, idx.copy()], rng.standard_normal((2, self.H * 2, self.d)).astype(np.float32), 4)
-        select_baseline(idx, rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4, "exact")  # the default
+        rows = np.zeros((200,) + self.store.keys.shape[2:], self.store.keys.dtype)  # the store's dtype: its rescore
+        select_baseline(idx, rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4, "exact", "mass",
+                        rows)  # the default
         idx.copy().delete(idx.live_ids()[-2:])
         self._start_write_workers()
 
@@ -260,7 +262,7 @@ class IndexerService:
         live = [b for b in range(B) if n_tokens[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
             for b in live:
-                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge)
+                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge, self.store.keys[op.layer])
                 if slots is not None:
                     slots[b] = sl
         else:

@@ -52,6 +52,7 @@ from .control import ControlWatcher
 from .dense import dense_backend_for, resolve_dense_attention
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool, shared_key_store
+from ..indexer.launcher import INT8_RESCORE_FROM
 from .pool.kv_pool import KEY_DTYPES
 from .publisher import SnapshotPublisher
 from .plan import DecodeStep, Planner
@@ -129,6 +130,9 @@ class IceCacheAttnBackend(AttentionBackend):
         problems = model_problems(model_runner)
         if pool.dtype not in KEY_DTYPES:
             problems.append(f"IceCache needs a float32/float16/bfloat16 KV cache, got {pool.dtype}")
+        elif cfg.index.get("key_dtype") == "int8" and KEY_DTYPES[pool.dtype] not in INT8_RESCORE_FROM:
+            problems.append(f"index key_dtype int8 rescores its exact selection from a float32 or bfloat16 key "
+                            f"store; this KV cache is {KEY_DTYPES[pool.dtype]} (leave key_dtype unset)")
         try:
             self.dense_name = resolve_dense_attention(cfg.dense_attention, pool.device)
         except ValueError as e:
