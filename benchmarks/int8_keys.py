@@ -1,8 +1,8 @@
 """The index's key copy in int8 (issue 14's memory goal): bytes, scan time and exactness against bfloat16.
 
 The index keeps its own copy of the keys in page order (``page_keys``), which the scan and the search read.
-In bfloat16 that copy alone is the size of the keys (and the index 1.7x them); in int8 (``keys.py``: a row's
-``d`` values over its own float32 scale) it is about half. The int8 copy is approximate, so the exact
+In bfloat16 that copy alone is the size of the keys (and the index 1.7x them); in int8 (``keys.py``: the keys
+divided by per-channel scales, then a row's ``d`` values over its own float32 scale) it is about half. The int8 copy is approximate, so the exact
 selection (the server's default) ranks by it and rescores each query head's best ``2 P`` pages from the key
 store (SGLang's pool, which the indexer maps): ``scan.rescore_pages``.
 
@@ -39,7 +39,7 @@ from index_quality import real_layers  # noqa: E402
 from icecache_sglang.index.config import IndexConfig  # noqa: E402
 from icecache_sglang.index.keys import from_storage, to_storage  # noqa: E402
 from icecache_sglang.index.paged_index import PagedDCIIndex  # noqa: E402
-from icecache_sglang.index.scan import ExactKeys, read_keys, scan_pages  # noqa: E402
+from icecache_sglang.index.scan import read_keys, scan_index, scan_pages  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 
 C = 16
@@ -78,7 +78,6 @@ def quality(layers, P: int, source: str) -> list[dict]:
         Kb = np.ascontiguousarray(from_storage(store).transpose(1, 0, 2))
         i8, bf = _index(Kb, "int8"), _index(Kb, "bfloat16")
         exact_pk = _exact_copy(i8, Kb)
-        ek = ExactKeys(store, i8.positions, i8.page_tok)
         g = Q.shape[1] // H
         for step in range(Q.shape[0]):
             q = np.ascontiguousarray(Q[step], np.float32)
@@ -103,8 +102,7 @@ def quality(layers, P: int, source: str) -> list[dict]:
             full = np.where(valid[:, None], full, -np.inf).max(-1)  # [H, g, pages]
             best = full.argmax(-1)
             for label, f in RESCORES.items():
-                got = scan_pages(i8.page_keys, i8.page_fill, i8.next_page, q, P, merge="mass",
-                                 exact=ek if f else None, rescore=f * P)
+                got = scan_index(i8, q, P, merge="mass", store=store if f else None, rescore=f * P)
                 sets = _page_sets(i8, got)
                 r = rows[label]
                 r["top"] += sum(int(np.isin(best[h, j], sets[h])) for h in range(H) for j in range(g))
@@ -140,13 +138,10 @@ def speed(n: int, reps: int, seed: int = 0) -> list[dict]:
     t0 = time.perf_counter()
     i8 = _index(Kb, "int8")
     t_i8 = time.perf_counter() - t0
-    ek = ExactKeys(store, i8.positions, i8.page_tok)
     ops = {
         "scan, bfloat16 copy": lambda q: scan_pages(bf.page_keys, bf.page_fill, bf.next_page, q, P, merge="mass"),
-        "scan, int8 copy + rescore 2P": lambda q: scan_pages(i8.page_keys, i8.page_fill, i8.next_page, q, P,
-                                                             merge="mass", exact=ek),
-        "scan, int8 copy alone": lambda q: scan_pages(i8.page_keys, i8.page_fill, i8.next_page, q, P, merge="mass",
-                                                      rescore=0),
+        "scan, int8 copy + rescore 2P": lambda q: scan_index(i8, q, P, merge="mass", store=store),
+        "scan, int8 copy alone": lambda q: scan_index(i8, q, P, merge="mass", rescore=0),
         "read, bfloat16 copy": lambda q: read_keys(bf.page_keys, bf.next_page, bf.page_fill),
         "read, int8 copy": lambda q: read_keys(i8.page_keys, i8.next_page, i8.page_fill),
     }

@@ -7,9 +7,9 @@ import torch
 
 from icecache_sglang.index.config import IndexConfig
 from icecache_sglang.index.invariants import check_invariants
-from icecache_sglang.index.keys import from_storage, int8_scales, round_keys, to_storage
+from icecache_sglang.index.keys import channel_scales, from_storage, int8_scales, kept_keys, to_storage
 from icecache_sglang.index.paged_index import PagedDCIIndex, query_batch
-from icecache_sglang.index.scan import ExactKeys, scan_pages
+from icecache_sglang.index.scan import scan_index, scan_pages
 from icecache_sglang.indexer.baselines import select_baseline
 
 STATE = ("tok_level", "tok_parent", "tok_page", "tok_slot", "tok_proj", "tok_sqn", "page_tok", "page_fill",
@@ -29,12 +29,19 @@ def test_rounding_is_torchs_bfloat16(rng):
 
 def _pair(rng, H=3, n=3000, d=32, key_dtype="bfloat16"):
     K = rng.standard_normal((H, n, d)).astype(np.float32) * 3
+    K[:, :, 5] *= 20  # an outlier channel
     bf = PagedDCIIndex(H, d, config=IndexConfig(key_dtype=key_dtype, rebuild_growth=None))
     f32 = PagedDCIIndex(H, d, config=IndexConfig(key_dtype="float32", rebuild_growth=None))
     bf.build(K)
-    f32.build(round_keys(K, key_dtype))
+    f32.build(_kept(K, bf))
     bf.check_invariants()
     return K, bf, f32
+
+
+def _kept(K, idx):
+    """The float32 keys ``idx`` keeps for ``K``: rounded (bfloat16), or divided by its channel scales,
+    quantized and multiplied back (int8)."""
+    return kept_keys(K, idx.cfg.storage_dtype, idx.key_scale)
 
 
 def _same(a: PagedDCIIndex, b: PagedDCIIndex) -> None:
@@ -42,20 +49,23 @@ def _same(a: PagedDCIIndex, b: PagedDCIIndex) -> None:
         assert np.array_equal(getattr(a, f), getattr(b, f)), f
     assert a.page_keys.dtype in (np.uint16, np.int8) and b.page_keys.dtype == np.float32
     used = b.page_tok >= 0
-    assert np.array_equal(from_storage(a.page_keys)[used], b.page_keys[used])
+    kept = from_storage(a.page_keys) * (a.key_scale[:, None, None, :] if a.page_keys.dtype == np.int8 else 1)
+    assert np.array_equal(kept[used], b.page_keys[used])
 
 
 @pytest.mark.parametrize("key_dtype", ["bfloat16", "int8"])
 def test_a_compact_index_is_a_float32_index_over_the_values_it_keeps(rng, key_dtype):
     K, bf, f32 = _pair(rng, key_dtype=key_dtype)
     _same(bf, f32)
+    if key_dtype == "int8":
+        assert np.array_equal(bf.key_scale, channel_scales(K)) and bf.key_scale[:, 5].min() > 10 * bf.key_scale[:, 0].max()
     Q = rng.standard_normal((9, 32)).astype(np.float32)
     assert np.array_equal(bf.query(Q, 12), f32.query(Q, 12))
     assert np.array_equal(query_batch([bf, bf.copy()], np.stack([Q, Q]), 12),
                           query_batch([f32, f32.copy()], np.stack([Q, Q]), 12))
     # decode-time inserts (raising the max norm: cells re-lifted), deletes (children re-homed): still equal
     extra = rng.standard_normal((3, 40, 32)).astype(np.float32) * 6
-    assert np.array_equal(bf.insert(extra), f32.insert(round_keys(extra, key_dtype)))
+    assert np.array_equal(bf.insert(extra), f32.insert(_kept(extra, bf)))
     gone = bf.live_ids()[::97]
     bf.delete(gone)
     f32.delete(gone)
@@ -63,6 +73,10 @@ def test_a_compact_index_is_a_float32_index_over_the_values_it_keeps(rng, key_dt
     assert np.array_equal(bf.query(Q, 12), f32.query(Q, 12))
     check_invariants(bf, exact_parents=False)  # a larger max norm moves D_kk argmins; parents stay (spec)
     assert np.array_equal(bf.keys_of(bf.live_ids()), f32.keys_of(f32.live_ids()))
+    # what keys_of gives back is the keys as given, to the dtype's precision
+    live = bf.live_ids()
+    assert np.allclose(bf.keys_of(live[live < K.shape[1]]), K[:, live[live < K.shape[1]]], rtol=0.01,
+                       atol=0.01 * np.abs(K).max())
 
 
 def test_int8_rows_carry_their_scale_and_round_to_half_a_step(rng):
@@ -105,9 +119,8 @@ def test_int8_scan_rescored_from_the_store_is_the_exact_ranking(rng, merge):
     for _ in range(30):
         Q = (rng.standard_normal((H * g, d)) * 2).astype(np.float32)
         ref = np.sort(scan_pages(exact_pk, idx.page_fill, idx.next_page, Q, P, merge=merge), axis=1)
-        alone = np.sort(scan_pages(idx.page_keys, idx.page_fill, idx.next_page, Q, P, merge=merge, rescore=0), axis=1)
-        got = np.sort(scan_pages(idx.page_keys, idx.page_fill, idx.next_page, Q, P, merge=merge,
-                                 exact=ExactKeys(store, idx.positions, idx.page_tok)), axis=1)
+        alone = np.sort(scan_index(idx, Q, P, merge, rescore=0), axis=1)
+        got = np.sort(scan_index(idx, Q, P, merge, store=store), axis=1)
         differ += not np.array_equal(alone, ref)
         full = np.where(valid[:, None], np.einsum("hgd,hpcd->hgpc", Q.reshape(H, g, d), exact_pk), -np.inf).max(-1)
         for h in range(H):

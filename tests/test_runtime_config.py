@@ -35,7 +35,8 @@ def test_defaults_and_round_trip():
     ('{"step_reuse": 2.5}', "step_reuse must be an integer"),
     ('{"max_stale_steps": -1}', "max_stale_steps must be an integer in [0, 1024]"),
     ('{"step_reuse": 4, "max_stale_steps": 2}', "set one of them"),
-    ('{"max_stale_steps": 2, "offload": true, "dense_layers": 0}', "not supported with offload"),
+    ('{"max_stale_steps": 4, "offload": true, "dense_layers": 0, "device_kv_tokens": 272}',
+     "device_kv_tokens (272) holds no lane: one decoding request needs 276 rows"),
     ('{"stall_report_s": "30"}', "stall_report_s"),
     ('{"gqa_merge": "max"}', "gqa_merge must be one of"),
     ('{"index": {"layout": "random"}}', "layout must be one of"),
@@ -48,3 +49,11 @@ def test_bad_configs_are_refused_with_the_reason(text, words):
     with pytest.raises(IceCacheConfigError) as e:
         IceCacheConfig.from_json(text)
     assert words in str(e.value)
+
+
+def test_an_offload_lane_holds_the_staleness_of_reused_selections():
+    """A reused selection attends to every token indexed since it was made: one more row per step of age."""
+    base = IceCacheConfig(offload=True, dense_layers=0)
+    assert base.lane_rows == 256 + 16
+    assert IceCacheConfig(offload=True, dense_layers=0, max_stale_steps=4).lane_rows == 256 + 16 + 4
+    assert IceCacheConfig(offload=True, dense_layers=0, step_reuse=4).lane_rows == 256 + 16 + 3

@@ -87,9 +87,46 @@ def test_flush_cache_and_aborts_return_every_lane(tiny_offload):
 
 
 def test_the_budget_cannot_outgrow_the_lanes(tiny_offload):
-    with pytest.raises(ValueError, match="with offload the device pool's lanes hold the launch budget"):
+    with pytest.raises(ValueError, match="with offload the device pool's lanes hold 144"):
         tiny_offload.set_icecache(budget_tokens=512)
+    with pytest.raises(ValueError, match="with offload the device pool's lanes hold 144"):
+        tiny_offload.set_icecache(max_stale_steps=2)  # the launch budget fills the lane: no room for staleness
     tiny_offload.set_icecache(budget_tokens=96)  # a smaller one fits the lanes
     r = tiny_offload.generate(input_ids=token_ids(700, 7), max_new_tokens=8, ignore_eos=True)
     assert r["meta_info"]["completion_tokens"] == 8
     tiny_offload.set_icecache(budget_tokens=TINY_ICE["budget_tokens"])
+
+
+def test_reused_selections_decode_through_the_lanes(tiny_ref, tiny_offload):
+    """``step_reuse`` and ``max_stale_steps`` with offload: a lane holds a reused selection's pages and every
+    token indexed since (one row per step of age, within the launch's lane when the budget is lowered).
+    Synchronous reuse answers token for token like the same reuse without offload; asynchronous selection
+    keeps its staleness bound and every request completes."""
+    try:
+        for srv in (tiny_ref, tiny_offload):
+            srv.set_icecache(budget_tokens=96, step_reuse=3)  # lanes of 96 + 16 + 2 rows fit the launch's 144
+        for n, seed in ((1500, 11), (3000, 12)):
+            ids = token_ids(n, seed)
+            assert answer(tiny_offload, ids, 32) == answer(tiny_ref, ids, 32), n
+        st = tiny_offload.icecache_stats()
+        assert st["reused_selections"] > 0 and st["selection_age_steps_max"] == 2
+        tiny_offload.set_icecache(step_reuse=1, max_stale_steps=4)
+        before = tiny_offload.icecache_stats(wait_s=0)
+        jobs = [token_ids(1200 + 300 * i, 20 + i) for i in range(LANES)]
+        got = [None] * len(jobs)
+
+        def one(i):
+            got[i] = answer(tiny_offload, jobs[i], 40)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert [len(g) for g in got] == [40] * len(jobs)
+        st = tiny_offload.icecache_stats()
+        assert st["reused_selections"] > before["reused_selections"]
+        assert st["selection_age_steps_max"] <= 4 and st["device_lanes_in_use"] == 0
+    finally:
+        for srv in (tiny_ref, tiny_offload):
+            srv.set_icecache(budget_tokens=TINY_ICE["budget_tokens"], step_reuse=1, max_stale_steps=0)

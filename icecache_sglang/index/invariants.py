@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .keys import from_storage, round_keys
+from .keys import kept_keys
 from .transform import key_projection, kk_distance
 
 
@@ -95,9 +95,10 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
             _fail(h, "a free page still names a cell")
         # --- projections and physical rows
         if live.size:
-            keys = from_storage(idx.page_keys[h, idx.tok_page[h, live], idx.tok_slot[h, live]])
+            keys = idx._key(h, live)  # as kept (an int8 row times its channel scales)
             if reference_keys is not None and not np.array_equal(
-                    keys, round_keys(reference_keys[h, live].astype(np.float32), idx.cfg.storage_dtype)):
+                    keys, kept_keys(reference_keys[h, live][None].astype(np.float32), idx.cfg.storage_dtype,
+                                    idx.key_scale[h][None])[0]):
                 _fail(h, "physical page rows differ from the tokens' keys")
             sqn = np.einsum("nd,nd->n", keys.astype(np.float64), keys.astype(np.float64))
             if not np.allclose(sqn, idx.tok_sqn[h, live], rtol=1e-9, atol=1e-12):
@@ -129,8 +130,7 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                 ups = live[level[live] == lv + 1]
                 if kids.size == 0:
                     continue
-                kk = from_storage(idx.page_keys[h, idx.tok_page[h, kids], idx.tok_slot[h, kids]])
-                uk = from_storage(idx.page_keys[h, idx.tok_page[h, ups], idx.tok_slot[h, ups]])
+                kk, uk = idx._key(h, kids), idx._key(h, ups)
                 D = kk_distance(kk, uk, idx.M[h])
                 pos = {int(t): i for i, t in enumerate(ups)}
                 chosen = D[np.arange(kids.size), [pos[int(parent[t])] for t in kids]]

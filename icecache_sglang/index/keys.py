@@ -6,7 +6,9 @@ numba has no 16-bit float type, so a bfloat16 value is kept as the upper 16 bits
 widened in registers (``bf16_to_f32``: zero-extend, shift, bitcast; vectorised by LLVM).
 
 An int8 row is ``d + 4`` bytes: ``d`` values ``k8`` in [-127, 127], then its float32 scale ``s = max|k| / 127``
-(little-endian bytes), so a row moves through the page table as one unit. Its value is ``float32(k8) * s``,
+(little-endian bytes), so a row moves through the page table as one unit. An int8 index first divides its
+keys by per-channel scales (``channel_scales``, fixed at a build) and multiplies its queries by them, so
+scores are unchanged and an outlier channel does not coarsen every other channel of the row. Its value is ``float32(k8) * s``,
 rounded once, the same in NumPy (``from_storage``) and in the kernels: an int8 index is exactly a float32
 index over those values, as a bfloat16 one is over the rounded keys. It is an approximate copy (an error of
 at most ``s / 2`` per value); the exact selection rescores its best candidates from the key store
@@ -31,6 +33,24 @@ INT8_SCALE_BYTES = 4
 #: pool for a decode insert's few rows cost more than the work (2-5 ms per call next to a 128k-token index on
 #: 2 cores, index_speed.py)
 PARALLEL_MIN = 1 << 16
+
+
+#: a channel's scale is at least this share of its head's largest channel scale (no division blow-up)
+CHANNEL_SCALE_FLOOR = 1e-3
+
+
+def channel_scales(K: np.ndarray) -> np.ndarray:
+    """Per KV head and channel, the scale an int8 index divides keys ``K [H, n, d]`` by before quantizing
+    each row: the channel's largest magnitude (floored at ``CHANNEL_SCALE_FLOOR`` of the head's largest),
+    1 for an all-zero head -> ``[H, d]`` float32. With it, a model's outlier channels (Qwen2's keys have
+    channels tens of times larger than the rest) no longer set every row's quantization step."""
+    H, d = K.shape[0], K.shape[-1]
+    if K.shape[1] == 0:
+        return np.ones((H, d), np.float32)
+    m = np.abs(K).max(axis=1).astype(np.float32)  # [H, d]
+    top = m.max(axis=1, keepdims=True)
+    c = np.maximum(m, np.float32(CHANNEL_SCALE_FLOOR) * top)
+    return np.where(top > 0, c, np.float32(1.0)).astype(np.float32)
 
 
 def stored_width(d: int, key_dtype: str) -> int:
@@ -143,8 +163,20 @@ def _widen_bf16_serial(u, out_bits):
 
 
 def round_keys(keys: np.ndarray, key_dtype: str) -> np.ndarray:
-    """The float32 values an index with ``key_dtype`` scores with (what a reference must use)."""
+    """The float32 values stored rows of ``key_dtype`` stand for (an int8 row: over its own scale only)."""
     return from_storage(to_storage(keys, key_dtype))
+
+
+def kept_keys(keys: np.ndarray, key_dtype: str, key_scale: np.ndarray | None = None) -> np.ndarray:
+    """The float32 keys an index with ``key_dtype`` keeps for ``keys [H, n, d]`` (what a reference must use):
+    rounded (bfloat16), or divided by the channel scales ``key_scale [H, d]``, quantized and multiplied back
+    (int8; default: the scales a build over ``keys`` fits)."""
+    if key_dtype != "int8":
+        return round_keys(keys, key_dtype)
+    k = np.ascontiguousarray(keys, dtype=np.float32)
+    c = channel_scales(k) if key_scale is None else np.asarray(key_scale, np.float32)
+    q = from_storage(to_storage(np.ascontiguousarray(k / c[:, None, :], dtype=np.float32), "int8"))
+    return np.ascontiguousarray(q * c[:, None, :], dtype=np.float32)
 
 
 @intrinsic

@@ -16,7 +16,7 @@ from numba.typed import List
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .gqa_merge import merge_rows
-from .keys import STORAGE, from_storage, stored_width, to_storage
+from .keys import STORAGE, channel_scales, from_storage, stored_width, to_storage
 from .layout import bisect_cells
 from .schedule import schedule_levels
 from .search import search_batch, search_rows
@@ -62,6 +62,10 @@ class PagedDCIIndex:
         self.u = make_projection(self.d, self.cfg.seed)
         self._a = float(self.u[0, -1])
         self._bisect = self.cfg.layout == "bisect"
+        # an int8 index stores keys / key_scale (per head and channel, fixed at a build: a state array, 1 for
+        # the other dtypes) and scores stored rows against queries * key_scale: the same scores. Its tree
+        # (norms, projections, parents, pages) is over the keys themselves, as kept (scale multiplied back)
+        self._channel_scaled = self.cfg.storage_dtype == "int8"
         self._alloc(0, 0)
 
     # ------------------------------------------------------------------ storage
@@ -83,7 +87,7 @@ class PagedDCIIndex:
             "free_stack": ("page", (), np.int32, 0), "free_n": ("head", (), np.int32, 0),
             "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, stored_width(self.d, self.cfg.storage_dtype)), STORAGE[self.cfg.storage_dtype], 0),
             "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), np.float64, 0),
-            "tok_pkey": ("tok", (), np.float64, 0),
+            "tok_pkey": ("tok", (), np.float64, 0), "key_scale": ("head", (self.d,), np.float32, 1),
         }[field]
 
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
@@ -144,8 +148,9 @@ class PagedDCIIndex:
         return int(sum(a.nbytes for a in self.__dict__.values() if isinstance(a, np.ndarray)))
 
     # ------------------------------------------------------------------ checks
-    def _check_kv(self, keys, values, n_expected: int | None = None):
-        """Validated ``K`` (float32, rounded to the key dtype), ``V`` and the key rows in the storage dtype."""
+    def _check_kv(self, keys, values, n_expected: int | None = None, scale: np.ndarray | None = None):
+        """Validated ``K`` (float32: the keys as the index keeps them, rounded to the key dtype), ``V`` and the
+        key rows in the storage dtype (int8: ``K / scale``, by default ``key_scale``)."""
         K = _as_float_array("keys", keys, 3)
         if K.shape[0] != self.H or K.shape[2] != self.d:
             raise ValueError(f"keys must have shape [num_heads={self.H}, n, head_dim={self.d}], got {K.shape}")
@@ -161,11 +166,18 @@ class PagedDCIIndex:
             V = _as_float_array("values", values, 3)
             if V.shape != (self.H, K.shape[1], self.dv):
                 raise ValueError(f"values must have shape {(self.H, K.shape[1], self.dv)}, got {V.shape}")
-        # the rows as the pages store them; a bfloat16 index is a float32 index over the rounded keys, so
-        # everything downstream (norms, projections, parents) sees those values
-        stored = to_storage(K, self.cfg.storage_dtype)
-        K = from_storage(stored) if stored.dtype != np.float32 else stored
+        # the rows as the pages store them; a bfloat16 index is a float32 index over the rounded keys (an int8
+        # one over the dequantized keys), so everything downstream (norms, projections, parents) sees those
+        stored, K = self._store(K, self.key_scale if scale is None else scale)
         return K, np.ascontiguousarray(V), stored
+
+    def _store(self, K: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keys ``K [H, n, d]`` -> (the rows the pages store, the float32 keys those rows stand for)."""
+        if self._channel_scaled:
+            stored = to_storage(np.ascontiguousarray(K / scale[:, None, :], dtype=np.float32), "int8")
+            return stored, np.ascontiguousarray(from_storage(stored) * scale[:, None, :], dtype=np.float32)
+        stored = to_storage(K, self.cfg.storage_dtype)
+        return stored, (from_storage(stored) if stored.dtype != np.float32 else stored)
 
     def _check_positions(self, positions, n: int) -> np.ndarray:
         if positions is None:
@@ -178,15 +190,19 @@ class PagedDCIIndex:
     # ------------------------------------------------------------------ build
     def build(self, keys, values=None, positions=None) -> None:
         """Index ``n`` tokens from scratch: levels -> exact parents -> sorted cells -> pages."""
-        K, V, stored = self._check_kv(keys, values)
+        raw = _as_float_array("keys", keys, 3)
+        scale = channel_scales(raw) if self._channel_scaled and raw.shape[0] == self.H else None
+        K, V, stored = self._check_kv(raw, values, scale=scale)
         n = K.shape[1]
         pos = self._check_positions(positions, n) if positions is not None else np.arange(n, dtype=np.int64)
-        self._build_from(K, V, pos, np.arange(n, dtype=np.int64), stored)
+        self._build_from(K, V, pos, np.arange(n, dtype=np.int64), stored, scale)
 
     def _build_from(self, K: np.ndarray, V: np.ndarray, pos: np.ndarray, tids: np.ndarray,
-                    stored: np.ndarray | None = None) -> None:
-        """Bulk build over tokens ``tids`` (ascending; ids are kept, so a rebuild renames nothing);
-        ``stored``: ``K`` in the storage dtype when the caller has it."""
+                    stored: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
+        """Bulk build over tokens ``tids`` (ascending; ids are kept, so a rebuild renames nothing) of keys
+        ``K`` as kept; ``stored``: ``K`` in the storage dtype when the caller has it; ``scale``: the channel
+        scales of an int8 index (default: the current ones)."""
+        scale = (self.key_scale if scale is None else scale).copy()
         n = K.shape[1]
         n_ids = int(tids[-1]) + 1 if n else 0
         level = schedule_levels(n, self.cfg.level0_prob, self.cfg.p_up)
@@ -211,16 +227,16 @@ class PagedDCIIndex:
         self.positions[tids] = pos
         self.n_at_build = n
         self.M[:] = M
+        self.key_scale[:] = scale
         S = self.state
         if stored is None:
-            stored = to_storage(K, self.cfg.storage_dtype)
+            stored = self._store(K, scale)[0]
         for h in range(self.H):
             cells = parent[h] + 1
             order = np.lexsort((tids, proj[h], cells)).astype(np.int32)
             cells_sorted = cells[order].astype(np.int32)
-            if self._bisect:  # cut the keys the index keeps (bfloat16 rounded, as they are read back)
-                Kf = K[h] if stored.dtype == np.float32 else from_storage(stored[h])
-                bisect_cells(order, cells_sorted, np.ascontiguousarray(Kf, np.float32), self.C)
+            if self._bisect:  # cut the keys as the index keeps them (rounded, as they are read back)
+                bisect_cells(order, cells_sorted, np.ascontiguousarray(K[h], np.float32), self.C)
             _build_head(S, h, tids.astype(np.int32), order, cells_sorted, stored[h], V[h], level,
                         parent[h].astype(np.int32), proj[h], sqn[h], M[h], self._bisect)
             self.level_counts[h, : top + 1] = [len(b) for b in by_level]
@@ -274,6 +290,7 @@ class PagedDCIIndex:
         return cached[1], cached[2]
 
     def _rebuild_with(self, K_new, V_new, pos_new) -> np.ndarray:
+        """Rebuild over the live tokens and ``K_new`` (as kept: ``key_scale`` stays)."""
         live = np.flatnonzero(self.alive[: self.n_tokens])
         K_old = self.keys_of(live)
         V_old = np.stack([self._val(h, live) for h in range(self.H)])
@@ -305,12 +322,20 @@ class PagedDCIIndex:
         return self.page_keys[h, self.tok_page[h, t], self.tok_slot[h, t]]
 
     def _key(self, h: int, t) -> np.ndarray:
-        """Head h's key row(s) of token id(s) ``t`` as float32, read from the pages."""
-        return from_storage(self._raw_key(h, t))
+        """Head h's key row(s) of token id(s) ``t`` as float32, as the index keeps them (read from the pages)."""
+        k = from_storage(self._raw_key(h, t))
+        return np.ascontiguousarray(k * self.key_scale[h], dtype=np.float32) if self._channel_scaled else k
 
     def keys_of(self, token_ids: np.ndarray) -> np.ndarray:
         """Key rows of ``token_ids`` for every head -> ``[H, n, d]`` (read from the pages)."""
         return np.stack([self._key(h, token_ids) for h in range(self.H)])
+
+    def scaled_queries(self, Q: np.ndarray, row_head: np.ndarray) -> np.ndarray:
+        """Queries in the index's key space (row ``r`` times ``key_scale[row_head[r]]``): scores against the
+        stored keys are scores against the given keys."""
+        if not self._channel_scaled:
+            return Q
+        return np.ascontiguousarray(Q * self.key_scale[np.asarray(row_head)], dtype=np.float32)
 
     def _val(self, h: int, t) -> np.ndarray:
         return self.page_vals[h, self.tok_page[h, t], self.tok_slot[h, t]]
@@ -343,6 +368,8 @@ class PagedDCIIndex:
         raw, val = self._raw_key(h, t).copy(), self._val(h, t).copy()
         pt.detach(S, h, t)
         key = from_storage(raw)
+        if self._channel_scaled:
+            key = np.ascontiguousarray(key * self.key_scale[h], dtype=np.float32)
         self.tok_proj[h, t] = key_projection(key[None], np.array([self.tok_sqn[h, t]]), self.M[h], self.u)[0]
         self.tok_m[h, t] = self.M[h]
         pt.attach(S, h, t, new_parent, raw, val, self._a, self._bisect)
@@ -392,10 +419,10 @@ class PagedDCIIndex:
         if not isinstance(n_pages, (int, np.integer)) or n_pages < 1:
             raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
         n_live = int(self.alive[: self.n_tokens].sum())
-        qp = query_projection(Q, self.u)
+        qp = query_projection(Q, self.u)  # the tree's projections are of the keys as kept
         out_pages = np.empty((Q.shape[0], int(n_pages)), np.int32)
         out_scores = np.empty((Q.shape[0], int(n_pages)), np.float32)
-        search_rows(self.state, np.ascontiguousarray(Q), qp, rh.astype(np.int32), self.top_level(), int(n_pages),
+        search_rows(self.state, self.scaled_queries(np.ascontiguousarray(Q), rh), qp, rh.astype(np.int32), self.top_level(), int(n_pages),
                     params.fov_for(n_live), float(params.prop_to_retrieve), int(params.num_to_retrieve),
                     self.cfg.faithful_proj_scale, max(self.n_tokens, 1), out_pages, out_scores)
         return out_pages, out_scores
@@ -522,6 +549,9 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
     states = states if states is not None else StateList()
     which = np.array([states.slot(idx) for idx in indexes], np.int64)
     qp = query_projection(Q.reshape(-1, d), first.u).reshape(B, -1)  # one seed: one projection for all
+    if first._channel_scaled:  # scores of stored rows (keys / key_scale) against queries * key_scale
+        heads = np.repeat(np.arange(H), group)
+        Q = np.ascontiguousarray(np.stack([idx.scaled_queries(Q[b], heads) for b, idx in enumerate(indexes)]))
     rows = np.empty((B, Q.shape[1], P), np.int32)
     scores = np.empty((B, Q.shape[1], P), np.float32)
     search_batch(states.states, which, Q, qp, np.repeat(np.arange(H), group).astype(np.int32),

@@ -47,6 +47,7 @@ STATE_FIELDS = (
     "page_vals",  # float32 [H, P, C, dv] (dv may be 0)
     "page_proj",  # float64 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
     "tok_pkey",  # float64 [H, T] page key: the cell order (layout.py); tok_proj under the projection layout
+    "key_scale",  # float32 [H, d] the stored rows are keys / key_scale (int8: channel scales; else 1)
 )
 
 
@@ -359,7 +360,10 @@ def neighbour_pkey(S, h, cell, key):
     if p < 0:
         return 0.0
     d = key_dim(key)
-    kf = key_row(key, d, np.empty(d, np.float32))
+    kf = key_row(key, d, np.empty(d, np.float32)).copy()
+    c = S[26][h]
+    for i in range(d):  # rows are keys / c: <row, new row * c^2> is the keys' dot product
+        kf[i] *= c[i] * c[i]
     best, bp, bj = np.inf, -1, -1
     while p >= 0:
         for j in range(page_fill[h, p]):

@@ -234,11 +234,18 @@ class ExactKeys(NamedTuple):
     page_tok: np.ndarray
 
 
+def index_exact_keys(idx, store: np.ndarray) -> ExactKeys:
+    """``ExactKeys`` of a ``PagedDCIIndex`` whose ``positions`` are rows of ``store``."""
+    return ExactKeys(store, idx.positions, idx.page_tok)
+
+
 def _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact: ExactKeys | None = None,
-                 rescore: int = 0, merge: str = "rank") -> np.ndarray:
-    """Checked inputs -> ``best [H_q, max(next_page)]`` (see ``page_maxima``); with ``exact``, each KV head's
-    best ``rescore`` pages by the stored rows' scores (ranked by ``merge``, so every query head's best page
-    is among them) are rescored from the exact keys (``rescore_pages``)."""
+                 rescore: int = 0, merge: str = "rank", key_scale: np.ndarray | None = None) -> np.ndarray:
+    """Checked inputs -> ``best [H_q, max(next_page)]`` (see ``page_maxima``); with ``exact``, the pages a
+    KV head may choose (its best ``rescore`` by the stored rows' scores, ranked by ``merge``, and each of its
+    query heads' best ``rescore / RESCORE_FACTOR``) are rescored from the exact keys (``rescore_pages``).
+    ``key_scale [H, d]``: the stored rows are keys divided by it (an int8 index's channel scales), so the
+    stored rows are scored against the queries times it."""
     _check(page_keys, page_fill, next_page)
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     H, d = page_keys.shape[0], key_width(page_keys)
@@ -247,7 +254,12 @@ def _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact: Exac
     if not isinstance(n_pages, (int, np.integer)) or n_pages < 1:
         raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
     flat = page_keys.reshape(H, page_keys.shape[1], -1)
-    best = page_maxima(flat, page_fill, next_page, Q, int(chunk))
+    Qs = Q
+    if key_scale is not None:
+        if key_scale.shape != (H, d):
+            raise ValueError(f"key_scale must be [{H}, {d}], got {key_scale.shape}")
+        Qs = np.ascontiguousarray(Q * np.repeat(key_scale, Q.shape[0] // H, axis=0), dtype=np.float32)
+    best = page_maxima(flat, page_fill, next_page, Qs, int(chunk))
     if exact is not None and rescore > 0 and best.shape[1]:
         store = exact.store
         if store.ndim != 3 or store.shape[1:] != (H, d) or store.dtype not in (np.float32, np.uint16):
@@ -255,8 +267,10 @@ def _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact: Exac
                              f"got {store.dtype} {store.shape}")
         g = Q.shape[0] // H
         per_head = _merged(best, page_fill, next_page, g, int(rescore), merge, d)  # [H, rescore]
-        cand = np.full((Q.shape[0], per_head.shape[1]), -1, np.int32)
-        cand[::g] = per_head
+        per_row = top_pages(best, page_fill, next_page, g, max(1, int(rescore) // RESCORE_FACTOR))  # [H_q, P]
+        cand = np.full((Q.shape[0], per_row.shape[1] + per_head.shape[1]), -1, np.int32)
+        cand[:, : per_row.shape[1]] = per_row
+        cand[::g, per_row.shape[1]:] = per_head
         rescore_pages(best, cand, exact.page_tok, page_fill, exact.positions, store, Q)
     return best
 
@@ -270,9 +284,9 @@ def _merged(best, page_fill, next_page, g: int, n_pages: int, merge: str, d: int
 
 
 def scan_rows(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES,
-              exact: ExactKeys | None = None, rescore: int = 0) -> np.ndarray:
+              exact: ExactKeys | None = None, rescore: int = 0, key_scale: np.ndarray | None = None) -> np.ndarray:
     """Exact top ``n_pages`` pages of every query row before the GQA merge -> ``[H_q, n_pages]`` int32."""
-    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact, rescore)
+    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact, rescore, key_scale=key_scale)
     H = page_keys.shape[0]
     return top_pages(best, page_fill, next_page, Q.shape[0] // H, int(n_pages))
 
@@ -284,19 +298,32 @@ def rescore_count(n_pages: int) -> int:
 
 
 def scan_pages(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CHUNK_PAGES,
-               merge: str = "rank", exact: ExactKeys | None = None, rescore: int | None = None) -> np.ndarray:
+               merge: str = "rank", exact: ExactKeys | None = None, rescore: int | None = None,
+               key_scale: np.ndarray | None = None) -> np.ndarray:
     """Exact top ``n_pages`` pages per KV head -> ``[H_kv, n_pages]`` int32 (-1 padded), the query heads of a
     KV head merged by ``merge`` (``"rank"``: like ``PagedDCIIndex.query``; ``"mass"``: :mod:`.gqa_merge`).
 
     With int8 ``page_keys`` (an approximate copy) and ``exact``, the scan ranks by the int8 rows, then
-    rescores each KV head's best ``rescore`` pages by that ranking (default ``rescore_count(n_pages)``) from
-    the exact keys before choosing."""
+    rescores the pages a KV head may choose (its best ``rescore`` by that ranking, default
+    ``rescore_count(n_pages)``, and each query head's best ``n_pages``) from the exact keys before choosing.
+    ``key_scale``: the index's channel scales (``PagedDCIIndex.key_scale``) when its rows are scaled keys;
+    ``scan_index`` passes an index's own."""
     if rescore is None:
         rescore = rescore_count(n_pages) if page_keys.dtype == np.int8 else 0
     merge = check_merge(merge)
-    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact, rescore, merge)
+    best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact, rescore, merge, key_scale)
     H = page_keys.shape[0]
     return _merged(best, page_fill, next_page, best.shape[0] // H, int(n_pages), merge, key_width(page_keys))
+
+
+def scan_index(idx, Q, n_pages: int, merge: str = "rank", store: np.ndarray | None = None,
+               rescore: int | None = None) -> np.ndarray:
+    """``scan_pages`` over a ``PagedDCIIndex``'s own pages (its channel scales applied; an int8 index
+    rescored from ``store``, the exact keys at its positions, when given)."""
+    scaled = idx.page_keys.dtype == np.int8
+    return scan_pages(idx.page_keys, idx.page_fill, idx.next_page, Q, n_pages, merge=merge,
+                      exact=index_exact_keys(idx, store) if store is not None else None, rescore=rescore,
+                      key_scale=idx.key_scale if scaled else None)
 
 
 def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) -> float:
@@ -310,4 +337,4 @@ def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) ->
     return float(_read_sum(flat, page_fill, next_page, key_width(page_keys), int(chunk)))
 
 
-__all__ = ["ExactKeys", "read_keys", "rescore_count", "scan_pages", "scan_rows"]
+__all__ = ["ExactKeys", "index_exact_keys", "read_keys", "rescore_count", "scan_index", "scan_pages", "scan_rows"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..index.keys import from_storage
-from ..index.scan import ExactKeys, scan_pages
+from ..index.scan import scan_index
 from ..index.paged_index import PagedDCIIndex
 from ..index.selection import OraclePositionalPolicy, QuestPolicy
 
@@ -41,13 +41,10 @@ def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str
     H, C, P = idx.H, idx.C, n_pages
     pages = np.full((H, P), -1, np.int32)
     if policy in ("oracle_page", "exact"):  # the tight exhaustive scan (index/scan.py): every key read once per KV head
-        exact = None
-        if idx.page_keys.dtype == np.int8:
-            if store is None:
-                raise ValueError("an int8 index's exact scan needs the key store to rescore from")
-            exact = ExactKeys(store, idx.positions, idx.page_tok)
-        pages = scan_pages(idx.page_keys, idx.page_fill, idx.next_page, np.ascontiguousarray(q, np.float32), P,
-                           merge=merge, exact=exact)
+        if idx.page_keys.dtype == np.int8 and store is None:
+            raise ValueError("an int8 index's exact scan needs the key store to rescore from")
+        pages = scan_index(idx, np.ascontiguousarray(q, np.float32), P, merge=merge,
+                           store=store if idx.page_keys.dtype == np.int8 else None)
         return pages, idx.page_positions(pages).astype(np.int32)
     slots = np.full((H, P, C), -1, np.int32)
     ids = idx.live_ids()

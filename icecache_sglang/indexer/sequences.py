@@ -43,6 +43,9 @@ class SequenceTable:
 
     new_index: Callable[[], PagedDCIIndex]
     trim_rebuild_ratio: float = 0.25
+    #: ``(layer, positions) -> keys [H, n, d]``: the exact keys at an index's positions (the key store), which
+    #: a rebuilt prefix is built from; None: from the index's own rows (exact only for float32 / bfloat16)
+    read_keys: Callable[[int, np.ndarray], np.ndarray] | None = None
     seqs: dict[int, dict[int, SharedIndex]] = field(default_factory=dict)
     counters: TableCounters = field(default_factory=TableCounters)
     states: StateList = field(default_factory=StateList)  # live indexes' state tuples, for batched search
@@ -130,8 +133,10 @@ class SequenceTable:
         jobs = [(layer, entry, min(prefix_len, entry.index.n_live)) for layer, entry in sorted(self.seqs[src].items())]
         return TableShare(self, dst, jobs)
 
-    def _prefix_of(self, idx: PagedDCIIndex, keep: int) -> tuple[PagedDCIIndex, str]:
-        """A new index of the first ``keep`` live tokens of ``idx`` and how it was made ("copy" or "build")."""
+    def _prefix_of(self, idx: PagedDCIIndex, keep: int, layer: int) -> tuple[PagedDCIIndex, str]:
+        """A new index of the first ``keep`` live tokens of ``idx`` and how it was made ("copy" or "build"). A
+        rebuilt prefix is built from the exact keys (``read_keys``), as a fresh Build of it would be: an int8
+        index's own rows are quantized against the whole sequence's channel scales."""
         live = idx.live_ids()
         tail = live[keep:]
         if tail.size <= self.trim_rebuild_ratio * live.size:
@@ -140,7 +145,8 @@ class SequenceTable:
             return new, "copy"
         head = live[:keep]
         new = self.new_index()
-        new.build(idx.keys_of(head), positions=idx.positions[head])
+        pos = idx.positions[head]
+        new.build(idx.keys_of(head) if self.read_keys is None else self.read_keys(layer, pos), positions=pos)
         return new, "build"
 
     def _commit_share(self, s: TableShare) -> list[int]:
@@ -242,7 +248,7 @@ class TableShare(_LayerWork):
     def _one(self, job):
         layer, entry, keep = job
         try:
-            return self.table._prefix_of(entry.index, keep) if 0 < keep < entry.index.n_live else None
+            return self.table._prefix_of(entry.index, keep, layer) if 0 < keep < entry.index.n_live else None
         except Exception as e:  # noqa: BLE001 - raised by the commit
             return e
 

@@ -64,7 +64,8 @@ class IndexerService:
         self.L, self.S, self.H, self.d = spec.num_layers, spec.num_slots, spec.num_kv_heads, spec.head_dim
         self.C = config.page_size
         self.table = SequenceTable(lambda: PagedDCIIndex(self.H, self.d, config=config.index),
-                                   trim_rebuild_ratio=config.trim_rebuild_ratio)
+                                   trim_rebuild_ratio=config.trim_rebuild_ratio,
+                                   read_keys=lambda layer, slots: self.store.read(layer, slots))
         self.requests = self.errors = self.queries = self.query_rows = self.expired = 0
         self.query_us_total = self.busy_us_total = 0.0
         self._pool: ThreadPoolExecutor | None = None  # write workers, started by warmup()

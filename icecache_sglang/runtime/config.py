@@ -67,8 +67,11 @@ class IceCacheConfig:
     only a device pool of fixed size (``runtime/pool/device_pool.py``), one lane per decoding request
     holding its attended rows (sink + selected pages + recent tokens), filled from SGLang's KV pool;
     device_kv_tokens: that pool's rows per layer and KV head, at least one lane of ``lane_rows`` (null:
-    ``DEFAULT_DEVICE_LANES`` lanes); SGLang runs at most ``device_kv_tokens // lane_rows`` requests. With offload no layer attends densely at decode (``dense_layers`` must be 0) and the budget
-    cannot grow on a running server beyond the launch budget (a lane would not hold it). stall_report_s: a
+    ``DEFAULT_DEVICE_LANES`` lanes); SGLang runs at most ``device_kv_tokens // lane_rows`` requests. A lane holds
+    ``budget_tokens + page_size`` rows, plus one per step of staleness with ``step_reuse`` / ``max_stale_steps``
+    (a reused selection attends to every token indexed since). With offload no layer attends densely at decode
+    (``dense_layers`` must be 0), and on a running server the budget and the staleness can change only within
+    the launch's lane (``control.py``). stall_report_s: a
     forward pass that takes this many seconds is logged with the scheduler thread's stack, and again every
     as many seconds while it lasts (``runtime/stall.py``; 0 turns it off). while_indexing: how a decode step
     runs while the indexer is behind (a request's first index is being built, or index writes of earlier
@@ -155,10 +158,6 @@ class IceCacheConfig:
             raise IceCacheConfigError(
                 f"offload keeps no layer's full KV on the device, so no layer can attend densely at decode: "
                 f"set dense_layers to 0 (it is {self.dense_layers})")
-        if self.offload and n is not None and n < self.lane_rows:
-            raise IceCacheConfigError(
-                f"device_kv_tokens ({n}) holds no lane: one decoding request needs {self.lane_rows} rows "
-                f"(budget_tokens + page_size); the smallest working size is {self.lane_rows}")
         if self.while_indexing not in WHILE_INDEXING:
             raise IceCacheConfigError(f"while_indexing must be one of {list(WHILE_INDEXING)}, got {self.while_indexing!r}")
         if self.offload and self.while_indexing == "dense":
@@ -173,10 +172,11 @@ class IceCacheConfig:
             raise IceCacheConfigError(
                 f"step_reuse ({self.step_reuse}) and max_stale_steps ({self.max_stale_steps}) are two ways of "
                 "reusing selections (synchronous every k steps, or asynchronous): set one of them")
-        if self.offload and self.reuses_selections:
+        if self.offload and n is not None and n < self.lane_rows:
             raise IceCacheConfigError(
-                "step_reuse / max_stale_steps attend, besides a reused selection's pages, to every token indexed "
-                "after it, more rows than an offload lane holds: not supported with offload yet")
+                f"device_kv_tokens ({n}) holds no lane: one decoding request needs {self.lane_rows} rows "
+                f"(budget_tokens + page_size + the selections' staleness, max(step_reuse - 1, max_stale_steps)); "
+                f"the smallest working size is {self.lane_rows}")
         if self.selection not in POLICIES:
             raise IceCacheConfigError(f"selection must be one of {list(POLICIES)}, got {self.selection!r}")
         if self.gqa_merge not in GQA_MERGES:
@@ -207,9 +207,16 @@ class IceCacheConfig:
 
     @property
     def lane_rows(self) -> int:
-        """Device rows one decoding request needs per layer and KV head with offload: the budget, and the
-        recent window running up to one page ahead of the indexed range."""
-        return self.budget_tokens + self.page_size
+        """Device rows one decoding request needs per layer and KV head with offload: the budget, the recent
+        window running up to one page ahead of the indexed range, and one row per step a reused selection
+        may be old (it attends to every token indexed since it was made)."""
+        return self.budget_tokens + self.page_size + self.reuse_rows
+
+    @property
+    def reuse_rows(self) -> int:
+        """How many steps old a selection a step attends with may be: ``step_reuse - 1`` (synchronous reuse)
+        or ``max_stale_steps`` (asynchronous)."""
+        return max(self.step_reuse - 1, self.max_stale_steps)
 
     @property
     def device_lanes(self) -> int | None:

@@ -37,10 +37,17 @@ def updated(base: IceCacheConfig, settings: dict) -> IceCacheConfig:
     fixed = sorted(set(settings) - set(RUNTIME_KEYS))
     if fixed:
         raise IceCacheConfigError(f"{fixed} cannot change on a running server (only {list(RUNTIME_KEYS)})")
-    budget = settings.get("budget_tokens")
-    if base.offload and isinstance(budget, int) and budget > base.budget_tokens:
-        raise IceCacheConfigError(f"budget_tokens {budget}: with offload the device pool's lanes hold the launch "
-                                  f"budget ({base.budget_tokens}) at most")
+    if base.offload:  # the lanes were sized at launch: the budget and the staleness must fit them
+        v = {k: settings.get(k, getattr(base, k)) for k in ("budget_tokens", "step_reuse", "max_stale_steps")}
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+            stale = max(v["step_reuse"] - 1, v["max_stale_steps"])
+            rows = v["budget_tokens"] + base.page_size + stale
+            if rows > base.lane_rows:
+                raise IceCacheConfigError(
+                    f"budget_tokens {v['budget_tokens']} with a staleness of {stale} steps needs lanes of {rows} "
+                    f"rows; with offload the device pool's lanes hold {base.lane_rows} (budget_tokens + page_size "
+                    f"+ max(step_reuse - 1, max_stale_steps) at launch: {base.budget_tokens} + {base.page_size} + "
+                    f"{base.reuse_rows})")
     try:
         return replace(base, **settings)
     except TypeError as e:
