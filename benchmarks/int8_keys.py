@@ -13,7 +13,8 @@ Two parts, both run here in one process:
   int8 index's pages (max over a page's tokens of ``q . k``, the exact keys) is selected after the GQA merge
   (``top_page_recall``), whether the selected set equals the exact ranking's (``same_set``), and the
   selection's attention mass relative to the exact ranking's (``mass_vs_exact``, mean and 5th percentile);
-  for no rescoring, ``P`` and ``2 P`` (the default). Beside it, the layout: the exact ranking's attention
+  for no rescoring, ``P`` and ``2 P`` (the default); and where the int8 rows alone rank each query head's
+  exact best page, with one scale per row and with the channel scales first. Beside it, the layout: the exact ranking's attention
   mass over the int8 index's pages and over a bfloat16 index's (the tree is built over the values each keeps).
 * **Bytes and time** (synthetic low-rank keys as ``index_speed.py``: 8 KV heads x 4 query heads each,
   d 128): the index's allocated bytes per token and layer against the bfloat16 key row, and the median time
@@ -26,6 +27,7 @@ Two parts, both run here in one process:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ from common import png_path, write_records  # noqa: E402
 from index_quality import real_layers  # noqa: E402
 
 from icecache_sglang.index.config import IndexConfig  # noqa: E402
-from icecache_sglang.index.keys import from_storage, to_storage  # noqa: E402
+from icecache_sglang.index.keys import from_storage, kept_keys, round_keys, to_storage  # noqa: E402
 from icecache_sglang.index.paged_index import PagedDCIIndex  # noqa: E402
 from icecache_sglang.index.scan import read_keys, scan_index, scan_pages  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
@@ -66,9 +68,14 @@ def _page_sets(idx, pages) -> list[np.ndarray]:
     return [np.sort(p[p >= 0]) for p in pages]
 
 
+#: how the int8 rows are scaled, for the rank of each query head's exact best page among its int8 scores
+SCALINGS = {"one scale per row": False, "channel scales, then per row (default)": True}
+
+
 def quality(layers, P: int, source: str) -> list[dict]:
     rows = {m: {"top": 0, "same": 0, "sets": 0, "mass": []} for m in RESCORES}
     layout = {"int8": [], "bfloat16": []}
+    ranks = {m: [] for m in SCALINGS}
     cases = 0
     for li, (K, V, Q) in enumerate(layers):
         if li < 2:
@@ -78,6 +85,8 @@ def quality(layers, P: int, source: str) -> list[dict]:
         Kb = np.ascontiguousarray(from_storage(store).transpose(1, 0, 2))
         i8, bf = _index(Kb, "int8"), _index(Kb, "bfloat16")
         exact_pk = _exact_copy(i8, Kb)
+        approx_pk = {m: _exact_copy(i8, kept_keys(Kb, "int8", i8.key_scale) if scaled
+                                    else round_keys(Kb, "int8")) for m, scaled in SCALINGS.items()}
         g = Q.shape[1] // H
         for step in range(Q.shape[0]):
             q = np.ascontiguousarray(Q[step], np.float32)
@@ -101,6 +110,10 @@ def quality(layers, P: int, source: str) -> list[dict]:
             valid = np.arange(C)[None, None, :] < i8.page_fill[:, :, None]
             full = np.where(valid[:, None], full, -np.inf).max(-1)  # [H, g, pages]
             best = full.argmax(-1)
+            for m, pk in approx_pk.items():  # where the int8 rows alone rank each head's exact best page
+                approx = np.where(valid[:, None], np.einsum("hgd,hpcd->hgpc", q.reshape(H, g, d), pk), -np.inf).max(-1)
+                at_best = np.take_along_axis(approx, best[..., None], -1)
+                ranks[m] += list((approx > at_best).sum(-1).ravel())
             for label, f in RESCORES.items():
                 got = scan_index(i8, q, P, merge="mass", store=store if f else None, rescore=f * P)
                 sets = _page_sets(i8, got)
@@ -120,6 +133,11 @@ def quality(layers, P: int, source: str) -> list[dict]:
                     "rescore_pages": RESCORES[label] * P, "top_page_recall": r["top"] / cases,
                     "same_set": r["same"] / r["sets"], "mass_vs_exact": float(m.mean()),
                     "mass_vs_exact_p5": float(np.percentile(m, 5)), "cases": cases})
+    for m, r in ranks.items():
+        r = np.array(r)
+        out.append({"part": "rank_of_best", "source": source, "method": f"int8 rows alone, {m}",
+                    "first": float((r == 0).mean()), "within_3": float((r <= 2).mean()), "worst_rank": int(r.max()) + 1,
+                    "cases": int(r.size)})
     for kd, ms in layout.items():
         out.append({"part": "layout", "source": source, "pages": P, "method": f"exact ranking, {kd} index",
                     "key_dtype": kd, "attention_mass": float(np.mean(ms)), "cases": cases})
@@ -206,7 +224,8 @@ def plot(records, path: Path) -> None:
     axes[2].set_ylabel("top-page recall vs exact keys (real Q/K)")
     axes[2].legend(fontsize=7)
     fig.suptitle("int8 page copy of the keys with exact rescoring from the key store", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.text(0.01, 0.01, f"{records[0].get('machine', '')}  |  {records[0].get('command', '')}", fontsize=7)
     fig.savefig(path, dpi=110)
 
 
@@ -215,7 +234,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="one real source, contexts 8k and 32k")
     ap.add_argument("--budget", type=int, default=256, help="tokens: P = (budget - 64) // 16 pages")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON records")
     args = ap.parse_args(argv)
+    if args.replot:
+        path = png_path("int8_keys", args.quick)
+        plot(json.loads(path.with_suffix(".json").read_text()), path)
+        return
     P = (args.budget - 64) // C
     sources = [("smollm2-135m-instruct", "essays", 4096)]
     if not args.quick:
@@ -231,8 +255,8 @@ def main(argv=None) -> None:
         records += recs
         for r in recs:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-    write_records("int8_keys", args.quick, records)
-    plot(records, png_path("int8_keys", args.quick))
+    path = write_records("int8_keys", args.quick, records)
+    plot(json.loads(path.read_text()), png_path("int8_keys", args.quick))
 
 
 if __name__ == "__main__":
