@@ -17,7 +17,7 @@ Two parts, both run here in one process:
   exact best page, with one scale per row and with the channel scales first. Beside it, the layout: the exact ranking's attention
   mass over the int8 index's pages and over a bfloat16 index's (the tree is built over the values each keeps).
 * **Bytes and time** (synthetic low-rank keys as ``index_speed.py``: 8 KV heads x 4 query heads each,
-  d 128): the index's allocated bytes per token and layer against the bfloat16 key row, and the median time
+  d 128, at 8k-128k; and SmolLM2-135M's 3 x 3 heads, d 64, at 1k): the index's allocated bytes per token and layer against the bfloat16 key row, and the median time
   of one step's selection for one layer, interleaved: the bfloat16 copy's scan, the int8 copy's scan with and
   without the rescoring, and a bare read of each copy.
 
@@ -144,9 +144,10 @@ def quality(layers, P: int, source: str) -> list[dict]:
     return out
 
 
-def speed(n: int, reps: int, seed: int = 0) -> list[dict]:
+def speed(n: int, reps: int, seed: int = 0, shape: tuple[int, int, int] = (8, 4, 128)) -> list[dict]:
+    """``shape``: KV heads, query heads per KV head, head_dim (Llama-3.1-8B's by default)."""
     rng = np.random.default_rng(seed)
-    H, g, d, P = 8, 4, 128, 12
+    (H, g, d), P = shape, 12
     K, Qs = lowrank_keys(rng, n, d, rank=16, n_queries=reps, heads=H, group=g)
     store = np.ascontiguousarray(to_storage(K.transpose(1, 0, 2), "bfloat16"))
     Kb = np.ascontiguousarray(from_storage(store).transpose(1, 0, 2))
@@ -173,11 +174,12 @@ def speed(n: int, reps: int, seed: int = 0) -> list[dict]:
     key_row = 2 * H * d  # the bfloat16 key row of one token and layer
     out = []
     for k, ts in times.items():
-        out.append({"part": "speed", "context": n, "op": k, "median_ms": float(np.median(ts[2:]) * 1e3),
+        out.append({"part": "speed", "context": n, "shape": list(shape), "op": k,
+                    "median_ms": float(np.median(ts[2:]) * 1e3),
                     "p90_ms": float(np.percentile(ts[2:], 90) * 1e3), "reps": reps - 2})
     for kd, idx, tb in (("bfloat16", bf, t_bf), ("int8", i8, t_i8)):
         b = idx.nbytes() / n
-        out.append({"part": "bytes", "context": n, "key_dtype": kd, "index_bytes_per_token_layer": b,
+        out.append({"part": "bytes", "context": n, "shape": list(shape), "key_dtype": kd, "index_bytes_per_token_layer": b,
                     "key_bytes_per_token_layer": key_row, "index_vs_keys": b / key_row,
                     "page_copy_bytes_per_token_layer": idx.page_keys.nbytes / n, "build_s": tb})
     return out
@@ -190,7 +192,7 @@ def plot(records, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    sp = [r for r in records if r["part"] == "speed"]
+    sp = [r for r in records if r["part"] == "speed" and r.get("shape", [8, 4, 128]) == [8, 4, 128]]
     for op in dict.fromkeys(r["op"] for r in sp):
         rs = [r for r in sp if r["op"] == op]
         axes[0].plot([r["context"] for r in rs], [r["median_ms"] for r in rs], "o-" if "scan" in op else "x:",
@@ -201,7 +203,7 @@ def plot(records, path: Path) -> None:
     axes[0].set_ylabel("ms per step and layer (median)")
     axes[0].set_title("selection of 12 pages, 8 KV x 32 query heads (measured)", fontsize=9)
     axes[0].legend(fontsize=7)
-    by = [r for r in records if r["part"] == "bytes"]
+    by = [r for r in records if r["part"] == "bytes" and r.get("shape", [8, 4, 128]) == [8, 4, 128]]
     for kd in ("bfloat16", "int8"):
         rs = [r for r in by if r["key_dtype"] == kd]
         axes[1].plot([r["context"] for r in rs], [r["index_vs_keys"] for r in rs], "o-", label=f"{kd} page copy")
@@ -245,8 +247,9 @@ def main(argv=None) -> None:
     if not args.quick:
         sources += [("smollm2-135m-instruct", "passkey", 4096), ("qwen2.5-coder-0.5b-instruct", "essays", 4096)]
     records = []
-    for n in ((8192, 32768) if args.quick else (8192, 32768, 131072)):
-        recs = speed(n, 12 if n > 40000 else 25)
+    runs = [(1024, (3, 3, 64))] + [(n, (8, 4, 128)) for n in ((8192, 32768) if args.quick else (8192, 32768, 131072))]
+    for n, shape in runs:  # SmolLM2-135M's shape at 1k, then Llama-3.1-8B's
+        recs = speed(n, 12 if n > 40000 else 25, shape=shape)
         records += recs
         for r in recs:
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
