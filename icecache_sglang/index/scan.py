@@ -57,6 +57,39 @@ def _work_items(next_page, chunk):
     return items
 
 
+@njit(cache=True, nogil=True, inline="always", fastmath=True)
+def _score_page(keys, f, d, Q, r0, r1, best, p):
+    """``best[r, p]`` for query rows ``r0 <= r < r1``: the best float32 ``<Q[r], k>`` over the page's ``f`` key
+    rows ``keys [f * d]`` (float32), rows in blocks of 4 so each key row is loaded once per block."""
+    r = r0
+    while r < r1:
+        if r + 4 <= r1:
+            q0, q1, q2, q3 = Q[r], Q[r + 1], Q[r + 2], Q[r + 3]
+            m0 = m1 = m2 = m3 = NEG_INF
+            for j in range(f):
+                k = keys[j * d : (j + 1) * d]
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for i in range(d):
+                    x = k[i]
+                    s0 += x * q0[i]
+                    s1 += x * q1[i]
+                    s2 += x * q2[i]
+                    s3 += x * q3[i]
+                m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+            best[r, p], best[r + 1, p], best[r + 2, p], best[r + 3, p] = m0, m1, m2, m3
+            r += 4
+        else:
+            q0 = Q[r]
+            m0 = NEG_INF
+            for j in range(f):
+                s0 = np.float32(0.0)
+                for i in range(d):
+                    s0 += keys[j * d + i] * q0[i]
+                m0 = max(m0, s0)
+            best[r, p] = m0
+            r += 1
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     """``best [H_q, max(next_page)]``: each page's best float32 score ``<q, k>`` per query head over its
@@ -75,35 +108,7 @@ def page_maxima(page_keys, page_fill, next_page, Q, chunk):
             f = page_fill[h, p]
             if f <= 0:
                 continue
-            keys = rows_f32(page_keys[h, p], f, d, scratch)
-            r = h * g
-            while r < (h + 1) * g:  # query rows in blocks of 4: each key row is loaded once per block
-                if r + 4 <= (h + 1) * g:
-                    q0, q1, q2, q3 = Q[r], Q[r + 1], Q[r + 2], Q[r + 3]
-                    m0 = m1 = m2 = m3 = NEG_INF
-                    for j in range(f):
-                        k = keys[j * d : (j + 1) * d]
-                        s0 = s1 = s2 = s3 = np.float32(0.0)
-                        for i in range(d):
-                            x = k[i]
-                            s0 += x * q0[i]
-                            s1 += x * q1[i]
-                            s2 += x * q2[i]
-                            s3 += x * q3[i]
-                        m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
-                    best[r, p], best[r + 1, p], best[r + 2, p], best[r + 3, p] = m0, m1, m2, m3
-                    r += 4
-                else:
-                    q0 = Q[r]
-                    m0 = NEG_INF
-                    for j in range(f):
-                        k = keys[j * d : (j + 1) * d]
-                        s0 = np.float32(0.0)
-                        for i in range(d):
-                            s0 += k[i] * q0[i]
-                        m0 = max(m0, s0)
-                    best[r, p] = m0
-                    r += 1
+            _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, p)
     return best
 
 
@@ -160,33 +165,7 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
                     kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
                     for i in range(d):
                         keys[j * d + i] = kr[i]
-                r = h * g
-                while r < (h + 1) * g:
-                    if r + 4 <= (h + 1) * g:
-                        q0, q1, q2, q3 = Q[r], Q[r + 1], Q[r + 2], Q[r + 3]
-                        m0 = m1 = m2 = m3 = NEG_INF
-                        for j in range(f):
-                            k = keys[j * d : (j + 1) * d]
-                            s0 = s1 = s2 = s3 = np.float32(0.0)
-                            for i in range(d):
-                                y = k[i]
-                                s0 += y * q0[i]
-                                s1 += y * q1[i]
-                                s2 += y * q2[i]
-                                s3 += y * q3[i]
-                            m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
-                        best[r, p], best[r + 1, p], best[r + 2, p], best[r + 3, p] = m0, m1, m2, m3
-                        r += 4
-                    else:
-                        q0 = Q[r]
-                        m0 = NEG_INF
-                        for j in range(f):
-                            s0 = np.float32(0.0)
-                            for i in range(d):
-                                s0 += keys[j * d + i] * q0[i]
-                            m0 = max(m0, s0)
-                        best[r, p] = m0
-                        r += 1
+                _score_page(keys, f, d, Q, h * g, (h + 1) * g, best, p)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
