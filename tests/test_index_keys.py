@@ -152,3 +152,24 @@ def test_key_dtype_is_validated():
         IndexConfig(key_dtype="float16")
     assert IndexConfig(key_dtype="int8").storage_dtype == "int8"
     assert IndexConfig().storage_dtype == "float32"
+
+
+def test_channel_scales_need_enough_tokens_and_a_rebuild_fits_them(rng):
+    """A few tokens' channel maxima would round later keys' other channels to 0: a small int8 build keeps
+    scales of 1 (each row over its own scale) until a rebuild holds enough tokens, which fits them; the
+    rebuilt index is still exactly a float32 index over what its rows hold."""
+    from icecache_sglang.index.keys import CHANNEL_FIT_MIN_TOKENS
+
+    H, d = 2, 32
+    K = rng.standard_normal((H, 4 * CHANNEL_FIT_MIN_TOKENS, d)).astype(np.float32)
+    K[:, :, 3] *= 30
+    idx = PagedDCIIndex(H, d, config=IndexConfig(key_dtype="int8", rebuild_growth=2.0))
+    idx.build(K[:, :8])
+    assert (idx.key_scale == 1).all()
+    idx.insert(K[:, 8:210])  # past 2x max(the build, 1 / p0): rebuilt, still too few tokens to fit
+    assert idx.rebuilds >= 1 and (idx.key_scale == 1).all()
+    idx.insert(K[:, 210:])
+    assert idx.rebuilds >= 2 and idx.key_scale[:, 3].min() > 10 * idx.key_scale[:, 0].max()
+    idx.check_invariants()
+    live = idx.live_ids()
+    assert np.abs(idx.keys_of(live) - K[:, live]).max() < 0.05 * np.abs(K).max()

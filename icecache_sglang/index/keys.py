@@ -37,15 +37,19 @@ PARALLEL_MIN = 1 << 16
 
 #: a channel's scale is at least this share of its head's largest channel scale (no division blow-up)
 CHANNEL_SCALE_FLOOR = 1e-3
+#: channel scales are fitted over at least this many tokens; a smaller build keeps scales of 1 (each row
+#: over its own scale only) until a rebuild holds enough: a few tokens' channel maxima would make later
+#: keys' other channels round to 0
+CHANNEL_FIT_MIN_TOKENS = 256
 
 
 def channel_scales(K: np.ndarray) -> np.ndarray:
     """Per KV head and channel, the scale an int8 index divides keys ``K [H, n, d]`` by before quantizing
     each row: the channel's largest magnitude (floored at ``CHANNEL_SCALE_FLOOR`` of the head's largest),
-    1 for an all-zero head -> ``[H, d]`` float32. With it, a model's outlier channels (Qwen2's keys have
+    1 for an all-zero head or fewer than ``CHANNEL_FIT_MIN_TOKENS`` tokens -> ``[H, d]`` float32. With it, a model's outlier channels (Qwen2's keys have
     channels tens of times larger than the rest) no longer set every row's quantization step."""
     H, d = K.shape[0], K.shape[-1]
-    if K.shape[1] == 0:
+    if K.shape[1] < CHANNEL_FIT_MIN_TOKENS:
         return np.ones((H, d), np.float32)
     m = np.abs(K).max(axis=1).astype(np.float32)  # [H, d]
     top = m.max(axis=1, keepdims=True)

@@ -290,15 +290,21 @@ class PagedDCIIndex:
         return cached[1], cached[2]
 
     def _rebuild_with(self, K_new, V_new, pos_new) -> np.ndarray:
-        """Rebuild over the live tokens and ``K_new`` (as kept: ``key_scale`` stays)."""
+        """Rebuild over the live tokens and ``K_new`` (as kept). ``key_scale`` stays, unless it is still 1
+        (an int8 index built over too few tokens to fit it) and there are enough now."""
         live = np.flatnonzero(self.alive[: self.n_tokens])
         K_old = self.keys_of(live)
         V_old = np.stack([self._val(h, live) for h in range(self.H)])
         pos = np.concatenate([self.positions[live], pos_new])
         new = np.arange(self.n_tokens, self.n_tokens + K_new.shape[1], dtype=np.int64)
         rebuilds, old_pages = self.rebuilds, int(self.next_page.max())
-        self._build_from(np.concatenate([K_old, K_new], axis=1), np.concatenate([V_old, V_new], axis=1), pos,
-                         np.concatenate([live, new]))
+        K_all = np.concatenate([K_old, K_new], axis=1)
+        scale = self.key_scale.copy()
+        if self._channel_scaled and (scale == 1).all():
+            scale = channel_scales(K_all)  # still 1 when there are too few tokens
+        stored, K_all = self._store(K_all, scale)  # the tree over exactly what the rows hold
+        self._build_from(K_all, np.concatenate([V_old, V_new], axis=1), pos, np.concatenate([live, new]), stored,
+                         scale)
         self.rebuilds = rebuilds + 1
         self._grow(self.n_tokens, old_pages)
         self.page_dirty[:, :old_pages] = True  # every page id was reassigned or freed

@@ -128,7 +128,8 @@ class IndexerService:
         idx.insert(rng.standard_normal((self.H, 3, self.d)).astype(np.float32))
         idx.query(rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4)
         query_batch([idx, idx.copy()], rng.standard_normal((2, self.H * 2, self.d)).astype(np.float32), 4)
-        rows = np.zeros((200,) + self.store.keys.shape[2:], self.store.keys.dtype)  # the store's dtype: its rescore
+        rows = np.zeros((int(idx.positions[: idx.n_tokens].max()) + 1,) + self.store.keys.shape[2:],
+                        self.store.keys.dtype)  # every indexed position's row, in the store's dtype: its rescore
         select_baseline(idx, rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4, "exact", "mass",
                         rows)  # the default
         idx.copy().delete(idx.live_ids()[-2:])
