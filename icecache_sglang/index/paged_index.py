@@ -148,12 +148,14 @@ class PagedDCIIndex:
         return int(sum(a.nbytes for a in self.__dict__.values() if isinstance(a, np.ndarray)))
 
     # ------------------------------------------------------------------ checks
-    def _check_kv(self, keys, values, n_expected: int | None = None, scale: np.ndarray | None = None):
-        """Validated ``K`` (float32: the keys as the index keeps them, rounded to the key dtype), ``V`` and the
-        key rows in the storage dtype (int8: ``K / scale``, by default ``key_scale``)."""
+    def _check_kv(self, keys, values, n_expected: int | None = None, fit_scale: bool = False):
+        """Validated ``K`` (float32: the keys as the index keeps them, rounded to the key dtype), ``V``, the
+        key rows in the storage dtype (int8: ``K / scale``) and the channel scales used: fitted to these keys
+        when ``fit_scale`` (a build of an int8 index), else ``key_scale``."""
         K = _as_float_array("keys", keys, 3)
         if K.shape[0] != self.H or K.shape[2] != self.d:
             raise ValueError(f"keys must have shape [num_heads={self.H}, n, head_dim={self.d}], got {K.shape}")
+        scale = channel_scales(K) if fit_scale and self._channel_scaled else self.key_scale
         if n_expected is not None and K.shape[1] != n_expected:
             raise ValueError(f"keys has {K.shape[1]} tokens, expected {n_expected}")
         if self.dv == 0:
@@ -168,8 +170,8 @@ class PagedDCIIndex:
                 raise ValueError(f"values must have shape {(self.H, K.shape[1], self.dv)}, got {V.shape}")
         # the rows as the pages store them; a bfloat16 index is a float32 index over the rounded keys (an int8
         # one over the dequantized keys), so everything downstream (norms, projections, parents) sees those
-        stored, K = self._store(K, self.key_scale if scale is None else scale)
-        return K, np.ascontiguousarray(V), stored
+        stored, K = self._store(K, scale)
+        return K, np.ascontiguousarray(V), stored, scale
 
     def _store(self, K: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``K [H, n, d]`` -> (the rows the pages store, the float32 keys those rows stand for)."""
@@ -190,9 +192,7 @@ class PagedDCIIndex:
     # ------------------------------------------------------------------ build
     def build(self, keys, values=None, positions=None) -> None:
         """Index ``n`` tokens from scratch: levels -> exact parents -> sorted cells -> pages."""
-        raw = _as_float_array("keys", keys, 3)
-        scale = channel_scales(raw) if self._channel_scaled and raw.shape[0] == self.H else None
-        K, V, stored = self._check_kv(raw, values, scale=scale)
+        K, V, stored, scale = self._check_kv(keys, values, fit_scale=True)  # keys validated once
         n = K.shape[1]
         pos = self._check_positions(positions, n) if positions is not None else np.arange(n, dtype=np.int64)
         self._build_from(K, V, pos, np.arange(n, dtype=np.int64), stored, scale)
@@ -245,7 +245,7 @@ class PagedDCIIndex:
     def insert(self, keys, values=None, positions=None) -> np.ndarray:
         """Append tokens (decode-time): each lands on level 0 under its exact ``D_kk``-nearest level-1
         token (or the root when the tree has one level), split pages as needed. Returns the new ids."""
-        K, V, stored = self._check_kv(keys, values)
+        K, V, stored, _ = self._check_kv(keys, values)
         b = K.shape[1]
         pos = self._check_positions(positions, b)
         if b == 0:
