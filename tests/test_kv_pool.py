@@ -109,3 +109,53 @@ def test_a_store_of_the_wrong_shape_is_refused(monkeypatch):
     finally:
         store.close()
         pdir.cleanup()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_pool_that_keeps_its_keys_copies_a_decode_step_once(tmp_path, dtype):
+    """A pool that keeps its own keys (on a GPU: device memory) has its anchor layers' new keys copied into the
+    store (``runtime/key_writes.py``): a prefill chunk's at once, a decode step's staged per layer and written
+    by one flush; nothing reaches the store before the flush, and a batch with other slots flushes first."""
+    from icecache_sglang.indexer.keystore import KeyStore
+    from icecache_sglang.runtime.key_writes import KeyStoreWriter
+
+    pool = MHATokenToKVPool(SIZE, page_size=1, dtype=dtype, head_num=H, head_dim=D, layer_num=LAYERS, device="cpu",
+                            enable_memory_saver=False)
+    store = KeyStore.create(str(tmp_path), 2, SIZE + 1, H, D, "bfloat16" if dtype == torch.bfloat16 else "float32")
+    try:
+        writer = KeyStoreWriter(pool, store, {1: 0, 3: 1}, shared=False)
+        g = torch.Generator().manual_seed(2)
+
+        def model_writes(loc):
+            for layer in range(LAYERS):
+                k = torch.randn(len(loc), H, D, generator=g).to(dtype)
+                pool.set_kv_buffer(SimpleNamespace(layer_id=layer), loc, k, torch.zeros_like(k))
+
+        prefill = torch.arange(1, 9)
+        model_writes(prefill)
+        for layer in range(LAYERS):
+            writer.write_now(layer, prefill)
+        for layer, i in ((1, 0), (3, 1)):
+            assert torch.equal(store_keys(store, i, prefill.numpy(), dtype), pool.get_key_buffer(layer)[prefill])
+        step = torch.tensor([20, 31])
+        model_writes(step)
+        for layer in range(LAYERS):
+            writer.stage(layer, step)
+        assert not np.any(store.keys[:, step.numpy()])  # staged, not yet written
+        writer.flush()
+        for layer, i in ((1, 0), (3, 1)):
+            assert torch.equal(store_keys(store, i, step.numpy(), dtype), pool.get_key_buffer(layer)[step])
+        nxt = torch.tensor([44])
+        model_writes(nxt)
+        writer.stage(1, step)
+        writer.stage(1, nxt)  # other slots: the first batch is written before this one is staged
+        assert np.any(store.keys[0, step.numpy()]) and not np.any(store.keys[0, nxt.numpy()])
+        writer.flush()
+        assert torch.equal(store_keys(store, 0, nxt.numpy(), dtype), pool.get_key_buffer(1)[nxt])
+        shared = KeyStoreWriter(pool, store, {1: 0}, shared=True)  # the pool's planes are the store: no copies
+        shared.stage(1, torch.tensor([50]))
+        shared.write_now(1, torch.tensor([51]))
+        shared.flush()
+        assert not np.any(store.keys[:, [50, 51]])
+    finally:
+        store.close()

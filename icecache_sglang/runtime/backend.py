@@ -59,6 +59,7 @@ from .plan import DecodeStep, Planner
 from .rundir import RunDir
 from .selection import Selector
 from .sequences import SequenceTracker
+from .key_writes import KeyStoreWriter
 from .supervisor import IndexerSupervisor
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ class IceCacheAttnBackend(AttentionBackend):
                                  index=cfg.index_config(), threads=cfg.indexer_threads,
                                  timeout_s=cfg.selection_deadline_ms / 1e3,
                                  store=shared[0] if shared else None, private_dir=shared[1] if shared else None)
+        # the anchor layers' new keys into the store, when the pool does not hold them there (``key_writes.py``)
+        self.key_writer = KeyStoreWriter(pool, indexer.store, self.store_layer, self.keys_shared)
         self.supervisor = IndexerSupervisor(indexer, m, max_restarts=cfg.max_restarts,
                                             restart_window_s=cfg.restart_window_s)
         self.selector = Selector(self.supervisor, self.H, len(self.anchors), m)
@@ -224,22 +227,9 @@ class IceCacheAttnBackend(AttentionBackend):
         except Exception as e:  # noqa: BLE001 - best effort at exit
             logger.info("IceCache indexer close: %s", e)
 
-    # ------------------------------------------------------------------ keys -> key store
-    def _store_keys(self, layer_id: int, loc: torch.Tensor | None) -> None:
-        """Copy the keys the KV pool holds at ``loc`` for an anchor layer into the key store. Read from the
-        pool, not from the attention call's ``k``: models that fuse RoPE with the KV write (SGLang's
-        ``enable_fused_set_kv_buffer``: gpt-oss, Qwen3-MoE, ... on CUDA) pass ``save_kv_cache=False``, and
-        the pool is what the sparse attention will read."""
-        i = self.store_layer.get(layer_id)
-        if i is None or loc is None or loc.numel() == 0 or self.keys_shared:  # shared: the pool's write was it
-            return
-        k = self.token_to_kv_pool.get_key_buffer(layer_id)[loc.to(torch.int64)].detach().reshape(-1, self.H, self.d)
-        if k.dtype == torch.bfloat16:
-            k = k.view(torch.int16)
-        self.indexer.store.write(i, loc.detach().cpu().numpy(), k.cpu().numpy())
-
     # ------------------------------------------------------------------ SGLang backend interface
     def init_forward_metadata(self, forward_batch):
+        self.key_writer.flush()  # a pass that ended before its last layer: its staged keys are in the pool
         self.dense.init_forward_metadata(forward_batch)
         self._step = None
         self._check_control()  # POST /icecache/config: applied between two forward passes
@@ -253,7 +243,7 @@ class IceCacheAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         if not layer.is_cross_attention:
-            self._store_keys(layer.layer_id, forward_batch.out_cache_loc)
+            self.key_writer.write_now(layer.layer_id, forward_batch.out_cache_loc)
         if layer.layer_id == self.last_layer:
             self._after_extend(forward_batch)
         return o
@@ -285,11 +275,13 @@ class IceCacheAttnBackend(AttentionBackend):
         if step is None or lid < self.cfg.dense_layers or layer.is_cross_attention:
             o = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
             if not layer.is_cross_attention:
-                self._store_keys(lid, forward_batch.out_cache_loc)
+                self.key_writer.stage(lid, forward_batch.out_cache_loc)
+            if lid == self.last_layer:
+                self.key_writer.flush()
             return o
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
-        self._store_keys(lid, forward_batch.out_cache_loc)
+        self.key_writer.stage(lid, forward_batch.out_cache_loc)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         anchor = self.anchor_of[lid]
         plan = step.plans.get(anchor)
@@ -304,6 +296,7 @@ class IceCacheAttnBackend(AttentionBackend):
             k_buf, v_buf = dp.k[lid], dp.v[lid]
         o = self.attention.decode(q3, k_buf, v_buf, plan, layer.scaling)
         if lid == self.last_layer:
+            self.key_writer.flush()
             self._finish_step(step)
         return o.reshape(q3.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
