@@ -13,7 +13,10 @@ whose exact best page is among the pages that reach the budget.
 Layouts of the tokens between sink and window, per (layer, KV head):
 
 * ``icecache_projection``: the index's pages under ``layout: projection`` (the spec's, the default before).
-* ``icecache``: the index's pages under its default layout (``bisect``).
+* ``icecache``: the index's pages under its default layout (``bisect``), level-0 parents searched in the
+  whole context (``parent_segment: None``).
+* ``icecache_segS``: the same with each level-0 token's parent searched among the level-1 tokens of its own
+  run of about S tokens (``parent_segment: S``; the default's cost at long contexts, ``index/config.py``).
 * ``cell_principal``: the same cells, each cell's children sorted along its principal direction (power
   iteration on the centred keys) and cut into ``ceil(m / C)`` balanced pages.
 * ``cell_bisect``: the same cells, each cut by recursive balanced bisection in NumPy (two-means direction,
@@ -144,11 +147,11 @@ def layouts(K: np.ndarray, names: list[str]) -> dict[str, list[np.ndarray]]:
     out = {}
     built = {}
 
-    def index(scale: int, layout: str | None = None) -> PagedDCIIndex:
-        key = (scale, layout)
+    def index(scale: int, layout: str | None = None, segment: int | None = None) -> PagedDCIIndex:
+        key = (scale, layout, segment)
         if key not in built:
             kw = {"layout": layout} if layout else {}
-            cfg = IndexConfig(page_size=C, p0=0.01 / scale, **kw)
+            cfg = IndexConfig(page_size=C, p0=0.01 / scale, parent_segment=segment, **kw)
             idx = PagedDCIIndex(1, K.shape[1], 0, cfg)
             idx.build(K[None])
             built[key] = idx
@@ -164,6 +167,8 @@ def layouts(K: np.ndarray, names: list[str]) -> dict[str, list[np.ndarray]]:
                       else cell for cell in cells]
             CUT_SECONDS[name] += time.perf_counter() - t0
             out[name] = [r for o in orders for r in balanced_runs(o, len(o))]
+        elif name.startswith("icecache_seg"):  # the index's pages, level-0 parents searched in runs of S tokens
+            out[name] = icecache_pages(index(1, None, int(name[len("icecache_seg"):])))
         elif name == "positional":
             out[name] = [np.arange(i, min(i + C, n)) for i in range(0, n, C)]
         elif name == "bisect":
@@ -387,6 +392,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layouts", nargs="+", default=LAYOUTS)
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--quick", action="store_true", help="every fourth layer")
+    ap.add_argument("--context", type=int, help="context length of every source (default: the source's, 4096)")
     ap.add_argument("--name", default="page_layout")
     ap.add_argument("--merges", nargs="+", choices=MERGES, default=list(DEFAULT_MERGES),
                     help="GQA merges (see merged_order)")
@@ -405,6 +411,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     for src in args.sources:
         model, text, n, steps = SOURCES[src]
+        n = args.context or n
         from index_quality import real_layers
 
         n_layers = len(real_layers(model, text, n, steps))

@@ -7,7 +7,8 @@ import torch
 
 from icecache_sglang.index.config import IndexConfig
 from icecache_sglang.index.invariants import check_invariants
-from icecache_sglang.index.keys import channel_scales, from_storage, int8_scales, kept_keys, to_storage
+from icecache_sglang.index.keys import (CHANNEL_SCALE_FLOOR, channel_scales, from_storage, int8_scales, kept_keys,
+                                        scaled_int8, to_storage)
 from icecache_sglang.index.paged_index import PagedDCIIndex, query_batch
 from icecache_sglang.index.scan import scan_index, scan_pages
 from icecache_sglang.indexer.baselines import select_baseline
@@ -99,6 +100,25 @@ def _exact_copy(idx, K):
         m = idx.page_tok[h] >= 0
         out[h][m] = K[h][idx.page_tok[h][m]]
     return out
+
+
+@pytest.mark.parametrize("n", [5, 3000])  # one thread / numba's parallel pass
+def test_one_pass_int8_rows_equal_the_numpy_definition(rng, n):
+    """``scaled_int8`` (the build's one fused pass) gives exactly the rows and kept keys of the NumPy
+    definition, zero rows and outlier channels included; ``channel_scales`` is the channel absmax, floored."""
+    H, d = 3, 32
+    K = (rng.standard_normal((H, n, d)) * np.where(np.arange(d) == 5, 40.0, 1.0)).astype(np.float32)
+    K[1, : min(n, 7)] = 0.0
+    scale = channel_scales(np.concatenate([K, K, K] * 100, axis=1))  # at least CHANNEL_FIT_MIN_TOKENS
+    m = np.abs(K).max(axis=1)
+    top = m.max(axis=1, keepdims=True)  # an all-zero head keeps scales of 1
+    assert np.array_equal(scale, np.where(top > 0, np.maximum(m, np.float32(CHANNEL_SCALE_FLOOR) * top), 1))
+    stored, kept = scaled_int8(K, scale)
+    assert np.array_equal(stored, to_storage(np.ascontiguousarray(K / scale[:, None, :], dtype=np.float32), "int8"))
+    assert np.array_equal(kept, kept_keys(K, "int8", scale))
+    K[2, n // 2, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        scaled_int8(K, scale)
 
 
 @pytest.mark.parametrize("merge", ["rank", "mass"])

@@ -20,17 +20,17 @@ def _built(K, C=8, p0=0.02, **kw):
     return idx
 
 
-@pytest.mark.parametrize("layout", ["projection", "bisect"])
+@pytest.mark.parametrize("layout,segment", [("projection", None), ("bisect", None), ("bisect", 1000)])
 @pytest.mark.parametrize("faithful", [False, True])
 @pytest.mark.parametrize("fov,prop", [(3, 0.3), (12, 0.8), (10**9, 1.0)])
-def test_fast_path_equals_reference(rng, fov, prop, faithful, layout):
+def test_fast_path_equals_reference(rng, fov, prop, faithful, layout, segment):
     H, n, d, C = 2, 4000, 12, 8
     K = int_keys(rng, (H, n, d))
-    idx = _built(K, C, faithful_proj_scale=faithful, layout=layout)
+    idx = _built(K, C, faithful_proj_scale=faithful, layout=layout, parent_segment=segment)
     Q = int_keys(rng, (5, d))
     for h in range(H):
         ref = ReferenceIndex(K[h], C, idx.cfg.level0_prob, idx.cfg.p_up, idx.cfg.seed, faithful_proj_scale=faithful,
-                             layout=layout)
+                             layout=layout, parent_segment=segment)
         assert np.array_equal(ref.level, idx.tok_level[h, :n])
         assert np.array_equal(ref.parent, idx.tok_parent[h, :n])
         for p, toks in enumerate(ref.pages):  # same page ids, same tokens in the same slots
@@ -53,6 +53,23 @@ def test_t4_exhaustive_search_equals_oracle_pages(rng):
         pages, _ = idx.query_rows(Q, np.repeat(np.arange(H), 4), P, QueryParams(**EXHAUSTIVE))
         for r in range(Q.shape[0]):
             assert pages[r].tolist() == oracle_pages(idx, r // 4, Q[r], P)
+
+
+def test_parent_segment_keeps_level0_parents_in_their_run(rng):
+    """Runs of about ``parent_segment`` tokens: each level-0 token's parent is the exact nearest level-1 token of
+    its own run (a run without one: of all), upper levels search every token of the level above."""
+    H, n, d = 1, 5000, 12
+    K = int_keys(rng, (H, n, d))
+    whole, runs = _built(K, 8, p0=0.02), _built(K, 8, p0=0.02, parent_segment=1000)
+    bounds = np.arange(6) * 1000
+    lv, par = runs.tok_level[0, :n], runs.tok_parent[0, :n]
+    kids = np.flatnonzero(lv == 0)
+    assert np.array_equal(np.searchsorted(bounds, kids, "right"), np.searchsorted(bounds, par[kids], "right"))
+    assert not np.array_equal(whole.tok_parent[0, :n], par)  # fails if the runs are ignored
+    up = np.flatnonzero(lv == 1)
+    assert np.array_equal(whole.tok_parent[0, up], par[up])
+    with pytest.raises(ValueError, match="parent_segment"):
+        IndexConfig(parent_segment=100)
 
 
 def test_t4_exhaustive_token_mode_equals_brute_force(rng):

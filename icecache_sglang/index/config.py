@@ -15,6 +15,8 @@ DEFAULT_PROP_TO_RETRIEVE = 1.0
 #: estimated attention mass (0.4-3% more attention at equal tokens on real Q/K, benchmarks/page_layout.py)
 GQA_MERGES = ("rank", "mass")
 DEFAULT_GQA_MERGE = "mass"
+#: level-0 parents are searched within runs of this many tokens of a build (IndexConfig.parent_segment)
+DEFAULT_PARENT_SEGMENT: int | None = 8192
 #: the widest search frontier (and per-cell retrieve count) a query may ask for: more than any cell holds
 MAX_FOV = 1 << 30
 
@@ -38,6 +40,10 @@ class IndexConfig:
     keys). ``None``: float32 (the indexer picks bfloat16 for bfloat16/float16 KV caches).
     layout: how a cell's children are cut into pages (``layout.py``): ``projection`` (runs along the one
     random projection, the spec's) or ``bisect`` (recursive balanced bisection of similar keys).
+    parent_segment: a build gives each level-0 token its exact nearest level-1 token within its run of about
+    this many tokens of the build order (``transform.segment_bounds``), not within the whole prompt; ``None``:
+    the whole prompt (the spec's). The build's cost is this search (``n x n p0 x (d+1)`` per head for the
+    whole prompt, ``n x segment p0 x (d+1)`` in runs).
     """
 
     page_size: int = 16
@@ -49,6 +55,7 @@ class IndexConfig:
     parent_chunk: int = 8192
     key_dtype: str | None = None
     layout: str = "bisect"
+    parent_segment: int | None = DEFAULT_PARENT_SEGMENT
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or not (2 <= self.page_size <= MAX_PAGE_SIZE):
@@ -66,6 +73,9 @@ class IndexConfig:
             raise ValueError(f"key_dtype must be 'float32', 'bfloat16', 'int8' or None, got {self.key_dtype!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.parent_segment is not None and (not isinstance(self.parent_segment, int)
+                                                or isinstance(self.parent_segment, bool) or self.parent_segment < 256):
+            raise ValueError(f"parent_segment must be an int >= 256 or None, got {self.parent_segment!r}")
         if not isinstance(self.parent_chunk, int) or self.parent_chunk < 1:
             raise ValueError(f"parent_chunk must be a positive int, got {self.parent_chunk!r}")
 

@@ -51,10 +51,79 @@ def channel_scales(K: np.ndarray) -> np.ndarray:
     H, d = K.shape[0], K.shape[-1]
     if K.shape[1] < CHANNEL_FIT_MIN_TOKENS:
         return np.ones((H, d), np.float32)
-    m = np.abs(K).max(axis=1).astype(np.float32)  # [H, d]
+    m = np.zeros((H, d), np.float32)
+    _channel_absmax(np.ascontiguousarray(K, dtype=np.float32), m)  # [H, d]; NaN-free keys are checked later
     top = m.max(axis=1, keepdims=True)
     c = np.maximum(m, np.float32(CHANNEL_SCALE_FLOOR) * top)
     return np.where(top > 0, c, np.float32(1.0)).astype(np.float32)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _channel_absmax(K, m):
+    """``m[h, j] = max_i |K[h, i, j]|`` (one pass over the keys; parallel over heads)."""
+    for h in prange(K.shape[0]):
+        for i in range(K.shape[1]):
+            for j in range(K.shape[2]):
+                m[h, j] = max(m[h, j], abs(K[h, i, j]))
+
+
+def scaled_int8(K: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An int8 index's rows for keys ``K [H, n, d]`` over channel scales ``scale [H, d]``, and the float32
+    keys those rows stand for: bit for bit ``to_storage(K / scale, "int8")`` and ``kept_keys(K, "int8",
+    scale)``, in one parallel pass instead of five NumPy passes with their temporaries (1.8 of a 128k
+    layer's 5 build seconds on 2 cores)."""
+    K = np.ascontiguousarray(K, dtype=np.float32)
+    scale = np.ascontiguousarray(scale, dtype=np.float32)
+    H, n, d = K.shape
+    stored = np.empty((H, n, d + INT8_SCALE_BYTES), np.int8)
+    kept = np.empty((H, n, d), np.float32)
+    if K.size and not (_scaled_rows if K.size >= PARALLEL_MIN else _scaled_rows_serial)(K, scale, stored, kept):
+        raise ValueError("int8 keys must be finite")
+    return stored, kept
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _scaled_rows(K, scale, stored, kept):
+    n = K.shape[1]
+    bad = 0
+    for r in prange(K.shape[0] * n):
+        bad += _scaled_one(K, scale, stored, kept, r // n, r % n)
+    return bad == 0
+
+
+@njit(cache=True, nogil=True)
+def _scaled_rows_serial(K, scale, stored, kept):
+    n = K.shape[1]
+    bad = 0
+    for r in range(K.shape[0] * n):
+        bad += _scaled_one(K, scale, stored, kept, r // n, r % n)
+    return bad == 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scaled_one(K, scale, stored, kept, h, i):
+    """Row (h, i): ``y = K / scale`` (float32), quantized as ``_quantize_one`` does, then ``float32(k8) * s *
+    scale`` (two float32 roundings, as ``from_storage`` and the multiplication back). Returns 1 for a row
+    with a value that is not finite."""
+    d = K.shape[2]
+    m = np.float32(0.0)
+    bad = 0
+    for j in range(d):
+        y = K[h, i, j] / scale[h, j]
+        if not np.isfinite(y):
+            bad = 1
+        m = max(m, abs(y))
+    s = m / np.float32(127.0)
+    for j in range(d):
+        q = np.int8(0)
+        if s > 0:
+            q = np.int8(min(max(np.rint((K[h, i, j] / scale[h, j]) / s), np.float32(-127.0)), np.float32(127.0)))
+        stored[h, i, j] = q
+        kept[h, i, j] = (np.float32(q) * s) * scale[h, j]
+    u = f32_as_u32(s)
+    for b in range(4):
+        stored[h, i, d + b] = np.int8(np.uint8((u >> np.uint32(8 * b)) & np.uint32(0xFF)))
+    return bad
 
 
 def stored_width(d: int, key_dtype: str) -> int:

@@ -16,7 +16,7 @@ from numba.typed import List
 from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .gqa_merge import merge_rows
-from .keys import STORAGE, channel_scales, from_storage, stored_width, to_storage
+from .keys import STORAGE, channel_scales, from_storage, scaled_int8, stored_width, to_storage
 from .layout import bisect_cells
 from .schedule import schedule_levels
 from .search import search_batch, search_rows
@@ -26,6 +26,8 @@ from .transform import (
     key_projection,
     make_projection,
     query_projection,
+    segment_bounds,
+    segmented_parents,
     squared_norms,
 )
 
@@ -176,8 +178,7 @@ class PagedDCIIndex:
     def _store(self, K: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Keys ``K [H, n, d]`` -> (the rows the pages store, the float32 keys those rows stand for)."""
         if self._channel_scaled:
-            stored = to_storage(np.ascontiguousarray(K / scale[:, None, :], dtype=np.float32), "int8")
-            return stored, np.ascontiguousarray(from_storage(stored) * scale[:, None, :], dtype=np.float32)
+            return scaled_int8(K, scale)
         stored = to_storage(K, self.cfg.storage_dtype)
         return stored, (from_storage(stored) if stored.dtype != np.float32 else stored)
 
@@ -213,12 +214,14 @@ class PagedDCIIndex:
         proj = np.empty((self.H, n))
         parent = np.full((self.H, n), -1, np.int64)  # parent token id, -1 = root
         need_pages = 1
+        runs = segment_bounds(n, self.cfg.parent_segment)  # level 0's parents: within runs of the build order
         for h in range(self.H):
             proj[h] = key_projection(K[h], sqn[h], M[h], self.u)
             for lv in range(top):
                 members, ups = by_level[lv], by_level[lv + 1]
-                parent[h, members] = tids[ups[exact_parents(K[h, members], K[h, ups], M[h], self.cfg.parent_chunk,
-                                                            sqn[h, members], sqn[h, ups])]]
+                bounds = runs if lv == 0 else runs[[0, -1]]
+                parent[h, members] = tids[ups[segmented_parents(members, ups, K[h], M[h], bounds,
+                                                                self.cfg.parent_chunk, sqn[h])]]
             sizes = np.bincount(parent[h] + 1)
             need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
         self._alloc(n_ids, need_pages + need_pages // 4 + 16)

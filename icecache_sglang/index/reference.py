@@ -13,7 +13,8 @@ import numpy as np
 
 from .schedule import schedule_levels
 from .layout import bisect_order
-from .transform import augment_keys, augment_queries, exact_parents, key_projection, make_projection, query_projection
+from .transform import (augment_keys, augment_queries, exact_parents, key_projection, make_projection, query_projection,
+                        segment_bounds)
 
 
 def _retrieve_count(mc: int, k_req: int, prop: float, ntr: int) -> int:
@@ -39,7 +40,8 @@ class ReferenceIndex:
     """One head's M-DCI tree with pages, built in bulk."""
 
     def __init__(self, keys: np.ndarray, page_size: int, p0: float, p_up: float, seed: int,
-                 faithful_proj_scale: bool = False, u: np.ndarray | None = None, layout: str = "projection"):
+                 faithful_proj_scale: bool = False, u: np.ndarray | None = None, layout: str = "projection",
+                 parent_segment: int | None = None):
         K = np.asarray(keys, dtype=np.float32)
         n, d = K.shape
         self.K = K
@@ -53,9 +55,15 @@ class ReferenceIndex:
         self.proj = key_projection(K, sqn, self.M, self.u)
         self.parent = np.full(n, -1, dtype=np.int64)
         for lv in range(self.top):
-            kids = np.flatnonzero(self.level == lv)
             ups = np.flatnonzero(self.level == lv + 1)
-            self.parent[kids] = ups[exact_parents(K[kids], K[ups], self.M)]
+            # level 0: each run of the build order (segment_bounds) takes its parents from its own level-1 tokens
+            bounds = segment_bounds(n, parent_segment) if lv == 0 else np.array([0, n])
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                kids = np.flatnonzero(self.level[a:b] == lv) + a
+                own = ups[(ups >= a) & (ups < b)]
+                cand = own if own.size else ups
+                if kids.size:
+                    self.parent[kids] = cand[exact_parents(K[kids], K[cand], self.M)]
         # cells: children sorted by (projection, token id); ROOT is cell 0, token t owns cell t+1
         self.children: dict[int, list[int]] = {}
         for t in range(n):

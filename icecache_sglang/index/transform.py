@@ -125,3 +125,33 @@ def exact_parents(child_keys: np.ndarray, parent_keys: np.ndarray | None, m: flo
         ca = _augmented_f32(child_keys[s : s + chunk], child_sqn[s : s + chunk], m)
         out[s : s + chunk] = np.argmax(ca @ pa_t, axis=1)
     return out
+
+
+def segment_bounds(n: int, segment: int | None) -> np.ndarray:
+    """Cut ``n`` tokens (build order) into runs of about ``segment`` (each between ``segment/2`` and
+    ``1.5 segment``); one run when ``segment`` is None or ``n`` is no longer than it."""
+    k = 1 if segment is None or n <= segment else max(1, round(n / segment))
+    return (np.arange(k + 1, dtype=np.int64) * n) // k
+
+
+def segmented_parents(children: np.ndarray, ups: np.ndarray, keys: np.ndarray, m: float, bounds: np.ndarray,
+                      chunk: int = 8192, sqn: np.ndarray | None = None) -> np.ndarray:
+    """Index (into ``ups``) of each child's exact ``D_kk`` nearest parent among the parents of its own run
+    (``bounds``: :func:`segment_bounds` over the build order; ``children`` and ``ups`` are ascending positions
+    in that order, ``keys`` / ``sqn`` indexed by them). A run without a parent uses every parent. One run:
+    :func:`exact_parents` over all parents. The build's cost is this search: ``n x n p0 x (d+1)``
+    multiply-adds per head over the whole prompt, ``n x segment p0 x (d+1)`` in runs."""
+    sqn = squared_norms(keys) if sqn is None else sqn
+    if len(bounds) <= 2:
+        return exact_parents(keys[children], keys[ups], m, chunk, sqn[children], sqn[ups])
+    out = np.empty(children.size, np.int64)
+    c_at, u_at = np.searchsorted(children, bounds), np.searchsorted(ups, bounds)
+    for j in range(len(bounds) - 1):
+        c0, c1, u0, u1 = c_at[j], c_at[j + 1], u_at[j], u_at[j + 1]
+        if c0 == c1:
+            continue
+        if u0 == u1:  # no parent in this run: every parent
+            u0, u1 = 0, ups.size
+        kids, par = children[c0:c1], ups[u0:u1]
+        out[c0:c1] = u0 + exact_parents(keys[kids], keys[par], m, chunk, sqn[kids], sqn[par])
+    return out

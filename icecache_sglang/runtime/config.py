@@ -18,7 +18,7 @@ from ..indexer.config import MAX_PAGES
 from ..indexer.policies import POLICIES
 
 #: the index parameters a user may set (the rest of IndexConfig is internal)
-INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth", "key_dtype", "layout")
+INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth", "key_dtype", "layout", "parent_segment")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
 DECODE_ATTENTION = ("auto", "torch", "flashinfer")
 DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
