@@ -119,6 +119,10 @@ def test_one_pass_int8_rows_equal_the_numpy_definition(rng, n):
     K[2, n // 2, 3] = np.nan
     with pytest.raises(ValueError, match="finite"):
         scaled_int8(K, scale)
+    Z = np.zeros((1, n, 4), np.float32)  # a zero channel scale: not finite, as NumPy's division makes it
+    Z[0, :, 0] = 1e-44
+    with pytest.raises(ValueError, match="finite"):
+        scaled_int8(Z, np.array([[1e-44, 0, 0, 0]], np.float32))
 
 
 @pytest.mark.parametrize("merge", ["rank", "mass"])

@@ -70,6 +70,11 @@ def test_parent_segment_keeps_level0_parents_in_their_run(rng):
     assert np.array_equal(whole.tok_parent[0, up], par[up])
     with pytest.raises(ValueError, match="parent_segment"):
         IndexConfig(parent_segment=100)
+    runs.check_invariants()  # the exact-parent invariant holds within runs (it failed for built runs before)
+    runs.insert(int_keys(rng, (H, 40, d)))  # inserted tokens take the nearest of all level-1 tokens
+    runs.delete(runs.live_ids()[[3, 1500, 4100]])
+    runs.check_invariants()
+    assert runs.copy().run_starts.tolist() == runs.run_starts.tolist() == [1000, 2000, 3000, 4000]
 
 
 def test_t4_exhaustive_token_mode_equals_brute_force(rng):

@@ -145,11 +145,13 @@ def test_a_pool_that_keeps_its_keys_copies_a_decode_step_once(tmp_path, dtype):
         writer.flush()
         for layer, i in ((1, 0), (3, 1)):
             assert torch.equal(store_keys(store, i, step.numpy(), dtype), pool.get_key_buffer(layer)[step])
-        nxt = torch.tensor([44])
+        first, nxt = torch.tensor([41, 42]), torch.tensor([44])
+        model_writes(first)
         model_writes(nxt)
-        writer.stage(1, step)
+        writer.stage(1, first)
         writer.stage(1, nxt)  # other slots: the first batch is written before this one is staged
-        assert np.any(store.keys[0, step.numpy()]) and not np.any(store.keys[0, nxt.numpy()])
+        assert np.any(store.keys[0, first.numpy()]) and not np.any(store.keys[0, nxt.numpy()])
+        assert torch.equal(store_keys(store, 0, first.numpy(), dtype), pool.get_key_buffer(1)[first])
         writer.flush()
         assert torch.equal(store_keys(store, 0, nxt.numpy(), dtype), pool.get_key_buffer(1)[nxt])
         shared = KeyStoreWriter(pool, store, {1: 0}, shared=True)  # the pool's planes are the store: no copies

@@ -134,6 +134,11 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                 D = kk_distance(kk, uk, idx.M[h])
                 pos = {int(t): i for i, t in enumerate(ups)}
                 chosen = D[np.arange(kids.size), [pos[int(parent[t])] for t in kids]]
+                if lv == 0 and idx.run_starts.size:  # built in runs: the nearest of the parent's run's tokens
+                    # (a token inserted since, or moved by a delete, has the nearest of all: nearer still)
+                    run_of = np.searchsorted(idx.run_starts, ups, side="right")
+                    parent_run = run_of[[pos[int(parent[t])] for t in kids]]
+                    D = np.where(run_of[None, :] == parent_run[:, None], D, np.inf)
                 tol = 1e-5 * max(idx.M[h], 1e-30)
                 bad = np.flatnonzero(chosen > D.min(axis=1) + tol)
                 if bad.size:

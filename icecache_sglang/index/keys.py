@@ -52,7 +52,7 @@ def channel_scales(K: np.ndarray) -> np.ndarray:
     if K.shape[1] < CHANNEL_FIT_MIN_TOKENS:
         return np.ones((H, d), np.float32)
     m = np.zeros((H, d), np.float32)
-    _channel_absmax(np.ascontiguousarray(K, dtype=np.float32), m)  # [H, d]; NaN-free keys are checked later
+    _channel_absmax(np.ascontiguousarray(K, dtype=np.float32), m)  # [H, d]; keys reach here NaN-free (_as_float_array)
     top = m.max(axis=1, keepdims=True)
     c = np.maximum(m, np.float32(CHANNEL_SCALE_FLOOR) * top)
     return np.where(top > 0, c, np.float32(1.0)).astype(np.float32)
@@ -82,7 +82,7 @@ def scaled_int8(K: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return stored, kept
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")  # a zero scale: not finite, not ZeroDivisionError
 def _scaled_rows(K, scale, stored, kept):
     n = K.shape[1]
     bad = 0
@@ -91,7 +91,7 @@ def _scaled_rows(K, scale, stored, kept):
     return bad == 0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _scaled_rows_serial(K, scale, stored, kept):
     n = K.shape[1]
     bad = 0

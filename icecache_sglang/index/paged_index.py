@@ -100,6 +100,9 @@ class PagedDCIIndex:
         self.positions = np.full(T, -1, np.int64)
         self.M = np.zeros(self.H, np.float64)
         self.n_at_build = 0
+        #: token ids that start the last build's runs of level-0 parent search (after the first run): a level-0
+        #: token built there has its parent among its run's level-1 tokens (``IndexConfig.parent_segment``)
+        self.run_starts = np.empty(0, np.int64)
         self.rebuilds = 0
         self._level1_cache: dict = {}
         self.level_counts = np.zeros((self.H, 64), np.int64)
@@ -229,20 +232,24 @@ class PagedDCIIndex:
         self.alive[tids] = True
         self.positions[tids] = pos
         self.n_at_build = n
+        self.run_starts = tids[runs[1:-1]].astype(np.int64)
         self.M[:] = M
         self.key_scale[:] = scale
         S = self.state
         if stored is None:
             stored = self._store(K, scale)[0]
+        orders = np.empty((self.H, n), np.int32)
+        cells_sorted = np.empty((self.H, n), np.int32)
         for h in range(self.H):
             cells = parent[h] + 1
-            order = np.lexsort((tids, proj[h], cells)).astype(np.int32)
-            cells_sorted = cells[order].astype(np.int32)
+            orders[h] = np.lexsort((tids, proj[h], cells))
+            cells_sorted[h] = cells[orders[h]]
             if self._bisect:  # cut the keys as the index keeps them (rounded, as they are read back)
-                bisect_cells(order, cells_sorted, np.ascontiguousarray(K[h], np.float32), self.C)
-            _build_head(S, h, tids.astype(np.int32), order, cells_sorted, stored[h], V[h], level,
-                        parent[h].astype(np.int32), proj[h], sqn[h], M[h], self._bisect)
+                bisect_cells(orders[h], cells_sorted[h], np.ascontiguousarray(K[h], np.float32), self.C)
             self.level_counts[h, : top + 1] = [len(b) for b in by_level]
+        # every head's pages at once (a head's layout touches only its own rows of the state)
+        _build_heads(S, tids.astype(np.int32), orders, cells_sorted, stored, np.ascontiguousarray(V), level,
+                     parent.astype(np.int32), proj, sqn, M, self._bisect)
 
     # ------------------------------------------------------------------ insert / delete
     def insert(self, keys, values=None, positions=None) -> np.ndarray:
@@ -611,6 +618,14 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         pc = parent[i] + 1
         cnt_desc[h, pc] += cnt_desc[h, t + 1]
         cnt_pages[h, pc] += cnt_pages[h, t + 1]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _build_heads(S, tids, orders, cells_sorted, K, V, level, parent, proj, sqn, m, bisect):
+    """:func:`_build_head` for every head, in parallel over heads."""
+    for h in prange(K.shape[0]):
+        _build_head(S, h, tids, orders[h], cells_sorted[h], K[h], V[h], level, parent[h], proj[h], sqn[h], m[h],
+                    bisect)
 
 
 @njit(cache=True, nogil=True, parallel=True)

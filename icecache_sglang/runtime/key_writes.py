@@ -56,7 +56,8 @@ class KeyStoreWriter:
         self._staged.append((i, self._rows(layer_id, loc)))
 
     def flush(self) -> None:
-        """Write every staged layer: one device-to-host copy of all of them, then the store's rows."""
+        """Write every staged layer: one device-to-host copy of all their keys (and one of the step's slots),
+        then the store's rows."""
         if not self._staged:
             self._loc = None
             return
@@ -68,7 +69,3 @@ class KeyStoreWriter:
         keys, slots = keys.cpu().numpy(), loc.cpu().numpy()
         for j, (i, _) in enumerate(staged):
             self.store.write(i, slots, keys[j])
-
-    def drop(self) -> None:
-        """Forget staged keys without writing them (a forward pass that failed part-way)."""
-        self._staged, self._loc = [], None
