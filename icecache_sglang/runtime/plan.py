@@ -87,6 +87,12 @@ class Planner:
         if sparse and cfg.dense_while_indexing:  # a sequence whose index is being written attends to every token
             firsts = self.selector.first_indexes_pending()  # this step's first indexes included
             behind = None if behind is None or firsts is None else behind | firsts
+            if cfg.max_stale_steps > 0 and behind is not None:
+                # asynchronous selection tolerates unanswered Inserts, but not before a sequence's first
+                # selections: those are waited for, behind every write of the sequence still queued (the
+                # Inserts sent while its index was built: time-outs and fallbacks at the switch to sparse)
+                writing = self.selector.writes_pending()  # this step's Inserts included
+                behind = None if writing is None else behind | (writing - self.cache.selected_seqs())
             held = {b for b in sparse if behind is None or self.tracker.seq_of(rows[b]) in behind}
             if held:
                 self.metrics.dense_while_indexing_rows += len(held)

@@ -108,6 +108,13 @@ class Selector:
             self._behind_since = None
         return seqs
 
+    def writes_pending(self) -> set[int] | None:
+        """The sequences with an unanswered index write of any kind, this step's included; None when the
+        indexer is not serving."""
+        if not self.sup.serving:
+            return None
+        return self.sup.client.pending_index_seqs()
+
     def first_indexes_pending(self) -> set[int] | None:
         """The sequences whose first index (Build, Share) is unanswered, this step's included; None when the
         indexer is not serving."""

@@ -81,6 +81,10 @@ class SelectionCache:
         self.latest.clear()
         self.entries.clear()
 
+    def selected_seqs(self) -> set[int]:
+        """The requests holding an answered selection at some anchor layer."""
+        return {s for s, _ in self.entries}
+
     def in_flight(self) -> int:
         return sum(len(m) for m in self.messages.values())
 

@@ -1,0 +1,85 @@
+"""The decode planner (``runtime/plan.py``) against a real indexer process (no SGLang): with asynchronous
+selection (``max_stale_steps``) a request decodes densely until its first selections can be answered at
+once, i.e. while any of its index writes is unanswered (its first selections are waited for, and would
+queue behind the Inserts sent while its index was built: time-outs and fallbacks, seen on the H100 at
+the switch from dense to sparse); once it has selections, unanswered Inserts no longer hold it back."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from icecache_sglang.indexer.launcher import Indexer
+from icecache_sglang.runtime.config import IceCacheConfig
+from icecache_sglang.runtime.metrics import IceCacheMetrics
+from icecache_sglang.runtime.plan import Planner
+from icecache_sglang.runtime.selection import Selector
+from icecache_sglang.runtime.sequences import SequenceTracker
+from icecache_sglang.runtime.supervisor import IndexerSupervisor
+
+H, D, L, C, GROUP, SLOTS = 2, 16, 2, 16, 2, 4096
+CFG = IceCacheConfig(budget_tokens=96, page_size=C, sink_tokens=16, window_tokens=16, dense_layers=0,
+                     layer_reuse=1, max_stale_steps=2, selection_deadline_ms=300)
+
+
+@pytest.fixture
+def planner():
+    with Indexer.launch(num_layers=L, num_kv_heads=H, head_dim=D, num_slots=SLOTS, timeout_s=5.0) as ix:
+        ix.store.keys[:] = np.random.default_rng(0).standard_normal(ix.store.keys.shape).astype(np.float32)
+        m = IceCacheMetrics()
+        sup = IndexerSupervisor(ix, m)
+        tracker = SequenceTracker(ix.client, list(range(L)), SLOTS, sink=CFG.sink_tokens, window=CFG.window_tokens,
+                                  budget=CFG.budget_tokens, block=C)
+        req_to_token = torch.arange(1, SLOTS, dtype=torch.int32)[None, :]  # one row: position i at slot i + 1
+        yield Planner(tracker=tracker, selector=Selector(sup, H, L, m), metrics=m, req_to_token=req_to_token,
+                      num_kv_heads=H, store_layer={0: 0, 1: 1}, layers_per_anchor={0: 1, 1: 1},
+                      slots_device=torch.device("cpu")), ix, m
+
+
+def sparse_rows(planner: Planner, n: int, plan_layers: bool = False) -> list[int]:
+    """One decode step of the request on row 0 at length ``n``: the rows it decodes sparsely (planning its
+    anchor layers, as the backend does, when ``plan_layers``)."""
+    step = planner.begin([0], [n], CFG)
+    if step is None:
+        return []
+    if plan_layers:
+        q = torch.from_numpy(np.random.default_rng(n).standard_normal((1, H * GROUP, D)).astype(np.float32))
+        for anchor in (0, 1):
+            planner.plan(step, anchor, q, CFG, CFG.query_params())
+    return step.sparse.tolist()
+
+
+def test_asynchronous_selection_starts_when_its_first_selections_can_be_answered(planner):
+    planner, ix, m = planner
+    n = 600
+    assert sparse_rows(planner, n) == []  # its Build goes out: dense while indexing
+    ix.client.sync()
+    pid = ix.process.pid
+    os.kill(pid, signal.SIGSTOP)  # every write from now on stays unanswered
+    try:
+        n += C
+        assert sparse_rows(planner, n) == []  # no Insert unanswered before this step: sparse would be fine,
+        # but this step sends one (the row grew by a page) and asks for its first selections, held back by it
+        n += 1
+        held = m.dense_while_indexing_rows
+        assert sparse_rows(planner, n) == []  # an unanswered Insert and no selection yet: dense (was sparse)
+        assert m.dense_while_indexing_rows == held + 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ix.client.sync()
+    n += 1
+    assert sparse_rows(planner, n, plan_layers=True) == [0]  # answered: its first selections
+    assert m.fallbacks == 0
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(C + 1):  # an Insert goes out and stays unanswered
+            n += 1
+            rows = sparse_rows(planner, n, plan_layers=True)
+        assert ix.client.pending_index_seqs(("insert",))
+        assert rows == [0]  # with selections in hand, an unanswered Insert does not hold it back
+    finally:
+        os.kill(pid, signal.SIGCONT)
