@@ -102,9 +102,9 @@ def _scaled_rows_serial(K, scale, stored, kept):
 
 @njit(cache=True, nogil=True, inline="always")
 def _scaled_one(K, scale, stored, kept, h, i):
-    """Row (h, i): ``y = K / scale`` (float32), quantized as ``_quantize_one`` does, then ``float32(k8) * s *
-    scale`` (two float32 roundings, as ``from_storage`` and the multiplication back). Returns 1 for a row
-    with a value that is not finite."""
+    """Row (h, i): ``y = K / scale`` (float32, held in ``kept`` meanwhile), quantized as ``_quantize_one``
+    does, then ``float32(k8) * s * scale`` (two float32 roundings, as ``from_storage`` and the multiplication
+    back). Returns 1 for a row with a value that is not finite."""
     d = K.shape[2]
     m = np.float32(0.0)
     bad = 0
@@ -113,17 +113,28 @@ def _scaled_one(K, scale, stored, kept, h, i):
         if not np.isfinite(y):
             bad = 1
         m = max(m, abs(y))
+        kept[h, i, j] = y
     s = m / np.float32(127.0)
     for j in range(d):
-        q = np.int8(0)
-        if s > 0:
-            q = np.int8(min(max(np.rint((K[h, i, j] / scale[h, j]) / s), np.float32(-127.0)), np.float32(127.0)))
+        q = _int8_of(kept[h, i, j], s)
         stored[h, i, j] = q
         kept[h, i, j] = (np.float32(q) * s) * scale[h, j]
+    _put_scale(stored[h, i], d, s)
+    return bad
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _int8_of(y, s):
+    """``rint(y / s)`` (ties to even) clipped to [-127, 127]; 0 for a zero scale."""
+    return np.int8(min(max(np.rint(y / s), np.float32(-127.0)), np.float32(127.0))) if s > 0 else np.int8(0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_scale(row, d, s):
+    """An int8 row's float32 scale ``s`` as its four little-endian bytes after the ``d`` values."""
     u = f32_as_u32(s)
     for b in range(4):
-        stored[h, i, d + b] = np.int8(np.uint8((u >> np.uint32(8 * b)) & np.uint32(0xFF)))
-    return bad
+        row[d + b] = np.int8(np.uint8((u >> np.uint32(8 * b)) & np.uint32(0xFF)))
 
 
 def stored_width(d: int, key_dtype: str) -> int:
@@ -176,10 +187,8 @@ def _quantize_one(rows, out, r):
         m = max(m, abs(rows[r, i]))
     s = m / np.float32(127.0)
     for i in range(d):
-        out[r, i] = np.int8(min(max(np.rint(rows[r, i] / s), np.float32(-127.0)), np.float32(127.0))) if s > 0 else 0
-    u = f32_as_u32(s)
-    for b in range(4):
-        out[r, d + b] = np.int8(np.uint8((u >> np.uint32(8 * b)) & np.uint32(0xFF)))
+        out[r, i] = _int8_of(rows[r, i], s)
+    _put_scale(out[r], d, s)
 
 
 def int8_scales(stored: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ from .attention import SparseDecodeAttention, decode_attention_for
 from .config import IceCacheConfig, IceCacheConfigError
 from .control import ControlWatcher
 from .dense import dense_backend_for, resolve_dense_attention
+from .key_writes import KeyStoreWriter
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool, shared_key_store
 from ..indexer.launcher import INT8_RESCORE_FROM
@@ -59,7 +60,6 @@ from .plan import DecodeStep, Planner
 from .rundir import RunDir
 from .selection import Selector
 from .sequences import SequenceTracker
-from .key_writes import KeyStoreWriter
 from .supervisor import IndexerSupervisor
 
 logger = logging.getLogger(__name__)

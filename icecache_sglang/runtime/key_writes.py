@@ -32,17 +32,12 @@ class KeyStoreWriter:
         H, d = self.pool.head_num, self.pool.head_dim
         return self.pool.get_key_buffer(layer_id)[loc.to(torch.int64)].detach().reshape(-1, H, d)
 
-    def _write(self, i: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        if keys.dtype == torch.bfloat16:  # the store holds bfloat16 as 16-bit words
-            keys = keys.view(torch.int16)
-        self.store.write(i, slots.cpu().numpy(), keys.cpu().numpy())
-
     def write_now(self, layer_id: int, loc: torch.Tensor | None) -> None:
         """A prefill chunk's keys of ``layer_id`` at ``loc``, copied to the store now."""
         i = self.store_layer.get(layer_id)
         if self.shared or i is None or loc is None or loc.numel() == 0:
             return
-        self._write(i, loc, self._rows(layer_id, loc))
+        self.store.write(i, loc.cpu().numpy(), _host_words(self._rows(layer_id, loc)))
 
     def stage(self, layer_id: int, loc: torch.Tensor | None) -> None:
         """A decode step's keys of ``layer_id`` at ``loc``, gathered on the pool's device (no sync); written
@@ -63,9 +58,11 @@ class KeyStoreWriter:
             return
         staged, loc = self._staged, self._loc
         self._staged, self._loc = [], None
-        keys = torch.stack([k for _, k in staged])
-        if keys.dtype == torch.bfloat16:
-            keys = keys.view(torch.int16)
-        keys, slots = keys.cpu().numpy(), loc.cpu().numpy()
+        keys, slots = _host_words(torch.stack([k for _, k in staged])), loc.cpu().numpy()
         for j, (i, _) in enumerate(staged):
             self.store.write(i, slots, keys[j])
+
+
+def _host_words(keys: torch.Tensor):
+    """Keys as the store holds them, on the host (bfloat16 as its 16-bit words)."""
+    return (keys.view(torch.int16) if keys.dtype == torch.bfloat16 else keys).cpu().numpy()
