@@ -33,6 +33,7 @@ import numba  # noqa: E402
 from icecache_sglang.index.keys import to_storage  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 from icecache_sglang.indexer import Indexer  # noqa: E402
+from icecache_sglang.indexer.blas import blas_threads, set_blas_threads  # noqa: E402
 from icecache_sglang.indexer import protocol as p  # noqa: E402
 from icecache_sglang.indexer.config import IndexerConfig  # noqa: E402
 from icecache_sglang.indexer.keystore import KeyStore  # noqa: E402
@@ -51,7 +52,8 @@ def service(store: KeyStore, tmp: str, workers: int | None) -> IndexerService:
     return svc
 
 
-def build_all(svc: IndexerService, seq: int, n: int) -> float:
+def build_all(svc: IndexerService, seq: int, n: int, blas: int) -> float:
+    set_blas_threads(blas)
     req = p.Request(v=p.PROTOCOL_VERSION, id=seq, op=p.Build(seq=seq, layers=list(range(LAYERS))))
     t = time.perf_counter()
     result, _ = svc.handle(req, {"slots": np.arange(n, dtype=np.int32)})
@@ -103,51 +105,65 @@ def query_during_build(n: int, other: int = 4096, n_pages: int = 14) -> dict:
 def plot(records, path: Path) -> None:
     records = [r for r in records if r.get("measure") != "query_during_build"]
     r0 = records[0]
-    settings = sorted({r["write_workers"] for r in records})
-    series = [(f"write_workers {w}" + (" (one layer at a time)" if w == 1 else ""), "o-" if w == 1 else "s--",
-               [(r["context"], r["seconds_median"]) for r in records if r["write_workers"] == w]) for w in settings]
+    settings = sorted({(r["write_workers"], r.get("blas_threads") or 0) for r in records})
+    series = [(f"write_workers {w}" + (" (one layer at a time)" if w == 1 else "")
+               + (f", BLAS threads {b}" if b else ""), ("o-" if w == 1 else "s--") if b in (0, 1) else ":^",
+               [(r["context"], r["seconds_median"]) for r in records
+                if (r["write_workers"], r.get("blas_threads") or 0) == (w, b)]) for w, b in settings]
     plot_log_lines(path, series, f"one Build of {r0['layers']} layers ({H_KV} KV heads, d={D}) in the indexer;\n"
                    f"measured, {r0['threads']} threads: {r0['machine'][:60]}", "prompt tokens",
                    f"seconds for {r0['layers']} layers", figsize=(6, 3.8), title_size=8)
 
 
 def main(argv=None) -> None:
+    global LAYERS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--replot", action="store_true")
     ap.add_argument("--workers", default=None, help="comma-separated write_workers settings (default: 1 and "
                     "the indexer's default for this machine)")
+    ap.add_argument("--blas", default=None, help="comma-separated OpenBLAS thread counts to compare (default: "
+                    "the indexer's, 1); 0 = every core (NumPy's default)")
+    ap.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default: 8k, 32k[, 128k])")
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--no-query", action="store_true", help="skip query_during_build")
     args = ap.parse_args(argv)
+    LAYERS = args.layers
     if args.replot:
         return replot(NAME, plot)
-    contexts = [8192, 32768] + ([] if args.quick else [131072])
+    contexts = ([int(c) for c in args.contexts.split(",")] if args.contexts
+                else [8192, 32768] + ([] if args.quick else [131072]))
+    cores = max(blas_threads().values(), default=1)  # NumPy's default: every core
+    blas_settings = [int(b) or cores for b in args.blas.split(",")] if args.blas else [1]
     reps = 1 if args.quick else 2
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         store = KeyStore.create(tmp, LAYERS, max(contexts), H_KV, D, dtype="bfloat16")
         fill(store, max(contexts))
         default = service(store, tmp, None)
-        settings = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, default.write_workers})
+        workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, default.write_workers})
         default.close()
-        services = {w: service(store, tmp, w) for w in settings}
+        services = {w: service(store, tmp, w) for w in workers}
+        settings = [(w, b) for w in workers for b in blas_settings]
         for n in contexts:
-            times = {w: [] for w in settings}
+            times = {s: [] for s in settings}
             for rep in range(reps):
-                for w in (settings if rep % 2 == 0 else settings[::-1]):
-                    times[w].append(build_all(services[w], rep + 1, n))
-            base = float(np.median(times[1])) if 1 in times else None
-            for w, ts in times.items():
+                for w, b in (settings if rep % 2 == 0 else settings[::-1]):
+                    times[w, b].append(build_all(services[w], rep + 1, n, b))
+            for (w, b), ts in times.items():
                 s = float(np.median(ts))
+                base = float(np.median(times[1, b])) if (1, b) in times else None
                 records.append({"context": n, "layers": LAYERS, "heads": H_KV, "head_dim": D, "write_workers": w,
-                                "threads": numba.get_num_threads(), "reps": reps, "seconds": ts, "seconds_median": s,
-                                "seconds_per_layer": s / LAYERS, "model_seconds_computed": s / LAYERS * ANCHORS,
+                                "blas_threads": b, "threads": numba.get_num_threads(), "reps": reps, "seconds": ts,
+                                "seconds_median": s, "seconds_per_layer": s / LAYERS,
+                                "model_seconds_computed": s / LAYERS * ANCHORS,
                                 "speedup_vs_one_layer_at_a_time": base / s if base else None})
-                print(f"{n:>7} write_workers {w}: {s:7.2f} s for {LAYERS} layers"
+                print(f"{n:>7} write_workers {w} blas {b:>2}: {s:7.2f} s for {LAYERS} layers"
                       + (f"  x{base / s:.2f}" if base else ""), flush=True)
         for svc in services.values():
             svc.close()
         store.close()
-    for n in contexts[1:]:  # a Build long enough to send queries during it
+    for n in ([] if args.no_query else [c for c in contexts if c > 8192]):  # a Build long enough to send queries during it
         r = query_during_build(n)
         records.append({**r, "threads": numba.get_num_threads()})
         print(f"{n:>7} another sequence's query: idle p50 {r['idle_ms_p50']:.2f} ms, during a {r['build_s']:.1f} s "

@@ -9,7 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: where records and figures go (``ICECACHE_BENCH_RESULTS``: elsewhere, e.g. a GPU machine's ``$OUT``)
+RESULTS = Path(os.environ.get("ICECACHE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> str:

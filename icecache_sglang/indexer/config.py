@@ -26,6 +26,9 @@ class IndexerConfig:
     threads: numba threads for the search and inserts (None: every core this process may use).
     write_workers: threads that index the layers of one Build or Insert side by side, each with an even
     share of ``threads`` (None: one per thread, at most 8; 1: one layer after another).
+    blas_threads: OpenBLAS threads of the process (``indexer/blas.py``; None: NumPy's default, every core).
+    One: the indexer's parallel work runs on numba's threads, and a multi-threaded BLAS under the write
+    workers made a 32k Build of 4 layers 1.4x slower on 2 cores (``benchmarks/build_workers.py --blas``).
     max_batch / max_pages: limits a Query must respect (larger ones get an error reply).
     trim_rebuild_ratio: a Share that cuts more than this share of the source's tokens rebuilds the prefix
     from its keys instead of deleting the tail one token at a time.
@@ -38,6 +41,7 @@ class IndexerConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     threads: int | None = None
     write_workers: int | None = None
+    blas_threads: int | None = 1
     max_batch: int = MAX_BATCH
     max_pages: int = MAX_PAGES
     trim_rebuild_ratio: float = 0.25
@@ -55,6 +59,9 @@ class IndexerConfig:
         if self.write_workers is not None and (not isinstance(self.write_workers, int) or isinstance(
                 self.write_workers, bool) or not 1 <= self.write_workers <= 64):
             raise ValueError(f"write_workers must be an int in [1, 64] or None, got {self.write_workers!r}")
+        if self.blas_threads is not None and (not isinstance(self.blas_threads, int)
+                                              or isinstance(self.blas_threads, bool) or self.blas_threads < 1):
+            raise ValueError(f"blas_threads must be a positive int or None, got {self.blas_threads!r}")
         for name, v in (("max_batch", self.max_batch), ("max_pages", self.max_pages)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

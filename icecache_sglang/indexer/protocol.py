@@ -181,6 +181,8 @@ class StatsResult(msgspec.Struct, tag=True):
     busy_us_total: float
     indexed_tokens: int = 0  # tokens received by Build/Insert, summed over layers (shares index nothing)
     expired: int = 0  # queries skipped because their ``expires_at`` had passed
+    numba_threads: int = 0  # numba threads of the search and the writes (each write worker gets a share)
+    blas_threads: int = 0  # OpenBLAS threads of the process (0: no OpenBLAS found; ``indexer/blas.py``)
 
 
 Result = Pong | Done | QueryResult | StatsResult

@@ -84,11 +84,14 @@ def indexer_main(config_json: str, ready_conn, parent_pid: int) -> None:
         _set_process_name(process_name(cfg.rank))
         import numba
 
+        from .blas import set_blas_threads
         from .keystore import KeyStore
         from .service import IndexerService
 
         if cfg.threads is not None:
             numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
+        if cfg.blas_threads is not None:
+            set_blas_threads(cfg.blas_threads)
         store = KeyStore.attach(cfg.store)
         service = IndexerService(cfg, store)
         service.warmup()

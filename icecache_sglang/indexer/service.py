@@ -20,6 +20,7 @@ import numpy as np
 from ..index.config import QueryParams
 from ..index.gqa_merge import GQA_MERGES
 from .baselines import POLICIES, select_baseline
+from .blas import blas_threads
 from ..index.paged_index import PagedDCIIndex, query_batch
 from . import protocol as p
 from .config import IndexerConfig
@@ -317,5 +318,6 @@ class IndexerService:
             index_bytes=sum(e.index.nbytes() for e in distinct), state_slots=len(self.table.states), requests=self.requests, errors=self.errors,
             builds=c.builds, inserts=c.inserts, queries=self.queries, query_rows=self.query_rows, shares=c.shares,
             copies=c.copies, trims=c.trims, rebuilds=sum(e.index.rebuilds for e in distinct),
-            indexed_tokens=c.indexed_tokens, expired=self.expired,
+            indexed_tokens=c.indexed_tokens, expired=self.expired, numba_threads=numba.get_num_threads(),
+            blas_threads=max(blas_threads().values(), default=0),
             query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)
