@@ -9,15 +9,17 @@ in-process benchmark both call it, so "through the process" and "in process" run
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
 
 from ..index.config import QueryParams
+from ..index.keys import to_storage
 from ..index.gqa_merge import GQA_MERGES
 from .baselines import POLICIES, select_baseline
 from .blas import blas_threads
@@ -31,6 +33,8 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 #: a write of fewer tokens (a decode step's Insert) is indexed on the socket loop's thread, its layers one
 #: after another; a larger one on a background thread, its layers on the write workers
 POOLED_WRITE_TOKENS = 512
+#: tokens of the scratch sequence :meth:`IndexerService.warmup` indexes (a tree of several levels)
+WARMUP_TOKENS = 600
 
 
 def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
@@ -122,19 +126,57 @@ class IndexerService:
         self.errors += 1
 
     def warmup(self) -> None:
-        """Compile / load every numba function a request can reach, so the first real one is fast."""
-        rng = np.random.default_rng(0)
-        idx = PagedDCIIndex(self.H, self.d, config=self.cfg.index)
-        idx.build(rng.standard_normal((self.H, 200, self.d)).astype(np.float32))
-        idx.insert(rng.standard_normal((self.H, 3, self.d)).astype(np.float32))
-        idx.query(rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4)
-        query_batch([idx, idx.copy()], rng.standard_normal((2, self.H * 2, self.d)).astype(np.float32), 4)
-        rows = np.zeros((int(idx.positions[: idx.n_tokens].max()) + 1,) + self.store.keys.shape[2:],
-                        self.store.keys.dtype)  # every indexed position's row, in the store's dtype: its rescore
-        select_baseline(idx, rng.standard_normal((self.H * 2, self.d)).astype(np.float32), 4, "exact", "mass",
-                        rows)  # the default
-        idx.copy().delete(idx.live_ids()[-2:])
+        """Compile (or load from numba's cache) every numba function a request can reach, so that the first
+        real request is fast. Numba compiles once per argument type, and a read-only array is a type of its
+        own, so this runs the service's own request handling (:meth:`warmup_requests`) on a scratch key store
+        of the real one's dtype, mapped read-only as the real one is. (Warming up on arrays of other types left
+        the first query of the H100 server compiling for about 2 s: its switch to sparse timed out for 4 steps,
+        bringup/attempt12.) Nothing touches the real store or table."""
+        spec = self.store.spec
+        with tempfile.TemporaryDirectory(dir=self.cfg.private_dir) as tmp:
+            n = WARMUP_TOKENS + 64
+            owner = KeyStore.create(tmp, 1, n, spec.num_kv_heads, spec.head_dim, dtype=spec.dtype)
+            rng = np.random.default_rng(0)
+            owner.write(0, np.arange(n), to_storage(
+                rng.standard_normal((n, spec.num_kv_heads, spec.head_dim)).astype(np.float32), spec.dtype))
+            store = KeyStore.attach(owner.spec)
+            scratch = IndexerService(replace(self.cfg, store=owner.spec, write_workers=1), store)
+            try:
+                scratch.warmup_requests(rng)
+            finally:
+                scratch.close()
+                store.close()
+                owner.close()
         self._start_write_workers()
+
+    def warmup_requests(self, rng: np.random.Generator) -> None:
+        """Every kind of request this service answers, on its own table (a scratch service's: see
+        :meth:`warmup`): a Build, a decode Insert, Inserts that make the index rebuild itself, Queries of one
+        and of two sequences under every policy and GQA merge with each query dtype, Shares (whole source and
+        a cut prefix) and Releases."""
+        layers, n = [0], WARMUP_TOKENS
+
+        def call(op, arrays=None):
+            self.handle(*p.decode_request([bytes(f) for f in p.encode_request(0, op, arrays or {})]))
+
+        call(p.Build(seq=1, layers=layers), {"slots": np.arange(n // 2, dtype=np.int32)})
+        call(p.Insert(seq=1, layers=layers), {"slots": np.arange(n // 2, n // 2 + 1, dtype=np.int32)})
+        call(p.Insert(seq=1, layers=layers), {"slots": np.arange(n // 2 + 1, n, dtype=np.int32)})  # rebuilds
+        call(p.Share(src=1, dst=2, prefix_len=n))
+        call(p.Share(src=1, dst=3, prefix_len=n // 3))  # a long cut: the prefix rebuilt from its keys
+        call(p.Share(src=1, dst=4, prefix_len=n - 5))  # a short one: the tail deleted
+        call(p.Insert(seq=3, layers=layers), {"slots": np.arange(n, n + 2, dtype=np.int32)})
+        q = rng.standard_normal((2, 2 * self.H, self.d)).astype(np.float32)
+        for wire in ("float32", "float16", "bfloat16"):
+            qw = q.astype(np.float16) if wire == "float16" else q
+            if wire == "bfloat16":
+                qw = (q.view(np.uint32) >> 16).astype(np.uint16)
+            for policy in POLICIES:
+                for merge in GQA_MERGES:
+                    for seqs in ([1], [1, 3]):
+                        call(p.Query(layer=0, seqs=seqs, n_pages=4, policy=policy, merge=merge),
+                             {"q": (qw[: len(seqs)], wire)})
+        call(p.Release(seqs=[1, 2, 3, 4]))
 
     def _start_write_workers(self) -> None:
         """The write workers, once numba's threading layer is known: the workqueue layer (no OpenMP or TBB)

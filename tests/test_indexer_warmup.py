@@ -1,0 +1,73 @@
+"""The indexer's warmup compiles what real requests use: after it, no request meets a numba function with
+argument types it has not compiled for (a compile inside a request is seconds: the H100 server's first
+query took about 2 s and its switch to sparse timed out for 4 steps, bringup/attempt12)."""
+
+import sys
+
+import numba
+import numpy as np
+import pytest
+from numba.core.registry import CPUDispatcher
+
+from icecache_sglang.index.keys import to_storage
+from icecache_sglang.indexer import protocol as p
+from icecache_sglang.indexer.config import IndexerConfig
+from icecache_sglang.indexer.keystore import KeyStore
+from icecache_sglang.indexer.policies import POLICIES
+from icecache_sglang.indexer.service import IndexerService
+from icecache_sglang.runtime.config import IceCacheConfig
+
+H, D, N = 2, 16, 1500
+
+
+def compiled_signatures() -> dict[str, int]:
+    """How many type signatures each numba function of the index and the indexer has compiled or loaded."""
+    out = {}
+    for modname, mod in list(sys.modules.items()):
+        if modname.startswith(("icecache_sglang.index", "icecache_sglang.indexer")) and mod is not None:
+            for name, obj in vars(mod).items():
+                if isinstance(obj, CPUDispatcher):
+                    out[f"{modname}.{name}"] = len(obj.signatures)
+    return out
+
+
+def call(svc, op, arrays=None):
+    return svc.handle(*p.decode_request([bytes(f) for f in p.encode_request(7, op, arrays or {})]))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_no_request_compiles_after_warmup(tmp_path, dtype):
+    owner = KeyStore.create(str(tmp_path), 2, N + 16, H, D, dtype=dtype)
+    rng = np.random.default_rng(0)
+    for layer in range(2):
+        owner.write(layer, np.arange(N + 16), to_storage(rng.standard_normal((N + 16, H, D)).astype(np.float32), dtype))
+    store = KeyStore.attach(owner.spec)  # read-only, as the indexer process maps it
+    cfg = IndexerConfig(rank=0, store=owner.spec, endpoint=f"ipc://{tmp_path}/s", private_dir=str(tmp_path),
+                        index=IceCacheConfig().index_config(), threads=2)
+    svc = IndexerService(cfg, store)
+    try:
+        svc.warmup()
+        before = compiled_signatures()
+        assert sum(before.values()) > 0
+        call(svc, p.Build(seq=1, layers=[0, 1]), {"slots": np.arange(N, dtype=np.int32)})
+        call(svc, p.Build(seq=2, layers=[0, 1]), {"slots": np.arange(N // 2, dtype=np.int32)})
+        call(svc, p.Insert(seq=1, layers=[0, 1]), {"slots": np.arange(N, N + 1, dtype=np.int32)})
+        call(svc, p.Share(src=1, dst=3, prefix_len=N // 2))
+        q = rng.standard_normal((2, 4 * H, D)).astype(np.float32)
+        qb = (q.view(np.uint32) >> 16).astype(np.uint16)
+        for policy in POLICIES:
+            for merge in ("rank", "mass"):
+                res, arrays = call(svc, p.Query(layer=1, seqs=[1], n_pages=8, policy=policy, merge=merge),
+                                   {"q": (qb[:1], "bfloat16")})
+                assert res.n_tokens == [N + 1]
+                call(svc, p.Query(layer=0, seqs=[1, 2], n_pages=8, policy=policy, merge=merge), {"q": q})
+        call(svc, p.Release(seqs=[1, 2, 3]))
+        after = compiled_signatures()
+        grown = {k: (before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 0)}
+        assert not grown, f"compiled inside requests (signatures before, after): {grown}"
+        assert svc.stats().sequences == 0  # warmup's scratch sequences were never in this table
+    finally:
+        svc.close()
+        store.close()
+        owner.close()
+    assert numba.get_num_threads() >= 1
