@@ -83,3 +83,28 @@ def test_asynchronous_selection_starts_when_its_first_selections_can_be_answered
         assert rows == [0]  # with selections in hand, an unanswered Insert does not hold it back
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_plans_carry_their_compact_layout_as_the_decode_kernels_derive_it(planner):
+    """A plan's host ``indptr`` / ``tokens`` and its ``rows`` (what FlashInfer's decode takes, so that it
+    reads nothing back from the device per layer) equal what the Triton kernels derive from ``slots`` and
+    ``valid`` (``kernels/decode_index.py``, run on CPU by Triton's interpreter)."""
+    from icecache_sglang.kernels import plan_indptr, plan_rows, plan_rows_reference
+
+    planner, ix, m = planner
+    n = 600
+    sparse_rows(planner, n)
+    ix.client.sync()
+    step = planner.begin([0], [n + 1], CFG)
+    assert step is not None and step.sparse.tolist() == [0]
+    q = torch.from_numpy(np.random.default_rng(1).standard_normal((1, H * GROUP, D)).astype(np.float32))
+    for anchor in (0, 1):
+        plan = planner.plan(step, anchor, q, CFG, CFG.query_params())
+        assert plan.indptr.device.type == "cpu" and plan.tokens.device.type == "cpu"
+        assert plan.indptr.dtype == torch.int32 and plan.rows.dtype == torch.int32
+        indptr = plan_indptr(plan.valid)
+        assert torch.equal(plan.indptr, indptr.cpu())
+        assert torch.equal(plan.tokens, plan.valid.sum(-1))
+        assert torch.equal(plan.rows, plan_rows(plan.slots, plan.valid, indptr))
+        assert torch.equal(plan.rows, plan_rows_reference(plan.slots, plan.valid))
+        assert 0 < int(plan.indptr[-1]) < H * (n + 1)  # sparse: fewer rows than every token of every head

@@ -44,6 +44,7 @@ class DecodeStep:
     misses: dict[int, tuple] = field(default_factory=dict)  # offload: anchor layer -> rows each layer copies
     row_slots: list[np.ndarray] = field(default_factory=list)  # per batch entry: its slots, positions [0, len)
     rows_loaded: int = 0  # offload: (token, KV head) rows copied host -> device this step, all layers
+    sparse_index: torch.Tensor | None = None  # ``sparse`` on the queries' device (made at the first anchor)
 
 
 class Planner:
@@ -138,7 +139,9 @@ class Planner:
         B, H = len(step.rows), self.H
         picked, tails = {}, {}
         if len(step.sparse):
-            qs = q3[torch.from_numpy(step.sparse).to(q3.device)].detach()
+            if step.sparse_index is None or step.sparse_index.device != q3.device:  # once per step
+                step.sparse_index = to_device(step.sparse, q3.device)
+            qs = q3[step.sparse_index].detach()
             if qs.dtype == torch.bfloat16:
                 arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
             else:
@@ -182,5 +185,21 @@ class Planner:
             step.rows_loaded += len(misses[0]) * layers
             dev = self.device_pool.device
         slots[~valid] = 0
-        plan = step.plans[anchor] = DecodePlan(torch.from_numpy(slots).to(dev), torch.from_numpy(valid).to(dev))
+        tokens = valid.sum(-1)  # [B, H] (int64)
+        indptr = np.zeros(B * H + 1, np.int32)
+        np.cumsum(tokens.reshape(-1), out=indptr[1:])
+        rows = (slots * H + np.arange(H, dtype=np.int64)[None, :, None])[valid].astype(np.int32)
+        plan = step.plans[anchor] = DecodePlan(to_device(slots, dev), to_device(valid, dev),
+                                               indptr=torch.from_numpy(indptr), rows=to_device(rows, dev),
+                                               tokens=torch.from_numpy(tokens))
         return plan
+
+
+def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host array on ``device``; to a GPU through pinned memory without waiting (a copy from pageable
+    memory returns only once the stream's earlier work is done: one stall per anchor layer)."""
+    t = torch.from_numpy(a)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

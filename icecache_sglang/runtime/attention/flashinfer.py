@@ -40,15 +40,20 @@ class FlashInferSparseDecode(SparseDecodeAttention):
         fi = _flashinfer()
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=use_tensor_cores)
+        self._ones: torch.Tensor | None = None
 
     def decode(self, q, k_cache, v_cache, plan: DecodePlan, scale: float) -> torch.Tensor:
-        from icecache_sglang.kernels import plan_indptr, plan_rows  # Triton: imported where it runs
-
         B, Hq, d = q.shape
         H = k_cache.shape[1]
-        indptr = plan_indptr(plan.valid)
-        indices = plan_rows(plan.slots, plan.valid, indptr)
-        self.plan(indptr.cpu(), indices, H, Hq // H, d, q.dtype, k_cache.dtype, scale)
+        if plan.indptr is not None and plan.rows is not None:  # laid out by the planner: no device read-back
+            indptr_host, indices = plan.indptr, plan.rows
+        else:
+            from icecache_sglang.kernels import plan_indptr, plan_rows  # Triton: imported where it runs
+
+            indptr = plan_indptr(plan.valid)
+            indices = plan_rows(plan.slots, plan.valid, indptr)
+            indptr_host = indptr.cpu()
+        self.plan(indptr_host, indices, H, Hq // H, d, q.dtype, k_cache.dtype, scale)
         return self.run(q, k_cache, v_cache)
 
     def plan(self, indptr_host: torch.Tensor, indices: torch.Tensor, n_kv_heads: int, group: int, head_dim: int,
@@ -56,8 +61,10 @@ class FlashInferSparseDecode(SparseDecodeAttention):
              ) -> None:
         BH = indptr_host.numel() - 1
         self._H = n_kv_heads
-        if last_page_len is None:
-            last_page_len = torch.ones(BH, dtype=torch.int32, device=indices.device)
+        if last_page_len is None:  # page size 1: every page is full (kept, not made per layer)
+            if self._ones is None or self._ones.numel() < BH or self._ones.device != indices.device:
+                self._ones = torch.ones(max(BH, 64), dtype=torch.int32, device=indices.device)
+            last_page_len = self._ones[:BH]
         self.wrapper.plan(indptr_host, indices, last_page_len, num_qo_heads=group, num_kv_heads=1,
                           head_dim=head_dim, page_size=1, q_data_type=q_dtype, kv_data_type=kv_dtype,
                           sm_scale=scale)
