@@ -149,3 +149,23 @@ def test_rebuild_policy_keeps_ids_and_marks_pages_dirty(rng):
     assert idx.top_level()[0] >= 1
     assert set(range(old_pages)) <= set(idx.dirty_pages()[0].tolist())
     check_invariants(idx)
+
+
+def test_capacity_grows_by_a_quarter_not_double(rng):
+    """A decode step's insert past a build's capacity grew every array to twice its size (a whole prompt's
+    index doubled by one token); now a build leaves 1/16 room and growth is by 1.25, and deletes that move
+    children into other cells grow the page arrays first (a page split past the capacity would write
+    outside them)."""
+    n = 4096
+    K = rng.standard_normal((2, n + 600, 16)).astype(np.float32)
+    idx = PagedDCIIndex(2, 16, 0, IndexConfig(page_size=16, key_dtype="int8"))
+    idx.build(K[:, :n])
+    built = idx.nbytes()
+    assert idx.alive.shape[0] <= n + n // 16 + 16
+    assert idx.page_fill.shape[1] <= 1.1 * idx.next_page.max() + 16
+    for i in range(n, n + 600):  # decode steps: one token at a time, past the build's room
+        idx.insert(K[:, i: i + 1])
+    assert idx.alive.shape[0] >= n + 600 and idx.nbytes() < 1.45 * built  # was 2x
+    idx.delete(np.arange(0, n, 3))
+    check_invariants(idx)
+    assert (idx.next_page <= idx.page_fill.shape[1]).all()

@@ -32,6 +32,21 @@ from .transform import (
 )
 
 
+#: capacity is grown by this factor when inserts outgrow it (amortized: each token or page is copied at most
+#: ``1 / (GROWTH - 1)`` times over the index's life)
+GROWTH = 1.25
+#: a build leaves room for this share more tokens and pages (the first decode steps' inserts and page splits)
+BUILD_SLACK = 1 / 16
+
+
+def _grown(n: int) -> int:
+    return n + max(16, int(n * (GROWTH - 1)))
+
+
+def _slack(n: int) -> int:
+    return max(16, int(n * BUILD_SLACK))
+
+
 def _as_float_array(name: str, x, ndim: int) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype.kind not in "fiu":
@@ -118,10 +133,11 @@ class PagedDCIIndex:
         return tuple(getattr(self, f) for f in pt.STATE_FIELDS)
 
     def _grow(self, need_tokens: int, need_pages: int) -> None:
-        """Make room for ``need_tokens`` token ids and ``need_pages`` page ids (doubling)."""
+        """Make room for ``need_tokens`` token ids and ``need_pages`` page ids, growing by ``GROWTH`` (a decode
+        step's insert past the capacity made the index of a whole prompt twice its size when this doubled)."""
         T, P = self.alive.shape[0], self.page_fill.shape[1]
-        more_t = max(need_tokens, 2 * T) - T if need_tokens > T else 0
-        more_p = max(need_pages, 2 * P) - P if need_pages > P else 0
+        more_t = max(need_tokens, _grown(T)) - T if need_tokens > T else 0
+        more_p = max(need_pages, _grown(P)) - P if need_pages > P else 0
         extra = {"tok": more_t, "cell": more_t, "page": more_p, "head": 0}
         if more_t or more_p:
             self.storage_version += 1
@@ -227,7 +243,7 @@ class PagedDCIIndex:
                                                                 self.cfg.parent_chunk, sqn[h])]]
             sizes = np.bincount(parent[h] + 1)
             need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
-        self._alloc(n_ids, need_pages + need_pages // 4 + 16)
+        self._alloc(n_ids + _slack(n_ids), need_pages + _slack(need_pages))
         self.n_tokens = n_ids
         self.alive[tids] = True
         self.positions[tids] = pos
@@ -380,6 +396,8 @@ class PagedDCIIndex:
 
     def _move(self, h: int, t: int, new_parent: int) -> None:
         """Move ``t`` (with its subtree) under ``new_parent``, re-projected with the current max norm."""
+        if int(self.next_page[h]) + 1 > self.page_fill.shape[1]:  # attach may split a page (numba: no bounds check)
+            self._grow(self.n_tokens, int(self.next_page[h]) + 1)
         S = self.state
         raw, val = self._raw_key(h, t).copy(), self._val(h, t).copy()
         pt.detach(S, h, t)
