@@ -71,3 +71,23 @@ def test_no_request_compiles_after_warmup(tmp_path, dtype):
         store.close()
         owner.close()
     assert numba.get_num_threads() >= 1
+
+
+def test_warmup_respects_the_query_limits_and_writes_no_file(tmp_path):
+    """Warmup's queries stay within ``max_pages`` / ``max_batch`` (an out-of-range query would be refused and
+    the indexer never ready), and its scratch store is anonymous memory: nothing in the private directory,
+    whose /dev/shm may be nearly filled by the real store."""
+    owner = KeyStore.create(str(tmp_path), 1, 64, H, D, dtype="bfloat16")
+    store = KeyStore.attach(owner.spec)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cfg = IndexerConfig(rank=0, store=owner.spec, endpoint=f"ipc://{tmp_path}/s", private_dir=str(tmp_path),
+                        index=IceCacheConfig().index_config(), max_pages=2, max_batch=1)
+    svc = IndexerService(cfg, store)
+    try:
+        svc.warmup()
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert svc.stats().sequences == 0 and svc.errors == 0
+    finally:
+        svc.close()
+        store.close()
+        owner.close()

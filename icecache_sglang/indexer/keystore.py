@@ -99,6 +99,18 @@ class KeyStore:
             os.close(fd)
         return cls(spec, mm, owner=False)
 
+    @classmethod
+    def scratch(cls, keys: np.ndarray, dtype: str) -> KeyStore:
+        """A store over ``keys [layers, slots, H, d]`` (already in ``dtype``'s wire form) in anonymous memory,
+        read-only like an attached store's view (numba compiles per array type, read-only included): the
+        indexer's warmup runs real requests on it without a file."""
+        spec = KeyStoreSpec("<scratch>", dtype, *(int(x) for x in keys.shape))
+        mm = mmap.mmap(-1, spec.nbytes)
+        store = cls(spec, mm, owner=False)
+        store.keys[...] = keys
+        store.keys.setflags(write=False)
+        return store
+
     def write(self, layer: int, slots, keys) -> None:
         """Store ``keys [n, H, d]`` of ``layer`` at ``slots [n]`` (the runtime's side)."""
         self.keys[layer, np.asarray(slots)] = keys

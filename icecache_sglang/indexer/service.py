@@ -9,7 +9,6 @@ in-process benchmark both call it, so "through the process" and "in process" run
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -129,24 +128,19 @@ class IndexerService:
         """Compile (or load from numba's cache) every numba function a request can reach, so that the first
         real request is fast. Numba compiles once per argument type, and a read-only array is a type of its
         own, so this runs the service's own request handling (:meth:`warmup_requests`) on a scratch key store
-        of the real one's dtype, mapped read-only as the real one is. (Warming up on arrays of other types left
-        the first query of the H100 server compiling for about 2 s: its switch to sparse timed out for 4 steps,
-        bringup/attempt12.) Nothing touches the real store or table."""
+        of the real one's dtype, read-only as the real one is mapped (``KeyStore.scratch``: no file). (Warming
+        up on arrays of other types left the first query of the H100 server compiling for about 2 s: its switch
+        to sparse timed out for 4 steps, bringup/attempt12.) Nothing touches the real store or table."""
         spec = self.store.spec
-        with tempfile.TemporaryDirectory(dir=self.cfg.private_dir) as tmp:
-            n = WARMUP_TOKENS + 64
-            owner = KeyStore.create(tmp, 1, n, spec.num_kv_heads, spec.head_dim, dtype=spec.dtype)
-            rng = np.random.default_rng(0)
-            owner.write(0, np.arange(n), to_storage(
-                rng.standard_normal((n, spec.num_kv_heads, spec.head_dim)).astype(np.float32), spec.dtype))
-            store = KeyStore.attach(owner.spec)
-            scratch = IndexerService(replace(self.cfg, store=owner.spec, write_workers=1), store)
-            try:
-                scratch.warmup_requests(rng)
-            finally:
-                scratch.close()
-                store.close()
-                owner.close()
+        n = WARMUP_TOKENS + 64
+        rows = np.random.default_rng(0).standard_normal((1, n, spec.num_kv_heads, spec.head_dim)).astype(np.float32)
+        store = KeyStore.scratch(to_storage(rows, spec.dtype), spec.dtype)
+        scratch = IndexerService(replace(self.cfg, store=store.spec, write_workers=1), store)
+        try:
+            scratch.warmup_requests(np.random.default_rng(1))
+        finally:
+            scratch.close()
+            store.close()
         self._start_write_workers()
 
     def warmup_requests(self, rng: np.random.Generator) -> None:
@@ -155,6 +149,8 @@ class IndexerService:
         and of two sequences under every policy and GQA merge with each query dtype, Shares (whole source and
         a cut prefix) and Releases."""
         layers, n = [0], WARMUP_TOKENS
+        n_pages = min(4, self.cfg.max_pages)
+        batches = ([1], [1, 3]) if self.cfg.max_batch >= 2 else ([1],)
 
         def call(op, arrays=None):
             self.handle(*p.decode_request([bytes(f) for f in p.encode_request(0, op, arrays or {})]))
@@ -173,8 +169,8 @@ class IndexerService:
                 qw = (q.view(np.uint32) >> 16).astype(np.uint16)
             for policy in POLICIES:
                 for merge in GQA_MERGES:
-                    for seqs in ([1], [1, 3]):
-                        call(p.Query(layer=0, seqs=seqs, n_pages=4, policy=policy, merge=merge),
+                    for seqs in batches:
+                        call(p.Query(layer=0, seqs=seqs, n_pages=n_pages, policy=policy, merge=merge),
                              {"q": (qw[: len(seqs)], wire)})
         call(p.Release(seqs=[1, 2, 3, 4]))
 

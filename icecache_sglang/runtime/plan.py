@@ -189,9 +189,11 @@ class Planner:
         indptr = np.zeros(B * H + 1, np.int32)
         np.cumsum(tokens.reshape(-1), out=indptr[1:])
         rows = (slots * H + np.arange(H, dtype=np.int64)[None, :, None])[valid].astype(np.int32)
-        plan = step.plans[anchor] = DecodePlan(to_device(slots, dev), to_device(valid, dev),
-                                               indptr=torch.from_numpy(indptr), rows=to_device(rows, dev),
-                                               tokens=torch.from_numpy(tokens))
+        indptr_host = torch.from_numpy(indptr)
+        if torch.device(dev).type == "cuda":  # FlashInfer's plan copies it to the device
+            indptr_host = indptr_host.pin_memory()
+        plan = step.plans[anchor] = DecodePlan(to_device(slots, dev), to_device(valid, dev), indptr=indptr_host,
+                                               rows=to_device(rows, dev), tokens=torch.from_numpy(tokens))
         return plan
 
 
