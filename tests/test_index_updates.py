@@ -169,3 +169,19 @@ def test_capacity_grows_by_a_quarter_not_double(rng):
     idx.delete(np.arange(0, n, 3))
     check_invariants(idx)
     assert (idx.next_page <= idx.page_fill.shape[1]).all()
+
+
+def test_decode_inserts_keep_pages_full(rng):
+    """A full page passes a token to a neighbouring page of its cell with room before it splits: a decode's
+    single-token inserts into the bisect layout's nearly full pages (2048 tokens, 400 inserts) took 0.235 new
+    pages per insert (mean fill 10.4 of 16) when every insert into a full page split it; now 0.13 (12.6)."""
+    r = np.random.default_rng(0)
+    K = r.standard_normal((1, 2448, 32)).astype(np.float32)
+    idx = PagedDCIIndex(1, 32, 0, IndexConfig(page_size=16, rebuild_growth=None))
+    idx.build(K[:, :2048])
+    before = int(idx.next_page[0] - idx.free_n[0])
+    for i in range(2048, 2448):
+        idx.insert(K[:, i: i + 1])
+    check_invariants(idx, reference_keys=K)
+    used = int(idx.next_page[0] - idx.free_n[0])
+    assert (used - before) / 400 < 0.18 and 2448 / used > 11.5
