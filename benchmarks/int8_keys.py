@@ -144,6 +144,10 @@ def quality(layers, P: int, source: str) -> list[dict]:
     return out
 
 
+#: decode steps after the build in the bytes part (one single-token insert each: a 512-token answer)
+DECODE_TOKENS = 512
+
+
 def speed(n: int, reps: int, seed: int = 0, shape: tuple[int, int, int] = (8, 4, 128)) -> list[dict]:
     """``shape``: KV heads, query heads per KV head, head_dim (Llama-3.1-8B's by default)."""
     rng = np.random.default_rng(seed)
@@ -157,6 +161,8 @@ def speed(n: int, reps: int, seed: int = 0, shape: tuple[int, int, int] = (8, 4,
     t0 = time.perf_counter()
     i8 = _index(Kb, "int8")
     t_i8 = time.perf_counter() - t0
+    built_bytes = {"bfloat16": bf.nbytes(), "int8": i8.nbytes()}
+    built_page_bytes = {"bfloat16": bf.page_keys.nbytes, "int8": i8.page_keys.nbytes}
     ops = {
         "scan, bfloat16 copy": lambda q: scan_pages(bf.page_keys, bf.page_fill, bf.next_page, q, P, merge="mass"),
         "scan, int8 copy + rescore 2P": lambda q: scan_index(i8, q, P, merge="mass", store=store),
@@ -177,12 +183,50 @@ def speed(n: int, reps: int, seed: int = 0, shape: tuple[int, int, int] = (8, 4,
         out.append({"part": "speed", "context": n, "shape": list(shape), "op": k,
                     "median_ms": float(np.median(ts[2:]) * 1e3),
                     "p90_ms": float(np.percentile(ts[2:], 90) * 1e3), "reps": reps - 2})
+    # a 512-token answer's decode steps: one insert of one token each (keys near the prompt's, as a model's are)
+    new = Kb[:, rng.integers(0, n, DECODE_TOKENS)] + 0.05 * rng.standard_normal((H, DECODE_TOKENS, d)).astype(np.float32)
+    after = {}
+    for kd, idx in (("bfloat16", bf), ("int8", i8)):
+        for i in range(DECODE_TOKENS):
+            idx.insert(new[:, i: i + 1])
+        after[kd] = idx.nbytes() / (n + DECODE_TOKENS)
     for kd, idx, tb in (("bfloat16", bf, t_bf), ("int8", i8, t_i8)):
-        b = idx.nbytes() / n
+        b = built_bytes[kd] / n
         out.append({"part": "bytes", "context": n, "shape": list(shape), "key_dtype": kd, "index_bytes_per_token_layer": b,
                     "key_bytes_per_token_layer": key_row, "index_vs_keys": b / key_row,
-                    "page_copy_bytes_per_token_layer": idx.page_keys.nbytes / n, "build_s": tb})
+                    "page_copy_bytes_per_token_layer": built_page_bytes[kd] / n, "build_s": tb,
+                    "decode_tokens": DECODE_TOKENS, "index_vs_keys_after_decode": after[kd] / key_row})
     return out
+
+
+def plot_bytes(records, path: Path) -> None:
+    """Index bytes against the bfloat16 keys, after the build and after a 512-token answer's inserts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for shape, style in (([8, 4, 128], "-"), ([3, 3, 64], "--")):
+        by = [r for r in records if r["part"] == "bytes" and r["shape"] == shape]
+        for kd, mark in (("bfloat16", "s"), ("int8", "o")):
+            rs = [r for r in by if r["key_dtype"] == kd]
+            if not rs:
+                continue
+            ax.plot([r["context"] for r in rs], [r["index_vs_keys"] for r in rs], mark + style,
+                    label=f"{kd} copy, {shape[0]}x{shape[2]} heads: built")
+            ax.plot([r["context"] for r in rs], [r["index_vs_keys_after_decode"] for r in rs], mark + ":",
+                    mfc="none", label=f"... after {rs[0]['decode_tokens']} decode inserts")
+    ax.axhline(1.25, color="red", lw=0.8, label="issue 14's bound (1.25x)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens indexed")
+    ax.set_ylabel("index bytes / bfloat16 key bytes (allocated)")
+    ax.set_title("the index's host bytes per token and layer (measured, allocated)", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.text(0.01, 0.01, f"{records[0].get('machine', '')}  |  {records[0].get('command', '')}", fontsize=6)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(records, path: Path) -> None:
@@ -237,6 +281,8 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=int, default=256, help="tokens: P = (budget - 64) // 16 pages")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON records")
+    ap.add_argument("--no-quality", action="store_true", help="bytes and speed only (synthetic keys, no model): "
+                    "records in int8_keys_bytes[_quick].json")
     args = ap.parse_args(argv)
     if args.replot:
         path = png_path("int8_keys", args.quick)
@@ -253,13 +299,17 @@ def main(argv=None) -> None:
         records += recs
         for r in recs:
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-    for model, text, ctx in sources:
+    for model, text, ctx in ([] if args.no_quality else sources):
         recs = quality(real_layers(model, text, ctx, args.steps), P, f"{model} {text} {ctx}")
         records += recs
         for r in recs:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-    path = write_records("int8_keys", args.quick, records)
-    plot(json.loads(path.read_text()), png_path("int8_keys", args.quick))
+    name = "int8_keys_bytes" if args.no_quality else "int8_keys"
+    path = write_records(name, args.quick, records)
+    if not args.no_quality:
+        plot(json.loads(path.read_text()), png_path(name, args.quick))
+    else:
+        plot_bytes(json.loads(path.read_text()), png_path(name, args.quick))
 
 
 if __name__ == "__main__":
