@@ -3,6 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# numba's on-disk cache (cache=True) does not notice a change in another module that a cached function calls
+# (index/pagetable.py under paged_index.py's kernels): a run after such an edit would test the old code. Drop
+# the caches whenever a numba source changed since they were written (a fresh checkout has none).
+numba_sources=$(grep -rl --include='*.py' 'njit' icecache_sglang kernels 2>/dev/null | sort || true)
+stamp=$( (echo "$numba_sources"; cat $numba_sources) | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.numba-sources 2>/dev/null || true)" != "$stamp" ]; then
+  find icecache_sglang kernels \( -name '*.nbi' -o -name '*.nbc' \) -delete 2>/dev/null || true
+  echo "$stamp" > .venv/.numba-sources
+fi
 # Keep the repository root off sys.path: its kernels/ folder would shadow the PyPI package SGLang imports.
 export PYTHONSAFEPATH=1
 exec .venv/bin/python -m pytest "$@"
