@@ -40,8 +40,7 @@ GROUP, D, P, C = 4, 128, 12, 16  # Llama-3.1-8B: 32 query heads over 8 KV heads
 
 
 def _local(service: IndexerService, op, arrays=None):
-    req, arr = p.decode_request([bytes(f) for f in p.encode_request(0, op, arrays)])
-    return service.handle(req, arr)
+    return service.handle(*p.as_received(0, op, arrays))
 
 
 def median_us(fn, reps: int) -> float:
@@ -132,7 +131,7 @@ def run_context(ix: Indexer, local: IndexerService, context: int, distinct: int,
         sel = c.query(0, seqs, qs[0], P, timeout_s=600)
         _, out = _local(local, op, {"q": qs[0]})
         assert not sel.fallback and np.array_equal(sel.pages, out["pages"]) and np.array_equal(sel.slots, out["slots"])
-        decoded = [p.decode_request([bytes(f) for f in p.encode_request(0, op, {"q": qs[k]})]) for k in range(reps)]
+        decoded = [p.as_received(0, op, {"q": qs[k]}) for k in range(reps)]
         indexes = [local.table.get(s, 0) for s in seqs]
         in_t, loop_t, ipc_t, server_us = [], [], [], []
         for k in range(reps):  # interleaved, so drift of this machine's speed hits both sides alike

@@ -59,8 +59,7 @@ def local(ix):
 
 
 def local_call(service, rid, op, arrays=None):
-    req, arr = p.decode_request([bytes(f) for f in p.encode_request(rid, op, arrays)])
-    return service.handle(req, arr)
+    return service.handle(*p.as_received(rid, op, arrays))
 
 
 def test_start_ready_name_and_clean_stop():

@@ -32,7 +32,7 @@ def compiled_signatures() -> dict[str, int]:
 
 
 def call(svc, op, arrays=None):
-    return svc.handle(*p.decode_request([bytes(f) for f in p.encode_request(7, op, arrays or {})]))
+    return svc.handle(*p.as_received(7, op, arrays))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -18,22 +18,17 @@ _SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads
 _GETTERS = tuple(s.replace("set_num", "get_num") for s in _SETTERS)
 
 
+@functools.lru_cache(maxsize=1)
 def _loaded_openblas() -> tuple[str, ...]:
-    """Paths of the OpenBLAS libraries mapped into this process (Linux ``/proc/self/maps``), once NumPy has
+    """Paths of the OpenBLAS libraries mapped into this process (Linux ``/proc/self/maps``) once NumPy has
     loaded its own (they do not change after that)."""
     import numpy  # noqa: F401 - maps NumPy's OpenBLAS into the process
 
-    return _mapped_openblas()
-
-
-@functools.lru_cache(maxsize=1)
-def _mapped_openblas() -> tuple[str, ...]:
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+            return tuple(sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}))
     except OSError:
         return ()
-    return tuple(sorted(paths))
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,6 +41,7 @@ def _symbol(path: str, names: tuple[str, ...]):
     for name in names:
         fn = getattr(lib, name, None)
         if fn is not None:
+            fn.restype = ctypes.c_int  # the getters' result; the setters return nothing
             return fn
     return None
 
@@ -56,7 +52,6 @@ def blas_threads() -> dict[str, int]:
     for path in _loaded_openblas():
         get = _symbol(path, _GETTERS)
         if get is not None:
-            get.restype = ctypes.c_int
             out[path] = int(get())
     return out
 

@@ -268,6 +268,12 @@ def unpack_arrays(specs: list[ArraySpec], frames: list) -> dict[str, np.ndarray]
     return out
 
 
+def as_received(rid: int, op, arrays: dict | None = None) -> tuple[Request, dict[str, np.ndarray]]:
+    """A request as the indexer receives it: encoded, copied into frames and decoded, so its arrays are the
+    read-only frame views a socket gives (numba compiles per array type). For answering in process."""
+    return decode_request([bytes(f) for f in encode_request(rid, op, arrays)])
+
+
 def decode_request(frames: list) -> tuple[Request, dict[str, np.ndarray]]:
     """frames = ``[header, *arrays]`` -> (request, arrays). Raises :class:`ProtocolError`; its ``rid``
     attribute is the request id when the header got that far (else -1)."""

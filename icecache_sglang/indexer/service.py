@@ -153,7 +153,7 @@ class IndexerService:
         batches = ([1], [1, 3]) if self.cfg.max_batch >= 2 else ([1],)
 
         def call(op, arrays=None):
-            self.handle(*p.decode_request([bytes(f) for f in p.encode_request(0, op, arrays or {})]))
+            self.handle(*p.as_received(0, op, arrays))
 
         call(p.Build(seq=1, layers=layers), {"slots": np.arange(n // 2, dtype=np.int32)})
         call(p.Insert(seq=1, layers=layers), {"slots": np.arange(n // 2, n // 2 + 1, dtype=np.int32)})

@@ -198,7 +198,8 @@ class IceCacheAttnBackend(AttentionBackend):
         self.planner = Planner(tracker=self.tracker, selector=self.selector, metrics=m,
                                req_to_token=self.req_to_token_pool.req_to_token, num_kv_heads=self.H,
                                store_layer=self.store_layer, layers_per_anchor=self._layers_per_anchor,
-                               slots_device=pool.device, device_pool=self.device_pool)
+                               slots_device=pool.device, device_pool=self.device_pool,
+                               plan_slots=self.attention.reads_slots)
         self._step: DecodeStep | None = None
         self.last_layer = self.num_layers - 1
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))

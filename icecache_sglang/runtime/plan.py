@@ -51,7 +51,7 @@ class Planner:
     def __init__(self, *, tracker: SequenceTracker, selector: Selector, metrics: IceCacheMetrics,
                  req_to_token: torch.Tensor, num_kv_heads: int, store_layer: dict[int, int],
                  layers_per_anchor: dict[int, int], slots_device: torch.device,
-                 device_pool: DeviceKVPool | None = None):
+                 device_pool: DeviceKVPool | None = None, plan_slots: bool = True):
         self.tracker, self.selector, self.metrics = tracker, selector, metrics
         self.cache = SelectionCache(selector, metrics, num_kv_heads)  # step_reuse / max_stale_steps
         self.req_to_token = req_to_token
@@ -59,6 +59,7 @@ class Planner:
         self.store_layer, self.layers_per_anchor = store_layer, layers_per_anchor
         self.slots_device = slots_device  # where plans of SGLang slots go (the KV pool's device)
         self.device_pool = device_pool
+        self.plan_slots = plan_slots  # whether the attention path reads plans' slots / valid on the device
 
     def row_slots(self, row: int, n: int) -> np.ndarray:
         """KV slots of positions ``[0, n)`` of ``row`` (a view on CPU)."""
@@ -189,19 +190,20 @@ class Planner:
         indptr = np.zeros(B * H + 1, np.int32)
         np.cumsum(tokens.reshape(-1), out=indptr[1:])
         rows = (slots * H + np.arange(H, dtype=np.int64)[None, :, None])[valid].astype(np.int32)
-        indptr_host = torch.from_numpy(indptr)
-        if torch.device(dev).type == "cuda":  # FlashInfer's plan copies it to the device
-            indptr_host = indptr_host.pin_memory()
-        plan = step.plans[anchor] = DecodePlan(to_device(slots, dev), to_device(valid, dev), indptr=indptr_host,
-                                               rows=to_device(rows, dev), tokens=torch.from_numpy(tokens))
+        on = dev if self.plan_slots else "cpu"
+        plan = step.plans[anchor] = DecodePlan(to_device(slots, on), to_device(valid, on),
+                                               indptr=host_for(indptr, dev), rows=to_device(rows, dev),
+                                               tokens=torch.from_numpy(tokens))
         return plan
 
 
-def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """A host array on ``device``; to a GPU through pinned memory without waiting (a copy from pageable
-    memory returns only once the stream's earlier work is done: one stall per anchor layer)."""
+def host_for(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host array as a tensor to be copied to ``device``: pinned for a GPU (a copy from pageable memory
+    returns only once the stream's earlier work is done: one stall per anchor layer)."""
     t = torch.from_numpy(a)
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.pin_memory() if torch.device(device).type == "cuda" else t
+
+
+def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host array on ``device``, to a GPU without waiting (:func:`host_for`)."""
+    return host_for(a, device).to(device, non_blocking=True)

@@ -19,7 +19,9 @@ class DecodePlan:
     kernel takes, so that no attention path reads a plan's layout back from the device: ``indptr`` (host,
     int32 ``[B*H_kv + 1]``: offsets of each (request, KV head)'s valid entries), ``rows`` (int32, on the
     plan's device: ``slot * H_kv + h`` of the valid entries, in order) and ``tokens`` (host, ``[B, H_kv]``
-    valid entries). None when a plan is made without them (an attention path then derives them)."""
+    valid entries). None when a plan is made without them (an attention path then derives them). A planner
+    for an attention path that reads only the compact form (``SparseDecodeAttention.reads_slots`` false)
+    leaves ``slots`` and ``valid`` on the host."""
 
     slots: torch.Tensor
     valid: torch.Tensor
@@ -35,6 +37,9 @@ class DecodePlan:
 
 class SparseDecodeAttention(ABC):
     """Decode attention of one layer over a :class:`DecodePlan`."""
+
+    #: whether :meth:`decode` reads the plan's ``slots`` / ``valid`` (else only ``indptr`` / ``rows``)
+    reads_slots = True
 
     @abstractmethod
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodePlan,

@@ -37,6 +37,8 @@ class FlashInferSparseDecode(SparseDecodeAttention):
     """Eager sparse decode: plans once per :class:`DecodePlan` (the layers sharing it reuse the plan), from the
     host layout the planner gives (else derived on the device and its counts read back)."""
 
+    reads_slots = False  # a planner's plans carry indptr / rows (the fallback derives them from slots)
+
     def __init__(self, device: torch.device | str = "cuda", use_tensor_cores: bool = False):
         fi = _flashinfer()
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
