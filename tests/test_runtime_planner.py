@@ -15,6 +15,7 @@ import torch
 
 from icecache_sglang.indexer.launcher import Indexer
 from icecache_sglang.runtime.config import IceCacheConfig
+from icecache_sglang.runtime.host_query import HostQuery
 from icecache_sglang.runtime.metrics import IceCacheMetrics
 from icecache_sglang.runtime.plan import Planner
 from icecache_sglang.runtime.selection import Selector
@@ -108,3 +109,72 @@ def test_plans_carry_their_compact_layout_as_the_decode_kernels_derive_it(planne
         assert torch.equal(plan.rows, plan_rows(plan.slots, plan.valid, indptr))
         assert torch.equal(plan.rows, plan_rows_reference(plan.slots, plan.valid))
         assert 0 < int(plan.indptr[-1]) < H * (n + 1)  # sparse: fewer rows than every token of every head
+
+
+class HeldQuery(HostQuery):
+    """A layer's queries whose copy to the host has not landed until ``HeldQuery.landed`` (what a GPU's
+    asynchronous copy looks like to the planner; on CPU the queries are on the host at once)."""
+
+    landed = False
+
+    def ready(self) -> bool:
+        return HeldQuery.landed
+
+
+def plan_step(planner: Planner, n: int, q: torch.Tensor) -> list:
+    step = planner.begin([0], [n], CFG)
+    assert step is not None and step.sparse.tolist() == [0]
+    return [planner.plan(step, anchor, q, CFG, CFG.query_params()) for anchor in (0, 1)]
+
+
+def assert_no_token_twice(plans) -> None:
+    for plan in plans:
+        for b in range(plan.slots.shape[0]):
+            for h in range(H):
+                s = plan.slots[b, h][plan.valid[b, h]]
+                assert s.unique().numel() == s.numel(), f"a token attended twice: {sorted(s.tolist())}"
+
+
+def test_asynchronous_queries_go_out_once_on_the_host_with_the_index_end_of_that_moment(planner):
+    """With asynchronous selection a layer's queries go out once their copy to the host has landed (at a
+    later layer or step; two steps later, waiting for it), never holding up the layer that made them. The
+    index end of such a selection is read when it is sent: an Insert sent in between is answered first,
+    and its pages may hold the inserted tokens, which the plan must then not attend a second time."""
+    planner, ix, m = planner
+    planner.host_query = HeldQuery
+    q = torch.from_numpy(np.random.default_rng(3).standard_normal((1, H * GROUP, D)).astype(np.float32))
+    n = 600
+    sparse_rows(planner, n)  # the Build
+    ix.client.sync()
+    HeldQuery.landed = False
+    n += 1
+    plan_step(planner, n, q)  # first selections: waited for in the layer, so sent at once
+    assert m.queries == 2 and m.queries_deferred == 0
+    n += 1
+    plan_step(planner, n, q)  # selections in hand: the new queries wait for their copy
+    assert m.queries == 2 and m.queries_deferred == 2 and len(planner.cache.unsent) == 2
+    # the next step indexes a page more; make its tokens the best match of these queries
+    end = planner.tracker.indexed_end(0)
+    n += C
+    new_end = n - CFG.window_tokens
+    group = q[0].reshape(H, GROUP, D).mean(1).numpy()
+    ix.store.keys[:, end + 1: new_end + 1] = 50 * group[None, None]  # positions [end, new_end): slots + 1
+    plans = plan_step(planner, n, q)  # the Insert goes out; the queries of the step before stay unsent
+    assert planner.tracker.indexed_end(0) == new_end
+    assert m.queries == 2 and len(planner.cache.unsent) == 2
+    assert_no_token_twice(plans)
+    n += 1
+    plans = plan_step(planner, n, q)  # two steps on: sent (waiting for the copy), after that Insert
+    assert m.queries >= 4 and m.fallbacks == 0
+    assert_no_token_twice(plans)  # attended with their answers (the first selections are too old by now)
+    ix.client.sync()
+    for _ in range(3):  # their answers are installed and attended
+        n += 1
+        assert_no_token_twice(plan_step(planner, n, q))
+    inserted = set(range(end + 1, new_end + 1))
+    assert any(inserted & set(e.slots.ravel().tolist()) for e in planner.cache.entries.values())
+    HeldQuery.landed = True
+    sent = m.queries
+    n += 1
+    plan_step(planner, n, q)
+    assert m.queries > sent and not planner.cache.unsent  # landed: sent from the layer that made them

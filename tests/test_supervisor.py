@@ -229,13 +229,16 @@ def test_an_asynchronous_query_expires_once_too_old_to_be_used(ix):
     """A stopped (slow) indexer must not queue asynchronous queries nobody can use any more: each carries an
     expiry ``max_stale_steps`` deadlines after its step's (review of #16: without one, every timed-out step
     added a query the indexer still ran after it woke up, and it never caught up)."""
+    import torch
+
+    from icecache_sglang.runtime.host_query import HostQuery
     from icecache_sglang.runtime.selection_cache import SelectionCache
 
     rng = np.random.default_rng(7)
     m = IceCacheMetrics()
     sup = sv.IndexerSupervisor(ix, m)
     sel = Selector(sup, H, L, m)
-    cache = SelectionCache(sel, m, H)
+    cache = SelectionCache(sel, m, H, lambda seqs: [400] * len(seqs))
     c = ix.client
     c.build(1, range(L), rng.permutation(S)[:400])
     c.sync()
@@ -244,8 +247,8 @@ def test_an_asynchronous_query_expires_once_too_old_to_be_used(ix):
     try:
         cache.new_step({1})
         step = sel.begin_step(0.1, 0, wait_writes=False)
-        (slots, end), = cache.choose(step, 0, [1], [400], q(rng), None, 4, step_reuse=1, max_stale=2,
-                                     deadline_s=0.1, **query)
+        (slots, end), = cache.choose(step, 0, [1], [400], HostQuery(torch.from_numpy(q(rng))), 4, step_reuse=1,
+                                     max_stale=2, deadline_s=0.1, **query)
         assert step.timed_out and m.fallbacks == 1  # nothing answered yet: the step fell back
         time.sleep(0.6)  # past the query's expiry (its step's deadline + 2 x 0.1 s)
     finally:
@@ -254,7 +257,7 @@ def test_an_asynchronous_query_expires_once_too_old_to_be_used(ix):
     # answered again once awake: a new step waits for its fresh query (none is young enough) and selects
     cache.new_step({1})
     step = sel.begin_step(5.0, 0, wait_writes=False)
-    (slots, end), = cache.choose(step, 0, [1], [400], q(rng), None, 4, step_reuse=1, max_stale=2, deadline_s=5.0,
-                                 **query)
+    (slots, end), = cache.choose(step, 0, [1], [400], HostQuery(torch.from_numpy(q(rng))), 4, step_reuse=1,
+                                 max_stale=2, deadline_s=5.0, **query)
     assert not step.timed_out and m.fallbacks == 1 and (slots >= 0).any() and end == 400
     assert cache.in_flight() == 0 and c.queries_in_flight() == 0

@@ -25,6 +25,8 @@ class IceCacheMetrics:
     dense_while_indexing_rows: int = 0  # (request, step) pairs beyond the budget decoded densely: indexer behind
     # (or not serving) with while_indexing: dense
     queries: int = 0  # indexer queries (one per anchor layer, step and 64-request chunk)
+    queries_deferred: int = 0  # asynchronous queries sent after their layer ran, once their copy to the host
+    # had landed (a GPU: no wait for the device in the layer)
     selection_s_total: float = 0.0  # wall time decode steps waited for selections (all anchor layers)
     selection_s_last: float = 0.0  # per step (summed over anchor layers), last step
     write_wait_s_total: float = 0.0  # wall time decode steps waited for index writes (while_indexing: wait)
@@ -95,6 +97,7 @@ PROMETHEUS_FIELDS = {
     "reused_selections": "request-layer-steps served by a selection made at an earlier step (step_reuse, max_stale_steps)",
     "selection_age_steps_max": "the oldest selection a decode step attended with, in steps since its query",
     "queries_in_flight": "indexer queries sent and not yet read (asynchronous selection)",
+    "queries_deferred": "asynchronous queries sent after their layer ran, once their copy to the host had landed",
     "timed_out_steps": "decode steps whose selection deadline passed",
     "indexer_restarts": "replacement indexer processes started",
     "failed_restarts": "replacement indexer processes that failed to start",

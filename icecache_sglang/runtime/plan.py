@@ -21,6 +21,7 @@ import torch
 
 from .attention import DecodePlan
 from .config import IceCacheConfig
+from .host_query import HostQuery
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool
 from .selection import Selector, StepSelection
@@ -53,7 +54,9 @@ class Planner:
                  layers_per_anchor: dict[int, int], slots_device: torch.device,
                  device_pool: DeviceKVPool | None = None, plan_slots: bool = True):
         self.tracker, self.selector, self.metrics = tracker, selector, metrics
-        self.cache = SelectionCache(selector, metrics, num_kv_heads)  # step_reuse / max_stale_steps
+        # step_reuse / max_stale_steps
+        self.cache = SelectionCache(selector, metrics, num_kv_heads, tracker.indexed_ends_of)
+        self.host_query = HostQuery  # a layer's queries to the host (a test may slow the copy down)
         self.req_to_token = req_to_token
         self.H = num_kv_heads
         self.store_layer, self.layers_per_anchor = store_layer, layers_per_anchor
@@ -142,25 +145,21 @@ class Planner:
         if len(step.sparse):
             if step.sparse_index is None or step.sparse_index.device != q3.device:  # once per step
                 step.sparse_index = to_device(step.sparse, q3.device)
-            qs = q3[step.sparse_index].detach()
-            if qs.dtype == torch.bfloat16:
-                arr, q_dtype = qs.view(torch.int16).cpu().numpy().view(np.uint16), "bfloat16"
-            else:
-                arr, q_dtype = qs.to(torch.float32).cpu().numpy(), None
+            hq = self.host_query(q3[step.sparse_index])  # on a GPU, copied without waiting
             qp = query_params
             query = dict(policy=cfg.selection, merge=cfg.gqa_merge, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
                          num_to_retrieve=qp.num_to_retrieve)
             if cfg.reuses_selections:  # a selection of an earlier step attends to every token indexed since
                 ends = [self.tracker.indexed_end(int(step.rows[b])) for b in step.sparse]
-                chosen = self.cache.choose(step.selection, self.store_layer[anchor], step.seqs, ends, arr, q_dtype,
+                chosen = self.cache.choose(step.selection, self.store_layer[anchor], step.seqs, ends, hq,
                                            step.n_pages, step_reuse=cfg.step_reuse, max_stale=cfg.max_stale_steps,
                                            deadline_s=cfg.selection_deadline_ms / 1e3, **query)
                 for (pages, end), b in zip(chosen, step.sparse):
                     picked[int(b)] = pages
                     tails[int(b)] = step.row_slots[b][end:]
             else:
-                sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, arr, q_dtype,
-                                           step.n_pages, **query)
+                sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, hq.array(),
+                                           hq.q_dtype, step.n_pages, **query)
                 picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
         if picked:
             step.selection.pages += sum(int((p.reshape(H, -1, cfg.page_size)[..., 0] >= 0).sum())

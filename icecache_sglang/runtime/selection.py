@@ -69,6 +69,11 @@ class Selector:
         self.metrics = metrics
         self._behind_since: float | None = None  # while whole steps attend densely: since when
 
+    @property
+    def max_batch(self) -> int:
+        """Requests one indexer query carries at most."""
+        return self.sup.indexer.config.max_batch
+
     def _allowance(self, tokens: int) -> float:
         """Extra seconds index writes carrying ``tokens`` tokens may take (every KV head and layer)."""
         return tokens * self.H * self.L * BUILD_S_PER_TOKEN_HEAD
@@ -165,7 +170,7 @@ class Selector:
         """Send the queries for ``seqs`` (one message per ``max_batch`` rows) without waiting. The indexer
         skips them once ``expires_at`` has passed (default: the step's deadline, after which nobody waits
         for them; an asynchronous query is read at a later step and expires later)."""
-        limit = self.sup.indexer.config.max_batch  # an indexer query carries at most max_batch rows
+        limit = self.max_batch
         out = []
         for i in range(0, len(seqs), limit):
             chunk = seqs[i: i + limit]

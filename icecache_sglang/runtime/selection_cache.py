@@ -14,6 +14,10 @@ selection are attended in full instead of being missed, so no window-versus-stal
   when that is more than k steps old (or there is none: a request's first sparse step) it waits for the
   request's query in flight, within the step's deadline. A slow indexer makes selections older, up to the
   bound, and only then costs waiting; a dead one costs fallbacks, as in the synchronous mode.
+  On a GPU a query nobody waits for goes out once its copy to the host has landed (``host_query.py``):
+  checked at every anchor layer and step, waited for only when its selection is due or two steps later.
+  Its index end is taken when it is sent, not when its layer ran: an index write of the request sent in
+  between is answered before it, and its pages may hold those tokens.
 
 Entries and queries in flight of requests that stopped decoding sparsely are dropped at the next step.
 A fallback (the indexer did not answer in time) serves its step only and is never reused.
@@ -21,13 +25,18 @@ A fallback (the indexer did not answer in time) serves its step only and is neve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from ..indexer.client import Selection
+from .host_query import HostQuery
 from .metrics import IceCacheMetrics
 from .selection import SentQuery, Selector, StepSelection
+
+#: an unsent query is waited for (its copy to the host) once this many steps old
+SEND_BY_STEPS = 2
 
 
 @dataclass
@@ -40,23 +49,40 @@ class CachedSelection:
 
 @dataclass
 class _InFlight:
-    sent: SentQuery
-    ends: list[int]
+    """One query message (at most ``max_batch`` requests) of one anchor layer: ``sent`` once it went out,
+    with ``ends``, its requests' index ends at that moment; until then, what sending it takes (``q``: the
+    layer's queries, possibly still on their way to the host, of which rows ``rows`` are this message's)."""
+
+    layer: int
+    seqs: list[int]
     step: int
+    n_pages: int
+    sent: SentQuery | None = None
+    ends: list[int] = field(default_factory=list)
+    q: HostQuery | None = None
+    rows: np.ndarray | None = None
+    send_args: dict | None = None
 
 
 class SelectionCache:
-    def __init__(self, selector: Selector, metrics: IceCacheMetrics, num_kv_heads: int):
+    """``indexed_ends(seqs)``: each sequence's index end now (None: it no longer decodes sparsely), read
+    when a query is sent."""
+
+    def __init__(self, selector: Selector, metrics: IceCacheMetrics, num_kv_heads: int,
+                 indexed_ends: Callable[[list[int]], list[int | None]]):
         self.selector, self.metrics, self.H = selector, metrics, num_kv_heads
+        self.indexed_ends = indexed_ends
         self.entries: dict[tuple[int, int], CachedSelection] = {}  # (seq, indexer layer) -> latest answered
         self.latest: dict[tuple[int, int], _InFlight] = {}  # (seq, indexer layer) -> its newest query in flight
         self.messages: dict[int, list[_InFlight]] = {}  # indexer layer -> every query message in flight there
+        self.unsent: list[_InFlight] = []  # messages whose queries are still on their way to the host
         self.step = 0
 
     def new_step(self, live: set[int]) -> None:
         """A decode forward pass begins (every one counts, dense ones too: ages are in decode steps) with
         requests ``live`` indexed: forget every other request's selections and queries (a finished
-        request's answers would never be read)."""
+        request's answers would never be read), and send the queries that have reached the host (those
+        ``SEND_BY_STEPS`` steps old, waiting for them)."""
         self.step += 1
         if not (self.entries or self.latest or any(self.messages.values())):
             return
@@ -67,17 +93,53 @@ class SelectionCache:
         for layer, msgs in self.messages.items():
             keep = []
             for f in msgs:
-                if live.isdisjoint(f.sent.seqs):
-                    self.selector.drop(f.sent)
+                if live.isdisjoint(f.seqs):
+                    self._drop(f)
                 else:
                     keep.append(f)
             self.messages[layer] = keep
+        self.unsent = [f for f in self.unsent if not live.isdisjoint(f.seqs)]
+        self.send_ready(oldest=self.step - SEND_BY_STEPS)
+
+    def send_ready(self, oldest: int | None = None) -> None:
+        """Send the unsent messages whose queries have reached the host, and those of step ``oldest`` or
+        earlier (waiting for their copy)."""
+        if not self.unsent:
+            return
+        left = []
+        for f in self.unsent:
+            if f.q.ready() or (oldest is not None and f.step <= oldest):
+                self._send(f)
+            else:
+                left.append(f)
+        self.unsent = left
+
+    def _send(self, f: _InFlight) -> None:
+        """Send ``f`` (waiting for its queries' copy to the host), its requests' index ends read now."""
+        ends = self.indexed_ends(f.seqs)
+        keep = [j for j, e in enumerate(ends) if e is not None]
+        for j, s in enumerate(f.seqs):  # a request that stopped decoding sparsely meanwhile is not asked for
+            if ends[j] is None and self.latest.get((s, f.layer)) is f:
+                del self.latest[(s, f.layer)]
+        f.seqs, f.ends, rows = [f.seqs[j] for j in keep], [ends[j] for j in keep], f.rows[keep]
+        args = f.send_args
+        if f.seqs:
+            (f.sent,) = self.selector.send(args.pop("step"), f.layer, f.seqs, f.q.array()[rows], f.q.q_dtype,
+                                           f.n_pages, **args)
+        else:
+            f.sent = SentQuery(None, f.layer, [], f.n_pages)
+        f.q = f.rows = f.send_args = None
+
+    def _drop(self, f: _InFlight) -> None:
+        if f.sent is not None:
+            self.selector.drop(f.sent)
 
     def clear(self) -> None:
         for msgs in self.messages.values():
             for f in msgs:
-                self.selector.drop(f.sent)
+                self._drop(f)
         self.messages.clear()
+        self.unsent.clear()
         self.latest.clear()
         self.entries.clear()
 
@@ -88,15 +150,16 @@ class SelectionCache:
     def in_flight(self) -> int:
         return sum(len(m) for m in self.messages.values())
 
-    def choose(self, step: StepSelection, layer: int, seqs: list[int], ends: list[int], q: np.ndarray,
-               q_dtype: str | None, n_pages: int, *, step_reuse: int, max_stale: int, deadline_s: float,
+    def choose(self, step: StepSelection, layer: int, seqs: list[int], ends: list[int], q: HostQuery,
+               n_pages: int, *, step_reuse: int, max_stale: int, deadline_s: float,
                **query) -> list[tuple[np.ndarray, int]]:
         """Per request of ``seqs`` (indexed ends ``ends`` now, queries ``q``): the slots of the pages to attend
         at indexer layer ``layer`` and the position from which it attends every token. ``deadline_s``: the
         selection deadline; an asynchronous query expires ``max_stale`` deadlines after the step's (past
         that it is too old to be used), so a slow indexer skips queries nobody can use instead of
-        queueing them."""
+        queueing them. A query nobody waits for in this layer goes out once ``q`` is on the host."""
         now = self.step
+        self.send_ready()
         self._collect(step, layer, must=set())
         send, need = [], []
         for j, s in enumerate(seqs):
@@ -104,7 +167,7 @@ class SelectionCache:
             age = now - e.step if e is not None and e.n_pages == n_pages else None
             if max_stale:
                 f = self.latest.get((s, layer))
-                fresh_enough = f is not None and now - f.step <= max_stale and f.sent.n_pages == n_pages
+                fresh_enough = f is not None and now - f.step <= max_stale and f.n_pages == n_pages
                 if f is None or (not fresh_enough and (age is None or age > max_stale)):
                     send.append(j)  # nothing in flight, or what is in flight would be too old to wait for
                 if age is None or age > max_stale:
@@ -113,15 +176,21 @@ class SelectionCache:
                 send.append(j)
                 need.append(j)
         if send:
-            idx = np.asarray(send)
-            end_of = dict(zip(seqs, ends))
             expires_at = None if step.deadline is None else step.deadline + max_stale * deadline_s
-            for sent in self.selector.send(step, layer, [seqs[j] for j in send], q[idx], q_dtype, n_pages,
-                                           expires_at=expires_at, **query):
-                f = _InFlight(sent, [end_of[s] for s in sent.seqs], now)
+            limit = self.selector.max_batch
+            waited = set(need)
+            for i in range(0, len(send), limit):
+                rows = np.asarray(send[i: i + limit])
+                f = _InFlight(layer, [seqs[j] for j in rows], now, n_pages, q=q, rows=rows,
+                              send_args=dict(step=step, expires_at=expires_at, **query))
                 self.messages.setdefault(layer, []).append(f)
-                for s in sent.seqs:
+                for s in f.seqs:
                     self.latest[(s, layer)] = f
+                if q.ready() or waited.intersection(rows.tolist()):
+                    self._send(f)
+                else:
+                    self.unsent.append(f)
+                    self.metrics.queries_deferred += 1
         fallback = self._collect(step, layer, must={id(self.latest[(seqs[j], layer)]) for j in need})
         out = []
         for j, s in enumerate(seqs):
@@ -139,16 +208,25 @@ class SelectionCache:
 
     def _collect(self, step: StepSelection, layer: int, must: set[int]) -> dict[int, np.ndarray]:
         """Install the answers at ``layer`` that have arrived, and wait (until the step's deadline) for the
-        messages in ``must`` (ids). Returns the fallback slots of requests whose waited-for message fell back."""
+        messages in ``must`` (ids; one not sent yet goes out first). Returns the fallback slots of requests
+        whose waited-for message fell back."""
         fallback: dict[int, np.ndarray] = {}
         keep = []
         for f in self.messages.get(layer, []):
             waited = id(f) in must
+            if not f.seqs:  # every request it asked for stopped decoding sparsely before it went out
+                continue
+            if f.sent is None:
+                if not waited:
+                    keep.append(f)
+                    continue
+                self.unsent.remove(f)
+                self._send(f)
             if not waited and not self.selector.ready(f.sent):
                 keep.append(f)
                 continue
             sel = self.selector.receive(step, f.sent, used=waited)
-            for s in f.sent.seqs:
+            for s in f.seqs:
                 if self.latest.get((s, layer)) is f:
                     del self.latest[(s, layer)]
             self._install(f, sel, layer, fallback if waited else None)
@@ -156,7 +234,7 @@ class SelectionCache:
         return fallback
 
     def _install(self, f: _InFlight, sel: Selection, layer: int, fallback: dict | None) -> None:
-        for j, s in enumerate(f.sent.seqs):
+        for j, s in enumerate(f.seqs):
             slots = sel.slots[j].reshape(self.H, -1).astype(np.int64)
             if sel.fallback:  # serves this step only
                 if fallback is not None:
@@ -164,4 +242,4 @@ class SelectionCache:
                 continue
             old = self.entries.get((s, layer))
             if old is None or old.step <= f.step:
-                self.entries[(s, layer)] = CachedSelection(slots, f.ends[j], f.step, f.sent.n_pages)
+                self.entries[(s, layer)] = CachedSelection(slots, f.ends[j], f.step, f.n_pages)

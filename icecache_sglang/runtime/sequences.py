@@ -76,6 +76,11 @@ class SequenceTracker:
         st = self.live.get(row)
         return self.sink + (st.n if st is not None and not st.stale else 0)
 
+    def indexed_ends_of(self, seqs: list[int]) -> list[int | None]:
+        """:meth:`indexed_end` of each sequence id of ``seqs``; None for one no longer decoding sparsely."""
+        by_seq = {st.seq: st for st in self.live.values() if not st.stale and st.n > 0}
+        return [self.sink + by_seq[s].n if s in by_seq else None for s in seqs]
+
     def is_sparse(self, row: int) -> bool:
         st = self.live.get(row)
         return st is not None and not st.stale and st.n > 0

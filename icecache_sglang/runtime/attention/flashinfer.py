@@ -18,6 +18,9 @@ import torch
 from .base import DecodePlan, SparseDecodeAttention
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
+#: FlashInfer plans in flight at once (one wrapper each, sharing the float workspace: runs are in stream
+#: order): planning waits for the copy of the plan made this many plans earlier, not the last one
+PLAN_RING = 4
 
 
 def _flashinfer():
@@ -39,13 +42,20 @@ class FlashInferSparseDecode(SparseDecodeAttention):
 
     reads_slots = False  # a planner's plans carry indptr / rows (the fallback derives them from slots)
 
-    def __init__(self, device: torch.device | str = "cuda", use_tensor_cores: bool = False):
+    def __init__(self, device: torch.device | str = "cuda", use_tensor_cores: bool = False,
+                 ring: int = PLAN_RING):
         fi = _flashinfer()
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=use_tensor_cores)
+        # FlashInfer's plan fills its wrapper's pinned host buffer and copies it to the device without
+        # waiting; planning the same wrapper again before that copy ran would change the schedule under it.
+        # A ring of wrappers lets the host plan ``ring - 1`` anchor layers ahead of the device.
+        self.wrappers = [fi.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=use_tensor_cores)
+                         for _ in range(max(1, ring))]
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self.wrappers)  # after each one's plan copy
+        self._next = 0
+        self.wrapper = self.wrappers[0]  # the one planned last
         self._ones: torch.Tensor | None = None
         self._planned: tuple | None = None  # (the plan last planned, its shapes and dtypes)
-        self._plan_copied: torch.cuda.Event | None = None  # recorded after the last plan's copy to the device
 
     def decode(self, q, k_cache, v_cache, plan: DecodePlan, scale: float) -> torch.Tensor:
         B, Hq, d = q.shape
@@ -63,14 +73,14 @@ class FlashInferSparseDecode(SparseDecodeAttention):
             indptr = plan_indptr(plan.valid)
             indices = plan_rows(plan.slots, plan.valid, indptr)
             indptr_host = indptr.cpu()
-        # FlashInfer's plan fills a pinned host buffer and copies it to the device without waiting: planning
-        # again before that copy ran would change the schedule under it. A sparse anchor layer has waited for
-        # its query on the host by now (plan.py), so this wait is usually over at once.
-        if self._plan_copied is not None:
-            self._plan_copied.synchronize()
+        i = self._next
+        self._next = (i + 1) % len(self.wrappers)
+        if self._copied[i] is not None:  # this wrapper's previous plan has reached the device
+            self._copied[i].synchronize()
+        self.wrapper = self.wrappers[i]
         self.plan(indptr_host, indices, H, Hq // H, d, q.dtype, k_cache.dtype, scale)
-        self._plan_copied = torch.cuda.Event()
-        self._plan_copied.record()
+        self._copied[i] = torch.cuda.Event()
+        self._copied[i].record()
         self._planned = (plan,) + key
         return self.run(q, k_cache, v_cache)
 
