@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -135,18 +136,44 @@ def assert_no_token_twice(plans) -> None:
                 assert s.unique().numel() == s.numel(), f"a token attended twice: {sorted(s.tolist())}"
 
 
-def test_asynchronous_queries_go_out_once_on_the_host_with_the_index_end_of_that_moment(planner):
+@pytest.fixture
+def held(planner):
+    planner[0].host_query = HeldQuery
+    HeldQuery.landed = False
+    yield planner
+    HeldQuery.landed = False
+
+
+def test_an_asynchronous_query_goes_out_at_the_next_anchor_layer_once_landed(held):
+    """A layer's query whose copy has not landed is not sent by its layer; the next anchor layer of the same
+    step sends it once it has (and its own at once)."""
+    planner, ix, m = held
+    q = torch.from_numpy(np.random.default_rng(4).standard_normal((1, H * GROUP, D)).astype(np.float32))
+    n = 600
+    sparse_rows(planner, n)
+    ix.client.sync()
+    n += 1
+    plan_step(planner, n, q)  # first selections: sent at once (waited for)
+    assert m.queries == 2
+    n += 1
+    step = planner.begin([0], [n], CFG)
+    planner.plan(step, 0, q, CFG, CFG.query_params())
+    assert m.queries == 2 and len(planner.cache.unsent) == 1
+    HeldQuery.landed = True
+    planner.plan(step, 1, q, CFG, CFG.query_params())
+    assert m.queries == 4 and not planner.cache.unsent and m.queries_deferred == 1
+
+
+def test_asynchronous_queries_go_out_once_on_the_host_with_the_index_end_of_that_moment(held):
     """With asynchronous selection a layer's queries go out once their copy to the host has landed (at a
     later layer or step; two steps later, waiting for it), never holding up the layer that made them. The
     index end of such a selection is read when it is sent: an Insert sent in between is answered first,
     and its pages may hold the inserted tokens, which the plan must then not attend a second time."""
-    planner, ix, m = planner
-    planner.host_query = HeldQuery
+    planner, ix, m = held
     q = torch.from_numpy(np.random.default_rng(3).standard_normal((1, H * GROUP, D)).astype(np.float32))
     n = 600
     sparse_rows(planner, n)  # the Build
     ix.client.sync()
-    HeldQuery.landed = False
     n += 1
     plan_step(planner, n, q)  # first selections: waited for in the layer, so sent at once
     assert m.queries == 2 and m.queries_deferred == 0
@@ -178,3 +205,54 @@ def test_asynchronous_queries_go_out_once_on_the_host_with_the_index_end_of_that
     n += 1
     plan_step(planner, n, q)
     assert m.queries > sent and not planner.cache.unsent  # landed: sent from the layer that made them
+
+
+def test_an_indexer_that_falls_behind_is_asked_less_often(planner):
+    """Asynchronous selection (here ``max_stale_steps`` 4) sends each layer's query every step while the
+    indexer answers within the step after; once an answer comes two or more steps late, each layer asks
+    only every ceil(4 / 2) = 2 steps (layers on alternate steps), so the indexer's queue shrinks instead of
+    every layer's selection ageing past the bound (the H100's 128k steps that waited 150-400 ms)."""
+    planner, ix, m = planner
+    cfg = IceCacheConfig(**{**CFG.__dict__, "max_stale_steps": 4})
+    q = torch.from_numpy(np.random.default_rng(5).standard_normal((1, H * GROUP, D)).astype(np.float32))
+    n = 600
+    planner.begin([0], [n], cfg)  # the Build
+    ix.client.sync()
+
+    def step() -> int:
+        """One decode step (both anchor layers planned); the queries it sent. Afterwards every query in flight
+        has its answer (the indexer keeps up again)."""
+        nonlocal n
+        n += 1
+        sent = m.queries
+        st = planner.begin([0], [n], cfg)
+        assert st is not None and st.sparse.tolist() == [0]
+        for anchor in (0, 1):
+            planner.plan(st, anchor, q, cfg, cfg.query_params())
+        deadline = time.monotonic() + 10
+        while not all(planner.selector.ready(f.sent) for msgs in planner.cache.messages.values() for f in msgs):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        return m.queries - sent
+
+    assert [step() for _ in range(3)] == [2, 2, 2]  # keeping up: both layers every step
+    assert m.queries_spaced == 0
+    os.kill(ix.process.pid, signal.SIGSTOP)
+    try:
+        n += 1
+        st = planner.begin([0], [n], cfg)  # this step's queries stay unanswered for two steps
+        for anchor in (0, 1):
+            planner.plan(st, anchor, q, cfg, cfg.query_params())
+        n += 1
+        st = planner.begin([0], [n], cfg)
+        for anchor in (0, 1):
+            planner.plan(st, anchor, q, cfg, cfg.query_params())
+    finally:
+        os.kill(ix.process.pid, signal.SIGCONT)
+    time.sleep(0.2)
+    late = step()  # collects answers two steps late
+    assert late == 2  # their selections were 3 steps old (>= ceil(4 / 2)): asked again
+    spaced = [step() for _ in range(6)]
+    assert spaced == [1] * 6, spaced  # one layer per step, alternating
+    assert m.queries_spaced == 6 and m.fallbacks == 0
+    assert m.selection_age_steps_max <= 4

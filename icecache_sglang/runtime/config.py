@@ -83,7 +83,8 @@ class IceCacheConfig:
     (``runtime/selection_cache.py``): ``step_reuse: k`` selects synchronously every k steps of a request and
     reuses that selection in between; ``max_stale_steps: k`` (k >= 1) sends each anchor layer's query
     without waiting for it and attends with the freshest selection already answered, waiting only when none
-    is at most k steps old. Both 1 / 0 (the default): every step selects and waits, the paper's behaviour.
+    is at most k steps old (while the indexer lags behind, each layer asks every ceil(k / 2) steps only).
+    Both 1 / 0 (the default): every step selects and waits, the paper's behaviour.
     A reused selection attends, besides its pages, to every token indexed after it was made."""
 
     budget_tokens: int = 256

@@ -29,7 +29,7 @@ class HostQuery:
             self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
             self._host.copy_(src, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(src.device))
         else:
             self._host = src.contiguous()
 

@@ -25,8 +25,10 @@ class IceCacheMetrics:
     dense_while_indexing_rows: int = 0  # (request, step) pairs beyond the budget decoded densely: indexer behind
     # (or not serving) with while_indexing: dense
     queries: int = 0  # indexer queries (one per anchor layer, step and 64-request chunk)
-    queries_deferred: int = 0  # asynchronous queries sent after their layer ran, once their copy to the host
-    # had landed (a GPU: no wait for the device in the layer)
+    queries_deferred: int = 0  # asynchronous query messages their layer did not wait for (their copy to the host
+    # still running on a GPU): sent once it landed, or dropped unsent when no longer of use
+    queries_spaced: int = 0  # asynchronous (request, layer, step) queries not sent because the indexer was behind
+    # (queries spaced out to every ceil(max_stale_steps / 2) steps; the selection in hand was young enough)
     selection_s_total: float = 0.0  # wall time decode steps waited for selections (all anchor layers)
     selection_s_last: float = 0.0  # per step (summed over anchor layers), last step
     write_wait_s_total: float = 0.0  # wall time decode steps waited for index writes (while_indexing: wait)
@@ -97,7 +99,8 @@ PROMETHEUS_FIELDS = {
     "reused_selections": "request-layer-steps served by a selection made at an earlier step (step_reuse, max_stale_steps)",
     "selection_age_steps_max": "the oldest selection a decode step attended with, in steps since its query",
     "queries_in_flight": "indexer queries sent and not yet read (asynchronous selection)",
-    "queries_deferred": "asynchronous queries sent after their layer ran, once their copy to the host had landed",
+    "queries_deferred": "asynchronous query messages their layer did not wait for (copy to the host still running)",
+    "queries_spaced": "asynchronous request-layer queries not sent while the indexer was behind (spaced out)",
     "timed_out_steps": "decode steps whose selection deadline passed",
     "indexer_restarts": "replacement indexer processes started",
     "failed_restarts": "replacement indexer processes that failed to start",

@@ -18,6 +18,13 @@ selection are attended in full instead of being missed, so no window-versus-stal
   checked at every anchor layer and step, waited for only when its selection is due or two steps later.
   Its index end is taken when it is sent, not when its layer ran: an index write of the request sent in
   between is answered before it, and its pages may hold those tokens.
+  **An indexer that falls behind is asked less often**: once an answer arrives two or more steps after its
+  query (the indexer did not answer a step's queries within the next step), for ``BEHIND_MEMORY_STEPS``
+  steps a request's layer sends a new query only every ``refresh = ceil(k / 2)`` steps (each layer on its
+  own steps, so the load spreads), or when its selection is ``refresh`` or more steps old. A query then
+  waits at most about ``refresh`` steps in the indexer's queue, and its answer is used within the bound
+  instead of the step waiting for it (on the H100, 128k tokens: the exact scan of 30 layers took longer
+  than a step, and every few steps one waited 150-400 ms for a selection past the bound).
 
 Entries and queries in flight of requests that stopped decoding sparsely are dropped at the next step.
 A fallback (the indexer did not answer in time) serves its step only and is never reused.
@@ -37,6 +44,8 @@ from .selection import SentQuery, Selector, StepSelection
 
 #: an unsent query is waited for (its copy to the host) once this many steps old
 SEND_BY_STEPS = 2
+#: how long an answer that arrived two or more steps after its query keeps the queries spaced out
+BEHIND_MEMORY_STEPS = 8
 
 
 @dataclass
@@ -47,7 +56,7 @@ class CachedSelection:
     n_pages: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (a message is one object)
 class _InFlight:
     """One query message (at most ``max_batch`` requests) of one anchor layer: ``sent`` once it went out,
     with ``ends``, its requests' index ends at that moment; until then, what sending it takes (``q``: the
@@ -77,6 +86,8 @@ class SelectionCache:
         self.messages: dict[int, list[_InFlight]] = {}  # indexer layer -> every query message in flight there
         self.unsent: list[_InFlight] = []  # messages whose queries are still on their way to the host
         self.step = 0
+        self.behind_until = 0  # asynchronous queries are spaced out until this step (the indexer lagged)
+        self.max_stale = 0  # the bound of the last asynchronous choice (an older unsent query is dropped)
 
     def new_step(self, live: set[int]) -> None:
         """A decode forward pass begins (every one counts, dense ones too: ages are in decode steps) with
@@ -103,31 +114,47 @@ class SelectionCache:
 
     def send_ready(self, oldest: int | None = None) -> None:
         """Send the unsent messages whose queries have reached the host, and those of step ``oldest`` or
-        earlier (waiting for their copy)."""
+        earlier (waiting for their copy). One nobody can use any more is dropped unsent: every request of
+        it has a newer query, or its answer would be more than ``max_stale`` steps old."""
         if not self.unsent:
             return
         left = []
         for f in self.unsent:
-            if f.q.ready() or (oldest is not None and f.step <= oldest):
+            if not self._wanted(f):
+                self._forget(f)
+            elif f.q.ready() or (oldest is not None and f.step <= oldest):
                 self._send(f)
             else:
                 left.append(f)
         self.unsent = left
 
+    def _wanted(self, f: _InFlight) -> bool:
+        return (not self.max_stale or self.step - f.step <= self.max_stale) and any(
+            self.latest.get((s, f.layer)) is f for s in f.seqs)
+
+    def _forget(self, f: _InFlight) -> None:
+        """Take an unsent message out of the layer's messages (and its requests' newest query)."""
+        msgs = self.messages.get(f.layer, [])
+        if f in msgs:
+            msgs.remove(f)
+        for s in f.seqs:
+            if self.latest.get((s, f.layer)) is f:
+                del self.latest[(s, f.layer)]
+
     def _send(self, f: _InFlight) -> None:
         """Send ``f`` (waiting for its queries' copy to the host), its requests' index ends read now."""
         ends = self.indexed_ends(f.seqs)
         keep = [j for j, e in enumerate(ends) if e is not None]
+        seqs = [f.seqs[j] for j in keep]
+        args = dict(f.send_args)
+        step = args.pop("step")
+        sent = (self.selector.send(step, f.layer, seqs, f.q.array()[f.rows[keep]], f.q.q_dtype, f.n_pages, **args)
+                if seqs else [SentQuery(None, f.layer, [], f.n_pages)])
         for j, s in enumerate(f.seqs):  # a request that stopped decoding sparsely meanwhile is not asked for
             if ends[j] is None and self.latest.get((s, f.layer)) is f:
                 del self.latest[(s, f.layer)]
-        f.seqs, f.ends, rows = [f.seqs[j] for j in keep], [ends[j] for j in keep], f.rows[keep]
-        args = f.send_args
-        if f.seqs:
-            (f.sent,) = self.selector.send(args.pop("step"), f.layer, f.seqs, f.q.array()[rows], f.q.q_dtype,
-                                           f.n_pages, **args)
-        else:
-            f.sent = SentQuery(None, f.layer, [], f.n_pages)
+        (f.sent,) = sent
+        f.seqs, f.ends = seqs, [ends[j] for j in keep]
         f.q = f.rows = f.send_args = None
 
     def _drop(self, f: _InFlight) -> None:
@@ -142,6 +169,7 @@ class SelectionCache:
         self.unsent.clear()
         self.latest.clear()
         self.entries.clear()
+        self.behind_until = 0
 
     def selected_seqs(self) -> set[int]:
         """The requests holding an answered selection at some anchor layer."""
@@ -159,16 +187,21 @@ class SelectionCache:
         that it is too old to be used), so a slow indexer skips queries nobody can use instead of
         queueing them. A query nobody waits for in this layer goes out once ``q`` is on the host."""
         now = self.step
+        self.max_stale = max_stale
         self.send_ready()
         self._collect(step, layer, must=set())
         send, need = [], []
+        refresh = (max_stale + 1) // 2
+        spaced = max_stale and now < self.behind_until and refresh > 1
         for j, s in enumerate(seqs):
             e = self.entries.get((s, layer))
             age = now - e.step if e is not None and e.n_pages == n_pages else None
             if max_stale:
                 f = self.latest.get((s, layer))
                 fresh_enough = f is not None and now - f.step <= max_stale and f.n_pages == n_pages
-                if f is None or (not fresh_enough and (age is None or age > max_stale)):
+                if f is None and spaced and age is not None and age < refresh and (now + layer) % refresh:
+                    self.metrics.queries_spaced += 1  # the indexer is behind: not this layer's step to ask
+                elif f is None or (not fresh_enough and (age is None or age > max_stale)):
                     send.append(j)  # nothing in flight, or what is in flight would be too old to wait for
                 if age is None or age > max_stale:
                     need.append(j)
@@ -220,12 +253,14 @@ class SelectionCache:
                 if not waited:
                     keep.append(f)
                     continue
-                self.unsent.remove(f)
                 self._send(f)
+                self.unsent.remove(f)
             if not waited and not self.selector.ready(f.sent):
                 keep.append(f)
                 continue
             sel = self.selector.receive(step, f.sent, used=waited)
+            if not sel.fallback and self.step - f.step >= 2:  # not answered within the step after its own
+                self.behind_until = self.step + BEHIND_MEMORY_STEPS
             for s in f.seqs:
                 if self.latest.get((s, layer)) is f:
                     del self.latest[(s, layer)]

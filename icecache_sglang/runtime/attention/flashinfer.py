@@ -90,8 +90,10 @@ class FlashInferSparseDecode(SparseDecodeAttention):
         BH = indptr_host.numel() - 1
         self._H = n_kv_heads
         if last_page_len is None:  # page size 1: every page is full (kept, not made per layer)
-            if self._ones is None or self._ones.numel() < BH or self._ones.device != indices.device:
-                self._ones = torch.ones(max(BH, 64), dtype=torch.int32, device=indices.device)
+            # on the host, pinned: FlashInfer's plan reads it there (``last_page_len.to("cpu")``, a wait for the
+            # device had it been a device tensor) and copies it to the device without waiting
+            if self._ones is None or self._ones.numel() < BH:
+                self._ones = torch.ones(max(BH, 64), dtype=torch.int32).pin_memory()
             last_page_len = self._ones[:BH]
         self.wrapper.plan(indptr_host, indices, last_page_len, num_qo_heads=group, num_kv_heads=1,
                           head_dim=head_dim, page_size=1, q_data_type=q_dtype, kv_data_type=kv_dtype,
@@ -129,13 +131,14 @@ class GraphDecodeBuffers:
             paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
             paged_kv_last_page_len_buffer=self.last_page_len)
         self._indptr_host = torch.zeros(BH + 1, dtype=torch.int32, pin_memory=True)
+        self._ones_host = torch.ones(BH, dtype=torch.int32, pin_memory=True)  # plan reads last_page_len on the host
 
     def plan(self, indptr: np.ndarray, group: int, head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype,
              scale: float) -> None:
         """Host side, before replay: the per-(request, head) token counts as offsets ``indptr [BH+1]``."""
         self._indptr_host.numpy()[:] = indptr
         n = int(indptr[-1])
-        self.wrapper.plan(self._indptr_host, self.indices[:n], self.last_page_len, num_qo_heads=group,
+        self.wrapper.plan(self._indptr_host, self.indices[:n], self._ones_host, num_qo_heads=group,
                           num_kv_heads=1, head_dim=head_dim, page_size=1, q_data_type=q_dtype,
                           kv_data_type=kv_dtype, sm_scale=scale)
 
