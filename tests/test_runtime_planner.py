@@ -1,8 +1,10 @@
 """The decode planner (``runtime/plan.py``) against a real indexer process (no SGLang): with asynchronous
-selection (``max_stale_steps``) a request decodes densely until its first selections can be answered at
-once, i.e. while any of its index writes is unanswered (its first selections are waited for, and would
-queue behind the Inserts sent while its index was built: time-outs and fallbacks, seen on the H100 at
-the switch from dense to sparse); once it has selections, unanswered Inserts no longer hold it back."""
+selection (``max_stale_steps``) a request decodes densely until its first selections are in: while any of
+its index writes is unanswered (its first queries would queue behind the Inserts sent while its index was
+built: time-outs and fallbacks, seen on the H100 at the switch from dense to sparse), then for one more
+step whose anchor layers send its first queries without waiting (a first sparse step waited for every
+layer's answer in turn); once it has selections, unanswered Inserts no longer hold it back. Also: queries
+copied to the host without waiting, and an indexer that falls behind asked less often."""
 
 from __future__ import annotations
 
@@ -46,16 +48,35 @@ def sparse_rows(planner: Planner, n: int, plan_layers: bool = False) -> list[int
     """One decode step of the request on row 0 at length ``n``: the rows it decodes sparsely (planning its
     anchor layers, as the backend does, when ``plan_layers``)."""
     step = planner.begin([0], [n], CFG)
-    if step is None:
-        return []
-    if plan_layers:
+    if plan_layers:  # as the backend does: a dense step's anchor layers send the queries of rows priming
         q = torch.from_numpy(np.random.default_rng(n).standard_normal((1, H * GROUP, D)).astype(np.float32))
         for anchor in (0, 1):
-            planner.plan(step, anchor, q, CFG, CFG.query_params())
-    return step.sparse.tolist()
+            if step is None:
+                planner.prime(anchor, q, CFG, CFG.query_params())
+            else:
+                planner.plan(step, anchor, q, CFG, CFG.query_params())
+    return [] if step is None else step.sparse.tolist()
 
 
-def test_asynchronous_selection_starts_when_its_first_selections_can_be_answered(planner):
+def answered(planner: Planner) -> None:
+    """Wait until every query in flight has its answer."""
+    deadline = time.monotonic() + 10
+    while not all(f.sent is not None and planner.selector.ready(f.sent)
+                  for msgs in planner.cache.messages.values() for f in msgs):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def first_selections(planner: Planner, ix, n: int) -> int:
+    """After the request's Build (``n`` tokens): its index answered, one step fetching its first selections;
+    returns the length after that step."""
+    ix.client.sync()
+    assert sparse_rows(planner, n + 1, plan_layers=True) == []
+    answered(planner)
+    return n + 1
+
+
+def test_asynchronous_selection_starts_when_its_first_selections_are_in(planner):
     planner, ix, m = planner
     n = 600
     assert sparse_rows(planner, n) == []  # its Build goes out: dense while indexing
@@ -74,8 +95,15 @@ def test_asynchronous_selection_starts_when_its_first_selections_can_be_answered
         os.kill(pid, signal.SIGCONT)
     ix.client.sync()
     n += 1
-    assert sparse_rows(planner, n, plan_layers=True) == [0]  # answered: its first selections
-    assert m.fallbacks == 0
+    sent = m.queries
+    assert sparse_rows(planner, n, plan_layers=True) == []  # answered, no selection yet: dense while this
+    assert m.queries == sent + 2 and m.primed_rows == 1  # step's anchor layers send its first queries
+    answered(planner)
+    n += 1
+    reused = m.reused_selections
+    assert sparse_rows(planner, n, plan_layers=True) == [0]  # sparse with them: made a step earlier,
+    assert m.reused_selections == reused + 2 and m.fallbacks == 0  # nothing waited for (was: made and
+    # waited for in this step, every layer in turn)
     os.kill(pid, signal.SIGSTOP)
     try:
         for _ in range(C + 1):  # an Insert goes out and stays unanswered
@@ -96,7 +124,7 @@ def test_plans_carry_their_compact_layout_as_the_decode_kernels_derive_it(planne
     planner, ix, m = planner
     n = 600
     sparse_rows(planner, n)
-    ix.client.sync()
+    n = first_selections(planner, ix, n)
     step = planner.begin([0], [n + 1], CFG)
     assert step is not None and step.sparse.tolist() == [0]
     q = torch.from_numpy(np.random.default_rng(1).standard_normal((1, H * GROUP, D)).astype(np.float32))
@@ -151,9 +179,9 @@ def test_an_asynchronous_query_goes_out_at_the_next_anchor_layer_once_landed(hel
     q = torch.from_numpy(np.random.default_rng(4).standard_normal((1, H * GROUP, D)).astype(np.float32))
     n = 600
     sparse_rows(planner, n)
-    ix.client.sync()
-    n += 1
-    plan_step(planner, n, q)  # first selections: sent at once (waited for)
+    HeldQuery.landed = True
+    n = first_selections(planner, ix, n)
+    HeldQuery.landed = False
     assert m.queries == 2
     n += 1
     step = planner.begin([0], [n], CFG)
@@ -173,9 +201,9 @@ def test_asynchronous_queries_go_out_once_on_the_host_with_the_index_end_of_that
     q = torch.from_numpy(np.random.default_rng(3).standard_normal((1, H * GROUP, D)).astype(np.float32))
     n = 600
     sparse_rows(planner, n)  # the Build
-    ix.client.sync()
-    n += 1
-    plan_step(planner, n, q)  # first selections: waited for in the layer, so sent at once
+    HeldQuery.landed = True
+    n = first_selections(planner, ix, n)
+    HeldQuery.landed = False
     assert m.queries == 2 and m.queries_deferred == 0
     n += 1
     plan_step(planner, n, q)  # selections in hand: the new queries wait for their copy
@@ -218,6 +246,11 @@ def test_an_indexer_that_falls_behind_is_asked_less_often(planner):
     n = 600
     planner.begin([0], [n], cfg)  # the Build
     ix.client.sync()
+    n += 1
+    assert planner.begin([0], [n], cfg) is None  # first selections fetched, densely
+    for anchor in (0, 1):
+        planner.prime(anchor, q, cfg, cfg.query_params())
+    answered(planner)
 
     def step() -> int:
         """One decode step (both anchor layers planned); the queries it sent. Afterwards every query in flight
@@ -229,10 +262,7 @@ def test_an_indexer_that_falls_behind_is_asked_less_often(planner):
         assert st is not None and st.sparse.tolist() == [0]
         for anchor in (0, 1):
             planner.plan(st, anchor, q, cfg, cfg.query_params())
-        deadline = time.monotonic() + 10
-        while not all(planner.selector.ready(f.sent) for msgs in planner.cache.messages.values() for f in msgs):
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        answered(planner)
         return m.queries - sent
 
     assert [step() for _ in range(3)] == [2, 2, 2]  # keeping up: both layers every step

@@ -44,7 +44,7 @@ def delta(after: dict, before: dict, key: str):
 @pytest.fixture
 def reset(tiny_reuse):
     yield tiny_reuse
-    tiny_reuse.set_icecache(step_reuse=1, max_stale_steps=0, selection_deadline_ms=500)
+    tiny_reuse.set_icecache(step_reuse=1, max_stale_steps=0, selection_deadline_ms=500, while_indexing="wait")
 
 
 def test_step_reuse_selects_every_k_steps_and_reuses_in_between(reset):
@@ -78,6 +78,17 @@ def test_asynchronous_selection_honours_the_staleness_bound(reset):
     # the finished request's queries were read or dropped (a new step prunes them): nothing leaks
     server.generate(input_ids=prompt(400, 3), max_new_tokens=3)
     assert server.icecache_stats()["queries_in_flight"] <= ANCHORS
+
+
+def test_asynchronous_selection_fetches_a_requests_first_selections_while_it_decodes_densely(reset):
+    """With ``while_indexing: dense`` a request attends densely until its index is answered, then for one
+    more step whose anchor layers send its first queries (through SGLang's dense path, no row of the step
+    being sparse) without waiting; its first sparse step attends with those answers."""
+    server = reset
+    out, b, a = run(server, {"max_stale_steps": 2, "while_indexing": "dense"}, prompt(900, 4), 24)
+    assert out["meta_info"]["completion_tokens"] == 24
+    assert delta(a, b, "primed_rows") >= 1 and delta(a, b, "fallbacks") == 0
+    assert delta(a, b, "sparse_rows") > 0 and delta(a, b, "reused_selections") > 0
 
 
 def test_a_stopped_indexer_during_asynchronous_decoding_costs_fallbacks_then_recovers(reset):

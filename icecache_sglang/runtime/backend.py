@@ -235,6 +235,7 @@ class IceCacheAttnBackend(AttentionBackend):
         self._step = None
         self._check_control()  # POST /icecache/config: applied between two forward passes
         self.supervisor.poll()
+        self.planner.priming = None
         mode = forward_batch.forward_mode
         if not mode.is_decode() or forward_batch.batch_size == 0:
             return
@@ -277,6 +278,10 @@ class IceCacheAttnBackend(AttentionBackend):
             o = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
             if not layer.is_cross_attention:
                 self.key_writer.stage(lid, forward_batch.out_cache_loc)
+                if step is None and self.planner.priming is not None and lid >= self.cfg.dense_layers:
+                    # rows decoding densely while their first selections are fetched: this layer's queries
+                    self.planner.prime(lid, q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim), self.cfg,
+                                       self.query_params)
             if lid == self.last_layer:
                 self.key_writer.flush()
             return o

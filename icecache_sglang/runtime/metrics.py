@@ -25,6 +25,8 @@ class IceCacheMetrics:
     dense_while_indexing_rows: int = 0  # (request, step) pairs beyond the budget decoded densely: indexer behind
     # (or not serving) with while_indexing: dense
     queries: int = 0  # indexer queries (one per anchor layer, step and 64-request chunk)
+    primed_rows: int = 0  # (request, step) pairs decoded densely while their first selections were fetched
+    # (asynchronous selection; counted in dense_while_indexing_rows too)
     queries_deferred: int = 0  # asynchronous query messages their layer did not wait for (their copy to the host
     # still running on a GPU): sent once it landed, or dropped unsent when no longer of use
     queries_spaced: int = 0  # asynchronous (request, layer, step) queries not sent because the indexer was behind
@@ -99,6 +101,7 @@ PROMETHEUS_FIELDS = {
     "reused_selections": "request-layer-steps served by a selection made at an earlier step (step_reuse, max_stale_steps)",
     "selection_age_steps_max": "the oldest selection a decode step attended with, in steps since its query",
     "queries_in_flight": "indexer queries sent and not yet read (asynchronous selection)",
+    "primed_rows": "request-steps decoded densely while their first selections were fetched (asynchronous)",
     "queries_deferred": "asynchronous query messages their layer did not wait for (copy to the host still running)",
     "queries_spaced": "asynchronous request-layer queries not sent while the indexer was behind (spaced out)",
     "timed_out_steps": "decode steps whose selection deadline passed",

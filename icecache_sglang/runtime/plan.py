@@ -48,6 +48,18 @@ class DecodeStep:
     sparse_index: torch.Tensor | None = None  # ``sparse`` on the queries' device (made at the first anchor)
 
 
+@dataclass
+class PrimeStep:
+    """The rows of a decode step that attend densely while their first selections are fetched (asynchronous
+    selection): each anchor layer sends their queries and nobody waits for the answers."""
+
+    index: np.ndarray  # batch entries
+    seqs: list[int]
+    n_pages: int
+    selection: StepSelection
+    q_index: torch.Tensor | None = None  # ``index`` on the queries' device (made at the first anchor)
+
+
 class Planner:
     def __init__(self, *, tracker: SequenceTracker, selector: Selector, metrics: IceCacheMetrics,
                  req_to_token: torch.Tensor, num_kv_heads: int, store_layer: dict[int, int],
@@ -57,6 +69,7 @@ class Planner:
         # step_reuse / max_stale_steps
         self.cache = SelectionCache(selector, metrics, num_kv_heads, tracker.indexed_ends_of)
         self.host_query = HostQuery  # a layer's queries to the host (a test may slow the copy down)
+        self.priming: PrimeStep | None = None  # this decode step's rows fetching their first selections
         self.req_to_token = req_to_token
         self.H = num_kv_heads
         self.store_layer, self.layers_per_anchor = store_layer, layers_per_anchor
@@ -70,8 +83,10 @@ class Planner:
 
     # ------------------------------------------------------------------ once per step
     def begin(self, rows: list[int], lens: list[int], cfg: IceCacheConfig) -> DecodeStep | None:
-        """The step's shared state, or None when every request decodes densely on SGLang's backend."""
-        sparse = []
+        """The step's shared state, or None when every request decodes densely on SGLang's backend. Rows
+        fetching their first selections (asynchronous selection) are in ``self.priming`` either way."""
+        sparse, primed = [], []
+        self.priming = None
         # the indexer is behind on a sequence when its index writes of earlier steps are unanswered, or its
         # first index (or a prefix's) goes out now: its queries would queue behind that work (other sequences'
         # are answered meanwhile); or on every sequence when it is not serving (restarting, rebuilding,
@@ -99,13 +114,25 @@ class Planner:
                 writing = self.selector.writes_pending()  # this step's Inserts included
                 behind = None if writing is None else behind | (writing - self.cache.selected_seqs())
             held = {b for b in sparse if behind is None or self.tracker.seq_of(rows[b]) in behind}
-            if held:
-                self.metrics.dense_while_indexing_rows += len(held)
-                sparse = [b for b in sparse if b not in held]
+            if cfg.max_stale_steps > 0 and behind is not None:
+                # a sequence without selections yet attends densely while this step's anchor layers fetch
+                # its first ones, not waited for (a first sparse step waited for every layer's answer in
+                # turn, behind the other requests' queries: on the H100 at batch 8, until its deadline)
+                self.cache.collect_arrived()
+                selected = self.cache.selected_seqs()
+                primed = [b for b in sparse if b not in held and self.tracker.seq_of(rows[b]) not in selected]
+            if held or primed:
+                self.metrics.dense_while_indexing_rows += len(held) + len(primed)
+                sparse = [b for b in sparse if b not in held and b not in primed]
             if held and not sparse:  # the whole step waits on the indexer: keep its stuck detection going
                 self.selector.behind(cfg.selection_deadline_ms / 1e3,
                                      self.selector.pending_tokens({self.tracker.seq_of(rows[b]) for b in held}))
         self.metrics.dense_rows += len(rows) - len(sparse)
+        if primed:
+            self.metrics.primed_rows += len(primed)
+            self.priming = PrimeStep(np.asarray(primed, np.int64), [self.tracker.seq_of(rows[b]) for b in primed],
+                                     max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in primed))),
+                                     self.selector.begin_step(cfg.selection_deadline_ms / 1e3, 0, wait_writes=False))
         if not sparse and self.device_pool is None:  # offload: every decode reads the device pool
             return None
         selection, n_pages = None, 1
@@ -146,9 +173,7 @@ class Planner:
             if step.sparse_index is None or step.sparse_index.device != q3.device:  # once per step
                 step.sparse_index = to_device(step.sparse, q3.device)
             hq = self.host_query(q3[step.sparse_index])  # on a GPU, copied without waiting
-            qp = query_params
-            query = dict(policy=cfg.selection, merge=cfg.gqa_merge, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
-                         num_to_retrieve=qp.num_to_retrieve)
+            query = self._query_args(cfg, query_params)
             if cfg.reuses_selections:  # a selection of an earlier step attends to every token indexed since
                 ends = [self.tracker.indexed_end(int(step.rows[b])) for b in step.sparse]
                 chosen = self.cache.choose(step.selection, self.store_layer[anchor], step.seqs, ends, hq,
@@ -161,6 +186,7 @@ class Planner:
                 sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, hq.array(),
                                            hq.q_dtype, step.n_pages, **query)
                 picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
+        self.prime(anchor, q3, cfg, query_params)
         if picked:
             step.selection.pages += sum(int((p.reshape(H, -1, cfg.page_size)[..., 0] >= 0).sum())
                                         for p in picked.values())
@@ -194,6 +220,24 @@ class Planner:
                                                indptr=host_for(indptr, dev), rows=to_device(rows, dev),
                                                tokens=torch.from_numpy(tokens))
         return plan
+
+    def prime(self, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params) -> None:
+        """At an anchor layer, send the queries of the rows fetching their first selections (``priming``),
+        without waiting. Called from ``plan`` and, when no row of the step is sparse, from the backend's
+        dense path."""
+        p = self.priming
+        if p is None or anchor not in self.store_layer:
+            return
+        if p.q_index is None or p.q_index.device != q3.device:  # once per step
+            p.q_index = to_device(p.index, q3.device)
+        self.cache.prime(p.selection, self.store_layer[anchor], p.seqs, self.host_query(q3[p.q_index]), p.n_pages,
+                         max_stale=cfg.max_stale_steps, deadline_s=cfg.selection_deadline_ms / 1e3,
+                         **self._query_args(cfg, query_params))
+
+    @staticmethod
+    def _query_args(cfg: IceCacheConfig, qp) -> dict:
+        return dict(policy=cfg.selection, merge=cfg.gqa_merge, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
+                    num_to_retrieve=qp.num_to_retrieve)
 
 
 def host_for(a: np.ndarray, device: torch.device | str) -> torch.Tensor:

@@ -171,6 +171,13 @@ class SelectionCache:
         self.entries.clear()
         self.behind_until = 0
 
+    def collect_arrived(self) -> None:
+        """Install the answers that have arrived, at every layer, without waiting (a step deciding which
+        requests have selections)."""
+        idle = StepSelection(None)
+        for layer in list(self.messages):
+            self._collect(idle, layer, must=set())
+
     def selected_seqs(self) -> set[int]:
         """The requests holding an answered selection at some anchor layer."""
         return {s for s, _ in self.entries}
@@ -209,21 +216,7 @@ class SelectionCache:
                 send.append(j)
                 need.append(j)
         if send:
-            expires_at = None if step.deadline is None else step.deadline + max_stale * deadline_s
-            limit = self.selector.max_batch
-            waited = set(need)
-            for i in range(0, len(send), limit):
-                rows = np.asarray(send[i: i + limit])
-                f = _InFlight(layer, [seqs[j] for j in rows], now, n_pages, q=q, rows=rows,
-                              send_args=dict(step=step, expires_at=expires_at, **query))
-                self.messages.setdefault(layer, []).append(f)
-                for s in f.seqs:
-                    self.latest[(s, layer)] = f
-                if q.ready() or waited.intersection(rows.tolist()):
-                    self._send(f)
-                else:
-                    self.unsent.append(f)
-                    self.metrics.queries_deferred += 1
+            self._ask(step, layer, seqs, send, set(need), q, n_pages, max_stale, deadline_s, query)
         fallback = self._collect(step, layer, must={id(self.latest[(seqs[j], layer)]) for j in need})
         out = []
         for j, s in enumerate(seqs):
@@ -238,6 +231,43 @@ class SelectionCache:
                 self.metrics.selection_age_steps_max = max(self.metrics.selection_age_steps_max, age)
             out.append((e.slots, e.end))
         return out
+
+    def prime(self, step: StepSelection, layer: int, seqs: list[int], q: HostQuery, n_pages: int, *,
+              max_stale: int, deadline_s: float, **query) -> None:
+        """Ask for the selections of ``seqs`` at ``layer`` without waiting: requests that decode densely until
+        their first selections are in (a step that would wait for them instead waited for every anchor
+        layer's answer in turn). Each gets one query in flight; their answers are installed by later steps."""
+        now = self.step
+        self.max_stale = max_stale
+        self.send_ready()
+        self._collect(step, layer, must=set())
+        send = []
+        for j, s in enumerate(seqs):
+            f = self.latest.get((s, layer))
+            if f is None or now - f.step > max_stale or f.n_pages != n_pages:
+                send.append(j)
+        if send:
+            self._ask(step, layer, seqs, send, set(), q, n_pages, max_stale, deadline_s, query)
+
+    def _ask(self, step: StepSelection, layer: int, seqs: list[int], send: list[int], waited: set[int],
+             q: HostQuery, n_pages: int, max_stale: int, deadline_s: float, query: dict) -> None:
+        """Queries for ``seqs[j]``, ``j`` in ``send``, one message per ``max_batch`` requests: sent now when
+        ``q`` is on the host or a request of the message is ``waited`` for, else once it lands."""
+        now = self.step
+        expires_at = None if step.deadline is None else step.deadline + max_stale * deadline_s
+        limit = self.selector.max_batch
+        for i in range(0, len(send), limit):
+            rows = np.asarray(send[i: i + limit])
+            f = _InFlight(layer, [seqs[j] for j in rows], now, n_pages, q=q, rows=rows,
+                          send_args=dict(step=step, expires_at=expires_at, **query))
+            self.messages.setdefault(layer, []).append(f)
+            for s in f.seqs:
+                self.latest[(s, layer)] = f
+            if q.ready() or waited.intersection(rows.tolist()):
+                self._send(f)
+            else:
+                self.unsent.append(f)
+                self.metrics.queries_deferred += 1
 
     def _collect(self, step: StepSelection, layer: int, must: set[int]) -> dict[int, np.ndarray]:
         """Install the answers at ``layer`` that have arrived, and wait (until the step's deadline) for the
