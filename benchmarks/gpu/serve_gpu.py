@@ -317,7 +317,11 @@ def plot(path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     items = json.loads(path.read_text())
-    serve = [r for r in items if r.get("phase") == "serve" and r.get("tpot_s")]
+    latest = {}  # each point (mode, budget, context, batch) as last measured: records are in time order
+    for r in items:
+        if r.get("phase") == "serve" and r.get("tpot_s"):
+            latest[(r["mode"], r.get("budget"), r["context"], r["batch"])] = r
+    serve = list(latest.values())
     if not serve:
         return
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -334,9 +338,12 @@ def plot(path: Path, png: Path) -> None:
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     r0 = serve[0]
-    fig.suptitle(f"SGLang 0.5.23, Llama-3.1-8B config (random weights), {r0['device']}; "
+    devices = ", ".join(sorted({r["device"] for r in serve}))
+    attempts = ", ".join(sorted({r["attempt"] for r in serve if r.get("attempt")}))
+    fig.suptitle(f"SGLang 0.5.23, Llama-3.1-8B config (random weights), {devices}; "
                  f"{Path(r0['command'].split()[1] if ' ' in r0['command'] else r0['command']).name} "
-                 "(measured; see serve_gpu.json)", fontsize=9)
+                 f"(measured; each point as last measured{': ' + attempts if attempts else ''}; see serve_gpu.json)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
