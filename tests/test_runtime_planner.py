@@ -59,9 +59,9 @@ def sparse_rows(planner: Planner, n: int, plan_layers: bool = False) -> list[int
 
 
 def answered(planner: Planner) -> None:
-    """Wait until every query in flight has its answer."""
+    """Wait until every query sent has its answer."""
     deadline = time.monotonic() + 10
-    while not all(f.sent is not None and planner.selector.ready(f.sent)
+    while not all(f.sent is None or planner.selector.ready(f.sent)
                   for msgs in planner.cache.messages.values() for f in msgs):
         assert time.monotonic() < deadline
         time.sleep(0.005)
@@ -286,3 +286,56 @@ def test_an_indexer_that_falls_behind_is_asked_less_often(planner):
     assert spaced == [1] * 6, spaced  # one layer per step, alternating
     assert m.queries_spaced == 6 and m.fallbacks == 0
     assert m.selection_age_steps_max <= 4
+
+
+def test_a_request_stays_dense_until_every_anchor_layer_has_its_first_selection(held):
+    """Answers at some anchor layers only (the indexer answers in order; a copy still landing) keep the
+    request dense and fetching: going sparse then would wait at every layer still missing (review of the
+    first version, which counted a selection at any layer)."""
+    planner, ix, m = held
+    q = torch.from_numpy(np.random.default_rng(6).standard_normal((1, H * GROUP, D)).astype(np.float32))
+    n = 600
+    sparse_rows(planner, n)
+    ix.client.sync()
+    n += 1
+    assert planner.begin([0], [n], CFG) is None
+    HeldQuery.landed = True
+    planner.prime(0, q, CFG, CFG.query_params())  # layer 0's query goes out
+    HeldQuery.landed = False
+    planner.prime(1, q, CFG, CFG.query_params())  # layer 1's copy has not landed
+    answered(planner)
+    n += 1
+    assert planner.begin([0], [n], CFG) is None and m.primed_rows == 2  # still fetching layer 1's
+    for anchor in (0, 1):
+        planner.prime(anchor, q, CFG, CFG.query_params())
+    HeldQuery.landed = True
+    n += 1
+    assert planner.begin([0], [n], CFG) is None  # layer 1's query went out at this step's start
+    answered(planner)
+    n += 1
+    step = planner.begin([0], [n], CFG)
+    assert step is not None and step.sparse.tolist() == [0]
+    for anchor in (0, 1):
+        planner.plan(step, anchor, q, CFG, CFG.query_params())
+    assert m.fallbacks == 0 and not step.selection.timed_out
+
+
+def test_a_request_whose_first_selections_never_come_goes_sparse_after_a_few_steps(planner):
+    """A stopped indexer answers none of a request's first queries: after ``PRIME_STEPS`` dense steps it
+    goes sparse, waits within the step's deadline and falls back, as any selection would."""
+    from icecache_sglang.runtime.plan import PRIME_STEPS
+
+    planner, ix, m = planner
+    n = 600
+    sparse_rows(planner, n)
+    ix.client.sync()
+    os.kill(ix.process.pid, signal.SIGSTOP)
+    try:
+        rows = []
+        for _ in range(PRIME_STEPS + 1):
+            n += 1
+            rows.append(sparse_rows(planner, n, plan_layers=True))
+    finally:
+        os.kill(ix.process.pid, signal.SIGCONT)
+    assert rows == [[]] * PRIME_STEPS + [[0]] and m.primed_rows == PRIME_STEPS
+    assert m.fallbacks > 0

@@ -48,6 +48,11 @@ class DecodeStep:
     sparse_index: torch.Tensor | None = None  # ``sparse`` on the queries' device (made at the first anchor)
 
 
+#: a request fetches its first selections densely for at most this many steps, then waits for what is missing
+#: (its first queries' answers fell back or expired: the indexer is not keeping up)
+PRIME_STEPS = 4
+
+
 @dataclass
 class PrimeStep:
     """The rows of a decode step that attend densely while their first selections are fetched (asynchronous
@@ -70,6 +75,7 @@ class Planner:
         self.cache = SelectionCache(selector, metrics, num_kv_heads, tracker.indexed_ends_of)
         self.host_query = HostQuery  # a layer's queries to the host (a test may slow the copy down)
         self.priming: PrimeStep | None = None  # this decode step's rows fetching their first selections
+        self._priming_steps: dict[int, int] = {}  # sequence -> steps it has spent fetching them
         self.req_to_token = req_to_token
         self.H = num_kv_heads
         self.store_layer, self.layers_per_anchor = store_layer, layers_per_anchor
@@ -92,7 +98,10 @@ class Planner:
         # are answered meanwhile); or on every sequence when it is not serving (restarting, rebuilding,
         # down): a selection would be a fallback
         if cfg.reuses_selections:  # ages count every decode step; finished requests' selections are dropped
-            self.cache.new_step({st.seq for st in self.tracker.live.values()})
+            live = {st.seq for st in self.tracker.live.values()}
+            self.cache.new_step(live)
+            for seq in [s for s in self._priming_steps if s not in live]:
+                del self._priming_steps[seq]
         elif self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
             self.cache.clear()
         # sequences the indexer is behind on (None: every sequence, it is not serving)
@@ -109,18 +118,28 @@ class Planner:
             behind = None if behind is None or firsts is None else behind | firsts
             if cfg.max_stale_steps > 0 and behind is not None:
                 # asynchronous selection tolerates unanswered Inserts, but not before a sequence's first
-                # selections: those are waited for, behind every write of the sequence still queued (the
+                # selections: those would queue behind every write of the sequence still queued (the
                 # Inserts sent while its index was built: time-outs and fallbacks at the switch to sparse)
+                self.cache.collect_arrived()  # answers already in count as selections
                 writing = self.selector.writes_pending()  # this step's Inserts included
                 behind = None if writing is None else behind | (writing - self.cache.selected_seqs())
             held = {b for b in sparse if behind is None or self.tracker.seq_of(rows[b]) in behind}
             if cfg.max_stale_steps > 0 and behind is not None:
                 # a sequence without selections yet attends densely while this step's anchor layers fetch
                 # its first ones, not waited for (a first sparse step waited for every layer's answer in
-                # turn, behind the other requests' queries: on the H100 at batch 8, until its deadline)
-                self.cache.collect_arrived()
-                selected = self.cache.selected_seqs()
-                primed = [b for b in sparse if b not in held and self.tracker.seq_of(rows[b]) not in selected]
+                # turn, behind the other requests' queries: on the H100 at batch 8, until its deadline); it
+                # goes sparse once every anchor layer has a selection, or after PRIME_STEPS such steps
+                n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
+                layers = list(self.store_layer.values())
+                for b in sparse:
+                    seq = self.tracker.seq_of(rows[b])
+                    if b in held:
+                        continue
+                    if self.cache.selected_at(seq, layers, n_pages):
+                        self._priming_steps.pop(seq, None)
+                    elif self._priming_steps.get(seq, 0) < PRIME_STEPS:
+                        self._priming_steps[seq] = self._priming_steps.get(seq, 0) + 1
+                        primed.append(b)
             if held or primed:
                 self.metrics.dense_while_indexing_rows += len(held) + len(primed)
                 sparse = [b for b in sparse if b not in held and b not in primed]

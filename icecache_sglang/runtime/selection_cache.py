@@ -178,6 +178,14 @@ class SelectionCache:
         for layer in list(self.messages):
             self._collect(idle, layer, must=set())
 
+    def selected_at(self, seq: int, layers: list[int], n_pages: int) -> bool:
+        """Whether ``seq`` has a selection of ``n_pages`` pages at every one of ``layers``."""
+        for layer in layers:
+            e = self.entries.get((seq, layer))
+            if e is None or e.n_pages != n_pages:
+                return False
+        return True
+
     def selected_seqs(self) -> set[int]:
         """The requests holding an answered selection at some anchor layer."""
         return {s for s, _ in self.entries}
@@ -289,8 +297,8 @@ class SelectionCache:
                 keep.append(f)
                 continue
             sel = self.selector.receive(step, f.sent, used=waited)
-            if not sel.fallback and self.step - f.step >= 2:  # not answered within the step after its own
-                self.behind_until = self.step + BEHIND_MEMORY_STEPS
+            if f.sent.rid is not None and self.step - f.step >= 2:  # not answered (or expired unanswered)
+                self.behind_until = self.step + BEHIND_MEMORY_STEPS  # within the step after its own
             for s in f.seqs:
                 if self.latest.get((s, layer)) is f:
                     del self.latest[(s, layer)]
