@@ -128,6 +128,14 @@ def test_plans_carry_their_compact_layout_as_the_decode_kernels_derive_it(planne
     step = planner.begin([0], [n + 1], CFG)
     assert step is not None and step.sparse.tolist() == [0]
     q = torch.from_numpy(np.random.default_rng(1).standard_normal((1, H * GROUP, D)).astype(np.float32))
+    choose, chosen = planner.cache.choose, {}
+
+    def same_choice(step_sel, layer, *args, **kw):  # a layer planned twice below attends the same selection
+        if layer not in chosen:
+            chosen[layer] = choose(step_sel, layer, *args, **kw)
+        return chosen[layer]
+
+    planner.cache.choose = same_choice
     for anchor in (0, 1):
         plan = planner.plan(step, anchor, q, CFG, CFG.query_params())
         assert plan.indptr.device.type == "cpu" and plan.tokens.device.type == "cpu"
@@ -138,6 +146,14 @@ def test_plans_carry_their_compact_layout_as_the_decode_kernels_derive_it(planne
         assert torch.equal(plan.rows, plan_rows(plan.slots, plan.valid, indptr))
         assert torch.equal(plan.rows, plan_rows_reference(plan.slots, plan.valid))
         assert 0 < int(plan.indptr[-1]) < H * (n + 1)  # sparse: fewer rows than every token of every head
+        # a planner for FlashInfer lays out only this compact form, the same
+        planner.plan_slots = False
+        del step.plans[anchor]
+        compact = planner.plan(step, anchor, q, CFG, CFG.query_params())
+        planner.plan_slots = True
+        assert compact.slots is None and compact.valid is None
+        assert torch.equal(compact.indptr, plan.indptr) and torch.equal(compact.rows, plan.rows)
+        assert torch.equal(compact.tokens, plan.tokens)
 
 
 class HeldQuery(HostQuery):
@@ -339,3 +355,30 @@ def test_a_request_whose_first_selections_never_come_goes_sparse_after_a_few_ste
         os.kill(ix.process.pid, signal.SIGCONT)
     assert rows == [[]] * PRIME_STEPS + [[0]] and m.primed_rows == PRIME_STEPS
     assert m.fallbacks > 0
+
+
+def test_the_compact_layout_equals_the_one_derived_from_the_full_plan():
+    """``compact_layout`` (what a planner for FlashInfer lays out, without the full ``slots`` / ``valid``)
+    gives the offsets and rows ``Planner.plan`` derives from ``full_layout``, for sparse requests (pages
+    with padding), requests attending to every token (laid out once per step), and an empty tail."""
+    from icecache_sglang.runtime.plan import compact_layout, full_layout
+
+    rng = np.random.default_rng(8)
+    for trial in range(50):
+        B, Hk = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+        fixed, picked = [], {}
+        for b in range(B):
+            if rng.random() < 0.4:  # every token
+                fixed.append((rng.permutation(5000)[: rng.integers(1, 400)], np.empty(0, np.int64)))
+                continue
+            fixed.append((rng.permutation(5000)[: rng.integers(0, 8)], rng.permutation(5000)[: rng.integers(0, 20)]))
+            p = rng.permutation(5000)[: Hk * 48].reshape(Hk, 48).astype(np.int64)
+            p[rng.random(p.shape) < 0.3] = -1
+            picked[b] = p
+        slots, valid = full_layout(fixed, picked, Hk)
+        dense: dict = {}
+        for _ in range(2):  # the second time from the step's cache of every-token rows
+            tokens, indptr, rows = compact_layout(fixed, picked, Hk, dense)
+            assert np.array_equal(tokens, valid.sum(-1))
+            assert np.array_equal(indptr[1:], np.cumsum(valid.sum(-1).reshape(-1)))
+            assert np.array_equal(rows, (slots * Hk + np.arange(Hk)[None, :, None])[valid].astype(np.int32))

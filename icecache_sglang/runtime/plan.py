@@ -46,6 +46,8 @@ class DecodeStep:
     row_slots: list[np.ndarray] = field(default_factory=list)  # per batch entry: its slots, positions [0, len)
     rows_loaded: int = 0  # offload: (token, KV head) rows copied host -> device this step, all layers
     sparse_index: torch.Tensor | None = None  # ``sparse`` on the queries' device (made at the first anchor)
+    dense_rows: dict[int, np.ndarray] = field(default_factory=dict)  # compact plans: rows of requests attending
+    # to every token (the same at every anchor layer of the step)
 
 
 #: a request fetches its first selections densely for at most this many steps, then waits for what is missing
@@ -210,16 +212,13 @@ class Planner:
             step.selection.pages += sum(int((p.reshape(H, -1, cfg.page_size)[..., 0] >= 0).sum())
                                         for p in picked.values())
         fixed = [(a, tails.get(b, z)) for b, (a, z) in enumerate(step.fixed)]
-        width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(fixed)]
-        slots = np.full((B, H, max(width)), -1, np.int64)
-        for b, (before, after) in enumerate(fixed):
-            slots[b, :, : len(before)] = before
-            at = len(before)
-            if b in picked:
-                slots[b, :, at: at + picked[b].shape[1]] = picked[b]
-                at += picked[b].shape[1]
-            slots[b, :, at: at + len(after)] = after
-        valid = slots >= 0
+        if not self.plan_slots and self.device_pool is None:  # FlashInfer reads the compact form only
+            tokens, indptr, rows = compact_layout(fixed, picked, H, step.dense_rows)
+            plan = step.plans[anchor] = DecodePlan(None, None, indptr=host_for(indptr, self.slots_device),
+                                                   rows=to_device(rows, self.slots_device),
+                                                   tokens=torch.from_numpy(tokens))
+            return plan
+        slots, valid = full_layout(fixed, picked, H)
         dev = self.slots_device
         if self.device_pool is not None:  # host slots -> the device rows holding them (misses loaded per layer)
             slots, misses = self.device_pool.map_plan(anchor, step.lanes, slots, valid)
@@ -257,6 +256,62 @@ class Planner:
     def _query_args(cfg: IceCacheConfig, qp) -> dict:
         return dict(policy=cfg.selection, merge=cfg.gqa_merge, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
                     num_to_retrieve=qp.num_to_retrieve)
+
+
+def full_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int, np.ndarray], H: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A plan's ``slots [B, H, T]`` (int64, -1 where nothing is attended) and ``valid``: per request, its
+    slots before the selected pages, the selected pages (``picked[b] [H, W]``, -1 padded) and its slots
+    after them (``fixed[b]``); a request without a selection attends to ``fixed[b]`` only."""
+    B = len(fixed)
+    width = [len(a) + len(z) + (picked[b].shape[1] if b in picked else 0) for b, (a, z) in enumerate(fixed)]
+    slots = np.full((B, H, max(width)), -1, np.int64)
+    for b, (before, after) in enumerate(fixed):
+        slots[b, :, : len(before)] = before
+        at = len(before)
+        if b in picked:
+            slots[b, :, at: at + picked[b].shape[1]] = picked[b]
+            at += picked[b].shape[1]
+        slots[b, :, at: at + len(after)] = after
+    return slots, slots >= 0
+
+
+def compact_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int, np.ndarray], H: int,
+                   dense_rows: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A plan in the compact form only (``tokens [B, H]``, ``indptr [B*H + 1]`` int32, ``rows`` int32:
+    ``slot * H + h`` per (request, KV head), in order), equal to what ``Planner.plan`` derives from the full
+    ``slots`` / ``valid`` layout, without making it: per request, its slots before the selected pages, the
+    selected pages' valid slots (``picked[b] [H, W]``, -1 padded) and its slots after them (``fixed[b]``).
+    A request with no selection (within the budget, or dense while its index is built) attends to every
+    token: its rows are the same at every anchor layer of the step, made once into ``dense_rows`` (a
+    128k-token row is 1M rows per layer; laid out per layer, a step with such rows beside sparse ones spent
+    most of its host time here)."""
+    B = len(fixed)
+    tokens = np.empty((B, H), np.int64)
+    heads = np.arange(H, dtype=np.int64)[:, None]
+    parts = []
+    for b, (before, after) in enumerate(fixed):
+        if b not in picked:  # every token, every head: before holds them all (after is empty)
+            r = dense_rows.get(b)
+            if r is None:
+                r = dense_rows[b] = ((np.asarray(before, np.int64)[None, :] * H + heads).reshape(-1)
+                                     .astype(np.int32))
+            tokens[b] = len(before) + len(after)
+            if len(after):  # not the case for the planner's dense rows; kept exact anyway
+                a = (np.asarray(after, np.int64)[None, :] * H + heads)
+                r = np.concatenate([r.reshape(H, -1), a.astype(np.int32)], axis=1).reshape(-1)
+            parts.append(r)
+            continue
+        p = picked[b]
+        lay = np.concatenate([np.broadcast_to(before, (H, len(before))), p,
+                              np.broadcast_to(after, (H, len(after)))], axis=1).astype(np.int64)
+        ok = lay >= 0
+        tokens[b] = ok.sum(1)
+        parts.append((lay * H + heads)[ok].astype(np.int32))
+    indptr = np.zeros(B * H + 1, np.int32)
+    np.cumsum(tokens.reshape(-1), out=indptr[1:])
+    rows = np.concatenate(parts) if parts else np.empty(0, np.int32)
+    return tokens, indptr, rows
 
 
 def host_for(a: np.ndarray, device: torch.device | str) -> torch.Tensor:

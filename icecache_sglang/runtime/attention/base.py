@@ -21,10 +21,10 @@ class DecodePlan:
     plan's device: ``slot * H_kv + h`` of the valid entries, in order) and ``tokens`` (host, ``[B, H_kv]``
     valid entries). None when a plan is made without them (an attention path then derives them). A planner
     for an attention path that reads only the compact form (``SparseDecodeAttention.reads_slots`` false)
-    leaves ``slots`` and ``valid`` on the host."""
+    leaves ``slots`` and ``valid`` out (None): it lays out only the compact form."""
 
-    slots: torch.Tensor
-    valid: torch.Tensor
+    slots: torch.Tensor | None
+    valid: torch.Tensor | None
     indptr: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
