@@ -282,32 +282,36 @@ def compact_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int,
     ``slot * H + h`` per (request, KV head), in order), equal to what ``Planner.plan`` derives from the full
     ``slots`` / ``valid`` layout, without making it: per request, its slots before the selected pages, the
     selected pages' valid slots (``picked[b] [H, W]``, -1 padded) and its slots after them (``fixed[b]``).
-    A request with no selection (within the budget, or dense while its index is built) attends to every
-    token: its rows are the same at every anchor layer of the step, made once into ``dense_rows`` (a
-    128k-token row is 1M rows per layer; laid out per layer, a step with such rows beside sparse ones spent
-    most of its host time here)."""
+    The requests with a selection are laid out together (one small ``full_layout``); a request with none
+    (within the budget, or dense while its index is built) attends to every token: its rows are the same at
+    every anchor layer of the step, made once into ``dense_rows`` (a 128k-token row is 1M rows per layer;
+    laid out per layer, a step with such rows beside sparse ones spent most of its host time here)."""
     B = len(fixed)
     tokens = np.empty((B, H), np.int64)
-    heads = np.arange(H, dtype=np.int64)[:, None]
-    parts = []
+    heads = np.arange(H, dtype=np.int64)
+    sel = [b for b in range(B) if b in picked]
+    sparse_parts: list[np.ndarray] = []
+    if sel:
+        slots, valid = full_layout([fixed[b] for b in sel], {i: picked[b] for i, b in enumerate(sel)}, H)
+        tokens[sel] = valid.sum(-1)
+        flat = (slots * H + heads[None, :, None])[valid].astype(np.int32)
+        if len(sel) == B:  # no request attends to every token: already in order
+            indptr = np.zeros(B * H + 1, np.int32)
+            np.cumsum(tokens.reshape(-1), out=indptr[1:])
+            return tokens, indptr, flat
+        sparse_parts = np.split(flat, np.cumsum(tokens[sel].sum(1))[:-1])
+    parts, k = [], 0
     for b, (before, after) in enumerate(fixed):
-        if b not in picked:  # every token, every head: before holds them all (after is empty)
-            r = dense_rows.get(b)
-            if r is None:
-                r = dense_rows[b] = ((np.asarray(before, np.int64)[None, :] * H + heads).reshape(-1)
-                                     .astype(np.int32))
-            tokens[b] = len(before) + len(after)
-            if len(after):  # not the case for the planner's dense rows; kept exact anyway
-                a = (np.asarray(after, np.int64)[None, :] * H + heads)
-                r = np.concatenate([r.reshape(H, -1), a.astype(np.int32)], axis=1).reshape(-1)
-            parts.append(r)
+        if b in picked:
+            parts.append(sparse_parts[k])
+            k += 1
             continue
-        p = picked[b]
-        lay = np.concatenate([np.broadcast_to(before, (H, len(before))), p,
-                              np.broadcast_to(after, (H, len(after)))], axis=1).astype(np.int64)
-        ok = lay >= 0
-        tokens[b] = ok.sum(1)
-        parts.append((lay * H + heads)[ok].astype(np.int32))
+        r = dense_rows.get(b)  # every token, every head (the planner's such rows have no ``after``)
+        if r is None:
+            both = np.concatenate([np.asarray(before, np.int64), np.asarray(after, np.int64)])
+            r = dense_rows[b] = (both[None, :] * H + heads[:, None]).reshape(-1).astype(np.int32)
+        tokens[b] = len(before) + len(after)
+        parts.append(r)
     indptr = np.zeros(B * H + 1, np.int32)
     np.cumsum(tokens.reshape(-1), out=indptr[1:])
     rows = np.concatenate(parts) if parts else np.empty(0, np.int32)
