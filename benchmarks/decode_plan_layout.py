@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import png_path, write_records  # noqa: E402
 
-from icecache_sglang.runtime.plan import compact_layout, full_layout  # noqa: E402
+from icecache_sglang.runtime.plan import compact_layout, compact_of, full_layout  # noqa: E402
 
 H = 8
 
@@ -44,13 +44,11 @@ def case(rng, batch: int, dense: int, context: int):
 
 
 def full(fixed, picked):
+    """What ``Planner.plan`` does for the torch path (and did for FlashInfer): the full layout, then its
+    compact form derived."""
     slots, valid = full_layout(fixed, picked, H)
     slots[~valid] = 0
-    tokens = valid.sum(-1)
-    indptr = np.zeros(len(fixed) * H + 1, np.int32)
-    np.cumsum(tokens.reshape(-1), out=indptr[1:])
-    rows = (slots * H + np.arange(H, dtype=np.int64)[None, :, None])[valid].astype(np.int32)
-    return tokens, indptr, rows
+    return compact_of(slots, valid, H)
 
 
 def main():

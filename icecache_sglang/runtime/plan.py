@@ -118,11 +118,13 @@ class Planner:
         if sparse and cfg.dense_while_indexing:  # a sequence whose index is being written attends to every token
             firsts = self.selector.first_indexes_pending()  # this step's first indexes included
             behind = None if behind is None or firsts is None else behind | firsts
+            layers, n_pages = list(self.store_layer.values()), self._n_pages(rows, sparse, cfg)
             if cfg.max_stale_steps > 0 and behind is not None:
                 # asynchronous selection tolerates unanswered Inserts, but not before a sequence's first
                 # selections: those would queue behind every write of the sequence still queued (the
                 # Inserts sent while its index was built: time-outs and fallbacks at the switch to sparse)
-                self.cache.collect_arrived()  # answers already in count as selections
+                if not all(self.cache.selected_at(self.tracker.seq_of(rows[b]), layers, n_pages) for b in sparse):
+                    self.cache.collect_arrived()  # answers already in count as selections
                 writing = self.selector.writes_pending()  # this step's Inserts included
                 behind = None if writing is None else behind | (writing - self.cache.selected_seqs())
             held = {b for b in sparse if behind is None or self.tracker.seq_of(rows[b]) in behind}
@@ -131,8 +133,6 @@ class Planner:
                 # its first ones, not waited for (a first sparse step waited for every layer's answer in
                 # turn, behind the other requests' queries: on the H100 at batch 8, until its deadline); it
                 # goes sparse once every anchor layer has a selection, or after PRIME_STEPS such steps
-                n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
-                layers = list(self.store_layer.values())
                 for b in sparse:
                     seq = self.tracker.seq_of(rows[b])
                     if b in held:
@@ -152,7 +152,7 @@ class Planner:
         if primed:
             self.metrics.primed_rows += len(primed)
             self.priming = PrimeStep(np.asarray(primed, np.int64), [self.tracker.seq_of(rows[b]) for b in primed],
-                                     max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in primed))),
+                                     self._n_pages(rows, primed, cfg),
                                      self.selector.begin_step(cfg.selection_deadline_ms / 1e3, 0, wait_writes=False))
         if not sparse and self.device_pool is None:  # offload: every decode reads the device pool
             return None
@@ -161,7 +161,7 @@ class Planner:
             seqs = {self.tracker.seq_of(rows[b]) for b in sparse}
             selection = self.selector.begin_step(cfg.selection_deadline_ms / 1e3, self.selector.pending_tokens(seqs),
                                                  wait_writes=cfg.max_stale_steps == 0, seqs=seqs)
-            n_pages = max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in sparse)))
+            n_pages = self._n_pages(rows, sparse, cfg)
         sp = np.asarray(sparse, np.int64)
         row_slots = [(fetched[b] if b in fetched else self.row_slots(row, n)).astype(np.int64)
                      for b, (row, n) in enumerate(zip(rows, lens))]
@@ -172,6 +172,10 @@ class Planner:
             step.lanes = self.device_pool.lanes_for(rows)
         self.metrics.sparse_rows += len(sp)
         return step
+
+    def _n_pages(self, rows, entries, cfg: IceCacheConfig) -> int:
+        """Pages per KV head asked for the batch ``entries``: the budget's, at most the longest index's tokens."""
+        return max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in entries)))
 
     def _fixed_slots(self, rows, all_slots, sparse: set[int], sink: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The part of each request's plan that every anchor layer of the step shares: the sink and the
@@ -188,7 +192,7 @@ class Planner:
     # ------------------------------------------------------------------ once per anchor layer
     def plan(self, step: DecodeStep, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params) -> DecodePlan:
         """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
-        B, H = len(step.rows), self.H
+        H = self.H
         picked, tails = {}, {}
         if len(step.sparse):
             if step.sparse_index is None or step.sparse_index.device != q3.device:  # once per step
@@ -229,10 +233,7 @@ class Planner:
             step.rows_loaded += len(misses[0]) * layers
             dev = self.device_pool.device
         slots[~valid] = 0
-        tokens = valid.sum(-1)  # [B, H] (int64)
-        indptr = np.zeros(B * H + 1, np.int32)
-        np.cumsum(tokens.reshape(-1), out=indptr[1:])
-        rows = (slots * H + np.arange(H, dtype=np.int64)[None, :, None])[valid].astype(np.int32)
+        tokens, indptr, rows = compact_of(slots, valid, H)
         on = dev if self.plan_slots else "cpu"
         plan = step.plans[anchor] = DecodePlan(to_device(slots, on), to_device(valid, on),
                                                indptr=host_for(indptr, dev), rows=to_device(rows, dev),
@@ -276,6 +277,21 @@ def full_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int, np
     return slots, slots >= 0
 
 
+def offsets(tokens: np.ndarray) -> np.ndarray:
+    """``indptr [B*H + 1]`` int32 of per-(request, KV head) counts ``tokens [B, H]``."""
+    indptr = np.zeros(tokens.size + 1, np.int32)
+    np.cumsum(tokens.reshape(-1), out=indptr[1:])
+    return indptr
+
+
+def compact_of(slots: np.ndarray, valid: np.ndarray, H: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The compact form of a full layout: ``tokens [B, H]``, ``indptr`` and ``rows`` (``slot * H + h`` of the
+    valid entries, in order, int32)."""
+    tokens = valid.sum(-1)
+    rows = (slots * H + np.arange(H, dtype=np.int64)[None, :, None])[valid].astype(np.int32)
+    return tokens, offsets(tokens), rows
+
+
 def compact_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int, np.ndarray], H: int,
                    dense_rows: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A plan in the compact form only (``tokens [B, H]``, ``indptr [B*H + 1]`` int32, ``rows`` int32:
@@ -292,13 +308,11 @@ def compact_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int,
     sel = [b for b in range(B) if b in picked]
     sparse_parts: list[np.ndarray] = []
     if sel:
-        slots, valid = full_layout([fixed[b] for b in sel], {i: picked[b] for i, b in enumerate(sel)}, H)
-        tokens[sel] = valid.sum(-1)
-        flat = (slots * H + heads[None, :, None])[valid].astype(np.int32)
+        sel_tokens, indptr, flat = compact_of(*full_layout([fixed[b] for b in sel],
+                                                           {i: picked[b] for i, b in enumerate(sel)}, H), H)
         if len(sel) == B:  # no request attends to every token: already in order
-            indptr = np.zeros(B * H + 1, np.int32)
-            np.cumsum(tokens.reshape(-1), out=indptr[1:])
-            return tokens, indptr, flat
+            return sel_tokens, indptr, flat
+        tokens[sel] = sel_tokens
         sparse_parts = np.split(flat, np.cumsum(tokens[sel].sum(1))[:-1])
     parts, k = [], 0
     for b, (before, after) in enumerate(fixed):
@@ -312,10 +326,8 @@ def compact_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int,
             r = dense_rows[b] = (both[None, :] * H + heads[:, None]).reshape(-1).astype(np.int32)
         tokens[b] = len(before) + len(after)
         parts.append(r)
-    indptr = np.zeros(B * H + 1, np.int32)
-    np.cumsum(tokens.reshape(-1), out=indptr[1:])
     rows = np.concatenate(parts) if parts else np.empty(0, np.int32)
-    return tokens, indptr, rows
+    return tokens, offsets(tokens), rows
 
 
 def host_for(a: np.ndarray, device: torch.device | str) -> torch.Tensor:

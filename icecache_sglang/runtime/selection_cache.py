@@ -70,7 +70,8 @@ class _InFlight:
     ends: list[int] = field(default_factory=list)
     q: HostQuery | None = None
     rows: np.ndarray | None = None
-    send_args: dict | None = None
+    selection: StepSelection | None = None  # the step it was asked in (its deadline, or None: not serving)
+    send_args: dict | None = None  # the query's parameters and expiry
 
 
 class SelectionCache:
@@ -146,16 +147,14 @@ class SelectionCache:
         ends = self.indexed_ends(f.seqs)
         keep = [j for j, e in enumerate(ends) if e is not None]
         seqs = [f.seqs[j] for j in keep]
-        args = dict(f.send_args)
-        step = args.pop("step")
-        sent = (self.selector.send(step, f.layer, seqs, f.q.array()[f.rows[keep]], f.q.q_dtype, f.n_pages, **args)
-                if seqs else [SentQuery(None, f.layer, [], f.n_pages)])
+        sent = (self.selector.send(f.selection, f.layer, seqs, f.q.array()[f.rows[keep]], f.q.q_dtype, f.n_pages,
+                                   **f.send_args) if seqs else [SentQuery(None, f.layer, [], f.n_pages)])
         for j, s in enumerate(f.seqs):  # a request that stopped decoding sparsely meanwhile is not asked for
             if ends[j] is None and self.latest.get((s, f.layer)) is f:
                 del self.latest[(s, f.layer)]
         (f.sent,) = sent
         f.seqs, f.ends = seqs, [ends[j] for j in keep]
-        f.q = f.rows = f.send_args = None
+        f.q = f.rows = f.selection = f.send_args = None
 
     def _drop(self, f: _InFlight) -> None:
         if f.sent is not None:
@@ -201,10 +200,7 @@ class SelectionCache:
         selection deadline; an asynchronous query expires ``max_stale`` deadlines after the step's (past
         that it is too old to be used), so a slow indexer skips queries nobody can use instead of
         queueing them. A query nobody waits for in this layer goes out once ``q`` is on the host."""
-        now = self.step
-        self.max_stale = max_stale
-        self.send_ready()
-        self._collect(step, layer, must=set())
+        now = self._layer_begins(step, layer, max_stale)
         send, need = [], []
         refresh = (max_stale + 1) // 2
         spaced = max_stale and now < self.behind_until and refresh > 1
@@ -213,7 +209,7 @@ class SelectionCache:
             age = now - e.step if e is not None and e.n_pages == n_pages else None
             if max_stale:
                 f = self.latest.get((s, layer))
-                fresh_enough = f is not None and now - f.step <= max_stale and f.n_pages == n_pages
+                fresh_enough = self._fresh(f, max_stale, n_pages)
                 if f is None and spaced and age is not None and age < refresh and (now + layer) % refresh:
                     self.metrics.queries_spaced += 1  # the indexer is behind: not this layer's step to ask
                 elif f is None or (not fresh_enough and (age is None or age > max_stale)):
@@ -245,17 +241,22 @@ class SelectionCache:
         """Ask for the selections of ``seqs`` at ``layer`` without waiting: requests that decode densely until
         their first selections are in (a step that would wait for them instead waited for every anchor
         layer's answer in turn). Each gets one query in flight; their answers are installed by later steps."""
-        now = self.step
+        self._layer_begins(step, layer, max_stale)
+        send = [j for j, s in enumerate(seqs) if not self._fresh(self.latest.get((s, layer)), max_stale, n_pages)]
+        if send:
+            self._ask(step, layer, seqs, send, set(), q, n_pages, max_stale, deadline_s, query)
+
+    def _layer_begins(self, step: StepSelection, layer: int, max_stale: int) -> int:
+        """An anchor layer's first work: send what has reached the host, install what has arrived at
+        ``layer``; returns the step number."""
         self.max_stale = max_stale
         self.send_ready()
         self._collect(step, layer, must=set())
-        send = []
-        for j, s in enumerate(seqs):
-            f = self.latest.get((s, layer))
-            if f is None or now - f.step > max_stale or f.n_pages != n_pages:
-                send.append(j)
-        if send:
-            self._ask(step, layer, seqs, send, set(), q, n_pages, max_stale, deadline_s, query)
+        return self.step
+
+    def _fresh(self, f: _InFlight | None, max_stale: int, n_pages: int) -> bool:
+        """Whether the query in flight ``f`` is one to wait for: at most ``max_stale`` steps old, same pages."""
+        return f is not None and self.step - f.step <= max_stale and f.n_pages == n_pages
 
     def _ask(self, step: StepSelection, layer: int, seqs: list[int], send: list[int], waited: set[int],
              q: HostQuery, n_pages: int, max_stale: int, deadline_s: float, query: dict) -> None:
@@ -266,8 +267,8 @@ class SelectionCache:
         limit = self.selector.max_batch
         for i in range(0, len(send), limit):
             rows = np.asarray(send[i: i + limit])
-            f = _InFlight(layer, [seqs[j] for j in rows], now, n_pages, q=q, rows=rows,
-                          send_args=dict(step=step, expires_at=expires_at, **query))
+            f = _InFlight(layer, [seqs[j] for j in rows], now, n_pages, q=q, rows=rows, selection=step,
+                          send_args=dict(expires_at=expires_at, **query))
             self.messages.setdefault(layer, []).append(f)
             for s in f.seqs:
                 self.latest[(s, layer)] = f
