@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from numba.core.registry import CPUDispatcher
 
+from icecache_sglang.index import lowrank
 from icecache_sglang.index.keys import to_storage
 from icecache_sglang.indexer import protocol as p
 from icecache_sglang.indexer.config import IndexerConfig
@@ -17,7 +18,7 @@ from icecache_sglang.indexer.policies import POLICIES
 from icecache_sglang.indexer.service import IndexerService
 from icecache_sglang.runtime.config import IceCacheConfig
 
-H, D, N = 2, 16, 1500
+H, D, N = 2, 16, lowrank.MIN_TOKENS + 100
 
 
 def compiled_signatures() -> dict[str, int]:
@@ -61,6 +62,9 @@ def test_no_request_compiles_after_warmup(tmp_path, dtype):
                                    {"q": (qb[:1], "bfloat16")})
                 assert res.n_tokens == [N + 1]
                 call(svc, p.Query(layer=0, seqs=[1, 2], n_pages=8, policy=policy, merge=merge), {"q": q})
+        for _ in range(lowrank.FIT_AFTER + 2):  # seq 1 is long enough: its low-rank codes are fitted and used
+            call(svc, p.Query(layer=1, seqs=[1], n_pages=8, policy="lowrank", merge="mass"), {"q": (qb[:1], "bfloat16")})
+        assert svc.table.get(1, 1).lowrank.ready(N + 1)
         call(svc, p.Release(seqs=[1, 2, 3]))
         after = compiled_signatures()
         grown = {k: (before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 0)}
@@ -87,6 +91,34 @@ def test_warmup_respects_the_query_limits_and_writes_no_file(tmp_path):
         svc.warmup()
         assert sorted(p.name for p in tmp_path.iterdir()) == before
         assert svc.stats().sequences == 0 and svc.errors == 0
+    finally:
+        svc.close()
+        store.close()
+        owner.close()
+
+
+def test_warmup_compiles_the_low_rank_first_pass(tmp_path):
+    """At head_dim 64 the warmup's sequence (600 tokens) is too short for the low-rank path, which a real
+    long sequence reaches after ``FIT_AFTER`` queries: the warmup forces it on a copy (``lowrank.warm``)."""
+    d, n = 64, lowrank.MIN_TOKENS + 100
+    owner = KeyStore.create(str(tmp_path), 1, n, H, d, dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    owner.write(0, np.arange(n), to_storage(rng.standard_normal((n, H, d)).astype(np.float32), "bfloat16"))
+    store = KeyStore.attach(owner.spec)
+    cfg = IndexerConfig(rank=0, store=owner.spec, endpoint=f"ipc://{tmp_path}/s", private_dir=str(tmp_path),
+                        index=IceCacheConfig().index_config(), threads=2)
+    svc = IndexerService(cfg, store)
+    try:
+        svc.warmup()
+        assert svc.warmup_tokens() < lowrank.MIN_TOKENS
+        before = compiled_signatures()
+        call(svc, p.Build(seq=1, layers=[0]), {"slots": np.arange(n, dtype=np.int32)})
+        q = rng.standard_normal((1, 4 * H, d)).astype(np.float32)
+        for _ in range(lowrank.FIT_AFTER + 2):
+            call(svc, p.Query(layer=0, seqs=[1], n_pages=8, policy="lowrank", merge="mass"), {"q": q})
+        assert svc.table.get(1, 0).lowrank.ready(n)
+        grown = {k: v for k, v in compiled_signatures().items() if v != before.get(k, 0)}
+        assert not grown, f"compiled inside requests: {grown}"
     finally:
         svc.close()
         store.close()

@@ -83,6 +83,9 @@ class PagedDCIIndex:
         # the other dtypes) and scores stored rows against queries * key_scale: the same scores. Its tree
         # (norms, projections, parents, pages) is over the keys themselves, as kept (scale multiplied back)
         self._channel_scaled = self.cfg.storage_dtype == "int8"
+        #: the query-aware low-rank codes of the exact selection's first pass (``lowrank.py``), started by the
+        #: first such query of a long index; token ids are kept by rebuilds, so they outlive them
+        self.lowrank = None
         self._alloc(0, 0)
 
     # ------------------------------------------------------------------ storage
@@ -155,6 +158,8 @@ class PagedDCIIndex:
         new = object.__new__(type(self))
         for k, v in self.__dict__.items():
             new.__dict__[k] = v.copy() if isinstance(v, (np.ndarray, dict)) else v
+        if self.lowrank is not None:
+            new.lowrank = self.lowrank.copy()
         return new
 
     @property
@@ -166,7 +171,8 @@ class PagedDCIIndex:
         return np.flatnonzero(self.alive[: self.n_tokens])
 
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.__dict__.values() if isinstance(a, np.ndarray)))
+        own = sum(a.nbytes for a in self.__dict__.values() if isinstance(a, np.ndarray))
+        return int(own + (self.lowrank.nbytes() if self.lowrank is not None else 0))
 
     # ------------------------------------------------------------------ checks
     def _check_kv(self, keys, values, n_expected: int | None = None, fit_scale: bool = False):
@@ -213,6 +219,7 @@ class PagedDCIIndex:
     def build(self, keys, values=None, positions=None) -> None:
         """Index ``n`` tokens from scratch: levels -> exact parents -> sorted cells -> pages."""
         K, V, stored, scale = self._check_kv(keys, values, fit_scale=True)  # keys validated once
+        self.lowrank = None  # token ids start again
         n = K.shape[1]
         pos = self._check_positions(positions, n) if positions is not None else np.arange(n, dtype=np.int64)
         self._build_from(K, V, pos, np.arange(n, dtype=np.int64), stored, scale)
@@ -279,7 +286,10 @@ class PagedDCIIndex:
         n_alive = int(self.alive[: self.n_tokens].sum()) + b
         growth = self.cfg.rebuild_growth
         if growth is not None and n_alive >= growth * max(self.n_at_build, math.ceil(1 / self.cfg.level0_prob)):
-            return self._rebuild_with(K, V, pos)
+            tids = self._rebuild_with(K, V, pos)
+            if self.lowrank is not None:
+                self.lowrank.inserted(tids, K)
+            return tids
         tids = np.arange(self.n_tokens, self.n_tokens + b, dtype=np.int64)
         self._grow(self.n_tokens + b, int(self.next_page.max()) + b + 1)
         self.alive[tids] = True
@@ -302,6 +312,8 @@ class PagedDCIIndex:
             self.cnt_pages[h, tids + 1] = 0
             self.level_counts[h, 0] += b
         _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._a, self._bisect)
+        if self.lowrank is not None:
+            self.lowrank.inserted(tids, K)
         return tids
 
     def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:

@@ -239,22 +239,33 @@ def _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact: Exac
             raise ValueError(f"key_scale must be [{H}, {d}], got {key_scale.shape}")
         Qs = np.ascontiguousarray(Q * np.repeat(key_scale, Q.shape[0] // H, axis=0), dtype=np.float32)
     best = page_maxima(flat, page_fill, next_page, Qs, int(chunk))
-    if exact is not None and rescore > 0 and best.shape[1]:
-        store = exact.store
-        if store.ndim != 3 or store.shape[1:] != (H, d) or store.dtype not in (np.float32, np.uint16):
-            raise ValueError(f"the exact keys must be a float32 or uint16 (bf16) store [S, {H}, {d}], "
-                             f"got {store.dtype} {store.shape}")
-        g = Q.shape[0] // H
-        per_head = _merged(best, page_fill, next_page, g, int(rescore), merge, d)  # [H, rescore]
-        per_row = top_pages(best, page_fill, next_page, g, max(1, int(rescore) // RESCORE_FACTOR))  # [H_q, P]
-        cand = np.full((Q.shape[0], per_row.shape[1] + per_head.shape[1]), -1, np.int32)
-        cand[:, : per_row.shape[1]] = per_row
-        cand[::g, per_row.shape[1]:] = per_head
-        rescore_pages(best, cand, exact.page_tok, page_fill, exact.positions, store, Q)
+    if exact is not None and rescore > 0:
+        rescore_best(best, page_fill, next_page, Q, exact, int(rescore), merge)
     return best
 
 
-def _merged(best, page_fill, next_page, g: int, n_pages: int, merge: str, d: int) -> np.ndarray:
+def rescore_best(best, page_fill, next_page, Q, exact: ExactKeys, rescore: int, merge: str = "rank"):
+    """Approximate page scores ``best [H_q, n]`` -> ``best`` with the pages a KV head may choose scored exactly
+    from ``exact`` (in place): its best ``rescore`` by ``best``, ranked by ``merge``, and each of its query
+    heads' best ``rescore / RESCORE_FACTOR`` (``rescore_pages``)."""
+    H, d = page_fill.shape[0], Q.shape[1]
+    if rescore <= 0 or not best.shape[1]:
+        return best
+    store = exact.store
+    if store.ndim != 3 or store.shape[1:] != (H, d) or store.dtype not in (np.float32, np.uint16):
+        raise ValueError(f"the exact keys must be a float32 or uint16 (bf16) store [S, {H}, {d}], "
+                         f"got {store.dtype} {store.shape}")
+    g = Q.shape[0] // H
+    per_head = merged_pages(best, page_fill, next_page, g, int(rescore), merge, d)  # [H, rescore]
+    per_row = top_pages(best, page_fill, next_page, g, max(1, int(rescore) // RESCORE_FACTOR))  # [H_q, P]
+    cand = np.full((Q.shape[0], per_row.shape[1] + per_head.shape[1]), -1, np.int32)
+    cand[:, : per_row.shape[1]] = per_row
+    cand[::g, per_row.shape[1]:] = per_head
+    rescore_pages(best, cand, exact.page_tok, page_fill, exact.positions, store, Q)
+    return best
+
+
+def merged_pages(best, page_fill, next_page, g: int, n_pages: int, merge: str, d: int) -> np.ndarray:
     """A KV head's ``n_pages`` pages from its query heads' page scores -> ``[H, n_pages]`` (-1 padded)."""
     if merge == "rank":
         rows = top_pages(best, page_fill, next_page, g, n_pages)
@@ -292,7 +303,7 @@ def scan_pages(page_keys, page_fill, next_page, Q, n_pages: int, chunk: int = CH
     merge = check_merge(merge)
     best = _page_scores(page_keys, page_fill, next_page, Q, n_pages, chunk, exact, rescore, merge, key_scale)
     H = page_keys.shape[0]
-    return _merged(best, page_fill, next_page, best.shape[0] // H, int(n_pages), merge, key_width(page_keys))
+    return merged_pages(best, page_fill, next_page, best.shape[0] // H, int(n_pages), merge, key_width(page_keys))
 
 
 def scan_index(idx, Q, n_pages: int, merge: str = "rank", store: np.ndarray | None = None,
@@ -316,4 +327,5 @@ def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) ->
     return float(_read_sum(flat, page_fill, next_page, key_width(page_keys), int(chunk)))
 
 
-__all__ = ["ExactKeys", "index_exact_keys", "read_keys", "rescore_count", "scan_index", "scan_pages", "scan_rows"]
+__all__ = ["ExactKeys", "index_exact_keys", "merged_pages", "read_keys", "rescore_best", "rescore_count", "scan_index",
+           "scan_pages", "scan_rows"]

@@ -9,6 +9,8 @@ and the index-quality benchmark rank pages the same way.
   the tight scan of ``index/scan.py``: on CPU it costs about what the search does (``index_speed.py``).
   Over an int8 index (an approximate copy of the keys) the scan rescores its best candidates from the key
   store (``exact``), so the ranking stays exact (``benchmarks/int8_keys.py``);
+- ``lowrank`` (a search, served here beside the scan it falls back to): the exact scan's ranking over the
+  pages a query-aware low-rank first pass picks (``index/lowrank.py``);
 - ``oracle_positional``: fixed pages of C consecutive tokens, ranked by exact best score;
 - ``quest``: the same pages ranked by Quest's per-page min/max bound;
 - ``streaming``: the most recent indexed tokens (with the sink and unindexed tail the backend adds, that is
@@ -23,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..index.keys import from_storage
+from ..index.lowrank import scan_index_lowrank
 from ..index.scan import scan_index
 from ..index.paged_index import PagedDCIIndex
 from ..index.selection import OraclePositionalPolicy, QuestPolicy
@@ -36,10 +39,15 @@ def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str
     (int32, -1 padded). ``merge``: the GQA merge of the page-ranking policies (``index/gqa_merge.py``);
     ``store [S, H, d]``: the layer's exact keys, the row of a token at its position (the key store), which
     an int8 index's exact scan rescores from."""
-    if policy not in BASELINES + ("exact",):
-        raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact']}")
+    if policy not in BASELINES + ("exact", "lowrank"):
+        raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact', 'lowrank']}")
     H, C, P = idx.H, idx.C, n_pages
     pages = np.full((H, P), -1, np.int32)
+    if policy == "lowrank" and store is not None and store.dtype in (np.float32, np.uint16):
+        pages = scan_index_lowrank(idx, np.ascontiguousarray(q, np.float32), P, store, merge=merge)
+        return pages, idx.page_positions(pages).astype(np.int32)
+    if policy == "lowrank":  # no exact keys to rescore from (a float16 store): the exact scan
+        policy = "exact"
     if policy in ("oracle_page", "exact"):  # the tight exhaustive scan (index/scan.py): every key read once per KV head
         if idx.page_keys.dtype == np.int8 and store is None:
             raise ValueError("an int8 index's exact scan needs the key store to rescore from")

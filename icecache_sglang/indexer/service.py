@@ -18,7 +18,8 @@ import numba
 import numpy as np
 
 from ..index.config import QueryParams
-from ..index.keys import to_storage
+from ..index.keys import PARALLEL_MIN, to_storage
+from ..index import lowrank
 from ..index.gqa_merge import GQA_MERGES
 from .baselines import POLICIES, select_baseline
 from .blas import blas_threads
@@ -132,7 +133,7 @@ class IndexerService:
         up on arrays of other types left the first query of the H100 server compiling for about 2 s: its switch
         to sparse timed out for 4 steps, bringup/attempt12.) Nothing touches the real store or table."""
         spec = self.store.spec
-        n = WARMUP_TOKENS + 64
+        n = self.warmup_tokens() + 64
         rows = np.random.default_rng(0).standard_normal((1, n, spec.num_kv_heads, spec.head_dim)).astype(np.float32)
         store = KeyStore.scratch(to_storage(rows, spec.dtype), spec.dtype)
         scratch = IndexerService(replace(self.cfg, store=store.spec, write_workers=1), store)
@@ -143,12 +144,18 @@ class IndexerService:
             store.close()
         self._start_write_workers()
 
+    def warmup_tokens(self) -> int:
+        """Tokens the warmup's sequence holds: ``WARMUP_TOKENS``, or enough that its key rows reach
+        ``PARALLEL_MIN`` values (the kernels with a serial and a parallel variant by size run both: a model of
+        head_dim 64 compiled the parallel parent search inside its first real Build)."""
+        return max(WARMUP_TOKENS, -(-PARALLEL_MIN // self.d))
+
     def warmup_requests(self, rng: np.random.Generator) -> None:
         """Every kind of request this service answers, on its own table (a scratch service's: see
         :meth:`warmup`): a Build, a decode Insert, Inserts that make the index rebuild itself, Queries of one
         and of two sequences under every policy and GQA merge with each query dtype, Shares (whole source and
         a cut prefix) and Releases."""
-        layers, n = [0], WARMUP_TOKENS
+        layers, n = [0], self.warmup_tokens()
         n_pages = min(4, self.cfg.max_pages)
         batches = ([1], [1, 3]) if self.cfg.max_batch >= 2 else ([1],)
 
@@ -172,6 +179,9 @@ class IndexerService:
                     for seqs in batches:
                         call(p.Query(layer=0, seqs=seqs, n_pages=n_pages, policy=policy, merge=merge),
                              {"q": (qw[: len(seqs)], wire)})
+        # the low-rank first pass runs only on long indexes with a fitted basis: forced on a copy of seq 1's
+        if self.store.keys.dtype in (np.float32, np.uint16):
+            lowrank.warm(self.table.get(1, 0), self.store.keys[0], np.ascontiguousarray(q[0]))
         call(p.Release(seqs=[1, 2, 3, 4]))
 
     def _start_write_workers(self) -> None:

@@ -1,0 +1,253 @@
+"""The exact selection with a query-aware low-rank first pass (``selection: lowrank``) beside the full scan.
+
+``index/lowrank.py``: once an index has answered ``FIT_AFTER`` queries it fits, per KV head, a rank-r map
+whitened by the queries' second moment, keeps an int8 code of r values per token, scores every token from the
+codes, and rescores each KV head's best ``4 P`` pages exactly from the key store. Two parts, one run:
+
+- **quality** on real post-RoPE Q/K (captured forward passes: SmolLM2-135M essays and passkey at 4k,
+  Qwen2.5-Coder-0.5B essays at 8k; every layer from the third; the last 24 positions as decode steps, the
+  first 10 feeding the fit, the next 14 measured), int8 index as the indexer builds it, the exact keys in a
+  bfloat16 store as the server's: per (step, layer, query head) whether the exact best page (max over its
+  tokens of q.k, from the exact keys) is selected (``top_page_recall``, after the GQA merge), and the
+  selection's attention mass relative to the exact scan's selection (``mass_vs_exact`` mean and 5th
+  percentile over (step, layer, KV head)); for ranks d/8, d/4 (the default), d/2, and with plain
+  (not query-aware) PCA maps for contrast (``maps: keys``);
+- **speed** on synthetic low-rank keys at Llama-3.1-8B's shape (8 KV heads, 32 query heads, d = 128, P = 12
+  pages of 16), 8k / 32k / 128k tokens, interleaved step by step in one process on the same cores: the
+  exact selection the server runs today (``exact``: the tight scan of the int8 page copy + rescoring),
+  ``lowrank`` (first pass + rescoring), the first pass alone, and reading the int8 page copy once (the
+  floor of any full scan). Bytes the codes add per token and layer beside the key row.
+
+    python benchmarks/lowrank_scan.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import png_path, write_records  # noqa: E402
+from index_quality import real_layers  # noqa: E402
+
+import numba  # noqa: E402
+
+from icecache_sglang.index import lowrank  # noqa: E402
+from icecache_sglang.index.config import DEFAULT_GQA_MERGE, IndexConfig  # noqa: E402
+from icecache_sglang.index.keys import to_storage  # noqa: E402
+from icecache_sglang.index.paged_index import PagedDCIIndex  # noqa: E402
+from icecache_sglang.index.scan import read_keys, scan_index  # noqa: E402
+from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
+
+C = 16
+STEPS, WARM = 24, 10
+SOURCES = [("smollm2-135m-instruct", "essays", 4096), ("smollm2-135m-instruct", "passkey", 4096),
+           ("qwen2.5-coder-0.5b-instruct", "essays", 8192)]
+H_KV, H_Q, D, P = 8, 32, 128, 12
+
+
+def _key_maps(keys, q_moment, rank):
+    """Plain PCA of the keys (the queries ignored): the contrast the query-aware maps are measured against."""
+    return lowrank.fit_maps(keys, np.broadcast_to(np.eye(keys.shape[2], dtype=np.float32), q_moment.shape), rank)
+
+
+def quality(model: str, text: str, context: int, variants) -> list[dict]:
+    layers = real_layers(model, text, context, STEPS)
+    rows = []
+    for li, (K, _V, Q) in enumerate(layers):
+        if li < 2:
+            continue
+        H, n, d = K.shape
+        g = Q.shape[1] // H
+        store = to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)), "bfloat16")  # the server's key store
+        Kx = store.view(np.uint16).astype(np.uint32) << 16
+        Kx = Kx.view(np.float32).transpose(1, 0, 2)  # [H, n, d]: the keys as the store holds them
+        base = PagedDCIIndex(H, d, config=IndexConfig(page_size=C, key_dtype="int8"))
+        base.build(K)
+        for label, rank, factor, maps in variants(d):
+            idx = base.copy()
+            fit = lowrank.fit_maps
+            if maps == "keys":
+                lowrank.fit_maps = _key_maps
+            try:
+                for step in range(STEPS):
+                    q = np.ascontiguousarray(Q[step], np.float32)
+                    got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rank=rank,
+                                                     rescore=factor * P_REAL)
+                    if step < WARM:
+                        continue
+                    assert idx.lowrank.ready(idx.n_tokens), "the fit is not active after the warm-up"
+                    ref = scan_index(idx, q, P_REAL, merge=DEFAULT_GQA_MERGE, store=store)
+                    rows += _score(li, step, label, got, ref, idx, Kx, q, g)
+            finally:
+                lowrank.fit_maps = fit
+    return rows
+
+
+def _score(layer, step, label, got, ref, idx, Kx, q, g) -> list[dict]:
+    out = []
+    d = Kx.shape[2]
+    for h in range(idx.H):
+        live = idx.live_pages(h)
+        toks = idx.page_tok[h, live]  # [pages, C] token ids (-1 padded); ids are positions here
+        valid = toks >= 0
+        keys = Kx[h][np.maximum(toks, 0)]  # [pages, C, d]
+        qh = q[h * g:(h + 1) * g]
+        exact = np.where(valid[None], np.einsum("gd,pcd->gpc", qh, keys), -np.inf).max(2)  # [g, pages]
+        best = live[np.argmax(exact, axis=1)]
+        logits = qh @ Kx[h].T / np.sqrt(d)
+        pr = np.exp(logits - logits.max(1, keepdims=True))
+        pr /= pr.sum(1, keepdims=True)
+
+        def mass(pages):
+            pages = pages[pages >= 0]
+            t = idx.page_tok[h, pages].ravel()
+            return pr[:, t[t >= 0]].sum(1)
+
+        out.append({"layer": layer, "step": step, "method": label, "top_page_hits": int(np.isin(best, got[h]).sum()),
+                    "cases": g, "mass_vs_exact": float(np.mean(mass(got[h]) / np.maximum(mass(ref[h]), 1e-12)))})
+    return out
+
+
+def _fitted(idx, Qs, store, rank=None) -> int:
+    """Ask ``idx`` queries until its codes cover every token (a fit encodes ``FIT_CHUNK`` tokens per query);
+    returns how many it took."""
+    for i, q in enumerate(Qs):
+        lowrank.scan_index_lowrank(idx, q, P, store, merge=DEFAULT_GQA_MERGE, rank=rank)
+        if idx.lowrank is not None and idx.lowrank.ready(idx.n_tokens):
+            return i + 1
+    raise RuntimeError("the fit did not finish")
+
+
+def speed(contexts, reps: int, ranks) -> list[dict]:
+    rng = np.random.default_rng(0)
+    records = []
+    threads = numba.get_num_threads()
+    for n in contexts:
+        K, Qs = lowrank_keys(rng, n, D, rank=16, n_queries=reps + 32, heads=H_KV, group=H_Q // H_KV)
+        store = to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)), "bfloat16")
+        idx = PagedDCIIndex(H_KV, D, config=IndexConfig(page_size=C, key_dtype="int8"))
+        idx.build(K)
+        coded = {}
+        for r in ranks:
+            coded[r] = idx.copy()
+            warm = _fitted(coded[r], Qs[:32], store, rank=r)
+        scan_index(idx, Qs[0], P, merge=DEFAULT_GQA_MERGE, store=store)  # compile
+        read_keys(idx.page_keys, idx.next_page, idx.page_fill)
+        ops = [("exact", None, lambda q: scan_index(idx, q, P, merge=DEFAULT_GQA_MERGE, store=store)),
+               ("read", None, lambda q: read_keys(idx.page_keys, idx.next_page, idx.page_fill))]
+        for r, ix in coded.items():
+            ops += [("lowrank", r, lambda q, ix=ix: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE)),
+                    ("first_pass", r, lambda q, ix=ix: lowrank.first_pass(ix, q))]
+        t = {(op, r): [] for op, r, _ in ops}
+        for q in Qs[32:]:  # interleaved: every method sees the same machine state
+            for op, r, fn in ops:
+                s = time.perf_counter()
+                fn(q)
+                t[(op, r)].append(time.perf_counter() - s)
+        med = {k: float(np.median(v)) for k, v in t.items()}
+        base = {"part": "speed", "context": n, "heads": H_KV, "q_heads": H_Q, "head_dim": D, "pages": P,
+                "threads": threads, "reps": reps, "key_bytes_per_token_layer": H_KV * D * 2,
+                "index_bytes_per_token_layer": idx.nbytes() / idx.n_live, "queries_to_fit": warm}
+        for (op, r), v in med.items():
+            extra = {} if r is None else {"rank": r, "code_bytes_per_token_layer": H_KV * (r + 4),
+                                          "index_bytes_per_token_layer": coded[r].nbytes() / idx.n_live}
+            records.append({**base, **extra, "op": op, "seconds_median": v, "speedup_vs_exact": med[("exact", None)] / v})
+        line = f"{n:7d}  exact {med[('exact', None)] * 1e3:7.2f} ms  read int8 copy {med[('read', None)] * 1e3:6.2f} ms"
+        for r in ranks:
+            line += (f"  | r={r}: lowrank {med[('lowrank', r)] * 1e3:6.2f} ms "
+                     f"({med[('exact', None)] / med[('lowrank', r)]:.2f}x), first pass {med[('first_pass', r)] * 1e3:5.2f} ms")
+        print(line, flush=True)
+    return records
+
+
+def summarize(rows: list[dict], source: str) -> list[dict]:
+    out = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        masses = np.array([r["mass_vs_exact"] for r in rs])
+        out.append({"part": "quality", "source": source, "method": m, "pages": P_REAL,
+                    "top_page_recall": sum(r["top_page_hits"] for r in rs) / sum(r["cases"] for r in rs),
+                    "mass_vs_exact_mean": float(masses.mean()), "mass_vs_exact_p5": float(np.percentile(masses, 5)),
+                    "cases": sum(r["cases"] for r in rs), "steps_measured": STEPS - WARM})
+    return out
+
+
+def plot(records, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    sp = [r for r in records if r["part"] == "speed"]
+    names = {"exact": "exact (full int8 scan + rescoring)", "lowrank": "lowrank r={} (first pass + rescoring)",
+             "first_pass": "lowrank r={}: first pass alone", "read": "read the int8 page copy once"}
+    series = dict.fromkeys((r["op"], r.get("rank")) for r in sp)
+    for i, (op, rank) in enumerate(series):
+        pts = sorted((r["context"], r["seconds_median"] * 1e3) for r in sp if r["op"] == op and r.get("rank") == rank)
+        a.plot(*zip(*pts), {"exact": "s--", "lowrank": "o-", "first_pass": "v:", "read": "^:"}[op],
+               color=f"C{i}", label=names[op].format(rank))
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("context tokens")
+    a.set_ylabel("ms per decode step per layer")
+    a.set_title(f"one layer: {H_KV} KV / {H_Q} q heads, d={D}, P={P} (synthetic keys, measured)", fontsize=9)
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+    q = [r for r in records if r["part"] == "quality"]
+    srcs = list(dict.fromkeys(r["source"] for r in q))
+    methods = list(dict.fromkeys(r["method"] for r in q))
+    w = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        b.bar(np.arange(len(srcs)) + i * w, [next((r["top_page_recall"] for r in q if r["source"] == s and r["method"] == m),
+                                                  np.nan) for s in srcs], w, label=m)
+    b.axhline(0.99, color="red", lw=0.8)
+    b.set_ylim(0.85, 1.001)
+    b.set_xticks(np.arange(len(srcs)) + 0.4 - w / 2)
+    b.set_xticklabels(srcs, fontsize=7)
+    b.set_ylabel("top-page recall (after the GQA merge)")
+    b.set_title("real Q/K: is each query head's exact best page selected? (computed)", fontsize=9)
+    b.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+P_REAL = (256 - 64) // C  # the 256-token budget less sink and window
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one source, contexts 8k and 32k")
+    args = ap.parse_args(argv)
+
+    def variants(d):
+        r = lowrank.default_rank(d)
+        out = [(f"query-aware r={r} (default), 4P rescored", r, 4, "query"),
+               (f"query-aware r={r}, 2P rescored", r, 2, "query"),
+               (f"query-aware r={max(1, d // 8)}, 4P rescored", max(1, d // 8), 4, "query"),
+               (f"query-aware r={d // 2}, 4P rescored", d // 2, 4, "query"),
+               (f"keys' PCA r={r}, 4P rescored", r, 4, "keys")]
+        return out[:2] if args.quick else out
+
+    records = []
+    for model, text, ctx in (SOURCES[:1] if args.quick else SOURCES):
+        src = f"{model} {text} {ctx // 1024}k"
+        recs = summarize(quality(model, text, ctx, variants), src)
+        records += recs
+        for r in recs:
+            print(f"{src:40s} {r['method']:36s} top-page {r['top_page_recall']:.4f}  mass {r['mass_vs_exact_mean']:.4f}"
+                  f" (p5 {r['mass_vs_exact_p5']:.3f})", flush=True)
+    records += speed([8192, 32768] if args.quick else [8192, 32768, 131072], 7 if args.quick else 21,
+                     (D // 8, lowrank.default_rank(D)))
+    write_records("lowrank_scan", args.quick, records)
+    plot(records, png_path("lowrank_scan", args.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""A low-rank first pass for the exact page selection: read a fraction of the key bytes, rescore the best pages.
+
+The exact selection (``scan.py``) reads every key of every page once per decode step and layer; it is
+memory-bound, and on the GPU host it falls behind at long contexts and batch 8 (GPU attempt14). A query's
+scores over one KV head's keys vary along few directions, *once the queries are taken into account*: a plain
+PCA of the keys keeps the directions the keys vary most in, but a model's queries weigh some channels tens of
+times more than others (Qwen2.5's outlier channels), and on Qwen2.5-Coder-0.5B a 32-of-64 key PCA keeps the
+exact best page in only 96% of cases; whitened by the queries' second moment, 16 of 64 keep it in 99.8%
+(``benchmarks/lowrank_scan.py``). So an index that has answered enough queries learns, per KV head:
+
+- ``mean [d]`` of its keys and ``Sq`` the second moment of the queries it was asked (``observe``);
+- with ``A = Sq^(1/2)`` (regularized), ``U [d, r]`` the leading eigenvectors of ``A Sk A`` (``Sk``: the keys'
+  covariance); keys map to codes ``c = (k - mean) A U``, queries to ``q A^-1 U``, and
+  ``q.k ~ q.mean + (q A^-1 U).c``, exact when the keys lie in the span;
+- per token its code as an int8 row over its own float32 scale (``r + 4`` bytes, in token-id order: append-only,
+  nothing moves when pages split or the tree is rebuilt).
+
+A query then scores every token approximately, folds the scores into pages (a page's best token, through
+``tok_page``), and each KV head's best candidates are scored exactly from the key store
+(``scan.rescore_best``), which decides: a page is missed only if the approximate scores rank it below the
+candidates. Until an index has a fitted basis (too few queries yet, or a fit in progress) it is scanned
+exactly (``scan.scan_index``). A fit encodes ``FIT_CHUNK`` tokens per query it answers, into codes the scan
+does not read until they cover every token, so no query pays for a whole re-encode; a refit follows each
+time the queries seen grow ``REFIT_GROWTH``-fold (a conversation's queries drift). Pure numpy + numba.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, from_storage, int8_scales, to_storage
+from .scan import NEG_INF, ExactKeys, merged_pages, rescore_best, scan_index
+
+#: indexes with fewer live tokens are scanned exactly (their scan is cheap, and the codes would cost memory)
+MIN_TOKENS = 4096
+#: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
+FIT_AFTER = 8
+REFIT_GROWTH = 8
+#: keys sampled (evenly spaced) to fit a basis: the covariance of 8192 keys is as good as of 128k
+FIT_SAMPLE = 8192
+#: tokens a fit encodes per query it answers
+FIT_CHUNK = 32768
+#: the queries' second moment is regularized by this share of its mean eigenvalue
+RIDGE = 1e-3
+#: tokens per work item of the first pass (at least; items are (KV head, run of tokens))
+MIN_RUN = 2048
+#: the first pass hands this many times the selected pages per KV head to the exact rescoring (and each
+#: query head's best half as many)
+LOWRANK_RESCORE_FACTOR = 4
+
+
+def default_rank(head_dim: int) -> int:
+    """The rank of the codes when none is configured: a quarter of the head dimension."""
+    return max(1, head_dim // 4)
+
+
+def fit_maps(keys: np.ndarray, q_moment: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sampled keys ``[H, m, d]`` (float32) and the queries' second moment ``[H, d, d]`` -> (``mean [H, d]``,
+    ``kmap [H, d, rank]``, ``qmap [H, d, rank]``): codes are ``(k - mean) kmap``, projected queries ``q qmap``
+    (see the module's text)."""
+    H, m, d = keys.shape
+    mean = keys.mean(axis=1, dtype=np.float64) if m else np.zeros((H, d))
+    kmap = np.empty((H, d, rank), np.float32)
+    qmap = np.empty((H, d, rank), np.float32)
+    for h in range(H):
+        Sq = np.asarray(q_moment[h], np.float64)
+        Sq = 0.5 * (Sq + Sq.T) + RIDGE * max(np.trace(Sq) / d, 1e-30) * np.eye(d)
+        w, V = np.linalg.eigh(Sq)
+        w = np.maximum(w, RIDGE * max(w.max(), 1e-30))
+        A, Ai = (V * np.sqrt(w)) @ V.T, (V / np.sqrt(w)) @ V.T
+        X = (keys[h].astype(np.float64) - mean[h]) @ A
+        _, U = np.linalg.eigh(X.T @ X)
+        U = U[:, ::-1][:, :rank]
+        kmap[h], qmap[h] = A @ U, Ai @ U
+    return mean.astype(np.float32), kmap, qmap
+
+
+def encode(K: np.ndarray, mean: np.ndarray, kmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys ``K [H, n, d]`` -> (codes ``[H, n, rank]`` int8, scales ``[H, n]`` float32): ``(k - mean) kmap`` per
+    row over its own scale (kept apart, so a row of rank 32 is one aligned 32-byte read)."""
+    x = np.matmul(np.asarray(K, np.float32) - mean[:, None, :], kmap)
+    rows = to_storage(np.ascontiguousarray(x, np.float32), "int8")
+    return rows[..., :-INT8_SCALE_BYTES], int8_scales(rows)
+
+
+def project_queries(Q: np.ndarray, mean: np.ndarray, qmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Queries ``Q [H * g, d]`` (row ``r`` on KV head ``r // g``) -> (``Q qmap [H * g, rank]``, ``q.mean [H * g]``)."""
+    H = qmap.shape[0]
+    Qh = Q.reshape(H, Q.shape[0] // H, -1)
+    Qr = np.matmul(Qh, qmap).reshape(Q.shape[0], -1)
+    qmu = np.einsum("hgd,hd->hg", Qh, mean).reshape(-1)
+    return np.ascontiguousarray(Qr, np.float32), np.ascontiguousarray(qmu, np.float32)
+
+
+class _Fit:
+    """Maps and codes for token ids ``[0, done)``; complete when ``done`` reaches the index's token count."""
+
+    def __init__(self, mean, kmap, qmap, cap: int):
+        self.mean, self.kmap, self.qmap = mean, kmap, qmap
+        self.codes = np.zeros((kmap.shape[0], cap, kmap.shape[2]), np.int8)
+        self.scales = np.zeros((kmap.shape[0], cap), np.float32)
+        self.done = 0
+
+    def copy(self) -> _Fit:
+        new = object.__new__(_Fit)
+        new.done = self.done  # first: rows below it were written before it was set (a copy-on-write copy may
+        # run on a writer thread while a query advances this fit)
+        new.mean, new.kmap, new.qmap = self.mean, self.kmap, self.qmap
+        new.codes, new.scales = self.codes.copy(), self.scales.copy()
+        return new
+
+    def reserve(self, n: int) -> None:
+        if n > self.codes.shape[1]:
+            cap = max(n, self.codes.shape[1] * 5 // 4)
+            codes = np.zeros((self.codes.shape[0], cap, self.codes.shape[2]), np.int8)
+            scales = np.zeros((self.codes.shape[0], cap), np.float32)
+            codes[:, : self.done], scales[:, : self.done] = self.codes[:, : self.done], self.scales[:, : self.done]
+            self.codes, self.scales = codes, scales
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes + self.kmap.nbytes + self.qmap.nbytes + self.mean.nbytes
+
+
+class LowRankState:
+    """One index's query-aware low-rank codes (``PagedDCIIndex.lowrank``): the queries' second moment, the
+    fitted maps and codes the first pass reads (``active``), and a fit in progress (``pending``)."""
+
+    def __init__(self, num_heads: int, head_dim: int, rank: int):
+        if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= head_dim:
+            raise ValueError(f"the low-rank codes' rank must be an int in [1, {head_dim}], got {rank!r}")
+        self.rank = int(rank)
+        self.q_moment = np.zeros((num_heads, head_dim, head_dim), np.float32)
+        self.queries = 0  # queries observed (each: all query heads of every KV head)
+        self.fits = 0  # fits completed
+        self.next_fit = FIT_AFTER
+        self.active: _Fit | None = None
+        self.pending: _Fit | None = None
+
+    def copy(self) -> LowRankState:
+        new = object.__new__(LowRankState)
+        new.__dict__.update(self.__dict__)
+        new.q_moment = self.q_moment.copy()
+        new.active = self.active.copy() if self.active is not None else None
+        new.pending = self.pending.copy() if self.pending is not None else None
+        return new
+
+    def nbytes(self) -> int:
+        return self.q_moment.nbytes + sum(f.nbytes() for f in (self.active, self.pending) if f is not None)
+
+    def observe(self, Q: np.ndarray) -> None:
+        """Add a query ``Q [H * g, d]`` to the queries' second moment (a running mean)."""
+        H = self.q_moment.shape[0]
+        Qh = np.asarray(Q, np.float32).reshape(H, Q.shape[0] // H, -1)
+        self.queries += 1
+        self.q_moment += (np.matmul(Qh.transpose(0, 2, 1), Qh) / Qh.shape[1] - self.q_moment) / self.queries
+
+    def inserted(self, ids: np.ndarray, K: np.ndarray) -> None:
+        """New tokens ``ids`` (ascending, the index's newest) with keys ``K [H, n, d]`` as the index keeps
+        them: the active codes cover them at once; a pending fit reaches them in its turn."""
+        f = self.active
+        if f is None or not ids.size or int(ids[0]) != f.done:
+            return
+        f.reserve(int(ids[-1]) + 1)
+        f.codes[:, ids], f.scales[:, ids] = encode(K, f.mean, f.kmap)
+        f.done = int(ids[-1]) + 1
+
+    def advance(self, idx, store: np.ndarray) -> None:
+        """Start a fit once due, or encode the next ``FIT_CHUNK`` tokens of the one in progress (the exact keys:
+        ``store [S, H, d]``, token ``t``'s row at ``idx.positions[t]``); a finished fit becomes active."""
+        n = idx.n_tokens
+        if self.pending is None:
+            if self.queries < self.next_fit:
+                return
+            live = idx.live_ids()
+            take = live[np.unique(np.linspace(0, live.size - 1, min(live.size, FIT_SAMPLE)).astype(np.int64))]
+            sample = np.ascontiguousarray(from_storage(store[idx.positions[take]]).transpose(1, 0, 2))
+            self.pending = _Fit(*fit_maps(sample, self.q_moment, self.rank), n)
+            self.next_fit = self.queries * REFIT_GROWTH
+            return
+        f = self.pending
+        hi = min(n, f.done + FIT_CHUNK)
+        if hi > f.done:
+            f.reserve(n)
+            rows = from_storage(store[idx.positions[f.done:hi]])  # [n, H, d]; dead tokens' rows are never read
+            f.codes[:, f.done:hi], f.scales[:, f.done:hi] = encode(rows.transpose(1, 0, 2), f.mean, f.kmap)
+            f.done = hi
+        if f.done >= n:
+            self.active, self.pending = f, None
+            self.fits += 1
+
+    def ready(self, n_tokens: int) -> bool:
+        return self.active is not None and self.active.done >= n_tokens
+
+
+@njit(cache=True, nogil=True, inline="always", fastmath=True)
+def _fold4(codes, scales, tok_page, alive, t0, t1, Qr, qmu, a, best):  # pragma: no cover
+    """Tokens ``[t0, t1)`` of one KV head scored for query rows ``a .. a + 3``, folded into ``best [4, pages]``."""
+    r = Qr.shape[1]
+    q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
+    m0, m1, m2, m3 = qmu[a], qmu[a + 1], qmu[a + 2], qmu[a + 3]
+    for t in range(t0, t1):
+        p = tok_page[t]
+        if p < 0 or not alive[t]:
+            continue
+        row = codes[t]
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for i in range(r):
+            x = np.float32(row[i])
+            s0 += x * q0[i]
+            s1 += x * q1[i]
+            s2 += x * q2[i]
+            s3 += x * q3[i]
+        sc = scales[t]
+        best[0, p] = max(best[0, p], s0 * sc + m0)
+        best[1, p] = max(best[1, p], s1 * sc + m1)
+        best[2, p] = max(best[2, p], s2 * sc + m2)
+        best[3, p] = max(best[3, p], s3 * sc + m3)
+
+
+@njit(cache=True, nogil=True, inline="always", fastmath=True)
+def _fold1(codes, scales, tok_page, alive, t0, t1, q, m, best):  # pragma: no cover
+    """``_fold4`` for one query row ``q`` (a group's last rows when it is not a multiple of four)."""
+    r = q.shape[0]
+    for t in range(t0, t1):
+        p = tok_page[t]
+        if p < 0 or not alive[t]:
+            continue
+        row = codes[t]
+        s0 = np.float32(0.0)
+        for i in range(r):
+            s0 += np.float32(row[i]) * q[i]
+        best[p] = max(best[p], s0 * scales[t] + m)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def lowrank_page_maxima(codes, scales, tok_page, alive, n_tok, next_page, Qr, qmu, runs):  # pragma: no cover
+    """``best [H_q, max(next_page)]``: each page's best approximate score ``q.mean + (q qmap).c`` over its
+    live tokens per query head (-inf for pages without one). Work items are (KV head, run of tokens),
+    ``runs`` per head, each with its own maxima (a page holds tokens from anywhere), merged per head.
+    (Tokens come in id order and their pages in no order: folding a score into its page is a random
+    read-modify-write, about half of this kernel's time at 128k on 2 cores; keeping a page's query heads'
+    maxima side by side measured slower, 11.2 vs 7.8 ms.)"""
+    H, r = codes.shape[0], Qr.shape[1]
+    g = Qr.shape[0] // H
+    n_max = 0
+    for h in range(H):
+        n_max = max(n_max, next_page[h])
+    part = np.full((H * runs, g, n_max), NEG_INF, np.float32)
+    per = (n_tok + runs - 1) // runs
+    for it in prange(H * runs):
+        h, blk = it // runs, it % runs
+        t0, t1 = blk * per, min((blk + 1) * per, n_tok)
+        j = 0
+        while j < g:  # query heads four at a time (each code value loaded once per four), each on its own pass
+            if j + 4 <= g:
+                _fold4(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr, qmu, h * g + j, part[it, j:j + 4])
+                j += 4
+            else:
+                _fold1(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr[h * g + j], qmu[h * g + j], part[it, j])
+                j += 1
+    out = np.full((H * g, n_max), NEG_INF, np.float32)
+    for row in prange(H * g):
+        h, j = row // g, row % g
+        o = out[row]
+        for blk in range(runs):
+            src = part[h * runs + blk, j]
+            for p in range(next_page[h]):
+                o[p] = max(o[p], src[p])
+    return out
+
+
+def _runs_per_head(n_tok: int, H: int) -> int:
+    """Runs of tokens per KV head so that the items fill the threads twice over, each ``MIN_RUN`` or more."""
+    want = max(1, -(-2 * numba.get_num_threads() // H))
+    return max(1, min(want, n_tok // MIN_RUN))
+
+
+def lowrank_rescore_count(n_pages: int) -> int:
+    """Pages per KV head the first pass hands to the exact rescoring (``LOWRANK_RESCORE_FACTOR`` x P)."""
+    return LOWRANK_RESCORE_FACTOR * int(n_pages)
+
+
+def first_pass(idx, Q: np.ndarray) -> np.ndarray:
+    """The approximate page scores of an index with active codes -> ``best [H_q, max(next_page)]``."""
+    f = idx.lowrank.active
+    Qr, qmu = project_queries(Q, f.mean, f.qmap)
+    n = idx.n_tokens
+    return lowrank_page_maxima(f.codes, f.scales, idx.tok_page, idx.alive, n, idx.next_page, Qr, qmu,
+                               _runs_per_head(n, idx.H))
+
+
+def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "rank", rank: int | None = None,
+                       rescore: int | None = None) -> np.ndarray:
+    """The exact selection with a low-rank first pass -> ``[H_kv, n_pages]`` int32 (-1 padded), for a
+    ``PagedDCIIndex`` whose ``positions`` are rows of ``store`` (the exact keys, which decide): the query is
+    observed, a due fit advanced, and until the index's codes cover every token it is scanned exactly
+    (``scan.scan_index``). ``rank``: of the codes an index starts (default ``default_rank``)."""
+    Q = np.ascontiguousarray(Q, dtype=np.float32)
+    if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
+        raise ValueError(f"Q must be [a multiple of {idx.H}, {idx.d}], got {Q.shape}")
+    if idx.lowrank is None:
+        if idx.n_live < MIN_TOKENS:
+            return scan_index(idx, Q, n_pages, merge=merge, store=store)
+        idx.lowrank = LowRankState(idx.H, idx.d, default_rank(idx.d) if rank is None else rank)
+    st = idx.lowrank
+    st.observe(Q)
+    st.advance(idx, store)
+    if not st.ready(idx.n_tokens):
+        return scan_index(idx, Q, n_pages, merge=merge, store=store)
+    best = first_pass(idx, Q)
+    rescore = lowrank_rescore_count(n_pages) if rescore is None else int(rescore)
+    g = Q.shape[0] // idx.H
+    rescore_best(best, idx.page_fill, idx.next_page, Q, ExactKeys(store, idx.positions, idx.page_tok), rescore, merge)
+    return merged_pages(best, idx.page_fill, idx.next_page, g, int(n_pages), merge, idx.d)
+
+
+def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
+    """Run every numba function of this module on a copy of ``idx`` (any size: a fit is forced), for an
+    indexer's warmup: a compile inside a real query costs seconds."""
+    twin = idx.copy()
+    twin.lowrank = LowRankState(idx.H, idx.d, default_rank(idx.d))
+    for _ in range(FIT_AFTER):
+        twin.lowrank.observe(Q)
+    while not twin.lowrank.ready(twin.n_tokens):
+        twin.lowrank.advance(twin, store)
+    for merge in ("rank", "mass"):
+        scan_index_lowrank(twin, Q, 4, store, merge=merge)
+    # the conversions with a serial and a parallel variant by size: a real fit's chunks are large
+    f = twin.lowrank.active
+    rows = store[np.zeros(-(-PARALLEL_MIN // (idx.H * idx.d)) + 1, np.int64)]
+    encode(from_storage(rows).transpose(1, 0, 2), f.mean, f.kmap)
+    encode(np.zeros((idx.H, -(-PARALLEL_MIN // (idx.H * f.kmap.shape[2])) + 1, idx.d), np.float32), f.mean, f.kmap)
+
+
+__all__ = ["LowRankState", "default_rank", "encode", "first_pass", "fit_maps", "lowrank_rescore_count",
+           "project_queries", "scan_index_lowrank", "warm"]

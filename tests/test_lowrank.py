@@ -1,0 +1,212 @@
+"""The exact selection's query-aware low-rank first pass (``index/lowrank.py``, ``selection: lowrank``)."""
+
+import numpy as np
+import pytest
+
+from icecache_sglang.index import lowrank
+from icecache_sglang.index.config import IndexConfig
+from icecache_sglang.index.keys import to_storage
+from icecache_sglang.index.paged_index import PagedDCIIndex
+from icecache_sglang.index.scan import scan_index
+
+H, D, G, P, RANK = 2, 32, 3, 6, 8
+
+
+def _keys(rng, n, rank=RANK, noise=0.0):
+    """Keys ``[H, n, D]`` = mean + a rank-``rank`` part (+ noise): exactly low rank when ``noise`` is 0."""
+    K = np.empty((H, n, D), np.float32)
+    for h in range(H):
+        basis = np.linalg.qr(rng.standard_normal((D, rank)))[0].T * 3.0
+        K[h] = rng.standard_normal(D) + rng.standard_normal((n, rank)) @ basis + noise * rng.standard_normal((n, D))
+    return K
+
+
+def _index(K, key_dtype="int8"):
+    idx = PagedDCIIndex(H, D, config=IndexConfig(page_size=8, key_dtype=key_dtype))
+    idx.build(K)
+    return idx, np.ascontiguousarray(K.transpose(1, 0, 2))  # the store: row of token t at position t
+
+
+def _fit(idx, store, rng, merge="mass"):
+    for _ in range(lowrank.FIT_AFTER + 8):
+        lowrank.scan_index_lowrank(idx, rng.standard_normal((H * G, D)).astype(np.float32), P, store, merge=merge,
+                                   rank=RANK)
+        if idx.lowrank.ready(idx.n_tokens):
+            return
+    raise AssertionError("no fit")
+
+
+@pytest.mark.parametrize("merge", ["rank", "mass"])
+def test_low_rank_keys_give_exactly_the_exact_scans_pages(merge):
+    rng = np.random.default_rng(0)
+    idx, store = _index(_keys(rng, lowrank.MIN_TOKENS + 500))
+    _fit(idx, store, rng, merge)
+    assert idx.lowrank.fits == 1
+    for _ in range(5):
+        q = rng.standard_normal((H * G, D)).astype(np.float32)
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge=merge)
+        want = scan_index(idx, q, P, merge=merge, store=store)
+        assert [sorted(r) for r in got] == [sorted(r) for r in want]
+
+
+def test_first_pass_approximates_page_maxima_and_the_rescoring_decides():
+    """Keys with a small full-rank part: the approximate page scores are close, and the selection keeps every
+    query head's exact best page (the rescoring picks among candidates by exact scores)."""
+    rng = np.random.default_rng(1)
+    K = _keys(rng, lowrank.MIN_TOKENS + 100, noise=0.05)
+    idx, store = _index(K)
+    _fit(idx, store, rng)
+    q = rng.standard_normal((H * G, D)).astype(np.float32)
+    approx = lowrank.first_pass(idx, q)
+    for h in range(H):
+        live = idx.live_pages(h)
+        toks = idx.page_tok[h, live]
+        exact = np.where(toks[None] >= 0, np.einsum("gd,pcd->gpc", q[h * G:(h + 1) * G], K[h][np.maximum(toks, 0)]),
+                         -np.inf).max(2)
+        err = np.abs(approx[h * G:(h + 1) * G, live] - exact)
+        assert err.max() < 0.05 * np.abs(exact).max() + 0.5
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")[h]
+        assert set(live[np.argmax(exact, axis=1)]) <= set(got)
+
+
+def test_before_the_fit_and_for_short_indexes_the_exact_scan_answers():
+    rng = np.random.default_rng(2)
+    short, s_store = _index(_keys(rng, lowrank.MIN_TOKENS - 1))
+    q = rng.standard_normal((H * G, D)).astype(np.float32)
+    assert (lowrank.scan_index_lowrank(short, q, P, s_store) == scan_index(short, q, P, store=s_store)).all()
+    assert short.lowrank is None  # no state, no codes for a short index
+    idx, store = _index(_keys(rng, lowrank.MIN_TOKENS, noise=0.5))
+    for i in range(lowrank.FIT_AFTER):
+        q = rng.standard_normal((H * G, D)).astype(np.float32)
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
+        assert (got == scan_index(idx, q, P, merge="mass", store=store)).all()
+        assert idx.lowrank.queries == i + 1 and idx.lowrank.active is None
+
+
+def test_a_fit_is_encoded_over_several_queries_and_used_only_once_complete(monkeypatch):
+    monkeypatch.setattr(lowrank, "FIT_CHUNK", 1500)
+    rng = np.random.default_rng(3)
+    n = lowrank.MIN_TOKENS + 300
+    idx, store = _index(_keys(rng, n, noise=0.3))
+    seen = []
+    for _ in range(lowrank.FIT_AFTER + 6):
+        q = rng.standard_normal((H * G, D)).astype(np.float32)
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
+        st = idx.lowrank
+        seen.append((st.pending.done if st.pending is not None else None, st.ready(idx.n_tokens)))
+        if not st.ready(idx.n_tokens):
+            assert (got == scan_index(idx, q, P, merge="mass", store=store)).all()
+    # query FIT_AFTER starts the fit, the next ones encode 1500 tokens each, the fourth completes it
+    assert [s for s in seen if s[0] is not None] == [(0, False), (1500, False), (3000, False)]
+    assert seen[-1] == (None, True) and idx.lowrank.fits == 1
+
+
+def test_tokens_inserted_after_the_fit_are_coded_and_can_be_selected():
+    rng = np.random.default_rng(4)
+    K = _keys(rng, lowrank.MIN_TOKENS + 40)
+    mid = K.mean(axis=1)
+    u = K[:, -1] - mid
+    K[:, -1] = mid + 8 * u  # far out along its own direction (and still in the keys' subspace): the best key of u
+    idx, store = _index(K[:, : lowrank.MIN_TOKENS])
+    _fit(idx, store, np.random.default_rng(40))
+    new = idx.insert(K[:, lowrank.MIN_TOKENS:])  # positions continue: rows of the same store
+    store = np.ascontiguousarray(K.transpose(1, 0, 2))
+    assert idx.lowrank.active.done == idx.n_tokens and idx.lowrank.ready(idx.n_tokens)
+    q = np.repeat(u, G, axis=0)
+    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
+    for h in range(H):
+        assert idx.tok_page[h, new[-1]] in got[h]
+    want = scan_index(idx, q, P, merge="mass", store=store)
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+
+
+def test_deleted_tokens_are_never_scored_and_a_rebuild_keeps_the_codes():
+    rng = np.random.default_rng(5)
+    K = _keys(rng, lowrank.MIN_TOKENS + 64)
+    idx, store = _index(K[:, : lowrank.MIN_TOKENS])
+    _fit(idx, store, rng)
+    store = np.ascontiguousarray(K.transpose(1, 0, 2))
+    idx.delete(np.arange(0, 64))
+    q = np.repeat(K[:, 10] - K.mean(axis=1), G, axis=0)  # towards a deleted token
+    approx = lowrank.first_pass(idx, q)
+    assert np.isfinite(approx).any()
+    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
+    for h in range(H):
+        chosen = np.concatenate(idx.page_tokens(h, got[h][got[h] >= 0]))
+        assert chosen.size and not np.isin(chosen, np.arange(64)).any()
+    idx, store = _index(K[:, : lowrank.MIN_TOKENS])
+    _fit(idx, store, rng)
+    store = np.ascontiguousarray(K.transpose(1, 0, 2))
+    idx.cfg = IndexConfig(page_size=8, key_dtype="int8", rebuild_growth=1.01)
+    idx.insert(K[:, lowrank.MIN_TOKENS:])  # 1.6% more tokens: rebuilt
+    assert idx.rebuilds == 1 and idx.lowrank.ready(idx.n_tokens)  # token ids kept: the codes still hold
+    q = rng.standard_normal((H * G, D)).astype(np.float32)
+    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
+    want = scan_index(idx, q, P, merge="mass", store=store)
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+
+
+def test_a_copy_owns_its_codes_and_a_build_drops_them():
+    rng = np.random.default_rng(6)
+    K = _keys(rng, lowrank.MIN_TOKENS + 8)
+    idx, store = _index(K[:, : lowrank.MIN_TOKENS])
+    _fit(idx, store, rng)
+    twin = idx.copy()
+    assert twin.lowrank is not idx.lowrank and twin.lowrank.active.codes is not idx.lowrank.active.codes
+    twin.insert(K[:, lowrank.MIN_TOKENS:])
+    assert twin.lowrank.active.done == lowrank.MIN_TOKENS + 8 and idx.lowrank.active.done == lowrank.MIN_TOKENS
+    assert twin.nbytes() > idx.nbytes() - idx.lowrank.nbytes()  # the codes are counted
+    idx.build(K)
+    assert idx.lowrank is None
+
+
+def test_query_aware_maps_beat_the_keys_pca_when_queries_weigh_a_quiet_channel():
+    """Keys vary a lot along channel 0 and little along channel 1; queries look only at channel 1. A rank-1
+    PCA of the keys keeps channel 0 and ranks tokens at random; the query-aware map keeps channel 1."""
+    rng = np.random.default_rng(7)
+    n, d = 4000, 8
+    K = rng.standard_normal((1, n, d)).astype(np.float32) * np.array([10, 1, .1, .1, .1, .1, .1, .1], np.float32)
+    Q = np.zeros((64, d), np.float32)
+    Q[:, 1] = rng.standard_normal(64) + 3
+    moment = (Q.T @ Q / 64)[None]
+    mean, kmap, qmap = lowrank.fit_maps(K, moment, 1)
+    exact = Q[:1] @ K[0].T
+    aware = (Q[:1] @ qmap[0]) @ ((K[0] - mean[0]) @ kmap[0]).T
+    plain = lowrank.fit_maps(K, np.eye(d, dtype=np.float32)[None], 1)
+    naive = (Q[:1] @ plain[2][0]) @ ((K[0] - plain[0][0]) @ plain[1][0]).T
+    assert np.corrcoef(aware[0], exact[0])[0, 1] > 0.99
+    assert abs(np.corrcoef(naive[0], exact[0])[0, 1]) < 0.2
+
+
+def test_bad_queries_are_refused():
+    rng = np.random.default_rng(8)
+    idx, store = _index(_keys(rng, 300))
+    with pytest.raises(ValueError, match="Q must be"):
+        lowrank.scan_index_lowrank(idx, np.zeros((H * G, D + 1), np.float32), P, store)
+    with pytest.raises(ValueError, match="rank"):
+        lowrank.LowRankState(H, D, D + 1)
+
+
+def test_served_lowrank_selection_equals_the_exact_one_after_the_fit():
+    """Through a real indexer process: ``policy="lowrank"`` answers like ``exact`` before and after the
+    sequence's codes are fitted (low-rank keys), in a bfloat16 store as the server's."""
+    from icecache_sglang.indexer import Indexer
+
+    n = lowrank.MIN_TOKENS + 200
+    ix = Indexer.launch(num_layers=1, num_kv_heads=H, head_dim=D, num_slots=n + 8,
+                        index=IndexConfig(page_size=8, key_dtype="int8"), timeout_s=20.0, threads=1)
+    try:
+        rng = np.random.default_rng(9)
+        K = _keys(rng, n)
+        ix.store.keys[0, :n] = to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)), "bfloat16") \
+            if ix.store.keys.dtype == np.uint16 else K.transpose(1, 0, 2)
+        ix.client.build(3, [0], np.arange(n))
+        ix.client.sync()
+        for step in range(lowrank.FIT_AFTER + 4):
+            q = rng.standard_normal((1, H * G, D)).astype(np.float32)
+            got = ix.client.query(0, [3], q, P, policy="lowrank", merge="mass", timeout_s=20.0)
+            want = ix.client.query(0, [3], q, P, policy="exact", merge="mass", timeout_s=20.0)
+            assert not got.fallback and not want.fallback, (got.reason, want.reason)
+            assert [sorted(r) for r in got.pages[0]] == [sorted(r) for r in want.pages[0]], step
+    finally:
+        ix.close()
