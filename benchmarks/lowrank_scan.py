@@ -142,7 +142,7 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
                ("read", None, lambda q: read_keys(idx.page_keys, idx.next_page, idx.page_fill))]
         for r, ix in coded.items():
             ops += [("lowrank", r, lambda q, ix=ix: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE)),
-                    ("first_pass", r, lambda q, ix=ix: lowrank.first_pass(ix, q))]
+                    ("first_pass", r, lambda q, ix=ix: lowrank.candidates(ix, q, lowrank.lowrank_rescore_count(P)))]
         t = {(op, r): [] for op, r, _ in ops}
         for q in Qs[32:]:  # interleaved: every method sees the same machine state
             for op, r, fn in ops:

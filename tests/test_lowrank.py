@@ -36,35 +36,59 @@ def _fit(idx, store, rng, merge="mass"):
     raise AssertionError("no fit")
 
 
-@pytest.mark.parametrize("merge", ["rank", "mass"])
-def test_low_rank_keys_give_exactly_the_exact_scans_pages(merge):
+def _mass(idx, K, q, pages):
+    """Per KV head, its query heads' mean softmax attention mass on the tokens of ``pages [H, P]``."""
+    out = []
+    for h in range(H):
+        toks = np.concatenate(idx.page_tokens(h, pages[h][pages[h] >= 0]))
+        s = q[h * G:(h + 1) * G] @ K[h].T / np.sqrt(D)
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        out.append((w[:, toks].sum(1) / w.sum(1)).mean())
+    return np.array(out)
+
+
+def test_low_rank_keys_give_the_exact_scans_pages():
+    """Rank merge: exactly the exact scan's pages. Mass merge: chosen among the candidates only (the exact
+    scan's softmax also counts every other page), so the same attention mass, not always the same pages."""
     rng = np.random.default_rng(0)
-    idx, store = _index(_keys(rng, lowrank.MIN_TOKENS + 500))
-    _fit(idx, store, rng, merge)
+    K = _keys(rng, lowrank.MIN_TOKENS + 500)
+    idx, store = _index(K)
+    _fit(idx, store, rng)
     assert idx.lowrank.fits == 1
     for _ in range(5):
         q = rng.standard_normal((H * G, D)).astype(np.float32)
-        got = lowrank.scan_index_lowrank(idx, q, P, store, merge=merge)
-        want = scan_index(idx, q, P, merge=merge, store=store)
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
+        want = scan_index(idx, q, P, merge="rank", store=store)
         assert [sorted(r) for r in got] == [sorted(r) for r in want]
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
+        want = scan_index(idx, q, P, merge="mass", store=store)
+        assert (_mass(idx, K, q, got) >= 0.97 * _mass(idx, K, q, want)).all()
 
 
-def test_first_pass_approximates_page_maxima_and_the_rescoring_decides():
-    """Keys with a small full-rank part: the approximate page scores are close, and the selection keeps every
-    query head's exact best page (the rescoring picks among candidates by exact scores)."""
+def test_candidates_carry_approximate_page_maxima_and_the_rescoring_decides():
+    """Keys with a small full-rank part: each query row's candidates are distinct pages, best first, with
+    approximate scores close to the pages' exact maxima; the exact best page of every query head is among
+    them, and the selection keeps it (the rescoring picks among candidates by exact scores)."""
     rng = np.random.default_rng(1)
     K = _keys(rng, lowrank.MIN_TOKENS + 100, noise=0.05)
     idx, store = _index(K)
     _fit(idx, store, rng)
     q = rng.standard_normal((H * G, D)).astype(np.float32)
-    approx = lowrank.first_pass(idx, q)
+    X = lowrank.lowrank_rescore_count(P)
+    cand, approx = lowrank.candidates(idx, q, X)
+    assert cand.shape == (H * G, X) and (np.diff(approx, axis=1) <= 0).all()
     for h in range(H):
         live = idx.live_pages(h)
         toks = idx.page_tok[h, live]
-        exact = np.where(toks[None] >= 0, np.einsum("gd,pcd->gpc", q[h * G:(h + 1) * G], K[h][np.maximum(toks, 0)]),
-                         -np.inf).max(2)
-        err = np.abs(approx[h * G:(h + 1) * G, live] - exact)
-        assert err.max() < 0.05 * np.abs(exact).max() + 0.5
+        valid = np.arange(idx.C)[None] < idx.page_fill[h, live][:, None]
+        exact = np.where(valid[None], np.einsum("gd,pcd->gpc", q[h * G:(h + 1) * G], K[h][np.maximum(toks, 0)]),
+                         -np.inf).max(2)  # [g, live pages]
+        for j in range(G):
+            row = cand[h * G + j]
+            assert len(set(row.tolist())) == X  # distinct
+            e = exact[j, np.searchsorted(live, row)]
+            assert np.abs(approx[h * G + j] - e).max() < 0.05 * np.abs(exact).max() + 0.5
+            assert live[np.argmax(exact[j])] in row
         got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")[h]
         assert set(live[np.argmax(exact, axis=1)]) <= set(got)
 
@@ -116,7 +140,8 @@ def test_tokens_inserted_after_the_fit_are_coded_and_can_be_selected():
     got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
     for h in range(H):
         assert idx.tok_page[h, new[-1]] in got[h]
-    want = scan_index(idx, q, P, merge="mass", store=store)
+    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
+    want = scan_index(idx, q, P, merge="rank", store=store)
     assert [sorted(r) for r in got] == [sorted(r) for r in want]
 
 
@@ -128,8 +153,9 @@ def test_deleted_tokens_are_never_scored_and_a_rebuild_keeps_the_codes():
     store = np.ascontiguousarray(K.transpose(1, 0, 2))
     idx.delete(np.arange(0, 64))
     q = np.repeat(K[:, 10] - K.mean(axis=1), G, axis=0)  # towards a deleted token
-    approx = lowrank.first_pass(idx, q)
-    assert np.isfinite(approx).any()
+    cand, _ = lowrank.candidates(idx, q, 8)
+    for h in range(H):
+        assert not np.isin(np.concatenate(idx.page_tokens(h, cand[h * G][cand[h * G] >= 0])), np.arange(64)).any()
     got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
     for h in range(H):
         chosen = np.concatenate(idx.page_tokens(h, got[h][got[h] >= 0]))
@@ -141,8 +167,8 @@ def test_deleted_tokens_are_never_scored_and_a_rebuild_keeps_the_codes():
     idx.insert(K[:, lowrank.MIN_TOKENS:])  # 1.6% more tokens: rebuilt
     assert idx.rebuilds == 1 and idx.lowrank.ready(idx.n_tokens)  # token ids kept: the codes still hold
     q = rng.standard_normal((H * G, D)).astype(np.float32)
-    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
-    want = scan_index(idx, q, P, merge="mass", store=store)
+    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
+    want = scan_index(idx, q, P, merge="rank", store=store)
     assert [sorted(r) for r in got] == [sorted(r) for r in want]
 
 
@@ -204,8 +230,8 @@ def test_served_lowrank_selection_equals_the_exact_one_after_the_fit():
         ix.client.sync()
         for step in range(lowrank.FIT_AFTER + 4):
             q = rng.standard_normal((1, H * G, D)).astype(np.float32)
-            got = ix.client.query(0, [3], q, P, policy="lowrank", merge="mass", timeout_s=20.0)
-            want = ix.client.query(0, [3], q, P, policy="exact", merge="mass", timeout_s=20.0)
+            got = ix.client.query(0, [3], q, P, policy="lowrank", merge="rank", timeout_s=20.0)
+            want = ix.client.query(0, [3], q, P, policy="exact", merge="rank", timeout_s=20.0)
             assert not got.fallback and not want.fallback, (got.reason, want.reason)
             assert [sorted(r) for r in got.pages[0]] == [sorted(r) for r in want.pages[0]], step
     finally:

@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, from_storage, int8_scales, to_storage
-from .scan import NEG_INF, ExactKeys, merged_pages, rescore_best, scan_index
+from .scan import NEG_INF, merged_pages, rescore_pages, scan_index
 
 #: indexes with fewer live tokens are scanned exactly (their scan is cheap, and the codes would cost memory)
 MIN_TOKENS = 4096
@@ -194,10 +194,33 @@ class LowRankState:
         return self.active is not None and self.active.done >= n_tokens
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _offer(ts, tp, s, p):  # pragma: no cover
+    """Offer page ``p`` scored ``s`` to a row's best distinct pages ``ts``/``tp`` (scores descending, -1 free)."""
+    X = ts.shape[0]
+    if not s > ts[X - 1]:
+        return
+    i = X - 1
+    for u in range(X):  # a page already held keeps its best score, once
+        if tp[u] == p:
+            if not s > ts[u]:
+                return
+            i = u
+            break
+    while i > 0 and s > ts[i - 1]:
+        ts[i] = ts[i - 1]
+        tp[i] = tp[i - 1]
+        i -= 1
+    ts[i] = s
+    tp[i] = p
+
+
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
-def _fold4(codes, scales, tok_page, alive, t0, t1, Qr, qmu, a, best):  # pragma: no cover
-    """Tokens ``[t0, t1)`` of one KV head scored for query rows ``a .. a + 3``, folded into ``best [4, pages]``."""
+def _top4(codes, scales, tok_page, alive, t0, t1, Qr, qmu, a, ts, tp):  # pragma: no cover
+    """Tokens ``[t0, t1)`` of one KV head scored for query rows ``a .. a + 3``; each row's best distinct pages
+    kept in ``ts``/``tp [4, X]``. A score below a row's X-th page is one compare: no write per token."""
     r = Qr.shape[1]
+    X = ts.shape[1]
     q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
     m0, m1, m2, m3 = qmu[a], qmu[a + 1], qmu[a + 2], qmu[a + 3]
     for t in range(t0, t1):
@@ -213,15 +236,17 @@ def _fold4(codes, scales, tok_page, alive, t0, t1, Qr, qmu, a, best):  # pragma:
             s2 += x * q2[i]
             s3 += x * q3[i]
         sc = scales[t]
-        best[0, p] = max(best[0, p], s0 * sc + m0)
-        best[1, p] = max(best[1, p], s1 * sc + m1)
-        best[2, p] = max(best[2, p], s2 * sc + m2)
-        best[3, p] = max(best[3, p], s3 * sc + m3)
+        s0, s1, s2, s3 = s0 * sc + m0, s1 * sc + m1, s2 * sc + m2, s3 * sc + m3
+        if s0 > ts[0, X - 1] or s1 > ts[1, X - 1] or s2 > ts[2, X - 1] or s3 > ts[3, X - 1]:
+            _offer(ts[0], tp[0], s0, p)
+            _offer(ts[1], tp[1], s1, p)
+            _offer(ts[2], tp[2], s2, p)
+            _offer(ts[3], tp[3], s3, p)
 
 
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
-def _fold1(codes, scales, tok_page, alive, t0, t1, q, m, best):  # pragma: no cover
-    """``_fold4`` for one query row ``q`` (a group's last rows when it is not a multiple of four)."""
+def _top1(codes, scales, tok_page, alive, t0, t1, q, m, ts, tp):  # pragma: no cover
+    """``_top4`` for one query row ``q`` (a group's last rows when it is not a multiple of four)."""
     r = q.shape[0]
     for t in range(t0, t1):
         p = tok_page[t]
@@ -231,23 +256,22 @@ def _fold1(codes, scales, tok_page, alive, t0, t1, q, m, best):  # pragma: no co
         s0 = np.float32(0.0)
         for i in range(r):
             s0 += np.float32(row[i]) * q[i]
-        best[p] = max(best[p], s0 * scales[t] + m)
+        _offer(ts, tp, s0 * scales[t] + m, p)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def lowrank_page_maxima(codes, scales, tok_page, alive, n_tok, next_page, Qr, qmu, runs):  # pragma: no cover
-    """``best [H_q, max(next_page)]``: each page's best approximate score ``q.mean + (q qmap).c`` over its
-    live tokens per query head (-inf for pages without one). Work items are (KV head, run of tokens),
-    ``runs`` per head, each with its own maxima (a page holds tokens from anywhere), merged per head.
-    (Tokens come in id order and their pages in no order: folding a score into its page is a random
-    read-modify-write, about half of this kernel's time at 128k on 2 cores; keeping a page's query heads'
-    maxima side by side measured slower, 11.2 vs 7.8 ms.)"""
-    H, r = codes.shape[0], Qr.shape[1]
+def lowrank_candidates(codes, scales, tok_page, alive, n_tok, Qr, qmu, X, runs):  # pragma: no cover
+    """Per query row, the ``X`` pages with the best approximate scores ``q.mean + (q qmap).c`` (a page's best
+    live token) -> (``pages [H_q, X]`` int32, -1 padded, ``scores [H_q, X]``), best first. Work items are
+    (KV head, run of tokens), ``runs`` per head, each keeping its own best pages, merged per row.
+
+    Tokens come in id order and their pages in no order: folding every score into its page's maximum was a
+    random read-modify-write per token and query head, about half the pass's time at 128k on 2 cores;
+    keeping only the best ``X`` distinct pages costs one compare per token and query head."""
+    H = codes.shape[0]
     g = Qr.shape[0] // H
-    n_max = 0
-    for h in range(H):
-        n_max = max(n_max, next_page[h])
-    part = np.full((H * runs, g, n_max), NEG_INF, np.float32)
+    ts = np.full((H * runs, g, X), NEG_INF, np.float32)
+    tp = np.full((H * runs, g, X), -1, np.int32)
     per = (n_tok + runs - 1) // runs
     for it in prange(H * runs):
         h, blk = it // runs, it % runs
@@ -255,20 +279,22 @@ def lowrank_page_maxima(codes, scales, tok_page, alive, n_tok, next_page, Qr, qm
         j = 0
         while j < g:  # query heads four at a time (each code value loaded once per four), each on its own pass
             if j + 4 <= g:
-                _fold4(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr, qmu, h * g + j, part[it, j:j + 4])
+                _top4(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr, qmu, h * g + j, ts[it, j:j + 4],
+                      tp[it, j:j + 4])
                 j += 4
             else:
-                _fold1(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr[h * g + j], qmu[h * g + j], part[it, j])
+                _top1(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr[h * g + j], qmu[h * g + j], ts[it, j],
+                      tp[it, j])
                 j += 1
-    out = np.full((H * g, n_max), NEG_INF, np.float32)
+    out_s = np.full((H * g, X), NEG_INF, np.float32)
+    out_p = np.full((H * g, X), -1, np.int32)
     for row in prange(H * g):
         h, j = row // g, row % g
-        o = out[row]
         for blk in range(runs):
-            src = part[h * runs + blk, j]
-            for p in range(next_page[h]):
-                o[p] = max(o[p], src[p])
-    return out
+            for u in range(X):
+                if tp[h * runs + blk, j, u] >= 0:
+                    _offer(out_s[row], out_p[row], ts[h * runs + blk, j, u], tp[h * runs + blk, j, u])
+    return out_p, out_s
 
 
 def _runs_per_head(n_tok: int, H: int) -> int:
@@ -282,13 +308,13 @@ def lowrank_rescore_count(n_pages: int) -> int:
     return LOWRANK_RESCORE_FACTOR * int(n_pages)
 
 
-def first_pass(idx, Q: np.ndarray) -> np.ndarray:
-    """The approximate page scores of an index with active codes -> ``best [H_q, max(next_page)]``."""
+def candidates(idx, Q: np.ndarray, X: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first pass of an index with active codes -> each query row's ``X`` best pages by approximate score
+    and those scores (``[H_q, X]``, best first, -1 / -inf padded)."""
     f = idx.lowrank.active
     Qr, qmu = project_queries(Q, f.mean, f.qmap)
     n = idx.n_tokens
-    return lowrank_page_maxima(f.codes, f.scales, idx.tok_page, idx.alive, n, idx.next_page, Qr, qmu,
-                               _runs_per_head(n, idx.H))
+    return lowrank_candidates(f.codes, f.scales, idx.tok_page, idx.alive, n, Qr, qmu, int(X), _runs_per_head(n, idx.H))
 
 
 def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "rank", rank: int | None = None,
@@ -296,7 +322,10 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     """The exact selection with a low-rank first pass -> ``[H_kv, n_pages]`` int32 (-1 padded), for a
     ``PagedDCIIndex`` whose ``positions`` are rows of ``store`` (the exact keys, which decide): the query is
     observed, a due fit advanced, and until the index's codes cover every token it is scanned exactly
-    (``scan.scan_index``). ``rank``: of the codes an index starts (default ``default_rank``)."""
+    (``scan.scan_index``). Then each query row's best ``rescore`` pages by approximate score (default
+    ``lowrank_rescore_count``) are the candidates: every candidate of a KV head is scored exactly for all its
+    query rows (``scan.rescore_pages``) and the pages are chosen among them by ``merge``.
+    ``rank``: of the codes an index starts (default ``default_rank``)."""
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
         raise ValueError(f"Q must be [a multiple of {idx.H}, {idx.d}], got {Q.shape}")
@@ -309,11 +338,11 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     st.advance(idx, store)
     if not st.ready(idx.n_tokens):
         return scan_index(idx, Q, n_pages, merge=merge, store=store)
-    best = first_pass(idx, Q)
-    rescore = lowrank_rescore_count(n_pages) if rescore is None else int(rescore)
-    g = Q.shape[0] // idx.H
-    rescore_best(best, idx.page_fill, idx.next_page, Q, ExactKeys(store, idx.positions, idx.page_tok), rescore, merge)
-    return merged_pages(best, idx.page_fill, idx.next_page, g, int(n_pages), merge, idx.d)
+    X = lowrank_rescore_count(n_pages) if rescore is None else int(rescore)
+    cand, _ = candidates(idx, Q, X)
+    best = np.full((Q.shape[0], int(idx.next_page.max())), NEG_INF, np.float32)
+    rescore_pages(best, cand, idx.page_tok, idx.page_fill, idx.positions, store, Q)
+    return merged_pages(best, idx.page_fill, idx.next_page, Q.shape[0] // idx.H, int(n_pages), merge, idx.d)
 
 
 def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
@@ -334,5 +363,5 @@ def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
     encode(np.zeros((idx.H, -(-PARALLEL_MIN // (idx.H * f.kmap.shape[2])) + 1, idx.d), np.float32), f.mean, f.kmap)
 
 
-__all__ = ["LowRankState", "default_rank", "encode", "first_pass", "fit_maps", "lowrank_rescore_count",
+__all__ = ["LowRankState", "candidates", "default_rank", "encode", "fit_maps", "lowrank_rescore_count",
            "project_queries", "scan_index_lowrank", "warm"]
