@@ -50,11 +50,6 @@ SOURCES = [("smollm2-135m-instruct", "essays", 4096), ("smollm2-135m-instruct", 
 H_KV, H_Q, D, P = 8, 32, 128, 12
 
 
-def _key_maps(keys, q_moment, rank):
-    """Plain PCA of the keys (the queries ignored): the contrast the query-aware maps are measured against."""
-    return lowrank.fit_maps(keys, np.broadcast_to(np.eye(keys.shape[2], dtype=np.float32), q_moment.shape), rank)
-
-
 def quality(model: str, text: str, context: int, variants) -> list[dict]:
     layers = real_layers(model, text, context, STEPS)
     rows = []
@@ -69,22 +64,16 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
         base = PagedDCIIndex(H, d, config=IndexConfig(page_size=C, key_dtype="int8"))
         base.build(K)
         for label, rank, factor, maps in variants(d):
-            idx = base.copy()
-            fit = lowrank.fit_maps
-            if maps == "keys":
-                lowrank.fit_maps = _key_maps
-            try:
-                for step in range(STEPS):
-                    q = np.ascontiguousarray(Q[step], np.float32)
-                    got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rank=rank,
-                                                     rescore=factor * P_REAL)
-                    if step < WARM:
-                        continue
-                    assert idx.lowrank.ready(idx.n_tokens), "the fit is not active after the warm-up"
-                    ref = scan_index(idx, q, P_REAL, merge=DEFAULT_GQA_MERGE, store=store)
-                    rows += _score(li, step, label, got, ref, idx, Kx, q, g)
-            finally:
-                lowrank.fit_maps = fit
+            idx = base.copy()  # maps "keys": a plain PCA of the keys, the contrast the query-aware maps beat
+            idx.lowrank = lowrank.LowRankState(H, d, rank, query_aware=maps == "query")
+            for step in range(STEPS):
+                q = np.ascontiguousarray(Q[step], np.float32)
+                got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=factor * P_REAL)
+                if step < WARM:
+                    continue
+                assert idx.lowrank.ready(idx.n_tokens), "the fit is not active after the warm-up"
+                ref = scan_index(idx, q, P_REAL, merge=DEFAULT_GQA_MERGE, store=store)
+                rows += _score(li, step, label, got, ref, idx, Kx, q, g)
     return rows
 
 

@@ -31,10 +31,12 @@ import numpy as np
 from numba import njit, prange
 
 from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, from_storage, int8_scales, to_storage
-from .scan import NEG_INF, merged_pages, rescore_pages, scan_index
+from .scan import NEG_INF, ExactKeys, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
-#: indexes with fewer live tokens are scanned exactly (their scan is cheap, and the codes would cost memory)
-MIN_TOKENS = 4096
+#: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 2 ms more
+#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.8x the exact scan at 8k, 1.2-1.4x at
+#: 32k, 2.2-2.5x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
+MIN_TOKENS = 16384
 #: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
 FIT_AFTER = 8
 REFIT_GROWTH = 8
@@ -127,10 +129,12 @@ class LowRankState:
     """One index's query-aware low-rank codes (``PagedDCIIndex.lowrank``): the queries' second moment, the
     fitted maps and codes the first pass reads (``active``), and a fit in progress (``pending``)."""
 
-    def __init__(self, num_heads: int, head_dim: int, rank: int):
+    def __init__(self, num_heads: int, head_dim: int, rank: int, query_aware: bool = True):
         if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= head_dim:
             raise ValueError(f"the low-rank codes' rank must be an int in [1, {head_dim}], got {rank!r}")
         self.rank = int(rank)
+        #: False: the maps are a plain PCA of the keys (the queries' moment taken as the identity; an ablation)
+        self.query_aware = bool(query_aware)
         self.q_moment = np.zeros((num_heads, head_dim, head_dim), np.float32)
         self.queries = 0  # queries observed (each: all query heads of every KV head)
         self.fits = 0  # fits completed
@@ -176,7 +180,9 @@ class LowRankState:
             live = idx.live_ids()
             take = live[np.unique(np.linspace(0, live.size - 1, min(live.size, FIT_SAMPLE)).astype(np.int64))]
             sample = np.ascontiguousarray(from_storage(store[idx.positions[take]]).transpose(1, 0, 2))
-            self.pending = _Fit(*fit_maps(sample, self.q_moment, self.rank), n)
+            moment = self.q_moment if self.query_aware else np.broadcast_to(np.eye(idx.d, dtype=np.float32),
+                                                                            self.q_moment.shape)
+            self.pending = _Fit(*fit_maps(sample, moment, self.rank), n)
             self.next_fit = self.queries * REFIT_GROWTH
             return
         f = self.pending
@@ -323,8 +329,10 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     ``PagedDCIIndex`` whose ``positions`` are rows of ``store`` (the exact keys, which decide): the query is
     observed, a due fit advanced, and until the index's codes cover every token it is scanned exactly
     (``scan.scan_index``). Then each query row's best ``rescore`` pages by approximate score (default
-    ``lowrank_rescore_count``) are the candidates: every candidate of a KV head is scored exactly for all its
-    query rows (``scan.rescore_pages``) and the pages are chosen among them by ``merge``.
+    ``lowrank_rescore_count``) are the candidates: every candidate of a KV head is scored for all its query
+    rows from the index's page copy (``scan.score_pages``; contiguous rows), and over an int8 copy the ones the
+    exact scan would rescore from the key store are (``scan.rescore_best``); the pages are chosen among the
+    candidates by ``merge``.
     ``rank``: of the codes an index starts (default ``default_rank``)."""
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
@@ -341,8 +349,16 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     X = lowrank_rescore_count(n_pages) if rescore is None else int(rescore)
     cand, _ = candidates(idx, Q, X)
     best = np.full((Q.shape[0], int(idx.next_page.max())), NEG_INF, np.float32)
-    rescore_pages(best, cand, idx.page_tok, idx.page_fill, idx.positions, store, Q)
-    return merged_pages(best, idx.page_fill, idx.next_page, Q.shape[0] // idx.H, int(n_pages), merge, idx.d)
+    # the candidates scored from the index's own page copy (contiguous rows); over an int8 copy, the pages a
+    # KV head may choose among them are then scored from the exact keys, as the exact scan does
+    H = idx.H
+    int8 = idx.page_keys.dtype == np.int8
+    Qs = np.ascontiguousarray(Q * np.repeat(idx.key_scale, Q.shape[0] // H, axis=0), np.float32) if int8 else Q
+    score_pages(best, cand, idx.page_keys.reshape(H, idx.page_keys.shape[1], -1), idx.page_fill, Qs)
+    if int8:
+        rescore_best(best, idx.page_fill, idx.next_page, Q, ExactKeys(store, idx.positions, idx.page_tok),
+                     rescore_count(n_pages), merge)
+    return merged_pages(best, idx.page_fill, idx.next_page, Q.shape[0] // H, int(n_pages), merge, idx.d)
 
 
 def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:

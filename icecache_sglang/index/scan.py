@@ -169,6 +169,28 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def score_pages(best, cand, page_keys, page_fill, Q):
+    """``page_maxima`` for the candidate pages only, in place: for every page among ``cand [H_q, X]`` (-1
+    padded) of any query row of a KV head, ``best[r, p]`` of each of that head's rows becomes the page's best
+    score over its stored rows (``page_keys [H, pages, C * w]``, as ``page_maxima`` reads them; ``Q`` scaled
+    as the rows are). Parallel over KV heads; a page's rows are read once for the head's ``g`` query rows."""
+    H, d = page_keys.shape[0], Q.shape[1]
+    g = Q.shape[0] // H
+    for h in prange(H):
+        seen = np.zeros(best.shape[1], np.bool_)
+        scratch = np.empty(page_keys.shape[2], np.float32)
+        for rr in range(h * g, (h + 1) * g):
+            for x in range(cand.shape[1]):
+                p = cand[rr, x]
+                if p < 0 or seen[p]:
+                    continue
+                seen[p] = True
+                f = page_fill[h, p]
+                if f > 0:
+                    _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, p)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _read_sum(page_keys, page_fill, next_page, d, chunk):
     items = _work_items(next_page, chunk)
     part = np.zeros(items.shape[0], np.float32)
@@ -328,4 +350,4 @@ def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) ->
 
 
 __all__ = ["ExactKeys", "index_exact_keys", "merged_pages", "read_keys", "rescore_best", "rescore_count", "scan_index",
-           "scan_pages", "scan_rows"]
+           "scan_pages", "scan_rows", "score_pages"]

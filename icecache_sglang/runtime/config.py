@@ -55,7 +55,9 @@ class IceCacheConfig:
     (``--attention-backend`` when one is given; else flashinfer, or triton without it, on CUDA; torch_native
     on the CPU). selection: how pages are chosen: ``exact`` (the default: IceCache's
     pages ranked by exact score with a tight scan, no slower than the search on CPU and never missing the
-    best page), ``icecache`` (the index's M-DCI search) or a baseline over the same tokens and budget, for
+    best page), ``lowrank`` (the same exact ranking over the candidates a query-aware low-rank first pass
+    picks, reading a fraction of the keys: ``index/lowrank.py``; sequences under 16384 tokens, and each layer's
+    first queries, are scanned exactly), ``icecache`` (the index's M-DCI search) or a baseline over the same tokens and budget, for
     evaluation: ``oracle_page`` (IceCache's pages ranked by
     exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
     min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). gqa_merge: how the query
