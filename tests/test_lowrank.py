@@ -240,5 +240,7 @@ def test_served_lowrank_selection_equals_the_exact_one_after_the_fit():
             want = ix.client.query(0, [3], q, P, policy="exact", merge="rank", timeout_s=20.0)
             assert not got.fallback and not want.fallback, (got.reason, want.reason)
             assert [sorted(r) for r in got.pages[0]] == [sorted(r) for r in want.pages[0]], step
+        st = ix.client.stats(timeout_s=10.0)  # the fit happened at the FIT_AFTER-th query, used from the next
+        assert st.lowrank_indexes == 1 and st.lowrank_rows == 4 and 0 < st.lowrank_bytes < st.index_bytes
     finally:
         ix.close()

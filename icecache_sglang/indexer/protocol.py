@@ -183,6 +183,9 @@ class StatsResult(msgspec.Struct, tag=True):
     expired: int = 0  # queries skipped because their ``expires_at`` had passed
     numba_threads: int = 0  # numba threads of the search and the writes (each write worker gets a share)
     blas_threads: int = 0  # OpenBLAS threads of the process (0: no OpenBLAS found; ``indexer/blas.py``)
+    lowrank_rows: int = 0  # sequences' queries answered through the low-rank first pass (``selection: lowrank``)
+    lowrank_indexes: int = 0  # indexes whose low-rank codes are fitted (``index/lowrank.py``)
+    lowrank_bytes: int = 0  # of index_bytes: the low-rank codes, maps and query moments
 
 
 Result = Pong | Done | QueryResult | StatsResult

@@ -72,6 +72,7 @@ class IndexerService:
                                    trim_rebuild_ratio=config.trim_rebuild_ratio,
                                    read_keys=lambda layer, slots: self.store.read(layer, slots))
         self.requests = self.errors = self.queries = self.query_rows = self.expired = 0
+        self.lowrank_rows = 0  # sequences' queries answered through the low-rank first pass (index/lowrank.py)
         self.query_us_total = self.busy_us_total = 0.0
         self._pool: ThreadPoolExecutor | None = None  # write workers, started by warmup()
         self.write_workers = 1
@@ -316,6 +317,8 @@ class IndexerService:
                 pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge, self.store.keys[op.layer])
                 if slots is not None:
                     slots[b] = sl
+                lr = indexes[b].lowrank
+                self.lowrank_rows += op.policy == "lowrank" and lr is not None and lr.ready(indexes[b].n_tokens)
         else:
             if len(live) == 1:  # KV heads in parallel
                 pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params, merge=op.merge)
@@ -367,5 +370,7 @@ class IndexerService:
             builds=c.builds, inserts=c.inserts, queries=self.queries, query_rows=self.query_rows, shares=c.shares,
             copies=c.copies, trims=c.trims, rebuilds=sum(e.index.rebuilds for e in distinct),
             indexed_tokens=c.indexed_tokens, expired=self.expired, numba_threads=numba.get_num_threads(),
-            blas_threads=max(blas_threads().values(), default=0),
+            blas_threads=max(blas_threads().values(), default=0), lowrank_rows=self.lowrank_rows,
+            lowrank_indexes=sum(1 for e in distinct if e.index.lowrank is not None and e.index.lowrank.active is not None),
+            lowrank_bytes=sum(e.index.lowrank.nbytes() for e in distinct if e.index.lowrank is not None),
             query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)
