@@ -384,7 +384,10 @@ def main(argv=None) -> int:
     modes = {"dense": None, "icecache-sync": {}, "icecache-wait": {"while_indexing": "wait"},
              # issue 16: queries not waited for, selections at most 4 steps old; and a synchronous refresh
              # every 4 steps
-             "icecache-async": {"max_stale_steps": 4}, "icecache-every4": {"step_reuse": 4}}
+             "icecache-async": {"max_stale_steps": 4}, "icecache-every4": {"step_reuse": 4},
+             # issue 14: the same with the low-rank first pass (sequences of 16384+ tokens; random weights here,
+             # so its speed, not its choice of pages, is what this measures)
+             "icecache-async-lowrank": {"max_stale_steps": 4, "selection": "lowrank"}}
     for spec in a.mode:
         name, _, text = spec.partition("=")
         modes[name] = json.loads(text or "{}")
