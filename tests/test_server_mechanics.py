@@ -185,3 +185,25 @@ def test_a_chunked_prefill_is_indexed_once_after_its_last_chunk(tiny_ice):
     tiny_ice.generate(input_ids=token_ids(9000, 8), max_new_tokens=1)
     c = tiny_ice.icecache_stats()["indexer"]
     assert c["builds"] - b["builds"] == LAYERS and c["inserts"] == b["inserts"], (b, c)
+
+
+def test_lowrank_selection_serves_a_long_prompt_through_its_first_pass(tiny_ice):
+    """``selection: lowrank`` through the server: a 20000-token prompt (past the 16384-token threshold) is
+    scanned exactly for each layer's first queries, then selected through the low-rank codes fitted from
+    them (``index/lowrank.py``), with no fallback; the indexer's stats count both."""
+    from icecache_sglang.index.lowrank import FIT_AFTER
+
+    tiny_ice.set_icecache(selection="lowrank")
+    try:
+        a = tiny_ice.icecache_stats()
+        r = tiny_ice.generate(input_ids=token_ids(20000, 11), max_new_tokens=16, ignore_eos=True)
+        assert r["meta_info"]["completion_tokens"] == 16
+        b = tiny_ice.icecache_stats()
+        steps = b["decode_steps"] - a["decode_steps"]
+        assert b["fallbacks"] == a["fallbacks"], (a, b)
+        ia, ib = a["indexer"], b["indexer"]
+        # each anchor layer's query FIT_AFTER fits its codes, every later one uses them
+        assert ib["lowrank_rows"] - ia["lowrank_rows"] == LAYERS * (steps - FIT_AFTER), (steps, ia, ib)
+        assert ib["lowrank_indexes"] >= LAYERS and ib["lowrank_bytes"] > 0
+    finally:
+        tiny_ice.set_icecache(selection="exact")
