@@ -68,7 +68,8 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
             idx.lowrank = lowrank.LowRankState(H, d, rank, query_aware=maps == "query")
             for step in range(STEPS):
                 q = np.ascontiguousarray(Q[step], np.float32)
-                got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=factor * P_REAL)
+                got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=factor * P_REAL,
+                                                 min_tokens=0)
                 if step < WARM:
                     continue
                 assert idx.lowrank.ready(idx.n_tokens), "the fit is not active after the warm-up"
@@ -106,7 +107,7 @@ def _fitted(idx, Qs, store, rank=None) -> int:
     """Ask ``idx`` queries until its codes cover every token (a fit encodes ``FIT_CHUNK`` tokens per query);
     returns how many it took."""
     for i, q in enumerate(Qs):
-        lowrank.scan_index_lowrank(idx, q, P, store, merge=DEFAULT_GQA_MERGE, rank=rank)
+        lowrank.scan_index_lowrank(idx, q, P, store, merge=DEFAULT_GQA_MERGE, rank=rank, min_tokens=0)
         if idx.lowrank is not None and idx.lowrank.ready(idx.n_tokens):
             return i + 1
     raise RuntimeError("the fit did not finish")
@@ -131,7 +132,8 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
         ops = [("exact", None, lambda q: scan_index(idx, q, P, merge=DEFAULT_GQA_MERGE, store=store)),
                ("read", None, lambda q: read_keys(idx.page_keys, idx.next_page, idx.page_fill))]
         for r, ix in coded.items():
-            ops += [("lowrank", r, lambda q, ix=ix: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE)),
+            ops += [("lowrank", r, lambda q, ix=ix: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
+                                                                               min_tokens=0)),
                     ("first_pass", r, lambda q, ix=ix: lowrank.candidates(ix, q, lowrank.lowrank_rescore_count(P)))]
         t = {(op, r): [] for op, r, _ in ops}
         for q in Qs[32:]:  # interleaved: every method sees the same machine state

@@ -21,6 +21,13 @@ def _keys(rng, n, rank=RANK, noise=0.0):
     return K
 
 
+def lowrank_queries(queries: int, n: int, layer: int) -> int:
+    """How many of an index's first ``queries`` queries go through the first pass: the fit starts at query
+    ``FIT_AFTER + layer % FIT_STAGGER``, the next ``ceil(n / FIT_CHUNK)`` encode it, the last of them uses it."""
+    first = lowrank.FIT_AFTER + layer % lowrank.FIT_STAGGER + -(-n // lowrank.FIT_CHUNK)
+    return max(0, queries - first + 1)
+
+
 def _index(K, key_dtype="int8"):
     idx = PagedDCIIndex(H, D, config=IndexConfig(page_size=8, key_dtype=key_dtype))
     idx.build(K)
@@ -240,7 +247,47 @@ def test_served_lowrank_selection_equals_the_exact_one_after_the_fit():
             want = ix.client.query(0, [3], q, P, policy="exact", merge="rank", timeout_s=20.0)
             assert not got.fallback and not want.fallback, (got.reason, want.reason)
             assert [sorted(r) for r in got.pages[0]] == [sorted(r) for r in want.pages[0]], step
-        st = ix.client.stats(timeout_s=10.0)  # the fit happened at the FIT_AFTER-th query, used from the next
-        assert st.lowrank_indexes == 1 and st.lowrank_rows == 4 and 0 < st.lowrank_bytes < st.index_bytes
+        st = ix.client.stats(timeout_s=10.0)
+        assert st.lowrank_indexes == 1 and 0 < st.lowrank_bytes < st.index_bytes
+        assert st.lowrank_rows == lowrank_queries(lowrank.FIT_AFTER + 4, n, layer=0)
     finally:
         ix.close()
+
+
+def test_a_bad_query_is_left_out_of_the_fit():
+    rng = np.random.default_rng(10)
+    idx, store = _index(_keys(rng, lowrank.MIN_TOKENS + 10))
+    bad = np.full((H * G, D), np.nan, np.float32)
+    lowrank.scan_index_lowrank(idx, rng.standard_normal((H * G, D)).astype(np.float32), P, store)
+    idx.lowrank.observe(bad)
+    assert idx.lowrank.queries == 1 and np.isfinite(idx.lowrank.q_moment).all()
+    _fit(idx, store, rng)
+    assert idx.lowrank.fits == 1
+
+
+def test_layers_start_their_fits_on_different_queries():
+    rng = np.random.default_rng(11)
+    base, store = _index(_keys(rng, lowrank.MIN_TOKENS + 10))
+    started = {}
+    for layer in (0, 3, lowrank.FIT_STAGGER + 3):
+        idx = base.copy()
+        for i in range(1, lowrank.FIT_AFTER + lowrank.FIT_STAGGER + 1):
+            lowrank.scan_index_lowrank(idx, rng.standard_normal((H * G, D)).astype(np.float32), P, store, layer=layer)
+            if idx.lowrank.pending is not None or idx.lowrank.active is not None:
+                started[layer] = i
+                break
+    assert started == {0: lowrank.FIT_AFTER, 3: lowrank.FIT_AFTER + 3, lowrank.FIT_STAGGER + 3: lowrank.FIT_AFTER + 3}
+
+
+def test_large_budgets_and_indexes_cut_below_the_threshold_are_scanned_exactly():
+    rng = np.random.default_rng(12)
+    K = _keys(rng, lowrank.MIN_TOKENS + 200, noise=0.3)
+    idx, store = _index(K)
+    _fit(idx, store, rng)
+    q = rng.standard_normal((H * G, D)).astype(np.float32)
+    big = int(idx.next_page.min()) // (2 * G * lowrank.LOWRANK_RESCORE_FACTOR) + 1  # candidates: half the pages
+    assert (lowrank.scan_index_lowrank(idx, q, big, store, merge="mass")
+            == scan_index(idx, q, big, merge="mass", store=store)).all()
+    idx.delete(np.arange(400))  # a prefix cut below the threshold
+    assert (lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
+            == scan_index(idx, q, P, merge="mass", store=store)).all()

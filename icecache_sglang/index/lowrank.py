@@ -15,13 +15,16 @@ exact best page in only 96% of cases; whitened by the queries' second moment, 16
 - per token its code as an int8 row over its own float32 scale (``r + 4`` bytes, in token-id order: append-only,
   nothing moves when pages split or the tree is rebuilt).
 
-A query then scores every token approximately, folds the scores into pages (a page's best token, through
-``tok_page``), and each KV head's best candidates are scored exactly from the key store
-(``scan.rescore_best``), which decides: a page is missed only if the approximate scores rank it below the
-candidates. Until an index has a fitted basis (too few queries yet, or a fit in progress) it is scanned
-exactly (``scan.scan_index``). A fit encodes ``FIT_CHUNK`` tokens per query it answers, into codes the scan
-does not read until they cover every token, so no query pays for a whole re-encode; a refit follows each
-time the queries seen grow ``REFIT_GROWTH``-fold (a conversation's queries drift). Pure numpy + numba.
+A query then scores every token approximately and keeps each query head's best ``4 P`` distinct pages (a
+page's score: its best token's, through ``tok_page``); those candidates are scored from the index's page
+copy and, over an int8 copy, the ones a KV head may choose are rescored from the key store as the exact scan
+does (``scan.rescore_best``): the exact scores decide, and a page is missed only if the approximate scores
+rank it below the candidates. Until an index has a fitted basis (too few queries yet, or a fit in progress)
+it is scanned exactly (``scan.scan_index``). A fit encodes ``FIT_CHUNK`` tokens per query it answers
+(parallel, straight from the key store), into codes the first pass does not read until they cover every
+token, so no query pays for a whole encode; a model's layers start their fits on different steps
+(``FIT_STAGGER``); a refit follows each time the queries seen grow ``REFIT_GROWTH``-fold (a conversation's
+queries drift). Pure numpy + numba.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, from_storage, int8_scales, to_storage
+from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, _int8_of, from_storage, int8_scales, key_row, to_storage
 from .scan import NEG_INF, ExactKeys, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 2 ms more
@@ -40,10 +43,14 @@ MIN_TOKENS = 16384
 #: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
 FIT_AFTER = 8
 REFIT_GROWTH = 8
-#: keys sampled (evenly spaced) to fit a basis: the covariance of 8192 keys is as good as of 128k
-FIT_SAMPLE = 8192
-#: tokens a fit encodes per query it answers
-FIT_CHUNK = 32768
+#: keys sampled (evenly spaced) to fit a basis: 32 per dimension at d = 128
+FIT_SAMPLE = 4096
+#: tokens a fit encodes per query it answers (d x r multiply-adds per token and KV head: a 16k chunk of a
+#: d = 128, r = 32 index is 0.5 G, about one exact scan's worth)
+FIT_CHUNK = 16384
+#: a layer's fit starts ``layer % FIT_STAGGER`` queries after FIT_AFTER, so that a model's layers, which all
+#: reach FIT_AFTER at the same decode step, do not all encode at the same steps
+FIT_STAGGER = 8
 #: the queries' second moment is regularized by this share of its mean eigenvalue
 RIDGE = 1e-3
 #: tokens per work item of the first pass (at least; items are (KV head, run of tokens))
@@ -96,6 +103,33 @@ def project_queries(Q: np.ndarray, mean: np.ndarray, qmap: np.ndarray) -> tuple[
     return np.ascontiguousarray(Qr, np.float32), np.ascontiguousarray(qmu, np.float32)
 
 
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _encode_store(store, positions, lo, hi, mean, kmap, codes, scales):  # pragma: no cover
+    """Codes of token ids ``[lo, hi)`` from the exact keys (``store [S, H, d]`` float32 or bfloat16 bits, token
+    ``t``'s row at ``positions[t]``): ``codes[h, t] = (k - mean[h]) kmap[h]`` as int8 over ``scales[h, t]``
+    (as ``encode``: max |value| / 127, ties to even)."""
+    H, d, r = store.shape[1], store.shape[2], kmap.shape[2]
+    for t in prange(lo, hi):
+        x = np.empty(d, np.float32)
+        y = np.empty(r, np.float32)
+        row = store[positions[t]]
+        for h in range(H):
+            k = key_row(row[h], d, x)
+            y[:] = 0.0
+            for i in range(d):
+                v = k[i] - mean[h, i]
+                m = kmap[h, i]
+                for j in range(r):
+                    y[j] += v * m[j]
+            a = np.float32(0.0)
+            for j in range(r):
+                a = max(a, abs(y[j]))
+            sc = a / np.float32(127.0)
+            for j in range(r):
+                codes[h, t, j] = _int8_of(y[j], sc)
+            scales[h, t] = sc
+
+
 class _Fit:
     """Maps and codes for token ids ``[0, done)``; complete when ``done`` reaches the index's token count."""
 
@@ -129,7 +163,7 @@ class LowRankState:
     """One index's query-aware low-rank codes (``PagedDCIIndex.lowrank``): the queries' second moment, the
     fitted maps and codes the first pass reads (``active``), and a fit in progress (``pending``)."""
 
-    def __init__(self, num_heads: int, head_dim: int, rank: int, query_aware: bool = True):
+    def __init__(self, num_heads: int, head_dim: int, rank: int, query_aware: bool = True, stagger: int = 0):
         if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= head_dim:
             raise ValueError(f"the low-rank codes' rank must be an int in [1, {head_dim}], got {rank!r}")
         self.rank = int(rank)
@@ -138,25 +172,30 @@ class LowRankState:
         self.q_moment = np.zeros((num_heads, head_dim, head_dim), np.float32)
         self.queries = 0  # queries observed (each: all query heads of every KV head)
         self.fits = 0  # fits completed
-        self.next_fit = FIT_AFTER
+        self.next_fit = FIT_AFTER + int(stagger) % FIT_STAGGER
         self.active: _Fit | None = None
         self.pending: _Fit | None = None
 
     def copy(self) -> LowRankState:
+        pending = self.pending  # read once, before ``active``: a finishing fit becomes active, then pending None
+        active = self.active  # (a copy-on-write copy may run on a writer thread while a query advances the fit)
         new = object.__new__(LowRankState)
         new.__dict__.update(self.__dict__)
         new.q_moment = self.q_moment.copy()
-        new.active = self.active.copy() if self.active is not None else None
-        new.pending = self.pending.copy() if self.pending is not None else None
+        new.active = active.copy() if active is not None else None
+        new.pending = pending.copy() if pending is not None and pending is not active else None
         return new
 
     def nbytes(self) -> int:
         return self.q_moment.nbytes + sum(f.nbytes() for f in (self.active, self.pending) if f is not None)
 
     def observe(self, Q: np.ndarray) -> None:
-        """Add a query ``Q [H * g, d]`` to the queries' second moment (a running mean)."""
+        """Add a query ``Q [H * g, d]`` to the queries' second moment (a running mean; a query with a NaN or an
+        infinity is left out)."""
         H = self.q_moment.shape[0]
         Qh = np.asarray(Q, np.float32).reshape(H, Q.shape[0] // H, -1)
+        if not np.isfinite(Qh).all():  # one bad query must not poison every later fit
+            return
         self.queries += 1
         self.q_moment += (np.matmul(Qh.transpose(0, 2, 1), Qh) / Qh.shape[1] - self.q_moment) / self.queries
 
@@ -182,18 +221,24 @@ class LowRankState:
             sample = np.ascontiguousarray(from_storage(store[idx.positions[take]]).transpose(1, 0, 2))
             moment = self.q_moment if self.query_aware else np.broadcast_to(np.eye(idx.d, dtype=np.float32),
                                                                             self.q_moment.shape)
-            self.pending = _Fit(*fit_maps(sample, moment, self.rank), n)
             self.next_fit = self.queries * REFIT_GROWTH
+            try:
+                maps = fit_maps(sample, moment, self.rank)
+            except np.linalg.LinAlgError:
+                return  # no fit this time: the exact scan (or the active codes) answers until the next
+            if all(np.isfinite(m).all() for m in maps):
+                self.pending = _Fit(*maps, n)
             return
         f = self.pending
         hi = min(n, f.done + FIT_CHUNK)
         if hi > f.done:
             f.reserve(n)
-            rows = from_storage(store[idx.positions[f.done:hi]])  # [n, H, d]; dead tokens' rows are never read
-            f.codes[:, f.done:hi], f.scales[:, f.done:hi] = encode(rows.transpose(1, 0, 2), f.mean, f.kmap)
+            # straight from the store, parallel over tokens (dead tokens are coded too, never read)
+            _encode_store(store, idx.positions, f.done, hi, f.mean, f.kmap, f.codes, f.scales)
             f.done = hi
         if f.done >= n:
-            self.active, self.pending = f, None
+            self.active = f  # first: ``copy`` reads ``pending`` before ``active``
+            self.pending = None
             self.fits += 1
 
     def ready(self, n_tokens: int) -> bool:
@@ -324,7 +369,7 @@ def candidates(idx, Q: np.ndarray, X: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "rank", rank: int | None = None,
-                       rescore: int | None = None) -> np.ndarray:
+                       rescore: int | None = None, layer: int = 0, min_tokens: int = MIN_TOKENS) -> np.ndarray:
     """The exact selection with a low-rank first pass -> ``[H_kv, n_pages]`` int32 (-1 padded), for a
     ``PagedDCIIndex`` whose ``positions`` are rows of ``store`` (the exact keys, which decide): the query is
     observed, a due fit advanced, and until the index's codes cover every token it is scanned exactly
@@ -333,20 +378,24 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     rows from the index's page copy (``scan.score_pages``; contiguous rows), and over an int8 copy the ones the
     exact scan would rescore from the key store are (``scan.rescore_best``); the pages are chosen among the
     candidates by ``merge``.
-    ``rank``: of the codes an index starts (default ``default_rank``)."""
+    ``rank``: of the codes an index starts (default ``default_rank``); ``layer``: the model layer of the index
+    (its fit is staggered by it, ``FIT_STAGGER``); ``min_tokens``: the threshold (``MIN_TOKENS``; the quality
+    benchmark lowers it to measure 4k-8k captures)."""
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
         raise ValueError(f"Q must be [a multiple of {idx.H}, {idx.d}], got {Q.shape}")
+    X = lowrank_rescore_count(n_pages) if rescore is None else int(rescore)
     if idx.lowrank is None:
-        if idx.n_live < MIN_TOKENS:
+        if idx.n_live < min_tokens:
             return scan_index(idx, Q, n_pages, merge=merge, store=store)
-        idx.lowrank = LowRankState(idx.H, idx.d, default_rank(idx.d) if rank is None else rank)
+        idx.lowrank = LowRankState(idx.H, idx.d, default_rank(idx.d) if rank is None else rank, stagger=layer)
     st = idx.lowrank
     st.observe(Q)
     st.advance(idx, store)
-    if not st.ready(idx.n_tokens):
+    # not while the codes are incomplete, nor for an index cut below the threshold (a prefix copy), nor when
+    # a KV head's candidates would cover half its pages (a budget of thousands of pages): the exact scan
+    if not st.ready(idx.n_tokens) or idx.n_live < min_tokens or 2 * X * (Q.shape[0] // idx.H) > idx.next_page.min():
         return scan_index(idx, Q, n_pages, merge=merge, store=store)
-    X = lowrank_rescore_count(n_pages) if rescore is None else int(rescore)
     cand, _ = candidates(idx, Q, X)
     best = np.full((Q.shape[0], int(idx.next_page.max())), NEG_INF, np.float32)
     # the candidates scored from the index's own page copy (contiguous rows); over an int8 copy, the pages a
@@ -371,7 +420,7 @@ def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
     while not twin.lowrank.ready(twin.n_tokens):
         twin.lowrank.advance(twin, store)
     for merge in ("rank", "mass"):
-        scan_index_lowrank(twin, Q, 4, store, merge=merge)
+        scan_index_lowrank(twin, Q, 1, store, merge=merge, min_tokens=0)
     # the conversions with a serial and a parallel variant by size: a real fit's chunks are large
     f = twin.lowrank.active
     rows = store[np.zeros(-(-PARALLEL_MIN // (idx.H * idx.d)) + 1, np.int64)]

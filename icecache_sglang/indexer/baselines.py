@@ -34,17 +34,18 @@ from .policies import BASELINES, POLICIES  # noqa: F401 - re-exported
 
 
 def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str,
-                    merge: str = "rank", store: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    merge: str = "rank", store: np.ndarray | None = None, layer: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``q [H_q, d]`` (query head ``i`` on KV head ``i // group``) -> ``pages [H, P]`` and ``slots [H, P, C]``
     (int32, -1 padded). ``merge``: the GQA merge of the page-ranking policies (``index/gqa_merge.py``);
     ``store [S, H, d]``: the layer's exact keys, the row of a token at its position (the key store), which
-    an int8 index's exact scan rescores from."""
+    an int8 index's exact scan rescores from; ``layer``: the index's model layer (``lowrank`` staggers its fit
+    by it)."""
     if policy not in BASELINES + ("exact", "lowrank"):
         raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact', 'lowrank']}")
     H, C, P = idx.H, idx.C, n_pages
     pages = np.full((H, P), -1, np.int32)
     if policy == "lowrank" and store is not None and store.dtype in (np.float32, np.uint16):
-        pages = scan_index_lowrank(idx, np.ascontiguousarray(q, np.float32), P, store, merge=merge)
+        pages = scan_index_lowrank(idx, np.ascontiguousarray(q, np.float32), P, store, merge=merge, layer=layer)
         return pages, idx.page_positions(pages).astype(np.int32)
     if policy == "lowrank":  # no exact keys to rescore from (a float16 store): the exact scan
         policy = "exact"

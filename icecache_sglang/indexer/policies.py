@@ -6,8 +6,8 @@
   tree search at any measured context (``benchmarks/index_speed.py``) and never misses the page that exact
   scoring ranks first, which the search does in a few percent of cases (``benchmarks/page_bounds.py``).
 - ``lowrank``: the same exact ranking of the pages it rescores, which a query-aware low-rank first pass over
-  a fraction of the key bytes picks (``index/lowrank.py``: each KV head's best ``4 P`` pages by approximate
-  scores, rescored from the key store); an index under 16384 tokens, or one that has not yet answered enough
+  a fraction of the key bytes picks (``index/lowrank.py``: each query head's best ``4 P`` pages by approximate
+  scores, rescored); an index under 16384 tokens, or one that has not yet answered enough
   queries to fit its codes, is scanned exactly.
 - ``icecache``: the index's M-DCI tree search (index-spec section 3.3).
 - the evaluation baselines the indexer serves beside them (``baselines.py``): ``oracle_page`` (the same

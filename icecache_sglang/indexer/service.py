@@ -314,7 +314,8 @@ class IndexerService:
         live = [b for b in range(B) if n_tokens[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
             for b in live:
-                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge, self.store.keys[op.layer])
+                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge, self.store.keys[op.layer],
+                                               layer=op.layer)
                 if slots is not None:
                     slots[b] = sl
                 lr = indexes[b].lowrank
