@@ -11,8 +11,8 @@ codes, and rescores each KV head's best ``4 P`` pages exactly from the key store
   tokens of q.k, from the exact keys) is selected (``top_page_recall``, after the GQA merge), and the
   selection's attention mass relative to the exact scan's selection (``mass_vs_exact`` mean and 5th
   percentile over (step, layer, KV head)), and the share of a KV head's pages its candidates cover (the
-  server scans exactly where they would cover half); for ranks d/8, d/4 (the default), d/2, and with plain
-  (not query-aware) PCA maps for contrast (``maps: keys``);
+  server scans exactly where they would cover half); for the default rank (``lowrank.default_rank``: 32 at
+  head_dim 64), d/4 and d/8, and with plain (not query-aware) PCA maps for contrast (``maps: keys``);
 - **speed** on synthetic low-rank keys at Llama-3.1-8B's shape (8 KV heads, 32 query heads, d = 128, P = 12
   pages of 16), 8k / 32k / 128k tokens, interleaved step by step in one process on the same cores: the
   exact selection the server runs today (``exact``: the tight scan of the int8 page copy + rescoring),
@@ -235,10 +235,10 @@ def main(argv=None) -> None:
 
     def variants(d):
         r = lowrank.default_rank(d)
-        out = [(f"query-aware r={r} (default), 4P rescored", r, 4, "query"),
-               (f"query-aware r={r}, 2P rescored", r, 2, "query"),
-               (f"query-aware r={max(1, d // 8)}, 4P rescored", max(1, d // 8), 4, "query"),
-               (f"query-aware r={d // 2}, 4P rescored", d // 2, 4, "query"),
+        out = [(f"query-aware r={r} (default), 4P", r, 4, "query"),
+               (f"query-aware r={r}, 2P", r, 2, "query"),
+               (f"query-aware r={d // 4}, 4P", d // 4, 4, "query"),
+               (f"query-aware r={d // 8}, 4P", d // 8, 4, "query"),
                (f"keys' PCA (queries ignored) r={r}, 4P", r, 4, "keys")]
         return out[:2] if args.quick else out
 
