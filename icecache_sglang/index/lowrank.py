@@ -4,9 +4,9 @@ The exact selection (``scan.py``) reads every key of every page once per decode 
 memory-bound, and on the GPU host it falls behind at long contexts and batch 8 (GPU attempt14). A query's
 scores over one KV head's keys vary along few directions, *once the queries are taken into account*: a plain
 PCA of the keys keeps the directions the keys vary most in, but a model's queries weigh some channels tens of
-times more than others (Qwen2.5's outlier channels), and on Qwen2.5-Coder-0.5B a 32-of-64 key PCA keeps the
-exact best page in only 96% of cases; whitened by the queries' second moment, 16 of 64 keep it in 99.8%
-(``benchmarks/lowrank_scan.py``). So an index that has answered enough queries learns, per KV head:
+times more than others (Qwen2.5's outlier channels), and on Qwen2.5-Coder-0.5B at 16k tokens a 32-of-64 PCA
+of the keys keeps the exact best page in 52% of cases; whitened by the queries' second moment, 32 of 64 keep it
+in 99.6% (``benchmarks/lowrank_scan.py``). So an index that has answered enough queries learns, per KV head:
 
 - ``mean [d]`` of its keys and ``Sq`` the second moment of the queries it was asked (``observe``);
 - with ``A = Sq^(1/2)`` (regularized), ``U [d, r]`` the leading eigenvectors of ``A Sk A`` (``Sk``: the keys'
