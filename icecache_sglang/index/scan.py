@@ -151,21 +151,32 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
     g = Q.shape[0] // H
     C = page_tok.shape[2]
     for h in prange(H):
-        seen = np.zeros(best.shape[1], np.bool_)
         row = np.empty(d, np.float32)
         keys = np.empty(C * d, np.float32)
-        for rr in range(h * g, (h + 1) * g):
-            for x in range(cand.shape[1]):
-                p = cand[rr, x]
-                if p < 0 or seen[p]:
-                    continue
+        for p in _head_candidates(cand, h, g, best.shape[1]):
+            f = page_fill[h, p]
+            for j in range(f):
+                kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
+                for i in range(d):
+                    keys[j * d + i] = kr[i]
+            _score_page(keys, f, d, Q, h * g, (h + 1) * g, best, p)
+
+
+@njit(cache=True, nogil=True)
+def _head_candidates(cand, h, g, n_pages):
+    """The distinct page ids among the candidates ``cand [H_q, X]`` (-1 padded) of KV head ``h``'s ``g`` query
+    rows, in the order first named."""
+    seen = np.zeros(n_pages, np.bool_)
+    out = np.empty(g * cand.shape[1], np.int32)
+    k = 0
+    for rr in range(h * g, (h + 1) * g):
+        for x in range(cand.shape[1]):
+            p = cand[rr, x]
+            if p >= 0 and not seen[p]:
                 seen[p] = True
-                f = page_fill[h, p]
-                for j in range(f):
-                    kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
-                    for i in range(d):
-                        keys[j * d + i] = kr[i]
-                _score_page(keys, f, d, Q, h * g, (h + 1) * g, best, p)
+                out[k] = p
+                k += 1
+    return out[:k]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -177,17 +188,11 @@ def score_pages(best, cand, page_keys, page_fill, Q):
     H, d = page_keys.shape[0], Q.shape[1]
     g = Q.shape[0] // H
     for h in prange(H):
-        seen = np.zeros(best.shape[1], np.bool_)
         scratch = np.empty(page_keys.shape[2], np.float32)
-        for rr in range(h * g, (h + 1) * g):
-            for x in range(cand.shape[1]):
-                p = cand[rr, x]
-                if p < 0 or seen[p]:
-                    continue
-                seen[p] = True
-                f = page_fill[h, p]
-                if f > 0:
-                    _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, p)
+        for p in _head_candidates(cand, h, g, best.shape[1]):
+            f = page_fill[h, p]
+            if f > 0:
+                _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, p)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
