@@ -3,6 +3,7 @@ argument types it has not compiled for (a compile inside a request is seconds: t
 query took about 2 s and its switch to sparse timed out for 4 steps, bringup/attempt12)."""
 
 import sys
+from dataclasses import replace
 
 import numba
 import numpy as np
@@ -97,16 +98,18 @@ def test_warmup_respects_the_query_limits_and_writes_no_file(tmp_path):
         owner.close()
 
 
-def test_warmup_compiles_the_low_rank_first_pass(tmp_path):
-    """At head_dim 64 the warmup's sequence (600 tokens) is too short for the low-rank path, which a real
-    long sequence reaches after ``FIT_AFTER`` queries: the warmup forces it on a copy (``lowrank.warm``)."""
-    d, n = 64, lowrank.MIN_TOKENS + 100
+@pytest.mark.parametrize("d,page", [(64, 16), (128, 64)])
+def test_warmup_compiles_the_low_rank_first_pass(tmp_path, d, page):
+    """The warmup's sequence (600 tokens at these head dims) is too short for the low-rank path, which a real
+    long sequence reaches after ``FIT_AFTER`` queries: the warmup forces it on a copy (``lowrank.warm``), with
+    few enough candidates that the first pass runs even over its few large pages."""
+    n = lowrank.MIN_TOKENS + 100
     owner = KeyStore.create(str(tmp_path), 1, n, H, d, dtype="bfloat16")
     rng = np.random.default_rng(0)
     owner.write(0, np.arange(n), to_storage(rng.standard_normal((n, H, d)).astype(np.float32), "bfloat16"))
     store = KeyStore.attach(owner.spec)
     cfg = IndexerConfig(rank=0, store=owner.spec, endpoint=f"ipc://{tmp_path}/s", private_dir=str(tmp_path),
-                        index=IceCacheConfig().index_config(), threads=2)
+                        index=replace(IceCacheConfig().index_config(), page_size=page), threads=2)
     svc = IndexerService(cfg, store)
     try:
         svc.warmup()
@@ -116,7 +119,7 @@ def test_warmup_compiles_the_low_rank_first_pass(tmp_path):
         q = rng.standard_normal((1, 4 * H, d)).astype(np.float32)
         for _ in range(lowrank.FIT_AFTER + 2):
             call(svc, p.Query(layer=0, seqs=[1], n_pages=8, policy="lowrank", merge="mass"), {"q": q})
-        assert svc.table.get(1, 0).lowrank.ready(n)
+        assert svc.table.get(1, 0).lowrank.ready(n) and svc.stats().lowrank_rows > 0
         grown = {k: v for k, v in compiled_signatures().items() if v != before.get(k, 0)}
         assert not grown, f"compiled inside requests: {grown}"
     finally:

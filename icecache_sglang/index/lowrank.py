@@ -151,7 +151,8 @@ class _Fit:
         return new
 
     def reserve(self, n: int) -> None:
-        if n > self.codes.shape[1]:
+        # both shapes: a copy taken on another thread while this fit grew may hold the new codes, old scales
+        if n > self.codes.shape[1] or n > self.scales.shape[1]:
             cap = max(n, self.codes.shape[1] * 5 // 4)
             codes = np.zeros((self.codes.shape[0], cap, self.codes.shape[2]), np.int8)
             scales = np.zeros((self.codes.shape[0], cap), np.float32)
@@ -175,6 +176,7 @@ class LowRankState:
         self.q_moment = np.zeros((num_heads, head_dim, head_dim), np.float32)
         self.queries = 0  # queries observed (each: all query heads of every KV head)
         self.fits = 0  # fits completed
+        self.served = 0  # queries answered through the first pass
         self.next_fit = FIT_AFTER + int(stagger) % FIT_STAGGER
         self.active: _Fit | None = None
         self.pending: _Fit | None = None
@@ -387,7 +389,7 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
         raise ValueError(f"Q must be [a multiple of {idx.H}, {idx.d}], got {Q.shape}")
-    X = lowrank_rescore_count(n_pages) if rescore is None else int(rescore)
+    X = max(1, lowrank_rescore_count(n_pages) if rescore is None else int(rescore))
     if idx.lowrank is None:
         if idx.n_live < min_tokens:
             return scan_index(idx, Q, n_pages, merge=merge, store=store)
@@ -399,6 +401,7 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     # a KV head's candidates would cover half its pages (a budget of thousands of pages): the exact scan
     if not st.ready(idx.n_tokens) or idx.n_live < min_tokens or 2 * X * (Q.shape[0] // idx.H) > idx.next_page.min():
         return scan_index(idx, Q, n_pages, merge=merge, store=store)
+    st.served += 1
     cand, _ = candidates(idx, Q, X)
     best = np.full((Q.shape[0], int(idx.next_page.max())), NEG_INF, np.float32)
     # the candidates scored from the index's own page copy (contiguous rows); over an int8 copy, the pages a
@@ -417,13 +420,17 @@ def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
     """Run every numba function of this module on a copy of ``idx`` (any size: a fit is forced), for an
     indexer's warmup: a compile inside a real query costs seconds."""
     twin = idx.copy()
-    twin.lowrank = LowRankState(idx.H, idx.d, default_rank(idx.d))
+    st = twin.lowrank = LowRankState(idx.H, idx.d, default_rank(idx.d))
     for _ in range(FIT_AFTER):
-        twin.lowrank.observe(Q)
-    while not twin.lowrank.ready(twin.n_tokens):
-        twin.lowrank.advance(twin, store)
-    for merge in ("rank", "mass"):
-        scan_index_lowrank(twin, Q, 1, store, merge=merge, min_tokens=0)
+        st.observe(Q)
+    for _ in range(2 + -(-twin.n_tokens // FIT_CHUNK)):  # start, encode; bounded (a failed fit would not end)
+        st.advance(twin, store)
+    if not st.ready(twin.n_tokens):
+        raise RuntimeError("the low-rank warmup could not fit its codes")
+    for merge in ("rank", "mass"):  # one candidate per query row: the first pass runs on the warmup's few pages
+        scan_index_lowrank(twin, Q, 1, store, merge=merge, rescore=1, min_tokens=0)
+    if st.served != 2:
+        raise RuntimeError("the low-rank warmup did not run the first pass")
     # the conversions with a serial and a parallel variant by size: a real fit's chunks are large
     f = twin.lowrank.active
     rows = store[np.zeros(-(-PARALLEL_MIN // (idx.H * idx.d)) + 1, np.int64)]

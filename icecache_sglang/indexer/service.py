@@ -314,12 +314,13 @@ class IndexerService:
         live = [b for b in range(B) if n_tokens[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
             for b in live:
+                served = indexes[b].lowrank.served if indexes[b].lowrank is not None else 0
                 pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge, self.store.keys[op.layer],
                                                layer=op.layer)
                 if slots is not None:
                     slots[b] = sl
-                lr = indexes[b].lowrank
-                self.lowrank_rows += op.policy == "lowrank" and lr is not None and lr.ready(indexes[b].n_tokens)
+                if indexes[b].lowrank is not None:
+                    self.lowrank_rows += indexes[b].lowrank.served - served
         else:
             if len(live) == 1:  # KV heads in parallel
                 pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params, merge=op.merge)
