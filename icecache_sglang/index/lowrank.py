@@ -406,14 +406,13 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     best = np.full((Q.shape[0], int(idx.next_page.max())), NEG_INF, np.float32)
     # the candidates scored from the index's own page copy (contiguous rows); over an int8 copy, the pages a
     # KV head may choose among them are then scored from the exact keys, as the exact scan does
-    H = idx.H
-    int8 = idx.page_keys.dtype == np.int8
-    Qs = np.ascontiguousarray(Q * np.repeat(idx.key_scale, Q.shape[0] // H, axis=0), np.float32) if int8 else Q
+    H, g = idx.H, Q.shape[0] // idx.H
+    Qs = idx.scaled_queries(Q, np.repeat(np.arange(H), g))  # the page copy's key space (int8: channel scales)
     score_pages(best, cand, idx.page_keys.reshape(H, idx.page_keys.shape[1], -1), idx.page_fill, Qs)
-    if int8:
+    if idx.page_keys.dtype == np.int8:
         rescore_best(best, idx.page_fill, idx.next_page, Q, ExactKeys(store, idx.positions, idx.page_tok),
                      rescore_count(n_pages), merge)
-    return merged_pages(best, idx.page_fill, idx.next_page, Q.shape[0] // H, int(n_pages), merge, idx.d)
+    return merged_pages(best, idx.page_fill, idx.next_page, g, int(n_pages), merge, idx.d)
 
 
 def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
@@ -433,8 +432,7 @@ def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
         raise RuntimeError("the low-rank warmup did not run the first pass")
     # the conversions with a serial and a parallel variant by size: a real fit's chunks are large
     f = twin.lowrank.active
-    rows = store[np.zeros(-(-PARALLEL_MIN // (idx.H * idx.d)) + 1, np.int64)]
-    encode(from_storage(rows).transpose(1, 0, 2), f.mean, f.kmap)
+    from_storage(store[np.zeros(-(-PARALLEL_MIN // (idx.H * idx.d)) + 1, np.int64)])  # a fit's key sample
     encode(np.zeros((idx.H, -(-PARALLEL_MIN // (idx.H * f.kmap.shape[2])) + 1, idx.d), np.float32), f.mean, f.kmap)
 
 
