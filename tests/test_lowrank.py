@@ -7,6 +7,7 @@ from icecache_sglang.index import lowrank
 from icecache_sglang.index.config import IndexConfig
 from icecache_sglang.index.keys import to_storage
 from icecache_sglang.index.paged_index import PagedDCIIndex
+from icecache_sglang.index import scan
 from icecache_sglang.index.scan import scan_index
 
 H, D, G, P, RANK = 2, 32, 3, 6, 8
@@ -291,3 +292,46 @@ def test_large_budgets_and_indexes_cut_below_the_threshold_are_scanned_exactly()
     idx.delete(np.arange(400))  # a prefix cut below the threshold
     assert (lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
             == scan_index(idx, q, P, merge="mass", store=store)).all()
+
+
+def _over_every_page(idx, q, cand, store, merge):
+    """The selection as if every page had a column: page maxima of the whole page copy, every page outside a
+    KV head's candidates at -inf, then the rescoring and merge of the exact scan over those columns."""
+    g = q.shape[0] // H
+    Qs = idx.scaled_queries(q, np.repeat(np.arange(H), g))
+    best = scan.page_maxima(idx.page_keys.reshape(H, idx.page_keys.shape[1], -1), idx.page_fill, idx.next_page, Qs,
+                            scan.CHUNK_PAGES)
+    for h in range(H):
+        keep = np.zeros(best.shape[1], bool)
+        keep[cand[h * g:(h + 1) * g][cand[h * g:(h + 1) * g] >= 0]] = True
+        best[h * g:(h + 1) * g, ~keep] = -np.inf
+    if idx.page_keys.dtype == np.int8:
+        scan.rescore_best(best, idx.page_fill, idx.next_page, q, scan.ExactKeys(store, idx.positions, idx.page_tok),
+                          scan.rescore_count(P), merge)
+    return scan.merged_pages(best, idx.page_fill, idx.next_page, g, P, merge, D)
+
+
+@pytest.mark.parametrize("key_dtype", ["int8", "float32"])
+@pytest.mark.parametrize("merge", ["rank", "mass"])
+def test_candidate_columns_choose_what_a_column_per_page_would(key_dtype, merge):
+    """The candidates are scored, rescored and merged as a few columns per KV head (``candidate_columns``):
+    the pages, in order, equal those of the same steps over a column per page with every other page at -inf,
+    ties included (keys drawn from 40 distinct rows: many pages share their best score, and a tie goes to the
+    lower page id)."""
+    rng = np.random.default_rng(14)
+    K = _keys(rng, 40, noise=0.2)[:, rng.integers(0, 40, lowrank.MIN_TOKENS + 300)]
+    idx, store = _index(np.ascontiguousarray(K), key_dtype)
+    _fit(idx, store, rng, merge)
+    X = lowrank.lowrank_rescore_count(P)
+    for _ in range(4):
+        q = rng.standard_normal((H * G, D)).astype(np.float32)
+        cand, _ = lowrank.candidates(idx, q, X)
+        cols, fill, tok, count = lowrank.candidate_columns(cand, G, idx.page_fill, idx.page_tok)
+        for h in range(H):
+            want = np.unique(cand[h * G:(h + 1) * G][cand[h * G:(h + 1) * G] >= 0])
+            assert count[h] == want.size and (cols[h, :count[h]] == want).all() and (cols[h, count[h]:] == -1).all()
+            assert (fill[h, :count[h]] == idx.page_fill[h, want]).all() and (tok[h, :count[h]] == idx.page_tok[h, want]).all()
+        served = idx.lowrank.served
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge=merge)
+        assert idx.lowrank.served == served + 1
+        assert (got == _over_every_page(idx, q, cand, store, merge)).all()

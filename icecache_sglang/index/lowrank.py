@@ -274,15 +274,14 @@ def _offer(ts, tp, s, p):  # pragma: no cover
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
 def _top4(codes, scales, tok_page, alive, t0, t1, Qr, qmu, a, ts, tp):  # pragma: no cover
     """Tokens ``[t0, t1)`` of one KV head scored for query rows ``a .. a + 3``; each row's best distinct pages
-    kept in ``ts``/``tp [4, X]``. A score below a row's X-th page is one compare: no write per token."""
+    kept in ``ts``/``tp [4, X]``. A score at or below every row's X-th page costs four compares against
+    thresholds held in registers: a token's page and liveness are read only for the few that pass."""
     r = Qr.shape[1]
     X = ts.shape[1]
     q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
     m0, m1, m2, m3 = qmu[a], qmu[a + 1], qmu[a + 2], qmu[a + 3]
+    b0, b1, b2, b3 = ts[0, X - 1], ts[1, X - 1], ts[2, X - 1], ts[3, X - 1]
     for t in range(t0, t1):
-        p = tok_page[t]
-        if p < 0 or not alive[t]:
-            continue
         row = codes[t]
         s0 = s1 = s2 = s3 = np.float32(0.0)
         for i in range(r):
@@ -293,26 +292,35 @@ def _top4(codes, scales, tok_page, alive, t0, t1, Qr, qmu, a, ts, tp):  # pragma
             s3 += x * q3[i]
         sc = scales[t]
         s0, s1, s2, s3 = s0 * sc + m0, s1 * sc + m1, s2 * sc + m2, s3 * sc + m3
-        if s0 > ts[0, X - 1] or s1 > ts[1, X - 1] or s2 > ts[2, X - 1] or s3 > ts[3, X - 1]:
+        if s0 > b0 or s1 > b1 or s2 > b2 or s3 > b3:
+            p = tok_page[t]
+            if p < 0 or not alive[t]:
+                continue
             _offer(ts[0], tp[0], s0, p)
             _offer(ts[1], tp[1], s1, p)
             _offer(ts[2], tp[2], s2, p)
             _offer(ts[3], tp[3], s3, p)
+            b0, b1, b2, b3 = ts[0, X - 1], ts[1, X - 1], ts[2, X - 1], ts[3, X - 1]
 
 
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
 def _top1(codes, scales, tok_page, alive, t0, t1, q, m, ts, tp):  # pragma: no cover
     """``_top4`` for one query row ``q`` (a group's last rows when it is not a multiple of four)."""
     r = q.shape[0]
+    X = ts.shape[0]
+    b = ts[X - 1]
     for t in range(t0, t1):
-        p = tok_page[t]
-        if p < 0 or not alive[t]:
-            continue
         row = codes[t]
         s0 = np.float32(0.0)
         for i in range(r):
             s0 += np.float32(row[i]) * q[i]
-        _offer(ts, tp, s0 * scales[t] + m, p)
+        s0 = s0 * scales[t] + m
+        if s0 > b:
+            p = tok_page[t]
+            if p < 0 or not alive[t]:
+                continue
+            _offer(ts, tp, s0, p)
+            b = ts[X - 1]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -351,6 +359,38 @@ def lowrank_candidates(codes, scales, tok_page, alive, n_tok, Qr, qmu, X, runs):
                 if tp[h * runs + blk, j, u] >= 0:
                     _offer(out_s[row], out_p[row], ts[h * runs + blk, j, u], tp[h * runs + blk, j, u])
     return out_p, out_s
+
+
+@njit(cache=True, nogil=True)
+def candidate_columns(cand, g, page_fill, page_tok):  # pragma: no cover
+    """Each KV head's distinct candidate pages among its ``g`` query rows' ``cand [H_q, X]`` (-1 padded) ->
+    (``cols [H, g X]`` page ids ascending, -1 padded; their ``fill [H, g X]`` and ``tok [H, g X, C]``; ``count
+    [H]``): the columns the candidates are scored and merged in, a few hundred instead of every page. Ascending
+    ids keep every tie-break (a tie goes to the lower page) as over all pages."""
+    H, n, C = page_fill.shape[0], page_fill.shape[1], page_tok.shape[2]
+    K = g * cand.shape[1]
+    cols = np.full((H, K), -1, np.int32)
+    fill = np.zeros((H, K), page_fill.dtype)
+    tok = np.full((H, K, C), -1, page_tok.dtype)
+    count = np.zeros(H, np.int32)
+    seen = np.zeros(n, np.bool_)
+    for h in range(H):
+        k = 0
+        for rr in range(h * g, (h + 1) * g):
+            for x in range(cand.shape[1]):
+                p = cand[rr, x]
+                if p >= 0 and not seen[p]:
+                    seen[p] = True
+                    cols[h, k] = p
+                    k += 1
+        cols[h, :k].sort()
+        for c in range(k):
+            p = cols[h, c]
+            seen[p] = False
+            fill[h, c] = page_fill[h, p]
+            tok[h, c] = page_tok[h, p]
+        count[h] = k
+    return cols, fill, tok, count
 
 
 def _runs_per_head(n_tok: int, H: int) -> int:
@@ -403,16 +443,18 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
         return scan_index(idx, Q, n_pages, merge=merge, store=store)
     st.served += 1
     cand, _ = candidates(idx, Q, X)
-    best = np.full((Q.shape[0], int(idx.next_page.max())), NEG_INF, np.float32)
-    # the candidates scored from the index's own page copy (contiguous rows); over an int8 copy, the pages a
-    # KV head may choose among them are then scored from the exact keys, as the exact scan does
+    # the rest runs over each KV head's candidate pages as columns (``candidate_columns``): scored from the
+    # index's own page copy, and over an int8 copy the ones a KV head may choose scored from the exact keys, as
+    # the exact scan does
     H, g = idx.H, Q.shape[0] // idx.H
+    cols, fill, tok, count = candidate_columns(cand, g, idx.page_fill, idx.page_tok)
+    best = np.full((Q.shape[0], cols.shape[1]), NEG_INF, np.float32)
     Qs = idx.scaled_queries(Q, np.repeat(np.arange(H), g))  # the page copy's key space (int8: channel scales)
-    score_pages(best, cand, idx.page_keys.reshape(H, idx.page_keys.shape[1], -1), idx.page_fill, Qs)
+    score_pages(best, cols, idx.page_keys.reshape(H, idx.page_keys.shape[1], -1), idx.page_fill, Qs)
     if idx.page_keys.dtype == np.int8:
-        rescore_best(best, idx.page_fill, idx.next_page, Q, ExactKeys(store, idx.positions, idx.page_tok),
-                     rescore_count(n_pages), merge)
-    return merged_pages(best, idx.page_fill, idx.next_page, g, int(n_pages), merge, idx.d)
+        rescore_best(best, fill, count, Q, ExactKeys(store, idx.positions, tok), rescore_count(n_pages), merge)
+    chosen = merged_pages(best, fill, count, g, int(n_pages), merge, idx.d)  # [H, n_pages] columns
+    return np.where(chosen >= 0, np.take_along_axis(cols, np.maximum(chosen, 0), axis=1), -1).astype(np.int32)
 
 
 def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
@@ -436,5 +478,5 @@ def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
     encode(np.zeros((idx.H, -(-PARALLEL_MIN // (idx.H * f.kmap.shape[2])) + 1, idx.d), np.float32), f.mean, f.kmap)
 
 
-__all__ = ["LowRankState", "candidates", "default_rank", "encode", "fit_maps", "lowrank_rescore_count",
+__all__ = ["LowRankState", "candidate_columns", "candidates", "default_rank", "encode", "fit_maps", "lowrank_rescore_count",
            "project_queries", "scan_index_lowrank", "warm"]

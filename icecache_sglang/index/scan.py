@@ -180,19 +180,23 @@ def _head_candidates(cand, h, g, n_pages):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def score_pages(best, cand, page_keys, page_fill, Q):
-    """``page_maxima`` for the candidate pages only, in place: for every page among ``cand [H_q, X]`` (-1
-    padded) of any query row of a KV head, ``best[r, p]`` of each of that head's rows becomes the page's best
-    score over its stored rows (``page_keys [H, pages, C * w]``, as ``page_maxima`` reads them; ``Q`` scaled
-    as the rows are). Parallel over KV heads; a page's rows are read once for the head's ``g`` query rows."""
+def score_pages(best, cols, page_keys, page_fill, Q):
+    """``page_maxima`` for chosen pages only, in place: ``best[r, c]`` of each query row ``r`` of KV head ``h``
+    becomes the best score of page ``cols[h, c]`` (-1: none) over its stored rows (``page_keys [H, pages,
+    C * w]``, as ``page_maxima`` reads them; ``Q`` scaled as the rows are). ``best`` has a column per entry of
+    ``cols``, not per page: a few candidates of thousands of pages. Parallel over KV heads; a page's rows are
+    read once for the head's ``g`` query rows."""
     H, d = page_keys.shape[0], Q.shape[1]
     g = Q.shape[0] // H
     for h in prange(H):
         scratch = np.empty(page_keys.shape[2], np.float32)
-        for p in _head_candidates(cand, h, g, best.shape[1]):
+        for c in range(cols.shape[1]):
+            p = cols[h, c]
+            if p < 0:
+                continue
             f = page_fill[h, p]
             if f > 0:
-                _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, p)
+                _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, c)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
