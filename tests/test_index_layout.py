@@ -75,3 +75,19 @@ def test_projection_layout_is_the_specs(rng):
     np.testing.assert_array_equal(idx.tok_pkey[0, live], idx.tok_proj[0, live])
     with pytest.raises(ValueError, match="layout must be one of"):
         IndexConfig(layout="kmeans")
+
+
+def test_cell_orders_are_lexsorts_by_cell_projection_and_token(rng):
+    """A build's per-head order (every head at once, ``_cell_orders``) equals ``np.lexsort((tids, proj,
+    cells))``: ties in projection (many here) go to the lower token, cells in ascending order, the root
+    (parent -1) first."""
+    from icecache_sglang.index.paged_index import _cell_orders
+
+    H, n, n_ids = 3, 5000, 5400
+    tids = np.sort(rng.choice(n_ids, n, replace=False))
+    parent = rng.choice(np.concatenate([[-1], tids[::50]]), (H, n))
+    proj = rng.integers(-20, 20, (H, n)).astype(np.float64) / 4  # ties
+    orders, cells_sorted = _cell_orders(parent, proj, n_ids)
+    for h in range(H):
+        want = np.lexsort((tids, proj[h], parent[h] + 1))
+        assert (orders[h] == want).all() and (cells_sorted[h] == parent[h][want] + 1).all()

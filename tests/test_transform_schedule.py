@@ -75,3 +75,22 @@ def test_t3_partial_search_finds_most_of_the_top(rng):
         got = dci_search(K, q, 10, 2, 4, seed=3, prop_to_retrieve=0.3)
         hits += len(set(got) & set(np.argsort(-(K @ q))[:10].tolist()))
     assert hits >= 70
+
+
+def test_squared_norms_and_projections_are_the_same_bits_whichever_driver_runs(rng):
+    """A build's keys (the parallel driver) and an insert's few (the serial one) get the same float64 bits
+    for the same key, within float64 rounding of the exact values, for float32 and float64 keys."""
+    from icecache_sglang.index.keys import PARALLEL_MIN
+
+    u = make_projection(37, 5)
+    for dtype in (np.float32, np.float64):
+        K = (rng.standard_normal((2, PARALLEL_MIN // 37 + 9, 37)) * 4).astype(dtype)  # d not a multiple of 4
+        big = squared_norms(K)
+        few = np.stack([squared_norms(K[h, i]) for h in range(2) for i in range(0, K.shape[1], 97)])
+        assert big.shape == K.shape[:2] and (few == big[:, ::97].ravel()).all()
+        exact = np.einsum("...d,...d->...", K.astype(np.float64), K.astype(np.float64))
+        assert np.abs(big - exact).max() <= 1e-13 * exact.max()
+        M = big.max()
+        p_big = key_projection(K[0], big[0], M, u)
+        p_few = np.array([key_projection(K[0, i:i + 1], big[0, i:i + 1], M, u)[0] for i in range(0, K.shape[1], 97)])
+        assert (p_few == p_big[::97]).all()

@@ -30,19 +30,21 @@ TWO_MEANS_ITERS = 2
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _split(Y, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
-    """Sort the rows ``Y[a:b]`` (and ``ids[a:b]`` with them) along the part's split direction."""
+def _split(X, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
+    """Sort ``ids[a:b]`` (rows of ``X``) along the part's split direction. The rows stay where they are: each
+    is read through ``ids``, in the part's current order (moving them after every sort was most of the
+    bisection's time)."""
     m = b - a
-    d = Y.shape[1]
+    d = X.shape[1]
     mean[:] = 0.0
     for i in range(a, b):
-        row = Y[i]
+        row = X[ids[i]]
         for k in range(d):
             mean[k] += row[k]
     mean /= m
     far, far_d = a, -1.0
     for i in range(a, b):
-        row = Y[i]
+        row = X[ids[i]]
         s = 0.0
         for k in range(d):
             x = row[k] - mean[k]
@@ -51,12 +53,13 @@ def _split(Y, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
             far_d, far = s, i
     if far_d <= 0.0:  # every key of the part is the same: any order
         return
+    row = X[ids[far]]
     for k in range(d):
-        v[k] = Y[far, k] - mean[k]
-    for _ in range(n_power):  # v <- Yc^T (Yc v), normalised
+        v[k] = row[k] - mean[k]
+    for _ in range(n_power):  # v <- Xc^T (Xc v), normalised
         w[:] = 0.0
         for i in range(a, b):
-            row = Y[i]
+            row = X[ids[i]]
             s = 0.0
             for k in range(d):
                 s += (row[k] - mean[k]) * v[k]
@@ -68,24 +71,23 @@ def _split(Y, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
         v[:] = w / nv
     for it in range(n_lloyd + 1):
         for i in range(a, b):
-            row = Y[i]
+            row = X[ids[i]]
             s = 0.0
             for k in range(d):
                 s += row[k] * v[k]
             proj[i - a] = s
         order = np.argsort(proj[:m], kind="mergesort")
-        Y[a:b] = Y[a:b][order]
         ids[a:b] = ids[a:b][order]
         if it == n_lloyd:
             break
         w[:] = 0.0  # the direction between the two sides' means
         mean[:] = 0.0
         for i in range(a, a + left):
-            row = Y[i]
+            row = X[ids[i]]
             for k in range(d):
                 w[k] += row[k]
         for i in range(a + left, b):
-            row = Y[i]
+            row = X[ids[i]]
             for k in range(d):
                 mean[k] += row[k]
         v[:] = mean / (m - left) - w / left
@@ -94,13 +96,9 @@ def _split(Y, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
 
 
 @njit(cache=True, nogil=True)
-def bisect_order(X, C, n_power=POWER_ITERS, n_lloyd=TWO_MEANS_ITERS):
-    """The ``bisect`` order of the rows of ``X [m, d]`` (float32) for pages of ``C``: a permutation whose
-    balanced runs (``layout_sorted``'s cut) are the leaves of the recursive bisection."""
-    m, d = X.shape
-    Y = np.empty((m, d), np.float32)
-    Y[:] = X
-    ids = np.arange(m)
+def _bisect(X, ids, C, n_power, n_lloyd):
+    """Reorder ``ids`` (rows of ``X``) into their ``bisect`` order, in place."""
+    m, d = ids.shape[0], X.shape[1]
     mean = np.empty(d, np.float64)
     v = np.empty(d, np.float64)
     w = np.empty(d, np.float64)
@@ -118,17 +116,25 @@ def bisect_order(X, C, n_power=POWER_ITERS, n_lloyd=TWO_MEANS_ITERS):
         q, r = n // npg, n % npg
         k = npg // 2
         left = k * q + max(0, k - (npg - r))  # the first k balanced pages: q tokens each, then q + 1
-        _split(Y, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd)
+        _split(X, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd)
         stack[top, 0], stack[top, 1] = a, a + left
         stack[top + 1, 0], stack[top + 1, 1] = a + left, b
         top += 2
+
+
+@njit(cache=True, nogil=True)
+def bisect_order(X, C, n_power=POWER_ITERS, n_lloyd=TWO_MEANS_ITERS):
+    """The ``bisect`` order of the rows of ``X [m, d]`` (float32) for pages of ``C``: a permutation whose
+    balanced runs (``layout_sorted``'s cut) are the leaves of the recursive bisection."""
+    ids = np.arange(X.shape[0])
+    _bisect(X, ids, C, n_power, n_lloyd)
     return ids
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def bisect_cells(order, cells_sorted, X, C):
-    """Reorder each cell's run of ``order`` (local indices sorted by cell, runs of equal ``cells_sorted``)
-    into its ``bisect_order`` over the rows ``X[order]``, cells in parallel."""
+    """Reorder each cell's run of ``order`` (rows of ``X``, sorted by cell: runs of equal ``cells_sorted``)
+    into its ``bisect_order``, cells in parallel."""
     n = order.shape[0]
     n_runs = 0
     for i in range(n):
@@ -144,8 +150,7 @@ def bisect_cells(order, cells_sorted, X, C):
     for c in prange(n_runs):
         a, b = starts[c], starts[c + 1]
         if b - a > C:
-            seg = order[a:b].copy()
-            order[a:b] = seg[bisect_order(X[seg], C)]
+            _bisect(X, order[a:b], C, POWER_ITERS, TWO_MEANS_ITERS)
 
 
 __all__ = ["LAYOUTS", "bisect_cells", "bisect_order"]

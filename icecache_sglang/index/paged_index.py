@@ -261,12 +261,9 @@ class PagedDCIIndex:
         S = self.state
         if stored is None:
             stored = self._store(K, scale)[0]
-        orders = np.empty((self.H, n), np.int32)
-        cells_sorted = np.empty((self.H, n), np.int32)
+        # each head's local indices by cell, then by projection, then by token id (every head at once)
+        orders, cells_sorted = _cell_orders(parent, proj, n_ids)
         for h in range(self.H):
-            cells = parent[h] + 1
-            orders[h] = np.lexsort((tids, proj[h], cells))
-            cells_sorted[h] = cells[orders[h]]
             if self._bisect:  # cut the keys as the index keeps them (rounded, as they are read back)
                 bisect_cells(orders[h], cells_sorted[h], np.ascontiguousarray(K[h], np.float32), self.C)
             self.level_counts[h, : top + 1] = [len(b) for b in by_level]
@@ -609,6 +606,31 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
 
 
 # ---------------------------------------------------------------------- numba drivers
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _cell_orders(parent, proj, n_ids):
+    """Per head, the local indices ``0 .. n-1`` sorted by cell (``parent + 1``, in ``[0, n_ids]``), then by
+    ``proj``, then by index (``np.lexsort((tids, proj, cells))`` for ascending token ids ``tids``: a stable
+    sort by projection, then a stable counting sort by cell) -> (``orders``, the cells in that order), int32
+    ``[H, n]``, heads in parallel."""
+    H, n = proj.shape
+    orders = np.empty((H, n), np.int32)
+    cells_sorted = np.empty((H, n), np.int32)
+    for h in prange(H):
+        by_proj = np.argsort(proj[h], kind="mergesort")
+        start = np.zeros(n_ids + 2, np.int64)
+        for i in range(n):
+            start[parent[h, i] + 2] += 1
+        for c in range(1, n_ids + 2):
+            start[c] += start[c - 1]
+        for k in range(n):
+            i = by_proj[k]
+            c = parent[h, i] + 1
+            orders[h, start[c]] = i
+            cells_sorted[h, start[c]] = c
+            start[c] += 1
+    return orders, cells_sorted
 
 
 @njit(cache=True, nogil=True)
