@@ -173,7 +173,7 @@ class LowRankState:
         self.rank = int(rank)
         #: False: the maps are a plain PCA of the keys (the queries' moment taken as the identity; an ablation)
         self.query_aware = bool(query_aware)
-        self.q_moment = np.zeros((num_heads, head_dim, head_dim), np.float32)
+        self.q_sum = np.zeros((num_heads, head_dim, head_dim), np.float32)  # sum over queries of Qh^T Qh / g
         self.queries = 0  # queries observed (each: all query heads of every KV head)
         self.fits = 0  # fits completed
         self.served = 0  # queries answered through the first pass
@@ -186,23 +186,29 @@ class LowRankState:
         active = self.active  # (a copy-on-write copy may run on a writer thread while a query advances the fit)
         new = object.__new__(LowRankState)
         new.__dict__.update(self.__dict__)
-        new.q_moment = self.q_moment.copy()
+        new.q_sum = self.q_sum.copy()
         new.active = active.copy() if active is not None else None
         new.pending = pending.copy() if pending is not None and pending is not active else None
         return new
 
     def nbytes(self) -> int:
-        return self.q_moment.nbytes + sum(f.nbytes() for f in (self.active, self.pending) if f is not None)
+        return self.q_sum.nbytes + sum(f.nbytes() for f in (self.active, self.pending) if f is not None)
 
     def observe(self, Q: np.ndarray) -> None:
         """Add a query ``Q [H * g, d]`` to the queries' second moment (a running mean; a query with a NaN or an
         infinity is left out)."""
-        H = self.q_moment.shape[0]
+        H = self.q_sum.shape[0]
         Qh = np.asarray(Q, np.float32).reshape(H, Q.shape[0] // H, -1)
         if not np.isfinite(Qh).all():  # one bad query must not poison every later fit
             return
         self.queries += 1
-        self.q_moment += (np.matmul(Qh.transpose(0, 2, 1), Qh) / Qh.shape[1] - self.q_moment) / self.queries
+        # a sum (the mean is taken at a fit): two passes over [H, d, d] per query, not a running mean's five
+        self.q_sum += np.matmul(Qh.transpose(0, 2, 1), Qh * np.float32(1.0 / Qh.shape[1]))
+
+    @property
+    def q_moment(self) -> np.ndarray:
+        """The second moment of the queries observed, per KV head ``[H, d, d]``."""
+        return self.q_sum / np.float32(max(self.queries, 1))
 
     def inserted(self, ids: np.ndarray, K: np.ndarray) -> None:
         """New tokens ``ids`` (ascending, the index's newest) with keys ``K [H, n, d]`` as the index keeps
@@ -225,7 +231,7 @@ class LowRankState:
             take = live[np.unique(np.linspace(0, live.size - 1, min(live.size, FIT_SAMPLE)).astype(np.int64))]
             sample = np.ascontiguousarray(from_storage(store[idx.positions[take]]).transpose(1, 0, 2))
             moment = self.q_moment if self.query_aware else np.broadcast_to(np.eye(idx.d, dtype=np.float32),
-                                                                            self.q_moment.shape)
+                                                                            self.q_sum.shape)
             self.next_fit = self.queries * REFIT_GROWTH
             try:
                 maps = fit_maps(sample, moment, self.rank)
