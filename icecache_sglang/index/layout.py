@@ -127,7 +127,7 @@ def bisect_order(X, C, n_power=POWER_ITERS, n_lloyd=TWO_MEANS_ITERS):
     """The ``bisect`` order of the rows of ``X [m, d]`` (float32) for pages of ``C``: a permutation whose
     balanced runs (``layout_sorted``'s cut) are the leaves of the recursive bisection."""
     ids = np.arange(X.shape[0])
-    _bisect(X, ids, C, n_power, n_lloyd)
+    _bisect(X.astype(np.float32), ids, C, n_power, n_lloyd)  # the keys as the index cuts them (float32)
     return ids
 
 

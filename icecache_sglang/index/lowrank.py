@@ -195,7 +195,7 @@ class LowRankState:
         return self.q_sum.nbytes + sum(f.nbytes() for f in (self.active, self.pending) if f is not None)
 
     def observe(self, Q: np.ndarray) -> None:
-        """Add a query ``Q [H * g, d]`` to the queries' second moment (a running mean; a query with a NaN or an
+        """Add a query ``Q [H * g, d]`` to the queries' second moment (kept as a sum; a query with a NaN or an
         infinity is left out)."""
         H = self.q_sum.shape[0]
         Qh = np.asarray(Q, np.float32).reshape(H, Q.shape[0] // H, -1)
@@ -428,7 +428,8 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     ``lowrank_rescore_count``) are the candidates: every candidate of a KV head is scored for all its query
     rows from the index's page copy (``scan.score_pages``; contiguous rows), and over an int8 copy the ones the
     exact scan would rescore from the key store are (``scan.rescore_best``); the pages are chosen among the
-    candidates by ``merge``.
+    candidates by ``merge`` (only among them: a KV head with fewer candidates than ``n_pages``, which an
+    explicit ``rescore`` below ``n_pages`` allows, gets fewer pages, -1 padded).
     ``rank``: of the codes an index starts (default ``default_rank``); ``layer``: the model layer of the index
     (its fit is staggered by it, ``FIT_STAGGER``); ``min_tokens``: the threshold (``MIN_TOKENS``; the quality
     benchmark lowers it to measure 4k-8k captures)."""

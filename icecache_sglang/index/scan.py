@@ -142,8 +142,9 @@ def top_pages(best, page_fill, next_page, g, n_pages):
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
-    """Exact scores for the candidate pages, in place: for every page among ``cand [H_q, X]`` (page ids, -1
-    padded) of any query row of a KV head, ``best[r, p]`` of each of that head's rows becomes the page's best
+    """Exact scores for the candidate pages, in place: for every page among ``cand [H_q, X]`` (columns of
+    ``best``, -1 padded: page ids, or the low-rank pass's candidate columns with their own ``page_tok`` /
+    ``page_fill``) of any query row of a KV head, ``best[r, p]`` of each of that head's rows becomes the page's best
     float32 ``<q, k>`` over the keys as the store holds them (``store [S, H, d]`` float32 or bfloat16 bits,
     the row of token ``t`` at ``positions[t]``). Parallel over KV heads; a page's rows are gathered once and
     scored for the head's ``g`` query rows four at a time, as ``page_maxima`` does."""
@@ -237,8 +238,9 @@ def _check(page_keys, page_fill, next_page):
 
 class ExactKeys(NamedTuple):
     """Where the exact keys of an index's tokens are, for rescoring an approximate (int8) page copy:
-    ``store [S, H, d]`` (float32 or bfloat16 bits), token ``t``'s row at ``positions[t]``, and the index's
-    ``page_tok [H, P, C]``."""
+    ``store [S, H, d]`` (float32 or bfloat16 bits), token ``t``'s row at ``positions[t]``, and the tokens of
+    each column of the page scores: the index's ``page_tok [H, P, C]``, or a few candidate pages' (the
+    low-rank pass's ``candidate_columns``)."""
     store: np.ndarray
     positions: np.ndarray
     page_tok: np.ndarray

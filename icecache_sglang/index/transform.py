@@ -27,9 +27,12 @@ def squared_norms(keys: np.ndarray) -> np.ndarray:
     k = np.asarray(keys)
     if k.dtype not in (np.float32, np.float64):
         k = k.astype(np.float64)
+    if not k.shape[-1]:
+        return np.zeros(k.shape[:-1])
     rows = np.ascontiguousarray(k.reshape(-1, k.shape[-1]))
     norms = _rows_sqn if rows.size >= PARALLEL_MIN else _rows_sqn_serial
-    return norms(rows).reshape(k.shape[:-1])
+    out = norms(rows).reshape(k.shape[:-1])
+    return out[()] if out.ndim == 0 else out  # one key: a scalar, as einsum gave
 
 
 def augmented_coordinate(sqn: np.ndarray, m: np.ndarray | float) -> np.ndarray:
