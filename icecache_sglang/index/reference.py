@@ -14,7 +14,7 @@ import numpy as np
 from .schedule import schedule_levels
 from .layout import bisect_order
 from .transform import (augment_keys, augment_queries, exact_parents, key_projection, make_projection, query_projection,
-                        segment_bounds)
+                        segment_bounds, squared_norms)
 
 
 def _retrieve_count(mc: int, k_req: int, prop: float, ntr: int) -> int:
@@ -50,7 +50,7 @@ class ReferenceIndex:
         self.u = make_projection(d, seed) if u is None else u
         self.level = schedule_levels(n, p0, p_up)
         self.top = int(self.level.max()) if n else -1
-        sqn = np.einsum("nd,nd->n", K.astype(np.float64), K.astype(np.float64))
+        sqn = squared_norms(K)  # the index's float64 sums, bit for bit (einsum's differ in the last bits)
         self.M = float(sqn.max()) if n else 0.0
         self.proj = key_projection(K, sqn, self.M, self.u)
         self.parent = np.full(n, -1, dtype=np.int64)
