@@ -36,9 +36,9 @@ from numba import njit, prange
 from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, _int8_of, from_storage, int8_scales, key_row, to_storage
 from .scan import NEG_INF, ExactKeys, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
-#: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1.5 ms more
-#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.7x the exact scan at 8k, 1.4x at
-#: 32k, 2.2-2.5x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
+#: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1 ms more
+#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.8x the exact scan at 8k, 1.5x at
+#: 32k, 2.4-2.7x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
 MIN_TOKENS = 16384
 #: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
 FIT_AFTER = 8
