@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, _int8_of, from_storage, int8_scales, key_row, to_storage
-from .scan import NEG_INF, ExactKeys, merged_pages, rescore_best, rescore_count, scan_index, score_pages
+from .scan import NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1 ms more
 #: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.8x the exact scan at 8k, 1.5x at
@@ -379,20 +379,12 @@ def candidate_columns(cand, g, page_fill, page_tok):  # pragma: no cover
     fill = np.zeros((H, K), page_fill.dtype)
     tok = np.full((H, K, C), -1, page_tok.dtype)
     count = np.zeros(H, np.int32)
-    seen = np.zeros(n, np.bool_)
     for h in range(H):
-        k = 0
-        for rr in range(h * g, (h + 1) * g):
-            for x in range(cand.shape[1]):
-                p = cand[rr, x]
-                if p >= 0 and not seen[p]:
-                    seen[p] = True
-                    cols[h, k] = p
-                    k += 1
-        cols[h, :k].sort()
+        pages = np.sort(head_candidates(cand, h, g, n))
+        k = pages.shape[0]
+        cols[h, :k] = pages
         for c in range(k):
-            p = cols[h, c]
-            seen[p] = False
+            p = pages[c]
             fill[h, c] = page_fill[h, p]
             tok[h, c] = page_tok[h, p]
         count[h] = k

@@ -154,7 +154,7 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
     for h in prange(H):
         row = np.empty(d, np.float32)
         keys = np.empty(C * d, np.float32)
-        for p in _head_candidates(cand, h, g, best.shape[1]):
+        for p in head_candidates(cand, h, g, best.shape[1]):
             f = page_fill[h, p]
             for j in range(f):
                 kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
@@ -164,7 +164,7 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
 
 
 @njit(cache=True, nogil=True)
-def _head_candidates(cand, h, g, n_pages):
+def head_candidates(cand, h, g, n_pages):
     """The distinct page ids among the candidates ``cand [H_q, X]`` (-1 padded) of KV head ``h``'s ``g`` query
     rows, in the order first named."""
     seen = np.zeros(n_pages, np.bool_)
