@@ -135,7 +135,7 @@ def _rows_mass_one(rows, scores, r0, g, P, scale, out):
         while cand[i] != best_p:
             i += 1
         first[i] = True
-    return _top_first_then_weight(first, w, cand, nc, P, out)
+    return _top_first_then_weight(first, w, cand, np.int64(nc), P, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)

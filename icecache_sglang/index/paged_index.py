@@ -660,7 +660,7 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         if bisect:
             for r in range(j - i):
                 tok_pkey[h, tids[seg[r]]] = r
-        cnt_pages[h, c] += pt.layout_sorted(S, h, c, tids[seg], K[seg], V[seg])
+        cnt_pages[h, c] += pt.layout_sorted(S, h, np.int64(c), tids[seg], K[seg], V[seg])
         cell_m[h, c] = m
         i = j
     by_level = np.argsort(level, kind="mergesort")
@@ -675,14 +675,16 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
 @njit(cache=True, nogil=True, parallel=True)
 def _build_heads(S, tids, orders, cells_sorted, K, V, level, parent, proj, sqn, m, bisect):
     """:func:`_build_head` for every head, in parallel over heads."""
-    for h in prange(K.shape[0]):
+    for hh in prange(K.shape[0]):
+        h = np.int64(hh)  # prange's index is unsigned: one head type for every caller (one compile, not two)
         _build_head(S, h, tids, orders[h], cells_sorted[h], K[h], V[h], level, parent[h], proj[h], sqn[h], m[h],
                     bisect)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _insert_heads(S, tids, parents, K, V, a, bisect):
-    for h in prange(K.shape[0]):
+    for hh in prange(K.shape[0]):
+        h = np.int64(hh)
         for i in range(tids.shape[0]):
             pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a, bisect)
 

@@ -57,7 +57,7 @@ def key_less(pa, ta, pb, tb):
     return pa < pb or (pa == pb and ta < tb)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def bump_chain(S, h, cell, d_desc, d_pages):
     """Add to the subtree counters of ``cell`` and of every ancestor up to the root."""
     tok_parent = S[1]
@@ -72,7 +72,7 @@ def bump_chain(S, h, cell, d_desc, d_pages):
         c = tok_parent[h, c - 1] + 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def page_alloc(S, h, cell):
     page_fill, page_cell, page_next, page_prev, page_dirty = S[14], S[15], S[16], S[17], S[18]
     free_stack, free_n, next_page = S[19], S[20], S[21]
@@ -100,7 +100,7 @@ def page_release(S, h, p):
     free_n[h] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def link_after(S, h, cell, after, p):
     """Link page ``p`` into ``cell``'s list after page ``after`` (-1: at the front)."""
     cell_first, cell_last, page_next, page_prev = S[7], S[8], S[16], S[17]
@@ -133,7 +133,7 @@ def unlink(S, h, p):
         page_prev[h, b] = a
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def move_slot(S, h, src_p, src_j, dst_p, dst_j):
     """Copy the token in (src_p, src_j) with its key/value rows to (dst_p, dst_j)."""
     tok_page, tok_slot, page_tok, page_keys, page_vals, page_proj = S[2], S[3], S[13], S[22], S[23], S[24]
@@ -369,7 +369,7 @@ def relift_cell(S, h, cell, new_m, a, bisect):
     o1 = np.argsort(tids, kind="mergesort")
     o2 = np.argsort(proj[o1], kind="mergesort")
     order = o1[o2]
-    npg = layout_sorted(S, h, cell, tids[order], keys[order], vals[order])
+    npg = layout_sorted(S, h, np.int64(cell), tids[order], keys[order], vals[order])
     bump_chain(S, h, cell, 0, npg - old_pages)
 
 

@@ -285,10 +285,10 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
     if top_level < 0:
         return
     if top_level == 0:
-        _search_leaf_cell(S, h, 0, Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+        _search_leaf_cell(S, h, np.int64(0), Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                           sc, lo, hi, pbest, ptid, touched, n_touched)
     else:
-        _search_upper_cell(S, h, 0, Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
+        _search_upper_cell(S, h, np.int64(0), Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                            sc, lo, hi, fr_t, fr_s, n_fr)
         level = top_level
         while True:
@@ -302,7 +302,7 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
             n_nx[:] = 0
             i = 0
             while i < cells.shape[0]:
-                j = _mark_rows_of_cell(cells, rows, i, active)
+                j = _mark_rows_of_cell(cells, rows, np.int64(i), active)
                 _search_upper_cell(S, h, cells[i], Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn,
                                    buf_p, buf_j, sc, lo, hi, nx_t, nx_s, n_nx)
                 i = j
@@ -316,7 +316,7 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
         cells, rows = _cells_by_row(fr_t, n_fr)
         i = 0
         while i < cells.shape[0]:
-            j = _mark_rows_of_cell(cells, rows, i, active)
+            j = _mark_rows_of_cell(cells, rows, np.int64(i), active)
             _search_leaf_cell(S, h, cells[i], Q, qp, active, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                               sc, lo, hi, pbest, ptid, touched, n_touched)
             i = j
@@ -355,7 +355,8 @@ def _search_head(S, h, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, 
 @njit(cache=True, nogil=True, parallel=True)
 def search_rows(S, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
     """Search every query row in its KV head's tree; the rows of one head run together, heads in parallel."""
-    for h in prange(top_level.shape[0]):
+    for hh in prange(top_level.shape[0]):
+        h = np.int64(hh)  # prange's index is unsigned: one head type for every caller (one compile, not two)
         _search_head(S, h, Q, qp, row_head, top_level[h], P, fov, prop, ntr, faithful, n_tok_cap, out_pages,
                      out_scores)
 
@@ -367,7 +368,8 @@ def search_batch(states, which, Q, qp, row_head, top_level, P, fov, prop, ntr, f
     ``qp [B, R]``, ``top_level [B, H]``, ``fov`` and ``n_tok_cap`` ``[B]``, ``out_* [B, R, P]``. Every
     (index, KV head) pair is one parallel work item, so a batch fills the cores even with one KV head."""
     H = top_level.shape[1]
-    for item in prange(Q.shape[0] * H):
+    for it in prange(Q.shape[0] * H):
+        item = np.int64(it)
         b = item // H
         h = item - b * H
         _search_head(states[which[b]], h, Q[b], qp[b], row_head, top_level[b, h], P, fov[b], prop, ntr, faithful,
