@@ -1,12 +1,13 @@
 """Fill numba's on-disk cache for the index's kernels, one key type per process, processes side by side.
 
-numba compiles a kernel once per argument type and the index keeps its page rows in one of three types
+numba compiles a kernel once per argument type, and the index keeps its page rows in one of three types
 (int8 rows: the server's default over float32/bfloat16 KV; float32: the library's default, most unit tests;
-bfloat16 bits: float16 KV caches), so a cold cache costs three compiles of the whole index, about 2.5 min
-each on one core of the 2-core CI machine, one after the other wherever the suite first meets them. This runs
-the indexer's own warmup (every request kind it answers, ``IndexerService.warmup``) once per key type, in
-parallel processes: the suite then loads from the cache. Anything it does not reach is compiled where it is
-first used, as without it, so it can only save time; a failure here is printed and left to the tests.
+bfloat16 bits: the server's choice over float16 KV). A cold cache therefore costs three compiles of the whole
+index, about 2 minutes each on the 2-core CI machine (128 s for the int8 one), one after the other wherever
+the suite first meets them. This runs the indexer's own warmup (every request kind it answers,
+``IndexerService.warmup``) once per key type, in parallel processes, so that the suite loads from the cache.
+Whatever it does not reach is compiled where it is first used, as without it, so it can only save time; a
+failure here is printed and left to the tests.
 
     python scripts/precompile.py [--jobs N]
 """
@@ -22,11 +23,36 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from multiprocessing import get_context
 
-# (KV cache dtype, index key dtype), the costliest first: each is one process.
+# (KV cache dtype, index key dtype), the costliest first: each is one process. (The bfloat16-keys unit runs
+# over bfloat16 KV: the kernels see the same uint16 rows as over float16 KV, which numba cannot read.)
 UNITS = (("bfloat16", "int8"), ("float32", "float32"), ("bfloat16", "bfloat16"))
 
 
-def warm(kv_dtype: str, key_dtype: str) -> float:
+def _serialise_cache_writes(lock_path: str) -> None:
+    """numba adds a compiled specialization to a function's cache index by reading the index, picking the
+    next free data file and writing both back, with no lock: two processes saving different specializations
+    of one function at once could both take data file N and leave the index naming the other's code. The
+    units compile the same functions at the same pace, so their saves take turns under one file lock. Once
+    per process: a worker runs more than one unit (a second wrapper would wait for its own lock)."""
+    import fcntl
+
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+    if getattr(save, "serialised", False):
+        return
+
+    def locked_save(self, key, data):
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            return save(self, key, data)  # closing the file releases the lock
+
+    locked_save.serialised = True
+    caching.IndexDataCacheFile.save = locked_save
+
+
+def warm(kv_dtype: str, key_dtype: str, lock_path: str) -> float:
+    _serialise_cache_writes(lock_path)
     import numpy as np
 
     from icecache_sglang.index.keys import to_storage
@@ -41,10 +67,10 @@ def warm(kv_dtype: str, key_dtype: str) -> float:
     store = KeyStore.scratch(to_storage(rows, kv_dtype), kv_dtype)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = IndexerConfig(rank=0, store=store.spec, endpoint=f"ipc://{tmp}/s", private_dir=tmp,
-                            index=replace(IceCacheConfig().index_config(), key_dtype=key_dtype), threads=1)
+                            index=replace(IceCacheConfig().index_config(), key_dtype=key_dtype))
         svc = IndexerService(cfg, store)
         try:
-            svc.warmup()
+            svc.warmup()  # on its own scratch store of the spec's dtype and size (IndexerService.warmup)
         finally:
             svc.close()
             store.close()
@@ -53,11 +79,13 @@ def warm(kv_dtype: str, key_dtype: str) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes side by side")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes side by side (at most one per unit)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max(1, min(args.jobs, len(UNITS))), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(warm, *unit): unit for unit in UNITS}
+    with tempfile.TemporaryDirectory() as tmp, \
+            ProcessPoolExecutor(max(1, min(args.jobs, len(UNITS))), mp_context=get_context("spawn")) as pool:
+        lock = os.path.join(tmp, "numba-cache.lock")
+        futures = {pool.submit(warm, kv, key, lock): (kv, key) for kv, key in UNITS}
         for f in as_completed(futures):
             kv, key = futures[f]
             try:

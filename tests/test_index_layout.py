@@ -91,3 +91,32 @@ def test_cell_orders_are_lexsorts_by_cell_projection_and_token(rng):
     for h in range(H):
         want = np.lexsort((tids, proj[h], parent[h] + 1))
         assert (orders[h] == want).all() and (cells_sorted[h] == parent[h][want] + 1).all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 37, 256, 257, 3000])
+def test_split_sort_is_a_stable_argsort(rng, m):
+    """The bisection's in-place sort (insertion up to INSERTION_SORT_MAX, mergesort above) orders a part as
+    ``np.argsort(kind="mergesort")`` does, ties in their current order."""
+    from icecache_sglang.index.layout import INSERTION_SORT_MAX, _sort_by
+
+    assert 37 < INSERTION_SORT_MAX < 257 < 3000
+    proj = rng.integers(-5, 6, size=m).astype(np.float64)  # many ties
+    ids = rng.permutation(m + 10).astype(np.int64)
+    a = 4
+    want = ids.copy()
+    want[a:a + m] = ids[a:a + m][np.argsort(proj, kind="mergesort")]
+    got_ids, got_proj = ids.copy(), proj.copy()
+    _sort_by(got_proj, got_ids, a, m, np.empty(m, np.int64))
+    assert np.array_equal(got_ids, want)
+
+
+def test_bisect_order_is_the_same_for_rows_anywhere(rng):
+    """A cell's children lie anywhere in the prompt: the order of rows read through ids is the order of the
+    same rows side by side."""
+    from icecache_sglang.index.layout import bisect_cells
+
+    X = rng.standard_normal((2000, 24)).astype(np.float32)
+    ids = rng.permutation(2000)[:700].astype(np.int32)  # as the build's orders
+    order = ids.copy()
+    bisect_cells(order, np.zeros(700, np.int32), X, 16)
+    assert np.array_equal(order, ids[bisect_order(X[ids], 16)])

@@ -29,8 +29,36 @@ POWER_ITERS = 2
 TWO_MEANS_ITERS = 2
 
 
+INSERTION_SORT_MAX = 256
+
+
+@njit(cache=True, nogil=True)
+def _sort_by(proj, ids, a, m, scratch):
+    """Stable sort of ``ids[a:a+m]`` by ``proj[:m]`` (finite), as ``np.argsort(kind="mergesort")`` orders
+    them; ``proj`` is left in any order. A part of a cell is small (a cell of a level-0 parent holds about 1 / p0 = 100 children):
+    an insertion sort in place, not a sort that allocates; larger parts (a hub parent's cell) are sorted
+    by mergesort and permuted through ``scratch``. (The allocations, not the arithmetic, were most of the
+    bisection's time: a 128k x 8-head layer's cells run about 64k splits.)"""
+    if m <= INSERTION_SORT_MAX:
+        for i in range(1, m):
+            key = proj[i]
+            idv = ids[a + i]
+            j = i - 1
+            while j >= 0 and proj[j] > key:
+                proj[j + 1] = proj[j]
+                ids[a + j + 1] = ids[a + j]
+                j -= 1
+            proj[j + 1] = key
+            ids[a + j + 1] = idv
+        return
+    order = np.argsort(proj[:m], kind="mergesort")
+    for i in range(m):
+        scratch[i] = ids[a + order[i]]
+    ids[a:a + m] = scratch[:m]
+
+
 @njit(cache=True, nogil=True, fastmath=True)
-def _split(X, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
+def _split(X, ids, a, b, left, mean, v, w, proj, scratch, n_power, n_lloyd):
     """Sort ``ids[a:b]`` (rows of ``X``) along the part's split direction. The rows stay where they are: each
     is read through ``ids``, in the part's current order (moving them after every sort was most of the
     bisection's time)."""
@@ -76,8 +104,7 @@ def _split(X, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
             for k in range(d):
                 s += row[k] * v[k]
             proj[i - a] = s
-        order = np.argsort(proj[:m], kind="mergesort")
-        ids[a:b] = ids[a:b][order]
+        _sort_by(proj, ids, a, m, scratch)
         if it == n_lloyd:
             break
         w[:] = 0.0  # the direction between the two sides' means
@@ -97,12 +124,31 @@ def _split(X, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd):
 
 @njit(cache=True, nogil=True)
 def _bisect(X, ids, C, n_power, n_lloyd):
-    """Reorder ``ids`` (rows of ``X``) into their ``bisect`` order, in place."""
+    """Reorder ``ids`` (rows of ``X``) into their ``bisect`` order, in place. The rows are first copied
+    next to each other (a cell's children lie anywhere in the prompt; every split reads them several
+    times)."""
+    m, d = ids.shape[0], X.shape[1]
+    if m <= C:
+        return
+    Xl = np.empty((m, d), X.dtype)
+    for i in range(m):
+        Xl[i] = X[ids[i]]
+    local = np.arange(m)
+    _bisect_rows(Xl, local, C, n_power, n_lloyd)
+    orig = ids.copy()
+    for i in range(m):
+        ids[i] = orig[local[i]]
+
+
+@njit(cache=True, nogil=True)
+def _bisect_rows(X, ids, C, n_power, n_lloyd):
+    """:func:`_bisect` on rows read through ``ids`` where they lie."""
     m, d = ids.shape[0], X.shape[1]
     mean = np.empty(d, np.float64)
     v = np.empty(d, np.float64)
     w = np.empty(d, np.float64)
     proj = np.empty(max(m, 1), np.float64)
+    scratch = np.empty(max(m, 1), ids.dtype)
     stack = np.empty((2 * (m // max(C, 1)) + 4, 2), np.int64)
     stack[0, 0], stack[0, 1] = 0, m
     top = 1
@@ -116,7 +162,7 @@ def _bisect(X, ids, C, n_power, n_lloyd):
         q, r = n // npg, n % npg
         k = npg // 2
         left = k * q + max(0, k - (npg - r))  # the first k balanced pages: q tokens each, then q + 1
-        _split(X, ids, a, b, left, mean, v, w, proj, n_power, n_lloyd)
+        _split(X, ids, a, b, left, mean, v, w, proj, scratch, n_power, n_lloyd)
         stack[top, 0], stack[top, 1] = a, a + left
         stack[top + 1, 0], stack[top + 1, 1] = a + left, b
         top += 2
@@ -124,10 +170,10 @@ def _bisect(X, ids, C, n_power, n_lloyd):
 
 @njit(cache=True, nogil=True)
 def bisect_order(X, C, n_power=POWER_ITERS, n_lloyd=TWO_MEANS_ITERS):
-    """The ``bisect`` order of the rows of ``X [m, d]`` (float32) for pages of ``C``: a permutation whose
+    """The ``bisect`` order of the rows of ``X [m, d]`` (float32, finite) for pages of ``C``: a permutation whose
     balanced runs (``layout_sorted``'s cut) are the leaves of the recursive bisection."""
     ids = np.arange(X.shape[0])
-    _bisect(X.astype(np.float32), ids, C, n_power, n_lloyd)  # the keys as the index cuts them (float32)
+    _bisect_rows(X.astype(np.float32), ids, C, n_power, n_lloyd)  # the keys as the index cuts them (float32)
     return ids
 
 

@@ -686,7 +686,7 @@ def _insert_heads(S, tids, parents, K, V, a, bisect):
     for hh in prange(K.shape[0]):
         h = np.int64(hh)
         for i in range(tids.shape[0]):
-            pt.attach(S, h, tids[i], parents[h, i], K[h, i], V[h, i], a, bisect)
+            pt.attach(S, h, np.int64(tids[i]), np.int64(parents[h, i]), K[h, i], V[h, i], a, bisect)  # as _move's
 
 
 __all__ = ["IndexConfig", "PagedDCIIndex", "QueryParams", "StateList", "query_batch"]
