@@ -79,7 +79,8 @@ def warm(kv_dtype: str, key_dtype: str, lock_path: str) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes side by side (at most one per unit)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="processes side by side (at most one per unit)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, \

@@ -35,9 +35,9 @@ INSERTION_SORT_MAX = 256
 @njit(cache=True, nogil=True)
 def _sort_by(proj, ids, a, m, scratch):
     """Stable sort of ``ids[a:a+m]`` by ``proj[:m]`` (finite), as ``np.argsort(kind="mergesort")`` orders
-    them; ``proj`` is left in any order. A part of a cell is small (a cell of a level-0 parent holds about 1 / p0 = 100 children):
-    an insertion sort in place, not a sort that allocates; larger parts (a hub parent's cell) are sorted
-    by mergesort and permuted through ``scratch``. (The allocations, not the arithmetic, were most of the
+    them; ``proj`` is left in any order. A part of a cell is small (a level-0 parent's cell holds about
+    1 / p0 = 100 children): an insertion sort in place, not a sort that allocates; larger parts (a hub
+    parent's cell) are sorted by mergesort and permuted through ``scratch``. (The allocations, not the arithmetic, were most of the
     bisection's time: a 128k x 8-head layer's cells run about 64k splits.)"""
     if m <= INSERTION_SORT_MAX:
         for i in range(1, m):
