@@ -51,7 +51,7 @@ ADMIN_KEY = "icecache-faults-admin-key"
 #: spent budget frees again within a scenario; every step selects (``while_indexing: wait``), so faults hit
 #: selections (the default's dense steps while the indexer is behind: tests/test_server_indexing.py)
 FAULT_ICE = {"budget_tokens": 128, "page_size": 16, "sink_tokens": 16, "window_tokens": 16, "dense_layers": 0,
-             "max_restarts": 2, "restart_window_s": 60.0, "selection_deadline_ms": 500, "while_indexing": "wait"}
+             "max_restarts": 2, "restart_window_s": 30.0, "selection_deadline_ms": 500, "while_indexing": "wait"}
 FIXED_PROMPT_TOKENS = 600
 
 

@@ -336,3 +336,24 @@ def test_random_operations_leave_nothing_behind(ix, local):
     assert (st.sequences, st.layer_entries, st.indexes, st.tokens, st.index_bytes, st.state_slots) == (0,) * 6
     assert st.shares > 20 and st.copies > 0 and st.queries > 100
     assert not c.ledger.seqs
+
+
+def test_the_indexer_does_not_import_the_parents_main_module(tmp_path):
+    """multiprocessing's spawn imports the parent's ``__main__`` again in the child; in SGLang's scheduler that
+    is ``sglang.launch_server`` (torch and SGLang: most of the indexer's start-up time). A main module that
+    records every import of itself must be imported once, by the parent only."""
+    log = tmp_path / "imports.txt"
+    script = tmp_path / "parent_main.py"
+    script.write_text(
+        "import os\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')\n"
+        "if __name__ == '__main__':\n"
+        "    from icecache_sglang.indexer import Indexer\n"
+        "    with Indexer.launch(num_layers=1, num_kv_heads=1, head_dim=16, num_slots=64, timeout_s=10.0) as ix:\n"
+        "        print(os.getpid(), ix.process.pid)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    parent, child = out.stdout.split()
+    assert log.read_text().split() == [parent]  # not [parent, child]
