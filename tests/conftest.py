@@ -2,6 +2,8 @@
 # which Triton reads when its own library functions (tl.cumsum, ...) are defined, not only ours.
 import icecache_sglang.kernels  # noqa: F401, I001
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -33,3 +35,9 @@ def oracle_pages(idx: PagedDCIIndex, h: int, q: np.ndarray, P: int) -> list[int]
 
 
 EXHAUSTIVE = dict(fov=10**9, prop_to_retrieve=1.0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    servers = sys.modules.get("sglang_servers")  # the servers modules shared (tests/sglang_servers.py)
+    if servers is not None:
+        servers.stop_shared()

@@ -36,13 +36,33 @@ def start_server(name: str, model_path, args: list[str]) -> ServerProcess:
     return srv
 
 
-def server_fixture(name: str, model_factory, args: list[str]):
+#: servers that modules share (``server_fixture(..., shared=True)``): (model path, args) -> server, stopped
+#: when the session ends (conftest.py) rather than with a module, so the next module with the same launch
+#: flags finds it up (a launch costs ~30 s on the CI machine)
+_SHARED: dict[tuple, ServerProcess] = {}
+
+
+def server_fixture(name: str, model_factory, args: list[str], shared: bool = False):
+    """A module-scoped fixture with a server of these flags. ``shared``: one server for every module that
+    asks with the same model and flags (and ``shared``); such modules put back any setting they change."""
     @pytest.fixture(scope="module")
     def _fixture():
-        srv = start_server(name, model_factory(), args)
+        model = model_factory()
+        if shared:
+            key = (str(model), tuple(args))
+            if key not in _SHARED or _SHARED[key].proc is None or _SHARED[key].proc.poll() is not None:
+                _SHARED[key] = start_server(name, model, args)
+            yield _SHARED[key]
+            return
+        srv = start_server(name, model, args)
         try:
             yield srv
         finally:
             srv.stop()
 
     return _fixture
+
+
+def stop_shared() -> None:
+    while _SHARED:
+        _SHARED.popitem()[1].stop()

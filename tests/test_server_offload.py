@@ -24,7 +24,7 @@ OFFLOAD = {**TINY_ICE, "offload": True, "device_kv_tokens": LANES * LANE_ROWS}
 ROW_BYTES = (32 + 32) * 4  # tiny model: head_dim 32, K and V, float32
 LAYERS, KV_HEADS = 4, 2
 
-tiny_ref = server_fixture("tiny_ice_ref", ensure_tiny_model, icecache_args(TINY_ICE))
+tiny_ref = server_fixture("tiny_ice_shared", ensure_tiny_model, icecache_args(TINY_ICE), shared=True)
 tiny_offload = server_fixture("tiny_offload", ensure_tiny_model, icecache_args(OFFLOAD))
 
 

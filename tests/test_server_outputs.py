@@ -21,11 +21,14 @@ from icecache_sglang.runtime.config import IceCacheConfig
 
 pytestmark = pytest.mark.slow
 
-smol_dense = server_fixture("smol_dense", ensure_model, [])
+# a KV pool of four 8k contexts (the model's own), not the CPU default's 70k tokens: 1.5 GB of float32 KV
+# instead of 3.2 GB, whose allocation took 8 s of each server's start
+SMOL_POOL = ("--max-total-tokens", "32768")
+smol_dense = server_fixture("smol_dense", ensure_model, list(SMOL_POOL))
 # --enable-cache-report: SGLang then reports radix-cache hits as usage.prompt_tokens_details.cached_tokens
-smol_ice = server_fixture("smol_ice", ensure_model, icecache_args(SMOL_ICE, "--enable-cache-report"))
+smol_ice = server_fixture("smol_ice", ensure_model, icecache_args(SMOL_ICE, "--enable-cache-report", *SMOL_POOL))
 smol_ice_noradix = server_fixture("smol_ice_noradix", ensure_model,
-                                  icecache_args(SMOL_ICE, "--disable-radix-cache"))
+                                  icecache_args(SMOL_ICE, "--disable-radix-cache", *SMOL_POOL))
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "List three prime numbers.", "Explain what a hash table is in one sentence."]

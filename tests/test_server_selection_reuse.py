@@ -17,7 +17,7 @@ from icecache_sglang.models.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.slow
 
-tiny_reuse = server_fixture("tiny_reuse", ensure_tiny_model, icecache_args(TINY_ICE))
+tiny_reuse = server_fixture("tiny_ice_shared", ensure_tiny_model, icecache_args(TINY_ICE), shared=True)
 ANCHORS = 4  # the tiny model's layers (dense_layers 0, layer_reuse 1)
 
 

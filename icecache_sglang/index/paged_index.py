@@ -19,7 +19,7 @@ from .gqa_merge import merge_rows
 from .keys import STORAGE, channel_scales, from_storage, scaled_int8, stored_width, to_storage
 from .layout import bisect_cells
 from .schedule import schedule_levels
-from .search import search_batch, search_rows
+from .search import search_batch
 from .transform import (
     augmented_parents,
     exact_parents,
@@ -158,6 +158,7 @@ class PagedDCIIndex:
         new = object.__new__(type(self))
         for k, v in self.__dict__.items():
             new.__dict__[k] = v.copy() if isinstance(v, (np.ndarray, dict)) else v
+        new.__dict__.pop("_state_list_cache", None)  # it names this index's arrays
         if self.lowrank is not None:
             new.lowrank = self.lowrank.copy()
         return new
@@ -463,12 +464,29 @@ class PagedDCIIndex:
             raise ValueError(f"n_pages must be a positive int, got {n_pages!r}")
         n_live = int(self.alive[: self.n_tokens].sum())
         qp = query_projection(Q, self.u)  # the tree's projections are of the keys as kept
-        out_pages = np.empty((Q.shape[0], int(n_pages)), np.int32)
-        out_scores = np.empty((Q.shape[0], int(n_pages)), np.float32)
-        search_rows(self.state, self.scaled_queries(np.ascontiguousarray(Q), rh), qp, rh.astype(np.int32), self.top_level(), int(n_pages),
-                    params.fov_for(n_live), float(params.prop_to_retrieve), int(params.num_to_retrieve),
-                    self.cfg.faithful_proj_scale, max(self.n_tokens, 1), out_pages, out_scores)
-        return out_pages, out_scores
+        out_pages = np.empty((1, Q.shape[0], int(n_pages)), np.int32)
+        out_scores = np.empty((1, Q.shape[0], int(n_pages)), np.float32)
+        # the batch kernel over a batch of one: one parallel search entry point to compile per key type
+        search_batch(self._state_list(), np.zeros(1, np.int64),
+                     np.ascontiguousarray(self.scaled_queries(np.ascontiguousarray(Q), rh))[None], qp[None],
+                     rh.astype(np.int32), self.top_level()[None], int(n_pages),
+                     np.array([params.fov_for(n_live)], np.int64), float(params.prop_to_retrieve),
+                     int(params.num_to_retrieve), self.cfg.faithful_proj_scale,
+                     np.array([max(self.n_tokens, 1)], np.int64), out_pages, out_scores)
+        return out_pages[0], out_scores[0]
+
+    def _state_list(self) -> List:
+        """A numba typed list holding this index's state tuple (what :func:`search_batch` reads), re-made only
+        when a state array was replaced: filling a typed list unboxes every array (see :class:`StateList`). It
+        keeps the arrays it names alive, so their ids identify them (a copy's new arrays have other ids)."""
+        state = self.state
+        key = tuple(map(id, state))
+        cached = getattr(self, "_state_list_cache", None)
+        if cached is None or cached[0] != key:
+            states = List()
+            states.append(state)
+            cached = self._state_list_cache = (key, states)
+        return cached[1]
 
     def query(self, queries, n_pages: int, params: QueryParams | None = None, merge: str = "rank") -> np.ndarray:
         """Top-``n_pages`` pages per KV head for ``queries [Hq, d]`` (GQA: ``Hq = group * H``, query

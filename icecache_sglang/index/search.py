@@ -1,7 +1,7 @@
 """Numba kernels of the decode-time search (index-spec sections 2, 3.3, 5.3).
 
-One query row = one query head searching its KV head's tree. ``search_rows`` runs rows in parallel
-(numba threads); the GQA merge of a KV head's rows is ``merge_group_pages``.
+One query row = one query head searching its KV head's tree. ``search_batch`` runs the rows of B indexes,
+every (index, KV head) pair in parallel (numba threads; one index is a batch of one); the GQA merge of a KV head's rows is ``merge_group_pages``.
 
 Search rules, shared with the NumPy reference (:mod:`icecache_sglang.index.reference`):
 
@@ -353,18 +353,10 @@ def _search_head(S, h, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def search_rows(S, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages, out_scores):
-    """Search every query row in its KV head's tree; the rows of one head run together, heads in parallel."""
-    for hh in prange(top_level.shape[0]):
-        h = np.int64(hh)  # prange's index is unsigned: one head type for every caller (one compile, not two)
-        _search_head(S, h, Q, qp, row_head, top_level[h], P, fov, prop, ntr, faithful, n_tok_cap, out_pages,
-                     out_scores)
-
-
-@njit(cache=True, nogil=True, parallel=True)
 def search_batch(states, which, Q, qp, row_head, top_level, P, fov, prop, ntr, faithful, n_tok_cap, out_pages,
                  out_scores):
-    """``search_rows`` over B indexes at once (index b's state tuple is ``states[which[b]]``): ``Q [B, R, d]``,
+    """Search every query row in its KV head's tree, for B indexes at once (index b's state tuple is
+    ``states[which[b]]``; row ``r`` searches KV head ``row_head[r]``): ``Q [B, R, d]``,
     ``qp [B, R]``, ``top_level [B, H]``, ``fov`` and ``n_tok_cap`` ``[B]``, ``out_* [B, R, P]``. Every
     (index, KV head) pair is one parallel work item, so a batch fills the cores even with one KV head."""
     H = top_level.shape[1]
