@@ -597,8 +597,8 @@ def main(argv=None) -> int:
                 if not args.quick:
                     pids |= server_pids(srv)
                     srv.stop()
-            if not args.quick:  # a stopped server leaves no private directory behind
-                time.sleep(1.0)
+            if not args.quick:  # a stopped server leaves no private directory behind (its reaper polls)
+                wait_until(lambda: not stale_dirs(pids), 5.0, 0.1)
                 rec["left_after_stop"] = stale_dirs(pids)
                 rec["ok"] = rec.get("ok", False) and not rec["left_after_stop"]
             rec["server"] = "shared" if args.quick else "fresh"

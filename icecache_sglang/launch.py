@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +43,30 @@ def server_env(base: dict | None = None, cpu: bool | None = None) -> dict:
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     return env
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is alive and not a zombie (one left unreaped where PID 1 does not
+    reap, in some containers, holds no memory and must not keep a caller waiting)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _ephemeral_low() -> int:
@@ -99,6 +125,7 @@ class ServerProcess:
         self.env = server_env(env, self.cpu)
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self._metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR of this run, removed by stop()
 
     @property
     def url(self) -> str:
@@ -114,13 +141,19 @@ class ServerProcess:
     def start(self, timeout_s: float = 900.0) -> ServerProcess:
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._log = out if self.log_path else None
-        self.proc = subprocess.Popen(self.command(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        # SGLang keeps --enable-metrics' files in a temporary directory it removes only on a clean exit: give it
+        # one of ours, which stop() removes whatever the ending
+        self._metrics_dir = tempfile.mkdtemp(prefix="icecache-server-metrics-",
+                                             dir=self.env.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.proc = subprocess.Popen(self.command(), env={**self.env, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir},
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"SGLang server exited with {self.proc.returncode} during start-up"
-                                   + (f"; log: {self.log_path}\n{self.tail()}" if self.log_path else ""))
+                why = (f"SGLang server exited with {self.proc.returncode} during start-up"
+                       + (f"; log: {self.log_path}\n{self.tail()}" if self.log_path else ""))
+                self.stop()  # what it left (a scheduler, an indexer, the metrics directory)
+                raise RuntimeError(why)
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
@@ -136,22 +169,31 @@ class ServerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
-    def stop(self, grace_s: float = 1.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL to what is left after ``grace_s``. SGLang's own
-        shutdown takes 5-7 s (a drain, or the crash handler's 5 s sleep once its scheduler is gone) and keeps
-        nothing this harness needs; the indexer's directory and key store are removed by their reaper."""
+    def stop(self, grace_s: float = 1.0, timeout_s: float = 10.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL to what is left after ``grace_s``; returns once no
+        process of the group runs (at most ``timeout_s`` more), so its memory (a GPU's too) is free. SGLang's
+        own shutdown takes 5-7 s (a drain, or the crash handler's 5 s sleep once its scheduler is gone) and
+        keeps nothing this harness needs; the indexer's directory and key store are removed by their reaper
+        (within about half a second of the scheduler's end), the metrics directory here."""
         if self.proc is None:
             return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        pgid = self.proc.pid
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, timeout_s)):
             try:
-                os.killpg(self.proc.pid, sig)  # the whole group: a child may outlive the main process
+                os.killpg(pgid, sig)  # the whole group: a child may outlive the main process
             except ProcessLookupError:
                 break
             try:
                 self.proc.wait(wait_s)
             except subprocess.TimeoutExpired:
                 pass
+        deadline = time.monotonic() + timeout_s
+        while _group_running(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.proc = None
+        if self._metrics_dir:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
         if self._log:
             self._log.close()
             self._log = None

@@ -51,6 +51,8 @@ def server_fixture(name: str, model_factory, args: list[str], shared: bool = Fal
         if shared:
             key = (str(model), tuple(args))
             if key not in _SHARED or _SHARED[key].proc is None or _SHARED[key].proc.poll() is not None:
+                if key in _SHARED:
+                    _SHARED.pop(key).stop()  # what a dead one left behind
                 _SHARED[key] = start_server(name, model, args)
             yield _SHARED[key]
             return

@@ -69,8 +69,8 @@ def test_ruler_samples_come_from_nvidias_generators_seeded_and_within_the_contex
 
 def test_a_ruler_generator_that_cannot_fit_its_haystack_fails_clearly(tokenizer, monkeypatch):
     # RULER's QA generator retries forever when even its smallest set of documents is too long
-    monkeypatch.setattr(ruler, "GENERATOR_TIMEOUT_S", 8)
-    with pytest.raises(ruler.RulerError, match="did not finish qa_1 at 200 tokens"):
+    with monkeypatch.context() as m, pytest.raises(ruler.RulerError, match="did not finish qa_1 at 200 tokens"):
+        m.setattr(ruler, "GENERATOR_TIMEOUT_S", 8)
         ruler.generate("qa_1", tokenizer.name_or_path, 200, 1, seed=12345)
     # and cwe below ~1k tokens makes samples with no common words to find: refused, not scored as 0/0
     with pytest.raises(ruler.RulerError, match="without expected answers at 768 tokens"):

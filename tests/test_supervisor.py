@@ -148,12 +148,14 @@ def test_a_slow_but_working_indexer_is_not_killed(ix):
     rng = np.random.default_rng(4)
     m, sup, sel, c = supervised(ix, 8, 200, rng)
     pid = ix.process.pid
-    # keep it busy: every step's query waits behind large builds queued just before it (each ~20 ms of work
-    # against a 10 ms deadline), however fast the machine or warm numba's cache (40 builds queued once up
-    # front drained within two steps once the compile was cached: CI's only failure of stop 31)
+    # keep it busy: before every step, sequence 8 itself is built again from 8192 tokens (its query is ordered
+    # behind its own build: ~20 ms of work against a 10 ms deadline) while other large builds compete for
+    # the cores, however fast the machine or warm numba's cache (40 other builds queued once up front drained
+    # within two steps once the compile was cached: CI's only failure of stop 31)
     for k in range(sv.STUCK_STEPS + 2):
-        for i in range(8):
-            c.build(100 + 8 * k + i, range(L), rng.permutation(S))
+        for i in range(4):
+            c.build(100 + 4 * k + i, range(L), rng.permutation(S))
+        c.build(8, range(L), rng.permutation(S))
         step = sel.begin_step(0.01, 0)
         sel.select(step, 0, [8], q(rng), None, 4, policy="icecache", fov=None, prop_to_retrieve=0.8,
                    num_to_retrieve=0)

@@ -113,6 +113,7 @@ class PagedDCIIndex:
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
         T, P = max(tok_cap, 16), max(page_cap, 16)
         self.storage_version = getattr(self, "storage_version", -1) + 1  # state arrays replaced
+        self._state_list_cache = None  # (see _state_list) it would keep the replaced arrays alive
         self.n_tokens = 0  # ids handed out
         self.alive = np.zeros(T, bool)
         self.positions = np.full(T, -1, np.int64)
@@ -144,6 +145,7 @@ class PagedDCIIndex:
         extra = {"tok": more_t, "cell": more_t, "page": more_p, "head": 0}
         if more_t or more_p:
             self.storage_version += 1
+            self._state_list_cache = None
         if extra["tok"]:
             self.alive = np.concatenate([self.alive, np.zeros(extra["tok"], bool)])
             self.positions = np.concatenate([self.positions, np.full(extra["tok"], -1, np.int64)])
@@ -156,9 +158,9 @@ class PagedDCIIndex:
     def copy(self) -> PagedDCIIndex:
         """An independent deep copy (copy-on-write sharing of one sequence's index by another)."""
         new = object.__new__(type(self))
-        for k, v in self.__dict__.items():
+        for k, v in list(self.__dict__.items()):  # a snapshot: a query of the original may run meanwhile
             new.__dict__[k] = v.copy() if isinstance(v, (np.ndarray, dict)) else v
-        new.__dict__.pop("_state_list_cache", None)  # it names this index's arrays
+        new._state_list_cache = None  # it names this index's arrays
         if self.lowrank is not None:
             new.lowrank = self.lowrank.copy()
         return new
