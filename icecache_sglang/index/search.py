@@ -1,7 +1,8 @@
 """Numba kernels of the decode-time search (index-spec sections 2, 3.3, 5.3).
 
 One query row = one query head searching its KV head's tree. ``search_batch`` runs the rows of B indexes,
-every (index, KV head) pair in parallel (numba threads; one index is a batch of one); the GQA merge of a KV head's rows is ``merge_group_pages``.
+every (index, KV head) pair in parallel (numba threads; one index is a batch of one); the GQA merge of a KV
+head's rows is ``merge_group_pages``.
 
 Search rules, shared with the NumPy reference (:mod:`icecache_sglang.index.reference`):
 
