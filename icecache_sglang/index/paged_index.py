@@ -113,7 +113,7 @@ class PagedDCIIndex:
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
         T, P = max(tok_cap, 16), max(page_cap, 16)
         self.storage_version = getattr(self, "storage_version", -1) + 1  # state arrays replaced
-        self._state_list_cache = None  # (see _state_list) it would keep the replaced arrays alive
+        self._state_list_cache = None  # (see _state_list) it names the replaced arrays
         self.n_tokens = 0  # ids handed out
         self.alive = np.zeros(T, bool)
         self.positions = np.full(T, -1, np.int64)
@@ -470,7 +470,7 @@ class PagedDCIIndex:
         out_scores = np.empty((1, Q.shape[0], int(n_pages)), np.float32)
         # the batch kernel over a batch of one: one parallel search entry point to compile per key type
         search_batch(self._state_list(), np.zeros(1, np.int64),
-                     np.ascontiguousarray(self.scaled_queries(np.ascontiguousarray(Q), rh))[None], qp[None],
+                     self.scaled_queries(np.ascontiguousarray(Q), rh)[None], qp[None],
                      rh.astype(np.int32), self.top_level()[None], int(n_pages),
                      np.array([params.fov_for(n_live)], np.int64), float(params.prop_to_retrieve),
                      int(params.num_to_retrieve), self.cfg.faithful_proj_scale,
@@ -478,17 +478,13 @@ class PagedDCIIndex:
         return out_pages[0], out_scores[0]
 
     def _state_list(self) -> List:
-        """A numba typed list holding this index's state tuple (what :func:`search_batch` reads), re-made only
-        when a state array was replaced: filling a typed list unboxes every array (see :class:`StateList`). It
-        keeps the arrays it names alive, so their ids identify them (a copy's new arrays have other ids)."""
-        state = self.state
-        key = tuple(map(id, state))
-        cached = getattr(self, "_state_list_cache", None)
-        if cached is None or cached[0] != key:
-            states = List()
-            states.append(state)
-            cached = self._state_list_cache = (key, states)
-        return cached[1]
+        """A numba typed list holding this index's state tuple (what :func:`search_batch` reads), made once:
+        filling a typed list unboxes every array (see :class:`StateList`). Dropped wherever the state arrays
+        are replaced (``_alloc``, ``_grow``) and in a ``copy()``, which has arrays of its own."""
+        if self._state_list_cache is None:
+            self._state_list_cache = List()
+            self._state_list_cache.append(self.state)
+        return self._state_list_cache
 
     def query(self, queries, n_pages: int, params: QueryParams | None = None, merge: str = "rank") -> np.ndarray:
         """Top-``n_pages`` pages per KV head for ``queries [Hq, d]`` (GQA: ``Hq = group * H``, query
