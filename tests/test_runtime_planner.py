@@ -357,6 +357,53 @@ def test_a_request_whose_first_selections_never_come_goes_sparse_after_a_few_ste
     assert m.fallbacks > 0
 
 
+class CountingRows:
+    """``req_to_token`` counting the entries a planner reads from it."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.read = t, 0
+
+    @property
+    def device(self):
+        return self.t.device
+
+    def __getitem__(self, key):
+        out = self.t[key]
+        self.read += out.numel()
+        return out
+
+
+def test_a_decode_step_reads_only_the_sink_and_the_tail_of_an_indexed_row(planner):
+    """A request with an index reads its sink and its positions past the index from ``req_to_token`` per
+    step (on a GPU a 128k-token row was a 512 KB copy and a stream sync per request and step); the slots
+    of the positions between are its index's, and the step's plans are those of the whole row."""
+    planner, ix, m = planner
+    whole = planner.req_to_token[0]
+    rows = planner.req_to_token = CountingRows(planner.req_to_token)
+    n = 600
+    sparse_rows(planner, n)  # its Build: the whole row
+    assert rows.read == n
+    n = first_selections(planner, ix, n)
+    for _ in range(2 * C + 3):  # across Inserts, with selections of earlier steps (older index ends)
+        n += 1
+        rows.read = 0
+        step = planner.begin([0], [n], CFG)
+        assert step is not None and step.sparse.tolist() == [0]
+        assert rows.read <= CFG.sink_tokens + CFG.window_tokens + C  # was n
+        rs, end = step.row_slots[0], planner.tracker.indexed_end(0)
+        for x in range(0, n + 1, 7):
+            assert np.array_equal(rs.since(x), whole[x:n].numpy())
+        assert np.array_equal(step.fixed[0][0], whole[:CFG.sink_tokens].numpy())
+        assert np.array_equal(step.fixed[0][1], whole[end:n].numpy())
+        q = torch.from_numpy(np.random.default_rng(n).standard_normal((1, H * GROUP, D)).astype(np.float32))
+        for anchor in (0, 1):
+            plan = planner.plan(step, anchor, q, CFG, CFG.query_params())
+            attended = set(plan.slots[0, 0][plan.valid[0, 0]].tolist())
+            assert set(whole[:CFG.sink_tokens].tolist()) | set(whole[end:n].tolist()) <= attended
+        assert rows.read <= CFG.sink_tokens + CFG.window_tokens + C
+    assert m.reused_selections > 0
+
+
 def test_the_compact_layout_equals_the_one_derived_from_the_full_plan():
     """``compact_layout`` (what a planner for FlashInfer lays out, without the full ``slots`` / ``valid``)
     gives the offsets and rows ``Planner.plan`` derives from ``full_layout``, for sparse requests (pages

@@ -120,3 +120,24 @@ def test_torch_sparse_decode_equals_dense_attention_on_the_selected_tokens():
             qs = q[b, h * G: (h + 1) * G]
             ref = torch.softmax(qs @ k_cache[sel, h].T * 0.25, -1) @ v_cache[sel, h]
             torch.testing.assert_close(out[b, h * G: (h + 1) * G], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_updates_from_the_rows_positions_past_the_index(indexer, tracker):
+    """A decode step hands the tracker only the row's positions from its index's end on (``offset``): the
+    same tokens are indexed as from the whole row; a request without a current index must give its whole
+    row, and says so."""
+    row = np.arange(500, 700, dtype=np.int32)
+    with pytest.raises(ValueError, match="do not cover"):
+        tracker.update(1, row[SINK:], 60, offset=SINK)  # no index yet: its Build needs the whole row
+    assert tracker.update(1, row, 60)
+    end = tracker.indexed_end(1)
+    assert np.array_equal(tracker.indexed_slots(1), row[SINK:end])
+    with pytest.raises(ValueError, match="do not cover"):
+        tracker.update(1, row[end + 1:], 60 + BLOCK, block=BLOCK, offset=end + 1)  # a gap before the new tokens
+    assert tracker.update(1, row[end:60 + BLOCK], 60 + BLOCK, block=BLOCK, offset=end)
+    assert tracker.indexed_end(1) == 60 + BLOCK - WINDOW
+    assert np.array_equal(tracker.indexed_slots(1), row[SINK:60 + BLOCK - WINDOW])
+    tracker.slots_freed(row[10:11])  # stale: rebuilt from the whole row only
+    with pytest.raises(ValueError, match="do not cover"):
+        tracker.update(1, row[end:], 61 + BLOCK, offset=end)
+    assert len(tracker.indexed_slots(1)) == 0

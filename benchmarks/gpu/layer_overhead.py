@@ -15,6 +15,10 @@ and run. Variants, same process, interleaved:
 
 Before timing it checks, with the GPU held busy so the host runs ahead: FlashInfer's ring against torch over
 12 distinct plans queued at once, and a ``HostQuery`` that is not ready until its copy landed.
+Also timed (``row_fetch``): a decode step's start reading its requests' KV slots from SGLang's
+``req_to_token`` on the device, batch 8 of 128k-token indexed requests: each whole row copied to the host in
+turn (the planner before 2026-11-28) against the sink and the tail past the index in one gather and one copy
+(``plan.fetch_slots``).
 Records: ``layer_overhead.json`` in ``$OUT`` (else ``benchmarks/results/gpu/``).
 """
 
@@ -33,7 +37,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[2]))
 from icecache_sglang.runtime.attention import DecodePlan, FlashInferSparseDecode, TorchSparseDecode  # noqa: E402
 from icecache_sglang.runtime.host_query import HostQuery  # noqa: E402
-from icecache_sglang.runtime.plan import host_for, to_device  # noqa: E402
+from icecache_sglang.runtime.plan import fetch_slots, host_for, to_device  # noqa: E402
 
 
 def sleep_cycles_per_us() -> float:
@@ -87,6 +91,26 @@ def check(H=8, G=4, d=128, S=8192, T=300, n_plans=12) -> dict:
     # below 200 ms when planning waits for no device work (the later plans wait for the ring's copies)
     return {"ring_max_abs_err": err, "ring_plans": n_plans, "ring_host_ms_while_device_busy": host_ms,
             "host_query_ready_before_copy": ready_early, "host_query_values_equal": bool(q_ok), "ring": len(fi.wrappers)}
+
+
+def row_fetch(B=8, n=131072, sink=64, tail=80, reps=30) -> dict:
+    """Host ms per step to read a batch's slots from a device ``req_to_token``: whole rows one by one (as
+    int64, as the planner kept them) vs sink + tail of every row in one gather (median of ``reps``)."""
+    r2t = torch.randint(0, 1 << 30, (B + 2, n + 256), dtype=torch.int32, device="cuda")
+    ranges = [r for b in range(B) for r in ((b, 0, sink), (b, n - tail, n))]
+    out = {"whole_rows": [], "sink_and_tail": []}
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        whole = [r2t[b, :n].cpu().numpy().astype(np.int64) for b in range(B)]
+        out["whole_rows"].append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        parts = fetch_slots(r2t, ranges)
+        out["sink_and_tail"].append((time.perf_counter() - t) * 1e3)
+    assert all(np.array_equal(parts[2 * b], whole[b][:sink]) and np.array_equal(parts[2 * b + 1], whole[b][n - tail:])
+               for b in range(B))
+    return {k: float(np.median(v)) for k, v in out.items()} | {"batch": B, "tokens": n}
 
 
 def step_fn(variant: str, args, k, v, fi_sync, fi_ring, cyc):
@@ -165,6 +189,8 @@ def main():
     t0 = time.time()
     rec = {"check": check()}
     print("check", rec["check"], f"{time.time() - t0:.1f} s", flush=True)
+    rec["row_fetch_ms"] = row_fetch()
+    print("row fetch", rec["row_fetch_ms"], flush=True)
     cyc = sleep_cycles_per_us()
     S = 65536
     k = torch.randn(S, 8, 128, device="cuda", dtype=torch.bfloat16)

@@ -30,6 +30,30 @@ from .sequences import SequenceTracker
 
 
 @dataclass
+class RowSlots:
+    """One batch entry's KV slots for positions ``[0, n)`` as a decode step reads them. A request decoding
+    with an index fetches only its sink (``head``, positions ``[0, len(head))``) and what follows its index
+    (``tail``, positions ``[start, n)``) from ``req_to_token``; the positions between are the slots its
+    index holds (``indexed``: positions ``[sink, ...)``, the tracker's copy). Any other request fetches its
+    whole row (``tail`` from ``start`` 0)."""
+
+    head: np.ndarray
+    tail: np.ndarray
+    start: int = 0
+    indexed: np.ndarray | None = None
+    sink: int = 0
+
+    def since(self, x: int) -> np.ndarray:
+        """The slots of positions ``[x, n)``."""
+        if x >= self.start:
+            return self.tail[x - self.start:]
+        parts = [self.head[x:]] if x < len(self.head) else []
+        parts.append(self.indexed[max(x, self.sink) - self.sink: self.start - self.sink])
+        parts.append(self.tail)
+        return np.concatenate(parts)
+
+
+@dataclass
 class DecodeStep:
     """Decode-step state shared by the layers of one forward pass."""
 
@@ -43,7 +67,7 @@ class DecodeStep:
     plans: dict[int, DecodePlan] = field(default_factory=dict)  # anchor layer -> plan
     lanes: np.ndarray | None = None  # offload: each batch entry's lane in the device pool
     misses: dict[int, tuple] = field(default_factory=dict)  # offload: anchor layer -> rows each layer copies
-    row_slots: list[np.ndarray] = field(default_factory=list)  # per batch entry: its slots, positions [0, len)
+    row_slots: list[RowSlots] = field(default_factory=list)  # per batch entry: its slots, positions [0, len)
     rows_loaded: int = 0  # offload: (token, KV head) rows copied host -> device this step, all layers
     sparse_index: torch.Tensor | None = None  # ``sparse`` on the queries' device (made at the first anchor)
     dense_rows: dict[int, np.ndarray] = field(default_factory=dict)  # compact plans: rows of requests attending
@@ -89,6 +113,29 @@ class Planner:
         """KV slots of positions ``[0, n)`` of ``row`` (a view on CPU)."""
         return self.req_to_token[row, :n].cpu().numpy()
 
+    def _fetch_rows(self, rows: list[int], lens: list[int], cfg: IceCacheConfig) -> list[RowSlots]:
+        """Each batch entry's slots for this step (:class:`RowSlots`): a request with a current index reads
+        only its sink and its positions from its index's end on (a 128k-token row is 512 KB of
+        ``req_to_token`` per step, of which sink + window + a block are needed); the others their whole row."""
+        ranges, split = [], []
+        for row, n in zip(rows, lens):
+            if n > cfg.budget_tokens and self.tracker.is_sparse(row):
+                split.append(True)
+                ranges += [(row, 0, min(cfg.sink_tokens, n)), (row, self.tracker.indexed_end(row), n)]
+            else:
+                split.append(False)
+                ranges.append((row, 0, n))
+        parts = iter(fetch_slots(self.req_to_token, ranges))
+        out = []
+        for (row, n), two in zip(zip(rows, lens), split):
+            if two:
+                head, tail = next(parts), next(parts)
+                out.append(RowSlots(head, tail, self.tracker.indexed_end(row), sink=cfg.sink_tokens))
+            else:
+                whole = next(parts)
+                out.append(RowSlots(whole, whole))
+        return out
+
     # ------------------------------------------------------------------ once per step
     def begin(self, rows: list[int], lens: list[int], cfg: IceCacheConfig) -> DecodeStep | None:
         """The step's shared state, or None when every request decodes densely on SGLang's backend. Rows
@@ -108,13 +155,14 @@ class Planner:
             self.cache.clear()
         # sequences the indexer is behind on (None: every sequence, it is not serving)
         behind = self.selector.behind_seqs(builds_only=cfg.max_stale_steps > 0) if cfg.dense_while_indexing else set()
-        fetched = {}  # batch entry -> its row's slots (a device-to-host copy on a GPU: once per step)
+        row_slots = self._fetch_rows(rows, lens, cfg)  # one device-to-host copy on a GPU
         for b, (row, n) in enumerate(zip(rows, lens)):
             if n <= cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
                 continue
-            fetched[b] = self.row_slots(row, n)
-            if self.tracker.update(row, fetched[b], n, block=cfg.page_size):
+            rs = row_slots[b]
+            if self.tracker.update(row, rs.tail, n, block=cfg.page_size, offset=rs.start):
                 sparse.append(b)
+            rs.indexed = self.tracker.indexed_slots(row)  # its Insert of this step included
         if sparse and cfg.dense_while_indexing:  # a sequence whose index is being written attends to every token
             firsts = self.selector.first_indexes_pending()  # this step's first indexes included
             behind = None if behind is None or firsts is None else behind | firsts
@@ -163,8 +211,6 @@ class Planner:
                                                  wait_writes=cfg.max_stale_steps == 0, seqs=seqs)
             n_pages = self._n_pages(rows, sparse, cfg)
         sp = np.asarray(sparse, np.int64)
-        row_slots = [(fetched[b] if b in fetched else self.row_slots(row, n)).astype(np.int64)
-                     for b, (row, n) in enumerate(zip(rows, lens))]
         step = DecodeStep(np.asarray(rows), np.asarray(lens), sp, [self.tracker.seq_of(rows[b]) for b in sp],
                           self._fixed_slots(rows, row_slots, set(sparse), cfg.sink_tokens), n_pages, selection,
                           row_slots=row_slots)
@@ -177,16 +223,18 @@ class Planner:
         """Pages per KV head asked for the batch ``entries``: the budget's, at most the longest index's tokens."""
         return max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in entries)))
 
-    def _fixed_slots(self, rows, all_slots, sparse: set[int], sink: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _fixed_slots(self, rows, all_slots: list[RowSlots], sparse: set[int], sink: int
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The part of each request's plan that every anchor layer of the step shares: the sink and the
         unindexed tail around the selected pages (sparse requests), or every token (requests within the
-        budget)."""
+        budget, or dense while their index is written or their first selections fetched)."""
         out = []
-        for b, (row, row_slots) in enumerate(zip(rows, all_slots)):
+        for b, (row, rs) in enumerate(zip(rows, all_slots)):
             if b in sparse:
-                out.append((row_slots[:sink], row_slots[self.tracker.indexed_end(row):]))
+                out.append((rs.head[:sink], rs.since(self.tracker.indexed_end(row))))
             else:
-                out.append((row_slots, row_slots[:0]))
+                every = rs.since(0)
+                out.append((every, every[:0]))
         return out
 
     # ------------------------------------------------------------------ once per anchor layer
@@ -206,7 +254,7 @@ class Planner:
                                            deadline_s=cfg.selection_deadline_ms / 1e3, **query)
                 for (pages, end), b in zip(chosen, step.sparse):
                     picked[int(b)] = pages
-                    tails[int(b)] = step.row_slots[b][end:]
+                    tails[int(b)] = step.row_slots[b].since(end)
             else:
                 sel = self.selector.select(step.selection, self.store_layer[anchor], step.seqs, hq.array(),
                                            hq.q_dtype, step.n_pages, **query)
@@ -257,6 +305,17 @@ class Planner:
     def _query_args(cfg: IceCacheConfig, qp) -> dict:
         return dict(policy=cfg.selection, merge=cfg.gqa_merge, fov=qp.fov, prop_to_retrieve=qp.prop_to_retrieve,
                     num_to_retrieve=qp.num_to_retrieve)
+
+
+def fetch_slots(req_to_token: torch.Tensor, ranges: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """The KV slots ``req_to_token[row, a:b]`` of each ``(row, a, b)``: views on CPU; from a GPU, one
+    gather and one copy to the host for all of them (a copy per row was a stream sync each)."""
+    if req_to_token.device.type == "cpu":
+        return [req_to_token[row, a:b].numpy() for row, a, b in ranges]
+    if not ranges:
+        return []
+    flat = torch.cat([req_to_token[row, a:b] for row, a, b in ranges]).cpu().numpy()
+    return np.split(flat, np.cumsum([b - a for _, a, b in ranges])[:-1])
 
 
 def full_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int, np.ndarray], H: int

@@ -85,13 +85,27 @@ class SequenceTracker:
         st = self.live.get(row)
         return st is not None and not st.stale and st.n > 0
 
-    def update(self, row: int, row_slots: np.ndarray, seq_len: int, *, block: int = 1, verify: bool = False) -> bool:
-        """Bring the index of the request on ``row`` up to ``seq_len - window`` (``row_slots`` holds the
-        row's slots for positions ``[0, seq_len)``, all of them with keys written) once it is longer than
-        the budget; decode passes ``block`` to send tokens in batches. ``verify`` compares the indexed slots
-        with the row (after a prefill chunk, where the radix cache may have re-pointed the row). Returns
-        whether the request is indexed (its decode attention is sparse)."""
+    def indexed_slots(self, row: int) -> np.ndarray:
+        """The slots of positions ``[sink, indexed_end)`` of the request on ``row`` (what its index holds;
+        empty without one). Where SGLang re-points a running request's row (the radix cache taking a
+        prefill's tokens into the tree) it frees the slots it replaces, and a freed slot marks the index
+        stale (:meth:`slots_freed`): so while :meth:`is_sparse` these are the row's own."""
         st = self.live.get(row)
+        return st.slots if st is not None and not st.stale else np.empty(0, np.int32)
+
+    def update(self, row: int, row_slots: np.ndarray, seq_len: int, *, block: int = 1, verify: bool = False,
+               offset: int = 0) -> bool:
+        """Bring the index of the request on ``row`` up to ``seq_len - window`` (``row_slots`` holds the
+        row's slots for positions ``[offset, seq_len)``, all of them with keys written) once it is longer
+        than the budget; decode passes ``block`` to send tokens in batches. ``verify`` compares the indexed
+        slots with the row (after a prefill chunk, where the radix cache may have re-pointed the row).
+        ``offset`` > 0 (a decode step reads only the row's positions past :meth:`indexed_end`) is for a
+        request with a current index (:meth:`is_sparse`); any other needs its whole row. Returns whether the
+        request is indexed (its decode attention is sparse)."""
+        st = self.live.get(row)
+        if offset and (st is None or st.stale or st.n == 0 or verify or offset > self.sink + st.n):
+            raise ValueError(f"row {row}: its slots from position {offset} on do not cover what its index needs "
+                             f"(indexed to {self.indexed_end(row)}, verify={verify})")
         if st is None:
             if seq_len <= self.budget:
                 return False
@@ -106,7 +120,7 @@ class SequenceTracker:
         end = seq_len - self.window
         start = self.sink + st.n
         if end - start >= (1 if st.n == 0 else block):
-            new = np.ascontiguousarray(row_slots[start:end], dtype=np.int32)
+            new = np.ascontiguousarray(row_slots[start - offset:end - offset], dtype=np.int32)
             if st.n == 0:
                 self.client.build(st.seq, self.layers, new)
                 self.counters.builds += 1
