@@ -86,6 +86,7 @@ def test_cell_orders_are_lexsorts_by_cell_projection_and_token(rng):
     H, n, n_ids = 3, 5000, 5400
     tids = np.sort(rng.choice(n_ids, n, replace=False))
     parent = rng.choice(np.concatenate([[-1], tids[::50]]), (H, n))
+    parent[1, ::2] = -1  # a cell of 2500 (sorted by mergesort, not insertion)
     proj = rng.integers(-20, 20, (H, n)).astype(np.float64) / 4  # ties
     orders, cells_sorted = _cell_orders(parent, proj, n_ids)
     for h in range(H):
@@ -97,7 +98,7 @@ def test_cell_orders_are_lexsorts_by_cell_projection_and_token(rng):
 def test_split_sort_is_a_stable_argsort(rng, m):
     """The bisection's in-place sort (insertion up to INSERTION_SORT_MAX, mergesort above) orders a part as
     ``np.argsort(kind="mergesort")`` does, ties in their current order."""
-    from icecache_sglang.index.layout import INSERTION_SORT_MAX, _sort_by
+    from icecache_sglang.index.layout import INSERTION_SORT_MAX, sort_by
 
     assert 37 < INSERTION_SORT_MAX < 257 < 3000
     proj = rng.integers(-5, 6, size=m).astype(np.float64)  # many ties
@@ -106,7 +107,7 @@ def test_split_sort_is_a_stable_argsort(rng, m):
     want = ids.copy()
     want[a:a + m] = ids[a:a + m][np.argsort(proj, kind="mergesort")]
     got_ids, got_proj = ids.copy(), proj.copy()
-    _sort_by(got_proj, got_ids, a, m, np.empty(m, np.int64))
+    sort_by(got_proj, got_ids, a, m, np.empty(m, np.int64))
     assert np.array_equal(got_ids, want)
 
 

@@ -17,7 +17,7 @@ from . import pagetable as pt
 from .config import IndexConfig, QueryParams
 from .gqa_merge import merge_rows
 from .keys import STORAGE, channel_scales, from_storage, scaled_int8, stored_width, to_storage
-from .layout import bisect_cells
+from .layout import bisect_cells, sort_by
 from .schedule import schedule_levels
 from .search import search_batch
 from .transform import (
@@ -628,24 +628,34 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
 def _cell_orders(parent, proj, n_ids):
     """Per head, the local indices ``0 .. n-1`` sorted by cell (``parent + 1``, in ``[0, n_ids]``), then by
     ``proj``, then by index (``np.lexsort((tids, proj, cells))`` for ascending token ids ``tids``: a stable
-    sort by projection, then a stable counting sort by cell) -> (``orders``, the cells in that order), int32
-    ``[H, n]``, heads in parallel."""
+    counting sort by cell, then each cell's run sorted stably by projection) -> (``orders``, the cells in
+    that order), int32 ``[H, n]``, heads in parallel. (Sorting every token by projection first and then
+    counting them into cells took twice as long: a cell holds ~100 tokens.)"""
     H, n = proj.shape
     orders = np.empty((H, n), np.int32)
     cells_sorted = np.empty((H, n), np.int32)
     for h in prange(H):
-        by_proj = np.argsort(proj[h], kind="mergesort")
         start = np.zeros(n_ids + 2, np.int64)
         for i in range(n):
             start[parent[h, i] + 2] += 1
         for c in range(1, n_ids + 2):
             start[c] += start[c - 1]
-        for k in range(n):
-            i = by_proj[k]
+        for i in range(n):
             c = parent[h, i] + 1
             orders[h, start[c]] = i
             cells_sorted[h, start[c]] = c
             start[c] += 1
+        keys = np.empty(n, np.float64)
+        scratch = np.empty(n, np.int32)
+        a = 0
+        while a < n:
+            b = a + 1
+            while b < n and cells_sorted[h, b] == cells_sorted[h, a]:
+                b += 1
+            for k in range(a, b):
+                keys[k - a] = proj[h, orders[h, k]]
+            sort_by(keys, orders[h], a, b - a, scratch)
+            a = b
     return orders, cells_sorted
 
 
