@@ -9,7 +9,10 @@ order it is ``n x S p0 x (d+1)``, linear in the prompt.
 Per context: one layer of 8 KV heads x 128 dims of low-rank keys, the indexer's index settings (int8 keys, the
 bisect layout, no values), built with ``parent_segment`` None (the whole prompt) and each run length, interleaved,
 median of ``--reps``; ``parent_madds`` is the level-0 search's multiply-adds (computed from the level counts,
-not measured). What the runs cost in page quality is ``page_layout.py``'s ``icecache_segS`` layouts.
+not measured). What the runs cost in page quality is ``page_layout.py``'s ``icecache_segS`` layouts. OpenBLAS
+runs on the indexer's thread count (``IndexerConfig.blas_threads``, one; ``--blas-threads 0``: NumPy's
+default, every core), recorded as ``blas_threads``; a build of 16384+ tokens searches its heads' parents side by
+side on numba's threads.
 
     python benchmarks/parent_segments.py [--quick]
 """
@@ -32,6 +35,8 @@ from icecache_sglang.index.paged_index import PagedDCIIndex  # noqa: E402
 from icecache_sglang.index.schedule import schedule_levels  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 from icecache_sglang.index.transform import segment_bounds  # noqa: E402
+from icecache_sglang.indexer.blas import blas_threads, set_blas_threads  # noqa: E402
+from icecache_sglang.indexer.config import IndexerConfig  # noqa: E402
 
 H, D = 8, 128
 
@@ -54,7 +59,12 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+")
     ap.add_argument("--segments", type=int, nargs="+", default=[16384, 8192, 4096])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--blas-threads", type=int, default=IndexerConfig().blas_threads,
+                    help="OpenBLAS threads (default: the indexer's; 0: NumPy's default)")
     a = ap.parse_args(argv)
+    if a.blas_threads:
+        set_blas_threads(a.blas_threads)
+    blas = max(blas_threads().values(), default=0)
     contexts = a.contexts or ([8192, 32768] if a.quick else [8192, 32768, 131072])
     reps = 1 if a.quick else a.reps
     settings = [None] + a.segments
@@ -78,7 +88,7 @@ def main(argv=None) -> None:
             rec = {"context": n, "parent_segment": s, "build_s": round(med, 4), "build_s_all": [round(x, 4) for x in times[s]],
                    "speedup_vs_whole": round(whole / med, 3), "tokens_per_s": round(n / med, 1),
                    "parent_madds_per_head": parent_madds(n, s, cfg0.level0_prob, cfg0.p_up), "kv_heads": H,
-                   "head_dim": D, "key_dtype": "int8", "layout": cfg0.layout, "reps": reps}
+                   "head_dim": D, "key_dtype": "int8", "layout": cfg0.layout, "reps": reps, "blas_threads": blas}
             records.append(rec)
             print(rec, flush=True)
     path = write_records("parent_segments", a.quick, records)

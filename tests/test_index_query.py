@@ -43,6 +43,37 @@ def test_fast_path_equals_reference(rng, fov, prop, faithful, layout, segment):
             assert np.array_equal(scores[r, : len(rp)], np.asarray(rs, np.float32))
 
 
+def test_heads_searching_their_parents_side_by_side_equal_the_reference(rng, monkeypatch):
+    """A large build searches each head's parents on its own thread (NumPy and BLAS); every head's levels,
+    parents and pages are still the reference's."""
+    import threading
+
+    import numba
+
+    from icecache_sglang.index import paged_index
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread: the heads' parents are searched in turn")
+    monkeypatch.setattr(paged_index, "PARALLEL_PARENTS_MIN", 0)  # this small build too
+    threads, search = set(), paged_index.segmented_parents
+
+    def seen(*a, **kw):
+        threads.add(threading.current_thread().name.split("_")[0])
+        return search(*a, **kw)
+
+    monkeypatch.setattr(paged_index, "segmented_parents", seen)
+    H, n, d = 4, 3000, 12
+    K = int_keys(rng, (H, n, d))
+    idx = _built(K, 8, layout="bisect", parent_segment=1000)
+    assert threads == {"icecache-parents"}
+    for h in range(H):
+        ref = ReferenceIndex(K[h], 8, idx.cfg.level0_prob, idx.cfg.p_up, idx.cfg.seed, layout="bisect",
+                             parent_segment=1000)
+        assert np.array_equal(ref.parent, idx.tok_parent[h, :n])
+        for p, toks in enumerate(ref.pages):
+            assert idx.page_tok[h, p, : idx.page_fill[h, p]].tolist() == toks
+
+
 def test_t4_exhaustive_search_equals_oracle_pages(rng):
     H, n, d = 3, 6000, 16
     K = int_keys(rng, (H, n, d))

@@ -8,7 +8,9 @@ positions or KV slots); each head has its own tree, page layout and page ids. Se
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numba.typed import List
@@ -35,6 +37,9 @@ from .transform import (
 #: capacity is grown by this factor when inserts outgrow it (amortized: each token or page is copied at most
 #: ``1 / (GROWTH - 1)`` times over the index's life)
 GROWTH = 1.25
+#: a build of at least this many tokens searches its heads' parents side by side (one head's BLAS calls per
+#: thread); below it, starting the threads costs more than they save
+PARALLEL_PARENTS_MIN = 16384
 #: a build leaves room for this share more tokens and pages (the first decode steps' inserts and page splits)
 BUILD_SLACK = 1 / 16
 
@@ -244,13 +249,24 @@ class PagedDCIIndex:
         parent = np.full((self.H, n), -1, np.int64)  # parent token id, -1 = root
         need_pages = 1
         runs = segment_bounds(n, self.cfg.parent_segment)  # level 0's parents: within runs of the build order
-        for h in range(self.H):
-            proj[h] = key_projection(K[h], sqn[h], M[h], self.u)
+
+        def parents_of(h: int) -> None:  # NumPy and BLAS only (they release the GIL): heads run side by side
             for lv in range(top):
                 members, ups = by_level[lv], by_level[lv + 1]
                 bounds = runs if lv == 0 else runs[[0, -1]]
                 parent[h, members] = tids[ups[segmented_parents(members, ups, K[h], M[h], bounds,
                                                                 self.cfg.parent_chunk, sqn[h])]]
+
+        for h in range(self.H):
+            proj[h] = key_projection(K[h], sqn[h], M[h], self.u)
+        side_by_side = min(self.H, numba.get_num_threads()) if n >= PARALLEL_PARENTS_MIN else 1
+        if side_by_side > 1:  # the indexer runs BLAS on one thread: a head per core (numba's share of them)
+            with ThreadPoolExecutor(side_by_side, thread_name_prefix="icecache-parents") as pool:
+                list(pool.map(parents_of, range(self.H)))
+        else:
+            for h in range(self.H):
+                parents_of(h)
+        for h in range(self.H):
             sizes = np.bincount(parent[h] + 1)
             need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
         self._alloc(n_ids + _slack(n_ids), need_pages + _slack(need_pages))
