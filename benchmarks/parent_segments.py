@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+")
     ap.add_argument("--segments", type=int, nargs="+", default=[16384, 8192, 4096])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--blas-threads", type=int, default=IndexerConfig().blas_threads,
+    ap.add_argument("--blas-threads", type=int, default=IndexerConfig.__dataclass_fields__["blas_threads"].default,
                     help="OpenBLAS threads (default: the indexer's; 0: NumPy's default)")
     a = ap.parse_args(argv)
     if a.blas_threads:

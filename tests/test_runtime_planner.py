@@ -380,6 +380,7 @@ def test_a_decode_step_reads_only_the_sink_and_the_tail_of_an_indexed_row(planne
     planner, ix, m = planner
     whole = planner.req_to_token[0]
     rows = planner.req_to_token = CountingRows(planner.req_to_token)
+    assert planner.begin([0], [CFG.budget_tokens], CFG) is None and rows.read == 0  # dense on SGLang's backend
     n = 600
     sparse_rows(planner, n)  # its Build: the whole row
     assert rows.read == n

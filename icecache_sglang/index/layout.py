@@ -84,6 +84,7 @@ def _split(X, ids, a, b, left, mean, v, w, proj, scratch, n_power, n_lloyd):
     row = X[ids[far]]
     for k in range(d):
         v[k] = row[k] - mean[k]
+    v /= np.sqrt(far_d)  # a unit start: the first iteration's sums stay of the keys' scale squared
     for _ in range(n_power):  # v <- Xc^T (Xc v), normalised
         w[:] = 0.0
         for i in range(a, b):

@@ -251,6 +251,7 @@ class PagedDCIIndex:
         runs = segment_bounds(n, self.cfg.parent_segment)  # level 0's parents: within runs of the build order
 
         def parents_of(h: int) -> None:  # NumPy and BLAS only (they release the GIL): heads run side by side
+            # (the squared norms are passed in: computing them would start numba's parallel kernel here)
             for lv in range(top):
                 members, ups = by_level[lv], by_level[lv + 1]
                 bounds = runs if lv == 0 else runs[[0, -1]]

@@ -121,7 +121,7 @@ class Planner:
         for row, n in zip(rows, lens):
             if n > cfg.budget_tokens and self.tracker.is_sparse(row):
                 split.append(True)
-                ranges += [(row, 0, min(cfg.sink_tokens, n)), (row, self.tracker.indexed_end(row), n)]
+                ranges += [(row, 0, min(cfg.sink_tokens, n)), (row, min(self.tracker.indexed_end(row), n), n)]
             else:
                 split.append(False)
                 ranges.append((row, 0, n))
@@ -130,7 +130,7 @@ class Planner:
         for (row, n), two in zip(zip(rows, lens), split):
             if two:
                 head, tail = next(parts), next(parts)
-                out.append(RowSlots(head, tail, self.tracker.indexed_end(row), sink=cfg.sink_tokens))
+                out.append(RowSlots(head, tail, n - len(tail), sink=cfg.sink_tokens))
             else:
                 whole = next(parts)
                 out.append(RowSlots(whole, whole))
@@ -155,11 +155,17 @@ class Planner:
             self.cache.clear()
         # sequences the indexer is behind on (None: every sequence, it is not serving)
         behind = self.selector.behind_seqs(builds_only=cfg.max_stale_steps > 0) if cfg.dense_while_indexing else set()
-        row_slots = self._fetch_rows(rows, lens, cfg)  # one device-to-host copy on a GPU
+        # each row's slots, one device-to-host copy on a GPU (none when every request attends densely on
+        # SGLang's backend: no step is made)
+        long = self.device_pool is not None or any(n > cfg.budget_tokens for n in lens)
+        row_slots = self._fetch_rows(rows, lens, cfg) if long else []
         for b, (row, n) in enumerate(zip(rows, lens)):
             if n <= cfg.budget_tokens:  # within the budget (a new, larger budget too): dense
                 continue
             rs = row_slots[b]
+            if rs.start and not self.tracker.is_sparse(row):  # cannot happen (nothing between the fetch and
+                whole = self.row_slots(row, n)  # here changes the tracker); a rebuild would need the whole row
+                rs = row_slots[b] = RowSlots(whole, whole)
             if self.tracker.update(row, rs.tail, n, block=cfg.page_size, offset=rs.start):
                 sparse.append(b)
             rs.indexed = self.tracker.indexed_slots(row)  # its Insert of this step included
