@@ -44,8 +44,8 @@ def test_fast_path_equals_reference(rng, fov, prop, faithful, layout, segment):
 
 
 def test_heads_searching_their_parents_side_by_side_equal_the_reference(rng, monkeypatch):
-    """A large build searches each head's parents on its own thread (NumPy and BLAS); every head's levels,
-    parents and pages are still the reference's."""
+    """A large build or Insert searches each head's parents on its own thread (NumPy and BLAS); every head's
+    levels, parents and pages are still the reference's, and an Insert's state is the one-head-at-a-time one."""
     import threading
 
     import numba
@@ -55,13 +55,16 @@ def test_heads_searching_their_parents_side_by_side_equal_the_reference(rng, mon
     if numba.get_num_threads() < 2:
         pytest.skip("one numba thread: the heads' parents are searched in turn")
     monkeypatch.setattr(paged_index, "PARALLEL_PARENTS_MIN", 0)  # this small build too
-    threads, search = set(), paged_index.segmented_parents
+    threads = set()
 
-    def seen(*a, **kw):
-        threads.add(threading.current_thread().name.split("_")[0])
-        return search(*a, **kw)
+    def seen(search):
+        def spy(*a, **kw):
+            threads.add(threading.current_thread().name.split("_")[0])
+            return search(*a, **kw)
+        return spy
 
-    monkeypatch.setattr(paged_index, "segmented_parents", seen)
+    monkeypatch.setattr(paged_index, "segmented_parents", seen(paged_index.segmented_parents))  # a build's
+    monkeypatch.setattr(paged_index, "exact_parents", seen(paged_index.exact_parents))  # an Insert's
     H, n, d = 4, 3000, 12
     K = int_keys(rng, (H, n, d))
     idx = _built(K, 8, layout="bisect", parent_segment=1000)
@@ -72,6 +75,18 @@ def test_heads_searching_their_parents_side_by_side_equal_the_reference(rng, mon
         assert np.array_equal(ref.parent, idx.tok_parent[h, :n])
         for p, toks in enumerate(ref.pages):
             assert idx.page_tok[h, p, : idx.page_fill[h, p]].tolist() == toks
+    # an Insert's parents too: the same state as one index built and inserted into a head at a time
+    new = int_keys(rng, (H, 500, d))
+    threads.clear()
+    idx.insert(new)
+    assert threads == {"icecache-parents"}
+    monkeypatch.setattr(paged_index, "PARALLEL_PARENTS_MIN", float("inf"))
+    threads.clear()
+    one_by_one = _built(K, 8, layout="bisect", parent_segment=1000)
+    one_by_one.insert(new)
+    assert threads == {"MainThread"}
+    for a, b in zip(idx.state, one_by_one.state):
+        assert np.array_equal(a, b)
 
 
 def test_t4_exhaustive_search_equals_oracle_pages(rng):

@@ -37,9 +37,9 @@ from .transform import (
 #: capacity is grown by this factor when inserts outgrow it (amortized: each token or page is copied at most
 #: ``1 / (GROWTH - 1)`` times over the index's life)
 GROWTH = 1.25
-#: a build of at least this many tokens searches its heads' parents side by side (one head's BLAS calls per
-#: thread); below it, starting the threads costs more than they save
-PARALLEL_PARENTS_MIN = 16384
+#: a parent search of at least this many multiply-adds per head (children x parents x (d + 1)) runs its heads
+#: side by side (one head's BLAS calls per thread); below it, starting the threads costs more than they save
+PARALLEL_PARENTS_MIN = 1 << 24
 #: a build leaves room for this share more tokens and pages (the first decode steps' inserts and page splits)
 BUILD_SLACK = 1 / 16
 
@@ -260,13 +260,9 @@ class PagedDCIIndex:
 
         for h in range(self.H):
             proj[h] = key_projection(K[h], sqn[h], M[h], self.u)
-        side_by_side = min(self.H, numba.get_num_threads()) if n >= PARALLEL_PARENTS_MIN else 1
-        if side_by_side > 1:  # the indexer runs BLAS on one thread: a head per core (numba's share of them)
-            with ThreadPoolExecutor(side_by_side, thread_name_prefix="icecache-parents") as pool:
-                list(pool.map(parents_of, range(self.H)))
-        else:
-            for h in range(self.H):
-                parents_of(h)
+        # one head's level-0 search (the bulk): each child against the parents of its run
+        madds = len(by_level[0]) * len(by_level[1]) * (runs[1] - runs[0]) / n * (self.d + 1) if top > 0 else 0
+        _each_head(parents_of, self.H, madds)
         for h in range(self.H):
             sizes = np.bincount(parent[h] + 1)
             need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
@@ -317,10 +313,16 @@ class PagedDCIIndex:
         sqn = squared_norms(K)
         for h in range(self.H):
             self.M[h] = max(self.M[h], float(sqn[h].max()))
-            ups, up_aug_t = self._level1(h)
+        level1 = [self._level1(h) for h in range(self.H)]
+
+        def parents_of(h: int) -> None:  # NumPy and BLAS only, as the build's
+            ups, up_aug_t = level1[h]
             if ups.size:
                 parents[h] = ups[exact_parents(K[h], None, self.M[h], self.cfg.parent_chunk, sqn[h],
                                                parent_aug_t=up_aug_t)]
+
+        _each_head(parents_of, self.H, b * len(level1[0][0]) * (self.d + 1))
+        for h in range(self.H):
             self.tok_sqn[h, tids] = sqn[h]
             self.tok_m[h, tids] = self.M[h]
             self.tok_proj[h, tids] = key_projection(K[h], sqn[h], self.M[h], self.u)
@@ -636,6 +638,20 @@ def query_batch(indexes: list[PagedDCIIndex], queries, n_pages: int, params: Que
                  float(params.prop_to_retrieve), int(params.num_to_retrieve), first.cfg.faithful_proj_scale,
                  np.array([max(idx.n_tokens, 1) for idx in indexes], np.int64), rows, scores)
     return np.stack([merge_rows(rows[b], scores[b], group, P, merge, 1.0 / math.sqrt(d)) for b in range(B)])
+
+
+def _each_head(fn, H: int, madds: float) -> None:
+    """``fn(h)`` for every head; side by side on the calling thread's share of numba threads when one head's
+    parent search is at least ``PARALLEL_PARENTS_MIN`` multiply-adds. ``fn`` runs NumPy and BLAS only, which
+    release the GIL (the indexer runs BLAS on one thread: otherwise one core idles through a build's
+    parents); a numba parallel kernel in it would start from a thread without the caller's thread count."""
+    k = min(H, numba.get_num_threads()) if madds >= PARALLEL_PARENTS_MIN else 1
+    if k > 1:
+        with ThreadPoolExecutor(k, thread_name_prefix="icecache-parents") as pool:
+            list(pool.map(fn, range(H)))
+    else:
+        for h in range(H):
+            fn(h)
 
 
 # ---------------------------------------------------------------------- numba drivers
