@@ -36,7 +36,7 @@ from icecache_sglang.index.schedule import schedule_levels  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 from icecache_sglang.index.transform import segment_bounds  # noqa: E402
 from icecache_sglang.indexer.blas import blas_threads, set_blas_threads  # noqa: E402
-from icecache_sglang.indexer.config import IndexerConfig  # noqa: E402
+from icecache_sglang.indexer.config import BLAS_THREADS  # noqa: E402
 
 H, D = 8, 128
 
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+")
     ap.add_argument("--segments", type=int, nargs="+", default=[16384, 8192, 4096])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--blas-threads", type=int, default=IndexerConfig.__dataclass_fields__["blas_threads"].default,
+    ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
                     help="OpenBLAS threads (default: the indexer's; 0: NumPy's default)")
     a = ap.parse_args(argv)
     if a.blas_threads:

@@ -56,15 +56,11 @@ def _group_running(pgid: int) -> bool:
             return True
         except ProcessLookupError:
             return False
+    from icecache_sglang.indexer.launcher import proc_stat
+
     for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+        fields = proc_stat(int(name)) if name.isdigit() else None
+        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             return True
     return False
 

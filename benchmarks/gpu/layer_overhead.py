@@ -17,8 +17,8 @@ Before timing it checks, with the GPU held busy so the host runs ahead: FlashInf
 12 distinct plans queued at once, and a ``HostQuery`` that is not ready until its copy landed.
 Also timed (``row_fetch``): a decode step's start reading its requests' KV slots from SGLang's
 ``req_to_token`` on the device, batch 8 of 128k-token indexed requests: each whole row copied to the host in
-turn (the planner before 2026-11-28) against the sink and the tail past the index in one gather and one copy
-(``plan.fetch_slots``).
+turn (the planner before 2026-11-28), the same whole rows in one gather and one copy, and the sink and the
+tail past the index in one gather and one copy (``plan.fetch_slots``).
 Records: ``layer_overhead.json`` in ``$OUT`` (else ``benchmarks/results/gpu/``).
 """
 
@@ -95,15 +95,20 @@ def check(H=8, G=4, d=128, S=8192, T=300, n_plans=12) -> dict:
 
 def row_fetch(B=8, n=131072, sink=64, tail=80, reps=30) -> dict:
     """Host ms per step to read a batch's slots from a device ``req_to_token``: whole rows one by one (as
-    int64, as the planner kept them) vs sink + tail of every row in one gather (median of ``reps``)."""
+    int64, as the planner kept them), whole rows in one gather, and sink + tail of every row in one gather
+    (median of ``reps``)."""
     r2t = torch.randint(0, 1 << 30, (B + 2, n + 256), dtype=torch.int32, device="cuda")
     ranges = [r for b in range(B) for r in ((b, 0, sink), (b, n - tail, n))]
-    out = {"whole_rows": [], "sink_and_tail": []}
+    out = {"whole_rows": [], "whole_rows_one_copy": [], "sink_and_tail": []}
     for _ in range(reps):
         torch.cuda.synchronize()
         t = time.perf_counter()
         whole = [r2t[b, :n].cpu().numpy().astype(np.int64) for b in range(B)]
         out["whole_rows"].append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+        t = time.perf_counter()  # the simple alternative: the same rows in one gather and one copy
+        fetch_slots(r2t, [(b, 0, n) for b in range(B)])
+        out["whole_rows_one_copy"].append((time.perf_counter() - t) * 1e3)
         torch.cuda.synchronize()
         t = time.perf_counter()
         parts = fetch_slots(r2t, ranges)

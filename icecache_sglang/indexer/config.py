@@ -14,6 +14,8 @@ MAX_BATCH = 64
 MAX_PAGES = 4096
 #: sun_path of a Unix socket holds 108 bytes including the terminating NUL
 MAX_IPC_PATH = 107
+#: OpenBLAS threads of the indexer process by default (``IndexerConfig.blas_threads``)
+BLAS_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class IndexerConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     threads: int | None = None
     write_workers: int | None = None
-    blas_threads: int | None = 1
+    blas_threads: int | None = BLAS_THREADS
     max_batch: int = MAX_BATCH
     max_pages: int = MAX_PAGES
     trim_rebuild_ratio: float = 0.25

@@ -37,6 +37,16 @@ READY_TIMEOUT_S = 600.0  # a cold numba cache compiles for a few minutes on a sm
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def proc_stat(pid: int) -> list[bytes] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first, process group third); None where
+    it cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 class IndexerStartError(RuntimeError):
     pass
 
@@ -113,14 +123,7 @@ class IndexerProcess:
         return self.proc is not None and self.proc.is_alive()
 
     def _stat(self) -> list[bytes] | None:
-        """Fields of ``/proc/<pid>/stat`` after the command name (state first); None where it cannot tell."""
-        if self.proc is None or self.proc.pid is None:
-            return None
-        try:
-            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
+        return None if self.proc is None or self.proc.pid is None else proc_stat(self.proc.pid)
 
     def cpu_seconds(self) -> float | None:
         """CPU time the process has used (user + system, all threads); None where /proc cannot tell."""

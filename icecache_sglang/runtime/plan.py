@@ -111,7 +111,7 @@ class Planner:
 
     def row_slots(self, row: int, n: int) -> np.ndarray:
         """KV slots of positions ``[0, n)`` of ``row`` (a view on CPU)."""
-        return self.req_to_token[row, :n].cpu().numpy()
+        return fetch_slots(self.req_to_token, [(row, 0, n)])[0]
 
     def _fetch_rows(self, rows: list[int], lens: list[int], cfg: IceCacheConfig) -> list[RowSlots]:
         """Each batch entry's slots for this step (:class:`RowSlots`): a request with a current index reads
