@@ -60,6 +60,7 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
     for li, (K, _V, Q) in enumerate(layers):
         if li < 2:
             continue
+        K = np.ascontiguousarray(K[:, SINK:])  # the index holds what follows the sink, as the server's
         H, n, d = K.shape
         g = Q.shape[1] // H
         store = to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)), "bfloat16")  # the server's key store
@@ -67,22 +68,34 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
         Kx = Kx.view(np.float32).transpose(1, 0, 2)  # [H, n, d]: the keys as the store holds them
         base = PagedDCIIndex(H, d, config=IndexConfig(page_size=C, key_dtype="int8"))
         base.build(K)
-        for label, rank, factor, maps in variants(d):
+        for label, rank, factor, maps, stage in variants(d):
+            X = factor * P_REAL
+            if stage and not lowrank.uses_page_stage(base, X, stage):
+                continue  # the page stage marks too large a share of these pages: every token would be scored
             idx = base.copy()  # maps "keys": a plain PCA of the keys, the contrast the query-aware maps beat
             idx.lowrank = lowrank.LowRankState(H, d, rank, query_aware=maps == "query")
             for step in range(STEPS):
                 q = np.ascontiguousarray(Q[step], np.float32)
-                got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=factor * P_REAL,
-                                                 min_tokens=0)
+                got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=X,
+                                                 min_tokens=0, page_stage=stage)
                 if step < WARM:
                     continue
-                assert idx.lowrank.ready(idx.n_tokens), "the fit is not active after the warm-up"
+                assert idx.lowrank.ready(), "the fit is not active after the warm-up"
                 ref = scan_index(idx, q, P_REAL, merge=DEFAULT_GQA_MERGE, store=store)
-                cand, _ = lowrank.candidates(idx, q, factor * P_REAL)
-                cover = [np.unique(cand[h * g:(h + 1) * g]).size / idx.live_pages(h).size for h in range(H)]
-                assert 2 * factor * P_REAL * g <= idx.next_page.min(), "the server would scan exactly here"
-                rows += [r | {"candidate_share": c} for r, c in zip(_score(li, step, label, got, ref, idx, Kx, q, g),
-                                                                       cover)]
+                cand, _ = lowrank.candidates(idx, q, X, stage)
+                live = [idx.live_pages(h).size for h in range(H)]
+                cover = [np.unique(cand[h * g:(h + 1) * g]).size / live[h] for h in range(H)]
+                scored = np.ones(H)
+                if stage:
+                    f = idx.lowrank.active
+                    Qr, qmu = lowrank.project_queries(q, f.mean, f.qmap)
+                    use = lowrank.summary_pages(f.summary, idx.page_cell, idx.page_fill, idx.next_page, Qr, qmu,
+                                                stage * X, 1)
+                    scored = use.sum(axis=1) / np.array(live)
+                assert 2 * X * g <= idx.next_page.min(), "the server would scan exactly here"
+                extra = {"page_stage": stage, "pages_per_row": stage * X, "pages_per_head": float(np.mean(live))}
+                rows += [r | extra | {"candidate_share": c, "scored_share": float(sc)}
+                         for r, c, sc in zip(_score(li, step, label, got, ref, idx, Kx, q, g), cover, scored)]
     return rows
 
 
@@ -116,7 +129,7 @@ def _fitted(idx, Qs, store, rank=None) -> int:
     returns how many it took."""
     for i, q in enumerate(Qs):
         lowrank.scan_index_lowrank(idx, q, P, store, merge=DEFAULT_GQA_MERGE, rank=rank, min_tokens=0)
-        if idx.lowrank is not None and idx.lowrank.ready(idx.n_tokens):
+        if idx.lowrank is not None and idx.lowrank.ready():
             return i + 1
     raise RuntimeError("the fit did not finish")
 
@@ -139,29 +152,49 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
         read_keys(idx.page_keys, idx.next_page, idx.page_fill)
         ops = [("exact", None, lambda q: scan_index(idx, q, P, merge=DEFAULT_GQA_MERGE, store=store)),
                ("read", None, lambda q: read_keys(idx.page_keys, idx.next_page, idx.page_fill))]
+        X = lowrank.lowrank_rescore_count(P)
         for r, ix in coded.items():
             ops += [("lowrank", r, lambda q, ix=ix: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
                                                                                min_tokens=0)),
-                    ("first_pass", r, lambda q, ix=ix: lowrank.candidates(ix, q, lowrank.lowrank_rescore_count(P)))]
+                    ("first_pass", r, lambda q, ix=ix: lowrank.candidates(ix, q, X))]
+        r0 = lowrank.default_rank(D)
+        if lowrank.uses_page_stage(coded[r0], X, lowrank.PAGE_STAGE_FACTOR):  # selection lowrank_pages
+            ix = coded[r0]
+            ops += [("lowrank_pages", r0, lambda q: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
+                                                                               min_tokens=0,
+                                                                               page_stage=lowrank.PAGE_STAGE_FACTOR)),
+                    ("first_pass_pages", r0, lambda q: lowrank.candidates(ix, q, X, lowrank.PAGE_STAGE_FACTOR))]
         t = {(op, r): [] for op, r, _ in ops}
+        agree = {(op, r): [] for op, r, _ in ops if op in ("lowrank", "lowrank_pages")}
         for q in Qs[32:]:  # interleaved: every method sees the same machine state
+            out = {}
             for op, r, fn in ops:
                 s = time.perf_counter()
-                fn(q)
+                out[(op, r)] = fn(q)
                 t[(op, r)].append(time.perf_counter() - s)
+            for k in agree:  # the share of the exact scan's pages selected (synthetic keys: no semantic structure)
+                agree[k].append(np.mean([np.isin(out[("exact", None)][h], out[k][h]).mean() for h in range(H_KV)]))
         med = {k: float(np.median(v)) for k, v in t.items()}
         base = {"part": "speed", "context": n, "heads": H_KV, "q_heads": H_Q, "head_dim": D, "pages": P,
                 "threads": threads, "reps": reps, "key_bytes_per_token_layer": H_KV * D * 2,
                 "index_bytes_per_token_layer": idx.nbytes() / idx.n_live, "queries_to_fit": warm,
                 "server_uses_lowrank_from_tokens": lowrank.MIN_TOKENS}
         for (op, r), v in med.items():
-            extra = {} if r is None else {"rank": r, "code_bytes_per_token_layer": H_KV * (r + 4),
+            # the codes' bytes as allocated (page-ordered slots, summaries, versions, maps), not computed
+            extra = {} if r is None else {"rank": r, "code_bytes_per_token_layer": coded[r].lowrank.nbytes() / idx.n_live,
                                           "index_bytes_per_token_layer": coded[r].nbytes() / idx.n_live}
+            if (op, r) in agree:
+                extra["pages_as_exact"] = float(np.mean(agree[(op, r)]))
             records.append({**base, **extra, "op": op, "seconds_median": v, "speedup_vs_exact": med[("exact", None)] / v})
         line = f"{n:7d}  exact {med[('exact', None)] * 1e3:7.2f} ms  read int8 copy {med[('read', None)] * 1e3:6.2f} ms"
         for r in ranks:
             line += (f"  | r={r}: lowrank {med[('lowrank', r)] * 1e3:6.2f} ms "
                      f"({med[('exact', None)] / med[('lowrank', r)]:.2f}x), first pass {med[('first_pass', r)] * 1e3:5.2f} ms")
+        if ("lowrank_pages", r0) in med:
+            line += (f"  | lowrank_pages {med[('lowrank_pages', r0)] * 1e3:6.2f} ms "
+                     f"({med[('exact', None)] / med[('lowrank_pages', r0)]:.2f}x), its first pass "
+                     f"{med[('first_pass_pages', r0)] * 1e3:5.2f} ms, the exact scan's pages "
+                     f"{np.mean(agree[('lowrank_pages', r0)]):.3f} (lowrank {np.mean(agree[('lowrank', r0)]):.3f})")
         print(line, flush=True)
     return records
 
@@ -171,7 +204,10 @@ def summarize(rows: list[dict], source: str) -> list[dict]:
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
         masses = np.array([r["mass_vs_exact"] for r in rs])
-        out.append({"part": "quality", "source": source, "method": m, "pages": P_REAL,
+        out.append({"part": "quality", "source": source, "method": m, "pages": P_REAL, "sink": SINK,
+                    "page_stage": rs[0]["page_stage"], "pages_per_row": rs[0]["pages_per_row"],
+                    "pages_per_head": float(np.mean([r["pages_per_head"] for r in rs])),
+                    "scored_share_mean": float(np.mean([r["scored_share"] for r in rs])),
                     "top_page_recall": sum(r["top_page_hits"] for r in rs) / sum(r["cases"] for r in rs),
                     "mass_vs_exact_mean": float(masses.mean()), "mass_vs_exact_p5": float(np.percentile(masses, 5)),
                     "cases": sum(r["cases"] for r in rs), "steps_measured": STEPS - WARM,
@@ -188,11 +224,14 @@ def plot(records, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     sp = [r for r in records if r["part"] == "speed"]
     names = {"exact": "exact (full int8 scan + rescoring)", "lowrank": "lowrank r={} (first pass + rescoring)",
-             "first_pass": "lowrank r={}: first pass alone", "read": "read the int8 page copy once"}
+             "first_pass": "lowrank r={}: first pass alone", "read": "read the int8 page copy once",
+             "lowrank_pages": "lowrank_pages r={} (page stage + first pass + rescoring)",
+             "first_pass_pages": "lowrank_pages r={}: page stage + first pass alone"}
     series = dict.fromkeys((r["op"], r.get("rank")) for r in sp)
     for i, (op, rank) in enumerate(series):
         pts = sorted((r["context"], r["seconds_median"] * 1e3) for r in sp if r["op"] == op and r.get("rank") == rank)
-        a.plot(*zip(*pts), {"exact": "s--", "lowrank": "o-", "first_pass": "v:", "read": "^:"}[op],
+        a.plot(*zip(*pts), {"exact": "s--", "lowrank": "o-", "first_pass": "v:", "read": "^:", "lowrank_pages": "D-",
+                            "first_pass_pages": "d:"}[op],
                color=f"C{i}", label=names[op].format(rank))
     a.set_xscale("log", base=2)
     a.set_yscale("log")
@@ -223,6 +262,7 @@ def plot(records, path: Path) -> None:
 
 
 P_REAL = (256 - 64) // C  # the 256-token budget less sink and window
+SINK = 32  # the server's sink_tokens: attended always, never indexed
 
 
 def main(argv=None) -> None:
@@ -235,12 +275,16 @@ def main(argv=None) -> None:
 
     def variants(d):
         r = lowrank.default_rank(d)
-        out = [(f"query-aware r={r} (default), 4P", r, 4, "query"),
-               (f"query-aware r={r}, 2P", r, 2, "query"),
-               (f"query-aware r={d // 4}, 4P", d // 4, 4, "query"),
-               (f"query-aware r={d // 8}, 4P", d // 8, 4, "query"),
-               (f"keys' PCA (queries ignored) r={r}, 4P", r, 4, "keys")]
-        return out[:2] if args.quick else out
+        out = [(f"query-aware r={r} (default), 4P", r, 4, "query", 0)]
+        # lowrank_pages: the tokens of the pages some row ranks among its best 4P x stage by summary (default
+        # stage 4, 16P); a stage applies where a head has 4x as many pages
+        out += [(f"page stage {k}: {4 * k}P per row{' (lowrank_pages)' if k == lowrank.PAGE_STAGE_FACTOR else ''}",
+                 r, 4, "query", k) for k in (1, 2, 4, 8)]
+        out += [(f"query-aware r={r}, 2P", r, 2, "query", 0),
+                (f"query-aware r={d // 4}, 4P", d // 4, 4, "query", 0),
+                (f"query-aware r={d // 8}, 4P", d // 8, 4, "query", 0),
+                (f"keys' PCA (queries ignored) r={r}, 4P", r, 4, "keys", 0)]
+        return out[:3] if args.quick else out
 
     records = []
     for model, text, ctx in (SOURCES[:1] if args.quick else SOURCES):
@@ -249,7 +293,8 @@ def main(argv=None) -> None:
         records += recs
         for r in recs:
             print(f"{src:40s} {r['method']:36s} top-page {r['top_page_recall']:.4f}  mass {r['mass_vs_exact_mean']:.4f}"
-                  f" (p5 {r['mass_vs_exact_p5']:.3f})  candidates {r['candidate_share_mean']:.3f} of the pages", flush=True)
+                  f" (p5 {r['mass_vs_exact_p5']:.3f})  candidates {r['candidate_share_mean']:.3f} of the pages, "
+                  f"tokens of {r['scored_share_mean']:.3f} scored", flush=True)
     records += speed([8192, 32768] if args.quick else [8192, 32768, 131072], 7 if args.quick else 21,
                      (D // 8, lowrank.default_rank(D)))
     write_records("lowrank_scan", args.quick, records)

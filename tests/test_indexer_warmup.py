@@ -65,7 +65,7 @@ def test_no_request_compiles_after_warmup(tmp_path, dtype):
                 call(svc, p.Query(layer=0, seqs=[1, 2], n_pages=8, policy=policy, merge=merge), {"q": q})
         for _ in range(lowrank.FIT_AFTER + 2):  # seq 1 is long enough: its low-rank codes are fitted and used
             call(svc, p.Query(layer=1, seqs=[1], n_pages=8, policy="lowrank", merge="mass"), {"q": (qb[:1], "bfloat16")})
-        assert svc.table.get(1, 1).lowrank.ready(N + 1)
+        assert svc.table.get(1, 1).lowrank.ready()
         call(svc, p.Release(seqs=[1, 2, 3]))
         after = compiled_signatures()
         grown = {k: (before.get(k, 0), v) for k, v in after.items() if v != before.get(k, 0)}
@@ -119,7 +119,7 @@ def test_warmup_compiles_the_low_rank_first_pass(tmp_path, d, page):
         q = rng.standard_normal((1, 4 * H, d)).astype(np.float32)
         for _ in range(lowrank.FIT_AFTER + 2):
             call(svc, p.Query(layer=0, seqs=[1], n_pages=8, policy="lowrank", merge="mass"), {"q": q})
-        assert svc.table.get(1, 0).lowrank.ready(n) and svc.stats().lowrank_rows > 0
+        assert svc.table.get(1, 0).lowrank.ready() and svc.stats().lowrank_rows > 0
         grown = {k: v for k, v in compiled_signatures().items() if v != before.get(k, 0)}
         assert not grown, f"compiled inside requests: {grown}"
     finally:

@@ -24,7 +24,9 @@ def _keys(rng, n, rank=RANK, noise=0.0):
 
 def lowrank_queries(queries: int, n: int, layer: int) -> int:
     """How many of an index's first ``queries`` queries go through the first pass: the fit starts at query
-    ``FIT_AFTER + layer % FIT_STAGGER``, the next ``ceil(n / FIT_CHUNK)`` encode it, the last of them uses it."""
+    ``FIT_AFTER + layer % FIT_STAGGER``, the next ``ceil(n / FIT_CHUNK)`` code it (``FIT_CHUNK`` tokens' worth of
+    pages each, and a page more: exact while ``n`` is not within a page per head of a multiple), the last of
+    them uses it."""
     first = lowrank.FIT_AFTER + layer % lowrank.FIT_STAGGER + -(-n // lowrank.FIT_CHUNK)
     return max(0, queries - first + 1)
 
@@ -39,9 +41,16 @@ def _fit(idx, store, rng, merge="mass"):
     for _ in range(lowrank.FIT_AFTER + 8):
         lowrank.scan_index_lowrank(idx, rng.standard_normal((H * G, D)).astype(np.float32), P, store, merge=merge,
                                    rank=RANK)
-        if idx.lowrank.ready(idx.n_tokens):
+        if idx.lowrank.ready():
             return
     raise AssertionError("no fit")
+
+
+def _coded(f, idx) -> float:
+    """Tokens per KV head in pages whose codes are current (coded at the index's page version)."""
+    n = int(idx.next_page.max())
+    current = (f.version[:, :n] == idx.page_version[:, :n]) & (idx.page_cell[:, :n] >= 0)
+    return float(idx.page_fill[:, :n][current].sum()) / idx.H
 
 
 def _mass(idx, K, q, pages):
@@ -131,12 +140,15 @@ def test_a_fit_is_encoded_over_several_queries_and_used_only_once_complete(monke
         q = rng.standard_normal((H * G, D)).astype(np.float32)
         got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
         st = idx.lowrank
-        seen.append((st.pending.done if st.pending is not None else None, st.ready(idx.n_tokens)))
-        if not st.ready(idx.n_tokens):
+        seen.append((_coded(st.pending, idx) if st.pending is not None else None, st.ready()))
+        if not st.ready():
             assert (got == scan_index(idx, q, P, merge="mass", store=store)).all()
-    # query FIT_AFTER starts the fit, the next ones encode a third of the tokens each, the third completes it
-    assert [s for s in seen if s[0] is not None] == [(0, False), (chunk, False), (2 * chunk, False)]
-    assert seen[-1] == (None, True) and idx.lowrank.fits == 1
+    # query FIT_AFTER starts the fit, the next ones code a third of the tokens each (in whole pages: the pages
+    # that start within the budget), the third completes it
+    fitting = [s for s in seen if s[0] is not None]
+    assert [ready for _, ready in fitting] == [False] * 3 and fitting[0][0] == 0
+    assert chunk <= fitting[1][0] < chunk + idx.C and 2 * chunk <= fitting[2][0] < 2 * chunk + 2 * idx.C
+    assert seen[-1] == (None, True) and idx.lowrank.fits == 1 and _coded(idx.lowrank.active, idx) == n
 
 
 def test_tokens_inserted_after_the_fit_are_coded_and_can_be_selected():
@@ -149,11 +161,17 @@ def test_tokens_inserted_after_the_fit_are_coded_and_can_be_selected():
     _fit(idx, store, np.random.default_rng(40))
     new = idx.insert(K[:, lowrank.MIN_TOKENS:])  # positions continue: rows of the same store
     store = np.ascontiguousarray(K.transpose(1, 0, 2))
-    assert idx.lowrank.active.done == idx.n_tokens and idx.lowrank.ready(idx.n_tokens)
+    f = idx.lowrank.active
+    stale = _coded(f, idx)
+    assert stale < idx.n_tokens  # the pages the new tokens joined are coded at the next query
     q = np.repeat(u, G, axis=0)
-    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass")
+    served = idx.lowrank.served
+    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="mass", page_stage=lowrank.PAGE_STAGE_FACTOR)
+    assert idx.lowrank.served == served + 1 and _coded(f, idx) == idx.n_tokens and lowrank.uses_page_stage(
+        idx, lowrank.lowrank_rescore_count(P), lowrank.PAGE_STAGE_FACTOR)
     for h in range(H):
         assert idx.tok_page[h, new[-1]] in got[h]
+    # every token scored (keys of rank RANK: the codes are exact up to int8): the exact scan's pages
     got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
     want = scan_index(idx, q, P, merge="rank", store=store)
     assert [sorted(r) for r in got] == [sorted(r) for r in want]
@@ -179,11 +197,13 @@ def test_deleted_tokens_are_never_scored_and_a_rebuild_keeps_the_codes():
     store = np.ascontiguousarray(K.transpose(1, 0, 2))
     idx.cfg = IndexConfig(page_size=8, key_dtype="int8", rebuild_growth=1.001)
     idx.insert(K[:, lowrank.MIN_TOKENS:])  # 0.4% more tokens: rebuilt
-    assert idx.rebuilds == 1 and idx.lowrank.ready(idx.n_tokens)  # token ids kept: the codes still hold
-    q = rng.standard_normal((H * G, D)).astype(np.float32)
-    got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
-    want = scan_index(idx, q, P, merge="rank", store=store)
-    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    assert idx.rebuilds == 1 and _coded(idx.lowrank.active, idx) == 0  # every page's version moved
+    for _ in range(2 + -(-idx.n_tokens // lowrank.FIT_CHUNK)):  # coded again over the next queries
+        q = rng.standard_normal((H * G, D)).astype(np.float32)
+        got = lowrank.scan_index_lowrank(idx, q, P, store, merge="rank")
+        want = scan_index(idx, q, P, merge="rank", store=store)
+        assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    assert idx.lowrank.ready() and idx.lowrank.fits == 1 and _coded(idx.lowrank.active, idx) == idx.n_live
 
 
 def test_a_copy_owns_its_codes_and_a_build_drops_them():
@@ -193,8 +213,11 @@ def test_a_copy_owns_its_codes_and_a_build_drops_them():
     _fit(idx, store, rng)
     twin = idx.copy()
     assert twin.lowrank is not idx.lowrank and twin.lowrank.active.codes is not idx.lowrank.active.codes
+    before = idx.lowrank.active.codes.copy()
     twin.insert(K[:, lowrank.MIN_TOKENS:])
-    assert twin.lowrank.active.done == lowrank.MIN_TOKENS + 8 and idx.lowrank.active.done == lowrank.MIN_TOKENS
+    lowrank.scan_index_lowrank(twin, rng.standard_normal((H * G, D)).astype(np.float32), P, store, merge="mass")
+    assert _coded(twin.lowrank.active, twin) == lowrank.MIN_TOKENS + 8 == twin.n_tokens
+    assert _coded(idx.lowrank.active, idx) == lowrank.MIN_TOKENS and (idx.lowrank.active.codes == before).all()
     assert twin.nbytes() > idx.nbytes() - idx.lowrank.nbytes()  # the codes are counted
     idx.build(K)
     assert idx.lowrank is None
@@ -241,16 +264,19 @@ def test_served_lowrank_selection_equals_the_exact_one_after_the_fit():
         ix.store.keys[0, :n] = to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)), "bfloat16") \
             if ix.store.keys.dtype == np.uint16 else K.transpose(1, 0, 2)
         ix.client.build(3, [0], np.arange(n))
+        ix.client.build(4, [0], np.arange(n))  # the same keys, asked through the page stage
         ix.client.sync()
         for step in range(lowrank.FIT_AFTER + 4):
             q = rng.standard_normal((1, H * G, D)).astype(np.float32)
             got = ix.client.query(0, [3], q, P, policy="lowrank", merge="rank", timeout_s=20.0)
             want = ix.client.query(0, [3], q, P, policy="exact", merge="rank", timeout_s=20.0)
-            assert not got.fallback and not want.fallback, (got.reason, want.reason)
+            paged = ix.client.query(0, [4], q, P, policy="lowrank_pages", merge="rank", timeout_s=20.0)
+            assert not got.fallback and not want.fallback and not paged.fallback, (got.reason, want.reason)
             assert [sorted(r) for r in got.pages[0]] == [sorted(r) for r in want.pages[0]], step
+            assert all(len(set(r.tolist())) == P and (r >= 0).all() for r in paged.pages[0])
         st = ix.client.stats(timeout_s=10.0)
-        assert st.lowrank_indexes == 1 and 0 < st.lowrank_bytes < st.index_bytes
-        assert st.lowrank_rows == lowrank_queries(lowrank.FIT_AFTER + 4, n, layer=0)
+        assert st.lowrank_indexes == 2 and 0 < st.lowrank_bytes < st.index_bytes
+        assert st.lowrank_rows == 2 * lowrank_queries(lowrank.FIT_AFTER + 4, n, layer=0)
     finally:
         ix.close()
 
@@ -335,3 +361,102 @@ def test_candidate_columns_choose_what_a_column_per_page_would(key_dtype, merge)
         got = lowrank.scan_index_lowrank(idx, q, P, store, merge=merge)
         assert idx.lowrank.served == served + 1
         assert (got == _over_every_page(idx, q, cand, store, merge)).all()
+
+
+def test_codes_and_summaries_follow_every_page_change():
+    """Each refresh codes again exactly the pages whose version moved: after inserts that split and shift
+    pages, deletions that merge and borrow, a copy and a rebuild, the codes, scales and summaries equal those of
+    a fit coded from scratch (and each summary is the mean of its page's live decoded codes)."""
+    rng = np.random.default_rng(15)
+    K = _keys(rng, lowrank.MIN_TOKENS + 3000, noise=0.3)
+    idx, store = _index(K[:, : lowrank.MIN_TOKENS])
+    _fit(idx, store, rng)
+    n = lowrank.MIN_TOKENS
+
+    def check(ix):
+        f = ix.lowrank.active
+        assert f.refresh(ix)
+        fresh = lowrank._Fit(f.mean, f.kmap, f.qmap, ix.page_fill.shape[1], ix.C)
+        assert fresh.refresh(ix)
+        for h in range(H):
+            for p in ix.live_pages(h):
+                k = ix.page_fill[h, p]
+                assert (f.codes[h, p, :k] == fresh.codes[h, p, :k]).all() and (f.scales[h, p, :k] == fresh.scales[h, p, :k]).all()
+                live = ix.alive[ix.page_tok[h, p, :k]]
+                want = (f.codes[h, p, :k][live].astype(np.float32) * f.scales[h, p, :k][live, None]).mean(0)
+                np.testing.assert_allclose(f.summary[h, p], want, rtol=1e-5, atol=1e-6)
+
+    for step in range(6):  # decode-like inserts, then larger ones (splits, shifts into neighbours)
+        b = 1 if step < 3 else 400
+        idx.insert(K[:, n:n + b])
+        n += b
+        check(idx)
+    idx.delete(rng.choice(n, 700, replace=False))  # pages under C/2 borrow or merge
+    check(idx)
+    twin = idx.copy()
+    twin.insert(K[:, n:n + 300])
+    check(twin)
+    check(idx)
+    idx.cfg = IndexConfig(page_size=8, key_dtype="int8", rebuild_growth=1.001)
+    idx.insert(K[:, n:n + 100])  # rebuilt: every page id reassigned, every version moved
+    assert idx.rebuilds == 1
+    check(idx)
+
+
+def test_summary_pages_mark_every_rows_best_pages():
+    """The page stage marks, per KV head, every page some query row ranks among its Y best by summary score
+    (ties at the cut included), not many more, never a free page; a head with fewer pages than Y has all marked."""
+    rng = np.random.default_rng(16)
+    Hs, g, r, n = 3, 5, 8, 700
+    summary = rng.standard_normal((Hs, n, r)).astype(np.float32)
+    summary[0, 100:140] = summary[0, 99]  # ties
+    page_cell = np.zeros((Hs, n), np.int32)
+    page_cell[1, rng.choice(n, 50, replace=False)] = -1  # free pages
+    page_fill = np.full((Hs, n), 8, np.int32)
+    next_page = np.array([n, n, 30], np.int32)  # head 2: fewer pages than Y
+    Qr = rng.standard_normal((Hs * g, r)).astype(np.float32)
+    qmu = rng.standard_normal(Hs * g).astype(np.float32)
+    Y = 40
+    for runs in (1, 3):
+        use = lowrank.summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y, runs)
+        for h in range(Hs):
+            m = int(next_page[h])
+            ok = (page_cell[h, :m] >= 0) & (page_fill[h, :m] > 0)
+            assert not use[h, m:].any() and not use[h, :m][~ok].any()
+            want = np.zeros(m, bool)
+            for j in range(g):
+                s = summary[h, :m] @ Qr[h * g + j] + qmu[h * g + j]
+                s[~ok] = -np.inf
+                if ok.sum() <= Y:
+                    want |= ok
+                else:
+                    want |= s >= np.sort(s[ok])[-Y]
+            assert (use[h, :m].astype(bool) >= want).all()  # every row's best
+            assert use[h].sum() <= g * (Y + Y // 2) + 40  # and not every page (40: the tied run)
+
+
+def test_the_page_stage_scores_only_the_marked_pages():
+    """With the page stage the first pass returns, per query row, the X best pages by approximate score among
+    the pages the stage marked for its KV head (the same pass as over every page, restricted)."""
+    rng = np.random.default_rng(17)
+    K = _keys(rng, lowrank.MIN_TOKENS + 100, noise=0.2)
+    idx, store = _index(K)
+    _fit(idx, store, rng)
+    f = idx.lowrank.active
+    X, stage = lowrank.lowrank_rescore_count(P), lowrank.PAGE_STAGE_FACTOR
+    assert lowrank.uses_page_stage(idx, X, stage) and not lowrank.uses_page_stage(idx, X, 0)
+    q = rng.standard_normal((H * G, D)).astype(np.float32)
+    cand, approx = lowrank.candidates(idx, q, X, stage)
+    Qr, qmu = lowrank.project_queries(q, f.mean, f.qmap)
+    use = lowrank.summary_pages(f.summary, idx.page_cell, idx.page_fill, idx.next_page, Qr, qmu, stage * X, 1)
+    assert 0 < use.sum() < idx.next_page.sum() // 2
+    for h in range(H):
+        pages = np.flatnonzero(use[h])
+        dec = f.codes[h, pages].astype(np.float32) * f.scales[h, pages][..., None]  # [pages, C, r]
+        valid = np.arange(idx.C)[None] < idx.page_fill[h, pages][:, None]
+        for j in range(G):
+            row = h * G + j
+            s = np.where(valid, dec @ Qr[row] + qmu[row], -np.inf).max(1)
+            best = pages[np.argsort(-s, kind="stable")[:X]]
+            assert set(cand[row].tolist()) == set(best.tolist())
+            np.testing.assert_allclose(approx[row], np.sort(s)[::-1][:X], rtol=1e-4, atol=1e-4)

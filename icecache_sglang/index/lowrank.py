@@ -33,7 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .keys import INT8_SCALE_BYTES, PARALLEL_MIN, _int8_of, from_storage, int8_scales, key_row, to_storage
+from .keys import PARALLEL_MIN, _int8_of, from_storage, key_row
 from .scan import NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1 ms more
@@ -53,11 +53,15 @@ FIT_CHUNK = 16384
 FIT_STAGGER = 8
 #: the queries' second moment is regularized by this share of its mean eigenvalue
 RIDGE = 1e-3
-#: tokens per work item of the first pass (at least; items are (KV head, run of tokens))
-MIN_RUN = 2048
+#: pages per work item of the first pass (at least; items are (KV head, run of pages))
+MIN_RUN = 128
 #: the first pass hands this many times the selected pages per KV head to the exact rescoring (and each
 #: query head's best half as many)
 LOWRANK_RESCORE_FACTOR = 4
+#: the page stage: each query row scores every page's summary (the mean of its tokens' codes) and only the
+#: tokens of its best ``PAGE_STAGE_FACTOR`` x (the candidates handed on) pages, once a KV head has four times
+#: that many pages (below, every token is scored)
+PAGE_STAGE_FACTOR = 4
 
 
 def default_rank(head_dim: int) -> int:
@@ -89,14 +93,6 @@ def fit_maps(keys: np.ndarray, q_moment: np.ndarray, rank: int) -> tuple[np.ndar
     return mean.astype(np.float32), kmap, qmap
 
 
-def encode(K: np.ndarray, mean: np.ndarray, kmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keys ``K [H, n, d]`` -> (codes ``[H, n, rank]`` int8, scales ``[H, n]`` float32): ``(k - mean) kmap`` per
-    row over its own scale (kept apart, so a row of rank 32 is one aligned 32-byte read)."""
-    x = np.matmul(np.asarray(K, np.float32) - mean[:, None, :], kmap)
-    rows = to_storage(np.ascontiguousarray(x, np.float32), "int8")
-    return rows[..., :-INT8_SCALE_BYTES], int8_scales(rows)
-
-
 def project_queries(Q: np.ndarray, mean: np.ndarray, qmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Queries ``Q [H * g, d]`` (row ``r`` on KV head ``r // g``) -> (``Q qmap [H * g, rank]``, ``q.mean [H * g]``)."""
     H = qmap.shape[0]
@@ -107,60 +103,110 @@ def project_queries(Q: np.ndarray, mean: np.ndarray, qmap: np.ndarray) -> tuple[
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _encode_store(store, positions, lo, hi, mean, kmap, codes, scales):  # pragma: no cover
-    """Codes of token ids ``[lo, hi)`` from the exact keys (``store [S, H, d]`` float32 or bfloat16 bits, token
-    ``t``'s row at ``positions[t]``): ``codes[h, t] = (k - mean[h]) kmap[h]`` as int8 over ``scales[h, t]``
-    (as ``encode``: max |value| / 127, ties to even)."""
-    H, d, r = store.shape[1], store.shape[2], kmap.shape[2]
-    for t in prange(lo, hi):
+def _encode_pages(page_keys, page_tok, page_fill, page_cell, alive, heads, pages, kmap_s, offset, codes, scales,
+                  summary):  # pragma: no cover
+    """Pages ``(heads[i], pages[i])`` coded from the index's own rows, slot for slot: ``codes[h, p, j] = (k - mean)
+    kmap`` as int8 over ``scales[h, p, j]`` (max |value| / 127, ties to even), with ``k`` the stored row times the
+    channel scales (folded into ``kmap_s``, ``offset = mean kmap``), and ``summary[h, p]`` the mean of the page's
+    live tokens' decoded codes (zeros for a free or empty page)."""
+    d, r = kmap_s.shape[1], kmap_s.shape[2]
+    for i in prange(heads.shape[0]):
+        h, p = heads[i], pages[i]
         x = np.empty(d, np.float32)
         y = np.empty(r, np.float32)
-        row = store[positions[t]]
-        for h in range(H):
-            k = key_row(row[h], d, x)
-            y[:] = 0.0
-            for i in range(d):
-                v = k[i] - mean[h, i]
-                m = kmap[h, i]
-                for j in range(r):
-                    y[j] += v * m[j]
-            a = np.float32(0.0)
-            for j in range(r):
-                a = max(a, abs(y[j]))
-            sc = a / np.float32(127.0)
-            for j in range(r):
-                codes[h, t, j] = _int8_of(y[j], sc)
-            scales[h, t] = sc
+        acc = np.zeros(r, np.float32)
+        n = 0
+        f = page_fill[h, p] if page_cell[h, p] >= 0 else 0
+        for j in range(f):
+            k = key_row(page_keys[h, p, j], d, x)
+            for b in range(r):
+                y[b] = -offset[h, b]
+            for a in range(d):
+                v = k[a]
+                m = kmap_s[h, a]
+                for b in range(r):
+                    y[b] += v * m[b]
+            amax = np.float32(0.0)
+            for b in range(r):
+                amax = max(amax, abs(y[b]))
+            sc = amax / np.float32(127.0)
+            for b in range(r):
+                codes[h, p, j, b] = _int8_of(y[b], sc)
+            scales[h, p, j] = sc
+            if alive[page_tok[h, p, j]]:
+                for b in range(r):
+                    acc[b] += np.float32(codes[h, p, j, b]) * sc
+                n += 1
+        inv = np.float32(1.0 / n) if n else np.float32(0.0)
+        for b in range(r):
+            summary[h, p, b] = acc[b] * inv
 
 
 class _Fit:
-    """Maps and codes for token ids ``[0, done)``; complete when ``done`` reaches the index's token count."""
+    """Maps and, per page slot, the code of the token there (``codes [H, pages, C, rank]`` int8 over ``scales [H,
+    pages, C]``), per page the summary the page stage scores (``summary [H, pages, rank]``: the mean of its live
+    tokens' decoded codes) and the index's ``page_version`` they were made at (``version [H, pages]``). A page
+    whose version moved (tokens joined, left or moved; a rebuild moves every version) is coded again by
+    ``refresh``; ``current``: every page was current at the last refresh."""
 
-    def __init__(self, mean, kmap, qmap, cap: int):
+    def __init__(self, mean, kmap, qmap, pages: int, page_size: int):
         self.mean, self.kmap, self.qmap = mean, kmap, qmap
-        self.codes = np.zeros((kmap.shape[0], cap, kmap.shape[2]), np.int8)
-        self.scales = np.zeros((kmap.shape[0], cap), np.float32)
-        self.done = 0
+        H, r = kmap.shape[0], kmap.shape[2]
+        self.codes = np.zeros((H, pages, page_size, r), np.int8)
+        self.scales = np.zeros((H, pages, page_size), np.float32)
+        self.summary = np.zeros((H, pages, r), np.float32)
+        self.version = np.zeros((H, pages), np.uint32)  # a page id never allocated is at version 0
+        self.current = False
 
     def copy(self) -> _Fit:
         new = object.__new__(_Fit)
-        new.done = self.done  # first: rows below it were written before it was set (a copy-on-write copy may
-        # run on a writer thread while a query advances this fit)
+        # the versions first: a copy-on-write copy may run on a writer thread while a query refreshes this fit,
+        # which writes a page's codes before its version (a copy may then hold new codes at an old version: coded
+        # again, never the reverse)
+        new.version = self.version.copy()
+        new.current = self.current
         new.mean, new.kmap, new.qmap = self.mean, self.kmap, self.qmap
-        new.codes, new.scales = self.codes.copy(), self.scales.copy()
+        new.codes, new.scales, new.summary = self.codes.copy(), self.scales.copy(), self.summary.copy()
         return new
 
-    def reserve(self, n: int) -> None:
-        # both shapes: a copy taken on another thread while this fit grew may hold the new codes, old scales
-        if n > self.codes.shape[1] or n > self.scales.shape[1]:
-            cap = max(n, self.codes.shape[1] * 5 // 4)
-            codes = np.zeros((self.codes.shape[0], cap, self.codes.shape[2]), np.int8)
-            scales = np.zeros((self.codes.shape[0], cap), np.float32)
-            codes[:, : self.done], scales[:, : self.done] = self.codes[:, : self.done], self.scales[:, : self.done]
-            self.codes, self.scales = codes, scales
+    def _reserve(self, pages: int) -> None:
+        if pages <= self.version.shape[1]:
+            return
+        H, k = self.version.shape
+        codes = np.zeros((H, pages) + self.codes.shape[2:], np.int8)
+        scales = np.zeros((H, pages, self.scales.shape[2]), np.float32)
+        summary = np.zeros((H, pages, self.summary.shape[2]), np.float32)
+        version = np.zeros((H, pages), np.uint32)
+        codes[:, :k], scales[:, :k], summary[:, :k], version[:, :k] = self.codes, self.scales, self.summary, self.version
+        self.codes, self.scales, self.summary = codes, scales, summary
+        self.version = version  # last (``copy`` reads it first)
 
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes + self.kmap.nbytes + self.qmap.nbytes + self.mean.nbytes
+        return sum(a.nbytes for a in (self.codes, self.scales, self.summary, self.version, self.kmap, self.qmap,
+                                      self.mean))
+
+    def refresh(self, idx, budget: int | None = None) -> bool:
+        """Code every page whose ``page_version`` moved since it was coded, at most ``budget`` tokens' worth (per
+        KV head; at least one page); returns whether every page is now current (``current``)."""
+        self._reserve(idx.page_fill.shape[1])
+        n = int(idx.next_page.max())
+        v = idx.page_version[:, :n]
+        heads, pages = np.nonzero(v != self.version[:, :n])
+        todo = heads.size
+        if budget is not None and todo:  # the pages that start within the budget (so >= budget tokens coded)
+            fill = idx.page_fill[heads, pages].astype(np.int64)
+            start = np.cumsum(fill) - fill
+            take = max(1, int(np.count_nonzero(start < int(budget) * idx.H)))
+            heads, pages = heads[:take], pages[:take]
+        if heads.size:
+            kmap_s = np.ascontiguousarray(self.kmap * idx.key_scale[:, :, None])
+            offset = np.ascontiguousarray(np.einsum("hd,hdr->hr", self.mean, self.kmap), dtype=np.float32)
+            heads, pages = heads.astype(np.int64), pages.astype(np.int64)
+            _encode_pages(idx.page_keys, idx.page_tok, idx.page_fill, idx.page_cell, idx.alive, heads, pages, kmap_s,
+                          offset, self.codes, self.scales, self.summary)
+            self.version[heads, pages] = v[heads, pages]  # after the codes (see ``copy``)
+        self.current = heads.size == todo
+        return self.current
 
 
 class LowRankState:
@@ -210,20 +256,13 @@ class LowRankState:
         """The second moment of the queries observed, per KV head ``[H, d, d]``."""
         return self.q_sum / np.float32(max(self.queries, 1))
 
-    def inserted(self, ids: np.ndarray, K: np.ndarray) -> None:
-        """New tokens ``ids`` (ascending, the index's newest) with keys ``K [H, n, d]`` as the index keeps
-        them: the active codes cover them at once; a pending fit reaches them in its turn."""
-        f = self.active
-        if f is None or not ids.size or int(ids[0]) != f.done:
-            return
-        f.reserve(int(ids[-1]) + 1)
-        f.codes[:, ids], f.scales[:, ids] = encode(K, f.mean, f.kmap)
-        f.done = int(ids[-1]) + 1
-
     def advance(self, idx, store: np.ndarray) -> None:
-        """Start a fit once due, or encode the next ``FIT_CHUNK`` tokens of the one in progress (the exact keys:
-        ``store [S, H, d]``, token ``t``'s row at ``idx.positions[t]``); a finished fit becomes active."""
-        n = idx.n_tokens
+        """Bring the active codes up to the index (the pages that changed since the last query, at most
+        ``FIT_CHUNK`` tokens' worth), then start a fit once due (a key sample from ``store [S, H, d]``, token
+        ``t``'s row at ``idx.positions[t]``), or code the next ``FIT_CHUNK`` tokens' worth of pages of the one in
+        progress; a fit whose every page is current becomes active."""
+        if self.active is not None:
+            self.active.refresh(idx, FIT_CHUNK)
         if self.pending is None:
             if self.queries < self.next_fit:
                 return
@@ -238,22 +277,17 @@ class LowRankState:
             except np.linalg.LinAlgError:
                 return  # no fit this time: the exact scan (or the active codes) answers until the next
             if all(np.isfinite(m).all() for m in maps):
-                self.pending = _Fit(*maps, n)
+                self.pending = _Fit(*maps, idx.page_fill.shape[1], idx.C)
             return
         f = self.pending
-        hi = min(n, f.done + FIT_CHUNK)
-        if hi > f.done:
-            f.reserve(n)
-            # straight from the store, parallel over tokens (dead tokens are coded too, never read)
-            _encode_store(store, idx.positions, f.done, hi, f.mean, f.kmap, f.codes, f.scales)
-            f.done = hi
-        if f.done >= n:
+        if f.refresh(idx, FIT_CHUNK):
             self.active = f  # first: ``copy`` reads ``pending`` before ``active``
             self.pending = None
             self.fits += 1
 
-    def ready(self, n_tokens: int) -> bool:
-        return self.active is not None and self.active.done >= n_tokens
+    def ready(self) -> bool:
+        """Whether the active codes were current at the last ``advance`` (the first pass may read them)."""
+        return self.active is not None and self.active.current
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -277,84 +311,122 @@ def _offer(ts, tp, s, p):  # pragma: no cover
     tp[i] = p
 
 
+#: pages ahead whose first bytes a pass touches (``_touch``): the pages a query reads lie anywhere, and a page's
+#: slots take long enough to score that the core does not reach the next page's loads by itself (a pass over a
+#: tenth of the pages of 128k tokens, caches cold: 1.42 -> 0.89 ms on 2 cores at 8 pages ahead, 1.07 at 1)
+TOUCH_AHEAD = 8
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _touch(codes, scales, page_tok, p):  # pragma: no cover
+    """Read one byte of each cache line of page ``p``'s codes, and its scales and token ids, so that the loads
+    are in flight before the page is scored; returns a value the caller keeps (or the reads go away)."""
+    acc = np.int64(page_tok[p, 0]) + np.int64(scales[p, 0] > 0)
+    step = max(1, 64 // codes.shape[2])
+    for j in range(0, codes.shape[1], step):
+        acc += codes[p, j, 0]
+    return acc
+
+
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
-def _top4(codes, scales, tok_page, alive, t0, t1, Qr, qmu, a, ts, tp):  # pragma: no cover
-    """Tokens ``[t0, t1)`` of one KV head scored for query rows ``a .. a + 3``; each row's best distinct pages
-    kept in ``ts``/``tp [4, X]``. A score at or below every row's X-th page costs four compares against
-    thresholds held in registers: a token's page and liveness are read only for the few that pass."""
+def _top4(codes, scales, page_tok, page_fill, alive, plist, Qr, qmu, a, ts, tp):  # pragma: no cover
+    """The pages ``plist`` of one KV head, slot by slot, scored for query rows ``a .. a + 3``; each row's best
+    distinct pages kept in ``ts``/``tp [4, X]`` (a page offered once, with its best live slot). A score at or
+    below every row's X-th page costs four compares against thresholds held in registers: a token's liveness
+    is read only for the few that pass. Returns ``_touch``'s value."""
     r = Qr.shape[1]
     X = ts.shape[1]
     q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
     m0, m1, m2, m3 = qmu[a], qmu[a + 1], qmu[a + 2], qmu[a + 3]
     b0, b1, b2, b3 = ts[0, X - 1], ts[1, X - 1], ts[2, X - 1], ts[3, X - 1]
-    for t in range(t0, t1):
-        row = codes[t]
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        for i in range(r):
-            x = np.float32(row[i])
-            s0 += x * q0[i]
-            s1 += x * q1[i]
-            s2 += x * q2[i]
-            s3 += x * q3[i]
-        sc = scales[t]
-        s0, s1, s2, s3 = s0 * sc + m0, s1 * sc + m1, s2 * sc + m2, s3 * sc + m3
-        if s0 > b0 or s1 > b1 or s2 > b2 or s3 > b3:
-            p = tok_page[t]
-            if p < 0 or not alive[t]:
-                continue
-            _offer(ts[0], tp[0], s0, p)
-            _offer(ts[1], tp[1], s1, p)
-            _offer(ts[2], tp[2], s2, p)
-            _offer(ts[3], tp[3], s3, p)
+    touched = np.int64(0)
+    n = plist.shape[0]
+    for i in range(n):
+        if i + TOUCH_AHEAD < n:
+            touched += _touch(codes, scales, page_tok, plist[i + TOUCH_AHEAD])
+        p = plist[i]
+        c0 = c1 = c2 = c3 = NEG_INF  # the page's best live slot per row, among those past a threshold
+        for j in range(page_fill[p]):
+            row = codes[p, j]
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for k in range(r):
+                x = np.float32(row[k])
+                s0 += x * q0[k]
+                s1 += x * q1[k]
+                s2 += x * q2[k]
+                s3 += x * q3[k]
+            sc = scales[p, j]
+            s0, s1, s2, s3 = s0 * sc + m0, s1 * sc + m1, s2 * sc + m2, s3 * sc + m3
+            if (s0 > b0 or s1 > b1 or s2 > b2 or s3 > b3) and alive[page_tok[p, j]]:
+                c0, c1, c2, c3 = max(c0, s0), max(c1, s1), max(c2, s2), max(c3, s3)
+        if c0 > b0 or c1 > b1 or c2 > b2 or c3 > b3:  # one offer per page and row
+            _offer(ts[0], tp[0], c0, p)
+            _offer(ts[1], tp[1], c1, p)
+            _offer(ts[2], tp[2], c2, p)
+            _offer(ts[3], tp[3], c3, p)
             b0, b1, b2, b3 = ts[0, X - 1], ts[1, X - 1], ts[2, X - 1], ts[3, X - 1]
+    return touched
 
 
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
-def _top1(codes, scales, tok_page, alive, t0, t1, q, m, ts, tp):  # pragma: no cover
+def _top1(codes, scales, page_tok, page_fill, alive, plist, q, m, ts, tp):  # pragma: no cover
     """``_top4`` for one query row ``q`` (a group's last rows when it is not a multiple of four)."""
     r = q.shape[0]
     X = ts.shape[0]
     b = ts[X - 1]
-    for t in range(t0, t1):
-        row = codes[t]
-        s0 = np.float32(0.0)
-        for i in range(r):
-            s0 += np.float32(row[i]) * q[i]
-        s0 = s0 * scales[t] + m
-        if s0 > b:
-            p = tok_page[t]
-            if p < 0 or not alive[t]:
-                continue
-            _offer(ts, tp, s0, p)
+    touched = np.int64(0)
+    n = plist.shape[0]
+    for i in range(n):
+        if i + TOUCH_AHEAD < n:
+            touched += _touch(codes, scales, page_tok, plist[i + TOUCH_AHEAD])
+        p = plist[i]
+        c = NEG_INF
+        for j in range(page_fill[p]):
+            row = codes[p, j]
+            s0 = np.float32(0.0)
+            for k in range(r):
+                s0 += np.float32(row[k]) * q[k]
+            s0 = s0 * scales[p, j] + m
+            if s0 > b and s0 > c and alive[page_tok[p, j]]:
+                c = s0
+        if c > b:
+            _offer(ts, tp, c, p)
             b = ts[X - 1]
+    return touched
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def lowrank_candidates(codes, scales, tok_page, alive, n_tok, Qr, qmu, X, runs):  # pragma: no cover
-    """Per query row, the ``X`` pages with the best approximate scores ``q.mean + (q qmap).c`` (a page's best
-    live token) -> (``pages [H_q, X]`` int32, -1 padded, ``scores [H_q, X]``), best first. Work items are
-    (KV head, run of tokens), ``runs`` per head, each keeping its own best pages, merged per row.
-
-    Tokens come in id order and their pages in no order: folding every score into its page's maximum was a
-    random read-modify-write per token and query head, about half the pass's time at 128k on 2 cores;
-    keeping only the best ``X`` distinct pages costs one compare per token and query head."""
+def lowrank_candidates(codes, scales, page_tok, page_fill, page_cell, next_page, alive, use, Qr, qmu, X,
+                       runs):  # pragma: no cover
+    """Per query row, among the pages with ``use [H, pages]`` set, the ``X`` pages with the best approximate
+    scores ``q.mean + (q qmap).c`` (a page's best live token) -> (``pages [H_q, X]`` int32, -1 padded, ``scores
+    [H_q, X]``), best first. Work items are (KV head, run of pages), ``runs`` per head, each keeping its own best
+    pages, merged per row. The codes lie in page order (a page's slots in a row)."""
     H = codes.shape[0]
     g = Qr.shape[0] // H
     ts = np.full((H * runs, g, X), NEG_INF, np.float32)
     tp = np.full((H * runs, g, X), -1, np.int32)
-    per = (n_tok + runs - 1) // runs
+    touched = np.zeros(H * runs, np.int64)
     for it in prange(H * runs):
         h, blk = it // runs, it % runs
-        t0, t1 = blk * per, min((blk + 1) * per, n_tok)
+        per = (next_page[h] + runs - 1) // runs
+        p0, p1 = blk * per, min((blk + 1) * per, next_page[h])
+        plist = np.empty(max(p1 - p0, 0), np.int64)
+        n = 0
+        for p in range(p0, p1):
+            if use[h, p] and page_cell[h, p] >= 0:
+                plist[n] = p
+                n += 1
+        plist = plist[:n]
         j = 0
         while j < g:  # query heads four at a time (each code value loaded once per four), each on its own pass
             if j + 4 <= g:
-                _top4(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr, qmu, h * g + j, ts[it, j:j + 4],
-                      tp[it, j:j + 4])
+                touched[it] += _top4(codes[h], scales[h], page_tok[h], page_fill[h], alive, plist, Qr, qmu, h * g + j,
+                                     ts[it, j:j + 4], tp[it, j:j + 4])
                 j += 4
             else:
-                _top1(codes[h], scales[h], tok_page[h], alive, t0, t1, Qr[h * g + j], qmu[h * g + j], ts[it, j],
-                      tp[it, j])
+                touched[it] += _top1(codes[h], scales[h], page_tok[h], page_fill[h], alive, plist, Qr[h * g + j],
+                                     qmu[h * g + j], ts[it, j], tp[it, j])
                 j += 1
     out_s = np.full((H * g, X), NEG_INF, np.float32)
     out_p = np.full((H * g, X), -1, np.int32)
@@ -365,6 +437,125 @@ def lowrank_candidates(codes, scales, tok_page, alive, n_tok, Qr, qmu, X, runs):
                 if tp[h * runs + blk, j, u] >= 0:
                     _offer(out_s[row], out_p[row], ts[h * runs + blk, j, u], tp[h * runs + blk, j, u])
     return out_p, out_s
+
+
+#: bins of the page stage's histogram of a query row's summary scores (``summary_pages``)
+_BINS = 64
+
+
+@njit(cache=True, nogil=True)
+def _mark_best(s, n, Y, mark):  # pragma: no cover
+    """Set ``mark[p]`` for the pages ``p < n`` whose score ``s[p]`` is among the ``Y`` best or ties the cut
+    (``-inf``: not a page): a histogram of the scores finds the bin holding the ``Y``-th best, refined inside it
+    while more than ``Y + Y // 2`` pages would pass, then every page at or above the cut is marked (``Y`` or a
+    few more, never fewer)."""
+    lo, hi = np.float32(np.inf), NEG_INF
+    valid = 0
+    for p in range(n):
+        v = s[p]
+        if v > NEG_INF:
+            valid += 1
+            lo = min(lo, v)
+            hi = max(hi, v)
+    cut = lo
+    if valid > Y:
+        hist = np.empty(_BINS, np.int64)
+        above = 0  # pages at or above ``hi`` (counted in; the first range holds ``hi`` itself, later ones not)
+        for level in range(4):
+            if not hi > lo:
+                break
+            hist[:] = 0
+            w = np.float32(_BINS) / (hi - lo)
+            for p in range(n):
+                v = s[p]
+                if v >= lo and (v < hi or (level == 0 and v == hi)):
+                    hist[min(_BINS - 1, int((v - lo) * w))] += 1
+            k = _BINS - 1
+            total = above + hist[k]
+            while total < Y and k > 0:
+                k -= 1
+                total += hist[k]
+            new_lo = lo + np.float32(k) / w
+            cut = new_lo
+            if total <= Y + Y // 2:
+                break
+            above = total - hist[k]  # refine within bin k
+            hi, lo = new_lo + np.float32(1.0) / w, new_lo
+    for p in range(n):
+        if s[p] > NEG_INF and s[p] >= cut:
+            mark[p] = 1
+
+
+def summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y: int, runs: int) -> np.ndarray:
+    """The page stage: per KV head, the pages among some query row's ``Y`` best by summary score (``q.mean +
+    (q qmap).summary``; ``_mark_best``) -> ``use [H, pages]`` uint8 (1: the first pass scores the page's tokens
+    for every row of the head). Scores are computed in work items (KV head, run of pages), four rows per loaded
+    summary (``_summary_scores``, fastmath), then each row marks its best (without fastmath: it compares with
+    -inf)."""
+    return _mark_pages(_summary_scores(summary, page_cell, page_fill, next_page, Qr, qmu, runs), next_page, int(Y))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _mark_pages(sc, next_page, Y):  # pragma: no cover
+    H = next_page.shape[0]
+    g = sc.shape[0] // H
+    n_max = sc.shape[1]
+    marks = np.zeros((H * g, n_max), np.uint8)
+    for a in prange(H * g):
+        _mark_best(sc[a], next_page[a // g], Y, marks[a])
+    use = np.zeros((H, n_max), np.uint8)
+    for h in prange(H):
+        for j in range(g):
+            m = marks[h * g + j]
+            for p in range(next_page[h]):
+                use[h, p] |= m[p]
+    return use
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _summary_scores(summary, page_cell, page_fill, next_page, Qr, qmu, runs):  # pragma: no cover
+    """Every query row's summary score of every page of its KV head, ``[H_q, max pages]`` (-inf: a free or empty
+    page; past a head's pages: unset)."""
+    H, r = summary.shape[0], summary.shape[2]
+    g = Qr.shape[0] // H
+    n_max = 0
+    for h in range(H):
+        n_max = max(n_max, next_page[h])
+    sc = np.empty((H * g, n_max), np.float32)
+    for it in prange(H * runs):
+        h, blk = it // runs, it % runs
+        per = (next_page[h] + runs - 1) // runs
+        p0, p1 = blk * per, min((blk + 1) * per, next_page[h])
+        j = 0
+        while j < g:
+            a = h * g + j
+            if j + 4 <= g:
+                q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
+                for p in range(p0, p1):
+                    row = summary[h, p]
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for i in range(r):
+                        x = row[i]
+                        s0 += x * q0[i]
+                        s1 += x * q1[i]
+                        s2 += x * q2[i]
+                        s3 += x * q3[i]
+                    live = page_cell[h, p] >= 0 and page_fill[h, p] > 0
+                    sc[a, p] = s0 + qmu[a] if live else NEG_INF
+                    sc[a + 1, p] = s1 + qmu[a + 1] if live else NEG_INF
+                    sc[a + 2, p] = s2 + qmu[a + 2] if live else NEG_INF
+                    sc[a + 3, p] = s3 + qmu[a + 3] if live else NEG_INF
+                j += 4
+            else:
+                q = Qr[a]
+                for p in range(p0, p1):
+                    row = summary[h, p]
+                    s0 = np.float32(0.0)
+                    for i in range(r):
+                        s0 += row[i] * q[i]
+                    sc[a, p] = s0 + qmu[a] if page_cell[h, p] >= 0 and page_fill[h, p] > 0 else NEG_INF
+                j += 1
+    return sc
 
 
 @njit(cache=True, nogil=True)
@@ -391,28 +582,45 @@ def candidate_columns(cand, g, page_fill, page_tok):  # pragma: no cover
     return cols, fill, tok, count
 
 
-def _runs_per_head(n_tok: int, H: int) -> int:
-    """Runs of tokens per KV head so that the items fill the threads twice over, each ``MIN_RUN`` or more."""
-    want = max(1, -(-2 * numba.get_num_threads() // H))
-    return max(1, min(want, n_tok // MIN_RUN))
-
-
 def lowrank_rescore_count(n_pages: int) -> int:
     """Pages per KV head the first pass hands to the exact rescoring (``LOWRANK_RESCORE_FACTOR`` x P)."""
     return LOWRANK_RESCORE_FACTOR * int(n_pages)
 
 
-def candidates(idx, Q: np.ndarray, X: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first pass of an index with active codes -> each query row's ``X`` best pages by approximate score
-    and those scores (``[H_q, X]``, best first, -1 / -inf padded)."""
+def _page_runs(n_pages: int, H: int) -> int:
+    """Runs of pages per KV head so that the work items fill the threads twice over, each ``MIN_RUN`` pages or
+    more."""
+    want = max(1, -(-2 * numba.get_num_threads() // H))
+    return max(1, min(want, n_pages // MIN_RUN))
+
+
+def uses_page_stage(idx, X: int, page_stage: int) -> bool:
+    """Whether ``candidates`` scores only the tokens of each row's best ``page_stage * X`` pages by summary: a KV
+    head must have four times as many pages (else every token is scored)."""
+    return page_stage > 0 and 4 * page_stage * int(X) <= int(idx.next_page.min())
+
+
+def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The first pass of an index with current codes -> each query row's ``X`` best pages by approximate score
+    and those scores (``[H_q, X]``, best first, -1 / -inf padded). With the page stage (``uses_page_stage``)
+    the tokens scored are those of the pages some row of their KV head ranks among its ``page_stage * X`` best
+    by summary (``summary_pages``); else every token."""
     f = idx.lowrank.active
     Qr, qmu = project_queries(Q, f.mean, f.qmap)
-    n = idx.n_tokens
-    return lowrank_candidates(f.codes, f.scales, idx.tok_page, idx.alive, n, Qr, qmu, int(X), _runs_per_head(n, idx.H))
+    n = int(idx.next_page.max())
+    runs = _page_runs(n, idx.H)
+    if uses_page_stage(idx, X, page_stage):
+        use = summary_pages(f.summary, idx.page_cell, idx.page_fill, idx.next_page, Qr, qmu, int(page_stage) * int(X),
+                            runs)
+    else:
+        use = np.ones((idx.H, n), np.uint8)
+    return lowrank_candidates(f.codes, f.scales, idx.page_tok, idx.page_fill, idx.page_cell, idx.next_page, idx.alive,
+                              use, Qr, qmu, int(X), runs)
 
 
 def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "rank", rank: int | None = None,
-                       rescore: int | None = None, layer: int = 0, min_tokens: int = MIN_TOKENS) -> np.ndarray:
+                       rescore: int | None = None, layer: int = 0, min_tokens: int = MIN_TOKENS,
+                       page_stage: int = 0) -> np.ndarray:
     """The exact selection with a low-rank first pass -> ``[H_kv, n_pages]`` int32 (-1 padded), for a
     ``PagedDCIIndex`` whose ``positions`` are rows of ``store`` (the exact keys, which decide): the query is
     observed, a due fit advanced, and until the index's codes cover every token it is scanned exactly
@@ -424,7 +632,8 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     explicit ``rescore`` below ``n_pages`` allows, gets fewer pages, -1 padded).
     ``rank``: of the codes an index starts (default ``default_rank``); ``layer``: the model layer of the index
     (its fit is staggered by it, ``FIT_STAGGER``); ``min_tokens``: the threshold (``MIN_TOKENS``; the quality
-    benchmark lowers it to measure 4k-8k captures)."""
+    benchmark lowers it to measure 4k-8k captures); ``page_stage``: 0 (``selection: lowrank``), every token is
+    scored; else the page stage's factor (``candidates``; ``PAGE_STAGE_FACTOR`` for ``lowrank_pages``)."""
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
         raise ValueError(f"Q must be [a multiple of {idx.H}, {idx.d}], got {Q.shape}")
@@ -438,10 +647,10 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     st.advance(idx, store)
     # not while the codes are incomplete, nor for an index cut below the threshold (a prefix copy), nor when
     # a KV head's candidates would cover half its pages (a budget of thousands of pages): the exact scan
-    if not st.ready(idx.n_tokens) or idx.n_live < min_tokens or 2 * X * (Q.shape[0] // idx.H) > idx.next_page.min():
+    if not st.ready() or idx.n_live < min_tokens or 2 * X * (Q.shape[0] // idx.H) > idx.next_page.min():
         return scan_index(idx, Q, n_pages, merge=merge, store=store)
     st.served += 1
-    cand, _ = candidates(idx, Q, X)
+    cand, _ = candidates(idx, Q, X, page_stage)
     # the rest runs over each KV head's candidate pages as columns (``candidate_columns``): scored from the
     # index's own page copy, and over an int8 copy the ones a KV head may choose scored from the exact keys, as
     # the exact scan does
@@ -465,17 +674,19 @@ def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:
         st.observe(Q)
     for _ in range(2 + -(-twin.n_tokens // FIT_CHUNK)):  # start, encode; bounded (a failed fit would not end)
         st.advance(twin, store)
-    if not st.ready(twin.n_tokens):
+    if not st.ready():
         raise RuntimeError("the low-rank warmup could not fit its codes")
     for merge in ("rank", "mass"):  # one candidate per query row: the first pass runs on the warmup's few pages
-        scan_index_lowrank(twin, Q, 1, store, merge=merge, rescore=1, min_tokens=0)
+        scan_index_lowrank(twin, Q, 1, store, merge=merge, rescore=1, min_tokens=0, page_stage=0)
     if st.served != 2:
         raise RuntimeError("the low-rank warmup did not run the first pass")
-    # the conversions with a serial and a parallel variant by size: a real fit's chunks are large
+    # the page stage, on whatever pages the warmup has (a real index uses it from 4 x its pages)
     f = twin.lowrank.active
-    from_storage(store[np.zeros(-(-PARALLEL_MIN // (idx.H * idx.d)) + 1, np.int64)])  # a fit's key sample
-    encode(np.zeros((idx.H, -(-PARALLEL_MIN // (idx.H * f.kmap.shape[2])) + 1, idx.d), np.float32), f.mean, f.kmap)
+    Qr, qmu = project_queries(np.ascontiguousarray(Q, np.float32), f.mean, f.qmap)
+    summary_pages(f.summary, twin.page_cell, twin.page_fill, twin.next_page, Qr, qmu, 1, 1)
+    # the conversion with a serial and a parallel variant by size: a real fit's key sample is large
+    from_storage(store[np.zeros(-(-PARALLEL_MIN // (idx.H * idx.d)) + 1, np.int64)])
 
 
-__all__ = ["LowRankState", "candidate_columns", "candidates", "default_rank", "encode", "fit_maps", "lowrank_rescore_count",
-           "project_queries", "scan_index_lowrank", "warm"]
+__all__ = ["LowRankState", "candidate_columns", "candidates", "default_rank", "fit_maps", "lowrank_rescore_count",
+           "project_queries", "scan_index_lowrank", "summary_pages", "uses_page_stage", "warm"]

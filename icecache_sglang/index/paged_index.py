@@ -91,7 +91,8 @@ class PagedDCIIndex:
         # (norms, projections, parents, pages) is over the keys themselves, as kept (scale multiplied back)
         self._channel_scaled = self.cfg.storage_dtype == "int8"
         #: the query-aware low-rank codes of the exact selection's first pass (``lowrank.py``), started by the
-        #: first such query of a long index; token ids are kept by rebuilds, so they outlive them
+        #: first such query of a long index; kept per page slot and keyed by ``page_version``, so they outlive a
+        #: rebuild (every page coded again)
         self.lowrank = None
         self._alloc(0, 0)
 
@@ -110,7 +111,7 @@ class PagedDCIIndex:
             "cnt_desc": ("cell", (), np.int32, 0), "cnt_pages": ("cell", (), np.int32, 0),
             "page_tok": ("page", (C,), np.int32, -1), "page_fill": ("page", (), np.int32, 0),
             "page_cell": ("page", (), np.int32, -1), "page_next": ("page", (), np.int32, -1),
-            "page_prev": ("page", (), np.int32, -1), "page_dirty": ("page", (), np.bool_, 0),
+            "page_prev": ("page", (), np.int32, -1), "page_version": ("page", (), np.uint32, 0),
             "free_stack": ("page", (), np.int32, 0), "free_n": ("head", (), np.int32, 0),
             "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, stored_width(self.d, self.cfg.storage_dtype)), STORAGE[self.cfg.storage_dtype], 0),
             "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), np.float64, 0),
@@ -119,6 +120,10 @@ class PagedDCIIndex:
 
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
         T, P = max(tok_cap, 16), max(page_cap, 16)
+        # page versions never repeat within an index's life: the new arrays start past every version so far, so
+        # a version seen before this (``dirty_pages``, ``lowrank``'s page summaries) never matches a page now
+        old = getattr(self, "page_version", None)
+        version_base = int(old.max()) + 1 if old is not None and old.size else 0
         self.storage_version = getattr(self, "storage_version", -1) + 1  # state arrays replaced
         self._state_list_cache = None  # (see _state_list) it names the replaced arrays
         self.n_tokens = 0  # ids handed out
@@ -138,6 +143,7 @@ class PagedDCIIndex:
             shape = (self.H,) + length[kind] + tail
             # zeros come from the allocator lazily (np.full would write every byte of the page arrays)
             setattr(self, f, np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype))
+        self.page_version[:] = version_base
 
     @property
     def state(self) -> tuple:
@@ -301,10 +307,7 @@ class PagedDCIIndex:
         n_alive = int(self.alive[: self.n_tokens].sum()) + b
         growth = self.cfg.rebuild_growth
         if growth is not None and n_alive >= growth * max(self.n_at_build, math.ceil(1 / self.cfg.level0_prob)):
-            tids = self._rebuild_with(K, V, pos)
-            if self.lowrank is not None:
-                self.lowrank.inserted(tids, K)
-            return tids
+            return self._rebuild_with(K, V, pos)  # (low-rank codes: every page's version moved, coded again)
         tids = np.arange(self.n_tokens, self.n_tokens + b, dtype=np.int64)
         self._grow(self.n_tokens + b, int(self.next_page.max()) + b + 1)
         self.alive[tids] = True
@@ -333,9 +336,7 @@ class PagedDCIIndex:
             self.cnt_pages[h, tids + 1] = 0
             self.level_counts[h, 0] += b
         _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._a, self._bisect)
-        if self.lowrank is not None:
-            self.lowrank.inserted(tids, K)
-        return tids
+        return tids  # (low-rank codes: the pages changed have new versions, coded at the next query)
 
     def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:
         """Level-1 token ids of head h and their augmented keys for the current M, cached: inserts land on
@@ -366,7 +367,7 @@ class PagedDCIIndex:
                          scale)
         self.rebuilds = rebuilds + 1
         self._grow(self.n_tokens, old_pages)
-        self.page_dirty[:, :old_pages] = True  # every page id was reassigned or freed
+        self.page_version[:, :old_pages] += 1  # every page id was reassigned or freed
         return new
 
     def delete(self, token_ids) -> None:
@@ -542,9 +543,20 @@ class PagedDCIIndex:
         return np.where(valid, self.positions[np.maximum(tok, 0)], -1)
 
     def dirty_pages(self, clear: bool = True) -> list[np.ndarray]:
-        out = [np.flatnonzero(self.page_dirty[h]) for h in range(self.H)]
+        """Per head the page ids whose tokens or order changed (or that were allocated or freed) since the last
+        ``clear`` (``page_version`` against a snapshot; the index's own versions are never reset)."""
+        v = self.page_version
+        seen = getattr(self, "_versions_clean", None)
+        if seen is None:
+            seen = np.zeros_like(v)
+        elif seen.shape != v.shape:  # capacity changed: pages past the snapshot were clean at version 0
+            grown = np.zeros_like(v)
+            k = min(v.shape[1], seen.shape[1])
+            grown[:, :k] = seen[:, :k]
+            seen = grown
+        out = [np.flatnonzero(v[h] != seen[h]) for h in range(self.H)]
         if clear:
-            self.page_dirty[:] = False
+            self._versions_clean = v.copy()
         return out
 
     def live_pages(self, h: int) -> np.ndarray:

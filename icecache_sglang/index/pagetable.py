@@ -39,7 +39,7 @@ STATE_FIELDS = (
     "page_cell",  # int32 [H, P]    -1 = free
     "page_next",  # int32 [H, P]
     "page_prev",  # int32 [H, P]
-    "page_dirty",  # bool [H, P]
+    "page_version",  # uint32 [H, P] bumped by every change of the page's tokens or order (``dirty_pages``)
     "free_stack",  # int32 [H, P]   LIFO of released page ids
     "free_n",  # int32 [H]
     "next_page",  # int32 [H]      the next never-used page id
@@ -74,7 +74,7 @@ def bump_chain(S, h, cell, d_desc, d_pages):
 
 @njit(cache=True, nogil=True, inline="always")
 def page_alloc(S, h, cell):
-    page_fill, page_cell, page_next, page_prev, page_dirty = S[14], S[15], S[16], S[17], S[18]
+    page_fill, page_cell, page_next, page_prev, page_version = S[14], S[15], S[16], S[17], S[18]
     free_stack, free_n, next_page = S[19], S[20], S[21]
     if free_n[h] > 0:
         free_n[h] -= 1
@@ -86,16 +86,16 @@ def page_alloc(S, h, cell):
     page_cell[h, p] = cell
     page_next[h, p] = -1
     page_prev[h, p] = -1
-    page_dirty[h, p] = True
+    page_version[h, p] += 1
     return p
 
 
 @njit(cache=True, nogil=True)
 def page_release(S, h, p):
-    page_fill, page_cell, page_dirty, free_stack, free_n = S[14], S[15], S[18], S[19], S[20]
+    page_fill, page_cell, page_version, free_stack, free_n = S[14], S[15], S[18], S[19], S[20]
     page_fill[h, p] = 0
     page_cell[h, p] = -1
-    page_dirty[h, p] = True
+    page_version[h, p] += 1
     free_stack[h, free_n[h]] = p
     free_n[h] += 1
 
@@ -158,7 +158,7 @@ def page_insert(S, h, t, cell, key, val):
     """
     tok_page, tok_slot, tok_pkey = S[2], S[3], S[25]
     cell_first, cell_nchild = S[7], S[9]
-    page_tok, page_fill, page_next, page_dirty = S[13], S[14], S[16], S[18]
+    page_tok, page_fill, page_next, page_version = S[13], S[14], S[16], S[18]
     page_keys, page_vals = S[22], S[23]
     C = page_tok.shape[2]
     pt = tok_pkey[h, t]
@@ -195,7 +195,7 @@ def page_insert(S, h, t, cell, key, val):
                 move_slot(S, h, p, C - 1, nxt, 0)
                 page_fill[h, nxt] = fq + 1
                 page_fill[h, p] = C - 1
-                page_dirty[h, nxt] = True
+                page_version[h, nxt] += 1
         elif f == C and prv >= 0 and page_fill[h, prv] < C:  # room in the previous page
             if pos == 0:  # the new token is the smallest of p: it ends the previous page
                 p, pos = prv, page_fill[h, prv]
@@ -205,7 +205,7 @@ def page_insert(S, h, t, cell, key, val):
                 for j in range(1, C):
                     move_slot(S, h, p, j, p, j - 1)
                 page_fill[h, p] = C - 1
-                page_dirty[h, prv] = True
+                page_version[h, prv] += 1
                 pos -= 1
         elif f == C:
             half = C // 2
@@ -215,7 +215,7 @@ def page_insert(S, h, t, cell, key, val):
                 move_slot(S, h, p, j, q, j - half)
             page_fill[h, p] = half
             page_fill[h, q] = C - half
-            page_dirty[h, p] = True
+            page_version[h, p] += 1
             bump_chain(S, h, cell, 0, 1)
             if pos > half:
                 p = q
@@ -231,7 +231,7 @@ def page_insert(S, h, t, cell, key, val):
     tok_page[h, t] = p
     tok_slot[h, t] = pos
     page_fill[h, p] = f + 1
-    page_dirty[h, p] = True
+    page_version[h, p] += 1
     cell_nchild[h, cell] += 1
 
 
@@ -240,7 +240,7 @@ def page_remove(S, h, t):
     """Remove token ``t`` from its page; an emptied page is freed, a page under C/2 borrows or merges."""
     tok_page, tok_slot = S[2], S[3]
     cell_nchild = S[9]
-    page_tok, page_fill, page_cell, page_next, page_prev, page_dirty = S[13], S[14], S[15], S[16], S[17], S[18]
+    page_tok, page_fill, page_cell, page_next, page_prev, page_version = S[13], S[14], S[15], S[16], S[17], S[18]
     C = page_tok.shape[2]
     p = tok_page[h, t]
     j0 = tok_slot[h, t]
@@ -250,7 +250,7 @@ def page_remove(S, h, t):
         move_slot(S, h, p, j + 1, p, j)
     f -= 1
     page_fill[h, p] = f
-    page_dirty[h, p] = True
+    page_version[h, p] += 1
     tok_page[h, t] = -1
     tok_slot[h, t] = -1
     cell_nchild[h, cell] -= 1
@@ -270,8 +270,8 @@ def page_remove(S, h, t):
             return
         left, right = nb, p
     fl, fr = page_fill[h, left], page_fill[h, right]
-    page_dirty[h, left] = True
-    page_dirty[h, right] = True
+    page_version[h, left] += 1
+    page_version[h, right] += 1
     if fl + fr <= C:  # merge right into left
         for j in range(fr):
             move_slot(S, h, right, j, left, fl + j)

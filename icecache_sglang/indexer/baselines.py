@@ -9,8 +9,9 @@ and the index-quality benchmark rank pages the same way.
   the tight scan of ``index/scan.py``: on CPU it costs about what the search does (``index_speed.py``).
   Over an int8 index (an approximate copy of the keys) the scan rescores its best candidates from the key
   store (``exact``), so the ranking stays exact (``benchmarks/int8_keys.py``);
-- ``lowrank`` (a search, served here beside the scan it falls back to): the exact scan's ranking over the
-  pages a query-aware low-rank first pass picks (``index/lowrank.py``);
+- ``lowrank`` and ``lowrank_pages`` (searches, served here beside the scan they fall back to): the exact
+  scan's ranking over the pages a query-aware low-rank first pass picks (``index/lowrank.py``), over every
+  token's code or, with the page stage, over the tokens of the pages whose summaries rank best;
 - ``oracle_positional``: fixed pages of C consecutive tokens, ranked by exact best score;
 - ``quest``: the same pages ranked by Quest's per-page min/max bound;
 - ``streaming``: the most recent indexed tokens (with the sink and unindexed tail the backend adds, that is
@@ -25,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..index.keys import from_storage
-from ..index.lowrank import scan_index_lowrank
+from ..index.lowrank import PAGE_STAGE_FACTOR, scan_index_lowrank
 from ..index.scan import scan_index
 from ..index.paged_index import PagedDCIIndex
 from ..index.selection import OraclePositionalPolicy, QuestPolicy
@@ -40,14 +41,17 @@ def select_baseline(idx: PagedDCIIndex, q: np.ndarray, n_pages: int, policy: str
     ``store [S, H, d]``: the layer's exact keys, the row of a token at its position (the key store), which
     an int8 index's exact scan rescores from; ``layer``: the index's model layer (``lowrank`` staggers its fit
     by it)."""
-    if policy not in BASELINES + ("exact", "lowrank"):
-        raise ValueError(f"unknown baseline {policy!r}; known: {list(BASELINES) + ['exact', 'lowrank']}")
+    known = BASELINES + ("exact", "lowrank", "lowrank_pages")
+    if policy not in known:
+        raise ValueError(f"unknown baseline {policy!r}; known: {list(known)}")
     H, C, P = idx.H, idx.C, n_pages
     pages = np.full((H, P), -1, np.int32)
-    if policy == "lowrank" and store is not None and store.dtype in (np.float32, np.uint16):
-        pages = scan_index_lowrank(idx, np.ascontiguousarray(q, np.float32), P, store, merge=merge, layer=layer)
+    lowranks = ("lowrank", "lowrank_pages")
+    if policy in lowranks and store is not None and store.dtype in (np.float32, np.uint16):
+        pages = scan_index_lowrank(idx, np.ascontiguousarray(q, np.float32), P, store, merge=merge, layer=layer,
+                                   page_stage=PAGE_STAGE_FACTOR if policy == "lowrank_pages" else 0)
         return pages, idx.page_positions(pages).astype(np.int32)
-    if policy == "lowrank":  # no exact keys to rescore from (a float16 store): the exact scan
+    if policy in lowranks:  # no exact keys to rescore from (a float16 store): the exact scan
         policy = "exact"
     if policy in ("oracle_page", "exact"):  # the tight exhaustive scan (index/scan.py): every key read once per KV head
         if idx.page_keys.dtype == np.int8 and store is None:

@@ -57,7 +57,9 @@ class IceCacheConfig:
     pages ranked by exact score with a tight scan, no slower than the search on CPU and never missing the
     best page), ``lowrank`` (the same exact ranking over the candidates a query-aware low-rank first pass
     picks, reading a fraction of the keys: ``index/lowrank.py``; sequences under 16384 tokens, and each layer's
-    first queries, are scanned exactly), ``icecache`` (the index's M-DCI search) or a baseline over the same tokens and budget, for
+    first queries, are scanned exactly), ``lowrank_pages`` (``lowrank`` scoring only the tokens of the pages
+    whose summaries rank best: faster at long contexts, may miss a page whose best token lies far from its
+    mean), ``icecache`` (the index's M-DCI search) or a baseline over the same tokens and budget, for
     evaluation: ``oracle_page`` (IceCache's pages ranked by
     exact score), ``oracle_positional`` (fixed pages of page_size tokens, exact score), ``quest`` (their
     min/max bound) or ``streaming`` (the most recent tokens: sink + recent window). gqa_merge: how the query
