@@ -399,8 +399,72 @@ def test_codes_and_summaries_follow_every_page_change():
     check(idx)
     idx.cfg = IndexConfig(page_size=8, key_dtype="int8", rebuild_growth=1.001)
     idx.insert(K[:, n:n + 100])  # rebuilt: every page id reassigned, every version moved
+    n += 100
     assert idx.rebuilds == 1
     check(idx)
+    # after a rebuild into fewer pages than before, grown page ids must not restart at old versions (the fit
+    # holds those ids at their old versions): decode inserts, each checked
+    idx.cfg = IndexConfig(page_size=8, key_dtype="int8", rebuild_growth=None)
+    for _ in range(6):
+        idx.insert(K[:, n:n + 40])
+        n += 40
+        check(idx)
+
+
+def test_grown_page_ids_start_past_every_version_so_far():
+    """A rebuild packs the pages into fewer ids than before; the ids it grows back into must come at versions
+    never seen, or a copy of a page's data kept at its old version would look current."""
+    rng = np.random.default_rng(18)
+    idx = PagedDCIIndex(1, 8, config=IndexConfig(page_size=8, rebuild_growth=None))
+    idx.build(rng.standard_normal((1, 400, 8)).astype(np.float32))
+    for _ in range(30):
+        idx.insert(rng.standard_normal((1, 20, 8)).astype(np.float32))
+    before = idx.page_version.copy()
+    idx.cfg = IndexConfig(page_size=8, rebuild_growth=1.001)
+    idx.insert(rng.standard_normal((1, 1, 8)).astype(np.float32))  # rebuilt
+    assert idx.rebuilds == 1
+    k = min(before.shape[1], idx.page_version.shape[1])
+    assert (idx.page_version[:, :k] > before.max()).all()  # every id, allocated or not
+    idx.cfg = IndexConfig(page_size=8, rebuild_growth=None)
+    idx._grow(idx.n_tokens, idx.page_version.shape[1] + 50)
+    assert (idx.page_version[:, k:] > before.max()).all()
+
+
+def test_the_first_pass_keeps_each_rows_best_pages_over_four_rows_at_a_time():
+    """``lowrank_candidates`` against a brute-force reference: groups of 1, 4, 5 and 8 query rows (the four-row
+    and one-row loops), runs of pages, dead tokens, part-filled and free pages, a page list per head of its own
+    length, and more candidates than pages."""
+    rng = np.random.default_rng(19)
+    for trial in range(12):
+        Hs, g, C, r = int(rng.integers(1, 4)), [1, 4, 5, 8][trial % 4], 8, 8
+        n, X = int(rng.integers(5, 200)), int(rng.choice([1, 3, 16, 400]))
+        codes = rng.integers(-127, 128, (Hs, n, C, r)).astype(np.int8)
+        scales = rng.random((Hs, n, C)).astype(np.float32)
+        page_fill = rng.integers(0, C + 1, (Hs, n)).astype(np.int32)
+        page_cell = np.where(rng.random((Hs, n)) < 0.1, -1, 0).astype(np.int32)
+        page_tok = rng.permutation(Hs * n * C + 5)[:Hs * n * C].reshape(Hs, n, C).astype(np.int32)
+        alive = rng.random(Hs * n * C + 5) < 0.8
+        next_page = rng.integers(1, n + 1, Hs).astype(np.int32)
+        next_page[0] = n
+        use = (rng.random((Hs, n)) < 0.6).astype(np.uint8)
+        Qr = rng.standard_normal((Hs * g, r)).astype(np.float32)
+        qmu = rng.standard_normal(Hs * g).astype(np.float32)
+        pages, scores = lowrank.lowrank_candidates(codes, scales, page_tok, page_fill, page_cell, next_page, alive, use,
+                                                   Qr, qmu, X, int(rng.integers(1, 4)))
+        for row in range(Hs * g):
+            h = row // g
+            best = {}
+            for p in range(next_page[h]):
+                if use[h, p] and page_cell[h, p] >= 0:
+                    for j in range(page_fill[h, p]):
+                        if alive[page_tok[h, p, j]]:
+                            v = codes[h, p, j].astype(np.float32) @ Qr[row] * scales[h, p, j] + qmu[row]
+                            best[p] = max(best.get(p, -np.inf), v)
+            want = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:X]
+            got = [(int(p), float(v)) for p, v in zip(pages[row], scores[row]) if p >= 0]
+            assert len(got) == len(want) and (pages[row, len(got):] == -1).all()
+            np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-4, atol=1e-4)
+            assert {p for p, _ in got} == {p for p, _ in want} or len(want) == X  # ties at the X-th may differ
 
 
 def test_summary_pages_mark_every_rows_best_pages():
@@ -433,6 +497,13 @@ def test_summary_pages_mark_every_rows_best_pages():
                     want |= s >= np.sort(s[ok])[-Y]
             assert (use[h, :m].astype(bool) >= want).all()  # every row's best
             assert use[h].sum() <= g * (Y + Y // 2) + 40  # and not every page (40: the tied run)
+    # scores over many scales (heavy tails): still the Y best, not every page
+    heavy = np.exp(10 * rng.standard_normal((1, 1500, 1))).astype(np.float32)
+    for Yh in (10, 100):
+        use = lowrank.summary_pages(heavy, np.zeros((1, 1500), np.int32), np.full((1, 1500), 8, np.int32),
+                                    np.array([1500], np.int32), np.ones((1, 1), np.float32), np.zeros(1, np.float32),
+                                    Yh, 1)
+        assert (np.flatnonzero(use[0]) == np.sort(np.argsort(-heavy[0, :, 0])[:Yh])).all()
 
 
 def test_the_page_stage_scores_only_the_marked_pages():

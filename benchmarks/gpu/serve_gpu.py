@@ -387,7 +387,9 @@ def main(argv=None) -> int:
              "icecache-async": {"max_stale_steps": 4}, "icecache-every4": {"step_reuse": 4},
              # issue 14: the same with the low-rank first pass (sequences of 16384+ tokens; random weights here,
              # so its speed, not its choice of pages, is what this measures)
-             "icecache-async-lowrank": {"max_stale_steps": 4, "selection": "lowrank"}}
+             "icecache-async-lowrank": {"max_stale_steps": 4, "selection": "lowrank"},
+             # and with the page stage (only the codes of the pages whose summaries rank best)
+             "icecache-async-lowrank-pages": {"max_stale_steps": 4, "selection": "lowrank_pages"}}
     for spec in a.mode:
         name, _, text = spec.partition("=")
         modes[name] = json.loads(text or "{}")

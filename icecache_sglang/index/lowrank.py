@@ -12,19 +12,24 @@ in 99.6% (``benchmarks/lowrank_scan.py``). So an index that has answered enough 
 - with ``A = Sq^(1/2)`` (regularized), ``U [d, r]`` the leading eigenvectors of ``A Sk A`` (``Sk``: the keys'
   covariance); keys map to codes ``c = (k - mean) A U``, queries to ``q A^-1 U``, and
   ``q.k ~ q.mean + (q A^-1 U).c``, exact when the keys lie in the span;
-- per token its code as an int8 row over its own float32 scale (``r + 4`` bytes, in token-id order: append-only,
-  nothing moves when pages split or the tree is rebuilt).
+- per page slot the code of the token there, as an int8 row over its own float32 scale (``r + 4`` bytes), in
+  page order like the index's own key rows, and per page a *summary*: the mean of its live tokens' decoded
+  codes. Codes and summaries follow the index through its ``page_version`` (bumped by every change of a
+  page's tokens): at each query the pages whose version moved are coded again from the index's own rows
+  (``_Fit.refresh``), so an insert, a deletion or a rebuild needs no hook.
 
-A query then scores every token approximately and keeps each query head's best ``4 P`` distinct pages (a
-page's score: its best token's, through ``tok_page``); those candidates are scored from the index's page
-copy and, over an int8 copy, the ones a KV head may choose are rescored from the key store as the exact scan
-does (``scan.rescore_best``): the exact scores decide, and a page is missed only if the approximate scores
-rank it below the candidates. Until an index has a fitted basis (too few queries yet, or a fit in progress)
-it is scanned exactly (``scan.scan_index``). A fit encodes ``FIT_CHUNK`` tokens per query it answers
-(parallel, straight from the key store), into codes the first pass does not read until they cover every
-token, so no query pays for a whole encode; a model's layers start their fits on different steps
-(``FIT_STAGGER``); a refit follows each time the queries seen grow ``REFIT_GROWTH``-fold (a conversation's
-queries drift). Pure numpy + numba.
+A query then scores the codes approximately and keeps each query head's best ``4 P`` distinct pages (a page's
+score: its best live token's); those candidates are scored from the index's page copy and, over an int8 copy,
+the ones a KV head may choose are rescored from the key store as the exact scan does (``scan.rescore_best``):
+the exact scores decide, and a page is missed only if the approximate scores rank it below the candidates.
+``selection: lowrank`` scores every page's codes; ``lowrank_pages`` first ranks every page by its summary and
+scores the codes of only the pages some query head of the KV head ranks among its best ``PAGE_STAGE_FACTOR x
+4 P`` (``summary_pages``): about a tenth of the pages at 128k tokens, but a page whose best token lies far
+from its mean can be missed. Until an index has a fitted basis (too few queries yet, or a fit in progress)
+it is scanned exactly (``scan.scan_index``). A fit codes ``FIT_CHUNK`` tokens' worth of pages per query it
+answers, into codes the first pass does not read until every page is current, so no query pays for a whole
+encode; a model's layers start their fits on different steps (``FIT_STAGGER``); a refit follows each time the
+queries seen grow ``REFIT_GROWTH``-fold (a conversation's queries drift). Pure numpy + numba.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ FIT_AFTER = 8
 REFIT_GROWTH = 8
 #: keys sampled (evenly spaced) to fit a basis: 32 per dimension at d = 128
 FIT_SAMPLE = 4096
-#: tokens a fit encodes per query it answers (d x r multiply-adds per token and KV head: a 16k chunk of a
+#: tokens' worth of pages a fit codes per query it answers, and at most the pages an active fit codes again
+#: per query (after a rebuild, every page; d x r multiply-adds per token and KV head: a 16k chunk of a
 #: d = 128, r = 32 index is 0.5 G, about one exact scan's worth)
 FIT_CHUNK = 16384
 #: a layer's fit starts ``layer % FIT_STAGGER`` queries after FIT_AFTER, so that a model's layers, which all
@@ -166,7 +172,9 @@ class _Fit:
         new.version = self.version.copy()
         new.current = self.current
         new.mean, new.kmap, new.qmap = self.mean, self.kmap, self.qmap
-        new.codes, new.scales, new.summary = self.codes.copy(), self.scales.copy(), self.summary.copy()
+        k = new.version.shape[1]  # the arrays as wide as the versions read (``_reserve`` may be growing them)
+        new.codes, new.scales, new.summary = (self.codes[:, :k].copy(), self.scales[:, :k].copy(),
+                                              self.summary[:, :k].copy())
         return new
 
     def _reserve(self, pages: int) -> None:
@@ -481,6 +489,15 @@ def _mark_best(s, n, Y, mark):  # pragma: no cover
                 break
             above = total - hist[k]  # refine within bin k
             hi, lo = new_lo + np.float32(1.0) / w, new_lo
+        else:  # scores spread over many scales (heavy tails): the Y-th best exactly, among those past the cut
+            kept = np.empty(valid, np.float32)
+            m = 0
+            for p in range(n):
+                if s[p] > NEG_INF and s[p] >= cut:
+                    kept[m] = s[p]
+                    m += 1
+            if m > Y:
+                cut = np.sort(kept[:m])[m - Y]
     for p in range(n):
         if s[p] > NEG_INF and s[p] >= cut:
             mark[p] = 1

@@ -166,6 +166,8 @@ class PagedDCIIndex:
             kind, tail, dtype, fill = self._spec(f)
             if extra[kind]:
                 a = getattr(self, f)
+                if f == "page_version":  # new page ids start past every version so far (a rebuild's fresh arrays
+                    fill = int(a.max()) + 1 if a.size else 0  # may be smaller than the ids it grows back to)
                 setattr(self, f, np.concatenate([a, np.full((self.H, extra[kind]) + tail, fill, dtype)], axis=1))
 
     def copy(self) -> PagedDCIIndex:
