@@ -248,7 +248,7 @@ def plot(records, path: Path) -> None:
         b.bar(np.arange(len(srcs)) + i * w, [next((r["top_page_recall"] for r in q if r["source"] == s and r["method"] == m),
                                                   np.nan) for s in srcs], w, label=m)
     b.axhline(0.99, color="red", lw=0.8)
-    b.set_ylim(0.5, 1.005)
+    b.set_ylim(0.85, 1.005)
     b.set_xticks(np.arange(len(srcs)) + 0.4 - w / 2)
     b.set_xticklabels([s.replace(" ", "\n", 1) for s in srcs], fontsize=7)
     b.set_ylabel("top-page recall (after the GQA merge)")

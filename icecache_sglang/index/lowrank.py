@@ -3,10 +3,11 @@
 The exact selection (``scan.py``) reads every key of every page once per decode step and layer; it is
 memory-bound, and on the GPU host it falls behind at long contexts and batch 8 (GPU attempt14). A query's
 scores over one KV head's keys vary along few directions, *once the queries are taken into account*: a plain
-PCA of the keys keeps the directions the keys vary most in, but a model's queries weigh some channels tens of
-times more than others (Qwen2.5's outlier channels), and on Qwen2.5-Coder-0.5B at 16k tokens a 32-of-64 PCA
-of the keys keeps the exact best page in 52% of cases; whitened by the queries' second moment, 32 of 64 keep it
-in 99.6% (``benchmarks/lowrank_scan.py``). So an index that has answered enough queries learns, per KV head:
+PCA of the keys keeps the directions the keys vary most in, but a model's queries weigh some channels far
+more than others, and on SmolLM2-135M's passkey prompt at 8k tokens a 32-of-64 PCA of the keys keeps the exact
+best page in 95.5% of cases; whitened by the queries' second moment, 32 of 64 keep it in 99.2%
+(``benchmarks/lowrank_scan.py``; the index holding what follows the sink, as the server's). So an index that
+has answered enough queries learns, per KV head:
 
 - ``mean [d]`` of its keys and ``Sq`` the second moment of the queries it was asked (``observe``);
 - with ``A = Sq^(1/2)`` (regularized), ``U [d, r]`` the leading eigenvectors of ``A Sk A`` (``Sk``: the keys'
@@ -42,8 +43,8 @@ from .keys import PARALLEL_MIN, _int8_of, from_storage, key_row
 from .scan import NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1 ms more
-#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.8x the exact scan at 8k, 1.5x at
-#: 32k, 2.4-2.7x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
+#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.8x the exact scan at 8k, 1.4x at
+#: 32k, 1.7-2.2x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
 MIN_TOKENS = 16384
 #: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
 FIT_AFTER = 8
@@ -73,7 +74,7 @@ PAGE_STAGE_FACTOR = 4
 def default_rank(head_dim: int) -> int:
     """The rank of the codes when none is configured: a quarter of the head dimension, at least 32 (at most
     ``head_dim``). On Qwen2.5-Coder-0.5B's real Q/K at 16k tokens (head_dim 64) rank 16 kept the exact best
-    page in 98.8% of cases, rank 32 in 99.6%; on 2 cores a code of 32 values costs ~20% more first-pass time
+    page in 97.4% of cases, rank 32 in 99.4%; on 2 cores a code of 32 values costs 10-25% more first-pass time
     than one of 16 (``benchmarks/lowrank_scan.py``)."""
     return min(head_dim, max(32, head_dim // 4))
 
