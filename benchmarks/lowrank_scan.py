@@ -1,23 +1,28 @@
-"""The exact selection with a query-aware low-rank first pass (``selection: lowrank``) beside the full scan.
+"""The exact selection with a query-aware low-rank first pass (``selection: lowrank``, ``lowrank_pages``) beside
+the full scan.
 
-``index/lowrank.py``: once an index has answered ``FIT_AFTER`` queries it fits, per KV head, a rank-r map
-whitened by the queries' second moment, keeps an int8 code of r values per token, scores every token from the
-codes, and rescores each KV head's best ``4 P`` pages exactly from the key store. Two parts, one run:
+``index/lowrank.py``: once an index has answered ``FIT_AFTER`` queries it fits, per KV head, a rank-r map whitened
+by the queries' second moment, keeps an int8 code of r values per page slot and a summary per page, scores the
+codes (every page's, or with the page stage only those of the pages whose summaries some query head ranks among
+its best ``stage x 4P``), and rescores each query head's best ``4 P`` pages exactly. Two parts, one run:
 
 - **quality** on real post-RoPE Q/K (captured forward passes: SmolLM2-135M essays and passkey at 8000 tokens,
   Qwen2.5-Coder-0.5B essays at 16k; every layer from the third; the last 24 positions as decode steps, the
-  first 10 feeding the fit, the next 14 measured), int8 index as the indexer builds it, the exact keys in a
+  first 10 feeding the fit, the next 14 measured), the index holding the context between the server's sink and
+  recent window (both attended always, never indexed), int8 as the indexer builds it, the exact keys in a
   bfloat16 store as the server's: per (step, layer, query head) whether the exact best page (max over its
-  tokens of q.k, from the exact keys) is selected (``top_page_recall``, after the GQA merge), and the
-  selection's attention mass relative to the exact scan's selection (``mass_vs_exact`` mean and 5th
-  percentile over (step, layer, KV head)), and the share of a KV head's pages its candidates cover (the
-  server scans exactly where they would cover half); for the default rank (``lowrank.default_rank``: 32 at
-  head_dim 64), d/4 and d/8, and with plain (not query-aware) PCA maps for contrast (``maps: keys``);
+  tokens of q.k, from the exact keys) is selected (``top_page_recall``, after the GQA merge), the selection's
+  attention mass over the indexed tokens relative to the exact scan's selection (``mass_vs_exact`` mean and
+  5th percentile over (step, layer, KV head)), the share of a KV head's pages its candidates cover and the
+  share whose codes the first pass read; for the default rank (``lowrank.default_rank``: 32 at head_dim 64)
+  with page stages 1, 2, 4 and 8 where they apply, 2P candidates, d/4 and d/8, and with plain (not
+  query-aware) PCA maps for contrast (``maps: keys``);
 - **speed** on synthetic low-rank keys at Llama-3.1-8B's shape (8 KV heads, 32 query heads, d = 128, P = 12
   pages of 16), 8k / 32k / 128k tokens, interleaved step by step in one process on the same cores: the
   exact selection the server runs today (``exact``: the tight scan of the int8 page copy + rescoring),
-  ``lowrank`` (first pass + rescoring), the first pass alone, and reading the int8 page copy once (the
-  floor of any full scan). Bytes the codes add per token and layer beside the key row.
+  ``lowrank`` (first pass + rescoring), ``lowrank_pages``, the first passes alone, and reading the int8 page
+  copy once (the floor of any full scan); the share of the exact scan's pages each keeps; the bytes the codes
+  add per token and layer (allocated).
 
     python benchmarks/lowrank_scan.py [--quick]
 """
@@ -60,7 +65,9 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
     for li, (K, _V, Q) in enumerate(layers):
         if li < 2:
             continue
-        K = np.ascontiguousarray(K[:, SINK:])  # the index holds what follows the sink, as the server's
+        # the index holds what lies between the sink and the recent window, as the server's (both are attended
+        # always): keys are the context before the first decode position
+        K = np.ascontiguousarray(K[:, SINK:K.shape[1] - WINDOW])
         H, n, d = K.shape
         g = Q.shape[1] // H
         store = to_storage(np.ascontiguousarray(K.transpose(1, 0, 2)), "bfloat16")  # the server's key store
@@ -204,7 +211,7 @@ def summarize(rows: list[dict], source: str) -> list[dict]:
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
         masses = np.array([r["mass_vs_exact"] for r in rs])
-        out.append({"part": "quality", "source": source, "method": m, "pages": P_REAL, "sink": SINK,
+        out.append({"part": "quality", "source": source, "method": m, "pages": P_REAL, "sink": SINK, "window": WINDOW,
                     "page_stage": rs[0]["page_stage"], "pages_per_row": rs[0]["pages_per_row"],
                     "pages_per_head": float(np.mean([r["pages_per_head"] for r in rs])),
                     "scored_share_mean": float(np.mean([r["scored_share"] for r in rs])),
@@ -262,7 +269,7 @@ def plot(records, path: Path) -> None:
 
 
 P_REAL = (256 - 64) // C  # the 256-token budget less sink and window
-SINK = 32  # the server's sink_tokens: attended always, never indexed
+SINK, WINDOW = 32, 32  # the server's sink_tokens and window_tokens: attended always, never indexed
 
 
 def main(argv=None) -> None:

@@ -6,8 +6,8 @@ scores over one KV head's keys vary along few directions, *once the queries are 
 PCA of the keys keeps the directions the keys vary most in, but a model's queries weigh some channels far
 more than others, and on SmolLM2-135M's passkey prompt at 8k tokens a 32-of-64 PCA of the keys keeps the exact
 best page in 95.5% of cases; whitened by the queries' second moment, 32 of 64 keep it in 99.2%
-(``benchmarks/lowrank_scan.py``; the index holding what follows the sink, as the server's). So an index that
-has answered enough queries learns, per KV head:
+(``benchmarks/lowrank_scan.py``; the index holding what lies between the sink and the recent window, as the
+server's). So an index that has answered enough queries learns, per KV head:
 
 - ``mean [d]`` of its keys and ``Sq`` the second moment of the queries it was asked (``observe``);
 - with ``A = Sq^(1/2)`` (regularized), ``U [d, r]`` the leading eigenvectors of ``A Sk A`` (``Sk``: the keys'
@@ -25,8 +25,8 @@ the ones a KV head may choose are rescored from the key store as the exact scan 
 the exact scores decide, and a page is missed only if the approximate scores rank it below the candidates.
 ``selection: lowrank`` scores every page's codes; ``lowrank_pages`` first ranks every page by its summary and
 scores the codes of only the pages some query head of the KV head ranks among its best ``PAGE_STAGE_FACTOR x
-4 P`` (``summary_pages``): about a tenth of the pages at 128k tokens, but a page whose best token lies far
-from its mean can be missed. Until an index has a fitted basis (too few queries yet, or a fit in progress)
+4 P`` (``summary_pages``): at most 4 x 16P of ~8200 pages per KV head at 128k tokens and a group of 4
+(computed), but a page whose best token lies far from its mean can be missed. Until an index has a fitted basis (too few queries yet, or a fit in progress)
 it is scanned exactly (``scan.scan_index``). A fit codes ``FIT_CHUNK`` tokens' worth of pages per query it
 answers, into codes the first pass does not read until every page is current, so no query pays for a whole
 encode; a model's layers start their fits on different steps (``FIT_STAGGER``); a refit follows each time the
@@ -43,8 +43,8 @@ from .keys import PARALLEL_MIN, _int8_of, from_storage, key_row
 from .scan import NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1 ms more
-#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.8x the exact scan at 8k, 1.4x at
-#: 32k, 1.7-2.2x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
+#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.7x the exact scan at 8k, 1.2x at
+#: 32k, 1.8x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
 MIN_TOKENS = 16384
 #: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
 FIT_AFTER = 8
@@ -74,7 +74,7 @@ PAGE_STAGE_FACTOR = 4
 def default_rank(head_dim: int) -> int:
     """The rank of the codes when none is configured: a quarter of the head dimension, at least 32 (at most
     ``head_dim``). On Qwen2.5-Coder-0.5B's real Q/K at 16k tokens (head_dim 64) rank 16 kept the exact best
-    page in 97.4% of cases, rank 32 in 99.4%; on 2 cores a code of 32 values costs 10-25% more first-pass time
+    page in 96.6% of cases, rank 32 in 99.2%; on 2 cores a code of 32 values costs 14-28% more first-pass time
     than one of 16 (``benchmarks/lowrank_scan.py``)."""
     return min(head_dim, max(32, head_dim // 4))
 
@@ -322,7 +322,8 @@ def _offer(ts, tp, s, p):  # pragma: no cover
 
 #: pages ahead whose first bytes a pass touches (``_touch``): the pages a query reads lie anywhere, and a page's
 #: slots take long enough to score that the core does not reach the next page's loads by itself (a pass over a
-#: tenth of the pages of 128k tokens, caches cold: 1.42 -> 0.89 ms on 2 cores at 8 pages ahead, 1.07 at 1)
+#: tenth of the pages of 128k tokens, caches cold: 1.42 -> 0.89 ms on 2 cores at 8 pages ahead, 1.07 at 1;
+#: a scratch measurement)
 TOUCH_AHEAD = 8
 
 
