@@ -100,7 +100,8 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
                                                 stage * X, 1)
                     scored = use.sum(axis=1) / np.array(live)
                 assert 2 * X * g <= idx.next_page.min(), "the server would scan exactly here"
-                extra = {"page_stage": stage, "pages_per_row": stage * X, "pages_per_head": float(np.mean(live))}
+                extra = {"page_stage": stage, "pages_per_row": stage * X, "pages_per_head": float(np.mean(live)),
+                         "candidates": factor, "rank": rank, "maps": maps}
                 rows += [r | extra | {"candidate_share": c, "scored_share": float(sc)}
                          for r, c, sc in zip(_score(li, step, label, got, ref, idx, Kx, q, g), cover, scored)]
     return rows
@@ -165,14 +166,24 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
                                                                                min_tokens=0)),
                     ("first_pass", r, lambda q, ix=ix: lowrank.candidates(ix, q, X))]
         r0 = lowrank.default_rank(D)
-        if lowrank.uses_page_stage(coded[r0], X, lowrank.PAGE_STAGE_FACTOR):  # selection lowrank_pages
-            ix = coded[r0]
-            ops += [("lowrank_pages", r0, lambda q: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
-                                                                               min_tokens=0,
-                                                                               page_stage=lowrank.PAGE_STAGE_FACTOR)),
-                    ("first_pass_pages", r0, lambda q: lowrank.candidates(ix, q, X, lowrank.PAGE_STAGE_FACTOR))]
+        ix = coded[r0]
+        # the trade-off (the quality part measures the same settings on real Q/K): page stages 1-8 and half
+        # the candidates, at the default rank; "lowrank_pages" is the selection's own setting
+        meta = {("lowrank", r): {"page_stage": 0, "candidates": 4} for r in ranks}
+        meta[("lowrank_2P", r0)] = {"page_stage": 0, "candidates": 2}
+        ops.append(("lowrank_2P", r0, lambda q: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
+                                                                           min_tokens=0, rescore=2 * P)))
+        for k in (1, 2, 4, 8):
+            if not lowrank.uses_page_stage(ix, X, k):
+                continue
+            name = "lowrank_pages" if k == lowrank.PAGE_STAGE_FACTOR else f"lowrank_pages_stage{k}"
+            meta[(name, r0)] = {"page_stage": k, "candidates": 4}
+            ops.append((name, r0, lambda q, k=k: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
+                                                                            min_tokens=0, page_stage=k)))
+            if k == lowrank.PAGE_STAGE_FACTOR:
+                ops.append(("first_pass_pages", r0, lambda q: lowrank.candidates(ix, q, X, lowrank.PAGE_STAGE_FACTOR)))
         t = {(op, r): [] for op, r, _ in ops}
-        agree = {(op, r): [] for op, r, _ in ops if op in ("lowrank", "lowrank_pages")}
+        agree = {key: [] for key in meta if key in t}
         for q in Qs[32:]:  # interleaved: every method sees the same machine state
             out = {}
             for op, r, fn in ops:
@@ -192,6 +203,7 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
                                           "index_bytes_per_token_layer": coded[r].nbytes() / idx.n_live}
             if (op, r) in agree:
                 extra["pages_as_exact"] = float(np.mean(agree[(op, r)]))
+                extra.update(meta[(op, r)])
             records.append({**base, **extra, "op": op, "seconds_median": v, "speedup_vs_exact": med[("exact", None)] / v})
         line = f"{n:7d}  exact {med[('exact', None)] * 1e3:7.2f} ms  read int8 copy {med[('read', None)] * 1e3:6.2f} ms"
         for r in ranks:
@@ -213,6 +225,7 @@ def summarize(rows: list[dict], source: str) -> list[dict]:
         masses = np.array([r["mass_vs_exact"] for r in rs])
         out.append({"part": "quality", "source": source, "method": m, "pages": P_REAL, "sink": SINK, "window": WINDOW,
                     "page_stage": rs[0]["page_stage"], "pages_per_row": rs[0]["pages_per_row"],
+                    "candidates": rs[0]["candidates"], "rank": rs[0]["rank"], "maps": rs[0]["maps"],
                     "pages_per_head": float(np.mean([r["pages_per_head"] for r in rs])),
                     "scored_share_mean": float(np.mean([r["scored_share"] for r in rs])),
                     "top_page_recall": sum(r["top_page_hits"] for r in rs) / sum(r["cases"] for r in rs),
@@ -228,13 +241,13 @@ def plot(records, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 4.6))
     sp = [r for r in records if r["part"] == "speed"]
     names = {"exact": "exact (full int8 scan + rescoring)", "lowrank": "lowrank r={} (first pass + rescoring)",
              "first_pass": "lowrank r={}: first pass alone", "read": "read the int8 page copy once",
              "lowrank_pages": "lowrank_pages r={} (page stage + first pass + rescoring)",
              "first_pass_pages": "lowrank_pages r={}: page stage + first pass alone"}
-    series = dict.fromkeys((r["op"], r.get("rank")) for r in sp)
+    series = dict.fromkeys((r["op"], r.get("rank")) for r in sp if r["op"] in names)
     for i, (op, rank) in enumerate(series):
         pts = sorted((r["context"], r["seconds_median"] * 1e3) for r in sp if r["op"] == op and r.get("rank") == rank)
         a.plot(*zip(*pts), {"exact": "s--", "lowrank": "o-", "first_pass": "v:", "read": "^:", "lowrank_pages": "D-",
@@ -261,6 +274,31 @@ def plot(records, path: Path) -> None:
     b.set_ylabel("top-page recall (after the GQA merge)")
     b.set_title("real Q/K: is each query head's exact best page selected? (computed)", fontsize=9)
     b.legend(fontsize=6)
+    # the trade-off: a setting's time at the longest context (synthetic keys, measured) against its top-page
+    # recall on each real source where the setting applies (computed): two sources of data, one point per pair
+    n_max = max((r["context"] for r in sp), default=0)
+    timed = {(r["page_stage"], r["candidates"]): r["seconds_median"] * 1e3 for r in sp
+             if r["context"] == n_max and "candidates" in r and r.get("rank") == max(x.get("rank") or 0 for x in sp)}
+    exact_ms = next((r["seconds_median"] * 1e3 for r in sp if r["context"] == n_max and r["op"] == "exact"), None)
+    for i, src in enumerate(srcs):
+        pts = sorted((timed[(r["page_stage"], r["candidates"])], r["top_page_recall"], r["page_stage"], r["candidates"])
+                     for r in q if r["source"] == src and r.get("maps") == "query" and r.get("rank") == 32
+                     and (r.get("page_stage"), r.get("candidates")) in timed)
+        if pts:
+            c.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=src)
+            for x, y, k, cand in pts:
+                c.annotate(f"stage {k}, {cand}P" if k else f"every code, {cand}P", (x, y), fontsize=6,
+                           textcoords="offset points", xytext=(3, 3))
+    if exact_ms:
+        c.axvline(exact_ms, color="gray", ls="--", lw=0.8, label=f"exact scan ({exact_ms:.1f} ms)")
+        c.axvline(exact_ms / 10, color="red", ls=":", lw=0.8, label="10x the exact scan (issue 14)")
+    c.axhline(0.99, color="red", lw=0.8)
+    c.set_xscale("log")
+    c.set_xlabel(f"ms per decode step per layer at {n_max // 1024}k (synthetic keys, measured)")
+    c.set_ylabel("top-page recall on real Q/K (computed)")
+    c.set_title("speed vs the decisive page: lowrank settings (r = 32)", fontsize=9)
+    c.legend(fontsize=6)
+    c.grid(alpha=0.3)
     if records and "machine" in records[0]:
         fig.suptitle(f"{records[0]['machine']}: {records[0]['command']}", fontsize=7)
     fig.tight_layout()
