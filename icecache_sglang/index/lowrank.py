@@ -149,6 +149,33 @@ def _encode_pages(page_keys, page_tok, page_fill, page_cell, alive, heads, pages
             summary[h, p, b] = acc[b] * inv
 
 
+@njit(cache=True, nogil=True)
+def _changed_pages(page_version, seen, page_fill, next_page, limit):  # pragma: no cover
+    """The pages ``(heads, pages)`` whose ``page_version`` differs from ``seen``, head by head in id order, cut to
+    those whose tokens before them (in that order) number under ``limit`` (-1: no cut; at least one page), and
+    how many pages differ in all."""
+    H = next_page.shape[0]
+    total = 0
+    for h in range(H):
+        for p in range(next_page[h]):
+            if page_version[h, p] != seen[h, p]:
+                total += 1
+    heads = np.empty(total, np.int64)
+    pages = np.empty(total, np.int64)
+    k = 0
+    start = 0
+    for h in range(H):
+        for p in range(next_page[h]):
+            if page_version[h, p] != seen[h, p]:
+                if limit >= 0 and k > 0 and start >= limit:
+                    return heads[:k], pages[:k], total
+                heads[k] = h
+                pages[k] = p
+                k += 1
+                start += page_fill[h, p]
+    return heads[:k], pages[:k], total
+
+
 class _Fit:
     """Maps and, per page slot, the code of the token there (``codes [H, pages, C, rank]`` int8 over ``scales [H,
     pages, C]``), per page the summary the page stage scores (``summary [H, pages, rank]``: the mean of its live
@@ -198,22 +225,18 @@ class _Fit:
         """Code every page whose ``page_version`` moved since it was coded, at most ``budget`` tokens' worth (per
         KV head; at least one page); returns whether every page is now current (``current``)."""
         self._reserve(idx.page_fill.shape[1])
-        n = int(idx.next_page.max())
-        v = idx.page_version[:, :n]
-        heads, pages = np.nonzero(v != self.version[:, :n])
-        todo = heads.size
-        if budget is not None and todo:  # the pages that start within the budget (so >= budget tokens coded)
-            fill = idx.page_fill[heads, pages].astype(np.int64)
-            start = np.cumsum(fill) - fill
-            take = max(1, int(np.count_nonzero(start < int(budget) * idx.H)))
-            heads, pages = heads[:take], pages[:take]
+        # the pages that changed, head by head, cut to those that start within the budget (>= budget tokens coded)
+        limit = -1 if budget is None else int(budget) * idx.H
+        heads, pages, todo = _changed_pages(idx.page_version, self.version, idx.page_fill, idx.next_page, limit)
         if heads.size:
-            kmap_s = np.ascontiguousarray(self.kmap * idx.key_scale[:, :, None])
-            offset = np.ascontiguousarray(np.einsum("hd,hdr->hr", self.mean, self.kmap), dtype=np.float32)
-            heads, pages = heads.astype(np.int64), pages.astype(np.int64)
-            _encode_pages(idx.page_keys, idx.page_tok, idx.page_fill, idx.page_cell, idx.alive, heads, pages, kmap_s,
-                          offset, self.codes, self.scales, self.summary)
-            self.version[heads, pages] = v[heads, pages]  # after the codes (see ``copy``)
+            key = getattr(self, "_folded", None)  # kmap with the channel scales folded in, per key_scale
+            if key is None or not np.array_equal(key[0], idx.key_scale):
+                kmap_s = np.ascontiguousarray(self.kmap * idx.key_scale[:, :, None])
+                offset = np.ascontiguousarray(np.einsum("hd,hdr->hr", self.mean, self.kmap), dtype=np.float32)
+                key = self._folded = (idx.key_scale.copy(), kmap_s, offset)
+            _encode_pages(idx.page_keys, idx.page_tok, idx.page_fill, idx.page_cell, idx.alive, heads, pages, key[1],
+                          key[2], self.codes, self.scales, self.summary)
+            self.version[heads, pages] = idx.page_version[heads, pages]  # after the codes (see ``copy``)
         self.current = heads.size == todo
         return self.current
 
