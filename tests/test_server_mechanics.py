@@ -207,5 +207,15 @@ def test_lowrank_selection_serves_a_long_prompt_through_its_first_pass(tiny_ice)
         want = sum(lowrank_queries(steps, 20000, layer) for layer in range(LAYERS))
         assert ib["lowrank_rows"] - ia["lowrank_rows"] == want > 0, (steps, ia, ib)
         assert ib["lowrank_indexes"] >= LAYERS and ib["lowrank_bytes"] > 0
+        # ``lowrank_pages`` on the same prompt: the radix hit shares the prefix's index, fitted codes included
+        # (a copy without the answer's tokens: the pages that changed are coded again), so every anchor layer's
+        # queries go through the page stage and the first pass, with no fallback
+        tiny_ice.set_icecache(selection="lowrank_pages")
+        r = tiny_ice.generate(input_ids=token_ids(20000, 7), max_new_tokens=16, ignore_eos=True)
+        assert r["meta_info"]["completion_tokens"] == 16
+        c = tiny_ice.icecache_stats()
+        steps = c["decode_steps"] - b["decode_steps"]
+        assert c["fallbacks"] == b["fallbacks"], (b, c)
+        assert c["indexer"]["lowrank_rows"] - ib["lowrank_rows"] >= (steps - 1) * LAYERS > 0, (steps, ib, c["indexer"])
     finally:
         tiny_ice.set_icecache(selection="exact")
