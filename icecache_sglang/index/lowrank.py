@@ -191,6 +191,9 @@ class _Fit:
         self.summary = np.zeros((H, pages, r), np.float32)
         self.version = np.zeros((H, pages), np.uint32)  # a page id never allocated is at version 0
         self.current = False
+        #: (the key_scale it was made for, kmap with those channel scales folded in, mean @ kmap): the coding's
+        #: maps for the index's stored rows, remade when the index's channel scales change
+        self._folded = None
 
     def copy(self) -> _Fit:
         new = object.__new__(_Fit)
@@ -199,7 +202,7 @@ class _Fit:
         # again, never the reverse)
         new.version = self.version.copy()
         new.current = self.current
-        new.mean, new.kmap, new.qmap = self.mean, self.kmap, self.qmap
+        new.mean, new.kmap, new.qmap, new._folded = self.mean, self.kmap, self.qmap, self._folded
         k = new.version.shape[1]  # the arrays as wide as the versions read (``_reserve`` may be growing them)
         new.codes, new.scales, new.summary = (self.codes[:, :k].copy(), self.scales[:, :k].copy(),
                                               self.summary[:, :k].copy())
@@ -229,7 +232,7 @@ class _Fit:
         limit = -1 if budget is None else int(budget) * idx.H
         heads, pages, todo = _changed_pages(idx.page_version, self.version, idx.page_fill, idx.next_page, limit)
         if heads.size:
-            key = getattr(self, "_folded", None)  # kmap with the channel scales folded in, per key_scale
+            key = self._folded
             if key is None or not np.array_equal(key[0], idx.key_scale):
                 kmap_s = np.ascontiguousarray(self.kmap * idx.key_scale[:, :, None])
                 offset = np.ascontiguousarray(np.einsum("hd,hdr->hr", self.mean, self.kmap), dtype=np.float32)

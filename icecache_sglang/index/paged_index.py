@@ -118,12 +118,16 @@ class PagedDCIIndex:
             "tok_pkey": ("tok", (), np.float64, 0), "key_scale": ("head", (self.d,), np.float32, 1),
         }[field]
 
+    def _next_version(self) -> int:
+        """A page version past every one so far: page versions never repeat within an index's life, so a version
+        seen before (``dirty_pages``, ``lowrank``'s codes) never matches a page whose arrays were replaced
+        (``_alloc``) or whose id is new (``_grow``)."""
+        v = getattr(self, "page_version", None)
+        return int(v.max()) + 1 if v is not None and v.size else 0
+
     def _alloc(self, tok_cap: int, page_cap: int) -> None:
         T, P = max(tok_cap, 16), max(page_cap, 16)
-        # page versions never repeat within an index's life: the new arrays start past every version so far, so
-        # a version seen before this (``dirty_pages``, ``lowrank``'s page summaries) never matches a page now
-        old = getattr(self, "page_version", None)
-        version_base = int(old.max()) + 1 if old is not None and old.size else 0
+        version_base = self._next_version()
         self.storage_version = getattr(self, "storage_version", -1) + 1  # state arrays replaced
         self._state_list_cache = None  # (see _state_list) it names the replaced arrays
         self.n_tokens = 0  # ids handed out
@@ -166,8 +170,8 @@ class PagedDCIIndex:
             kind, tail, dtype, fill = self._spec(f)
             if extra[kind]:
                 a = getattr(self, f)
-                if f == "page_version":  # new page ids start past every version so far (a rebuild's fresh arrays
-                    fill = int(a.max()) + 1 if a.size else 0  # may be smaller than the ids it grows back to)
+                if f == "page_version":  # (a rebuild's fresh arrays may be smaller than the ids it grows back to)
+                    fill = self._next_version()
                 setattr(self, f, np.concatenate([a, np.full((self.H, extra[kind]) + tail, fill, dtype)], axis=1))
 
     def copy(self) -> PagedDCIIndex:
@@ -368,8 +372,7 @@ class PagedDCIIndex:
         self._build_from(K_all, np.concatenate([V_old, V_new], axis=1), pos, np.concatenate([live, new]), stored,
                          scale)
         self.rebuilds = rebuilds + 1
-        self._grow(self.n_tokens, old_pages)
-        self.page_version[:, :old_pages] += 1  # every page id was reassigned or freed
+        self._grow(self.n_tokens, old_pages)  # (every page id reassigned or freed: all at new versions)
         return new
 
     def delete(self, token_ids) -> None:
