@@ -18,7 +18,8 @@ its best ``stage x 4P``), and rescores each query head's best ``4 P`` pages exac
   with page stages 1, 2, 4 and 8 where they apply, 2P candidates, d/4 and d/8, and with plain (not
   query-aware) PCA maps for contrast (``maps: keys``);
 - **speed** on synthetic low-rank keys at Llama-3.1-8B's shape (8 KV heads, 32 query heads, d = 128, P = 12
-  pages of 16), 8k / 32k / 128k tokens, interleaved step by step in one process on the same cores: the
+  pages of 16), 8k / 32k / 128k tokens, interleaved step by step in one process on the same cores, each call
+  after reading 96 MiB elsewhere (a server's other layers run between two calls of a layer): the
   exact selection the server runs today (``exact``: the tight scan of the int8 page copy + rescoring),
   ``lowrank`` (first pass + rescoring), ``lowrank_pages``, the first passes alone, and reading the int8 page
   copy once (the floor of any full scan); the share of the exact scan's pages each keeps; the bytes the codes
@@ -142,6 +143,40 @@ def _fitted(idx, Qs, store, rank=None) -> int:
     raise RuntimeError("the fit did not finish")
 
 
+#: bytes read before every timed call: more than this machine's last-level cache (32 MiB), so each call finds
+#: its codes, summaries and keys in memory, as a server's layer does after the other layers' calls (the methods
+#: here share one index's codes: interleaved without this, each found what the one before had read)
+EVICT_BYTES = 96 << 20
+_EVICT = np.ones(EVICT_BYTES // 8, np.int64)
+
+
+def evict_caches() -> None:
+    _EVICT.sum()
+
+
+def _timed(calls: list | None, ix, q, store, stage: int):
+    """A first-pass call at page stage ``stage``, its parts' seconds appended to ``calls`` (None: not timed)."""
+    t = None if calls is None else {}
+    out = lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE, min_tokens=0, page_stage=stage,
+                                     timings=t)
+    if calls is not None:
+        calls.append(t)
+    return out
+
+
+def _marked_share(ix, Qs, X) -> float:
+    """The mean share of a KV head's pages the page stage marks over the queries ``Qs`` (``lowrank.candidates``'s
+    own stage, recomputed here)."""
+    f = ix.lowrank.active
+    shares = []
+    for q in Qs:
+        Qr, qmu = lowrank.project_queries(np.ascontiguousarray(q, np.float32), f.mean, f.qmap)
+        use = lowrank.summary_pages(f.summary, ix.page_cell, ix.page_fill, ix.next_page, Qr, qmu,
+                                    lowrank.PAGE_STAGE_FACTOR * X, 1)
+        shares.append(use.sum() / ix.next_page.sum())
+    return float(np.mean(shares))
+
+
 def speed(contexts, reps: int, ranks) -> list[dict]:
     rng = np.random.default_rng(0)
     records = []
@@ -161,11 +196,12 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
         ops = [("exact", None, lambda q: scan_index(idx, q, P, merge=DEFAULT_GQA_MERGE, store=store)),
                ("read", None, lambda q: read_keys(idx.page_keys, idx.next_page, idx.page_fill))]
         X = lowrank.lowrank_rescore_count(P)
-        for r, ix in coded.items():
-            ops += [("lowrank", r, lambda q, ix=ix: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
-                                                                               min_tokens=0)),
-                    ("first_pass", r, lambda q, ix=ix: lowrank.candidates(ix, q, X))]
         r0 = lowrank.default_rank(D)
+        # where a call's time goes (``lowrank.PARTS``), at the default rank with and without the page stage
+        parts = {("lowrank", r0): [], ("lowrank_pages", r0): []}
+        for r, ix in coded.items():
+            ops += [("lowrank", r, lambda q, ix=ix, r=r: _timed(parts.get(("lowrank", r)), ix, q, store, 0)),
+                    ("first_pass", r, lambda q, ix=ix: lowrank.candidates(ix, q, X))]
         ix = coded[r0]
         # the trade-off (the quality part measures the same settings on real Q/K): page stages 1-8 and half
         # the candidates, at the default rank; "lowrank_pages" is the selection's own setting
@@ -178,8 +214,11 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
                 continue
             name = "lowrank_pages" if k == lowrank.PAGE_STAGE_FACTOR else f"lowrank_pages_stage{k}"
             meta[(name, r0)] = {"page_stage": k, "candidates": 4}
-            ops.append((name, r0, lambda q, k=k: lowrank.scan_index_lowrank(ix, q, P, store, merge=DEFAULT_GQA_MERGE,
-                                                                            min_tokens=0, page_stage=k)))
+            if (name, r0) in parts:
+                ops.append((name, r0, lambda q, k=k: _timed(parts[("lowrank_pages", r0)], ix, q, store, k)))
+            else:
+                ops.append((name, r0, lambda q, k=k: lowrank.scan_index_lowrank(ix, q, P, store, min_tokens=0,
+                                                                                merge=DEFAULT_GQA_MERGE, page_stage=k)))
             if k == lowrank.PAGE_STAGE_FACTOR:
                 ops.append(("first_pass_pages", r0, lambda q: lowrank.candidates(ix, q, X, lowrank.PAGE_STAGE_FACTOR)))
         t = {(op, r): [] for op, r, _ in ops}
@@ -187,6 +226,7 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
         for q in Qs[32:]:  # interleaved: every method sees the same machine state
             out = {}
             for op, r, fn in ops:
+                evict_caches()  # as in a server, where the other layers' calls run between two of a layer's
                 s = time.perf_counter()
                 out[(op, r)] = fn(q)
                 t[(op, r)].append(time.perf_counter() - s)
@@ -194,7 +234,8 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
                 agree[k].append(np.mean([np.isin(out[("exact", None)][h], out[k][h]).mean() for h in range(H_KV)]))
         med = {k: float(np.median(v)) for k, v in t.items()}
         base = {"part": "speed", "context": n, "heads": H_KV, "q_heads": H_Q, "head_dim": D, "pages": P,
-                "threads": threads, "reps": reps, "key_bytes_per_token_layer": H_KV * D * 2,
+                "threads": threads, "reps": reps, "evict_bytes_before_each_call": EVICT_BYTES,
+                "key_bytes_per_token_layer": H_KV * D * 2,
                 "index_bytes_per_token_layer": idx.nbytes() / idx.n_live, "queries_to_fit": warm,
                 "server_uses_lowrank_from_tokens": lowrank.MIN_TOKENS}
         for (op, r), v in med.items():
@@ -204,6 +245,11 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
             if (op, r) in agree:
                 extra["pages_as_exact"] = float(np.mean(agree[(op, r)]))
                 extra.update(meta[(op, r)])
+            if parts.get((op, r)):  # each part's median over the calls (their sum is near the call's median)
+                extra["parts_ms_median"] = {k: float(np.median([c.get(k, 0.0) for c in parts[(op, r)]])) * 1e3
+                                            for k in lowrank.PARTS}
+                if op == "lowrank_pages":  # the share of a KV head's pages whose codes its page stage marked
+                    extra["marked_share"] = _marked_share(ix, Qs[32:], X)
             records.append({**base, **extra, "op": op, "seconds_median": v, "speedup_vs_exact": med[("exact", None)] / v})
         line = f"{n:7d}  exact {med[('exact', None)] * 1e3:7.2f} ms  read int8 copy {med[('read', None)] * 1e3:6.2f} ms"
         for r in ranks:
@@ -215,6 +261,10 @@ def speed(contexts, reps: int, ranks) -> list[dict]:
                      f"{med[('first_pass_pages', r0)] * 1e3:5.2f} ms, the exact scan's pages "
                      f"{np.mean(agree[('lowrank_pages', r0)]):.3f} (lowrank {np.mean(agree[('lowrank', r0)]):.3f})")
         print(line, flush=True)
+        for key, calls in parts.items():
+            if calls:
+                print(f"{'':7s}  {key[0]} parts (ms, median): " + ", ".join(
+                    f"{k} {np.median([c.get(k, 0.0) for c in calls]) * 1e3:.2f}" for k in lowrank.PARTS), flush=True)
     return records
 
 

@@ -538,3 +538,23 @@ def test_the_page_stage_scores_only_the_marked_pages():
             best = pages[np.argsort(-s, kind="stable")[:X]]
             assert set(cand[row].tolist()) == set(best.tolist())
             np.testing.assert_allclose(approx[row], np.sort(s)[::-1][:X], rtol=1e-4, atol=1e-4)
+
+
+def test_timings_name_every_part_of_a_first_pass_call_and_change_nothing():
+    """``timings`` receives the seconds of each part (``PARTS``) of a call through the first pass, with and without
+    the page stage, and the pages chosen are those of the call without it; an exact-scan call times nothing past
+    the codes."""
+    rng = np.random.default_rng(18)
+    K = _keys(rng, lowrank.MIN_TOKENS + 100, noise=0.2)
+    idx, store = _index(K)
+    _fit(idx, store, rng)
+    q = rng.standard_normal((H * G, D)).astype(np.float32)
+    for stage in (0, lowrank.PAGE_STAGE_FACTOR):
+        want = lowrank.scan_index_lowrank(idx.copy(), q, P, store, page_stage=stage)
+        t = {}
+        got = lowrank.scan_index_lowrank(idx.copy(), q, P, store, page_stage=stage, timings=t)
+        assert (got == want).all()
+        assert set(t) == set(lowrank.PARTS) and all(v >= 0 for v in t.values())
+    t = {}  # too large a budget: the exact scan answers
+    lowrank.scan_index_lowrank(idx, q, idx.next_page.min(), store, timings=t)
+    assert set(t) == {"codes"}

@@ -35,11 +35,14 @@ queries seen grow ``REFIT_GROWTH``-fold (a conversation's queries drift). Pure n
 
 from __future__ import annotations
 
+import time
+
 import numba
 import numpy as np
 from numba import njit, prange
 
 from .keys import PARALLEL_MIN, _int8_of, from_storage, key_row
+from .prefetch import prefetch_row
 from .scan import NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1 ms more
@@ -346,22 +349,19 @@ def _offer(ts, tp, s, p):  # pragma: no cover
     tp[i] = p
 
 
-#: pages ahead whose first bytes a pass touches (``_touch``): the pages a query reads lie anywhere, and a page's
-#: slots take long enough to score that the core does not reach the next page's loads by itself (a pass over a
-#: tenth of the pages of 128k tokens, caches cold: 1.42 -> 0.89 ms on 2 cores at 8 pages ahead, 1.07 at 1;
-#: a scratch measurement)
-TOUCH_AHEAD = 8
+#: pages ahead of the one a pass scores whose codes, scales and token ids it prefetches (``prefetch.py``): the
+#: pages a query reads lie anywhere, and a page's slots take long enough to score that the core does not reach
+#: the next page's loads by itself (the first pass over a tenth of the pages of 128k tokens, caches cold, 2
+#: cores: one byte per line read 8 pages ahead 1.36 ms, prefetched 0.86-0.94; a scratch measurement)
+PREFETCH_AHEAD = 8
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _touch(codes, scales, page_tok, p):  # pragma: no cover
-    """Read one byte of each cache line of page ``p``'s codes, and its scales and token ids, so that the loads
-    are in flight before the page is scored; returns a value the caller keeps (or the reads go away)."""
-    acc = np.int64(page_tok[p, 0]) + np.int64(scales[p, 0] > 0)
-    step = max(1, 64 // codes.shape[2])
-    for j in range(0, codes.shape[1], step):
-        acc += codes[p, j, 0]
-    return acc
+def _prefetch_page(codes, scales, page_tok, p):  # pragma: no cover
+    """Start loading page ``p``'s codes, scales and token ids."""
+    prefetch_row(codes, p)
+    prefetch_row(scales, p)
+    prefetch_row(page_tok, p)
 
 
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
@@ -369,17 +369,18 @@ def _top4(codes, scales, page_tok, page_fill, alive, plist, Qr, qmu, a, ts, tp):
     """The pages ``plist`` of one KV head, slot by slot, scored for query rows ``a .. a + 3``; each row's best
     distinct pages kept in ``ts``/``tp [4, X]`` (a page offered once, with its best live slot). A score at or
     below every row's X-th page costs four compares against thresholds held in registers: a token's liveness
-    is read only for the few that pass. Returns ``_touch``'s value."""
+    is read only for the few that pass; the page ``PREFETCH_AHEAD`` on is prefetched."""
     r = Qr.shape[1]
     X = ts.shape[1]
     q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
     m0, m1, m2, m3 = qmu[a], qmu[a + 1], qmu[a + 2], qmu[a + 3]
     b0, b1, b2, b3 = ts[0, X - 1], ts[1, X - 1], ts[2, X - 1], ts[3, X - 1]
-    touched = np.int64(0)
     n = plist.shape[0]
+    for i in range(min(PREFETCH_AHEAD, n)):
+        _prefetch_page(codes, scales, page_tok, plist[i])
     for i in range(n):
-        if i + TOUCH_AHEAD < n:
-            touched += _touch(codes, scales, page_tok, plist[i + TOUCH_AHEAD])
+        if i + PREFETCH_AHEAD < n:
+            _prefetch_page(codes, scales, page_tok, plist[i + PREFETCH_AHEAD])
         p = plist[i]
         c0 = c1 = c2 = c3 = NEG_INF  # the page's best live slot per row, among those past a threshold
         for j in range(page_fill[p]):
@@ -401,7 +402,6 @@ def _top4(codes, scales, page_tok, page_fill, alive, plist, Qr, qmu, a, ts, tp):
             _offer(ts[2], tp[2], c2, p)
             _offer(ts[3], tp[3], c3, p)
             b0, b1, b2, b3 = ts[0, X - 1], ts[1, X - 1], ts[2, X - 1], ts[3, X - 1]
-    return touched
 
 
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
@@ -410,11 +410,12 @@ def _top1(codes, scales, page_tok, page_fill, alive, plist, q, m, ts, tp):  # pr
     r = q.shape[0]
     X = ts.shape[0]
     b = ts[X - 1]
-    touched = np.int64(0)
     n = plist.shape[0]
+    for i in range(min(PREFETCH_AHEAD, n)):
+        _prefetch_page(codes, scales, page_tok, plist[i])
     for i in range(n):
-        if i + TOUCH_AHEAD < n:
-            touched += _touch(codes, scales, page_tok, plist[i + TOUCH_AHEAD])
+        if i + PREFETCH_AHEAD < n:
+            _prefetch_page(codes, scales, page_tok, plist[i + PREFETCH_AHEAD])
         p = plist[i]
         c = NEG_INF
         for j in range(page_fill[p]):
@@ -428,7 +429,6 @@ def _top1(codes, scales, page_tok, page_fill, alive, plist, q, m, ts, tp):  # pr
         if c > b:
             _offer(ts, tp, c, p)
             b = ts[X - 1]
-    return touched
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -442,7 +442,6 @@ def lowrank_candidates(codes, scales, page_tok, page_fill, page_cell, next_page,
     g = Qr.shape[0] // H
     ts = np.full((H * runs, g, X), NEG_INF, np.float32)
     tp = np.full((H * runs, g, X), -1, np.int32)
-    touched = np.zeros(H * runs, np.int64)
     for it in prange(H * runs):
         h, blk = it // runs, it % runs
         per = (next_page[h] + runs - 1) // runs
@@ -457,12 +456,12 @@ def lowrank_candidates(codes, scales, page_tok, page_fill, page_cell, next_page,
         j = 0
         while j < g:  # query heads four at a time (each code value loaded once per four), each on its own pass
             if j + 4 <= g:
-                touched[it] += _top4(codes[h], scales[h], page_tok[h], page_fill[h], alive, plist, Qr, qmu, h * g + j,
-                                     ts[it, j:j + 4], tp[it, j:j + 4])
+                _top4(codes[h], scales[h], page_tok[h], page_fill[h], alive, plist, Qr, qmu, h * g + j,
+                      ts[it, j:j + 4], tp[it, j:j + 4])
                 j += 4
             else:
-                touched[it] += _top1(codes[h], scales[h], page_tok[h], page_fill[h], alive, plist, Qr[h * g + j],
-                                     qmu[h * g + j], ts[it, j], tp[it, j])
+                _top1(codes[h], scales[h], page_tok[h], page_fill[h], alive, plist, Qr[h * g + j], qmu[h * g + j],
+                      ts[it, j], tp[it, j])
                 j += 1
     out_s = np.full((H * g, X), NEG_INF, np.float32)
     out_p = np.full((H * g, X), -1, np.int32)
@@ -627,6 +626,27 @@ def candidate_columns(cand, g, page_fill, page_tok):  # pragma: no cover
     return cols, fill, tok, count
 
 
+#: the parts of a first-pass call ``scan_index_lowrank(timings=...)`` times, in order: the codes brought up to the
+#: index and the fit advanced (with observing the query), the queries projected and the page stage (its
+#: summaries; nothing without it), the first pass over the codes, the candidates scored from the index's page
+#: copy (their columns gathered), the exact rescoring from the key store, the merge
+PARTS = ("codes", "page_stage", "first_pass", "candidates", "rescore", "merge")
+
+
+class _Clock:
+    """Adds the seconds since the previous lap to ``timings[part]`` (no-op without a dict)."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.t = time.perf_counter() if timings is not None else 0.0
+
+    def lap(self, part: str) -> None:
+        if self.timings is not None:
+            now = time.perf_counter()
+            self.timings[part] = self.timings.get(part, 0.0) + now - self.t
+            self.t = now
+
+
 def lowrank_rescore_count(n_pages: int) -> int:
     """Pages per KV head the first pass hands to the exact rescoring (``LOWRANK_RESCORE_FACTOR`` x P)."""
     return LOWRANK_RESCORE_FACTOR * int(n_pages)
@@ -645,11 +665,13 @@ def uses_page_stage(idx, X: int, page_stage: int) -> bool:
     return page_stage > 0 and 4 * page_stage * int(X) <= int(idx.next_page.min())
 
 
-def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0,
+               clock: _Clock | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first pass of an index with current codes -> each query row's ``X`` best pages by approximate score
     and those scores (``[H_q, X]``, best first, -1 / -inf padded). With the page stage (``uses_page_stage``)
     the tokens scored are those of the pages some row of their KV head ranks among its ``page_stage * X`` best
     by summary (``summary_pages``); else every token."""
+    clock = clock or _Clock(None)
     f = idx.lowrank.active
     Qr, qmu = project_queries(Q, f.mean, f.qmap)
     n = int(idx.next_page.max())
@@ -659,13 +681,16 @@ def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0) -> tuple[np.ndar
                             runs)
     else:
         use = np.ones((idx.H, n), np.uint8)
-    return lowrank_candidates(f.codes, f.scales, idx.page_tok, idx.page_fill, idx.page_cell, idx.next_page, idx.alive,
-                              use, Qr, qmu, int(X), runs)
+    clock.lap("page_stage")
+    out = lowrank_candidates(f.codes, f.scales, idx.page_tok, idx.page_fill, idx.page_cell, idx.next_page, idx.alive,
+                             use, Qr, qmu, int(X), runs)
+    clock.lap("first_pass")
+    return out
 
 
 def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "rank", rank: int | None = None,
                        rescore: int | None = None, layer: int = 0, min_tokens: int = MIN_TOKENS,
-                       page_stage: int = 0) -> np.ndarray:
+                       page_stage: int = 0, timings: dict | None = None) -> np.ndarray:
     """The exact selection with a low-rank first pass -> ``[H_kv, n_pages]`` int32 (-1 padded), for a
     ``PagedDCIIndex`` whose ``positions`` are rows of ``store`` (the exact keys, which decide): the query is
     observed, a due fit advanced, and until the index's codes cover every token it is scanned exactly
@@ -678,7 +703,10 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     ``rank``: of the codes an index starts (default ``default_rank``); ``layer``: the model layer of the index
     (its fit is staggered by it, ``FIT_STAGGER``); ``min_tokens``: the threshold (``MIN_TOKENS``; the quality
     benchmark lowers it to measure 4k-8k captures); ``page_stage``: 0 (``selection: lowrank``), every token is
-    scored; else the page stage's factor (``candidates``; ``PAGE_STAGE_FACTOR`` for ``lowrank_pages``)."""
+    scored; else the page stage's factor (``candidates``; ``PAGE_STAGE_FACTOR`` for ``lowrank_pages``);
+    ``timings``: a dict that receives the seconds each part of a first-pass call took (``PARTS``; a benchmark's
+    breakdown), else nothing is timed."""
+    clock = _Clock(timings)
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
         raise ValueError(f"Q must be [a multiple of {idx.H}, {idx.d}], got {Q.shape}")
@@ -690,12 +718,13 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     st = idx.lowrank
     st.observe(Q)
     st.advance(idx, store)
+    clock.lap("codes")
     # not while the codes are incomplete, nor for an index cut below the threshold (a prefix copy), nor when
     # a KV head's candidates would cover half its pages (a budget of thousands of pages): the exact scan
     if not st.ready() or idx.n_live < min_tokens or 2 * X * (Q.shape[0] // idx.H) > idx.next_page.min():
         return scan_index(idx, Q, n_pages, merge=merge, store=store)
     st.served += 1
-    cand, _ = candidates(idx, Q, X, page_stage)
+    cand, _ = candidates(idx, Q, X, page_stage, clock)
     # the rest runs over each KV head's candidate pages as columns (``candidate_columns``): scored from the
     # index's own page copy, and over an int8 copy the ones a KV head may choose scored from the exact keys, as
     # the exact scan does
@@ -704,10 +733,14 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     best = np.full((Q.shape[0], cols.shape[1]), NEG_INF, np.float32)
     Qs = idx.scaled_queries(Q, np.repeat(np.arange(H), g))  # the page copy's key space (int8: channel scales)
     score_pages(best, cols, idx.page_keys.reshape(H, idx.page_keys.shape[1], -1), idx.page_fill, Qs)
+    clock.lap("candidates")
     if idx.page_keys.dtype == np.int8:
         rescore_best(best, fill, count, Q, ExactKeys(store, idx.positions, tok), rescore_count(n_pages), merge)
+    clock.lap("rescore")
     chosen = merged_pages(best, fill, count, g, int(n_pages), merge, idx.d)  # [H, n_pages] columns
-    return np.where(chosen >= 0, np.take_along_axis(cols, np.maximum(chosen, 0), axis=1), -1).astype(np.int32)
+    out = np.where(chosen >= 0, np.take_along_axis(cols, np.maximum(chosen, 0), axis=1), -1).astype(np.int32)
+    clock.lap("merge")
+    return out
 
 
 def warm(idx, store: np.ndarray, Q: np.ndarray) -> None:

@@ -33,12 +33,16 @@ from numba import njit, prange
 
 from .gqa_merge import check_merge, merge_by_mass
 from .keys import INT8_SCALE_BYTES, key_row, rows_f32
+from .prefetch import prefetch_bytes, prefetch_row
 from .search import merge_group_pages
 
 NEG_INF = np.float32(-np.inf)
 #: an int8 page copy's scan rescores this many times the selected pages per KV head from the exact keys
 RESCORE_FACTOR = 2
 CHUNK_PAGES = 32  # pages per work item (parallel over page chunks: one KV head still fills the cores)
+#: candidate pages ahead of the one scored whose rows ``score_pages`` and ``rescore_pages`` prefetch
+#: (``prefetch.py``): the candidates lie anywhere among the pages, the store rows anywhere in the store
+PREFETCH_AHEAD = 4
 
 
 @njit(cache=True, nogil=True)
@@ -154,13 +158,27 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
     for h in prange(H):
         row = np.empty(d, np.float32)
         keys = np.empty(C * d, np.float32)
-        for p in head_candidates(cand, h, g, best.shape[1]):
+        pages = head_candidates(cand, h, g, best.shape[1])
+        for i in range(min(PREFETCH_AHEAD, pages.shape[0])):
+            _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i])
+        for i in range(pages.shape[0]):
+            if i + PREFETCH_AHEAD < pages.shape[0]:
+                _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i + PREFETCH_AHEAD])
+            p = pages[i]
             f = page_fill[h, p]
             for j in range(f):
                 kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
                 for i in range(d):
                     keys[j * d + i] = kr[i]
             _score_page(keys, f, d, Q, h * g, (h + 1) * g, best, p)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_store_rows(store, positions, page_tok, page_fill, h, p):  # pragma: no cover
+    """Start loading the store rows of KV head ``h`` for page ``p``'s tokens."""
+    row = store.shape[2] * store.itemsize
+    for j in range(page_fill[h, p]):
+        prefetch_bytes(store, positions[page_tok[h, p, j]] * store.strides[0] + h * store.strides[1], row)
 
 
 @njit(cache=True, nogil=True)
@@ -191,7 +209,13 @@ def score_pages(best, cols, page_keys, page_fill, Q):
     g = Q.shape[0] // H
     for h in prange(H):
         scratch = np.empty(page_keys.shape[2], np.float32)
+        keys = page_keys[h]
+        for c in range(min(PREFETCH_AHEAD, cols.shape[1])):
+            if cols[h, c] >= 0:
+                prefetch_row(keys, cols[h, c])
         for c in range(cols.shape[1]):
+            if c + PREFETCH_AHEAD < cols.shape[1] and cols[h, c + PREFETCH_AHEAD] >= 0:
+                prefetch_row(keys, cols[h, c + PREFETCH_AHEAD])
             p = cols[h, c]
             if p < 0:
                 continue
