@@ -479,11 +479,11 @@ _BINS = 64
 
 
 @njit(cache=True, nogil=True)
-def _mark_best(s, n, Y, mark):  # pragma: no cover
-    """Set ``mark[p]`` for the pages ``p < n`` whose score ``s[p]`` is among the ``Y`` best or ties the cut
-    (``-inf``: not a page): a histogram of the scores finds the bin holding the ``Y``-th best, refined inside it
-    while more than ``Y + Y // 2`` pages would pass, then every page at or above the cut is marked (``Y`` or a
-    few more, never fewer)."""
+def _best_cut(s, n, Y):  # pragma: no cover
+    """The cut of the pages ``p < n`` whose score ``s[p]`` is among the ``Y`` best (``-inf``: not a page): every
+    page scored at or above it is among them or ties it (``Y`` or a few more, never fewer; every page when there
+    are no more than ``Y``). A histogram of the scores finds the bin holding the ``Y``-th best, refined inside it
+    while more than ``Y + Y // 2`` pages would pass."""
     lo, hi = np.float32(np.inf), NEG_INF
     valid = 0
     for p in range(n):
@@ -525,14 +525,12 @@ def _mark_best(s, n, Y, mark):  # pragma: no cover
                     m += 1
             if m > Y:
                 cut = np.sort(kept[:m])[m - Y]
-    for p in range(n):
-        if s[p] > NEG_INF and s[p] >= cut:
-            mark[p] = 1
+    return cut
 
 
 def summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y: int, runs: int) -> np.ndarray:
     """The page stage: per KV head, the pages among some query row's ``Y`` best by summary score (``q.mean +
-    (q qmap).summary``; ``_mark_best``) -> ``use [H, pages]`` uint8 (1: the first pass scores the page's tokens
+    (q qmap).summary``; ``_best_cut``) -> ``use [H, pages]`` uint8 (1: the first pass scores the page's tokens
     for every row of the head). Scores are computed in work items (KV head, run of pages), four rows per loaded
     summary (``_summary_scores``, fastmath), then each row marks its best (without fastmath: it compares with
     -inf)."""
@@ -543,16 +541,18 @@ def summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y: int, run
 def _mark_pages(sc, next_page, Y):  # pragma: no cover
     H = next_page.shape[0]
     g = sc.shape[0] // H
-    n_max = sc.shape[1]
-    marks = np.zeros((H * g, n_max), np.uint8)
+    cut = np.empty(H * g, np.float32)
     for a in prange(H * g):
-        _mark_best(sc[a], next_page[a // g], Y, marks[a])
-    use = np.zeros((H, n_max), np.uint8)
+        cut[a] = _best_cut(sc[a], next_page[a // g], Y)
+    use = np.zeros((H, sc.shape[1]), np.uint8)
     for h in prange(H):
         for j in range(g):
-            m = marks[h * g + j]
+            a = h * g + j
+            c = cut[a]
+            row = sc[a]
             for p in range(next_page[h]):
-                use[h, p] |= m[p]
+                if row[p] > NEG_INF and row[p] >= c:
+                    use[h, p] = 1
     return use
 
 
