@@ -434,3 +434,45 @@ def _as_f32(rows, n, scratch):
 
         return impl
     return None
+
+
+def stored_value(rows, o):
+    """Value ``o`` of flat stored rows as float32, before an int8 row's scale (numba): widened in registers, so
+    a scan reads the stored bytes once instead of writing and reading a float32 copy (``rows_f32``)."""
+    raise NotImplementedError("numba only")
+
+
+def stored_row_width(rows, d):
+    """Entries per stored row of key dimension ``d`` in ``rows`` (numba): an int8 row carries its scale bytes."""
+    raise NotImplementedError("numba only")
+
+
+def stored_row_factor(rows, o, d):
+    """What a dot product with the ``d`` values of the stored row starting at ``o`` is multiplied by (numba): an
+    int8 row's scale, else 1."""
+    raise NotImplementedError("numba only")
+
+
+@overload(stored_value, inline="always")
+def _stored_value(rows, o):
+    if rows.dtype == types.float32:
+        return lambda rows, o: rows[o]
+    if rows.dtype == types.uint16:
+        return lambda rows, o: bf16_to_f32(rows[o])
+    if rows.dtype == types.int8:
+        return lambda rows, o: np.float32(rows[o])
+    return None
+
+
+@overload(stored_row_width, inline="always")
+def _stored_row_width(rows, d):
+    if rows.dtype == types.int8:
+        return lambda rows, d: d + INT8_SCALE_BYTES
+    return lambda rows, d: d
+
+
+@overload(stored_row_factor, inline="always")
+def _stored_row_factor(rows, o, d):
+    if rows.dtype == types.int8:
+        return lambda rows, o, d: row_scale(rows, o + d)
+    return lambda rows, o, d: np.float32(1.0)

@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .gqa_merge import check_merge, merge_by_mass
-from .keys import INT8_SCALE_BYTES, key_row, rows_f32
+from .keys import INT8_SCALE_BYTES, key_row, rows_f32, stored_row_factor, stored_row_width, stored_value
 from .prefetch import prefetch_bytes, prefetch_row
 from .search import merge_group_pages
 
@@ -94,6 +94,45 @@ def _score_page(keys, f, d, Q, r0, r1, best, p):
             r += 1
 
 
+@njit(cache=True, nogil=True, inline="always", fastmath=True)
+def _score_stored_page(rows, f, d, Q, r0, r1, best, c):
+    """``_score_page`` over a page's stored rows ``rows`` (flat: float32, bfloat16 bits or int8 rows with their
+    scales) without widening them into a float32 copy first: each value is widened in registers as the four
+    query rows read it, an int8 row's scale applied once to its four dot products. The scores go to column
+    ``c`` of ``best``. (The int8 page copy of 128k tokens x 8 KV heads on 2 cores: 9.3 -> 6.8 ms, the bare read
+    5.1 ms; a scratch A/B.)"""
+    w = stored_row_width(rows, d)
+    r = r0
+    while r < r1:
+        if r + 4 <= r1:
+            q0, q1, q2, q3 = Q[r], Q[r + 1], Q[r + 2], Q[r + 3]
+            m0 = m1 = m2 = m3 = NEG_INF
+            for j in range(f):
+                o = j * w
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for i in range(d):
+                    x = stored_value(rows, o + i)
+                    s0 += x * q0[i]
+                    s1 += x * q1[i]
+                    s2 += x * q2[i]
+                    s3 += x * q3[i]
+                sc = stored_row_factor(rows, o, d)
+                m0, m1, m2, m3 = max(m0, s0 * sc), max(m1, s1 * sc), max(m2, s2 * sc), max(m3, s3 * sc)
+            best[r, c], best[r + 1, c], best[r + 2, c], best[r + 3, c] = m0, m1, m2, m3
+            r += 4
+        else:
+            q0 = Q[r]
+            m0 = NEG_INF
+            for j in range(f):
+                o = j * w
+                s0 = np.float32(0.0)
+                for i in range(d):
+                    s0 += stored_value(rows, o + i) * q0[i]
+                m0 = max(m0, s0 * stored_row_factor(rows, o, d))
+            best[r, c] = m0
+            r += 1
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     """``best [H_q, max(next_page)]``: each page's best float32 score ``<q, k>`` per query head over its
@@ -107,12 +146,11 @@ def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     items = _work_items(next_page, chunk)
     for it in prange(items.shape[0]):
         h, p0 = items[it, 0], items[it, 1]
-        scratch = np.empty(page_keys.shape[2], np.float32)
         for p in range(p0, min(p0 + chunk, next_page[h])):
             f = page_fill[h, p]
             if f <= 0:
                 continue
-            _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, p)
+            _score_stored_page(page_keys[h, p], f, d, Q, h * g, (h + 1) * g, best, p)
     return best
 
 
@@ -208,7 +246,6 @@ def score_pages(best, cols, page_keys, page_fill, Q):
     H, d = page_keys.shape[0], Q.shape[1]
     g = Q.shape[0] // H
     for h in prange(H):
-        scratch = np.empty(page_keys.shape[2], np.float32)
         keys = page_keys[h]
         for c in range(min(PREFETCH_AHEAD, cols.shape[1])):
             if cols[h, c] >= 0:
@@ -221,7 +258,7 @@ def score_pages(best, cols, page_keys, page_fill, Q):
                 continue
             f = page_fill[h, p]
             if f > 0:
-                _score_page(rows_f32(page_keys[h, p], f, d, scratch), f, d, Q, h * g, (h + 1) * g, best, c)
+                _score_stored_page(page_keys[h, p], f, d, Q, h * g, (h + 1) * g, best, c)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
