@@ -7,9 +7,9 @@ import pytest
 from conftest import EXHAUSTIVE, int_keys
 
 from icecache_sglang.index.config import IndexConfig, QueryParams
-from icecache_sglang.index.keys import from_storage
+from icecache_sglang.index.keys import from_storage, to_storage
 from icecache_sglang.index.paged_index import PagedDCIIndex
-from icecache_sglang.index.scan import read_keys, scan_pages, scan_rows
+from icecache_sglang.index.scan import page_maxima, read_keys, scan_pages, scan_rows, score_pages
 from icecache_sglang.index.synthetic import lowrank_keys
 
 
@@ -190,6 +190,36 @@ def test_read_keys_sums_the_keys_in_use(rng, dtype):
     scale = np.abs(K).sum()
     assert abs(read_keys(pk, nxt, fill) - valid) < 1e-5 * scale
     assert abs(read_keys(pk, nxt) - every) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("H,g,d", [(2, 4, 64), (2, 6, 32), (3, 1, 16)])
+def test_int8_rows_are_scored_with_their_own_scales(rng, H, g, d):
+    """Over int8 rows (``d`` values, then the row's 4-byte scale), every page's best score per query row, from
+    the scan over all pages and from the candidate scoring over chosen columns, equals NumPy's over the
+    dequantized rows (groups of 4, remainders and single rows; partly filled pages; free pages never scored);
+    ``read_keys`` reads the rows' values before their scales."""
+    idx, _ = built_index(rng, H, 700, d, g)
+    pk = to_storage(idx.page_keys, "int8")  # [H, pages, C, d + 4], each row over its own scale
+    fill, nxt = idx.page_fill.copy(), idx.next_page.copy()
+    fill[0, 1] = 0  # a free page
+    Q = rng.standard_normal((H * g, d)).astype(np.float32)
+    K = from_storage(pk).astype(np.float64)
+    want = np.full((H * g, int(nxt.max())), -np.inf)
+    for h in range(H):
+        for p in range(nxt[h]):
+            if fill[h, p] > 0:
+                want[h * g:(h + 1) * g, p] = (K[h, p, : fill[h, p]] @ Q[h * g:(h + 1) * g].T.astype(np.float64)).max(0)
+    flat = pk.reshape(H, pk.shape[1], -1)
+    got = page_maxima(flat, fill, nxt, Q, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    cols = np.full((H, 5), -1, np.int32)
+    cols[:, :4] = [2, 0, 1, 7]
+    best = np.full((H * g, 5), -np.inf, np.float32)
+    score_pages(best, cols, flat, fill, Q)
+    np.testing.assert_allclose(best[:, :4], want[:, [2, 0, 1, 7]], rtol=1e-5, atol=1e-4)
+    assert np.isneginf(best[:, 4]).all()
+    values = sum(pk[h, p, : fill[h, p], :d].astype(np.float64).sum() for h in range(H) for p in range(nxt[h]))
+    assert read_keys(pk, nxt, fill) == pytest.approx(values, rel=1e-5)
 
 
 def test_bad_arguments(rng):

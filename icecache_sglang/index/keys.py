@@ -9,13 +9,15 @@ An int8 row is ``d + 4`` bytes: ``d`` values ``k8`` in [-127, 127], then its flo
 (little-endian bytes), so a row moves through the page table as one unit. An int8 index first divides its
 keys by per-channel scales (``channel_scales``, fixed at a build) and multiplies its queries by them, so
 scores are unchanged and an outlier channel does not coarsen every other channel of the row. Its value is ``float32(k8) * s``,
-rounded once, the same in NumPy (``from_storage``) and in the kernels: an int8 index is exactly a float32
-index over those values, as a bfloat16 one is over the rounded keys. It is an approximate copy (an error of
-at most ``s / 2`` per value); the exact selection rescores its best candidates from the key store
-(``scan.rescore_pages``).
+rounded once, the same in NumPy (``from_storage``) and in the tree search's kernels (``key_dot``,
+``key_row``): there an int8 index is exactly a float32 index over those values, as a bfloat16 one is over the
+rounded keys. The scans (``scan.py``) multiply a row's dot product by its scale instead, ``(sum k8 q) s``,
+which differs from ``sum (k8 s) q`` in the last bits. It is an approximate copy (an error of at most ``s / 2``
+per value); the exact selection rescores its best candidates from the key store (``scan.rescore_pages``).
 
-``key_dot`` takes a key row of any storage dtype, ``key_row`` turns one stored row into float32 values and
-``rows_f32`` a page's run of rows (the scan's), so every kernel compiles one specialization per dtype.
+``key_dot`` takes a key row of any storage dtype, ``key_row`` turns one stored row into float32 values,
+``rows_f32`` a page's run of rows, and ``stored_value`` / ``stored_row_width`` / ``stored_row_factor`` let a
+scan widen each stored value as it multiplies it, so every kernel compiles one specialization per dtype.
 """
 
 from __future__ import annotations
@@ -438,7 +440,7 @@ def _as_f32(rows, n, scratch):
 
 def stored_value(rows, o):
     """Value ``o`` of flat stored rows as float32, before an int8 row's scale (numba): widened in registers, so
-    a scan reads the stored bytes once instead of writing and reading a float32 copy (``rows_f32``)."""
+    a scan reads the stored bytes once instead of writing and reading a float32 copy."""
     raise NotImplementedError("numba only")
 
 

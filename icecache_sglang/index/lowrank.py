@@ -353,7 +353,7 @@ def _offer(ts, tp, s, p):  # pragma: no cover
 #: pages a query reads lie anywhere, and a page's slots take long enough to score that the core does not reach
 #: the next page's loads by itself (the first pass over a tenth of the pages of 128k tokens, caches cold, 2
 #: cores: one byte per line read 8 pages ahead 1.36 ms, prefetched 0.86-0.94; a scratch measurement)
-PREFETCH_AHEAD = 8
+PAGES_AHEAD = 8
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -369,18 +369,18 @@ def _top4(codes, scales, page_tok, page_fill, alive, plist, Qr, qmu, a, ts, tp):
     """The pages ``plist`` of one KV head, slot by slot, scored for query rows ``a .. a + 3``; each row's best
     distinct pages kept in ``ts``/``tp [4, X]`` (a page offered once, with its best live slot). A score at or
     below every row's X-th page costs four compares against thresholds held in registers: a token's liveness
-    is read only for the few that pass; the page ``PREFETCH_AHEAD`` on is prefetched."""
+    is read only for the few that pass; the page ``PAGES_AHEAD`` on is prefetched."""
     r = Qr.shape[1]
     X = ts.shape[1]
     q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
     m0, m1, m2, m3 = qmu[a], qmu[a + 1], qmu[a + 2], qmu[a + 3]
     b0, b1, b2, b3 = ts[0, X - 1], ts[1, X - 1], ts[2, X - 1], ts[3, X - 1]
     n = plist.shape[0]
-    for i in range(min(PREFETCH_AHEAD, n)):
+    for i in range(min(PAGES_AHEAD, n)):
         _prefetch_page(codes, scales, page_tok, plist[i])
     for i in range(n):
-        if i + PREFETCH_AHEAD < n:
-            _prefetch_page(codes, scales, page_tok, plist[i + PREFETCH_AHEAD])
+        if i + PAGES_AHEAD < n:
+            _prefetch_page(codes, scales, page_tok, plist[i + PAGES_AHEAD])
         p = plist[i]
         c0 = c1 = c2 = c3 = NEG_INF  # the page's best live slot per row, among those past a threshold
         for j in range(page_fill[p]):
@@ -411,11 +411,11 @@ def _top1(codes, scales, page_tok, page_fill, alive, plist, q, m, ts, tp):  # pr
     X = ts.shape[0]
     b = ts[X - 1]
     n = plist.shape[0]
-    for i in range(min(PREFETCH_AHEAD, n)):
+    for i in range(min(PAGES_AHEAD, n)):
         _prefetch_page(codes, scales, page_tok, plist[i])
     for i in range(n):
-        if i + PREFETCH_AHEAD < n:
-            _prefetch_page(codes, scales, page_tok, plist[i + PREFETCH_AHEAD])
+        if i + PAGES_AHEAD < n:
+            _prefetch_page(codes, scales, page_tok, plist[i + PAGES_AHEAD])
         p = plist[i]
         c = NEG_INF
         for j in range(page_fill[p]):
@@ -482,8 +482,8 @@ _BINS = 64
 def _best_cut(s, n, Y):  # pragma: no cover
     """The cut of the pages ``p < n`` whose score ``s[p]`` is among the ``Y`` best (``-inf``: not a page): every
     page scored at or above it is among them or ties it (``Y`` or a few more, never fewer; every page when there
-    are no more than ``Y``). A histogram of the scores finds the bin holding the ``Y``-th best, refined inside it
-    while more than ``Y + Y // 2`` pages would pass."""
+    are no more than ``Y``; ``+inf`` when none is valid, so that none passes). A histogram of the scores finds
+    the bin holding the ``Y``-th best, refined inside it while more than ``Y + Y // 2`` pages would pass."""
     lo, hi = np.float32(np.inf), NEG_INF
     valid = 0
     for p in range(n):
@@ -532,13 +532,15 @@ def summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y: int, run
     """The page stage: per KV head, the pages among some query row's ``Y`` best by summary score (``q.mean +
     (q qmap).summary``; ``_best_cut``) -> ``use [H, pages]`` uint8 (1: the first pass scores the page's tokens
     for every row of the head). Scores are computed in work items (KV head, run of pages), four rows per loaded
-    summary (``_summary_scores``, fastmath), then each row marks its best (without fastmath: it compares with
-    -inf)."""
+    summary (``_summary_scores``, fastmath), then each row's cut and the pages at or above some row's cut
+    (``_mark_pages``, without fastmath: it compares with -inf)."""
     return _mark_pages(_summary_scores(summary, page_cell, page_fill, next_page, Qr, qmu, runs), next_page, int(Y))
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _mark_pages(sc, next_page, Y):  # pragma: no cover
+    """``use [H, pages]``: 1 where a page's score ``sc [H_q, pages]`` reaches its row's ``_best_cut`` for some
+    query row of its KV head."""
     H = next_page.shape[0]
     g = sc.shape[0] // H
     cut = np.empty(H * g, np.float32)

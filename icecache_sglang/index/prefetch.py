@@ -41,20 +41,27 @@ def _prefetch(typingctx, address):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def prefetch_row(a, i):  # pragma: no cover
-    """Start loading every cache line of ``a[i]`` (``a`` C-contiguous along its first axis; ``i`` in range or
-    not: a hint never faults)."""
-    start = a.ctypes.data + i * a.strides[0]
-    for off in range(0, a.strides[0], LINE):
-        _prefetch(start + off)
+def lines_of(start, n):  # pragma: no cover
+    """The first address of each cache line that bytes ``[start, start + n)`` touch: (first, stop) for a
+    ``range(first, stop, LINE)`` (a buffer rarely starts on a line: NumPy's large arrays start 16 bytes into
+    one, so stepping from ``start`` itself would miss the last line of most rows)."""
+    first = start - start % LINE
+    return first, start + max(n, 1)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def prefetch_bytes(a, offset, n):  # pragma: no cover
-    """Start loading the ``n`` bytes of ``a``'s buffer from byte ``offset``."""
-    start = a.ctypes.data + offset
-    for off in range(0, max(n, 1), LINE):
-        _prefetch(start + off)
+    """Start loading the ``n`` bytes of ``a``'s buffer from byte ``offset`` (a hint: never faults)."""
+    first, stop = lines_of(a.ctypes.data + offset, n)
+    for addr in range(first, stop, LINE):
+        _prefetch(addr)
 
 
-__all__ = ["LINE", "prefetch_bytes", "prefetch_row"]
+@njit(cache=True, nogil=True, inline="always")
+def prefetch_row(a, i):  # pragma: no cover
+    """Start loading the bytes of ``a[i]``: ``strides[0]`` bytes from its start (``a`` contiguous within a row;
+    on a strided view, the rows between come too)."""
+    prefetch_bytes(a, i * a.strides[0], a.strides[0])
+
+
+__all__ = ["LINE", "lines_of", "prefetch_bytes", "prefetch_row"]

@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .gqa_merge import check_merge, merge_by_mass
-from .keys import INT8_SCALE_BYTES, key_row, rows_f32, stored_row_factor, stored_row_width, stored_value
+from .keys import INT8_SCALE_BYTES, key_row, stored_row_factor, stored_row_width, stored_value
 from .prefetch import prefetch_bytes, prefetch_row
 from .search import merge_group_pages
 
@@ -42,7 +42,7 @@ RESCORE_FACTOR = 2
 CHUNK_PAGES = 32  # pages per work item (parallel over page chunks: one KV head still fills the cores)
 #: candidate pages ahead of the one scored whose rows ``score_pages`` and ``rescore_pages`` prefetch
 #: (``prefetch.py``): the candidates lie anywhere among the pages, the store rows anywhere in the store
-PREFETCH_AHEAD = 4
+CANDIDATES_AHEAD = 4
 
 
 @njit(cache=True, nogil=True)
@@ -62,45 +62,13 @@ def _work_items(next_page, chunk):
 
 
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
-def _score_page(keys, f, d, Q, r0, r1, best, p):
-    """``best[r, p]`` for query rows ``r0 <= r < r1``: the best float32 ``<Q[r], k>`` over the page's ``f`` key
-    rows ``keys [f * d]`` (float32), rows in blocks of 4 so each key row is loaded once per block."""
-    r = r0
-    while r < r1:
-        if r + 4 <= r1:
-            q0, q1, q2, q3 = Q[r], Q[r + 1], Q[r + 2], Q[r + 3]
-            m0 = m1 = m2 = m3 = NEG_INF
-            for j in range(f):
-                k = keys[j * d : (j + 1) * d]
-                s0 = s1 = s2 = s3 = np.float32(0.0)
-                for i in range(d):
-                    x = k[i]
-                    s0 += x * q0[i]
-                    s1 += x * q1[i]
-                    s2 += x * q2[i]
-                    s3 += x * q3[i]
-                m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
-            best[r, p], best[r + 1, p], best[r + 2, p], best[r + 3, p] = m0, m1, m2, m3
-            r += 4
-        else:
-            q0 = Q[r]
-            m0 = NEG_INF
-            for j in range(f):
-                s0 = np.float32(0.0)
-                for i in range(d):
-                    s0 += keys[j * d + i] * q0[i]
-                m0 = max(m0, s0)
-            best[r, p] = m0
-            r += 1
-
-
-@njit(cache=True, nogil=True, inline="always", fastmath=True)
 def _score_stored_page(rows, f, d, Q, r0, r1, best, c):
-    """``_score_page`` over a page's stored rows ``rows`` (flat: float32, bfloat16 bits or int8 rows with their
-    scales) without widening them into a float32 copy first: each value is widened in registers as the four
-    query rows read it, an int8 row's scale applied once to its four dot products. The scores go to column
-    ``c`` of ``best``. (The int8 page copy of 128k tokens x 8 KV heads on 2 cores: 9.3 -> 6.8 ms, the bare read
-    5.1 ms; a scratch A/B.)"""
+    """``best[r, c]`` for query rows ``r0 <= r < r1``: the best ``<Q[r], k>`` over a page's ``f`` stored rows
+    ``rows`` (flat: float32, bfloat16 bits or int8 rows with their scales), rows in blocks of 4 so each key row
+    is loaded once per block. Each value is widened in registers as the four query rows read it and an int8
+    row's scale multiplies its dot products, with no float32 copy of the page first (the int8 page copy of
+    128k tokens x 8 KV heads on 2 cores: 9.3 -> 6.8 ms against a copy first; a scratch A/B). Over int8 rows a
+    score is ``(sum k8 q) s``, not ``sum (k8 s) q``: the two differ in the last bits."""
     w = stored_row_width(rows, d)
     r = r0
     while r < r1:
@@ -197,18 +165,18 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
         row = np.empty(d, np.float32)
         keys = np.empty(C * d, np.float32)
         pages = head_candidates(cand, h, g, best.shape[1])
-        for i in range(min(PREFETCH_AHEAD, pages.shape[0])):
+        for i in range(min(CANDIDATES_AHEAD, pages.shape[0])):
             _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i])
         for i in range(pages.shape[0]):
-            if i + PREFETCH_AHEAD < pages.shape[0]:
-                _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i + PREFETCH_AHEAD])
+            if i + CANDIDATES_AHEAD < pages.shape[0]:
+                _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i + CANDIDATES_AHEAD])
             p = pages[i]
             f = page_fill[h, p]
             for j in range(f):
                 kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
-                for i in range(d):
-                    keys[j * d + i] = kr[i]
-            _score_page(keys, f, d, Q, h * g, (h + 1) * g, best, p)
+                for k in range(d):
+                    keys[j * d + k] = kr[k]
+            _score_stored_page(keys, f, d, Q, h * g, (h + 1) * g, best, p)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -247,12 +215,12 @@ def score_pages(best, cols, page_keys, page_fill, Q):
     g = Q.shape[0] // H
     for h in prange(H):
         keys = page_keys[h]
-        for c in range(min(PREFETCH_AHEAD, cols.shape[1])):
+        for c in range(min(CANDIDATES_AHEAD, cols.shape[1])):
             if cols[h, c] >= 0:
                 prefetch_row(keys, cols[h, c])
         for c in range(cols.shape[1]):
-            if c + PREFETCH_AHEAD < cols.shape[1] and cols[h, c + PREFETCH_AHEAD] >= 0:
-                prefetch_row(keys, cols[h, c + PREFETCH_AHEAD])
+            if c + CANDIDATES_AHEAD < cols.shape[1] and cols[h, c + CANDIDATES_AHEAD] >= 0:
+                prefetch_row(keys, cols[h, c + CANDIDATES_AHEAD])
             p = cols[h, c]
             if p < 0:
                 continue
@@ -267,15 +235,17 @@ def _read_sum(page_keys, page_fill, next_page, d, chunk):
     part = np.zeros(items.shape[0], np.float32)
     for it in prange(items.shape[0]):
         h, p0 = items[it, 0], items[it, 1]
-        scratch = np.empty(page_keys.shape[2], np.float32)
+        w = stored_row_width(page_keys[h, 0], d)
         s = np.float32(0.0)
         for p in range(p0, min(p0 + chunk, next_page[h])):
             f = page_fill[h, p]
             if f <= 0:
                 continue
-            keys = rows_f32(page_keys[h, p], f, d, scratch)
-            for i in range(f * d):
-                s += keys[i]
+            rows = page_keys[h, p]
+            for j in range(f):  # each stored value widened once (the scan's work less its multiply-adds)
+                o = j * w
+                for i in range(d):
+                    s += stored_value(rows, o + i)
         part[it] = s
     return part.sum()
 
@@ -411,9 +381,10 @@ def scan_index(idx, Q, n_pages: int, merge: str = "rank", store: np.ndarray | No
 
 
 def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) -> float:
-    """Read every key of the pages in use once (the scan's parallel layout and bf16 conversion) and return
-    their float32 sum: the time floor of an exhaustive scan. With ``page_fill``, only the valid slots (what
-    ``scan_pages`` reads); without, all ``C`` slots of every page in use."""
+    """Read every key of the pages in use once (the scan's parallel layout, each stored value widened to
+    float32 as the scan widens it) and return the float32 sum of those values (an int8 row's values before its
+    scale): the time floor of an exhaustive scan. With ``page_fill``, only the valid slots (what ``scan_pages``
+    reads); without, all ``C`` slots of every page in use."""
     if page_fill is None:
         page_fill = np.full(page_keys.shape[:2], page_keys.shape[2], np.int32)
     _check(page_keys, page_fill, next_page)
