@@ -9,6 +9,9 @@ Memory: ``bytes_per_token_layer`` is what IceCache keeps on the host beyond SGLa
 layer: the index's allocated arrays (``nbytes()``) per token plus the key store's row (H_kv x d in the
 model's dtype, bfloat16 for Llama-3.1-8B); ``key_bytes_per_token_layer`` is that key row alone.
 
+OpenBLAS runs the indexer's thread count (one; ``--blas-threads 0``: NumPy's default), recorded as
+``blas_threads``.
+
 Shape: Llama-3.1-8B attention (8 KV heads, 32 query heads, head_dim 128), low-rank "LLM-like" keys,
 P = 12 pages of 16 tokens (the reference 256-token budget less 2 sink and 2 window pages).
 
@@ -28,6 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import plot_log_lines, png_path, write_records  # noqa: E402
+
+from icecache_sglang.indexer.blas import blas_threads, set_blas_threads  # noqa: E402
+from icecache_sglang.indexer.config import BLAS_THREADS  # noqa: E402
 
 import numba  # noqa: E402
 
@@ -79,7 +85,13 @@ def main(argv=None) -> None:
                     help="also time the search at these prop_to_retrieve values (non-default query records)")
     ap.add_argument("--key-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="how the index keeps keys (the server picks bfloat16 for bfloat16 KV caches)")
+    ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
+                    help="OpenBLAS threads (default: the indexer's; 0: NumPy's default, whose idle threads spin on "
+                         "the cores numba's threads need: an insert of 16 tokens at 32k took 8 ms instead of 0.8)")
     args = ap.parse_args(argv)
+    if args.blas_threads:
+        set_blas_threads(args.blas_threads)
+    blas = max(blas_threads().values(), default=0)
     contexts = [8192, 32768, 131072]
     reps = 7 if args.quick else 21
     threads = numba.get_num_threads()
@@ -102,7 +114,8 @@ def main(argv=None) -> None:
         key_row = H_KV * D * MODEL_ELEM_BYTES
         tokens = idx.n_live
         fill = np.concatenate([idx.page_fill[h, : idx.next_page[h]] for h in range(H_KV)])
-        base = {"context": n, "heads": H_KV, "q_heads": H_Q, "head_dim": D, "threads": threads, "page_size": 16,
+        base = {"context": n, "heads": H_KV, "q_heads": H_Q, "head_dim": D, "threads": threads, "blas_threads": blas,
+                "page_size": 16,
                 "tokens": tokens, "index_nbytes": idx.nbytes(), "model_dtype": MODEL_DTYPE,
                 "key_bytes_per_token_layer": key_row, "bytes_per_token_layer": idx.nbytes() / tokens + key_row,
                 "page_keys_dtype": str(idx.page_keys.dtype), "pages_in_use": int(fill.size),

@@ -23,7 +23,9 @@ its best ``stage x 4P``), and rescores each query head's best ``4 P`` pages exac
   exact selection the server runs today (``exact``: the tight scan of the int8 page copy + rescoring),
   ``lowrank`` (first pass + rescoring), ``lowrank_pages``, the first passes alone, and reading the int8 page
   copy once (the floor of any full scan); the share of the exact scan's pages each keeps; the bytes the codes
-  add per token and layer (allocated).
+  add per token and layer (allocated); for ``lowrank`` and ``lowrank_pages`` at the default rank, each part's
+  median time (``parts_ms_median``, ``lowrank.PARTS``) and for ``lowrank_pages`` the share of a KV head's pages
+  its page stage marked (``marked_share``).
 
     python benchmarks/lowrank_scan.py [--quick]
 """

@@ -45,9 +45,9 @@ from .keys import PARALLEL_MIN, _int8_of, from_storage, key_row
 from .prefetch import prefetch_row
 from .scan import NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index, score_pages
 
-#: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost about 1 ms more
-#: than they save below ~16k tokens (8 KV heads, d = 128, 2 cores: 0.7-0.8x the exact scan at 8k, 1.2-1.4x
-#: at 32k, 1.8-2.2x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
+#: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost more than they save
+#: below ~16k tokens (8 KV heads, d = 128, 2 cores, caches cold: 0.67x the exact scan at 8k, 1.12x at 32k,
+#: 1.63x at 128k, ``benchmarks/lowrank_scan.py``), and short indexes need no codes' memory
 MIN_TOKENS = 16384
 #: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
 FIT_AFTER = 8
