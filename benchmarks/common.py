@@ -89,3 +89,21 @@ def server_benchmark_args(doc: str):
     ap.add_argument("--replot", action="store_true")
     ap.add_argument("--log-dir", default="/tmp")
     return ap
+
+
+def add_blas_threads(ap) -> None:
+    """``--blas-threads``: OpenBLAS's thread count for a benchmark of the index (default the indexer's, one;
+    0: NumPy's default, every core, whose idle threads spin on the cores numba's threads need)."""
+    from icecache_sglang.indexer.config import BLAS_THREADS
+
+    ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
+                    help="OpenBLAS threads (default: the indexer's; 0: NumPy's default)")
+
+
+def apply_blas_threads(n: int) -> int:
+    """Set OpenBLAS to ``n`` threads (0: leave NumPy's default) -> the count it runs, for the records."""
+    from icecache_sglang.indexer.blas import blas_threads, set_blas_threads
+
+    if n:
+        set_blas_threads(n)
+    return max(blas_threads().values(), default=0)

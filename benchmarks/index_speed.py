@@ -9,7 +9,8 @@ Memory: ``bytes_per_token_layer`` is what IceCache keeps on the host beyond SGLa
 layer: the index's allocated arrays (``nbytes()``) per token plus the key store's row (H_kv x d in the
 model's dtype, bfloat16 for Llama-3.1-8B); ``key_bytes_per_token_layer`` is that key row alone.
 
-OpenBLAS runs the indexer's thread count (one; ``--blas-threads 0``: NumPy's default), recorded as
+OpenBLAS runs the indexer's thread count (one; ``--blas-threads 0``: NumPy's default, whose idle threads spin
+on the cores numba's threads need: a 16-token insert at 32k took 8 ms instead of 0.8), recorded as
 ``blas_threads``.
 
 Shape: Llama-3.1-8B attention (8 KV heads, 32 query heads, head_dim 128), low-rank "LLM-like" keys,
@@ -30,10 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_log_lines, png_path, write_records  # noqa: E402
+from common import add_blas_threads, apply_blas_threads, plot_log_lines, png_path, write_records  # noqa: E402
 
-from icecache_sglang.indexer.blas import blas_threads, set_blas_threads  # noqa: E402
-from icecache_sglang.indexer.config import BLAS_THREADS  # noqa: E402
 
 import numba  # noqa: E402
 
@@ -85,13 +84,9 @@ def main(argv=None) -> None:
                     help="also time the search at these prop_to_retrieve values (non-default query records)")
     ap.add_argument("--key-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="how the index keeps keys (the server picks bfloat16 for bfloat16 KV caches)")
-    ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
-                    help="OpenBLAS threads (default: the indexer's; 0: NumPy's default, whose idle threads spin on "
-                         "the cores numba's threads need: an insert of 16 tokens at 32k took 8 ms instead of 0.8)")
+    add_blas_threads(ap)
     args = ap.parse_args(argv)
-    if args.blas_threads:
-        set_blas_threads(args.blas_threads)
-    blas = max(blas_threads().values(), default=0)
+    blas = apply_blas_threads(args.blas_threads)
     contexts = [8192, 32768, 131072]
     reps = 7 if args.quick else 21
     threads = numba.get_num_threads()

@@ -33,6 +33,7 @@ its best ``stage x 4P``), and rescores each query head's best ``4 P`` pages exac
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -149,11 +150,15 @@ def _fitted(idx, Qs, store, rank=None) -> int:
 #: its codes, summaries and keys in memory, as a server's layer does after the other layers' calls (the methods
 #: here share one index's codes: interleaved without this, each found what the one before had read)
 EVICT_BYTES = 96 << 20
-_EVICT = np.ones(EVICT_BYTES // 8, np.int64)
+
+
+@functools.cache
+def _evict_buffer() -> np.ndarray:
+    return np.ones(EVICT_BYTES // 8, np.int64)
 
 
 def evict_caches() -> None:
-    _EVICT.sum()
+    _evict_buffer().sum()
 
 
 def _timed(calls: list | None, ix, q, store, stage: int):

@@ -28,15 +28,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_log_lines, png_path, write_records  # noqa: E402
+from common import add_blas_threads, apply_blas_threads, plot_log_lines, png_path, write_records  # noqa: E402
 
 from icecache_sglang.index.config import IndexConfig  # noqa: E402
 from icecache_sglang.index.paged_index import PagedDCIIndex  # noqa: E402
 from icecache_sglang.index.schedule import schedule_levels  # noqa: E402
 from icecache_sglang.index.synthetic import lowrank_keys  # noqa: E402
 from icecache_sglang.index.transform import segment_bounds  # noqa: E402
-from icecache_sglang.indexer.blas import blas_threads, set_blas_threads  # noqa: E402
-from icecache_sglang.indexer.config import BLAS_THREADS  # noqa: E402
 
 H, D = 8, 128
 
@@ -59,12 +57,9 @@ def main(argv=None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+")
     ap.add_argument("--segments", type=int, nargs="+", default=[16384, 8192, 4096])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
-                    help="OpenBLAS threads (default: the indexer's; 0: NumPy's default)")
+    add_blas_threads(ap)
     a = ap.parse_args(argv)
-    if a.blas_threads:
-        set_blas_threads(a.blas_threads)
-    blas = max(blas_threads().values(), default=0)
+    blas = apply_blas_threads(a.blas_threads)
     contexts = a.contexts or ([8192, 32768] if a.quick else [8192, 32768, 131072])
     reps = 1 if a.quick else a.reps
     settings = [None] + a.segments

@@ -15,9 +15,9 @@ rounded keys. The scans (``scan.py``) multiply a row's dot product by its scale 
 which differs from ``sum (k8 s) q`` in the last bits. It is an approximate copy (an error of at most ``s / 2``
 per value); the exact selection rescores its best candidates from the key store (``scan.rescore_pages``).
 
-``key_dot`` takes a key row of any storage dtype, ``key_row`` turns one stored row into float32 values,
-``rows_f32`` a page's run of rows, and ``stored_value`` / ``stored_row_width`` / ``stored_row_factor`` let a
-scan widen each stored value as it multiplies it, so every kernel compiles one specialization per dtype.
+``key_dot`` takes a key row of any storage dtype, ``key_row`` turns one stored row into float32 values, and
+``stored_value`` / ``stored_row_width`` / ``stored_row_factor`` let a scan widen each stored value as it
+multiplies it, so every kernel compiles one specialization per dtype.
 """
 
 from __future__ import annotations
@@ -318,12 +318,6 @@ def key_dim(k):
     raise NotImplementedError("numba only")
 
 
-def rows_f32(rows, f, d, scratch):
-    """The first ``f`` rows of a page's flat stored rows as ``f * d`` float32 values (numba): ``rows`` itself
-    when float32, else widened (bfloat16) or scaled (int8) into ``scratch``."""
-    raise NotImplementedError("numba only")
-
-
 @overload(row_scale, inline="always")
 def _row_scale(k, d):
     def impl(k, d):
@@ -358,30 +352,6 @@ def _key_row(k, d, scratch):
             s = row_scale(k, d)
             for i in range(d):
                 scratch[i] = np.float32(k[i]) * s
-            return scratch
-
-        return impl
-    return None
-
-
-@overload(rows_f32, inline="always")
-def _rows_f32(rows, f, d, scratch):
-    if rows.dtype == types.float32:
-        return lambda rows, f, d, scratch: rows
-    if rows.dtype == types.uint16:
-        def impl(rows, f, d, scratch):
-            for i in range(f * d):
-                scratch[i] = bf16_to_f32(rows[i])
-            return scratch
-
-        return impl
-    if rows.dtype == types.int8:
-        def impl(rows, f, d, scratch):
-            w = d + 4
-            for j in range(f):
-                s = row_scale(rows, j * w + d)
-                for i in range(d):
-                    scratch[j * d + i] = np.float32(rows[j * w + i]) * s
             return scratch
 
         return impl
