@@ -366,7 +366,8 @@ def test_candidate_columns_choose_what_a_column_per_page_would(key_dtype, merge)
 def test_codes_and_summaries_follow_every_page_change():
     """Each refresh codes again the pages whose version moved: after inserts that split and shift pages,
     deletions that merge and borrow, a copy and a rebuild, the codes, scales and summaries of every live page
-    equal those of a fit coded from scratch (and each summary is the mean of its page's live decoded codes)."""
+    equal those of a fit coded from scratch (and each summary is the mean of its page's live decoded codes, then
+    their standard deviations in the leading values)."""
     rng = np.random.default_rng(15)
     K = _keys(rng, lowrank.MIN_TOKENS + 3000, noise=0.3)
     idx, store = _index(K[:, : lowrank.MIN_TOKENS])
@@ -383,8 +384,12 @@ def test_codes_and_summaries_follow_every_page_change():
                 k = ix.page_fill[h, p]
                 assert (f.codes[h, p, :k] == fresh.codes[h, p, :k]).all() and (f.scales[h, p, :k] == fresh.scales[h, p, :k]).all()
                 live = ix.alive[ix.page_tok[h, p, :k]]
-                want = (f.codes[h, p, :k][live].astype(np.float32) * f.scales[h, p, :k][live, None]).mean(0)
-                np.testing.assert_allclose(f.summary[h, p], want, rtol=1e-5, atol=1e-6)
+                dec = f.codes[h, p, :k][live].astype(np.float32) * f.scales[h, p, :k][live, None]
+                r = dec.shape[1]
+                np.testing.assert_allclose(f.summary[h, p, :r], dec.mean(0), rtol=1e-5, atol=1e-6)
+                ns = lowrank.spread_rank(r)
+                assert f.summary.shape[2] == r + ns
+                np.testing.assert_allclose(f.summary[h, p, r:], dec[:, :ns].std(0), rtol=1e-4, atol=1e-5)
 
     for step in range(6):  # decode-like inserts, then larger ones (splits, shifts into neighbours)
         b = 1 if step < 3 else 400
@@ -471,10 +476,12 @@ def test_the_first_pass_keeps_each_rows_best_pages_over_four_rows_at_a_time():
 
 def test_summary_pages_mark_every_rows_best_pages():
     """The page stage marks, per KV head, every page some query row ranks among its Y best by summary score
-    (ties at the cut included), not many more, never a free page; a head with fewer pages than Y has all marked."""
+    (the mean code's score plus ``SPREAD_WEIGHT`` x the leading deviations weighted by |q|; ties at the cut
+    included), not many more, never a free page; a head with fewer pages than Y has all marked."""
     rng = np.random.default_rng(16)
-    Hs, g, r, n = 3, 5, 8, 700
-    summary = rng.standard_normal((Hs, n, r)).astype(np.float32)
+    Hs, g, r, n, ns = 3, 5, 8, 700, 3
+    summary = rng.standard_normal((Hs, n, r + ns)).astype(np.float32)
+    summary[..., r:] = 2 * np.abs(summary[..., r:])  # deviations, large enough to change the ranking
     summary[0, 100:140] = summary[0, 99]  # ties
     page_cell = np.zeros((Hs, n), np.int32)
     page_cell[1, rng.choice(n, 50, replace=False)] = -1  # free pages
@@ -491,7 +498,8 @@ def test_summary_pages_mark_every_rows_best_pages():
             assert not use[h, m:].any() and not use[h, :m][~ok].any()
             want = np.zeros(m, bool)
             for j in range(g):
-                s = summary[h, :m] @ Qr[h * g + j] + qmu[h * g + j]
+                q = Qr[h * g + j]
+                s = summary[h, :m, :r] @ q + lowrank.SPREAD_WEIGHT * summary[h, :m, r:] @ np.abs(q[:ns]) + qmu[h * g + j]
                 s[~ok] = -np.inf
                 if ok.sum() <= Y:
                     want |= ok
@@ -499,6 +507,11 @@ def test_summary_pages_mark_every_rows_best_pages():
                     want |= s >= np.sort(s[ok])[-Y]
             assert (use[h, :m].astype(bool) >= want).all()  # every row's best
             assert use[h].sum() <= g * (Y + Y // 2) + 40  # and not every page (40: the tied run)
+            if h == 1:  # the deviations count: by the mean codes alone, another set of pages
+                alone = lowrank.summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y, runs, 0.0)
+                assert (alone[h] != use[h]).sum() > Y
+    with pytest.raises(ValueError, match="deviations"):  # rows as wide as the codes at least, at most twice
+        lowrank.summary_pages(summary, page_cell, page_fill, next_page, Qr[:, :5], qmu, Y, 1)
     # a tie across the cut: 30 pages above it, 100 at the Y-th score, the rest below: all 130 marked
     tied = np.concatenate([np.full(30, 5.0), np.full(100, 1.0), rng.random(500) * 0.5]).astype(np.float32)
     use = lowrank.summary_pages(tied[None, :, None], np.zeros((1, 630), np.int32), np.full((1, 630), 8, np.int32),
