@@ -43,7 +43,8 @@ from numba import njit, prange
 
 from .keys import PARALLEL_MIN, _int8_of, from_storage, key_row
 from .prefetch import prefetch_row
-from .scan import NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index, score_pages
+from .scan import (CANDIDATES_AHEAD, NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count,
+                   scan_index, score_pages)
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost more than they save
 #: below ~16k tokens (8 KV heads, d = 128, 2 cores, caches cold: 0.67x the exact scan at 8k, 1.12x at 32k,
@@ -648,26 +649,32 @@ def _summary_scores(summary, page_cell, page_fill, next_page, Qr, qmu, runs):  #
     return sc
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def candidate_columns(cand, g, page_fill, page_tok):  # pragma: no cover
     """Each KV head's distinct candidate pages among its ``g`` query rows' ``cand [H_q, X]`` (-1 padded) ->
     (``cols [H, g X]`` page ids ascending, -1 padded; their ``fill [H, g X]`` and ``tok [H, g X, C]``; ``count
     [H]``): the columns the candidates are scored and merged in, a few hundred instead of every page. Ascending
-    ids keep every tie-break (a tie goes to the lower page) as over all pages."""
+    ids keep every tie-break (a tie goes to the lower page) as over all pages. Parallel over KV heads; the token
+    ids of the page ``CANDIDATES_AHEAD`` on are prefetched (a few hundred rows scattered among thousands)."""
     H, n, C = page_fill.shape[0], page_fill.shape[1], page_tok.shape[2]
     K = g * cand.shape[1]
     cols = np.full((H, K), -1, np.int32)
     fill = np.zeros((H, K), page_fill.dtype)
     tok = np.full((H, K, C), -1, page_tok.dtype)
     count = np.zeros(H, np.int32)
-    for h in range(H):
+    for h in prange(H):
         pages = np.sort(head_candidates(cand, h, g, n))
         k = pages.shape[0]
-        cols[h, :k] = pages
+        rows = page_tok[h]
+        for c in range(min(CANDIDATES_AHEAD, k)):
+            prefetch_row(rows, pages[c])
         for c in range(k):
+            if c + CANDIDATES_AHEAD < k:
+                prefetch_row(rows, pages[c + CANDIDATES_AHEAD])
             p = pages[c]
+            cols[h, c] = p
             fill[h, c] = page_fill[h, p]
-            tok[h, c] = page_tok[h, p]
+            tok[h, c] = rows[p]
         count[h] = k
     return cols, fill, tok, count
 
