@@ -3,8 +3,9 @@ the full scan.
 
 ``index/lowrank.py``: once an index has answered ``FIT_AFTER`` queries it fits, per KV head, a rank-r map whitened
 by the queries' second moment, keeps an int8 code of r values per page slot and a summary per page, scores the
-codes (every page's, or with the page stage only those of the pages whose summaries some query head ranks among
-its best ``stage x 4P``), and rescores each query head's best ``4 P`` pages exactly. Two parts, one run:
+codes (every page's, or with the page stage only those of the pages whose summaries, the mean code and the
+tokens' spread, some query head ranks among its best ``stage x 4P``), and rescores each query head's best ``4 P``
+pages exactly. Two parts, one run:
 
 - **quality** on real post-RoPE Q/K (captured forward passes: SmolLM2-135M essays and passkey at 8000 tokens,
   Qwen2.5-Coder-0.5B essays at 16k; every layer from the third; the last 24 positions as decode steps, the
@@ -15,8 +16,9 @@ its best ``stage x 4P``), and rescores each query head's best ``4 P`` pages exac
   attention mass over the indexed tokens relative to the exact scan's selection (``mass_vs_exact`` mean and
   5th percentile over (step, layer, KV head)), the share of a KV head's pages its candidates cover and the
   share whose codes the first pass read; for the default rank (``lowrank.default_rank``: 32 at head_dim 64)
-  with page stages 1, 2, 4 and 8 where they apply, 2P candidates, d/4 and d/8, and with plain (not
-  query-aware) PCA maps for contrast (``maps: keys``);
+  with page stages 1, 2, 4 and 8 where they apply, the default stage scoring the pages' mean codes alone
+  (``spread_weight`` 0: without the tokens' spread, ``lowrank.SPREAD_WEIGHT``), 2P candidates, d/4 and d/8, and
+  with plain (not query-aware) PCA maps for contrast (``maps: keys``);
 - **speed** on synthetic low-rank keys at Llama-3.1-8B's shape (8 KV heads, 32 query heads, d = 128, P = 12
   pages of 16), 8k / 32k / 128k tokens, interleaved step by step in one process on the same cores, each call
   after reading 96 MiB elsewhere (a server's other layers run between two calls of a layer): the
@@ -33,6 +35,7 @@ its best ``stage x 4P``), and rescores each query head's best ``4 P`` pages exac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import time
@@ -79,7 +82,8 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
         Kx = Kx.view(np.float32).transpose(1, 0, 2)  # [H, n, d]: the keys as the store holds them
         base = PagedDCIIndex(H, d, config=IndexConfig(page_size=C, key_dtype="int8"))
         base.build(K)
-        for label, rank, factor, maps, stage in variants(d):
+        for label, rank, factor, maps, stage, *spread in variants(d):
+            weight = spread[0] if spread else lowrank.SPREAD_WEIGHT
             X = factor * P_REAL
             if stage and not lowrank.uses_page_stage(base, X, stage):
                 continue  # the page stage marks too large a share of these pages: every token would be scored
@@ -87,13 +91,15 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
             idx.lowrank = lowrank.LowRankState(H, d, rank, query_aware=maps == "query")
             for step in range(STEPS):
                 q = np.ascontiguousarray(Q[step], np.float32)
-                got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=X,
-                                                 min_tokens=0, page_stage=stage)
+                with _spread_weight(weight):
+                    got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=X,
+                                                     min_tokens=0, page_stage=stage)
                 if step < WARM:
                     continue
                 assert idx.lowrank.ready(), "the fit is not active after the warm-up"
                 ref = scan_index(idx, q, P_REAL, merge=DEFAULT_GQA_MERGE, store=store)
-                cand, _ = lowrank.candidates(idx, q, X, stage)
+                with _spread_weight(weight):
+                    cand, _ = lowrank.candidates(idx, q, X, stage)
                 live = [idx.live_pages(h).size for h in range(H)]
                 cover = [np.unique(cand[h * g:(h + 1) * g]).size / live[h] for h in range(H)]
                 scored = np.ones(H)
@@ -101,14 +107,24 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
                     f = idx.lowrank.active
                     Qr, qmu = lowrank.project_queries(q, f.mean, f.qmap)
                     use = lowrank.summary_pages(f.summary, idx.page_cell, idx.page_fill, idx.next_page, Qr, qmu,
-                                                stage * X, 1)
+                                                stage * X, 1, weight)
                     scored = use.sum(axis=1) / np.array(live)
                 assert 2 * X * g <= idx.next_page.min(), "the server would scan exactly here"
                 extra = {"page_stage": stage, "pages_per_row": stage * X, "pages_per_head": float(np.mean(live)),
-                         "candidates": factor, "rank": rank, "maps": maps}
+                         "candidates": factor, "rank": rank, "maps": maps, "spread_weight": weight}
                 rows += [r | extra | {"candidate_share": c, "scored_share": float(sc)}
                          for r, c, sc in zip(_score(li, step, label, got, ref, idx, Kx, q, g), cover, scored)]
     return rows
+
+
+@contextlib.contextmanager
+def _spread_weight(weight: float):
+    """``lowrank.SPREAD_WEIGHT`` set to ``weight`` within (the page stage's ablation: the mean codes alone)."""
+    old, lowrank.SPREAD_WEIGHT = lowrank.SPREAD_WEIGHT, weight
+    try:
+        yield
+    finally:
+        lowrank.SPREAD_WEIGHT = old
 
 
 def _score(layer, step, label, got, ref, idx, Kx, q, g) -> list[dict]:
@@ -283,6 +299,7 @@ def summarize(rows: list[dict], source: str) -> list[dict]:
         out.append({"part": "quality", "source": source, "method": m, "pages": P_REAL, "sink": SINK, "window": WINDOW,
                     "page_stage": rs[0]["page_stage"], "pages_per_row": rs[0]["pages_per_row"],
                     "candidates": rs[0]["candidates"], "rank": rs[0]["rank"], "maps": rs[0]["maps"],
+                    "spread_weight": rs[0]["spread_weight"],
                     "pages_per_head": float(np.mean([r["pages_per_head"] for r in rs])),
                     "scored_share_mean": float(np.mean([r["scored_share"] for r in rs])),
                     "top_page_recall": sum(r["top_page_hits"] for r in rs) / sum(r["cases"] for r in rs),
@@ -340,6 +357,7 @@ def plot(records, path: Path) -> None:
     for i, src in enumerate(srcs):
         pts = sorted((timed[(r["page_stage"], r["candidates"])], r["top_page_recall"], r["page_stage"], r["candidates"])
                      for r in q if r["source"] == src and r.get("maps") == "query" and r.get("rank") == 32
+                     and r.get("spread_weight", lowrank.SPREAD_WEIGHT) == lowrank.SPREAD_WEIGHT
                      and (r.get("page_stage"), r.get("candidates")) in timed)
         if pts:
             c.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=src)
@@ -382,6 +400,9 @@ def main(argv=None) -> None:
         # stage 4, 16P); a stage applies where a head has 4x as many pages
         out += [(f"page stage {k}: {4 * k}P per row{' (lowrank_pages)' if k == lowrank.PAGE_STAGE_FACTOR else ''}",
                  r, 4, "query", k) for k in (1, 2, 4, 8)]
+        # the ablation: the default page stage scoring the pages' mean codes alone (no spread)
+        out += [(f"page stage {lowrank.PAGE_STAGE_FACTOR}, mean codes alone", r, 4, "query",
+                 lowrank.PAGE_STAGE_FACTOR, 0.0)]
         out += [(f"query-aware r={r}, 2P", r, 2, "query", 0),
                 (f"query-aware r={d // 4}, 4P", d // 4, 4, "query", 0),
                 (f"query-aware r={d // 8}, 4P", d // 8, 4, "query", 0),

@@ -15,7 +15,7 @@ server's). So an index that has answered enough queries learns, per KV head:
   ``q.k ~ q.mean + (q A^-1 U).c``, exact when the keys lie in the span;
 - per page slot the code of the token there, as an int8 row over its own float32 scale (``r + 4`` bytes), in
   page order like the index's own key rows, and per page a *summary*: the mean of its live tokens' decoded
-  codes. Codes and summaries follow the index through its ``page_version`` (bumped by every change of a
+  codes and their standard deviations in the leading ``SPREAD_RANK`` values. Codes and summaries follow the index through its ``page_version`` (bumped by every change of a
   page's tokens): at each query the pages whose version moved are coded again from the index's own rows
   (``_Fit.refresh``), so an insert, a deletion or a rebuild needs no hook.
 
@@ -25,9 +25,10 @@ the ones a KV head may choose are rescored from the key store as the exact scan 
 the exact scores decide, and a page is missed only if the approximate scores rank it below the candidates.
 ``selection: lowrank`` scores every page's codes; ``lowrank_pages`` first ranks every page by its summary and
 scores the codes of only the pages some query head of the KV head ranks among its best ``PAGE_STAGE_FACTOR x
-4 P`` (``summary_pages``): at most 4 x 16P of ~8200 pages per KV head at 128k tokens and a group of 4
-(computed), but a page whose best token lies far from its mean can be missed. Until an index has a fitted basis (too few queries yet, or a fit in progress)
-it is scanned exactly (``scan.scan_index``). A fit codes ``FIT_CHUNK`` tokens' worth of pages per query it
+4 P`` (``summary_pages``; a page scores its mean code's score plus ``SPREAD_WEIGHT`` times its tokens' spread
+along the query, so that a page whose best token lies far from its mean still ranks high): at most 4 x 16P of
+~8200 pages per KV head at 128k tokens and a group of 4 (computed). Until an index has a fitted basis (too few
+queries yet, or a fit in progress) it is scanned exactly (``scan.scan_index``). A fit codes ``FIT_CHUNK`` tokens' worth of pages per query it
 answers, into codes the first pass does not read until every page is current, so no query pays for a whole
 encode; a model's layers start their fits on different steps (``FIT_STAGGER``); a refit follows each time the
 queries seen grow ``REFIT_GROWTH``-fold (a conversation's queries drift). Pure numpy + numba.

@@ -10,9 +10,9 @@
   scores, rescored); an index under 16384 tokens, or one that has not yet answered enough
   queries to fit its codes, is scanned exactly.
 - ``lowrank_pages``: ``lowrank`` with a page stage before the first pass: each query head ranks every page by
-  its summary (the mean of its tokens' codes) and only the tokens of its KV head's best ``16 P`` pages per query
-  head are scored (``index/lowrank.py``, ``summary_pages``); faster at long contexts, and it can miss a page
-  whose best token is far from the page's mean (``benchmarks/lowrank_scan.py``).
+  its summary (its tokens' mean code and their spread along the query) and only the tokens of its KV head's best
+  ``16 P`` pages per query head are scored (``index/lowrank.py``, ``summary_pages``); faster at long contexts,
+  and it misses the exact best page a little more often (``benchmarks/lowrank_scan.py``).
 - ``icecache``: the index's M-DCI tree search (index-spec section 3.3).
 - the evaluation baselines the indexer serves beside them (``baselines.py``): ``oracle_page`` (the same
   ranking as ``exact``, under its evaluation name), ``oracle_positional``, ``quest``, ``streaming``.
