@@ -17,7 +17,7 @@ pages exactly. Two parts, one run:
   5th percentile over (step, layer, KV head)), the share of a KV head's pages its candidates cover and the
   share whose codes the first pass read; for the default rank (``lowrank.default_rank``: 32 at head_dim 64)
   with page stages 1, 2, 4 and 8 where they apply, the default stage scoring the pages' mean codes alone
-  (``spread_weight`` 0: without the tokens' spread, ``lowrank.SPREAD_WEIGHT``), 2P candidates, d/4 and d/8, and
+  (``spread_weight`` 0 instead of ``lowrank.SPREAD_WEIGHT``: the ablation), 2P candidates, d/4 and d/8, and
   with plain (not query-aware) PCA maps for contrast (``maps: keys``);
 - **speed** on synthetic low-rank keys at Llama-3.1-8B's shape (8 KV heads, 32 query heads, d = 128, P = 12
   pages of 16), 8k / 32k / 128k tokens, interleaved step by step in one process on the same cores, each call
@@ -35,7 +35,6 @@ pages exactly. Two parts, one run:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import sys
 import time
@@ -91,15 +90,13 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
             idx.lowrank = lowrank.LowRankState(H, d, rank, query_aware=maps == "query")
             for step in range(STEPS):
                 q = np.ascontiguousarray(Q[step], np.float32)
-                with _spread_weight(weight):
-                    got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=X,
-                                                     min_tokens=0, page_stage=stage)
+                got = lowrank.scan_index_lowrank(idx, q, P_REAL, store, merge=DEFAULT_GQA_MERGE, rescore=X,
+                                                 min_tokens=0, page_stage=stage, spread_weight=weight)
                 if step < WARM:
                     continue
                 assert idx.lowrank.ready(), "the fit is not active after the warm-up"
                 ref = scan_index(idx, q, P_REAL, merge=DEFAULT_GQA_MERGE, store=store)
-                with _spread_weight(weight):
-                    cand, _ = lowrank.candidates(idx, q, X, stage)
+                cand, _ = lowrank.candidates(idx, q, X, stage, spread_weight=weight)
                 live = [idx.live_pages(h).size for h in range(H)]
                 cover = [np.unique(cand[h * g:(h + 1) * g]).size / live[h] for h in range(H)]
                 scored = np.ones(H)
@@ -115,16 +112,6 @@ def quality(model: str, text: str, context: int, variants) -> list[dict]:
                 rows += [r | extra | {"candidate_share": c, "scored_share": float(sc)}
                          for r, c, sc in zip(_score(li, step, label, got, ref, idx, Kx, q, g), cover, scored)]
     return rows
-
-
-@contextlib.contextmanager
-def _spread_weight(weight: float):
-    """``lowrank.SPREAD_WEIGHT`` set to ``weight`` within (the page stage's ablation: the mean codes alone)."""
-    old, lowrank.SPREAD_WEIGHT = lowrank.SPREAD_WEIGHT, weight
-    try:
-        yield
-    finally:
-        lowrank.SPREAD_WEIGHT = old
 
 
 def _score(layer, step, label, got, ref, idx, Kx, q, g) -> list[dict]:
@@ -357,7 +344,7 @@ def plot(records, path: Path) -> None:
     for i, src in enumerate(srcs):
         pts = sorted((timed[(r["page_stage"], r["candidates"])], r["top_page_recall"], r["page_stage"], r["candidates"])
                      for r in q if r["source"] == src and r.get("maps") == "query" and r.get("rank") == 32
-                     and r.get("spread_weight", lowrank.SPREAD_WEIGHT) == lowrank.SPREAD_WEIGHT
+                     and not (r.get("page_stage") and r.get("spread_weight") == 0)  # the ablation
                      and (r.get("page_stage"), r.get("candidates")) in timed)
         if pts:
             c.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=src)

@@ -363,6 +363,36 @@ def test_candidate_columns_choose_what_a_column_per_page_would(key_dtype, merge)
         assert (got == _over_every_page(idx, q, cand, store, merge)).all()
 
 
+def _check_summaries(f, ix):
+    """Each live page's summary row is the mean of its live tokens' decoded codes, then their standard deviations
+    in the leading ``spread_rank(r)`` values, and nothing more (``r + spread_rank(r)`` values per page)."""
+    r = f.codes.shape[3]
+    ns = lowrank.spread_rank(r)
+    assert f.summary.shape[2] == r + ns and ns == min(lowrank.SPREAD_RANK, r)
+    for h in range(ix.H):
+        for p in ix.live_pages(h):
+            k = ix.page_fill[h, p]
+            live = ix.alive[ix.page_tok[h, p, :k]]
+            dec = f.codes[h, p, :k][live].astype(np.float32) * f.scales[h, p, :k][live, None]
+            np.testing.assert_allclose(f.summary[h, p, :r], dec.mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(f.summary[h, p, r:], dec[:, :ns].std(0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_summaries_keep_deviations_of_the_leading_values_at_any_rank(rank):
+    """Codes of fewer values than ``SPREAD_RANK`` keep a deviation for each; of more, for the leading
+    ``SPREAD_RANK`` only (the rank the other tests use equals it), every page's row as wide as that."""
+    rng = np.random.default_rng(20 + rank)
+    K = _keys(rng, 3000, noise=0.3)
+    idx, store = _index(K)
+    idx.delete(rng.choice(3000, 300, replace=False))  # dead tokens inside pages
+    q = rng.standard_normal((H, D, D)).astype(np.float32)
+    maps = lowrank.fit_maps(np.ascontiguousarray(K[:, ::4]), q @ q.transpose(0, 2, 1), rank)
+    f = lowrank._Fit(*maps, idx.page_fill.shape[1], idx.C)
+    assert f.refresh(idx)
+    _check_summaries(f, idx)
+
+
 def test_codes_and_summaries_follow_every_page_change():
     """Each refresh codes again the pages whose version moved: after inserts that split and shift pages,
     deletions that merge and borrow, a copy and a rebuild, the codes, scales and summaries of every live page
@@ -383,13 +413,7 @@ def test_codes_and_summaries_follow_every_page_change():
             for p in ix.live_pages(h):
                 k = ix.page_fill[h, p]
                 assert (f.codes[h, p, :k] == fresh.codes[h, p, :k]).all() and (f.scales[h, p, :k] == fresh.scales[h, p, :k]).all()
-                live = ix.alive[ix.page_tok[h, p, :k]]
-                dec = f.codes[h, p, :k][live].astype(np.float32) * f.scales[h, p, :k][live, None]
-                r = dec.shape[1]
-                np.testing.assert_allclose(f.summary[h, p, :r], dec.mean(0), rtol=1e-5, atol=1e-6)
-                ns = lowrank.spread_rank(r)
-                assert f.summary.shape[2] == r + ns
-                np.testing.assert_allclose(f.summary[h, p, r:], dec[:, :ns].std(0), rtol=1e-4, atol=1e-5)
+        _check_summaries(f, ix)
 
     for step in range(6):  # decode-like inserts, then larger ones (splits, shifts into neighbours)
         b = 1 if step < 3 else 400
@@ -479,7 +503,8 @@ def test_summary_pages_mark_every_rows_best_pages():
     (the mean code's score plus ``SPREAD_WEIGHT`` x the leading deviations weighted by |q|; ties at the cut
     included), not many more, never a free page; a head with fewer pages than Y has all marked."""
     rng = np.random.default_rng(16)
-    Hs, g, r, n, ns = 3, 5, 8, 700, 3
+    Hs, g, r, n = 3, 5, 12, 700
+    ns = lowrank.spread_rank(r)
     summary = rng.standard_normal((Hs, n, r + ns)).astype(np.float32)
     summary[..., r:] = 2 * np.abs(summary[..., r:])  # deviations, large enough to change the ranking
     summary[0, 100:140] = summary[0, 99]  # ties
@@ -499,7 +524,8 @@ def test_summary_pages_mark_every_rows_best_pages():
             want = np.zeros(m, bool)
             for j in range(g):
                 q = Qr[h * g + j]
-                s = summary[h, :m, :r] @ q + lowrank.SPREAD_WEIGHT * summary[h, :m, r:] @ np.abs(q[:ns]) + qmu[h * g + j]
+                s = summary[h, :m, :r] @ q + lowrank.SPREAD_WEIGHT * summary[h, :m, r:] @ np.abs(q[:ns])
+                s += qmu[h * g + j]
                 s[~ok] = -np.inf
                 if ok.sum() <= Y:
                     want |= ok
@@ -510,17 +536,20 @@ def test_summary_pages_mark_every_rows_best_pages():
             if h == 1:  # the deviations count: by the mean codes alone, another set of pages
                 alone = lowrank.summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y, runs, 0.0)
                 assert (alone[h] != use[h]).sum() > Y
-    with pytest.raises(ValueError, match="deviations"):  # rows as wide as the codes at least, at most twice
-        lowrank.summary_pages(summary, page_cell, page_fill, next_page, Qr[:, :5], qmu, Y, 1)
+    for wrong in (5, r + 1, r + 2, r + ns):  # rows of another rank: means and deviations would not line up
+        with pytest.raises(ValueError, match="deviations"):
+            lowrank.summary_pages(summary, page_cell, page_fill, next_page, Qr[:, :1].repeat(wrong, 1), qmu, Y, 1)
     # a tie across the cut: 30 pages above it, 100 at the Y-th score, the rest below: all 130 marked
     tied = np.concatenate([np.full(30, 5.0), np.full(100, 1.0), rng.random(500) * 0.5]).astype(np.float32)
-    use = lowrank.summary_pages(tied[None, :, None], np.zeros((1, 630), np.int32), np.full((1, 630), 8, np.int32),
+    flat = np.stack([tied, np.zeros_like(tied)], 1)[None]  # rank 1: a mean and a deviation (zero) per page
+    use = lowrank.summary_pages(flat, np.zeros((1, 630), np.int32), np.full((1, 630), 8, np.int32),
                                 np.array([630], np.int32), np.ones((1, 1), np.float32), np.zeros(1, np.float32), 40, 1)
     assert (use[0].astype(bool) == (tied >= 1.0)).all()
     # scores over many scales (heavy tails): still the Y best, not every page
     heavy = np.exp(10 * np.random.default_rng(299).standard_normal((1, 1500, 1))).astype(np.float32)
+    heavy2 = np.concatenate([heavy, np.zeros_like(heavy)], 2)
     for Yh in (10, 100):  # (4 levels of 64 bins alone marked all 1500 pages at Y = 100)
-        use = lowrank.summary_pages(heavy, np.zeros((1, 1500), np.int32), np.full((1, 1500), 8, np.int32),
+        use = lowrank.summary_pages(heavy2, np.zeros((1, 1500), np.int32), np.full((1, 1500), 8, np.int32),
                                     np.array([1500], np.int32), np.ones((1, 1), np.float32), np.zeros(1, np.float32),
                                     Yh, 1)
         assert use[0, np.argsort(-heavy[0, :, 0])[:Yh]].all() and use[0].sum() <= Yh + Yh // 2

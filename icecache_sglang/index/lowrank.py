@@ -15,9 +15,10 @@ server's). So an index that has answered enough queries learns, per KV head:
   ``q.k ~ q.mean + (q A^-1 U).c``, exact when the keys lie in the span;
 - per page slot the code of the token there, as an int8 row over its own float32 scale (``r + 4`` bytes), in
   page order like the index's own key rows, and per page a *summary*: the mean of its live tokens' decoded
-  codes and their standard deviations in the leading ``SPREAD_RANK`` values. Codes and summaries follow the index through its ``page_version`` (bumped by every change of a
-  page's tokens): at each query the pages whose version moved are coded again from the index's own rows
-  (``_Fit.refresh``), so an insert, a deletion or a rebuild needs no hook.
+  codes and their standard deviations in the leading ``SPREAD_RANK`` values. Codes and summaries follow the
+  index through its ``page_version`` (bumped by every change of a page's tokens): at each query the pages whose
+  version moved are coded again from the index's own rows (``_Fit.refresh``), so an insert, a deletion or a
+  rebuild needs no hook.
 
 A query then scores the codes approximately and keeps each query head's best ``4 P`` distinct pages (a page's
 score: its best live token's); those candidates are scored from the index's page copy and, over an int8 copy,
@@ -26,12 +27,13 @@ the exact scores decide, and a page is missed only if the approximate scores ran
 ``selection: lowrank`` scores every page's codes; ``lowrank_pages`` first ranks every page by its summary and
 scores the codes of only the pages some query head of the KV head ranks among its best ``PAGE_STAGE_FACTOR x
 4 P`` (``summary_pages``; a page scores its mean code's score plus ``SPREAD_WEIGHT`` times its tokens' spread
-along the query, so that a page whose best token lies far from its mean still ranks high): at most 4 x 16P of
-~8200 pages per KV head at 128k tokens and a group of 4 (computed). Until an index has a fitted basis (too few
-queries yet, or a fit in progress) it is scanned exactly (``scan.scan_index``). A fit codes ``FIT_CHUNK`` tokens' worth of pages per query it
-answers, into codes the first pass does not read until every page is current, so no query pays for a whole
-encode; a model's layers start their fits on different steps (``FIT_STAGGER``); a refit follows each time the
-queries seen grow ``REFIT_GROWTH``-fold (a conversation's queries drift). Pure numpy + numba.
+along the query, so that a page whose best token lies far from its mean ranks higher than by its mean alone): at
+most 4 x 16P of ~8200 pages per KV head at 128k tokens and a group of 4 (computed). Until an index has a fitted
+basis (too few queries yet, or a fit in progress) it is scanned exactly (``scan.scan_index``). A fit codes
+``FIT_CHUNK`` tokens' worth of pages per query it answers, into codes the first pass does not read until every
+page is current, so no query pays for a whole encode; a model's layers start their fits on different steps
+(``FIT_STAGGER``); a refit follows each time the queries seen grow ``REFIT_GROWTH``-fold (a conversation's
+queries drift). Pure numpy + numba.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from numba import njit, prange
 
 from .keys import PARALLEL_MIN, _int8_of, from_storage, key_row
 from .prefetch import prefetch_row
-from .scan import (CANDIDATES_AHEAD, NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count,
-                   scan_index, score_pages)
+from .scan import (NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_best, rescore_count, scan_index,
+                   score_pages)
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost more than they save
 #: below ~16k tokens (8 KV heads, d = 128, 2 cores, caches cold: 0.67x the exact scan at 8k, 1.12x at 32k,
@@ -91,7 +93,7 @@ SPREAD_RANK = 8
 
 
 def spread_rank(rank: int) -> int:
-    """The code values whose variance a page's summary keeps, for codes of ``rank`` values."""
+    """How many leading code values a page's summary keeps deviations for, for codes of ``rank`` values."""
     return min(SPREAD_RANK, int(rank))
 
 
@@ -215,9 +217,10 @@ def _changed_pages(page_version, seen, page_fill, next_page, limit):  # pragma: 
 class _Fit:
     """Maps and, per page slot, the code of the token there (``codes [H, pages, C, rank]`` int8 over ``scales [H,
     pages, C]``), per page the summary the page stage scores (``summary [H, pages, rank + spread_rank(rank)]``: the
-    mean of its live tokens' decoded codes, then their deviations in the leading values) and the index's ``page_version`` they were made at (``version [H, pages]``). A page
-    whose version moved (tokens joined, left or moved; a rebuild moves every version) is coded again by
-    ``refresh``; ``current``: every page was current at the last refresh."""
+    mean of its live tokens' decoded codes, then their deviations in the leading values) and the index's
+    ``page_version`` they were made at (``version [H, pages]``). A page whose version moved (tokens joined, left or
+    moved; a rebuild moves every version) is coded again by ``refresh``; ``current``: every page was current at the
+    last refresh."""
 
     def __init__(self, mean, kmap, qmap, pages: int, page_size: int):
         self.mean, self.kmap, self.qmap = mean, kmap, qmap
@@ -571,10 +574,10 @@ def summary_pages(summary, page_cell, page_fill, next_page, Qr, qmu, Y: int, run
     (KV head, run of pages), four rows per loaded summary (``_summary_scores``, fastmath), then each row's cut and
     the pages at or above some row's cut (``_mark_pages``, without fastmath: it compares with -inf)."""
     r = Qr.shape[1]
-    ns = summary.shape[2] - r
-    if not 0 <= ns <= r:
-        raise ValueError(f"summary rows must hold a mean of {r} values and at most as many deviations, got "
-                         f"{summary.shape}")
+    ns = spread_rank(r)
+    if summary.ndim != 3 or summary.shape[2] != r + ns:
+        raise ValueError(f"summary rows must hold a mean of {r} values (the query rows' rank) and {ns} deviations, "
+                         f"got {summary.shape}")
     weight = SPREAD_WEIGHT if spread_weight is None else float(spread_weight)
     Qx = np.empty((Qr.shape[0], r + ns), np.float32)
     Qx[:, :r] = Qr
@@ -604,12 +607,12 @@ def _mark_pages(sc, next_page, Y):  # pragma: no cover
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def _summary_scores(summary, page_cell, page_fill, next_page, Qr, qmu, runs):  # pragma: no cover
+def _summary_scores(summary, page_cell, page_fill, next_page, Qx, qmu, runs):  # pragma: no cover
     """Every query row's summary score of every page of its KV head, ``[H_q, max pages]`` (-inf: a free or empty
-    page; past a head's pages: unset): the dot product of a page's ``summary`` row with the row's ``Qr`` (as wide;
-    ``summary_pages``'s query rows)."""
-    H, r = summary.shape[0], summary.shape[2]
-    g = Qr.shape[0] // H
+    page; past a head's pages: unset): the dot product of a page's ``summary`` row with the row's ``Qx`` (as wide,
+    ``w`` values: ``summary_pages``'s widened query rows)."""
+    H, w = summary.shape[0], summary.shape[2]
+    g = Qx.shape[0] // H
     n_max = 0
     for h in range(H):
         n_max = max(n_max, next_page[h])
@@ -622,11 +625,11 @@ def _summary_scores(summary, page_cell, page_fill, next_page, Qr, qmu, runs):  #
         while j < g:
             a = h * g + j
             if j + 4 <= g:
-                q0, q1, q2, q3 = Qr[a], Qr[a + 1], Qr[a + 2], Qr[a + 3]
+                q0, q1, q2, q3 = Qx[a], Qx[a + 1], Qx[a + 2], Qx[a + 3]
                 for p in range(p0, p1):
                     row = summary[h, p]
                     s0 = s1 = s2 = s3 = np.float32(0.0)
-                    for i in range(r):
+                    for i in range(w):
                         x = row[i]
                         s0 += x * q0[i]
                         s1 += x * q1[i]
@@ -639,15 +642,20 @@ def _summary_scores(summary, page_cell, page_fill, next_page, Qr, qmu, runs):  #
                     sc[a + 3, p] = s3 + qmu[a + 3] if live else NEG_INF
                 j += 4
             else:
-                q = Qr[a]
+                q = Qx[a]
                 for p in range(p0, p1):
                     row = summary[h, p]
                     s0 = np.float32(0.0)
-                    for i in range(r):
+                    for i in range(w):
                         s0 += row[i] * q[i]
                     sc[a, p] = s0 + qmu[a] if page_cell[h, p] >= 0 and page_fill[h, p] > 0 else NEG_INF
                 j += 1
     return sc
+
+
+#: candidate pages ahead of the one gathered whose token ids ``candidate_columns`` prefetches (its own constant:
+#: numba's cache keeps a global of another module as it was when a kernel was compiled)
+COLUMNS_AHEAD = 4
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -656,7 +664,7 @@ def candidate_columns(cand, g, page_fill, page_tok):  # pragma: no cover
     (``cols [H, g X]`` page ids ascending, -1 padded; their ``fill [H, g X]`` and ``tok [H, g X, C]``; ``count
     [H]``): the columns the candidates are scored and merged in, a few hundred instead of every page. Ascending
     ids keep every tie-break (a tie goes to the lower page) as over all pages. Parallel over KV heads; the token
-    ids of the page ``CANDIDATES_AHEAD`` on are prefetched (a few hundred rows scattered among thousands)."""
+    ids of the page ``COLUMNS_AHEAD`` on are prefetched (a few hundred rows scattered among thousands)."""
     H, n, C = page_fill.shape[0], page_fill.shape[1], page_tok.shape[2]
     K = g * cand.shape[1]
     cols = np.full((H, K), -1, np.int32)
@@ -667,11 +675,11 @@ def candidate_columns(cand, g, page_fill, page_tok):  # pragma: no cover
         pages = np.sort(head_candidates(cand, h, g, n))
         k = pages.shape[0]
         rows = page_tok[h]
-        for c in range(min(CANDIDATES_AHEAD, k)):
+        for c in range(min(COLUMNS_AHEAD, k)):
             prefetch_row(rows, pages[c])
         for c in range(k):
-            if c + CANDIDATES_AHEAD < k:
-                prefetch_row(rows, pages[c + CANDIDATES_AHEAD])
+            if c + COLUMNS_AHEAD < k:
+                prefetch_row(rows, pages[c + COLUMNS_AHEAD])
             p = pages[c]
             cols[h, c] = p
             fill[h, c] = page_fill[h, p]
@@ -719,12 +727,12 @@ def uses_page_stage(idx, X: int, page_stage: int) -> bool:
     return page_stage > 0 and 4 * page_stage * int(X) <= int(idx.next_page.min())
 
 
-def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0,
-               clock: _Clock | None = None) -> tuple[np.ndarray, np.ndarray]:
+def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0, clock: _Clock | None = None,
+               spread_weight: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first pass of an index with current codes -> each query row's ``X`` best pages by approximate score
     and those scores (``[H_q, X]``, best first, -1 / -inf padded). With the page stage (``uses_page_stage``)
     the tokens scored are those of the pages some row of their KV head ranks among its ``page_stage * X`` best
-    by summary (``summary_pages``); else every token."""
+    by summary (``summary_pages``, ``spread_weight`` default ``SPREAD_WEIGHT``); else every token."""
     clock = clock or _Clock(None)
     f = idx.lowrank.active
     Qr, qmu = project_queries(Q, f.mean, f.qmap)
@@ -732,7 +740,7 @@ def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0,
     runs = _page_runs(n, idx.H)
     if uses_page_stage(idx, X, page_stage):
         use = summary_pages(f.summary, idx.page_cell, idx.page_fill, idx.next_page, Qr, qmu, int(page_stage) * int(X),
-                            runs)
+                            runs, spread_weight)
     else:
         use = np.ones((idx.H, n), np.uint8)
     clock.lap("page_stage")
@@ -744,7 +752,8 @@ def candidates(idx, Q: np.ndarray, X: int, page_stage: int = 0,
 
 def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "rank", rank: int | None = None,
                        rescore: int | None = None, layer: int = 0, min_tokens: int = MIN_TOKENS,
-                       page_stage: int = 0, timings: dict | None = None) -> np.ndarray:
+                       page_stage: int = 0, timings: dict | None = None,
+                       spread_weight: float | None = None) -> np.ndarray:
     """The exact selection with a low-rank first pass -> ``[H_kv, n_pages]`` int32 (-1 padded), for a
     ``PagedDCIIndex`` whose ``positions`` are rows of ``store`` (the exact keys, which decide): the query is
     observed, a due fit advanced, and until the index's codes cover every token it is scanned exactly
@@ -759,7 +768,8 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     benchmark lowers it to measure 4k-8k captures); ``page_stage``: 0 (``selection: lowrank``), every token is
     scored; else the page stage's factor (``candidates``; ``PAGE_STAGE_FACTOR`` for ``lowrank_pages``);
     ``timings``: a dict that receives the seconds each part of a first-pass call took (``PARTS``; a benchmark's
-    breakdown), else nothing is timed."""
+    breakdown), else nothing is timed; ``spread_weight``: the page stage's (default ``SPREAD_WEIGHT``; a
+    benchmark's ablation)."""
     clock = _Clock(timings)
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if Q.ndim != 2 or Q.shape[1] != idx.d or Q.shape[0] % idx.H or Q.shape[0] == 0:
@@ -778,7 +788,7 @@ def scan_index_lowrank(idx, Q, n_pages: int, store: np.ndarray, merge: str = "ra
     if not st.ready() or idx.n_live < min_tokens or 2 * X * (Q.shape[0] // idx.H) > idx.next_page.min():
         return scan_index(idx, Q, n_pages, merge=merge, store=store)
     st.served += 1
-    cand, _ = candidates(idx, Q, X, page_stage, clock)
+    cand, _ = candidates(idx, Q, X, page_stage, clock, spread_weight)
     # the rest runs over each KV head's candidate pages as columns (``candidate_columns``): scored from the
     # index's own page copy, and over an int8 copy the ones a KV head may choose scored from the exact keys, as
     # the exact scan does
