@@ -8,7 +8,7 @@ tokens' spread, some query head ranks among its best ``stage x 4P``), and rescor
 pages exactly. Two parts, one run:
 
 - **quality** on real post-RoPE Q/K (captured forward passes: SmolLM2-135M essays and passkey at 8000 tokens,
-  Qwen2.5-Coder-0.5B essays at 16k; every layer from the third; the last 24 positions as decode steps, the
+  Qwen2.5-Coder-0.5B essays and passkey at 16k; every layer from the third; the last 24 positions as decode steps, the
   first 10 feeding the fit, the next 14 measured), the index holding the context between the server's sink and
   recent window (both attended always, never indexed), int8 as the indexer builds it, the exact keys in a
   bfloat16 store as the server's: per (step, layer, query head) whether the exact best page (max over its
@@ -61,7 +61,7 @@ STEPS, WARM = 24, 10
 #: SmolLM2's or Qwen's groups covered 40-60% of the pages and a 4k measurement said little); SmolLM2's
 #: positions end at 8192
 SOURCES = [("smollm2-135m-instruct", "essays", 8000), ("smollm2-135m-instruct", "passkey", 8000),
-           ("qwen2.5-coder-0.5b-instruct", "essays", 16384)]
+           ("qwen2.5-coder-0.5b-instruct", "essays", 16384), ("qwen2.5-coder-0.5b-instruct", "passkey", 16384)]
 H_KV, H_Q, D, P = 8, 32, 128, 12
 
 

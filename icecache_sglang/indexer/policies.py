@@ -12,8 +12,8 @@
 - ``lowrank_pages``: ``lowrank`` with a page stage before the first pass: each query head ranks every page by
   its summary (its tokens' mean code and their spread along the query) and only the tokens of its KV head's best
   ``16 P`` pages per query head are scored (``index/lowrank.py``, ``summary_pages``); faster at long contexts,
-  and it misses the exact best page a little more often than ``lowrank`` (99.07% against 99.21% kept on Qwen
-  at 16k, ``benchmarks/lowrank_scan.py``).
+  and it misses the exact best page a little more often than ``lowrank`` (99.07% / 98.70% kept on Qwen's
+  essays / passkey prompts at 16k against 99.21% / 98.79%, ``benchmarks/lowrank_scan.py``).
 - ``icecache``: the index's M-DCI tree search (index-spec section 3.3).
 - the evaluation baselines the indexer serves beside them (``baselines.py``): ``oracle_page`` (the same
   ranking as ``exact``, under its evaluation name), ``oracle_positional``, ``quest``, ``streaming``.
