@@ -329,12 +329,13 @@ def plot(records, path: Path) -> None:
         b.bar(np.arange(len(srcs)) + i * w, [next((r["top_page_recall"] for r in q if r["source"] == s and r["method"] == m),
                                                   np.nan) for s in srcs], w, label=m)
     b.axhline(0.99, color="red", lw=0.8)
-    b.set_ylim(0.85, 1.005)
+    low = min((r["top_page_recall"] for r in q), default=0.85)
+    b.set_ylim(min(0.85, np.floor(low * 20 - 0.5) / 20), 1.005)  # every bar's top in view
     b.set_xticks(np.arange(len(srcs)) + 0.4 - w / 2)
-    b.set_xticklabels([s.replace(" ", "\n", 1) for s in srcs], fontsize=7)
+    b.set_xticklabels([s.replace("-instruct", "").replace(" ", "\n") for s in srcs], fontsize=6)
     b.set_ylabel("top-page recall (after the GQA merge)")
     b.set_title("real Q/K: is each query head's exact best page selected? (computed)", fontsize=9)
-    b.legend(fontsize=6)
+    b.legend(fontsize=5, loc="lower left")
     # the trade-off: a setting's time at the longest context (synthetic keys, measured) against its top-page
     # recall on each real source where the setting applies (computed): two sources of data, one point per pair
     n_max = max((r["context"] for r in sp), default=0)
