@@ -87,7 +87,9 @@ PAGE_STAGE_FACTOR = 4
 #: a page's scores itself (``2 sqrt(sum_b q_b^2 s_b^2)``) marked the same share (0.992 / 0.982 / 0.995) but needs
 #: a second sum per page and row (2.1x the scoring time); a page radius times ``|q|`` 0.74 at Qwen's Y = 192, a
 #: Quest-style box of the codes 0.98; all of 32 values' deviations 0.992 / 0.982 / 0.997; weights 1.0 and 0.75
-#: up to 0.005 below (scratch measurements)
+#: up to 0.005 below (scratch measurements). On sources that took no part in that choice, through the whole
+#: selection at stage 4 (``benchmarks/lowrank_scan.py``): Qwen passkey 16k 0.976 -> 0.987 of the cases' best pages
+#: kept; SmolLM2 essays 8k at stage 1 0.971 -> 0.988
 SPREAD_WEIGHT = 1.5
 SPREAD_RANK = 8
 
