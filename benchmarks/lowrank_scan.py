@@ -9,9 +9,9 @@ pages exactly. Two parts, one run:
 
 - **quality** on real post-RoPE Q/K (captured forward passes: SmolLM2-135M essays and passkey at 8000 tokens,
   Qwen2.5-Coder-0.5B essays and passkey at 16k; every layer from the third; the last 24 positions as decode
-  steps, the first 10 feeding the fit, the next 14 measured), the index holding the context between the server's sink and
-  recent window (both attended always, never indexed), int8 as the indexer builds it, the exact keys in a
-  bfloat16 store as the server's: per (step, layer, query head) whether the exact best page (max over its
+  steps, the first 10 feeding the fit, the next 14 measured), the index holding the context between the
+  server's sink and recent window (both attended always, never indexed), int8 as the indexer builds it, the
+  exact keys in a bfloat16 store as the server's: per (step, layer, query head) whether the exact best page (max over its
   tokens of q.k, from the exact keys) is selected (``top_page_recall``, after the GQA merge), the selection's
   attention mass over the indexed tokens relative to the exact scan's selection (``mass_vs_exact`` mean and
   5th percentile over (step, layer, KV head)), the share of a KV head's pages its candidates cover and the
