@@ -50,9 +50,9 @@ from .scan import (NEG_INF, ExactKeys, head_candidates, merged_pages, rescore_be
                    score_pages)
 
 #: indexes with fewer live tokens are scanned exactly: the first pass and its rescoring cost more than they save
-#: below ~16k tokens (8 KV heads, d = 128, 2 cores, caches cold: 0.67x the exact scan at 8k, 1.12x at 32k,
-#: 1.63x at 128k, ``benchmarks/lowrank_scan.py``; 1.02x at 16k and 1.23x at 24k in a scratch run, the page
-#: stage 1.19x / 1.61x), and short indexes need no codes' memory
+#: below ~16k tokens (8 KV heads, d = 128, 2 cores, caches cold: 0.75x the exact scan at 8k, 1.21x at 32k,
+#: 1.80x at 128k, ``benchmarks/lowrank_scan.py``; 1.02x at 16k and 1.23x at 24k in a scratch run of stop 35's
+#: code, the page stage 1.19x / 1.61x), and short indexes need no codes' memory
 MIN_TOKENS = 16384
 #: queries (decode steps of a layer) an index answers before its first fit, and the growth between refits
 FIT_AFTER = 8
