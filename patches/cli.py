@@ -137,6 +137,15 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
     if cfg.offload and getattr(args, "enable_streaming_session", False):
         problems.append("--enable-streaming-session with offload: a session's next turn re-points its row's "
                         "KV slots under the device pool; run offload without streaming sessions")
+    if cfg.offload:  # SGLang's KV pool is host memory of host_kv_gb per rank (patches/pool.py)
+        from icecache_sglang.runtime.pool.kv_pool import default_host_kv_gb, host_budget_problem
+
+        ranks = int(getattr(args, "tp_size", 1) or 1)
+        if cfg.host_kv_gb is None and not cuda_problems("offload"):  # a GPU: every rank gets the same figure
+            cfg = dataclasses.replace(cfg, host_kv_gb=default_host_kv_gb(ranks))
+        why = host_budget_problem(cfg, ranks)
+        if why:
+            problems.append(why)
     lanes = cfg.device_lanes
     if lanes is not None:  # the device pool decodes at most this many requests at once: so does SGLang
         given = getattr(args, "max_running_requests", None)

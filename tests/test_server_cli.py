@@ -99,6 +99,12 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
      "the selections' staleness, max(step_reuse - 1, max_stale_steps)); the smallest working size is 272"),
     (["--enable-icecache", "--icecache-config", '{"device_kv_tokens": 1000}'], "set offload: true"),
     (["--enable-icecache", "--icecache-config", '{"offload": "yes", "dense_layers": 0}'], "offload must be true or false"),
+    # SGLang's KV pool in host memory: no more than the host has (checked before any rank allocates)
+    (["--enable-icecache", "--icecache-config", '{"offload": true, "dense_layers": 0, "host_kv_gb": 60000}'],
+     "host_kv_gb 60000 GiB x 1 rank(s) is more than the host's available memory"),
+    (["--enable-icecache", "--tp-size", "2", "--icecache-config",
+      '{"offload": true, "dense_layers": 0, "host_kv_gb": 30000}'],
+     "host_kv_gb 30000 GiB x 2 rank(s) is more than the host's available memory"),
     (["--enable-icecache", "--enable-page-major-kv-layout"], "--enable-page-major-kv-layout: IceCache's KV pool"),
     (["--enable-icecache", "--enable-streaming-session", "--icecache-config", '{"offload": true, "dense_layers": 0}'],
      "--enable-streaming-session with offload"),
@@ -151,3 +157,10 @@ def test_offload_runs_as_many_requests_as_the_device_pool_holds(parse):
     # without device_kv_tokens: the default lane count, never SGLang's own (thousands of lanes)
     args = parse("--enable-icecache", "--icecache-config", json.dumps({"offload": True, "dense_layers": 0}))
     assert args.max_running_requests == DEFAULT_DEVICE_LANES
+
+
+def test_offload_without_host_kv_gb_keeps_sglangs_sizing_without_a_gpu(parse):
+    """On a machine without a GPU SGLang's pool is host memory already: no host_kv_gb is filled in (on a GPU the
+    launcher fills in half the available memory, the same figure for every rank)."""
+    parse("--enable-icecache", "--icecache-config", json.dumps({"offload": True, "dense_layers": 0}))
+    assert json.loads(os.environ[ENV_VAR])["host_kv_gb"] is None

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.slow
 
 LANES = 3
 LANE_ROWS = IceCacheConfig(**TINY_ICE).lane_rows  # 128 + 16
-OFFLOAD = {**TINY_ICE, "offload": True, "device_kv_tokens": LANES * LANE_ROWS}
+HOST_KV_GB = 0.05  # SGLang's KV pool in host memory: 0.05 GiB / 2048 bytes per token = 26214 tokens
+OFFLOAD = {**TINY_ICE, "offload": True, "device_kv_tokens": LANES * LANE_ROWS, "host_kv_gb": HOST_KV_GB}
 ROW_BYTES = (32 + 32) * 4  # tiny model: head_dim 32, K and V, float32
 LAYERS, KV_HEADS = 4, 2
+TOKEN_BYTES = LAYERS * KV_HEADS * ROW_BYTES
 
 tiny_ref = server_fixture("tiny_ice_shared", ensure_tiny_model, icecache_args(TINY_ICE), shared=True)
 tiny_offload = server_fixture("tiny_offload", ensure_tiny_model, icecache_args(OFFLOAD))
@@ -48,6 +50,35 @@ def test_offloaded_decode_answers_like_icecache_without_offload(tiny_ref, tiny_o
     # consecutive steps attend mostly the same rows: far fewer rows move than are attended
     assert st["device_rows_hit"] > 3 * st["device_rows_loaded"], st
     assert st["device_kv_bytes_loaded_total"] == st["device_rows_loaded"] * ROW_BYTES
+
+
+def test_host_kv_gb_sizes_sglangs_pool(tiny_offload):
+    """SGLang admits requests by the host pool ``host_kv_gb`` gives it (below the launch's --max-total-tokens
+    70000), and the pool it allocated is that size."""
+    info = tiny_offload.get("/get_server_info")
+    tokens = int(HOST_KV_GB * 2**30) // TOKEN_BYTES
+    assert info["max_total_num_tokens"] == tokens
+    st = tiny_offload.icecache_stats(wait_s=0)
+    assert st["kv_pool_host"] == 1
+    assert tokens * TOKEN_BYTES <= st["kv_pool_bytes"] <= (tokens + 64) * TOKEN_BYTES  # plus SGLang's padding
+
+
+def test_prefill_attends_over_staged_rows_and_reuses_host_kv_on_a_prefix_hit(tiny_ref, tiny_offload):
+    """With offload, prefill attends over the batch's rows staged from the host pool (``pool/staging.py``): a
+    second turn that extends the first is a radix-cache hit whose prefix comes from host memory, and both
+    turns answer token for token like IceCache without offload."""
+    before = tiny_offload.icecache_stats(wait_s=0)
+    first = token_ids(1400, 41)
+    out1 = answer(tiny_offload, first, 12)
+    assert out1 == answer(tiny_ref, first, 12)
+    second = first + out1 + token_ids(300, 42)
+    r = tiny_offload.generate(input_ids=second, max_new_tokens=12, ignore_eos=True)
+    assert r["meta_info"]["cached_tokens"] >= len(first)  # the prefix was not recomputed
+    assert r["output_ids"] == answer(tiny_ref, second, 12)
+    st = tiny_offload.icecache_stats()
+    # the second turn's prefill gathered its cached prefix at every layer
+    assert st["prefill_rows_staged_total"] - before["prefill_rows_staged_total"] >= LAYERS * len(first)
+    assert st["prefill_staging_bytes"] >= len(second) * KV_HEADS * ROW_BYTES  # one layer of the largest batch
 
 
 def test_sessions_far_beyond_the_device_pool_all_complete_through_it(tiny_ref, tiny_offload):

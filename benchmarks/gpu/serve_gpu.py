@@ -239,7 +239,7 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
         if cfg is not None:
             st = srv.icecache_stats()
             launch |= {k: st.get(k) for k in ("kv_pool_bytes", "key_store_bytes", "keys_shared", "device_kv_bytes",
-                                              "device_lanes")}
+                                              "device_lanes", "kv_pool_host")}
         rec.add(launch)
         kv_alloc = (launch.get("kv_pool_bytes") or pool_tokens * kv_bytes_per_token(*MODEL))
         run_batch(srv.url, [1], 512, 4, 300)  # warm-up: JIT kernels, first allocation
@@ -299,7 +299,11 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
                       "reused_selections": after.get("reused_selections", 0) - before.get("reused_selections", 0),
                       "selection_age_steps_max": after.get("selection_age_steps_max"),
                       "index_bytes": after.get("index_bytes"), "icecache_host_bytes": after.get("icecache_host_bytes"),
-                      "attended_kv_bytes_last": after.get("attended_kv_bytes_last")}
+                      "attended_kv_bytes_last": after.get("attended_kv_bytes_last"),
+                      # offload: the device's share (lanes, prefill staging) and GPU memory in use after the point
+                      "device_kv_bytes": after.get("device_kv_bytes"),
+                      "prefill_staging_bytes": after.get("prefill_staging_bytes"),
+                      "gpu_memory_used_bytes": None if a.cpu_dry_run else gpu_memory_used()}
                 if r.get("tpot_s") and r["selection_wait_s"] is not None:
                     r["rest_s"] = r["tpot_s"] - r["selection_wait_s"]
             rec.add(r)
@@ -389,7 +393,11 @@ def main(argv=None) -> int:
              # so its speed, not its choice of pages, is what this measures)
              "icecache-async-lowrank": {"max_stale_steps": 4, "selection": "lowrank"},
              # and with the page stage (only the codes of the pages whose summaries rank best)
-             "icecache-async-lowrank-pages": {"max_stale_steps": 4, "selection": "lowrank_pages"}}
+             "icecache-async-lowrank-pages": {"max_stale_steps": 4, "selection": "lowrank_pages"},
+             # issue 15: SGLang's KV pool pinned in host memory (host_kv_gb: half the host's free RAM), prefill
+             # over rows staged to the device, decode from the device pool's lanes
+             "icecache-offload": {"offload": True, "dense_layers": 0},
+             "icecache-offload-async": {"offload": True, "dense_layers": 0, "max_stale_steps": 4}}
     for spec in a.mode:
         name, _, text = spec.partition("=")
         modes[name] = json.loads(text or "{}")

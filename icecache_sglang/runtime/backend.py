@@ -53,6 +53,7 @@ from .dense import dense_backend_for, resolve_dense_attention
 from .key_writes import KeyStoreWriter
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool, shared_key_store
+from .pool.staging import PrefillStaging, StagedPrefill
 from ..indexer.launcher import INT8_RESCORE_FROM
 from .pool.kv_pool import KEY_DTYPES
 from .publisher import SnapshotPublisher
@@ -140,8 +141,14 @@ class IceCacheAttnBackend(AttentionBackend):
             problems.append(str(e))
         if problems:
             raise IceCacheConfigError("--enable-icecache cannot serve this model: " + "; ".join(problems))
+        # with offload no layer's full KV is on the device: prefill attends over a staging buffer the host
+        # pool's rows are gathered into, one layer at a time (``pool/staging.py``)
+        self.staging = (PrefillStaging(pool, self.req_to_token_pool.req_to_token, self.device,
+                                       self.req_to_token_pool.req_to_token.shape[0]) if cfg.offload else None)
+        self._staged: StagedPrefill | None = None
         # SGLang's own backend for prefill, the dense layers and requests within the budget (``dense.py``)
-        self.dense = dense_backend_for(self.dense_name, model_runner)
+        self.dense = dense_backend_for(self.dense_name, model_runner if self.staging is None
+                                       else self.staging.runner_view(model_runner))
         self.num_layers = pool.layer_num
         self.H, self.d = pool.head_num, pool.head_dim
         self.v_d = getattr(pool, "v_head_dim", pool.head_dim)
@@ -192,6 +199,9 @@ class IceCacheAttnBackend(AttentionBackend):
         m.kv_pool_bytes = (sum(t.numel() * t.element_size() for t in bufs) if bufs  # the tensors SGLang allocated
                            else self.num_slots * self.num_layers * self.H * (self.d + self.v_d) * elem)
         m.keys_shared = int(self.keys_shared)
+        m.kv_pool_host = int(bool(bufs) and bufs[0].device.type == "cpu")
+        # a GPU writes the host pool's keys asynchronously: the indexer may read them once the stream has run
+        self._host_writes = bool(getattr(pool, "host_writes_pending", False))
         m.key_store_bytes = 0 if self.keys_shared else indexer.store.spec.nbytes  # shared: inside kv_pool_bytes
         self._token_kv_bytes = self.H * (self.d + self.v_d) * elem  # one token, one layer
         self._row_bytes = (self.d + self.v_d) * elem  # one token, one KV head, one layer
@@ -231,19 +241,42 @@ class IceCacheAttnBackend(AttentionBackend):
     # ------------------------------------------------------------------ SGLang backend interface
     def init_forward_metadata(self, forward_batch):
         self.key_writer.flush()  # a pass that ended before its last layer: its staged keys are in the pool
-        self.dense.init_forward_metadata(forward_batch)
-        self._step = None
+        self._step = self._staged = None
+        mode = forward_batch.forward_mode
+        if self.staging is not None and mode.is_extend() and forward_batch.batch_size:
+            # offload: the dense backend attends over the batch's rows staged on the device
+            self._staged = self.staging.begin(forward_batch, self.req_to_token_pool.req_to_token)
+            self.dense.init_forward_metadata(self._staged.batch)
+        elif self.staging is None or not mode.is_decode():  # offload decodes from the device pool only
+            self.dense.init_forward_metadata(forward_batch)
         self._check_control()  # POST /icecache/config: applied between two forward passes
         self.supervisor.poll()
         self.planner.priming = None
-        mode = forward_batch.forward_mode
         if not mode.is_decode() or forward_batch.batch_size == 0:
             return
         rows, lens = self._rows_and_lens(forward_batch)
+        self._wait_for_host_writes()  # the step's index writes name keys earlier passes wrote
         self._step = self.planner.begin(rows, lens, self.cfg)
 
+    def _wait_for_host_writes(self) -> None:
+        """Before index writes go out: the KV a GPU wrote into the host pool has landed (offload on a GPU)."""
+        if self._host_writes:
+            torch.cuda.current_stream().synchronize()
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        st = self._staged
+        if st is None:
+            o = self.dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        else:  # offload: the prefix's rows host -> staging, attention there, the new tokens' KV into the pool
+            lid, pool = layer.layer_id, self.token_to_kv_pool
+            k_host, v_host = pool.get_key_buffer(lid), pool.get_value_buffer(lid)
+            self.staging.load(st.prefix, k_host, v_host)
+            if save_kv_cache and k is not None and v is not None:
+                pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+                o = self.dense.forward_extend(q, k, v, layer, st.batch, True)
+            else:  # the model wrote the new tokens' KV into the pool itself
+                self.staging.load(st.new, k_host, v_host)
+                o = self.dense.forward_extend(q, k, v, layer, st.batch, False)
         if not layer.is_cross_attention:
             self.key_writer.write_now(layer.layer_id, forward_batch.out_cache_loc)
         if layer.layer_id == self.last_layer:
@@ -259,6 +292,7 @@ class IceCacheAttnBackend(AttentionBackend):
         next turn on the same row) is updated and checked here: its tokens may have been re-pointed."""
         rows, lens = self._rows_and_lens(forward_batch)
         ends = events.prompt_ends(len(rows)) or [False] * len(rows)
+        self._wait_for_host_writes()
         for row, n, final in zip(rows, lens, ends):
             if self.device_pool is not None:  # the row's tokens may have been re-pointed (a session's next turn)
                 self.device_pool.release(row)
@@ -362,6 +396,9 @@ class IceCacheAttnBackend(AttentionBackend):
         m.icecache_host_bytes = m.key_store_bytes + m.index_bytes
         if self.device_pool is not None:
             m.device_lanes_in_use = self.device_pool.lanes_in_use
+        if self.staging is not None:
+            m.prefill_staging_bytes = self.staging.kv.nbytes_max
+            m.prefill_rows_staged_total = self.staging.rows_gathered
         return m.snapshot() | {
             "tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": status["pid"],
             "indexer_state": status["state"], "indexer_reason": status["reason"],

@@ -25,6 +25,8 @@ DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
 WHILE_INDEXING = ("auto", "dense", "wait")
 #: lanes of the offloaded decode's device pool when device_kv_tokens is not given
 DEFAULT_DEVICE_LANES = 32
+#: the largest host KV pool a rank may ask for (GiB): beyond any machine's RAM, so a typo in the unit is refused
+MAX_HOST_KV_GB = 65536
 #: the most decode steps a selection may be reused for (step_reuse) or be old (max_stale_steps)
 MAX_REUSE_STEPS = 1024
 #: the longest a decode step may wait for its selections (a minute already stalls every request in the batch)
@@ -75,7 +77,9 @@ class IceCacheConfig:
     ``budget_tokens + page_size`` rows, plus one per step of staleness with ``step_reuse`` / ``max_stale_steps``
     (a reused selection attends to every token indexed since). With offload no layer attends densely at decode
     (``dense_layers`` must be 0), and on a running server the budget and the staleness can change only within
-    the launch's lane (``control.py``). stall_report_s: a
+    the launch's lane (``control.py``). host_kv_gb: with offload, SGLang's KV pool is host memory (pinned on
+    a GPU) of this many GiB per rank, and SGLang admits requests by it (null: on a GPU, half the host's
+    available memory divided among the GPU's ranks; on a machine without a GPU, SGLang's own sizing). stall_report_s: a
     forward pass that takes this many seconds is logged with the scheduler thread's stack, and again every
     as many seconds while it lasts (``runtime/stall.py``; 0 turns it off). while_indexing: how a decode step
     runs while the indexer is behind (a request's first index is being built, or index writes of earlier
@@ -109,6 +113,7 @@ class IceCacheConfig:
     restart_window_s: float = 600.0
     offload: bool = False
     device_kv_tokens: int | None = None
+    host_kv_gb: float | None = None
     stall_report_s: float = 30.0
     while_indexing: str = "auto"
     step_reuse: int = 1
@@ -159,6 +164,13 @@ class IceCacheConfig:
             raise IceCacheConfigError(f"device_kv_tokens must be a positive integer or null, got {n!r}")
         if n is not None and not self.offload:
             raise IceCacheConfigError("device_kv_tokens sizes the offloaded decode's device pool; set offload: true")
+        g = self.host_kv_gb
+        if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g)
+                              or not 0 < g <= MAX_HOST_KV_GB):
+            raise IceCacheConfigError(f"host_kv_gb must be a number of GiB in (0, {MAX_HOST_KV_GB}], got {g!r}")
+        if g is not None and not self.offload:
+            raise IceCacheConfigError("host_kv_gb sizes SGLang's KV pool in host memory, which it is with offload "
+                                      "only; set offload: true")
         if self.offload and self.dense_layers:
             raise IceCacheConfigError(
                 f"offload keeps no layer's full KV on the device, so no layer can attend densely at decode: "

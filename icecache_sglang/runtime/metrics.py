@@ -63,6 +63,10 @@ class IceCacheMetrics:
     device_rows_hit: int = 0  # offload: rows a step attended that the device pool already held
     device_kv_bytes_loaded_last: int = 0  # offload: bytes copied host -> device in the last step, all layers
     device_kv_bytes_loaded_total: int = 0
+    kv_pool_host: int = 0  # 1 when SGLang's KV pool (kv_pool_bytes) is host memory: a machine without a GPU, or
+    # offload on a GPU (the pool pinned in host memory, sized by host_kv_gb)
+    prefill_staging_bytes: int = 0  # allocated (offload): the device buffer prefill attends over, its largest size
+    prefill_rows_staged_total: int = 0  # offload: (token, layer) rows gathered host -> staging for prefill
     indexed_tokens: int = 0  # tokens sent to the indexer (per token, all anchor layers at once)
     shared_tokens: int = 0  # tokens reused from a cached prefix's index
     live_seqs: int = 0

@@ -110,6 +110,8 @@ class Misses(NamedTuple):
     heads: torch.Tensor  # KV heads (CPU)
     rows_dev: torch.Tensor  # ``rows`` on the device pool's device
     heads_dev: torch.Tensor
+    src_dev: torch.Tensor | None = None  # a GPU reading a pinned host pool: host rows ``slot * H + head`` ...
+    dst_dev: torch.Tensor | None = None  # ... into device rows ``row * H + head``, on the device
 
 
 @dataclass
@@ -137,6 +139,7 @@ class DeviceKVPool:
         self._free = list(range(lanes - 1, -1, -1))
         self.nbytes = sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
         self.stats = LoadStats()
+        self._direct: bool | None = None  # see ``reads_host_directly``
 
     # ------------------------------------------------------------------ lanes
     def lanes_for(self, req_rows) -> np.ndarray:
@@ -190,16 +193,41 @@ class DeviceKVPool:
             raise RuntimeError("a plan names more rows than its lane holds")
         self.stats.rows_hit += int(hits)
         r, h = torch.from_numpy(m_row[:nm]), torch.from_numpy(m_head[:nm])
-        return rows, Misses(r, torch.from_numpy(m_slot[:nm]), h, r.to(self.device, non_blocking=True),
-                            h.to(self.device, non_blocking=True))
+        slots_ = torch.from_numpy(m_slot[:nm])
+        src = dst = None
+        if self.reads_host_directly:
+            src = _to(m_slot[:nm] * H + m_head[:nm], self.device)
+            dst = _to(m_row[:nm] * H + m_head[:nm], self.device)
+        return rows, Misses(r, slots_, h, _to(m_row[:nm], self.device), _to(m_head[:nm], self.device), src, dst)
+
+    @property
+    def reads_host_directly(self) -> bool:
+        """Whether misses are read from the host pool by the device itself (a GPU and a pinned host pool: one
+        Triton kernel per plane, no host gather). Tests set ``_direct`` to run that path on the CPU under
+        Triton's interpreter."""
+        return self._direct if self._direct is not None else self.device.type == "cuda"
 
     def load(self, layer: int, misses: Misses, host_k: torch.Tensor, host_v: torch.Tensor) -> int:
         """Copy one layer's missed rows from the host pool; returns how many."""
         n = len(misses.rows)
         if n == 0:
             return 0
-        s, h = misses.slots.to(host_k.device), misses.heads.to(host_k.device)  # no-ops for a pool in host memory
-        self.k[layer][misses.rows_dev, misses.heads_dev] = host_k[s, h].to(self.device, non_blocking=True)
-        self.v[layer][misses.rows_dev, misses.heads_dev] = host_v[s, h].to(self.device, non_blocking=True)
+        if misses.src_dev is not None and (host_k.device != self.device or self._direct):
+            from icecache_sglang.kernels import copy_rows
+
+            for host, dev in ((host_k, self.k[layer]), (host_v, self.v[layer])):
+                copy_rows(host.view(-1, host.shape[-1]), dev.view(-1, dev.shape[-1]), misses.src_dev, misses.dst_dev)
+        else:
+            s, h = misses.slots.to(host_k.device), misses.heads.to(host_k.device)  # no-ops for a host pool
+            self.k[layer][misses.rows_dev, misses.heads_dev] = host_k[s, h].to(self.device, non_blocking=True)
+            self.v[layer][misses.rows_dev, misses.heads_dev] = host_v[s, h].to(self.device, non_blocking=True)
         self.stats.rows_loaded += n
         return n
+
+
+def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host index array on ``device`` without waiting (pinned first for a GPU)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -11,6 +11,16 @@ while IceCache is on) with the in-tree constructor's arguments; only ``_create_b
 The shared planes need the plain NHD layout ``[slots, H, d]`` in host memory, unquantized: for any other
 pool (a CUDA device pool, HND or page-major layouts, FP8) this class behaves exactly as the in-tree one
 and the backend keeps copying keys into a store of its own.
+
+**With offload on a GPU the pool is host memory too** (``host_resident``): every plane is a host tensor
+registered with CUDA (pinned, exactly its size; the anchor K planes are the key store's memory), sized by
+``host_kv_gb`` (``patches/pool.py``), while the pool's ``device`` stays the GPU for SGLang's bookkeeping.
+Nothing reads it as device memory: prefill attends over rows staged to the device (``staging.py``),
+decode over the device pool's lanes (``device_pool.py``), both gathered by a Triton kernel that reads the
+pinned rows directly; the model's KV writes (``set_kv_buffer``) reach it the same way, a kernel writing the
+rows across PCIe (:func:`write_rows`), in stream order with the reads after them. The indexer reads the
+keys from the host: ``host_writes_pending`` tells the backend to wait for the stream before it sends an
+index write.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from ...indexer.keystore import KeyStore, PrivateDir
-from ..config import IceCacheConfig
+from ..config import IceCacheConfig, IceCacheConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +45,23 @@ class IceCacheKVPool(MHATokenToKVPool):
     key_store: KeyStore | None = None
     private_dir: PrivateDir | None = None
     anchors: list[int] = []
+    #: offload on a GPU: the planes are host memory while the model runs on the device
+    host_resident: bool = False
+
+    @property
+    def host_writes_pending(self) -> bool:
+        """Whether KV writes reach host memory asynchronously (a GPU writing the host pool): the indexer
+        may read a key only after the stream that wrote it has run."""
+        return self.host_resident
 
     def _shared_keys_problem(self) -> str:
         """Why this pool cannot hold its keys in a shared store ('' when it can)."""
-        if torch.device(self.device).type != "cpu":
+        if torch.device(self.device).type != "cpu" and not self.host_resident:
             return f"the pool is on {self.device} (device memory)"
+        return self._host_layout_problem()
+
+    def _host_layout_problem(self) -> str:
+        """Why this pool's planes cannot be plain host tensors ('' when they can)."""
         if self.store_dtype not in KEY_DTYPES or self.store_dtype != self.dtype:
             return f"KV dtype {self.dtype} stored as {self.store_dtype}"
         if getattr(self, "kv_cache_layout", "nhd") != "nhd" or getattr(self, "use_hnd", False):
@@ -52,6 +74,12 @@ class IceCacheKVPool(MHATokenToKVPool):
 
     def _create_buffers_normal(self):
         cfg = IceCacheConfig.from_env()
+        if cfg is not None and cfg.offload and torch.device(self.device).type == "cuda":
+            why = self._host_layout_problem()
+            if why:
+                raise IceCacheConfigError(f"offload keeps SGLang's KV pool in host memory, which needs plain "
+                                          f"[slots, heads, dim] planes; this pool has {why}")
+            self.host_resident = True
         why = "IceCache is off" if cfg is None else self._shared_keys_problem()
         if why:
             logger.info("IceCache KV pool: keys are copied to a separate key store (%s)", why)
@@ -72,8 +100,84 @@ class IceCacheKVPool(MHATokenToKVPool):
         self.k_buffer = [planes[layer] if layer in planes else torch.zeros(k_shape, dtype=self.store_dtype)
                          for layer in range(self.layer_num)]
         self.v_buffer = [torch.zeros(v_shape, dtype=self.store_dtype) for _ in range(self.layer_num)]
+        if self.host_resident:  # the GPU reads and writes these planes directly
+            try:
+                for t in (*self.k_buffer, *self.v_buffer):
+                    register_host(t)
+            except RuntimeError as e:
+                gb = (store.spec.nbytes + sum(t.numel() * t.element_size() for t in self.v_buffer)
+                      + sum(t.numel() * t.element_size() for i, t in enumerate(self.k_buffer)
+                            if i not in planes)) / 2**30
+                raise IceCacheConfigError(
+                    f"offload: {gb:.1f} GiB of host memory for SGLang's KV pool could not be pinned for the GPU "
+                    f"({e}); lower host_kv_gb (or --max-total-tokens)") from None
         logger.info("IceCache KV pool: the K planes of %d anchor layers are the indexer's key store %s "
-                    "(%.2f GiB, one copy of the keys)", len(self.anchors), store.spec.path, store.spec.nbytes / 2**30)
+                    "(%.2f GiB, one copy of the keys)%s", len(self.anchors), store.spec.path,
+                    store.spec.nbytes / 2**30, "; every plane in pinned host memory (offload)" * self.host_resident)
+
+    def _store_kv_layer(self, layer_idx, loc, cache_k, cache_v):
+        """The model's KV write of one layer; a GPU writing the host-resident pool writes across PCIe."""
+        k_buf, v_buf = self.k_buffer[layer_idx], self.v_buffer[layer_idx]
+        if k_buf.device == cache_k.device:
+            return super()._store_kv_layer(layer_idx, loc, cache_k, cache_v)
+        write_rows(cache_k, k_buf, loc)
+        write_rows(cache_v, v_buf, loc)
+
+
+def write_rows(x: torch.Tensor, plane: torch.Tensor, loc: torch.Tensor) -> None:
+    """``plane[loc] = x`` for a plane in pinned host memory and ``x`` / ``loc`` on the GPU: a Triton kernel
+    writes the rows across PCIe (``kernels/row_copy.py``), in stream order, without a host round trip."""
+    from icecache_sglang.kernels import copy_rows
+
+    n = x.shape[0]
+    copy_rows(x.reshape(n, -1), plane.view(plane.shape[0], -1), dst_rows=loc)
+
+
+def register_host(t: torch.Tensor) -> None:
+    """Pin a host tensor's memory for the GPU in place, exactly its size (``cudaHostRegister``; torch's pinned
+    allocator would round a plane up to a power of two)."""
+    if t.is_pinned():
+        return
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister failed with error {int(err)}")
+
+
+#: with offload on a GPU and no ``host_kv_gb``: this share of the host's available memory, split among its ranks
+DEFAULT_HOST_SHARE = 0.5
+
+
+def available_host_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def default_host_kv_gb(ranks: int) -> float:
+    """``host_kv_gb`` when none is given, on a GPU: half the host's available memory, split among its ranks."""
+    return round(DEFAULT_HOST_SHARE * available_host_bytes() / max(ranks, 1) / 2**30, 2)
+
+
+def host_budget_problem(cfg: IceCacheConfig, ranks: int) -> str:
+    """Why the host cannot give each of ``ranks`` ranks ``host_kv_gb`` ('' when it can: checked at launch,
+    before any rank allocates)."""
+    if cfg.host_kv_gb is None:
+        return ""
+    want, avail = cfg.host_kv_gb * 2**30 * ranks, available_host_bytes()
+    if want > avail:
+        return (f"host_kv_gb {cfg.host_kv_gb} GiB x {ranks} rank(s) is more than the host's available memory "
+                f"({avail / 2**30:.1f} GiB); lower host_kv_gb")
+    return ""
+
+
+def host_pool_bytes(cfg: IceCacheConfig) -> int | None:
+    """With offload, SGLang's KV pool budget of one rank in bytes (``host_kv_gb``), or None: SGLang's own
+    sizing (no ``host_kv_gb`` on a machine without a GPU, where its pool is host memory already). The
+    launcher sets ``host_kv_gb`` for a GPU when none is given (``patches/cli.py``), so every rank gets the
+    same figure."""
+    if cfg.host_kv_gb is None:
+        return None
+    return int(cfg.host_kv_gb * 2**30)
 
 
 def _tp_rank() -> int:

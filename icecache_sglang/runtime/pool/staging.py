@@ -1,0 +1,196 @@
+"""Prefill from the host pool: each layer's attention reads a staging buffer on the device, not SGLang's pool.
+
+With ``offload`` SGLang's KV pool is host memory (``kv_pool.py``; on a GPU, pinned) and the device holds no
+layer's full KV. A prefill chunk's new tokens must still attend to their prefix (the earlier chunks of a
+long prompt, or a radix-cache hit) and to themselves, densely, on SGLang's own backend. So, per extend
+forward pass, the backend stages the batch one layer at a time (as SGLang's HiCache loads host KV back
+layer by layer):
+
+- ``begin`` (once per pass): the batch's rows are laid out back to back in a staging buffer, request ``i``
+  at rows ``[base_i, base_i + seq_len_i)``: its prefix's host slots are gathered there, its new tokens are
+  written there. A staging ``req_to_token`` (rows ``0 .. bs - 1``) maps each position to its staging row;
+  the dense backend was built over that table and over :class:`StagedKV` (``dense.py``), and receives a
+  copy of the forward batch that names the staging rows (:attr:`StagedPrefill.batch`).
+- ``load`` (per layer, before its attention): the prefix rows of every request, host pool -> staging, one
+  gather for K and one for V (on a GPU a Triton kernel reads the pinned host rows directly,
+  ``kernels/row_copy.py``).
+- the dense backend writes the new tokens' K/V into the staging rows and attends; the backend also writes
+  them into SGLang's pool at their real slots (``IceCacheKVPool._store_kv_layer``, across PCIe on a GPU).
+
+The staging buffer holds one layer of the batch's tokens (prefix and new), so device memory for prefill is
+bounded by the largest batch's tokens, not by every request's context. A chunk re-reads its whole prefix at
+every layer: for a 128k-token prompt in 8k chunks that is about 16x the prompt's KV moved host -> device
+over the prefill (computed), the price of a device that does not hold the prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
+
+
+class StagedKV:
+    """The KV pool a dense backend sees under offload: one layer's staging rows on the device, the same
+    buffers for every layer id (layers run one after another). Anything else is the real pool's."""
+
+    def __init__(self, pool, device: torch.device):
+        self._pool = pool
+        self.device = torch.device(device)
+        H, d = pool.head_num, pool.head_dim
+        v_d = getattr(pool, "v_head_dim", d)
+        # a minimal buffer until the first prefill (backends read a buffer's shape when they are built)
+        self.k = torch.zeros(1, H, d, dtype=pool.store_dtype, device=self.device)
+        self.v = torch.zeros(1, H, v_d, dtype=pool.store_dtype, device=self.device)
+        self.nbytes_max = 0
+
+    def __getattr__(self, name):  # dtype, head_num, layer_num, ...: the real pool's
+        return getattr(self._pool, name)
+
+    def resize(self, rows: int) -> None:
+        """At least ``rows`` staging rows (grown, never shrunk: one allocation for prompts of one size)."""
+        if self.k.shape[0] < rows:
+            self.k = self.k.new_empty((rows, *self.k.shape[1:]))
+            self.v = self.v.new_empty((rows, *self.v.shape[1:]))
+            self.nbytes_max = max(self.nbytes_max, self.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.k
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.v
+
+    def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None, **_kw) -> None:
+        loc = unwrap_write_loc(loc_info)[0]
+        dt = self.k.dtype
+        self.k[loc] = cache_k.reshape(-1, *self.k.shape[1:]).to(dt)
+        self.v[loc] = cache_v.reshape(-1, *self.v.shape[1:]).to(dt)
+
+
+class StagedReqToToken:
+    """The ``req_to_token`` pool a dense backend sees under offload: request ``i`` of the batch in row ``i``,
+    its positions mapped to its staging rows (filled per pass by :meth:`PrefillStaging.begin`)."""
+
+    def __init__(self, like: torch.Tensor, size: int):
+        self.req_to_token = torch.zeros_like(like)
+        self.size = size
+        self.max_context_len = like.shape[1]
+        self.device = like.device
+
+
+class RunnerView:
+    """The model runner a dense backend is built from under offload: SGLang's, with the staging pools."""
+
+    def __init__(self, runner, req_to_token_pool: StagedReqToToken, token_to_kv_pool: StagedKV):
+        self._runner = runner
+        self.req_to_token_pool = req_to_token_pool
+        self.token_to_kv_pool = token_to_kv_pool
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
+@dataclass
+class Gather:
+    """Rows to copy host pool -> staging at each layer: host pool slots ``src`` to staging rows ``dst``, both
+    on the staging device (a GPU reads the pinned host rows directly)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+
+
+@dataclass
+class StagedPrefill:
+    """One extend pass's staging: the batch the dense backend gets, and what each layer gathers."""
+
+    batch: object  # the forward batch with staging rows (``req_pool_indices``, ``out_cache_loc``)
+    prefix: Gather  # every request's prefix rows
+    new: Gather  # the new tokens' rows (gathered only for a model that wrote its KV into the pool itself)
+    rows: int  # staging rows in use
+
+
+class PrefillStaging:
+    """Stages an extend pass's KV, host pool -> device, one layer at a time (see the module docstring)."""
+
+    def __init__(self, pool, req_to_token: torch.Tensor, device: torch.device | str, max_requests: int):
+        self.pool = pool
+        self.device = torch.device(device)
+        self.kv = StagedKV(pool, self.device)
+        self.table = StagedReqToToken(req_to_token, max_requests)
+        self.rows_gathered = 0  # (token, layer) rows gathered host -> staging since launch
+        self._direct = False  # tests: the Triton gather (a GPU's read of pinned host rows) on the CPU's interpreter
+
+    def runner_view(self, model_runner) -> RunnerView:
+        return RunnerView(model_runner, self.table, self.kv)
+
+    def begin(self, forward_batch, req_to_token: torch.Tensor) -> StagedPrefill:
+        """Lay out an extend batch in the staging buffer; returns what its layers use."""
+        rows = forward_batch.req_pool_indices.cpu().numpy()
+        lens = _ints(forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens)
+        prefixes = _ints(forward_batch.extend_prefix_lens_cpu if forward_batch.extend_prefix_lens_cpu is not None
+                         else forward_batch.extend_prefix_lens)
+        bs = len(rows)
+        if bs > self.table.req_to_token.shape[0]:
+            raise RuntimeError(f"an extend batch of {bs} requests exceeds the staging table's "
+                               f"{self.table.req_to_token.shape[0]} rows")
+        base = np.zeros(bs + 1, np.int64)
+        np.cumsum(lens, out=base[1:])
+        total = int(base[-1])
+        self.kv.resize(max(total, 1))
+        dev = self.table.device
+        table = self.table.req_to_token
+        src_parts, dst_parts, out_parts = [], [], []
+        for i, (row, n, p) in enumerate(zip(rows, lens, prefixes)):
+            staged = torch.arange(int(base[i]), int(base[i]) + n, dtype=table.dtype, device=dev)
+            table[i, :n] = staged
+            if p:
+                src_parts.append(req_to_token[int(row), :p])
+                dst_parts.append(staged[:p])
+            out_parts.append(staged[p:])
+        batch = copy.copy(forward_batch)
+        batch.req_pool_indices = torch.arange(bs, dtype=forward_batch.req_pool_indices.dtype,
+                                              device=forward_batch.req_pool_indices.device)
+        batch.req_to_token_pool, batch.token_to_kv_pool = self.table, self.kv
+        loc = forward_batch.out_cache_loc
+        staged_loc = torch.cat(out_parts) if out_parts else loc[:0]
+        batch.out_cache_loc = staged_loc.to(loc.dtype).to(loc.device)
+        prefix = self._gather(torch.cat(src_parts) if src_parts else None,
+                              torch.cat(dst_parts) if dst_parts else None)
+        return StagedPrefill(batch, prefix, self._gather(loc, staged_loc), total)
+
+    def _gather(self, src: torch.Tensor | None, dst: torch.Tensor | None) -> Gather:
+        if src is None or src.numel() == 0:
+            empty = torch.empty(0, dtype=torch.long, device=self.device)
+            return Gather(empty, empty)
+        return Gather(src.long().to(self.device), dst.long().to(self.device))
+
+    def load(self, g: Gather, host_k: torch.Tensor, host_v: torch.Tensor) -> None:
+        """One layer's rows ``g``, host pool -> staging (before its attention)."""
+        n = g.dst.numel()
+        if n == 0:
+            return
+        if host_k.device != self.device or self._direct:  # a GPU reading the pinned host pool's rows directly
+            from icecache_sglang.kernels import copy_rows
+
+            for src, dst in ((host_k, self.kv.k), (host_v, self.kv.v)):
+                copy_rows(src.view(src.shape[0], -1), dst.view(dst.shape[0], -1), g.src, g.dst)
+        else:
+            self.kv.k[g.dst] = host_k[g.src]
+            self.kv.v[g.dst] = host_v[g.src]
+        self.rows_gathered += n
+
+
+def _ints(x) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        return x.cpu().tolist()
+    return [int(v) for v in x]

@@ -1,0 +1,137 @@
+"""Prefill from the host pool under offload (``runtime/pool/staging.py``): an extend batch's rows staged on the
+device one layer at a time, attended there, give exactly the attention over SGLang's pool; the host pool's
+direct reads and writes (a GPU's Triton kernels over pinned memory, here under Triton's interpreter) move
+the same rows as plain indexing."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from icecache_sglang.runtime.attention.extend import extend_attention
+from icecache_sglang.runtime.pool.device_pool import DeviceKVPool
+from icecache_sglang.runtime.pool.kv_pool import write_rows
+from icecache_sglang.runtime.pool.staging import PrefillStaging
+
+Hq, H, D, SLOTS, ROWS, CTX = 4, 2, 8, 300, 6, 96
+
+
+def host_pool(seed=0, layers=2):
+    g = torch.Generator().manual_seed(seed)
+    k = [torch.randn(SLOTS, H, D, generator=g) for _ in range(layers)]
+    v = [torch.randn(SLOTS, H, D, generator=g) for _ in range(layers)]
+    return SimpleNamespace(k_buffer=k, v_buffer=v, head_num=H, head_dim=D, v_head_dim=D, store_dtype=torch.float32,
+                           dtype=torch.float32, get_key_buffer=lambda i: k[i], get_value_buffer=lambda i: v[i])
+
+
+def batch(reqs, seed=1):
+    """An extend batch: per request (req_to_token row, prefix, new tokens), scattered slots; a new token's
+    slot is its out_cache_loc, its prefix's slots are in req_to_token."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(SLOTS - 1, generator=g) + 1
+    r2t = torch.zeros(ROWS, CTX, dtype=torch.int32)
+    used, out = 0, []
+    for row, p, n in reqs:
+        r2t[row, :p + n] = perm[used:used + p + n].to(torch.int32)
+        out.append(r2t[row, p:p + n].long())
+        used += p + n
+    fb = SimpleNamespace(req_pool_indices=torch.tensor([r for r, _, _ in reqs]),
+                         seq_lens=torch.tensor([p + n for _, p, n in reqs]), seq_lens_cpu=None,
+                         extend_prefix_lens=torch.tensor([p for _, p, _ in reqs]), extend_prefix_lens_cpu=None,
+                         extend_seq_lens=torch.tensor([n for _, _, n in reqs]), out_cache_loc=torch.cat(out))
+    return fb, r2t
+
+
+REQS = [(3, 0, 7), (1, 40, 5), (4, 17, 1), (0, 0, 1), (5, 60, 12)]  # fresh prompts, prefix hits, chunks
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_staged_extend_attends_exactly_as_over_the_pool(direct):
+    pool = host_pool()
+    fb, r2t = batch(REQS)
+    g = torch.Generator().manual_seed(2)
+    n_new = int(fb.extend_seq_lens.sum())
+    staging = PrefillStaging(pool, r2t, "cpu", ROWS)
+    staging._direct = direct  # the Triton gather (a GPU's read of pinned host rows), on the CPU's interpreter
+    st = staging.begin(fb, r2t)
+    assert st.rows == int(fb.seq_lens.sum())
+    for layer in range(2):
+        k_new, v_new = torch.randn(n_new, H, D, generator=g), torch.randn(n_new, H, D, generator=g)
+        q = torch.randn(n_new, Hq, D, generator=g)
+        # what the backend does: the new tokens into the host pool, the prefix staged, the new tokens staged
+        pool.k_buffer[layer][fb.out_cache_loc] = k_new
+        pool.v_buffer[layer][fb.out_cache_loc] = v_new
+        staging.load(st.prefix, pool.k_buffer[layer], pool.v_buffer[layer])
+        staging.kv.set_kv_buffer(None, st.batch.out_cache_loc, k_new, v_new)
+        args = (fb.seq_lens, fb.extend_prefix_lens, fb.extend_seq_lens)
+        staged = extend_attention(q, torch.empty_like(q), staging.kv.get_key_buffer(layer),
+                                  staging.kv.get_value_buffer(layer), staging.table.req_to_token,
+                                  st.batch.req_pool_indices, *args, scale=0.3, enable_gqa=True)
+        direct_ = extend_attention(q, torch.empty_like(q), pool.k_buffer[layer], pool.v_buffer[layer], r2t,
+                                   fb.req_pool_indices, *args, scale=0.3, enable_gqa=True)
+        assert torch.equal(staged, direct_)
+    assert staging.rows_gathered == 2 * sum(p for _, p, _ in REQS)
+    # a model that wrote its new tokens' KV into the pool itself: they are gathered like the prefix
+    staging.kv.k.zero_()
+    staging.load(st.new, pool.k_buffer[1], pool.v_buffer[1])
+    assert torch.equal(staging.kv.k[st.batch.out_cache_loc.long()], pool.k_buffer[1][fb.out_cache_loc])
+
+
+def test_staging_grows_to_the_largest_batch_and_keeps_it():
+    pool = host_pool()
+    staging = PrefillStaging(pool, torch.zeros(ROWS, CTX, dtype=torch.int32), "cpu", ROWS)
+    small, _ = batch([(0, 0, 5)])
+    big, r2t = batch(REQS)
+    staging.begin(big, r2t)
+    grown = staging.kv.nbytes
+    assert grown == 2 * int(big.seq_lens.sum()) * H * D * 4 == staging.kv.nbytes_max
+    staging.begin(small, r2t)
+    assert staging.kv.nbytes == grown  # not reallocated for a smaller batch
+
+
+def test_too_large_a_batch_is_refused():
+    pool = host_pool()
+    fb, r2t = batch(REQS)
+    staging = PrefillStaging(pool, r2t[:3], "cpu", 3)
+    with pytest.raises(RuntimeError, match="staging table"):
+        staging.begin(fb, r2t)
+
+
+def test_write_rows_puts_a_device_write_into_host_rows():
+    g = torch.Generator().manual_seed(3)
+    plane = torch.zeros(SLOTS, H, D)
+    x = torch.randn(10, H, D, generator=g)
+    loc = torch.randperm(SLOTS, generator=g)[:10]
+    write_rows(x, plane, loc)  # a Triton kernel (interpreted here); on a GPU it writes pinned memory
+    want = torch.zeros(SLOTS, H, D)
+    want[loc] = x
+    assert torch.equal(plane, want)
+    # a non-contiguous source (K split from a fused QKV projection): strided tokens, contiguous heads
+    qkv = torch.randn(10, 3, H, D, generator=g)
+    write_rows(qkv[:, 1], plane, loc)
+    want[loc] = qkv[:, 1]
+    assert torch.equal(plane, want)
+
+
+def test_device_pool_reads_host_rows_directly_like_indexing():
+    g = torch.Generator().manual_seed(4)
+    hk, hv = torch.randn(SLOTS, H, D, generator=g), torch.randn(SLOTS, H, D, generator=g)
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    slots = np.stack([np.stack([rng.permutation(np.arange(1, SLOTS))[:20] for _ in range(H)]) for _ in range(2)])
+    valid = slots >= 0
+    pools = []
+    for direct in (False, True):
+        dp = DeviceKVPool(num_layers=1, groups={0: 0}, lanes=2, lane_rows=24, head_num=H, head_dim=D,
+                          v_head_dim=D, dtype=torch.float32, device="cpu")
+        dp._direct = direct
+        rows, misses = dp.map_plan(0, dp.lanes_for([7, 9]), slots, valid)
+        assert (misses.src_dev is not None) == direct
+        dp.load(0, misses, hk, hv)
+        pools.append((rows, dp))
+    (r0, a), (r1, b) = pools
+    assert np.array_equal(r0, r1)
+    assert torch.equal(a.k[0], b.k[0]) and torch.equal(a.v[0], b.v[0])
