@@ -6,15 +6,17 @@ Both modes get the same "device" KV memory, ``DEVICE_TOKENS`` token rows of ever
   decodes only while its whole KV fits in it;
 - ``icecache-offload``: SGLang with ``--enable-icecache`` and ``offload: true``; its device pool is that
   memory (``device_kv_tokens: DEVICE_TOKENS``: lanes of ``budget_tokens + page_size`` rows, one per
-  decoding request), SGLang's own pool (``--max-total-tokens HOST_TOKENS``) holds the full KV in host
-  memory.
+  decoding request), SGLang's own pool (``host_kv_gb``: ``HOST_TOKENS`` tokens' bytes) holds the full KV in
+  host memory, and prefill attends over a staging buffer on the device (one layer of the largest extend
+  batch), which its device bytes include.
 
 For each context length ``SESSIONS`` sessions (``context`` prompt tokens + ``--max-new`` new, default 256,
 streamed) are
 submitted at once. Recorded: ``sessions`` (the most requests SGLang ran at once, sampled from its
 ``sglang:num_running_reqs`` gauge), ``tokens_per_s`` (output tokens of all sessions over the wall time from
 submission to the last token), median ``ttft_s`` / ``tpot_s``, and the pools' bytes: for IceCache the
-sizes of the tensors it allocated (``/icecache/stats``: ``device_kv_bytes``, ``kv_pool_bytes``); for stock
+sizes of the tensors it allocated (``/icecache/stats``: ``device_kv_bytes`` + ``prefill_staging_bytes``,
+``kv_pool_bytes``); for stock
 SGLang its pool's size as it reports it (``#tokens`` + 1 padding row x the KV bytes of a token).
 
 On a machine without a GPU the "device" pool is a second tensor in RAM: the records show the mechanism
@@ -97,10 +99,12 @@ def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
     path = ensure_tiny_model()
     per_token, layers = kv_token_bytes(path)  # float32 K+V of one token and layer
     lane_rows = IceCacheConfig(**ICE).lane_rows
+    ice = {**ICE, "host_kv_gb": HOST_TOKENS * per_token * layers / 2**30}  # SGLang's pool: HOST_TOKENS tokens
     modes = {
         "dense": ["--max-total-tokens", str(DEVICE_TOKENS)],
-        "icecache-offload": ["--max-total-tokens", str(HOST_TOKENS), "--enable-icecache", "--icecache-config",
-                             json.dumps(ICE)],
+        # (--max-total-tokens: above the CPU launcher's default cap, which would otherwise cut host_kv_gb's pool)
+        "icecache-offload": ["--max-total-tokens", str(2 * HOST_TOKENS), "--enable-icecache", "--icecache-config",
+                             json.dumps(ice)],
     }
     records = []
     for mode, args in modes.items():
@@ -115,8 +119,10 @@ def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
                     dev, host, extra = pool, 0, {}
                 else:
                     st = srv.icecache_stats()
-                    dev, host = st["device_kv_bytes"], st["kv_pool_bytes"]
+                    dev, host = st["device_kv_bytes"] + st["prefill_staging_bytes"], st["kv_pool_bytes"]
                     extra = {"device_lanes": st["device_lanes"], "lane_rows": lane_rows,
+                             "device_pool_bytes": st["device_kv_bytes"], "prefill_staging_bytes": st["prefill_staging_bytes"],
+                             "host_kv_gb": ice["host_kv_gb"], "pool_tokens": info["max_total_num_tokens"],
                              "device_kv_bytes_loaded_total": st["device_kv_bytes_loaded_total"],
                              "device_rows_loaded": st["device_rows_loaded"], "device_rows_hit": st["device_rows_hit"],
                              "index_bytes_after": st["index_bytes"]}
