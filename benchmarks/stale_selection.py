@@ -11,7 +11,10 @@ with the query of step ``s - age`` and is scored with step ``s``'s attention pro
 - ``every{k}``: ages ``0 .. k-1`` in turn (``step_reuse: k``);
 - ``sync``: age 0;
 - ``adaptive{tau}``: the previous step's selection unless a query head's cosine to the query that made it is
-  below tau (then the fresh one): whether a drift test could keep staleness where it is cheap.
+  below tau (then the fresh one): whether a drift test could keep staleness where it is cheap;
+- ``async{k}+rerank{m}`` (``exact`` only; a design measured, not built): the stale query picks ``m`` times
+  the budget's pages and step ``s``'s own query keeps the budget's pages among them by exact score (the
+  same merge): what a re-ranking on the device, where the current query is at no cost, would recover.
 
 Two selections: ``exact`` (IceCache's pages ranked by exact score: the server's default) and ``icecache``
 (the M-DCI search). Records: mean attention-mass recall, its ratio to the synchronous selection's (mean over
@@ -44,6 +47,37 @@ AGES = {"sync": lambda s: 0, **{f"async{k}": (lambda s, k=k: k) for k in (1, 2, 
         **{f"every{k}": (lambda s, k=k: s % k) for k in (2, 4, 8)}}
 FIRST = 8  # steps before this have no query 8 steps back: not scored
 TAUS = (0.7, 0.8, 0.9, 0.95)  # adaptive: refresh when a query head's cosine to the selection's query is below
+RERANK = ((1, 2), (1, 3), (4, 2), (4, 3))  # (age, candidates as a multiple of the budget's pages)
+
+
+class PageScores:
+    """Each step's exact page scores per KV head ``[g, pages]`` over an ``oracle_page`` policy's pages (inside
+    its sink/window wrapper), and selections re-ranked among a stale query's candidates."""
+
+    def __init__(self, sw, queries):
+        op = sw.inner
+        self.sw, self.op, self.idx = sw, op, op.index
+        H, d = self.idx.H, queries.shape[2]
+        g = queries.shape[1] // H
+        self.d = d
+        self.pages = []
+        for h in range(H):
+            live = self.idx.live_pages(h)
+            toks = self.idx.page_tok[h, live]
+            valid = np.arange(self.idx.C)[None, :] < self.idx.page_fill[h, live][:, None]
+            self.pages.append((live, np.where(valid, toks, 0), valid))
+        self.scores = [[np.where(v[None], (q[h * g:(h + 1) * g].astype(np.float32) @ op.keys[h].T)[:, t], -np.inf)
+                        .max(axis=2) for h, (_, t, v) in enumerate(self.pages)] for q in queries]
+
+    def rerank(self, old: int, now: int, n_pages: int, mult: int) -> list[np.ndarray]:
+        sw, out = self.sw, []
+        for h, (live, _, _) in enumerate(self.pages):
+            cand = self.op.merge_pages(self.scores[old][h], mult * n_pages, self.d)
+            cand = cand[cand >= 0]
+            keep = self.op.merge_pages(self.scores[now][h][:, cand], n_pages, self.d)
+            pos = np.sort(self.idx.pages_to_positions(h, live[cand[keep[keep >= 0]]]))
+            out.append(np.concatenate([np.arange(sw.lo), pos + sw.lo, np.arange(sw.hi, sw.n)]))
+        return out
 
 
 def evaluate(layers, steps: int) -> dict:
@@ -56,6 +90,8 @@ def evaluate(layers, steps: int) -> dict:
         exact.build(keys)
         chosen = {name: [pol.select(q, BUDGET) for q in queries]  # per step: per KV head, positions
                   for name, pol in (("exact", exact), ("icecache", ice))}
+        pages = PageScores(exact, queries) if exact.has_middle else None
+        n_pages = (BUDGET - exact.lo - (exact.n - exact.hi)) // PAGE
         for s in range(FIRST, steps):
             probs = attention_probs(queries[s], keys)
             # adaptive: the selection of step s-1 unless a query head turned away from the query that made it
@@ -65,13 +101,14 @@ def evaluate(layers, steps: int) -> dict:
             for sel_name, sels in chosen.items():
                 base = mass_recall_per_head(probs, sels[s]).mean()
 
-                def score(mode: str, src: int, **extra) -> None:
-                    """Step ``s`` attending with the selection made at step ``src``."""
-                    mass = mass_recall_per_head(probs, sels[src]).mean()
+                def score(mode: str, src: int, sel=None, **extra) -> None:
+                    """Step ``s`` attending with the selection made at step ``src`` (or ``sel``)."""
+                    sel = sels[src] if sel is None else sel
+                    mass = mass_recall_per_head(probs, sel).mean()
                     r = out.setdefault((sel_name, mode), {"mass": [], "ratio": [], "top": []})
                     r["mass"].append(float(mass))
                     r["ratio"].append(float(mass / max(base, 1e-12)))
-                    r["top"].append(float(top_token_hits(probs, sels[src]).mean()))
+                    r["top"].append(float(top_token_hits(probs, sel).mean()))
                     for k, v in extra.items():
                         r.setdefault(k, []).append(v)
 
@@ -80,6 +117,9 @@ def evaluate(layers, steps: int) -> dict:
                     score(f"adaptive{tau}", s if fresh else s - 1, fresh=float(fresh))
                 for mode, age in AGES.items():
                     score(mode, s - age(s))
+                if sel_name == "exact" and pages is not None:
+                    for age, mult in RERANK:
+                        score(f"async{age}+rerank{mult}", s - age, pages.rerank(s - age, s, n_pages, mult))
     return out
 
 
