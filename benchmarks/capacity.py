@@ -4,11 +4,11 @@ Both modes get the same "device" KV memory, ``DEVICE_TOKENS`` token rows of ever
 
 - ``dense``: stock SGLang whose KV pool is that memory (``--max-total-tokens DEVICE_TOKENS``): a session
   decodes only while its whole KV fits in it;
-- ``icecache-offload``: SGLang with ``--enable-icecache`` and ``offload: true``; its device pool is that
-  memory (``device_kv_tokens: DEVICE_TOKENS``: lanes of ``budget_tokens + page_size`` rows, one per
-  decoding request), SGLang's own pool (``host_kv_gb``: ``HOST_TOKENS`` tokens' bytes) holds the full KV in
-  host memory, and prefill attends over a staging buffer on the device (one layer of the largest extend
-  batch), which its device bytes include.
+- ``icecache-offload``: SGLang with ``--enable-icecache`` and ``offload: true``; that memory holds its
+  prefill staging buffer (one layer of an extend batch: at most ``--chunked-prefill-size`` tokens here, no
+  prefix hits, so ``STAGING_TOKENS // layers`` token rows of every layer) and its device pool, the rest
+  (``device_kv_tokens``: lanes of ``budget_tokens + page_size`` rows, one per decoding request); SGLang's
+  own pool (``host_kv_gb``: ``HOST_TOKENS`` tokens' bytes) holds the full KV in host memory.
 
 For each context length ``SESSIONS`` sessions (``context`` prompt tokens + ``--max-new`` new, default 256,
 streamed) are
@@ -49,6 +49,7 @@ NAME = "capacity"
 DEVICE_TOKENS = 10_000
 HOST_TOKENS = 120_000
 SESSIONS = 12
+STAGING_TOKENS = 8192  # the CPU launcher's --chunked-prefill-size: the largest extend batch without prefixes
 ICE = {"budget_tokens": 256, "page_size": 16, "sink_tokens": 32, "window_tokens": 32, "dense_layers": 0,
        "offload": True, "device_kv_tokens": DEVICE_TOKENS}
 
@@ -99,7 +100,8 @@ def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
     path = ensure_tiny_model()
     per_token, layers = kv_token_bytes(path)  # float32 K+V of one token and layer
     lane_rows = IceCacheConfig(**ICE).lane_rows
-    ice = {**ICE, "host_kv_gb": HOST_TOKENS * per_token * layers / 2**30}  # SGLang's pool: HOST_TOKENS tokens
+    ice = {**ICE, "host_kv_gb": HOST_TOKENS * per_token * layers / 2**30,  # SGLang's pool: HOST_TOKENS tokens
+           "device_kv_tokens": DEVICE_TOKENS - STAGING_TOKENS // layers}  # the staging buffer's share taken out
     modes = {
         "dense": ["--max-total-tokens", str(DEVICE_TOKENS)],
         # (--max-total-tokens: above the CPU launcher's default cap, which would otherwise cut host_kv_gb's pool)
@@ -129,7 +131,8 @@ def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
                 rec = {"mode": mode, "model": "tiny-llama", "context": ctx, "max_new": max_new, **res,
                        "device_kv_bytes_allocated": dev, "host_kv_bytes_allocated": host,
                        "session_kv_bytes": (ctx + max_new) * per_token * layers, "device": "cpu",
-                       "device_tokens": DEVICE_TOKENS, "host_tokens": HOST_TOKENS if mode != "dense" else 0,
+                       "device_tokens": DEVICE_TOKENS if mode == "dense" else ice["device_kv_tokens"],
+                       "host_tokens": HOST_TOKENS if mode != "dense" else 0,
                        "max_running_requests": info.get("max_running_requests"), **extra}
                 print(json.dumps(rec), flush=True)
                 records.append(rec)

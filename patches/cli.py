@@ -140,10 +140,17 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
     if cfg.offload:  # SGLang's KV pool is host memory of host_kv_gb per rank (patches/pool.py)
         from icecache_sglang.runtime.pool.kv_pool import default_host_kv_gb, host_budget_problem
 
-        ranks = int(getattr(args, "tp_size", 1) or 1)
+        # the scheduler processes on this host: TP x DP ranks, split over the nodes
+        ranks = max(1, int(getattr(args, "tp_size", 1) or 1) * int(getattr(args, "dp_size", 1) or 1)
+                    // int(getattr(args, "nnodes", 1) or 1))
+        why = ""
         if cfg.host_kv_gb is None and not cuda_problems("offload"):  # a GPU: every rank gets the same figure
-            cfg = dataclasses.replace(cfg, host_kv_gb=default_host_kv_gb(ranks))
-        why = host_budget_problem(cfg, ranks)
+            gb = default_host_kv_gb(ranks)
+            if gb < 0.01:
+                why = f"offload: the host has too little available memory for SGLang's KV pool ({gb} GiB per rank)"
+            else:
+                cfg = dataclasses.replace(cfg, host_kv_gb=gb)
+        why = why or host_budget_problem(cfg, ranks)
         if why:
             problems.append(why)
     lanes = cfg.device_lanes

@@ -135,3 +135,48 @@ def test_device_pool_reads_host_rows_directly_like_indexing():
     (r0, a), (r1, b) = pools
     assert np.array_equal(r0, r1)
     assert torch.equal(a.k[0], b.k[0]) and torch.equal(a.v[0], b.v[0])
+
+
+def test_the_dense_backend_reads_the_staging_table_through_sglangs_translator():
+    """SGLang's Triton and FlashInfer backends build their read indices from the runner's KV index translator,
+    not from ``req_to_token_pool``: the staging view's translator must read the staging table."""
+    import copy
+
+    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
+
+    pool = host_pool()
+    fb, r2t = batch(REQS)
+    staging = PrefillStaging(pool, r2t, "cpu", ROWS)
+    real = SimpleNamespace(req_to_token_pool=SimpleNamespace(req_to_token=r2t), token_to_kv_pool=pool, page_size=1,
+                           kv_index_translator=KVIndexTranslator(req_to_token=r2t, token_to_kv_pool_allocator=None,
+                                                                 token_to_kv_pool=pool, page_size=1, device="cpu"))
+    view = staging.runner_view(real)
+    st = staging.begin(fb, r2t)
+    tr = view.kv_index_translator
+    assert tr is not real.kv_index_translator and not tr.is_translating
+    assert tr.req_to_token is staging.table.req_to_token and view.req_to_token_pool is staging.table
+    table = tr.read_source(None, req_pool_indices=st.batch.req_pool_indices, bs=len(REQS))
+    for i, (_, p, n) in enumerate(REQS):  # request i's positions are its staging rows
+        rows = table.ids[table.row_ids[i], :p + n]
+        assert rows.tolist() == list(range(int(rows[0]), int(rows[0]) + p + n)) if p + n else True
+    assert view.page_size == 1  # the rest is the real runner's
+    # the proxies copy without recursing through their own attributes
+    copy.copy(view), copy.copy(staging.kv)
+
+
+def test_offload_refuses_models_that_write_their_kv_from_their_rotary_kernel():
+    import sys
+    import types
+
+    from icecache_sglang.runtime.backend import offload_model_problems
+
+    mod = types.ModuleType("fake_fused_model")
+    mod.enable_fused_set_kv_buffer = lambda fb: True
+    sys.modules[mod.__name__] = mod
+    try:
+        Fused = type("FusedMoeForCausalLM", (), {"__module__": mod.__name__})
+        Plain = type("LlamaForCausalLM", (), {"__module__": __name__})
+        assert "fused set_kv_buffer" in offload_model_problems(SimpleNamespace(model=Fused()))[0]
+        assert offload_model_problems(SimpleNamespace(model=Plain())) == []
+    finally:
+        del sys.modules[mod.__name__]

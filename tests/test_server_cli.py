@@ -101,10 +101,10 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--icecache-config", '{"offload": "yes", "dense_layers": 0}'], "offload must be true or false"),
     # SGLang's KV pool in host memory: no more than the host has (checked before any rank allocates)
     (["--enable-icecache", "--icecache-config", '{"offload": true, "dense_layers": 0, "host_kv_gb": 60000}'],
-     "host_kv_gb 60000 GiB x 1 rank(s) is more than the host's available memory"),
+     "host_kv_gb 60000 GiB x 1 rank(s) is more than 90% of the host's available memory"),
     (["--enable-icecache", "--tp-size", "2", "--icecache-config",
       '{"offload": true, "dense_layers": 0, "host_kv_gb": 30000}'],
-     "host_kv_gb 30000 GiB x 2 rank(s) is more than the host's available memory"),
+     "host_kv_gb 30000 GiB x 2 rank(s) is more than 90% of the host's available memory"),
     (["--enable-icecache", "--enable-page-major-kv-layout"], "--enable-page-major-kv-layout: IceCache's KV pool"),
     (["--enable-icecache", "--enable-streaming-session", "--icecache-config", '{"offload": true, "dense_layers": 0}'],
      "--enable-streaming-session with offload"),

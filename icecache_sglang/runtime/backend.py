@@ -12,13 +12,14 @@ each job to its own module:
 | selections reused across steps (``step_reuse``, asynchronous ``max_stale_steps``) | ``selection_cache.py`` (``SelectionCache``) |
 | a step's plans: sink + selected pages + tail per (request, KV head) | ``plan.py`` (``Planner``, ``DecodeStep``) |
 | the sparse attention over a plan | ``attention/`` (``SparseDecodeAttention`` over a ``DecodePlan``) |
-| KV memory: SGLang's pool (keys shared with the indexer), the offloaded decode's device pool | ``pool/`` |
+| KV memory: SGLang's pool (keys shared with the indexer; host memory with offload), the offloaded decode's device pool, prefill's staging buffer | ``pool/`` |
 | settings changed on a running server | ``control.py`` (files in the private ``rundir.py``) |
 | figures: counters, snapshot thread, Prometheus | ``metrics.py``, ``publisher.py`` |
 
 Per forward pass:
 
-- **extend (prefill chunk)**: the dense backend's attention of the new tokens over their prefix;
+- **extend (prefill chunk)**: the dense backend's attention of the new tokens over their prefix (with
+  offload over the batch's rows staged from the host pool onto the device, one layer at a time);
   each anchor layer's keys, as the KV pool holds them, are in the key store at their slots (the pool's K
   plane is the store in host memory; otherwise they are copied there);
   a request longer than the budget is indexed after its last chunk, in one Build up to its recent window
@@ -90,6 +91,19 @@ def model_problems(model_runner) -> list[str]:
     return problems
 
 
+def offload_model_problems(model_runner) -> list[str]:
+    """Why this model cannot keep its KV cache in host memory on a GPU (offload). Some models write their KV
+    cache from their rotary kernel on CUDA with a bfloat16 cache (SGLang's ``enable_fused_set_kv_buffer``:
+    Qwen3-MoE, GPT-OSS, ...), a kernel that accepts device memory only."""
+    import sys
+
+    module = sys.modules.get(type(getattr(model_runner, "model", None)).__module__)
+    if module is not None and hasattr(module, "enable_fused_set_kv_buffer"):
+        return [f"offload keeps the KV cache in host memory, but {type(model_runner.model).__name__} writes its KV "
+                "cache from its rotary kernel (fused set_kv_buffer), which needs it on the GPU; run it without offload"]
+    return []
+
+
 class _RowEvents:
     """Attached to SGLang's ReqToTokenPool (``attach_aux_cache``): row lifecycle -> tracker. An error here
     is logged, never raised into SGLang's request bookkeeping (it would cost at most an index left behind)."""
@@ -135,6 +149,8 @@ class IceCacheAttnBackend(AttentionBackend):
         elif cfg.index.get("key_dtype") == "int8" and KEY_DTYPES[pool.dtype] not in INT8_RESCORE_FROM:
             problems.append(f"index key_dtype int8 rescores its exact selection from a float32 or bfloat16 key "
                             f"store; this KV cache is {KEY_DTYPES[pool.dtype]} (leave key_dtype unset)")
+        if getattr(pool, "host_resident", False):
+            problems += offload_model_problems(model_runner)
         try:
             self.dense_name = resolve_dense_attention(cfg.dense_attention, pool.device)
         except ValueError as e:

@@ -212,7 +212,7 @@ class DeviceKVPool:
         n = len(misses.rows)
         if n == 0:
             return 0
-        if misses.src_dev is not None and (host_k.device != self.device or self._direct):
+        if misses.src_dev is not None and (host_k.device.type != self.device.type or self._direct):
             from icecache_sglang.kernels import copy_rows
 
             for host, dev in ((host_k, self.k[layer]), (host_v, self.v[layer])):

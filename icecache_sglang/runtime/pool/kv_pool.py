@@ -102,8 +102,10 @@ class IceCacheKVPool(MHATokenToKVPool):
         self.v_buffer = [torch.zeros(v_shape, dtype=self.store_dtype) for _ in range(self.layer_num)]
         if self.host_resident:  # the GPU reads and writes these planes directly
             try:
-                for t in (*self.k_buffer, *self.v_buffer):
-                    register_host(t)
+                # the key store in one registration (its planes share pages at their seams), the rest each
+                register_host_memory(store.keys.ctypes.data, store.spec.nbytes)
+                for t in [t for i, t in enumerate(self.k_buffer) if i not in planes] + self.v_buffer:
+                    register_host_memory(t.data_ptr(), t.numel() * t.element_size())
             except RuntimeError as e:
                 gb = (store.spec.nbytes + sum(t.numel() * t.element_size() for t in self.v_buffer)
                       + sum(t.numel() * t.element_size() for i, t in enumerate(self.k_buffer)
@@ -133,18 +135,19 @@ def write_rows(x: torch.Tensor, plane: torch.Tensor, loc: torch.Tensor) -> None:
     copy_rows(x.reshape(n, -1), plane.view(plane.shape[0], -1), dst_rows=loc)
 
 
-def register_host(t: torch.Tensor) -> None:
-    """Pin a host tensor's memory for the GPU in place, exactly its size (``cudaHostRegister``; torch's pinned
-    allocator would round a plane up to a power of two)."""
-    if t.is_pinned():
-        return
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+def register_host_memory(ptr: int, nbytes: int) -> None:
+    """Pin host memory for the GPU in place, exactly its size (``cudaHostRegister``, mapped into the GPU's
+    address space at the same address; torch's pinned allocator would round a plane up to a power of two)."""
+    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
     if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister failed with error {int(err)}")
+        raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed with error {int(err)}")
 
 
 #: with offload on a GPU and no ``host_kv_gb``: this share of the host's available memory, split among its ranks
 DEFAULT_HOST_SHARE = 0.5
+#: the most of the host's available memory ``host_kv_gb`` may take for all ranks (the rest: weights while they
+#: load, the indexers' indexes, the key store's file)
+MAX_HOST_SHARE = 0.9
 
 
 def available_host_bytes() -> int:
@@ -164,9 +167,9 @@ def host_budget_problem(cfg: IceCacheConfig, ranks: int) -> str:
     if cfg.host_kv_gb is None:
         return ""
     want, avail = cfg.host_kv_gb * 2**30 * ranks, available_host_bytes()
-    if want > avail:
-        return (f"host_kv_gb {cfg.host_kv_gb} GiB x {ranks} rank(s) is more than the host's available memory "
-                f"({avail / 2**30:.1f} GiB); lower host_kv_gb")
+    if want > MAX_HOST_SHARE * avail:
+        return (f"host_kv_gb {cfg.host_kv_gb} GiB x {ranks} rank(s) is more than {MAX_HOST_SHARE:.0%} of the "
+                f"host's available memory ({avail / 2**30:.1f} GiB); lower host_kv_gb")
     return ""
 
 

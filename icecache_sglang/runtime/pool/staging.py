@@ -19,8 +19,11 @@ layer by layer):
 
 The staging buffer holds one layer of the batch's tokens (prefix and new), so device memory for prefill is
 bounded by the largest batch's tokens, not by every request's context. A chunk re-reads its whole prefix at
-every layer: for a 128k-token prompt in 8k chunks that is about 16x the prompt's KV moved host -> device
-over the prefill (computed), the price of a device that does not hold the prompt.
+every layer: a prompt in ``n`` chunks moves ``(n - 1) / 2`` times its KV host -> device over its prefill
+(computed: 7.5x for 128k tokens in 8k chunks, 120 GiB at Llama-3.1-8B's shape, 2.5-5 s at 25-50 GB/s), the
+price of a device that does not hold the prompt; at that shape a 131072-token request needs a 0.5 GiB
+staging buffer and 16 GiB of host pool (computed), so the model's context length, not the device, bounds a
+single request.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class StagedKV:
         self.nbytes_max = 0
 
     def __getattr__(self, name):  # dtype, head_num, layer_num, ...: the real pool's
+        if name.startswith("_"):  # not built yet (copy, pickle): no recursion through ``_pool``
+            raise AttributeError(name)
         return getattr(self._pool, name)
 
     def resize(self, rows: int) -> None:
@@ -89,15 +94,31 @@ class StagedReqToToken:
 
 
 class RunnerView:
-    """The model runner a dense backend is built from under offload: SGLang's, with the staging pools."""
+    """The model runner a dense backend is built from under offload: SGLang's, with the staging pools and a
+    KV index translator over the staging table (SGLang's Triton and FlashInfer backends build their read
+    indices from the translator's table, not from ``req_to_token_pool``)."""
 
     def __init__(self, runner, req_to_token_pool: StagedReqToToken, token_to_kv_pool: StagedKV):
         self._runner = runner
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = token_to_kv_pool
+        self.kv_index_translator = staged_translator(runner, req_to_token_pool, token_to_kv_pool)
 
     def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self._runner, name)
+
+
+def staged_translator(runner, table: StagedReqToToken, kv: StagedKV):
+    """SGLang's KV index translator over the staging table: token ids are staging rows, nothing to translate
+    (no unified or draft pool under IceCache). None for a runner without one."""
+    if getattr(runner, "kv_index_translator", None) is None:
+        return None
+    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
+
+    return KVIndexTranslator(req_to_token=table.req_to_token, token_to_kv_pool_allocator=None,
+                             token_to_kv_pool=kv, page_size=1, device=str(table.device))
 
 
 @dataclass
@@ -179,7 +200,7 @@ class PrefillStaging:
         n = g.dst.numel()
         if n == 0:
             return
-        if host_k.device != self.device or self._direct:  # a GPU reading the pinned host pool's rows directly
+        if host_k.device.type != self.device.type or self._direct:  # a GPU reading the pinned host pool directly
             from icecache_sglang.kernels import copy_rows
 
             for src, dst in ((host_k, self.kv.k), (host_v, self.kv.v)):
