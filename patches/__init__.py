@@ -10,7 +10,7 @@ right after) and the ``icecache`` attention backend; registering twice is harmle
 | ``cli.py`` | ``--enable-icecache`` / ``--icecache-config`` on ``ServerArgs.add_cli_args``; validation and the backend choice on ``ServerArgs.from_cli_args``; the config travels to schedulers as an environment variable |
 | ``attention.py`` | the ``icecache`` entry in SGLang's attention-backend registry |
 | ``allocator.py`` | KV-slot free / clear events from SGLang's token allocators (radix eviction, ``flush_cache``) |
-| ``pool.py`` | IceCache's KV pool class (``runtime.pool.IceCacheKVPool``) where SGLang picks the MHA pool class |
+| ``pool.py`` | IceCache's KV pool class (``runtime.pool.IceCacheKVPool``) where SGLang picks the MHA pool class, and with offload its size (``host_kv_gb``) where SGLang sizes its KV budget |
 | ``metrics.py`` | ``GET /icecache/stats`` and the IceCache lines of ``/metrics`` on SGLang's HTTP server |
 | ``forward_batch.py`` | which requests of an extend batch are on their last prefill chunk (``runtime.events.extend_batch``) |
 | ``scheduler.py`` | the stall report: a forward pass slower than ``stall_report_s`` is logged with the scheduler's stack |
