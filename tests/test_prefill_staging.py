@@ -1,7 +1,8 @@
 """Prefill from the host pool under offload (``runtime/pool/staging.py``): an extend batch's rows staged on the
 device one layer at a time, attended there, give exactly the attention over SGLang's pool; the host pool's
-direct reads and writes (a GPU's Triton kernels over pinned memory, here under Triton's interpreter) move
-the same rows as plain indexing."""
+direct reads and writes (a GPU's Triton kernels over pinned memory: on a CUDA machine the real thing, host
+memory registered with ``cudaHostRegister`` as the pool registers it; without one, Triton's interpreter)
+move the same rows as plain indexing."""
 
 from __future__ import annotations
 
@@ -10,12 +11,26 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from icecache_sglang.runtime.attention.extend import extend_attention
-from icecache_sglang.runtime.pool.device_pool import DeviceKVPool
-from icecache_sglang.runtime.pool.kv_pool import write_rows
-from icecache_sglang.runtime.pool.staging import PrefillStaging
+pytest.importorskip("sglang", reason="the staging imports SGLang's KV write locations (scripts/setup.sh)")
+
+from icecache_sglang.runtime.attention.extend import extend_attention  # noqa: E402
+from icecache_sglang.runtime.pool.device_pool import DeviceKVPool  # noqa: E402
+from icecache_sglang.runtime.pool.kv_pool import register_host_memory, write_rows  # noqa: E402
+from icecache_sglang.runtime.pool.staging import PrefillStaging  # noqa: E402
 
 Hq, H, D, SLOTS, ROWS, CTX = 4, 2, 8, 300, 6, 96
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the "device" side of the direct paths lives
+_REGISTERED: list[torch.Tensor] = []  # registered host memory stays alive (and registered) for the session
+
+
+def host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in host memory the GPU can reach, registered in place as the host-resident pool registers its planes
+    (on a machine without a GPU, plain host memory)."""
+    t = t.cpu().contiguous()
+    if DEV == "cuda":
+        register_host_memory(t.data_ptr(), t.numel() * t.element_size())
+        _REGISTERED.append(t)
+    return t
 
 
 def host_pool(seed=0, layers=2):
@@ -101,23 +116,46 @@ def test_too_large_a_batch_is_refused():
 
 def test_write_rows_puts_a_device_write_into_host_rows():
     g = torch.Generator().manual_seed(3)
-    plane = torch.zeros(SLOTS, H, D)
+    plane = host_tensor(torch.zeros(SLOTS, H, D))
     x = torch.randn(10, H, D, generator=g)
     loc = torch.randperm(SLOTS, generator=g)[:10]
-    write_rows(x, plane, loc)  # a Triton kernel (interpreted here); on a GPU it writes pinned memory
+    write_rows(x.to(DEV), plane, loc.to(DEV))  # a Triton kernel writing the host rows (interpreted without a GPU)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     want = torch.zeros(SLOTS, H, D)
     want[loc] = x
     assert torch.equal(plane, want)
     # a non-contiguous source (K split from a fused QKV projection): strided tokens, contiguous heads
     qkv = torch.randn(10, 3, H, D, generator=g)
-    write_rows(qkv[:, 1], plane, loc)
+    write_rows(qkv.to(DEV)[:, 1], plane, loc.to(DEV))
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     want[loc] = qkv[:, 1]
     assert torch.equal(plane, want)
 
 
+def test_staging_gathers_host_rows_onto_the_device():
+    """The direct gather of the staging buffer from host memory the GPU reads (a real GPU where there is one)."""
+    pool = host_pool()
+    pool.k_buffer = [host_tensor(t) for t in pool.k_buffer]
+    pool.v_buffer = [host_tensor(t) for t in pool.v_buffer]
+    fb, r2t = batch(REQS)
+    staging = PrefillStaging(pool, r2t.to(DEV), DEV, ROWS)
+    staging._direct = True
+    st = staging.begin(SimpleNamespace(**{k: (v.to(DEV) if isinstance(v, torch.Tensor) else v)
+                                          for k, v in vars(fb).items()}), r2t.to(DEV))
+    staging.load(st.prefix, pool.k_buffer[1], pool.v_buffer[1])
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    dst, src = st.prefix.dst.cpu(), st.prefix.src.cpu()
+    assert len(dst) == sum(p for _, p, _ in REQS)
+    assert torch.equal(staging.kv.k[dst.to(DEV)].cpu(), pool.k_buffer[1][src])
+    assert torch.equal(staging.kv.v[dst.to(DEV)].cpu(), pool.v_buffer[1][src])
+
+
 def test_device_pool_reads_host_rows_directly_like_indexing():
     g = torch.Generator().manual_seed(4)
-    hk, hv = torch.randn(SLOTS, H, D, generator=g), torch.randn(SLOTS, H, D, generator=g)
+    hk, hv = host_tensor(torch.randn(SLOTS, H, D, generator=g)), host_tensor(torch.randn(SLOTS, H, D, generator=g))
     import numpy as np
 
     rng = np.random.default_rng(5)
@@ -126,7 +164,7 @@ def test_device_pool_reads_host_rows_directly_like_indexing():
     pools = []
     for direct in (False, True):
         dp = DeviceKVPool(num_layers=1, groups={0: 0}, lanes=2, lane_rows=24, head_num=H, head_dim=D,
-                          v_head_dim=D, dtype=torch.float32, device="cpu")
+                          v_head_dim=D, dtype=torch.float32, device=DEV)
         dp._direct = direct
         rows, misses = dp.map_plan(0, dp.lanes_for([7, 9]), slots, valid)
         assert (misses.src_dev is not None) == direct
@@ -135,6 +173,10 @@ def test_device_pool_reads_host_rows_directly_like_indexing():
     (r0, a), (r1, b) = pools
     assert np.array_equal(r0, r1)
     assert torch.equal(a.k[0], b.k[0]) and torch.equal(a.v[0], b.v[0])
+    rows = torch.from_numpy(r0[valid]).to(DEV)  # and the rows hold the host rows they name
+    heads = torch.from_numpy(np.nonzero(valid)[1]).to(DEV)
+    want = hk[torch.from_numpy(slots[valid]), torch.from_numpy(np.nonzero(valid)[1])]
+    assert torch.equal(b.k[0][rows, heads].cpu(), want)
 
 
 def test_the_dense_backend_reads_the_staging_table_through_sglangs_translator():

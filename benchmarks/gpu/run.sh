@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine: make the packages importable, then check and time IceCache's GPU path.
 #   bash benchmarks/gpu/run.sh [--tests] [gpu_path.py arguments]   (results: benchmarks/results/gpu/ or --out DIR)
-# --tests first runs the kernel and offload unit tests on the GPU (tests/test_kernels.py, tests/test_offload.py).
+# --tests first runs the kernel and offload unit tests on the GPU (tests/test_kernels.py, tests/test_offload.py,
+# tests/test_prefill_staging.py: the host-resident pool's reads and writes of registered host memory).
 # Wheels (and the trimmed flashinfer tarball, see benchmarks/gpu/README.md) found in .whl/ are installed into
 # /tmp/site first, for machines that cannot reach a package index.
 set -euo pipefail
@@ -26,6 +27,7 @@ export PYTHONUNBUFFERED=1
 export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/flashinfer-ws}
 if [ "${1:-}" = "--tests" ]; then
   shift
-  PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_offload.py
+  PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_offload.py \
+    tests/test_prefill_staging.py
 fi
 exec python3 benchmarks/gpu/gpu_path.py "$@"
