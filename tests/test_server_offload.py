@@ -161,3 +161,49 @@ def test_reused_selections_decode_through_the_lanes(tiny_ref, tiny_offload):
     finally:
         for srv in (tiny_ref, tiny_offload):
             srv.set_icecache(budget_tokens=TINY_ICE["budget_tokens"], step_reuse=1, max_stale_steps=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_offload_retract():
+    """An offload server whose scheduler retracts running requests every 3 decode steps (SGLang's own test
+    switch, ``SGLANG_TEST_RETRACT``): their KV slots, rows and lanes are freed and they are re-run later."""
+    from sglang_servers import LOG_DIR
+
+    from icecache_sglang.launch import ServerProcess
+
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    srv = ServerProcess(ensure_tiny_model(), icecache_args(OFFLOAD), log_path=LOG_DIR / "tiny_offload_retract.log",
+                        env={"SGLANG_TEST_RETRACT": "1"})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_retracted_requests_complete_and_leave_nothing_behind(tiny_offload_retract):
+    """Retraction (SGLang frees a running request's KV and re-runs it later) with offload: every request
+    completes, and once they end and the cache is flushed, no lane, host slot, index or sequence is left."""
+    srv = tiny_offload_retract
+    jobs = [token_ids(900 + 200 * i, 60 + i) for i in range(LANES)]
+    got = [None] * len(jobs)
+
+    def one(i):
+        got[i] = answer(srv, jobs[i], 40)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert [len(g or []) for g in got] == [40] * len(jobs)
+    log = srv.tail(10**6)
+    assert "retraction" in log.lower() and "#retracted_reqs: " in log  # SGLang did retract
+    st = srv.icecache_stats()
+    assert st["device_lanes_in_use"] == 0 and st["live_seqs"] == 0
+    srv.post("/flush_cache", {})
+    st = srv.icecache_stats()
+    tr, ind = st["tracker"], st["indexer"]
+    assert (tr["live"], tr["retained"], tr["slots_referenced"], st["ledger_sequences"]) == (0, 0, 0, 0), st
+    assert (ind["sequences"], ind["tokens"], ind["index_bytes"]) == (0, 0, 0), ind
+    assert st["device_lanes_in_use"] == 0
+    info = srv.get("/get_server_info")
+    assert info["max_total_num_tokens"] == int(HOST_KV_GB * 2**30) // TOKEN_BYTES
