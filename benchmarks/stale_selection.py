@@ -14,7 +14,10 @@ with the query of step ``s - age`` and is scored with step ``s``'s attention pro
   below tau (then the fresh one): whether a drift test could keep staleness where it is cheap;
 - ``async{k}+rerank{m}`` (``exact`` only; a design measured, not built): the stale query picks ``m`` times
   the budget's pages and step ``s``'s own query keeps the budget's pages among them by exact score (the
-  same merge): what a re-ranking on the device, where the current query is at no cost, would recover.
+  same merge): what a re-ranking of pages on the device, where the current query is at no cost, would recover;
+- ``async{k}+tokens{m}`` (``exact`` only; the server's ``token_rerank: m``, ``runtime/rerank.py``): the same
+  candidates, and step ``s``'s query keeps the budget's best tokens among theirs (``n_pages * page_size``
+  of them: a little more than the synchronous pages, which are not all full; ``tokens_attended``).
 
 Two selections: ``exact`` (IceCache's pages ranked by exact score: the server's default) and ``icecache``
 (the M-DCI search). Records: mean attention-mass recall, its ratio to the synchronous selection's (mean over
@@ -48,6 +51,7 @@ AGES = {"sync": lambda s: 0, **{f"async{k}": (lambda s, k=k: k) for k in (1, 2, 
 FIRST = 8  # steps before this have no query 8 steps back: not scored
 TAUS = (0.7, 0.8, 0.9, 0.95)  # adaptive: refresh when a query head's cosine to the selection's query is below
 RERANK = ((1, 2), (1, 3), (4, 2), (4, 3))  # (age, candidates as a multiple of the budget's pages)
+RERANK_TOKENS = ((0, 2), (1, 2), (1, 3), (4, 2), (4, 3))  # the same for token re-ranking (age 0: synchronous)
 
 
 class PageScores:
@@ -68,6 +72,30 @@ class PageScores:
             self.pages.append((live, np.where(valid, toks, 0), valid))
         self.scores = [[np.where(v[None], (q[h * g:(h + 1) * g].astype(np.float32) @ op.keys[h].T)[:, t], -np.inf)
                         .max(axis=2) for h, (_, t, v) in enumerate(self.pages)] for q in queries]
+
+    def rerank_tokens(self, queries, old: int, now: int, n_pages: int, mult: int) -> list[np.ndarray]:
+        """``token_rerank: mult`` as the server runs it (``runtime/rerank.py``, its float64 reference)."""
+        import torch
+
+        from icecache_sglang.runtime.rerank import rerank_tokens_reference
+
+        sw, out = self.sw, []
+        H = len(self.pages)
+        cands = []
+        for h, (live, _, _) in enumerate(self.pages):
+            cand = self.op.merge_pages(self.scores[old][h], mult * n_pages, self.d)
+            cands.append(self.idx.pages_to_positions(h, live[cand[cand >= 0]]))
+        W = max(len(c) for c in cands)
+        cand = np.full((1, H, W), -1, np.int64)
+        for h, c in enumerate(cands):
+            cand[0, h, :len(c)] = c
+        kept = rerank_tokens_reference(torch.from_numpy(queries[now][None]),
+                                       torch.from_numpy(np.ascontiguousarray(self.op.keys.transpose(1, 0, 2))),
+                                       torch.from_numpy(cand), n_pages * PAGE, 1.0 / np.sqrt(self.d))[0]
+        for h in range(H):
+            pos = np.sort(kept[h][kept[h] >= 0])
+            out.append(np.concatenate([np.arange(sw.lo), pos + sw.lo, np.arange(sw.hi, sw.n)]))
+        return out
 
     def rerank(self, old: int, now: int, n_pages: int, mult: int) -> list[np.ndarray]:
         sw, out = self.sw, []
@@ -109,6 +137,7 @@ def evaluate(layers, steps: int) -> dict:
                     r["mass"].append(float(mass))
                     r["ratio"].append(float(mass / max(base, 1e-12)))
                     r["top"].append(float(top_token_hits(probs, sel).mean()))
+                    r.setdefault("tokens", []).append(float(np.mean([len(x) for x in sel])))
                     for k, v in extra.items():
                         r.setdefault(k, []).append(v)
 
@@ -120,6 +149,9 @@ def evaluate(layers, steps: int) -> dict:
                 if sel_name == "exact" and pages is not None:
                     for age, mult in RERANK:
                         score(f"async{age}+rerank{mult}", s - age, pages.rerank(s - age, s, n_pages, mult))
+                    for age, mult in RERANK_TOKENS:
+                        score(f"async{age}+tokens{mult}", s - age,
+                              pages.rerank_tokens(queries, s - age, s, n_pages, mult))
     return out
 
 
@@ -139,7 +171,7 @@ def main(argv=None) -> None:
             rec = {"model": model, "context": n, "budget": BUDGET, "selection": sel_name, "mode": mode,
                    "steps_scored": steps - FIRST, "layers": len(layers), "mass_recall": float(np.mean(r["mass"])),
                    "mass_rel_sync": float(np.mean(r["ratio"])), "mass_rel_sync_p5": float(np.percentile(r["ratio"], 5)),
-                   "top_token_recall": float(np.mean(r["top"])),
+                   "top_token_recall": float(np.mean(r["top"])), "tokens_attended": float(np.mean(r["tokens"])),
                    "fresh_share": float(np.mean(r["fresh"])) if "fresh" in r else None}
             print(rec, flush=True)
             records.append(rec)

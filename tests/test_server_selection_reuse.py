@@ -44,7 +44,31 @@ def delta(after: dict, before: dict, key: str):
 @pytest.fixture
 def reset(tiny_reuse):
     yield tiny_reuse
-    tiny_reuse.set_icecache(step_reuse=1, max_stale_steps=0, selection_deadline_ms=500, while_indexing="wait")
+    tiny_reuse.set_icecache(step_reuse=1, max_stale_steps=0, selection_deadline_ms=500, while_indexing="wait",
+                            token_rerank=1)
+
+
+def test_token_rerank_attends_the_budget_among_more_candidate_pages(reset):
+    """``token_rerank: 2``: every anchor layer of every sparse step re-ranks the tokens of twice the budget's
+    pages by its own queries and attends to no more than the budget, also with reused selections (whose
+    tokens are ranked by the current step's queries)."""
+    server = reset
+    ids = prompt(1500, 8)
+    plain, b0, a0 = run(server, {}, ids, 24)
+    pages0 = delta(a0, b0, "pages_selected_total") / delta(a0, b0, "decode_steps")
+    layers, C, token_bytes = ANCHORS, TINY_ICE["page_size"], 2 * 2 * 32 * 4  # K+V, 2 KV heads, head_dim 32, f32
+    bound = layers * (TINY_ICE["budget_tokens"] + C - 1) * token_bytes
+    for settings in ({"token_rerank": 2}, {"token_rerank": 2, "max_stale_steps": 2}):
+        out, b, a = run(server, settings, ids, 24)
+        steps = delta(a, b, "decode_steps")
+        assert out["meta_info"]["completion_tokens"] == 24 and delta(a, b, "fallbacks") == 0
+        assert delta(a, b, "reranked_selections") == ANCHORS * steps, settings  # one request, every anchor, step
+        assert 0 < a["attended_kv_bytes_last"] <= bound  # the budget, not the candidates
+        if "max_stale_steps" not in settings:  # twice the pages per step (asynchronous: selections reused)
+            assert delta(a, b, "pages_selected_total") / steps > 1.5 * pages0
+    assert delta(a, b, "reused_selections") > 0
+    with pytest.raises(ValueError, match="token_rerank must be an integer in"):
+        server.set_icecache(token_rerank=0)
 
 
 def test_step_reuse_selects_every_k_steps_and_reuses_in_between(reset):

@@ -8,6 +8,8 @@ page layout, exact scores), ``oracle_positional``, ``quest``, ``streaming`` (sin
 ``icecache_reuse``: the index's search with layer reuse (anchor layers only; needs its own server).
 ``icecache_async{k}``: the search with asynchronous selection (``max_stale_steps: k``), and
 ``icecache_every{k}``: synchronous selection every k steps (``step_reuse: k``), on the same server.
+``icecache_rerank{m}`` / ``icecache_async{k}_rerank{m}``: the same with ``token_rerank: m`` (m times the
+budget's pages asked for, the budget's best tokens among them by the step's own query).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Mode:
     layer_reuse: int = 1
     step_reuse: int = 1  # synchronous selection every step_reuse steps
     max_stale: int = 0  # asynchronous selection: a selection at most this many steps old (0: synchronous)
+    token_rerank: int = 1  # candidates per selected page, re-ranked token by token (1: off)
 
     @property
     def selection(self) -> str:
@@ -52,7 +55,8 @@ class Mode:
         else:
             budget = self.budget
         return {"budget_tokens": budget, "selection": self.selection, "selection_deadline_ms": MAX_DEADLINE_MS,
-                "while_indexing": "wait", "step_reuse": self.step_reuse, "max_stale_steps": self.max_stale}
+                "while_indexing": "wait", "step_reuse": self.step_reuse, "max_stale_steps": self.max_stale,
+                "token_rerank": self.token_rerank}
 
     @property
     def label(self) -> str:
@@ -60,15 +64,19 @@ class Mode:
 
 
 def modes(budgets, baselines=BASELINES, baseline_budgets=None, reuse: int = 0, dense: bool = True,
-          stale: tuple[int, ...] = (), every: tuple[int, ...] = ()) -> list[Mode]:
+          stale: tuple[int, ...] = (), every: tuple[int, ...] = (),
+          rerank: tuple[tuple[int, int], ...] = ()) -> list[Mode]:
     """dense (unless ``dense`` is false) + IceCache at every budget + each baseline at ``baseline_budgets``
     (default: every budget) + IceCache with layer reuse ``reuse`` at 256 (when > 1) + IceCache at every
     budget with asynchronous selection at each staleness bound of ``stale`` and with synchronous selection
-    every k steps for each k of ``every``."""
+    every k steps for each k of ``every``, and with ``token_rerank: m`` at staleness bound k (0: synchronous)
+    for each (k, m) of ``rerank``."""
     out = [Mode("dense", None)] * dense + [Mode("icecache", b) for b in budgets]
     for b in budgets:
         out += [Mode(f"icecache_async{k}", b, max_stale=k) for k in stale]
         out += [Mode(f"icecache_every{k}", b, step_reuse=k) for k in every]
+        out += [Mode(f"icecache_async{k}_rerank{m}" if k else f"icecache_rerank{m}", b, max_stale=k, token_rerank=m)
+                for k, m in rerank]
     for b in baseline_budgets or budgets:
         out += [Mode(name, b) for name in baselines]
     if reuse > 1:

@@ -39,11 +39,12 @@ class Part:
     dense: bool = True
     stale: tuple[int, ...] = ()  # asynchronous selection's staleness bounds (max_stale_steps)
     every: tuple[int, ...] = ()  # synchronous selection every k steps (step_reuse)
+    rerank: tuple[tuple[int, int], ...] = ()  # (staleness bound, token_rerank) pairs
     server_args: tuple[str, ...] = ()  # extra launch flags of this part's servers
 
     def modes(self) -> list[Mode]:
         return modes(self.budgets, self.baselines, self.baseline_budgets, self.reuse, self.dense, self.stale,
-                     self.every)
+                     self.every, self.rerank)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ PRESETS = {
     # with 2 samples per task one sample moves a task's accuracy by 0.5 and the mean of 6 tasks by 0.083
     "stale-wide": Preset("stale-wide", (
         Part(QWEN, (2048,), 8, ("passkey", *QUICK_RULER), (256,), ("oracle_page",), stale=(1, 2, 4), every=(2, 4),
+             # token re-ranking among 2x the pages, synchronous and at staleness bounds 1 and 4
+             rerank=((0, 2), (1, 2), (4, 2)),
              # SGLang's KV pool holds every prompt (48 x 2k), so the modes after dense reuse their prefill
              server_args=("--max-total-tokens", "131072")),
     ), parallel=16),
@@ -259,7 +262,8 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
                             row = {"model": part.model, "task": s.task, "context": s.context, "sample": s.sample_id,
                                    "mode": mode.name, "budget": mode.budget, "mode_label": mode.label,
                                    "layer_reuse": mode.layer_reuse, "staleness": mode.max_stale,
-                                   "step_reuse": mode.step_reuse, "score": s.score(text), "completion": text,
+                                   "step_reuse": mode.step_reuse, "token_rerank": mode.token_rerank,
+                                   "score": s.score(text), "completion": text,
                                    "prompt_tokens": r.get("meta_info", {}).get("prompt_tokens"), **s.meta}
                             write(row)
                             return row
@@ -276,7 +280,8 @@ def run(preset: Preset, out: Path = RESULTS, log_dir: Path | None = None, progre
                                "selection": after.get("selection"), "gqa_merge": after.get("gqa_merge", "rank"),
                                "budget_tokens": after.get("budget_tokens"),
                                **{k: after.get(k, 0) - before.get(k, 0) for k in ("sparse_rows", "queries", "fallbacks",
-                                                                                   "reused_selections")},
+                                                                                   "reused_selections",
+                                                                                   "reranked_selections")},
                                "selection_age_steps_max": after.get("selection_age_steps_max")})
     rows = load_results(jsonl)
     summary = summarize(rows)

@@ -342,7 +342,8 @@ class IceCacheAttnBackend(AttentionBackend):
         anchor = self.anchor_of[lid]
         plan = step.plans.get(anchor)
         if plan is None:
-            plan = self.planner.plan(step, anchor, q3, self.cfg, self.query_params)
+            plan = self.planner.plan(step, anchor, q3, self.cfg, self.query_params,
+                                     keys=self.token_to_kv_pool.get_key_buffer(lid), scale=layer.scaling)
         dp = self.device_pool
         if dp is None:
             k_buf, v_buf = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)

@@ -27,6 +27,8 @@ WHILE_INDEXING = ("auto", "dense", "wait")
 DEFAULT_DEVICE_LANES = 32
 #: the largest host KV pool a rank may ask for (GiB): beyond any machine's RAM, so a typo in the unit is refused
 MAX_HOST_KV_GB = 65536
+#: the most candidate pages per selected page token re-ranking may ask for
+MAX_TOKEN_RERANK = 8
 #: the most decode steps a selection may be reused for (step_reuse) or be old (max_stale_steps)
 MAX_REUSE_STEPS = 1024
 #: the longest a decode step may wait for its selections (a minute already stalls every request in the batch)
@@ -92,7 +94,9 @@ class IceCacheConfig:
     reuses that selection in between; ``max_stale_steps: k`` (k >= 1) sends each anchor layer's query
     without waiting for it and attends with the freshest selection already answered, waiting only when none
     is at most k steps old (while the indexer lags behind, each layer asks every ceil(k / 2) steps only).
-    Both 1 / 0 (the default): every step selects and waits, the paper's behaviour.
+    Both 1 / 0 (the default): every step selects and waits, the paper's behaviour. token_rerank: m > 1 asks
+    the indexer for m times the budget's pages, and each anchor layer attends to the budget's best tokens
+    among their tokens, ranked by the step's own query (``runtime/rerank.py``); 1: the pages as selected.
     A reused selection attends, besides its pages, to every token indexed after it was made."""
 
     budget_tokens: int = 256
@@ -118,6 +122,7 @@ class IceCacheConfig:
     while_indexing: str = "auto"
     step_reuse: int = 1
     max_stale_steps: int = 0
+    token_rerank: int = 1
 
     def __post_init__(self) -> None:
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
@@ -185,6 +190,13 @@ class IceCacheConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= MAX_REUSE_STEPS:
                 raise IceCacheConfigError(f"{name} must be an integer in [{lo}, {MAX_REUSE_STEPS}], got {v!r}")
+        m = self.token_rerank
+        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_TOKEN_RERANK:
+            raise IceCacheConfigError(f"token_rerank must be an integer in [1, {MAX_TOKEN_RERANK}], got {m!r}")
+        if self.candidate_pages > MAX_PAGES:
+            raise IceCacheConfigError(
+                f"token_rerank {m} x the budget's {self.n_pages} pages asks the indexer for {self.candidate_pages} "
+                f"pages per KV head; it selects at most {MAX_PAGES}: lower token_rerank or budget_tokens")
         if self.step_reuse > 1 and self.max_stale_steps > 0:
             raise IceCacheConfigError(
                 f"step_reuse ({self.step_reuse}) and max_stale_steps ({self.max_stale_steps}) are two ways of "
@@ -256,6 +268,11 @@ class IceCacheConfig:
     def n_pages(self) -> int:
         """Selected pages per KV head at each decode step."""
         return (self.budget_tokens - self.sink_tokens - self.window_tokens) // self.page_size
+
+    @property
+    def candidate_pages(self) -> int:
+        """Pages per KV head asked of the indexer: the budget's, times ``token_rerank``."""
+        return self.n_pages * self.token_rerank
 
     def anchor_layers(self, num_layers: int) -> list[int]:
         """The layers that search (and whose keys are indexed): after the dense layers, one in every

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 #: what can change on a running server (the rest sizes processes and buffers at launch)
 RUNTIME_KEYS = ("budget_tokens", "selection", "gqa_merge", "query", "selection_deadline_ms", "while_indexing",
-                "step_reuse", "max_stale_steps")
+                "step_reuse", "max_stale_steps", "token_rerank")
 
 
 def updated(base: IceCacheConfig, settings: dict) -> IceCacheConfig:

@@ -38,6 +38,8 @@ class IceCacheMetrics:
     pages_per_step_last: float = 0.0  # pages per request and KV head and anchor layer, last step
     fallbacks: int = 0  # selections made without the indexer's answer (most recent pages used)
     reused_selections: int = 0  # (request, anchor layer, step) served by a selection made at an earlier step
+    reranked_selections: int = 0  # (request, anchor layer, step) whose tokens were re-ranked by the step's query
+    # among token_rerank x the budget's pages
     selection_age_steps_total: int = 0  # steps since their query, summed over those reused selections
     selection_age_steps_max: int = 0  # the oldest selection a step attended with (steps since its query), since
     # the settings last changed (the bound is a setting)

@@ -22,6 +22,7 @@ import torch
 from .attention import DecodePlan
 from .config import IceCacheConfig
 from .host_query import HostQuery
+from .rerank import rerank_tokens
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool
 from .selection import Selector, StepSelection
@@ -226,8 +227,9 @@ class Planner:
         return step
 
     def _n_pages(self, rows, entries, cfg: IceCacheConfig) -> int:
-        """Pages per KV head asked for the batch ``entries``: the budget's, at most the longest index's tokens."""
-        return max(1, min(cfg.n_pages, max(self.tracker.live[rows[b]].n for b in entries)))
+        """Pages per KV head asked for the batch ``entries``: the budget's (times ``token_rerank``), at most the
+        longest index's tokens."""
+        return max(1, min(cfg.candidate_pages, max(self.tracker.live[rows[b]].n for b in entries)))
 
     def _fixed_slots(self, rows, all_slots: list[RowSlots], sparse: set[int], sink: int
                      ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -244,8 +246,10 @@ class Planner:
         return out
 
     # ------------------------------------------------------------------ once per anchor layer
-    def plan(self, step: DecodeStep, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params) -> DecodePlan:
-        """Per (request, KV head): the fixed slots plus this anchor layer's selected pages."""
+    def plan(self, step: DecodeStep, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params,
+             keys: torch.Tensor | None = None, scale: float = 1.0) -> DecodePlan:
+        """Per (request, KV head): the fixed slots plus this anchor layer's selected pages (with ``token_rerank``,
+        the budget's best tokens among them by ``q3``, scored against the layer's K plane ``keys``)."""
         H = self.H
         picked, tails = {}, {}
         if len(step.sparse):
@@ -269,6 +273,8 @@ class Planner:
         if picked:
             step.selection.pages += sum(int((p.reshape(H, -1, cfg.page_size)[..., 0] >= 0).sum())
                                         for p in picked.values())
+            if cfg.token_rerank > 1 and keys is not None:
+                picked = self._rerank(step, picked, q3, keys, cfg.n_pages * cfg.page_size, scale)
         fixed = [(a, tails.get(b, z)) for b, (a, z) in enumerate(step.fixed)]
         if not self.plan_slots and self.device_pool is None:  # FlashInfer reads the compact form only
             tokens, indptr, rows = compact_layout(fixed, picked, H, step.dense_rows)
@@ -293,6 +299,21 @@ class Planner:
                                                indptr=host_for(indptr, dev), rows=to_device(rows, dev),
                                                tokens=torch.from_numpy(tokens))
         return plan
+
+    def _rerank(self, step: DecodeStep, picked: dict[int, np.ndarray], q3: torch.Tensor, keys: torch.Tensor,
+                keep: int, scale: float) -> dict[int, np.ndarray]:
+        """The ``keep`` best tokens of each request's candidate pages by this step's queries (``rerank.py``),
+        computed where the K plane is. The slots come back to the host, where plans are laid out (one copy
+        per anchor layer on a GPU)."""
+        order = [b for b in (int(x) for x in step.sparse) if b in picked]
+        W = max(picked[b].shape[1] for b in order)
+        cand = np.full((len(order), self.H, W), -1, np.int64)
+        for j, b in enumerate(order):
+            cand[j, :, :picked[b].shape[1]] = picked[b]
+        rows = to_device(np.asarray(order, np.int64), q3.device)
+        kept = rerank_tokens(q3[rows].to(keys.device), keys, to_device(cand, keys.device), keep, scale).cpu().numpy()
+        self.metrics.reranked_selections += len(order)
+        return {b: kept[j] for j, b in enumerate(order)}
 
     def prime(self, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params) -> None:
         """At an anchor layer, send the queries of the rows fetching their first selections (``priming``),

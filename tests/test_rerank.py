@@ -1,0 +1,38 @@
+"""Token re-ranking (``runtime/rerank.py``): the budget's best candidate tokens by the step's own queries, as a
+float64 reference ranks them; invalid candidates last; a KV head without candidates keeps none."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from icecache_sglang.runtime.rerank import rerank_tokens, rerank_tokens_reference
+
+
+def test_rerank_keeps_the_tokens_a_reference_ranks_best():
+    g = torch.Generator().manual_seed(0)
+    S, Hq, H, d, slots, W = 3, 8, 2, 16, 400, 48
+    q = torch.randn(S, Hq, d, generator=g)
+    keys = torch.randn(slots, H, d, generator=g)
+    cand = torch.stack([torch.stack([torch.randperm(slots, generator=g)[:W] for _ in range(H)]) for _ in range(S)])
+    cand[0, 1, 30:] = -1  # fewer valid candidates than kept
+    cand[1, 0, ::3] = -1  # holes
+    cand[2, 1, :] = -1  # none at all
+    got = rerank_tokens(q, keys, cand, keep=20, scale=0.25)
+    want = rerank_tokens_reference(q, keys, cand, keep=20, scale=0.25)
+    assert got.shape == (S, H, 20)
+    for s in range(S):
+        for h in range(H):  # the same set (ties between float32 and float64 sums aside: none here)
+            assert sorted(got[s, h][got[s, h] >= 0].tolist()) == sorted(want[s, h][want[s, h] >= 0].tolist()), (s, h)
+    assert (got[0, 1] >= 0).sum() == 20 and (got[2, 1] == -1).all()
+    # valid slots first, so a plan's valid mask counts min(keep, valid candidates)
+    valid = (got >= 0).numpy()
+    assert all(np.all(np.diff(valid[s, h].astype(int)) <= 0) for s in range(S) for h in range(H))
+
+
+def test_keeping_every_candidate_changes_nothing_but_the_order():
+    g = torch.Generator().manual_seed(1)
+    q, keys = torch.randn(2, 4, 8, generator=g), torch.randn(100, 2, 8, generator=g)
+    cand = torch.randint(0, 100, (2, 2, 12), generator=g)
+    got = rerank_tokens(q, keys, cand, keep=12, scale=0.3)
+    assert torch.equal(got.sort(-1).values, cand.sort(-1).values)
