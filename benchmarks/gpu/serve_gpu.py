@@ -394,6 +394,8 @@ def main(argv=None) -> int:
              "icecache-async-lowrank": {"max_stale_steps": 4, "selection": "lowrank"},
              # and with the page stage (only the codes of the pages whose summaries rank best)
              "icecache-async-lowrank-pages": {"max_stale_steps": 4, "selection": "lowrank_pages"},
+             # token re-ranking among twice the pages (the kept slots come back to the host per anchor layer)
+             "icecache-async-rerank2": {"max_stale_steps": 4, "token_rerank": 2},
              # issue 15: SGLang's KV pool pinned in host memory (host_kv_gb: half the host's free RAM), prefill
              # over rows staged to the device, decode from the device pool's lanes
              "icecache-offload": {"offload": True, "dense_layers": 0},
