@@ -111,7 +111,7 @@ def test_modes_share_servers_by_launch_settings():
     # the longest deadline: a selection late on a loaded CPU would fall back and measure the load, not the mode
     assert Mode("quest", 128).settings() == {"budget_tokens": 128, "selection": "quest",
                                              "selection_deadline_ms": MAX_DEADLINE_MS, "while_indexing": "wait",
-                                             "step_reuse": 1, "max_stale_steps": 0}
+                                             "step_reuse": 1, "max_stale_steps": 0, "token_rerank": 1}
     # reused selections: IceCache's search with the reuse keys set, on the same server
     stale = modes((256,), baselines=(), stale=(2,), every=(4,), dense=False)
     assert [m.label for m in stale] == ["icecache@256", "icecache_async2@256", "icecache_every4@256"]

@@ -30,6 +30,17 @@ def test_rerank_keeps_the_tokens_a_reference_ranks_best():
     assert all(np.all(np.diff(valid[s, h].astype(int)) <= 0) for s in range(S) for h in range(H))
 
 
+def test_a_large_batch_is_ranked_in_chunks_with_the_same_result(monkeypatch):
+    import icecache_sglang.runtime.rerank as rr
+
+    g = torch.Generator().manual_seed(2)
+    q, keys = torch.randn(7, 4, 8, generator=g), torch.randn(300, 2, 8, generator=g)
+    cand = torch.stack([torch.stack([torch.randperm(300, generator=g)[:40] for _ in range(2)]) for _ in range(7)])
+    whole = rerank_tokens(q, keys, cand, keep=10, scale=0.3)
+    monkeypatch.setattr(rr, "CHUNK_BYTES", 2 * 40 * 8 * 4 * 2)  # two requests per chunk
+    assert torch.equal(rerank_tokens(q, keys, cand, keep=10, scale=0.3), whole)
+
+
 def test_keeping_every_candidate_changes_nothing_but_the_order():
     g = torch.Generator().manual_seed(1)
     q, keys = torch.randn(2, 4, 8, generator=g), torch.randn(100, 2, 8, generator=g)

@@ -326,7 +326,10 @@ def test_a_request_stays_dense_until_every_anchor_layer_has_its_first_selection(
         planner.prime(anchor, q, CFG, CFG.query_params())
     HeldQuery.landed = True
     n += 1
-    assert planner.begin([0], [n], CFG) is None  # layer 1's query went out at this step's start
+    early = planner.begin([0], [n], CFG)  # layer 1's query went out at this step's start
+    # (on a loaded machine its answer can come back within this begin: then the step goes sparse, rightly; the
+    # full suite saw it once)
+    assert early is None or early.sparse.tolist() == [0]
     answered(planner)
     n += 1
     step = planner.begin([0], [n], CFG)

@@ -420,6 +420,7 @@ class IceCacheAttnBackend(AttentionBackend):
             "tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": status["pid"],
             "indexer_state": status["state"], "indexer_reason": status["reason"],
             "indexer_endpoint": status["endpoint"], "ledger_sequences": len(self.indexer.client.ledger.seqs),
-            "selection": self.cfg.selection, "gqa_merge": self.cfg.gqa_merge,
+            "selection": self.cfg.selection, "gqa_merge": self.cfg.gqa_merge, "token_rerank": self.cfg.token_rerank,
+            "step_reuse": self.cfg.step_reuse, "max_stale_steps": self.cfg.max_stale_steps,
             "budget_tokens": self.cfg.budget_tokens, "config_version": self.control.version,
             "deadline_s": self.indexer.client.timeout_s, "indexer": ind}

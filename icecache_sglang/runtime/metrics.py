@@ -105,6 +105,7 @@ PROMETHEUS_FIELDS = {
     "pages_per_step_last": "pages selected per request, KV head and anchor layer in the last step",
     "fallbacks": "selections made without the indexer's answer (most recent pages used)",
     "reused_selections": "request-layer-steps served by a selection made at an earlier step (step_reuse, max_stale_steps)",
+    "reranked_selections": "request-layer-steps whose tokens were re-ranked by the step's query (token_rerank)",
     "selection_age_steps_max": "the oldest selection a decode step attended with, in steps since its query",
     "queries_in_flight": "indexer queries sent and not yet read (asynchronous selection)",
     "primed_rows": "request-steps decoded densely while their first selections were fetched (asynchronous)",

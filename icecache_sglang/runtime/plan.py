@@ -270,11 +270,15 @@ class Planner:
                                            hq.q_dtype, step.n_pages, **query)
                 picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
         self.prime(anchor, q3, cfg, query_params)
-        if picked:
+        if picked and cfg.token_rerank > 1:
+            if keys is None:
+                raise ValueError("token_rerank needs the anchor layer's K plane to rank the candidates' tokens")
+            picked = self._rerank(step, picked, q3, keys, cfg.n_pages * cfg.page_size, scale)
+            # pages attended: the kept tokens in pages' worth (they need not share pages)
+            step.selection.pages += sum(int((p >= 0).sum()) for p in picked.values()) // cfg.page_size
+        elif picked:
             step.selection.pages += sum(int((p.reshape(H, -1, cfg.page_size)[..., 0] >= 0).sum())
                                         for p in picked.values())
-            if cfg.token_rerank > 1 and keys is not None:
-                picked = self._rerank(step, picked, q3, keys, cfg.n_pages * cfg.page_size, scale)
         fixed = [(a, tails.get(b, z)) for b, (a, z) in enumerate(step.fixed)]
         if not self.plan_slots and self.device_pool is None:  # FlashInfer reads the compact form only
             tokens, indptr, rows = compact_layout(fixed, picked, H, step.dense_rows)

@@ -9,13 +9,19 @@ of the synchronous selection's mass, re-ranked to the best tokens of 2x / 3x its
 than the synchronous pages themselves, at the same number of tokens).
 
 A token's weight for its KV head is the sum over the head's query heads of its softmax probability among
-the candidates (the ``mass`` GQA merge's estimate, token by token). Candidates and the tokens kept are KV
-slots; -1 pads both.
+the candidates (the ``mass`` GQA merge's estimate, token by token, whatever ``gqa_merge`` says; each head's
+softmax runs over the candidates only, not over the sink and recent tokens it also attends). Candidates and
+the tokens kept are KV slots; -1 pads both. The candidates' keys are scored in chunks of requests, so the
+float32 scores of a large batch at a large budget stay within ``CHUNK_BYTES``.
 """
 
 from __future__ import annotations
 
 import torch
+
+#: the most bytes of gathered float32 keys one chunk of requests may take (a GPU at a budget of thousands of
+#: tokens and tens of requests would otherwise gather gigabytes per anchor layer)
+CHUNK_BYTES = 256 * 2**20
 
 
 def rerank_tokens(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, keep: int, scale: float) -> torch.Tensor:
@@ -28,6 +34,9 @@ def rerank_tokens(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, keep:
     keep = min(keep, W)
     if S == 0 or W == 0:
         return cand[..., :keep]
+    step = max(1, CHUNK_BYTES // max(1, H * W * keys.shape[-1] * 4))
+    if S > step:
+        return torch.cat([rerank_tokens(q[i:i + step], keys, cand[i:i + step], keep, scale) for i in range(0, S, step)])
     g = q.shape[1] // H
     valid = cand >= 0
     heads = torch.arange(H, device=cand.device)[None, :, None]
