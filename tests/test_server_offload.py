@@ -39,6 +39,21 @@ def answer(srv, ids, max_new=24) -> list[int]:
     return r["output_ids"]
 
 
+def answer_all(srv, jobs: list[list[int]], max_new: int) -> list[list[int] | None]:
+    """Every prompt of ``jobs`` at once (one thread each); each one's output ids (None if it did not return)."""
+    got: list = [None] * len(jobs)
+
+    def one(i):
+        got[i] = answer(srv, jobs[i], max_new)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return got
+
+
 def test_offloaded_decode_answers_like_icecache_without_offload(tiny_ref, tiny_offload):
     for n, seed in ((60, 1), (400, 2), (1500, 3), (3000, 4)):  # within the budget, then 3x-23x beyond it
         ids = token_ids(n, seed)
@@ -87,16 +102,7 @@ def test_sessions_far_beyond_the_device_pool_all_complete_through_it(tiny_ref, t
     assert info["max_running_requests"] == LANES  # SGLang runs as many requests as the device pool holds
     jobs = [token_ids(1200 + 50 * i, 100 + i) for i in range(8)]
     assert sum(map(len, jobs)) > 20 * LANES * LANE_ROWS  # the contexts add up to 20x the device pool
-    got = [None] * len(jobs)
-
-    def one(i):
-        got[i] = answer(tiny_offload, jobs[i], 16)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
+    got = answer_all(tiny_offload, jobs, 16)
     assert got == [answer(tiny_ref, ids, 16) for ids in jobs]
     st = tiny_offload.icecache_stats()
     assert st["device_kv_bytes"] == before["device_kv_bytes"]  # fixed at launch
@@ -144,16 +150,7 @@ def test_reused_selections_decode_through_the_lanes(tiny_ref, tiny_offload):
         tiny_offload.set_icecache(step_reuse=1, max_stale_steps=4)
         before = tiny_offload.icecache_stats(wait_s=0)
         jobs = [token_ids(1200 + 300 * i, 20 + i) for i in range(LANES)]
-        got = [None] * len(jobs)
-
-        def one(i):
-            got[i] = answer(tiny_offload, jobs[i], 40)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
+        got = answer_all(tiny_offload, jobs, 40)
         assert [len(g) for g in got] == [40] * len(jobs)
         st = tiny_offload.icecache_stats()
         assert st["reused_selections"] > before["reused_selections"]
@@ -184,16 +181,7 @@ def test_retracted_requests_complete_and_leave_nothing_behind(tiny_offload_retra
     completes, and once they end and the cache is flushed, no lane, host slot, index or sequence is left."""
     srv = tiny_offload_retract
     jobs = [token_ids(900 + 200 * i, 60 + i) for i in range(LANES)]
-    got = [None] * len(jobs)
-
-    def one(i):
-        got[i] = answer(srv, jobs[i], 40)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
+    got = answer_all(srv, jobs, 40)
     assert [len(g or []) for g in got] == [40] * len(jobs)
     log = srv.tail(10**6)
     assert "retraction" in log.lower() and "#retracted_reqs: " in log  # SGLang did retract
