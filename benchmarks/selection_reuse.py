@@ -5,7 +5,7 @@ switched at runtime (``POST /icecache/config``) and measured interleaved, round 
 prompt (a radix-cache hit after the first round: the prefill is not what is timed):
 
 - ``sync``: every step selects and waits (the default); ``every{k}``: ``step_reuse: k``; ``async{k}``:
-  ``max_stale_steps: k``.
+  ``max_stale_steps: k``; ``...+rerank2``: with ``token_rerank: 2``.
 - ``dense``: the same server with a budget above the context, so the request decodes on SGLang's own
   attention (no selection): the floor the selection's cost is measured against. (Stock SGLang's own TPOT
   is ``serve_cpu.py``'s.)
@@ -39,7 +39,9 @@ from icecache_sglang.models.tiny import ensure_tiny_model
 NAME = "selection_reuse"
 MODES = {"dense": {"budget_tokens": 65000}, "sync": {}, "every2": {"step_reuse": 2}, "every4": {"step_reuse": 4},
          "every8": {"step_reuse": 8}, "async1": {"max_stale_steps": 1}, "async2": {"max_stale_steps": 2},
-         "async4": {"max_stale_steps": 4}, "async8": {"max_stale_steps": 8}}
+         "async4": {"max_stale_steps": 4}, "async8": {"max_stale_steps": 8},
+         # token re-ranking among twice the pages, synchronous and one step stale
+         "sync+rerank2": {"token_rerank": 2}, "async1+rerank2": {"max_stale_steps": 1, "token_rerank": 2}}
 SKIP = 4  # first inter-token gaps left out (the prefix hit's index share, the first selections)
 
 
@@ -51,19 +53,19 @@ def run_model(model: str, path: Path, contexts: list[int], rounds: int, max_new:
                        log_path=log_dir / f"{NAME}-{model}.log") as srv:
         for ctx in contexts:
             ids = prompt_ids(model, path, ctx, ctx % 97)
-            srv.set_icecache(budget_tokens=65000)
+            srv.set_icecache(budget_tokens=65000, token_rerank=1)
             stream_times(srv, ids, 4)  # the prompt's prefill, once: every measured request is a prefix hit
             for rnd in range(rounds):
                 for mode, settings in MODES.items():
                     srv.set_icecache(**{"budget_tokens": cfg["budget_tokens"], "step_reuse": 1, "max_stale_steps": 0,
-                                        **settings})
+                                        "token_rerank": 1, **settings})
                     st0 = srv.icecache_stats(wait_s=0.3)
                     times = stream_times(srv, ids, max_new)[1]
                     st = srv.icecache_stats()
                     gaps = [b - a for a, b in zip(times, times[1:])][SKIP:]
                     steps = max(st["decode_steps"] - st0["decode_steps"], 1)
                     d = {k: st[k] - st0[k] for k in ("queries", "reused_selections", "fallbacks", "sparse_rows",
-                                                      "dense_while_indexing_rows")}
+                                                      "dense_while_indexing_rows", "reranked_selections")}
                     rec = {"model": model, "context": ctx, "mode": mode, "round": rnd, "settings": settings,
                            "tpot_s": statistics.median(gaps), "tpot_mean_s": statistics.fmean(gaps),
                            "output_tokens": len(times),
@@ -94,7 +96,7 @@ def plot(records: list[dict], path: Path) -> None:
         wait = [statistics.median([r["selection_wait_ms_per_step"] for r in records
                                    if (r["model"], r["context"], r["mode"]) == (model, ctx, m)] or [float("nan")])
                 for m in names]
-        ax.bar(names, med, color=["gray"] + ["C0"] * 4 + ["C1"] * 4, label="TPOT (median of rounds)")
+        ax.bar(names, med, color=["gray"] + ["C0"] * 4 + ["C1"] * 4 + ["C2"] * 2, label="TPOT (median of rounds)")
         ax.bar(names, wait, width=0.4, color="k", alpha=0.5, label="waiting for selections")
         ax.set_title(f"{model}, {ctx} tokens (measured, 2 cores)", fontsize=9)
         ax.set_ylabel("ms per output token")
