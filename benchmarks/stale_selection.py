@@ -70,8 +70,19 @@ class PageScores:
             toks = self.idx.page_tok[h, live]
             valid = np.arange(self.idx.C)[None, :] < self.idx.page_fill[h, live][:, None]
             self.pages.append((live, np.where(valid, toks, 0), valid))
+        self._keys_t = None  # the keys as ``[slots, H, d]`` for token re-ranking, made once
         self.scores = [[np.where(v[None], (q[h * g:(h + 1) * g].astype(np.float32) @ op.keys[h].T)[:, t], -np.inf)
                         .max(axis=2) for h, (_, t, v) in enumerate(self.pages)] for q in queries]
+
+    def _candidates(self, h: int, old: int, n_pages: int, mult: int) -> np.ndarray:
+        """KV head ``h``'s ``mult x n_pages`` best pages by step ``old``'s query (columns of ``self.pages[h]``)."""
+        cand = self.op.merge_pages(self.scores[old][h], mult * n_pages, self.d)
+        return cand[cand >= 0]
+
+    def _with_fixed(self, pos: np.ndarray) -> np.ndarray:
+        """Index positions plus the sink and window, as positions of the whole sequence."""
+        sw = self.sw
+        return np.concatenate([np.arange(sw.lo), np.sort(pos) + sw.lo, np.arange(sw.hi, sw.n)])
 
     def rerank_tokens(self, queries, old: int, now: int, n_pages: int, mult: int) -> list[np.ndarray]:
         """``token_rerank: mult`` as the server runs it (``runtime/rerank.py``, its float64 reference)."""
@@ -79,34 +90,25 @@ class PageScores:
 
         from icecache_sglang.runtime.rerank import rerank_tokens_reference
 
-        sw, out = self.sw, []
+        if self._keys_t is None:  # the K plane as the server holds it, [slots, H, d]
+            self._keys_t = torch.from_numpy(np.ascontiguousarray(self.op.keys.transpose(1, 0, 2)))
         H = len(self.pages)
-        cands = []
-        for h, (live, _, _) in enumerate(self.pages):
-            cand = self.op.merge_pages(self.scores[old][h], mult * n_pages, self.d)
-            cands.append(self.idx.pages_to_positions(h, live[cand[cand >= 0]]))
-        W = max(len(c) for c in cands)
-        cand = np.full((1, H, W), -1, np.int64)
+        cands = [self.idx.pages_to_positions(h, live[self._candidates(h, old, n_pages, mult)])
+                 for h, (live, _, _) in enumerate(self.pages)]
+        cand = np.full((1, H, max(len(c) for c in cands)), -1, np.int64)
         for h, c in enumerate(cands):
             cand[0, h, :len(c)] = c
-        kept = rerank_tokens_reference(torch.from_numpy(queries[now][None]),
-                                       torch.from_numpy(np.ascontiguousarray(self.op.keys.transpose(1, 0, 2))),
-                                       torch.from_numpy(cand), n_pages * PAGE, 1.0 / np.sqrt(self.d))[0]
-        for h in range(H):
-            pos = np.sort(kept[h][kept[h] >= 0])
-            out.append(np.concatenate([np.arange(sw.lo), pos + sw.lo, np.arange(sw.hi, sw.n)]))
-        return out
+        kept = rerank_tokens_reference(torch.from_numpy(queries[now][None]), self._keys_t, torch.from_numpy(cand),
+                                       n_pages * PAGE, 1.0 / np.sqrt(self.d))[0]
+        return [self._with_fixed(kept[h][kept[h] >= 0]) for h in range(H)]
 
     def rerank(self, old: int, now: int, n_pages: int, mult: int) -> list[np.ndarray]:
-        sw, out = self.sw, []
+        out = []
         for h, (live, _, _) in enumerate(self.pages):
-            cand = self.op.merge_pages(self.scores[old][h], mult * n_pages, self.d)
-            cand = cand[cand >= 0]
+            cand = self._candidates(h, old, n_pages, mult)
             keep = self.op.merge_pages(self.scores[now][h][:, cand], n_pages, self.d)
-            pos = np.sort(self.idx.pages_to_positions(h, live[cand[keep[keep >= 0]]]))
-            out.append(np.concatenate([np.arange(sw.lo), pos + sw.lo, np.arange(sw.hi, sw.n)]))
+            out.append(self._with_fixed(self.idx.pages_to_positions(h, live[cand[keep[keep >= 0]]])))
         return out
-
 
 def evaluate(layers, steps: int) -> dict:
     """{(selection, mode): {"mass": [...], "ratio": [...], "top": [...]}} over (step, layer)."""

@@ -23,6 +23,7 @@ from .attention import DecodePlan
 from .config import IceCacheConfig
 from .host_query import HostQuery
 from .rerank import rerank_tokens
+from .transfer import host_for, to_device
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool
 from .selection import Selector, StepSelection
@@ -418,15 +419,3 @@ def compact_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int,
         parts.append(r)
     rows = np.concatenate(parts) if parts else np.empty(0, np.int32)
     return tokens, offsets(tokens), rows
-
-
-def host_for(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """A host array as a tensor to be copied to ``device``: pinned for a GPU (a copy from pageable memory
-    returns only once the stream's earlier work is done: one stall per anchor layer)."""
-    t = torch.from_numpy(a)
-    return t.pin_memory() if torch.device(device).type == "cuda" else t
-
-
-def to_device(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """A host array on ``device``, to a GPU without waiting (:func:`host_for`)."""
-    return host_for(a, device).to(device, non_blocking=True)

@@ -28,6 +28,8 @@ import numba
 import numpy as np
 import torch
 
+from ..transfer import to_device
+
 
 @numba.njit(cache=True)
 def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head):  # pragma: no cover
@@ -193,12 +195,12 @@ class DeviceKVPool:
             raise RuntimeError("a plan names more rows than its lane holds")
         self.stats.rows_hit += int(hits)
         r, h = torch.from_numpy(m_row[:nm]), torch.from_numpy(m_head[:nm])
-        slots_ = torch.from_numpy(m_slot[:nm])
         src = dst = None
         if self.reads_host_directly:
-            src = _to(m_slot[:nm] * H + m_head[:nm], self.device)
-            dst = _to(m_row[:nm] * H + m_head[:nm], self.device)
-        return rows, Misses(r, slots_, h, _to(m_row[:nm], self.device), _to(m_head[:nm], self.device), src, dst)
+            src = to_device(m_slot[:nm] * H + m_head[:nm], self.device)
+            dst = to_device(m_row[:nm] * H + m_head[:nm], self.device)
+        return rows, Misses(r, torch.from_numpy(m_slot[:nm]), h, to_device(m_row[:nm], self.device),
+                            to_device(m_head[:nm], self.device), src, dst)
 
     @property
     def reads_host_directly(self) -> bool:
@@ -212,7 +214,7 @@ class DeviceKVPool:
         n = len(misses.rows)
         if n == 0:
             return 0
-        if misses.src_dev is not None and (host_k.device.type != self.device.type or self._direct):
+        if misses.src_dev is not None:  # the device reads the pinned host rows itself (``reads_host_directly``)
             from icecache_sglang.kernels import copy_rows
 
             for host, dev in ((host_k, self.k[layer]), (host_v, self.v[layer])):
@@ -224,10 +226,3 @@ class DeviceKVPool:
         self.stats.rows_loaded += n
         return n
 
-
-def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host index array on ``device`` without waiting (pinned first for a GPU)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

@@ -101,15 +101,15 @@ class IceCacheKVPool(MHATokenToKVPool):
                          for layer in range(self.layer_num)]
         self.v_buffer = [torch.zeros(v_shape, dtype=self.store_dtype) for _ in range(self.layer_num)]
         if self.host_resident:  # the GPU reads and writes these planes directly
+            # the key store in one registration (its planes share pages at their seams), the other planes each
+            regions = [(store.keys.ctypes.data, store.spec.nbytes)] + [
+                (t.data_ptr(), t.numel() * t.element_size())
+                for t in [t for i, t in enumerate(self.k_buffer) if i not in planes] + self.v_buffer]
             try:
-                # the key store in one registration (its planes share pages at their seams), the rest each
-                register_host_memory(store.keys.ctypes.data, store.spec.nbytes)
-                for t in [t for i, t in enumerate(self.k_buffer) if i not in planes] + self.v_buffer:
-                    register_host_memory(t.data_ptr(), t.numel() * t.element_size())
+                for ptr, nbytes in regions:
+                    register_host_memory(ptr, nbytes)
             except RuntimeError as e:
-                gb = (store.spec.nbytes + sum(t.numel() * t.element_size() for t in self.v_buffer)
-                      + sum(t.numel() * t.element_size() for i, t in enumerate(self.k_buffer)
-                            if i not in planes)) / 2**30
+                gb = sum(nbytes for _, nbytes in regions) / 2**30
                 raise IceCacheConfigError(
                     f"offload: {gb:.1f} GiB of host memory for SGLang's KV pool could not be pinned for the GPU "
                     f"({e}); lower host_kv_gb (or --max-total-tokens)") from None
