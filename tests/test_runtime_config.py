@@ -55,6 +55,18 @@ def test_bad_configs_are_refused_with_the_reason(text, words):
     assert words in str(e.value)
 
 
+def test_dense_layers_default_to_none_with_offload():
+    """Offload keeps no layer's full KV on the device: a plain ``{"offload": true}`` is served with every layer
+    sparse (it was refused for the default's two dense layers), and two dense layers stay the default without."""
+    assert IceCacheConfig.from_json('{"offload": true}').dense_layers == 0
+    assert IceCacheConfig.from_json("{}").dense_layers == 2 == IceCacheConfig().dense_layers
+    assert IceCacheConfig.from_json('{"offload": true}').anchor_layers(4) == [0, 1, 2, 3]
+    cfg = IceCacheConfig.from_json('{"offload": true}')
+    assert IceCacheConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(IceCacheConfigError, match="leave dense_layers out"):
+        IceCacheConfig.from_json('{"offload": true, "dense_layers": 1}')
+
+
 def test_an_offload_lane_holds_the_staleness_of_reused_selections():
     """A reused selection attends to every token indexed since it was made: one more row per step of age."""
     base = IceCacheConfig(offload=True, dense_layers=0)

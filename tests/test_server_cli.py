@@ -93,7 +93,7 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
     (["--enable-icecache", "--enable-mixed-chunk"], "--enable-mixed-chunk: decode requests batched"),
     # the offloaded decode: no dense layer, a device pool of at least one lane, no more requests than lanes
-    (["--enable-icecache", "--icecache-config", '{"offload": true}'], "set dense_layers to 0 (it is 2)"),
+    (["--enable-icecache", "--icecache-config", '{"offload": true, "dense_layers": 2}'], "set it to 0 (it is 2)"),
     (["--enable-icecache", "--icecache-config", '{"offload": true, "dense_layers": 0, "device_kv_tokens": 100}'],
      "device_kv_tokens (100) holds no lane: one decoding request needs 272 rows (budget_tokens + page_size + "
      "the selections' staleness, max(step_reuse - 1, max_stale_steps)); the smallest working size is 272"),

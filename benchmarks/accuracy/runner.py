@@ -11,7 +11,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from icecache_sglang.launch import ServerProcess, server_env
@@ -100,6 +100,14 @@ PRESETS = {
              # SGLang's KV pool holds every prompt (48 x 2k), so the modes after dense reuse their prefill
              server_args=("--max-total-tokens", "131072")),
     ), parallel=16),
+    # what offload's dense_layers 0 costs (issue 15): stale-wide's samples and modes at 256, and the quick preset's
+    # look-alike part, on servers whose every layer selects (those presets' servers keep the first two layers
+    # dense); dense is the same either way
+    "dense-layers0": Preset("dense-layers0", (
+        Part(QWEN, (2048,), 8, ("passkey", *QUICK_RULER), (256,), ("oracle_page",), dense=False,
+             rerank=((0, 2),), server_args=("--max-total-tokens", "131072")),
+        replace(LOOKALIKE, dense=False),
+    ), dense_layers=0, parallel=16),
     # GPU machines: every RULER task, 8k-32k (Qwen's context is 32768 tokens with the answer), 50 samples
     "full": Preset("full", (Part(QWEN, (8192, 16384, 32512), 50, ("passkey", *ruler.TASKS), (64, 128, 256, 512, 1024),
                                  reuse=3),)),

@@ -25,6 +25,8 @@ DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
 WHILE_INDEXING = ("auto", "dense", "wait")
 #: lanes of the offloaded decode's device pool when device_kv_tokens is not given
 DEFAULT_DEVICE_LANES = 32
+#: the first layers that keep full attention when dense_layers is not given, without offload (with offload: 0)
+DEFAULT_DENSE_LAYERS = 2
 #: the largest host KV pool a rank may ask for (GiB): beyond any machine's RAM, so a typo in the unit is refused
 MAX_HOST_KV_GB = 65536
 #: the most candidate pages per selected page token re-ranking may ask for
@@ -48,7 +50,8 @@ class IceCacheConfig:
     """budget_tokens: KV tokens each sparse request attends per KV head and layer at decode: sink + window +
     selected pages (at most ``max_budget_tokens``; a request within the budget decodes densely).
     page_size: tokens per page (C). sink_tokens / window_tokens: the first and the most recent tokens, always
-    attended and never indexed. dense_layers: the first layers keep full attention. layer_reuse: one
+    attended and never indexed. dense_layers: the first layers keep full attention (null: ``DEFAULT_DENSE_LAYERS``,
+    0 with offload). layer_reuse: one
     layer in every ``layer_reuse`` searches; the layers after it reuse its pages (1: every layer searches).
     index / query: parameters of the paged DCI index and its search. selection_deadline_ms: how long a
     decode step waits for the indexer before it falls back to the most recent pages. indexer_threads:
@@ -78,7 +81,8 @@ class IceCacheConfig:
     ``DEFAULT_DEVICE_LANES`` lanes); SGLang runs at most ``device_kv_tokens // lane_rows`` requests. A lane holds
     ``budget_tokens + page_size`` rows, plus one per step of staleness with ``step_reuse`` / ``max_stale_steps``
     (a reused selection attends to every token indexed since). With offload no layer attends densely at decode
-    (``dense_layers`` must be 0), and on a running server the budget and the staleness can change only within
+    (``dense_layers`` must be 0, its default with offload: the same answers on the accuracy harness's
+    ``dense-layers0`` preset, README), and on a running server the budget and the staleness can change only within
     the launch's lane (``control.py``). host_kv_gb: with offload, SGLang's KV pool is host memory (pinned on
     a GPU) of this many GiB per rank, and SGLang admits requests by it (null: on a GPU, half the host's
     available memory divided among the GPU's ranks; on a machine without a GPU, SGLang's own sizing). stall_report_s: a
@@ -103,7 +107,7 @@ class IceCacheConfig:
     page_size: int = 16
     sink_tokens: int = 32
     window_tokens: int = 32
-    dense_layers: int = 2
+    dense_layers: int | None = None
     layer_reuse: int = 1
     index: dict = field(default_factory=dict)
     query: dict = field(default_factory=dict)
@@ -125,6 +129,8 @@ class IceCacheConfig:
     token_rerank: int = 1
 
     def __post_init__(self) -> None:
+        if self.dense_layers is None:  # the default depends on offload, which keeps no layer's full KV on the device
+            object.__setattr__(self, "dense_layers", 0 if self.offload is True else DEFAULT_DENSE_LAYERS)
         for name in ("budget_tokens", "page_size", "sink_tokens", "window_tokens", "dense_layers", "layer_reuse"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -179,7 +185,7 @@ class IceCacheConfig:
         if self.offload and self.dense_layers:
             raise IceCacheConfigError(
                 f"offload keeps no layer's full KV on the device, so no layer can attend densely at decode: "
-                f"set dense_layers to 0 (it is {self.dense_layers})")
+                f"leave dense_layers out (0 with offload) or set it to 0 (it is {self.dense_layers})")
         if self.while_indexing not in WHILE_INDEXING:
             raise IceCacheConfigError(f"while_indexing must be one of {list(WHILE_INDEXING)}, got {self.while_indexing!r}")
         if self.offload and self.while_indexing == "dense":
