@@ -33,13 +33,14 @@ def _add_cli_args(result, parser, *args, **kwargs):
     group = parser.add_argument_group("IceCache (icecache-sglang)")
     group.add_argument("--enable-icecache", action="store_true",
                        help="IceCache sparse decoding: each decode step attends to sink + recent window + the "
-                            "pages a per-KV-head M-DCI index (a separate CPU process) selects, within "
-                            "budget_tokens per request. Today the whole KV cache stays in SGLang's own pool "
-                            "(device memory on a GPU); moving it to host memory is not built yet.")
+                            "pages a per-KV-head index (a separate CPU process) selects, within budget_tokens "
+                            "per request. With offload (--icecache-config '{\"offload\": true}') SGLang's KV "
+                            "pool is host memory (host_kv_gb) and decode reads a fixed-size device pool; "
+                            "without it the KV cache stays in SGLang's own pool (device memory on a GPU).")
     group.add_argument("--icecache-config", type=str, default=None,
                        help="IceCache settings as one JSON object, e.g. '{\"budget_tokens\": 512}'. Keys: "
-                            "budget_tokens, page_size, sink_tokens, window_tokens, dense_layers, layer_reuse, "
-                            "index, query, selection_deadline_ms, indexer_threads, decode_attention, selection.")
+                            + ", ".join(f.name for f in dataclasses.fields(IceCacheConfig))
+                            + " (README: what each means, its default).")
     return result
 
 
@@ -77,7 +78,41 @@ def unsupported_options(args) -> list[str]:
                         "key planes are what the indexer reads); leave the flag out")
     if get("is_embedding"):
         problems.append("embedding models do not decode; --enable-icecache does not apply")
+    if str(get("disaggregation_mode") or "null") != "null":
+        # a decode server's request rows are freed without SGLang's row hooks: indexes and lanes would leak
+        problems.append(f"--disaggregation-mode {get('disaggregation_mode')}: prefill/decode disaggregation is not "
+                        "supported with --enable-icecache")
+    problems += cuda_graph_problems(args)
     return problems
+
+
+def cuda_graph_problems(args) -> list[str]:
+    """CUDA-graph flags that would capture IceCache's forward passes: its decode selects pages on the host
+    between layers, and the launch turns SGLang's graphs off (``disable_cuda_graph``, which the per-phase
+    flags and ``--cuda-graph-config`` outrank), so a graph asked for explicitly is refused, not half-run."""
+    problems = []
+    for phase in ("decode", "prefill"):
+        backend = getattr(args, f"cuda_graph_backend_{phase}", None)
+        if backend not in (None, "disabled"):
+            problems.append(f"--cuda-graph-backend-{phase} {backend}: IceCache's {phase} runs without CUDA graphs; "
+                            f"leave the flag out")
+    raw = getattr(args, "cuda_graph_config", None)
+    given = raw.to_dict() if hasattr(raw, "to_dict") else raw
+    if isinstance(given, dict):
+        on = [phase for phase, c in given.items() if isinstance(c, dict) and c.get("backend") not in (None, "disabled")]
+        if on:
+            problems.append(f"--cuda-graph-config asks for CUDA graphs ({', '.join(map(str, on))}); IceCache runs "
+                            "without them: leave the backend out or set it to disabled")
+    return problems
+
+
+def host_ranks(args) -> int:
+    """SGLang's scheduler processes on this host: TP x DP ranks (with DP attention the DP groups share the TP
+    ranks: TP ranks), split over the nodes."""
+    tp = int(getattr(args, "tp_size", 1) or 1)
+    attn_dp = bool(getattr(args, "enable_dp_attention", False)) or int(getattr(args, "attn_dp_size", 1) or 1) > 1
+    ranks = tp if attn_dp else tp * int(getattr(args, "dp_size", 1) or 1)
+    return max(1, ranks // int(getattr(args, "nnodes", 1) or 1))
 
 
 def cuda_problems(what: str) -> list[str]:
@@ -140,9 +175,7 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
     if cfg.offload:  # SGLang's KV pool is host memory of host_kv_gb per rank (patches/pool.py)
         from icecache_sglang.runtime.pool.kv_pool import default_host_kv_gb, host_budget_problem
 
-        # the scheduler processes on this host: TP x DP ranks, split over the nodes
-        ranks = max(1, int(getattr(args, "tp_size", 1) or 1) * int(getattr(args, "dp_size", 1) or 1)
-                    // int(getattr(args, "nnodes", 1) or 1))
+        ranks = host_ranks(args)
         why = ""
         if cfg.host_kv_gb is None and not cuda_problems("offload"):  # a GPU: every rank gets the same figure
             gb = default_host_kv_gb(ranks)

@@ -151,3 +151,30 @@ def test_a_plan_wider_than_a_lane_is_refused():
     plan = np.arange(1, 1 + 2 * H * 9).reshape(2, H, 9)
     with pytest.raises(RuntimeError, match="does not fit a lane"):
         pool.map_plan(0, pool.lanes_for([1, 2]), plan, plan >= 0)
+
+
+def test_a_freed_slot_is_forgotten_by_the_lanes_of_live_requests():
+    """SGLang frees slots of a request that keeps decoding (its prompt's duplicate of a cached prefix, freed
+    after the row was re-pointed; beam search's orphans) and hands them out again, possibly to that request's
+    own next token. A lane still naming the slot would count it as a hit and attend to the old KV: a freed
+    slot is forgotten by every lane, and the next plan naming it loads its new KV."""
+    rng = np.random.default_rng(4)
+    hk, hv = host()
+    pool = make(lanes=2, groups={0: 0, 1: 0, 2: 2})
+    lanes = pool.lanes_for([1, 2])
+    plan = random_plan(rng, 2, 16)
+    for group in (0, 2):
+        rows, misses = pool.map_plan(group, lanes, plan, plan >= 0)
+        pool.load(group, misses, hk, hv)
+    freed = np.unique(plan[0, 0][plan[0, 0] >= 0])[:5]
+    pool.slots_freed(freed)
+    hk[freed], hv[freed] = hk[freed] + 1, hv[freed] - 1  # reallocated: new KV at the same slots
+    for group in (0, 2):
+        rows, misses = pool.map_plan(group, lanes, plan, plan >= 0)
+        named = np.isin(plan, freed)
+        assert len(misses[0]) == int(named.sum())  # every entry naming a freed slot, in any head or lane
+        pool.load(group, misses, hk, hv)
+        check(pool, group, rows, plan, hk, hv)
+    pool.slots_freed(np.empty(0, np.int64))  # nothing freed: nothing forgotten
+    rows, misses = pool.map_plan(0, lanes, plan, plan >= 0)
+    assert len(misses[0]) == 0

@@ -106,6 +106,13 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
       '{"offload": true, "dense_layers": 0, "host_kv_gb": 30000}'],
      "host_kv_gb 30000 GiB x 2 rank(s) is more than 90% of the host's available memory"),
     (["--enable-icecache", "--enable-page-major-kv-layout"], "--enable-page-major-kv-layout: IceCache's KV pool"),
+    # a decode server's rows are freed without SGLang's row hooks (indexes and lanes would leak)
+    (["--enable-icecache", "--disaggregation-mode", "decode"], "--disaggregation-mode decode: prefill/decode"),
+    # graphs asked for explicitly outrank the launch's disable_cuda_graph: refused, not a NotImplementedError
+    (["--enable-icecache", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full: IceCache's"),
+    (["--enable-icecache", "--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill breakable"),
+    (["--enable-icecache", "--cuda-graph-config", '{"decode": {"backend": "full"}}'],
+     "--cuda-graph-config asks for CUDA graphs (decode)"),
     (["--enable-icecache", "--enable-streaming-session", "--icecache-config", '{"offload": true, "dense_layers": 0}'],
      "--enable-streaming-session with offload"),
     (["--enable-icecache", "--max-running-requests", "8", "--icecache-config",
@@ -157,6 +164,25 @@ def test_offload_runs_as_many_requests_as_the_device_pool_holds(parse):
     # without device_kv_tokens: the default lane count, never SGLang's own (thousands of lanes)
     args = parse("--enable-icecache", "--icecache-config", json.dumps({"offload": True, "dense_layers": 0}))
     assert args.max_running_requests == DEFAULT_DEVICE_LANES
+
+
+def test_graphs_switched_off_explicitly_are_accepted(parse):
+    parse("--enable-icecache", "--cuda-graph-backend-decode", "disabled")
+    parse("--enable-icecache", "--cuda-graph-config", '{"decode": {"backend": "disabled"}}')
+
+
+def test_host_ranks_count_the_schedulers_on_this_host():
+    """The default host_kv_gb splits the host among its schedulers: TP x DP of them, but with DP attention the
+    DP groups share the TP ranks (it was TP x DP there too: a DP-times smaller default)."""
+    from types import SimpleNamespace as A
+
+    from icecache_sglang.patches.cli import host_ranks
+
+    assert host_ranks(A(tp_size=2, dp_size=4)) == 8
+    assert host_ranks(A(tp_size=8, dp_size=8, enable_dp_attention=True)) == 8
+    assert host_ranks(A(tp_size=8, dp_size=1, attn_dp_size=4)) == 8
+    assert host_ranks(A(tp_size=8, dp_size=2, nnodes=2)) == 8
+    assert host_ranks(A()) == 1
 
 
 def test_offload_without_host_kv_gb_keeps_sglangs_sizing_without_a_gpu(parse):

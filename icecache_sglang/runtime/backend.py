@@ -230,6 +230,8 @@ class IceCacheAttnBackend(AttentionBackend):
         self.last_layer = self.num_layers - 1
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))
         events.subscribe(self.tracker.slots_freed, self.tracker.clear)
+        if self.device_pool is not None:  # a slot freed under a live request must not stay a hit in its lane
+            events.subscribe(self.device_pool.slots_freed, self.device_pool.clear)
         self.control = ControlWatcher(self.run_dir, self.launch_cfg)  # POST /icecache/config, applied per pass
         if self.run_dir is None:
             logger.warning("IceCache: no run directory ($ICECACHE_RUN_DIR): /icecache/stats and /icecache/config "
@@ -248,6 +250,8 @@ class IceCacheAttnBackend(AttentionBackend):
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         events.unsubscribe(self.tracker.slots_freed, self.tracker.clear)
+        if self.device_pool is not None:
+            events.unsubscribe(self.device_pool.slots_freed, self.device_pool.clear)
         self.publisher.close(self.metrics.rank)
         try:
             self.supervisor.close()

@@ -8,8 +8,10 @@ into lanes of ``lane_rows``), independent of context length and of how many sess
 A lane belongs to one ``req_to_token`` row while that request decodes. Per anchor layer (its plan serves
 the layers that reuse it) and KV head, a lane's rows remember which host slot they hold: at each step the
 plan's slots are matched against them, hits stay where they are and only the misses are copied host ->
-device (with the decode's new token, a selection's new pages). A slot's KV never changes while the request
-owns it, and a lane is emptied when its row is freed, so a resident row is never stale.
+device (with the decode's new token, a selection's new pages). A lane is emptied when its row is freed, and
+a slot SGLang frees while its request keeps decoding (a prompt's duplicate of a cached prefix, freed once the
+row is re-pointed to the cache's slots; beam search's orphans) is forgotten by every lane
+(:meth:`DeviceKVPool.slots_freed`), so a resident row never stands for KV a slot no longer holds.
 
 Layout per layer: one ``[1 + lanes * lane_rows, H, D]`` tensor for K and one for V (row 0 is padding);
 each KV head uses its own rows independently, which is what the sparse decode attention reads
@@ -103,6 +105,23 @@ def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head
     return nm, hits
 
 
+@numba.njit(cache=True)
+def _forget_slots(res, lanes, freed):  # pragma: no cover
+    """Empty the entries of ``res [lanes, H, R]`` in ``lanes`` that hold a slot of ``freed`` (sorted, unique);
+    returns how many."""
+    n = 0
+    for lane in lanes:
+        for h in range(res.shape[1]):
+            for r in range(res.shape[2]):
+                s = res[lane, h, r]
+                if s >= 0:
+                    i = np.searchsorted(freed, s)
+                    if i < len(freed) and freed[i] == s:
+                        res[lane, h, r] = -1
+                        n += 1
+    return n
+
+
 class Misses(NamedTuple):
     """The (device row, host slot, KV head) triples one plan must copy, for every layer of its group:
     made once per plan, its device indices moved once, then used by each layer's :meth:`DeviceKVPool.load`."""
@@ -173,6 +192,15 @@ class DeviceKVPool:
     def clear(self) -> None:
         for row in list(self.lane_of):
             self.release(row)
+
+    def slots_freed(self, slots) -> int:
+        """SGLang freed these KV slots (``runtime/events.py``): no lane may count them as held any more (they
+        may be handed out again, even to a request that keeps its lane). Returns the entries forgotten."""
+        if not self.lane_of or len(slots) == 0:
+            return 0
+        freed = np.unique(np.asarray(slots, np.int64))
+        lanes = np.fromiter(self.lane_of.values(), np.int64, len(self.lane_of))
+        return sum(int(_forget_slots(res, lanes, freed)) for res in self.resident.values())
 
     @property
     def lanes_in_use(self) -> int:
