@@ -5,8 +5,9 @@ Both modes get the same "device" KV memory, ``DEVICE_TOKENS`` token rows of ever
 - ``dense``: stock SGLang whose KV pool is that memory (``--max-total-tokens DEVICE_TOKENS``): a session
   decodes only while its whole KV fits in it;
 - ``icecache-offload``: SGLang with ``--enable-icecache`` and ``offload: true``; that memory holds its
-  prefill staging buffer (one layer of an extend batch: at most ``--chunked-prefill-size`` tokens here, no
-  prefix hits, so ``STAGING_TOKENS // layers`` token rows of every layer) and its device pool, the rest
+  prefill staging buffer (one layer of one request of the context length, ``--context-length CONTEXT_LENGTH``
+  for both modes, allocated at launch: ``STAGING_TOKENS // layers`` token rows of every layer, SGLang's
+  ``req_to_token`` slack included) and its device pool, the rest
   (``device_kv_tokens``: lanes of ``budget_tokens + page_size`` rows, one per decoding request); SGLang's
   own pool (``host_kv_gb``: ``HOST_TOKENS`` tokens' bytes) holds the full KV in host memory.
 
@@ -49,7 +50,8 @@ NAME = "capacity"
 DEVICE_TOKENS = 10_000
 HOST_TOKENS = 120_000
 SESSIONS = 12
-STAGING_TOKENS = 8192  # the CPU launcher's --chunked-prefill-size: the largest extend batch without prefixes
+CONTEXT_LENGTH = 8192 + 512  # --context-length of both modes: the longest session (8k prompt + 256 new) fits
+STAGING_TOKENS = CONTEXT_LENGTH + 64  # the staging buffer's rows: SGLang's req_to_token width (a few more, counted)
 ICE = {"budget_tokens": 256, "page_size": 16, "sink_tokens": 32, "window_tokens": 32, "dense_layers": 0,
        "offload": True, "device_kv_tokens": DEVICE_TOKENS}
 
@@ -103,10 +105,10 @@ def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
     ice = {**ICE, "host_kv_gb": HOST_TOKENS * per_token * layers / 2**30,  # SGLang's pool: HOST_TOKENS tokens
            "device_kv_tokens": DEVICE_TOKENS - STAGING_TOKENS // layers}  # the staging buffer's share taken out
     modes = {
-        "dense": ["--max-total-tokens", str(DEVICE_TOKENS)],
+        "dense": ["--max-total-tokens", str(DEVICE_TOKENS), "--context-length", str(CONTEXT_LENGTH)],
         # (--max-total-tokens: above the CPU launcher's default cap, which would otherwise cut host_kv_gb's pool)
-        "icecache-offload": ["--max-total-tokens", str(2 * HOST_TOKENS), "--enable-icecache", "--icecache-config",
-                             json.dumps(ice)],
+        "icecache-offload": ["--max-total-tokens", str(2 * HOST_TOKENS), "--context-length", str(CONTEXT_LENGTH),
+                             "--enable-icecache", "--icecache-config", json.dumps(ice)],
     }
     records = []
     for mode, args in modes.items():

@@ -13,6 +13,7 @@ right after) and the ``icecache`` attention backend; registering twice is harmle
 | ``pool.py`` | IceCache's KV pool class (``runtime.pool.IceCacheKVPool``) where SGLang picks the MHA pool class, and with offload its size (``host_kv_gb``) where SGLang sizes its KV budget |
 | ``metrics.py`` | ``GET /icecache/stats`` and the IceCache lines of ``/metrics`` on SGLang's HTTP server |
 | ``forward_batch.py`` | which requests of an extend batch are on their last prefill chunk (``runtime.events.extend_batch``) |
+| ``admission.py`` | with offload, SGLang's prefill admission keeps an extend batch within the prefill staging buffer |
 | ``scheduler.py`` | the stall report: a forward pass slower than ``stall_report_s`` is logged with the scheduler's stack |
 """
 
@@ -26,7 +27,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from . import allocator, attention, cli, forward_batch, metrics, pool, scheduler
+    from . import admission, allocator, attention, cli, forward_batch, metrics, pool, scheduler
 
     cli.install()
     attention.install()
@@ -35,3 +36,4 @@ def register() -> None:
     pool.install()
     scheduler.install()
     forward_batch.install()
+    admission.install()

@@ -16,6 +16,7 @@ pytest.importorskip("sglang", reason="the staging imports SGLang's KV write loca
 from icecache_sglang.runtime.attention.extend import extend_attention  # noqa: E402
 from icecache_sglang.runtime.pool.device_pool import DeviceKVPool  # noqa: E402
 from icecache_sglang.runtime.pool.kv_pool import register_host_memory, write_rows  # noqa: E402
+from icecache_sglang.runtime.pool import staging as staging_mod  # noqa: E402
 from icecache_sglang.runtime.pool.staging import PrefillStaging  # noqa: E402
 
 Hq, H, D, SLOTS, ROWS, CTX = 4, 2, 8, 300, 6, 96
@@ -68,7 +69,7 @@ def test_staged_extend_attends_exactly_as_over_the_pool(direct):
     fb, r2t = batch(REQS)
     g = torch.Generator().manual_seed(2)
     n_new = int(fb.extend_seq_lens.sum())
-    staging = PrefillStaging(pool, r2t, "cpu", ROWS)
+    staging = PrefillStaging(pool, r2t, "cpu", ROWS, CTX)
     staging._direct = direct  # the Triton gather (a GPU's read of pinned host rows), on the CPU's interpreter
     st = staging.begin(fb, r2t)
     assert st.rows == int(fb.seq_lens.sum())
@@ -94,22 +95,46 @@ def test_staged_extend_attends_exactly_as_over_the_pool(direct):
     assert torch.equal(staging.kv.k[st.batch.out_cache_loc.long()], pool.k_buffer[1][fb.out_cache_loc])
 
 
-def test_staging_grows_to_the_largest_batch_and_keeps_it():
+def test_staging_is_allocated_at_launch_and_fixed():
+    """Device memory for prefill is allocated when the backend is built (``prefill_staging_tokens`` rows) and a
+    batch within it uses it as is; one beyond it (admission keeps batches within: a hook that did not run)
+    grows the buffer rather than failing the forward pass."""
     pool = host_pool()
-    staging = PrefillStaging(pool, torch.zeros(ROWS, CTX, dtype=torch.int32), "cpu", ROWS)
-    small, _ = batch([(0, 0, 5)])
-    big, r2t = batch(REQS)
-    staging.begin(big, r2t)
-    grown = staging.kv.nbytes
-    assert grown == 2 * int(big.seq_lens.sum()) * H * D * 4 == staging.kv.nbytes_max
+    staging = PrefillStaging(pool, torch.zeros(ROWS, CTX, dtype=torch.int32), "cpu", ROWS, 40)
+    fixed = staging.kv.nbytes
+    assert fixed == 2 * 40 * H * D * 4 == staging.kv.nbytes_max
+    small, r2t = batch([(0, 0, 5), (1, 20, 15)])
     staging.begin(small, r2t)
-    assert staging.kv.nbytes == grown  # not reallocated for a smaller batch
+    assert staging.kv.nbytes == fixed
+    big, r2t = batch(REQS)  # 101 rows
+    staging.begin(big, r2t)
+    assert staging.kv.nbytes == 2 * int(big.seq_lens.sum()) * H * D * 4 == staging.kv.nbytes_max
+
+
+def test_the_staging_rows_hold_one_request_of_the_context_length():
+    from icecache_sglang.runtime.config import IceCacheConfigError
+
+    assert staging_mod.staging_rows(None, 4100) == 4100 and staging_mod.staging_rows(9000, 4100) == 9000
+    with pytest.raises(IceCacheConfigError, match=r"prefill_staging_tokens \(4000\) cannot stage one request of "
+                                                  r"the context length: the smallest working size is 4100"):
+        staging_mod.staging_rows(4000, 4100)
+
+
+def test_admission_keeps_an_extend_batch_within_the_staging_rows():
+    """``batch_fits``: what SGLang's prefill admission asks (``patches/admission.py``) for each request after
+    the batch's first: its prefix and new tokens join the batch only within the staging rows."""
+    PrefillStaging(host_pool(), torch.zeros(ROWS, CTX, dtype=torch.int32), "cpu", ROWS, 100)
+    before = staging_mod.deferred_requests()
+    assert staging_mod.rows_limit() == 100
+    assert staging_mod.batch_fits(0, 100) and staging_mod.batch_fits(0, 5000)  # a batch's first request runs
+    assert staging_mod.batch_fits(60, 40) and not staging_mod.batch_fits(60, 41)
+    assert staging_mod.deferred_requests() == before + 1
 
 
 def test_too_large_a_batch_is_refused():
     pool = host_pool()
     fb, r2t = batch(REQS)
-    staging = PrefillStaging(pool, r2t[:3], "cpu", 3)
+    staging = PrefillStaging(pool, r2t[:3], "cpu", 3, CTX)
     with pytest.raises(RuntimeError, match="staging table"):
         staging.begin(fb, r2t)
 
@@ -140,7 +165,7 @@ def test_staging_gathers_host_rows_onto_the_device():
     pool.k_buffer = [host_tensor(t) for t in pool.k_buffer]
     pool.v_buffer = [host_tensor(t) for t in pool.v_buffer]
     fb, r2t = batch(REQS)
-    staging = PrefillStaging(pool, r2t.to(DEV), DEV, ROWS)
+    staging = PrefillStaging(pool, r2t.to(DEV), DEV, ROWS, CTX)
     staging._direct = True
     st = staging.begin(SimpleNamespace(**{k: (v.to(DEV) if isinstance(v, torch.Tensor) else v)
                                           for k, v in vars(fb).items()}), r2t.to(DEV))
@@ -188,7 +213,7 @@ def test_the_dense_backend_reads_the_staging_table_through_sglangs_translator():
 
     pool = host_pool()
     fb, r2t = batch(REQS)
-    staging = PrefillStaging(pool, r2t, "cpu", ROWS)
+    staging = PrefillStaging(pool, r2t, "cpu", ROWS, CTX)
     real = SimpleNamespace(req_to_token_pool=SimpleNamespace(req_to_token=r2t), token_to_kv_pool=pool, page_size=1,
                            kv_index_translator=KVIndexTranslator(req_to_token=r2t, token_to_kv_pool_allocator=None,
                                                                  token_to_kv_pool=pool, page_size=1, device="cpu"))

@@ -42,6 +42,8 @@ def test_defaults_and_round_trip():
     ('{"offload": true, "dense_layers": 0, "host_kv_gb": 0}', "host_kv_gb must be a number of GiB in (0, 65536]"),
     ('{"offload": true, "dense_layers": 0, "host_kv_gb": "8"}', "host_kv_gb must be a number"),
     ('{"offload": true, "dense_layers": 0, "host_kv_gb": 1e9}', "host_kv_gb must be a number"),
+    ('{"prefill_staging_tokens": 8192}', "prefill_staging_tokens sizes the staging buffer"),
+    ('{"offload": true, "prefill_staging_tokens": 0}', "prefill_staging_tokens must be a positive integer"),
     ('{"gqa_merge": "max"}', "gqa_merge must be one of"),
     ('{"index": {"layout": "random"}}', "layout must be one of"),
     ('{"index": {"page_size": 8}}', "unknown index key"),

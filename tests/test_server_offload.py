@@ -27,7 +27,8 @@ LAYERS, KV_HEADS = 4, 2
 TOKEN_BYTES = LAYERS * KV_HEADS * ROW_BYTES
 
 tiny_ref = server_fixture("tiny_ice_shared", ensure_tiny_model, icecache_args(TINY_ICE), shared=True)
-tiny_offload = server_fixture("tiny_offload", ensure_tiny_model, icecache_args(OFFLOAD))
+CONTEXT = 4096  # the offload server's context length: its prefill staging buffer holds one such request
+tiny_offload = server_fixture("tiny_offload", ensure_tiny_model, icecache_args(OFFLOAD, "--context-length", str(CONTEXT)))
 
 
 def token_ids(n: int, seed: int) -> list[int]:
@@ -109,6 +110,22 @@ def test_sessions_far_beyond_the_device_pool_all_complete_through_it(tiny_ref, t
     assert st["device_lanes_in_use"] == 0  # every lane went back when its request ended
     assert st["kv_pool_bytes"] == before["kv_pool_bytes"]
     assert st["fallbacks"] == before.get("fallbacks", 0)
+
+
+def test_prefill_batches_stay_within_the_staging_buffer(tiny_ref, tiny_offload):
+    """The prefill staging buffer is allocated at launch (one request of the context length) and SGLang's
+    prefill admission keeps every extend batch within it: prompts that together stage more than it holds
+    are prefilled in several batches (before, the buffer grew to the batch's sum of contexts), and each
+    answers as without offload."""
+    before = tiny_offload.icecache_stats(wait_s=0)
+    rows = before["prefill_staging_bytes"] // (KV_HEADS * ROW_BYTES)
+    assert CONTEXT <= rows < CONTEXT + 64, rows  # SGLang's req_to_token width: the context and a little slack
+    jobs = [token_ids(2500, 400 + i) for i in range(LANES)]  # any two stage more rows than the buffer holds
+    got = answer_all(tiny_offload, jobs, 8)
+    assert got == [answer(tiny_ref, ids, 8) for ids in jobs]
+    st = tiny_offload.icecache_stats()
+    assert st["prefill_staging_bytes"] == before["prefill_staging_bytes"]  # never grown
+    assert st["prefill_requests_deferred_total"] > before["prefill_requests_deferred_total"]
 
 
 def test_flush_cache_and_aborts_return_every_lane(tiny_offload):

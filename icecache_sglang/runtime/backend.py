@@ -54,7 +54,8 @@ from .dense import dense_backend_for, resolve_dense_attention
 from .key_writes import KeyStoreWriter
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool, shared_key_store
-from .pool.staging import PrefillStaging, StagedPrefill
+from .pool import staging as staging_admission
+from .pool.staging import PrefillStaging, StagedPrefill, staging_rows
 from ..indexer.launcher import INT8_RESCORE_FROM
 from .pool.kv_pool import KEY_DTYPES
 from .publisher import SnapshotPublisher
@@ -159,8 +160,11 @@ class IceCacheAttnBackend(AttentionBackend):
             raise IceCacheConfigError("--enable-icecache cannot serve this model: " + "; ".join(problems))
         # with offload no layer's full KV is on the device: prefill attends over a staging buffer the host
         # pool's rows are gathered into, one layer at a time (``pool/staging.py``)
-        self.staging = (PrefillStaging(pool, self.req_to_token_pool.req_to_token, self.device,
-                                       self.req_to_token_pool.req_to_token.shape[0]) if cfg.offload else None)
+        self.staging = None
+        if cfg.offload:
+            r2t = self.req_to_token_pool.req_to_token
+            self.staging = PrefillStaging(pool, r2t, self.device, r2t.shape[0],
+                                          staging_rows(cfg.prefill_staging_tokens, r2t.shape[1]))
         self._staged: StagedPrefill | None = None
         # SGLang's own backend for prefill, the dense layers and requests within the budget (``dense.py``)
         self.dense = dense_backend_for(self.dense_name, model_runner if self.staging is None
@@ -420,6 +424,7 @@ class IceCacheAttnBackend(AttentionBackend):
         if self.staging is not None:
             m.prefill_staging_bytes = self.staging.kv.nbytes_max
             m.prefill_rows_staged_total = self.staging.rows_gathered
+            m.prefill_requests_deferred_total = staging_admission.deferred_requests()
         return m.snapshot() | {
             "tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": status["pid"],
             "indexer_state": status["state"], "indexer_reason": status["reason"],

@@ -85,7 +85,11 @@ class IceCacheConfig:
     ``dense-layers0`` preset, README), and on a running server the budget and the staleness can change only within
     the launch's lane (``control.py``). host_kv_gb: with offload, SGLang's KV pool is host memory (pinned on
     a GPU) of this many GiB per rank, and SGLang admits requests by it (null: on a GPU, half the host's
-    available memory divided among the GPU's ranks; on a machine without a GPU, SGLang's own sizing). stall_report_s: a
+    available memory divided among the GPU's ranks; on a machine without a GPU, SGLang's own sizing).
+    prefill_staging_tokens: with offload, the rows (tokens of one layer) of the device buffer prefill attends
+    over, allocated at launch; an extend batch whose requests' prefixes and new tokens would not fit waits for
+    the next batch (``patches/admission.py``), one request always runs (null: the model's context length, the
+    least allowed). stall_report_s: a
     forward pass that takes this many seconds is logged with the scheduler thread's stack, and again every
     as many seconds while it lasts (``runtime/stall.py``; 0 turns it off). while_indexing: how a decode step
     runs while the indexer is behind (a request's first index is being built, or index writes of earlier
@@ -122,6 +126,7 @@ class IceCacheConfig:
     offload: bool = False
     device_kv_tokens: int | None = None
     host_kv_gb: float | None = None
+    prefill_staging_tokens: int | None = None
     stall_report_s: float = 30.0
     while_indexing: str = "auto"
     step_reuse: int = 1
@@ -182,6 +187,12 @@ class IceCacheConfig:
         if g is not None and not self.offload:
             raise IceCacheConfigError("host_kv_gb sizes SGLang's KV pool in host memory, which it is with offload "
                                       "only; set offload: true")
+        st = self.prefill_staging_tokens
+        if st is not None and (not isinstance(st, int) or isinstance(st, bool) or st < 1):
+            raise IceCacheConfigError(f"prefill_staging_tokens must be a positive integer or null, got {st!r}")
+        if st is not None and not self.offload:
+            raise IceCacheConfigError("prefill_staging_tokens sizes the staging buffer prefill attends over with "
+                                      "offload; set offload: true")
         if self.offload and self.dense_layers:
             raise IceCacheConfigError(
                 f"offload keeps no layer's full KV on the device, so no layer can attend densely at decode: "

@@ -17,8 +17,12 @@ layer by layer):
 - the dense backend writes the new tokens' K/V into the staging rows and attends; the backend also writes
   them into SGLang's pool at their real slots (``IceCacheKVPool._store_kv_layer``, across PCIe on a GPU).
 
-The staging buffer holds one layer of the batch's tokens (prefix and new), so device memory for prefill is
-bounded by the largest batch's tokens, not by every request's context. A chunk re-reads its whole prefix at
+The staging buffer holds one layer of the batch's tokens (prefix and new). It is allocated at launch with
+``prefill_staging_tokens`` rows (default: the model's context length, so any one request fits) and SGLang's
+prefill admission keeps every extend batch within it (``patches/admission.py``: a request that would not fit
+waits for the next batch; the batch's first request always runs): device memory for prefill is fixed, not
+the sum of a batch's contexts (32 requests on a 128k prefix each would have asked for 4M rows, 16 GiB at
+Llama-3.1-8B's shape, inside a forward pass). A chunk re-reads its whole prefix at
 every layer: a prompt in ``n`` chunks moves ``(n - 1) / 2`` times its KV host -> device over its prefill
 (computed: 7.5x for 128k tokens in 8k chunks, 120 GiB at Llama-3.1-8B's shape, 2.5-5 s at 25-50 GB/s), the
 price of a device that does not hold the prompt; at that shape a 131072-token request needs a 0.5 GiB
@@ -29,11 +33,52 @@ single request.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
+
+logger = logging.getLogger(__name__)
+
+#: this process's staging rows (``PrefillStaging``): what SGLang's prefill admission keeps an extend batch within
+_rows_limit: int | None = None
+#: requests SGLang's prefill admission held back to a later batch for the staging buffer, in this process
+_deferred = 0
+
+
+def rows_limit() -> int | None:
+    """The staging rows an extend batch must fit (None: no staging in this process, no limit)."""
+    return _rows_limit
+
+
+def batch_fits(staged_rows: int, candidate_rows: int) -> bool:
+    """Whether a request of ``candidate_rows`` (its prefix and new tokens) joins an extend batch already staging
+    ``staged_rows`` (``patches/admission.py``); counts the requests held back. A batch's first request always
+    runs (the buffer holds the model's context length)."""
+    global _deferred
+    if _rows_limit is None or staged_rows == 0 or staged_rows + candidate_rows <= _rows_limit:
+        return True
+    _deferred += 1
+    return False
+
+
+def deferred_requests() -> int:
+    return _deferred
+
+
+def staging_rows(prefill_staging_tokens: int | None, longest: int) -> int:
+    """The staging buffer's rows: ``prefill_staging_tokens``, or ``longest`` (the most tokens one request holds,
+    SGLang's ``req_to_token`` width), which it may not be below: every request must fit alone."""
+    from ..config import IceCacheConfigError
+
+    rows = prefill_staging_tokens or longest
+    if rows < longest:
+        raise IceCacheConfigError(
+            f"prefill_staging_tokens ({rows}) cannot stage one request of the context length: the smallest working "
+            f"size is {longest} (or lower --context-length)")
+    return rows
 
 
 class StagedKV:
@@ -143,10 +188,14 @@ class StagedPrefill:
 class PrefillStaging:
     """Stages an extend pass's KV, host pool -> device, one layer at a time (see the module docstring)."""
 
-    def __init__(self, pool, req_to_token: torch.Tensor, device: torch.device | str, max_requests: int):
+    def __init__(self, pool, req_to_token: torch.Tensor, device: torch.device | str, max_requests: int,
+                 rows: int):
+        global _rows_limit
         self.pool = pool
         self.device = torch.device(device)
         self.kv = StagedKV(pool, self.device)
+        self.kv.resize(rows)  # at launch: device memory for prefill is fixed
+        self.rows = _rows_limit = rows
         self.table = StagedReqToToken(req_to_token, max_requests)
         self.rows_gathered = 0  # (token, layer) rows gathered host -> staging since launch
         self._direct = False  # tests: the Triton gather (a GPU's read of pinned host rows) on the CPU's interpreter
@@ -167,6 +216,10 @@ class PrefillStaging:
         base = np.zeros(bs + 1, np.int64)
         np.cumsum(lens, out=base[1:])
         total = int(base[-1])
+        if total > self.rows:  # admission keeps batches within the buffer (a hook that did not run: grow, not fail)
+            logger.warning("IceCache: an extend batch stages %d rows, more than the %d prefill_staging_tokens; the "
+                           "staging buffer grows", total, self.rows)
+            self.rows = total
         self.kv.resize(max(total, 1))
         dev = self.table.device
         table = self.table.req_to_token
