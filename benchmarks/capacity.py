@@ -10,6 +10,8 @@ Both modes get the same "device" KV memory, ``DEVICE_TOKENS`` token rows of ever
   ``req_to_token`` slack included) and its device pool, the rest
   (``device_kv_tokens``: lanes of ``budget_tokens + page_size`` rows, one per decoding request); SGLang's
   own pool (``host_kv_gb``: ``HOST_TOKENS`` tokens' bytes) holds the full KV in host memory.
+- ``icecache-offload-async``: the same with asynchronous selection (``max_stale_steps: 2``: a step attends
+  with the freshest selection answered, at most 2 steps old; lanes of 2 more rows, the same lane count).
 
 For each context length ``SESSIONS`` sessions (``context`` prompt tokens + ``--max-new`` new, default 256,
 streamed) are
@@ -47,6 +49,7 @@ from icecache_sglang.models.tiny import ensure_tiny_model
 from icecache_sglang.runtime.config import IceCacheConfig
 
 NAME = "capacity"
+ASYNC_STALE = 2  # icecache-offload-async: max_stale_steps
 DEVICE_TOKENS = 10_000
 HOST_TOKENS = 120_000
 SESSIONS = 12
@@ -101,7 +104,6 @@ def run_sessions(srv: ServerProcess, jobs: list[list[int]], max_new: int) -> dic
 def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
     path = ensure_tiny_model()
     per_token, layers = kv_token_bytes(path)  # float32 K+V of one token and layer
-    lane_rows = IceCacheConfig(**ICE).lane_rows
     ice = {**ICE, "host_kv_gb": HOST_TOKENS * per_token * layers / 2**30,  # SGLang's pool: HOST_TOKENS tokens
            "device_kv_tokens": DEVICE_TOKENS - STAGING_TOKENS // layers}  # the staging buffer's share taken out
     modes = {
@@ -109,6 +111,9 @@ def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
         # (--max-total-tokens: above the CPU launcher's default cap, which would otherwise cut host_kv_gb's pool)
         "icecache-offload": ["--max-total-tokens", str(2 * HOST_TOKENS), "--context-length", str(CONTEXT_LENGTH),
                              "--enable-icecache", "--icecache-config", json.dumps(ice)],
+        "icecache-offload-async": ["--max-total-tokens", str(2 * HOST_TOKENS), "--context-length",
+                                   str(CONTEXT_LENGTH), "--enable-icecache", "--icecache-config",
+                                   json.dumps({**ice, "max_stale_steps": ASYNC_STALE})],
     }
     records = []
     for mode, args in modes.items():
@@ -124,7 +129,10 @@ def run(contexts: list[int], max_new: int, log_dir: Path) -> list[dict]:
                 else:
                     st = srv.icecache_stats()
                     dev, host = st["device_kv_bytes"] + st["prefill_staging_bytes"], st["kv_pool_bytes"]
-                    extra = {"device_lanes": st["device_lanes"], "lane_rows": lane_rows,
+                    extra = {"device_lanes": st["device_lanes"], "max_stale_steps": st["max_stale_steps"],
+                             "lane_rows": IceCacheConfig(**ICE, max_stale_steps=st["max_stale_steps"]).lane_rows,
+                             "reused_selections": st.get("reused_selections"),
+                             "selection_age_steps_max": st.get("selection_age_steps_max"),
                              "device_pool_bytes": st["device_kv_bytes"], "prefill_staging_bytes": st["prefill_staging_bytes"],
                              "host_kv_gb": ice["host_kv_gb"], "pool_tokens": info["max_total_num_tokens"],
                              "device_kv_bytes_loaded_total": st["device_kv_bytes_loaded_total"],
@@ -149,16 +157,16 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     contexts = sorted({r["context"] for r in records})
-    modes = ["dense", "icecache-offload"]
+    modes = [m for m in ("dense", "icecache-offload", "icecache-offload-async") if any(r["mode"] == m for r in records)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for j, (key, label) in enumerate([("sessions", "sessions decoding at once (peak)"),
                                       ("tokens_per_s", "output tokens/s, all sessions"),
                                       ("tpot_s", "median time per output token (s)")]):
         ax = axes[j]
-        w = 0.38
+        w = 0.8 / len(modes)
         for k, mode in enumerate(modes):
             ys = [next((r[key] for r in records if r["mode"] == mode and r["context"] == c), 0) or 0 for c in contexts]
-            ax.bar([i + (k - 0.5) * w for i in range(len(contexts))], ys, w, label=mode)
+            ax.bar([i + (k - (len(modes) - 1) / 2) * w for i in range(len(contexts))], ys, w, label=mode)
         ax.set_xticks(range(len(contexts)), [f"{c // 1000}k" for c in contexts])
         ax.set_xlabel("context per session (tokens)")
         ax.set_title(label, fontsize=9)
