@@ -110,3 +110,69 @@ def test_selections_carry_the_index_end_they_were_made_against_under_any_interle
                 assert f in cache.messages.get(layer, []) and s in f.seqs
         cache.clear()
         assert not cache.unsent and not cache.latest and not any(cache.messages.values())
+
+
+class ScriptedSelector:
+    """Answers every message at once: normally (each request's slots hold its sequence id) or, when
+    ``fail_next`` is set, with a fallback for the whole message (a deadline passed, the indexer erred)."""
+
+    max_batch = 64
+
+    def __init__(self):
+        self.fail_next, self.rid, self.sent = False, 0, {}
+
+    def send(self, step, layer, seqs, q, q_dtype, n_pages, **query):
+        self.rid += 1
+        self.sent[self.rid] = (list(seqs), self.fail_next)
+        return [SentQuery(self.rid, layer, list(seqs), n_pages)]
+
+    def ready(self, sent) -> bool:
+        return True
+
+    def receive(self, step, sent, used=True) -> Selection:
+        seqs, fail = self.sent.pop(sent.rid)
+        slots = np.array([[[FALLBACK if fail else s]] for s in seqs], np.int32)
+        return Selection(np.zeros_like(slots), slots, [0] * len(seqs), fail, "deadline" * fail, 0)
+
+    def drop(self, sent) -> None:
+        self.sent.pop(sent.rid, None)
+
+
+def test_a_message_that_falls_back_keeps_the_fresh_selections_of_its_other_requests():
+    """Asynchronous mode packs every request's query of a layer into one message. When a request without a
+    usable selection (its first sparse step) waits for that message and it falls back, only that request
+    takes the fallback: the others attend with their own selections, still within the bound (they took the
+    message's fallback: recent pages instead of their selections, for every request of the batch)."""
+    selector = ScriptedSelector()
+    ends = {1: 10, 2: 10}
+    cache = SelectionCache(selector, IceCacheMetrics(), 1, lambda seqs: [ends.get(s) for s in seqs])
+    kw = dict(step_reuse=1, max_stale=2, deadline_s=0.1)
+    cache.new_step({1})
+    (slots, _), = cache.choose(StepSelection(1e18), 0, [1], [10], LandingQuery(random.Random(0), 1), 1, **kw)
+    assert int(slots.ravel()[0]) == 1
+    cache.new_step({1, 2})
+    selector.fail_next = True  # request 2's first query, in one message with request 1's refresh, falls back
+    out = cache.choose(StepSelection(1e18), 0, [1, 2], [10, 10], LandingQuery(random.Random(0), 2), 1, **kw)
+    assert [int(s.ravel()[0]) for s, _ in out] == [1, FALLBACK]
+
+
+def test_a_new_turn_forgets_the_selections_and_answers_made_for_the_context_before():
+    """A streaming session's next turn extends a live sequence's index with a whole prompt: a selection made
+    before (still within the bound by steps) would attend its old pages and every token of the new prompt in
+    full. After ``forget`` the sequence selects anew, and an answer to a query sent before is not installed."""
+    selector = ScriptedSelector()
+    ends = {1: 10}
+    cache = SelectionCache(selector, IceCacheMetrics(), 1, lambda seqs: [ends.get(s) for s in seqs])
+    kw = dict(step_reuse=1, max_stale=4, deadline_s=0.1)
+    cache.new_step({1})
+    cache.choose(StepSelection(1e18), 0, [1], [10], LandingQuery(random.Random(0), 1), 1, **kw)
+    cache.new_step({1})
+    cache.choose(StepSelection(1e18), 0, [1], [10], LandingQuery(random.Random(0), 1), 1, **kw)  # a refresh in flight
+    assert cache.in_flight() == 1 and cache.entries[(1, 0)].end == 10
+    ends[1] = 2000  # the next turn's prompt is indexed
+    cache.forget(1)
+    assert (1, 0) not in cache.entries
+    cache.new_step({1})
+    (slots, end), = cache.choose(StepSelection(1e18), 0, [1], [2000], LandingQuery(random.Random(0), 1), 1, **kw)
+    assert end == 2000  # made against the new index, waited for: not the old turn's selection (end 10)
+    assert cache.entries[(1, 0)].end == 2000 and cache.in_flight() == 0  # the old refresh was not installed

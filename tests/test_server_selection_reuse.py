@@ -141,3 +141,30 @@ def test_a_stopped_indexer_during_asynchronous_decoding_costs_fallbacks_then_rec
         if delta(a, b, "fallbacks") == 0 and delta(a, b, "queries") > 0:
             break
         assert time.monotonic() < deadline, server.tail(40)
+
+
+tiny_streaming = server_fixture("tiny_streaming", ensure_tiny_model,
+                                icecache_args({**TINY_ICE, "max_stale_steps": 4}, "--enable-streaming-session"))
+
+
+def test_a_streaming_sessions_next_turn_selects_anew(tiny_streaming):
+    """A streaming session's next turn runs on the same ``req_to_token`` row, its index extended by the new
+    prompt. Its first steps must not reuse the previous turn's selections (still within the staleness bound
+    by steps: no decode step ran between the turns): those would attend their old pages and the whole new
+    prompt in full. Every step attends within the budget, each turn completes."""
+    server = tiny_streaming
+    sid = server.post("/open_session", {"capacity_of_str_len": 100_000, "streaming": True})
+    sid = sid if isinstance(sid, str) else sid.get("session_id", sid.get("text"))
+    layers, C, token_bytes = ANCHORS, TINY_ICE["page_size"], 2 * 2 * 32 * 4  # K+V, 2 KV heads, head_dim 32, f32
+    bound = layers * (TINY_ICE["budget_tokens"] + C - 1 + 4) * token_bytes  # a reused selection: 4 steps of tail
+    before = server.icecache_stats(wait_s=0)
+    for turn in range(3):
+        out = server.post("/generate", {"input_ids": prompt(1200, 40 + turn), "session_params": {"id": sid},
+                                        "sampling_params": {"max_new_tokens": 16, "temperature": 0.0,
+                                                            "ignore_eos": True}})
+        assert out["meta_info"]["completion_tokens"] == 16, out
+    st = server.icecache_stats()
+    assert delta(st, before, "decode_steps") > 0 and delta(st, before, "reused_selections") > 0
+    assert st["attended_kv_bytes_max"] <= bound, (st["attended_kv_bytes_max"], bound)
+    assert st["tracker"]["live"] <= 1  # one row for the whole session
+    server.post("/close_session", {"session_id": sid})

@@ -153,8 +153,10 @@ class Planner:
             self.cache.new_step(live)
             for seq in [s for s in self._priming_steps if s not in live]:
                 del self._priming_steps[seq]
-        elif self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
-            self.cache.clear()
+        else:
+            self._priming_steps.clear()
+            if self.cache.entries or self.cache.in_flight():  # the mode changed on a running server
+                self.cache.clear()
         # sequences the indexer is behind on (None: every sequence, it is not serving)
         behind = self.selector.behind_seqs(builds_only=cfg.max_stale_steps > 0) if cfg.dense_while_indexing else set()
         # each row's slots, one device-to-host copy on a GPU (none when every request attends densely on
@@ -319,6 +321,14 @@ class Planner:
         kept = rerank_tokens(q3[rows].to(keys.device), keys, to_device(cand, keys.device), keep, scale).cpu().numpy()
         self.metrics.reranked_selections += len(order)
         return {b: kept[j] for j, b in enumerate(order)}
+
+    def new_turn(self, row: int) -> None:
+        """``row``'s index took a new turn's prompt (a streaming session's next turn on the same row): the
+        selections made for its context before are not reused (``SelectionCache.forget``)."""
+        st = self.tracker.live.get(row)
+        if st is not None:
+            self.cache.forget(st.seq)
+            self._priming_steps.pop(st.seq, None)
 
     def prime(self, anchor: int, q3: torch.Tensor, cfg: IceCacheConfig, query_params) -> None:
         """At an anchor layer, send the queries of the rows fetching their first selections (``priming``),

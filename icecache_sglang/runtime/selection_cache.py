@@ -27,7 +27,10 @@ selection are attended in full instead of being missed, so no window-versus-stal
   than a step, and every few steps one waited 150-400 ms for a selection past the bound).
 
 Entries and queries in flight of requests that stopped decoding sparsely are dropped at the next step.
-A fallback (the indexer did not answer in time) serves its step only and is never reused.
+A fallback (the indexer did not answer in time) serves its step only, and only the requests that waited for
+it (one without a selection within the bound); it is never reused. A request whose index took a new turn's
+prompt (a streaming session's next turn on the same row) forgets its selections and queries in flight
+(:meth:`SelectionCache.forget`): they were made for the previous turn's context.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class SelectionCache:
         self.step = 0
         self.behind_until = 0  # asynchronous queries are spaced out until this step (the indexer lagged)
         self.max_stale = 0  # the bound of the last asynchronous choice (an older unsent query is dropped)
+        self.forgotten: dict[int, int] = {}  # seq -> the first step whose queries count again (``forget``)
 
     def new_step(self, live: set[int]) -> None:
         """A decode forward pass begins (every one counts, dense ones too: ages are in decode steps) with
@@ -102,6 +106,8 @@ class SelectionCache:
             del self.entries[key]
         for key in [k for k in self.latest if k[0] not in live]:
             del self.latest[key]
+        for seq in [s for s, first in self.forgotten.items() if s not in live or not self._asked_before(s, first)]:
+            del self.forgotten[seq]
         for layer, msgs in self.messages.items():
             keep = []
             for f in msgs:
@@ -160,6 +166,15 @@ class SelectionCache:
         if f.sent is not None:
             self.selector.drop(f.sent)
 
+    def forget(self, seq: int) -> None:
+        """``seq``'s index took more than a decode step's tokens (a new turn's prompt): its selections, and the
+        answers of its queries in flight, belong to the context before; from the next step it selects anew."""
+        for key in [k for k in self.entries if k[0] == seq]:
+            del self.entries[key]
+        for key in [k for k in self.latest if k[0] == seq]:
+            del self.latest[key]
+        self.forgotten[seq] = self.step + 1  # answers to queries of earlier steps are not installed
+
     def clear(self) -> None:
         for msgs in self.messages.values():
             for f in msgs:
@@ -168,6 +183,7 @@ class SelectionCache:
         self.unsent.clear()
         self.latest.clear()
         self.entries.clear()
+        self.forgotten.clear()
         self.behind_until = 0
 
     def collect_arrived(self) -> None:
@@ -223,8 +239,11 @@ class SelectionCache:
             self._ask(step, layer, seqs, send, set(need), q, n_pages, max_stale, deadline_s, query)
         fallback = self._collect(step, layer, must={id(self.latest[(seqs[j], layer)]) for j in need})
         out = []
+        need = set(need)
         for j, s in enumerate(seqs):
-            if s in fallback:
+            # a waited-for message that fell back serves the requests that needed it; the others of the message
+            # (asked to refresh, their selections still within the bound) attend with those
+            if s in fallback and j in need:
                 out.append((fallback[s], ends[j]))
                 continue
             e = self.entries[(s, layer)]
@@ -307,8 +326,14 @@ class SelectionCache:
         self.messages[layer] = keep
         return fallback
 
+    def _asked_before(self, seq: int, step: int) -> bool:
+        """Whether a query of ``seq`` made before ``step`` is still in flight."""
+        return any(f.step < step and seq in f.seqs for msgs in self.messages.values() for f in msgs)
+
     def _install(self, f: _InFlight, sel: Selection, layer: int, fallback: dict | None) -> None:
         for j, s in enumerate(f.seqs):
+            if f.step < self.forgotten.get(s, 0):  # made for the context before a new turn (``forget``)
+                continue
             slots = sel.slots[j].reshape(self.H, -1).astype(np.int64)
             if sel.fallback:  # serves this step only
                 if fallback is not None:
