@@ -169,9 +169,6 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
         problems += flashinfer_problems("dense_attention")
     if cfg.dense_attention == "triton":
         problems += cuda_problems("dense_attention 'triton'")
-    if cfg.offload and getattr(args, "enable_streaming_session", False):
-        problems.append("--enable-streaming-session with offload: a session's next turn re-points its row's "
-                        "KV slots under the device pool; run offload without streaming sessions")
     if cfg.offload:  # SGLang's KV pool is host memory of host_kv_gb per rank (patches/pool.py)
         from icecache_sglang.runtime.pool.kv_pool import default_host_kv_gb, host_budget_problem
 

@@ -113,8 +113,6 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill breakable"),
     (["--enable-icecache", "--cuda-graph-config", '{"decode": {"backend": "full"}}'],
      "--cuda-graph-config asks for CUDA graphs (decode)"),
-    (["--enable-icecache", "--enable-streaming-session", "--icecache-config", '{"offload": true, "dense_layers": 0}'],
-     "--enable-streaming-session with offload"),
     (["--enable-icecache", "--max-running-requests", "8", "--icecache-config",
       '{"offload": true, "dense_layers": 0, "device_kv_tokens": 1000}'],
      "--max-running-requests 8: the offloaded decode's device pool holds 3 requests (device_kv_tokens 1000 // 272 "
