@@ -120,6 +120,7 @@ class ScriptedSelector:
 
     def __init__(self):
         self.fail_next, self.rid, self.sent = False, 0, {}
+        self.answered = True  # False: answers have not arrived yet (a wait still gets them)
 
     def send(self, step, layer, seqs, q, q_dtype, n_pages, **query):
         self.rid += 1
@@ -127,7 +128,7 @@ class ScriptedSelector:
         return [SentQuery(self.rid, layer, list(seqs), n_pages)]
 
     def ready(self, sent) -> bool:
-        return True
+        return self.answered
 
     def receive(self, step, sent, used=True) -> Selection:
         seqs, fail = self.sent.pop(sent.rid)
@@ -176,3 +177,25 @@ def test_a_new_turn_forgets_the_selections_and_answers_made_for_the_context_befo
     (slots, end), = cache.choose(StepSelection(1e18), 0, [1], [2000], LandingQuery(random.Random(0), 1), 1, **kw)
     assert end == 2000  # made against the new index, waited for: not the old turn's selection (end 10)
     assert cache.entries[(1, 0)].end == 2000 and cache.in_flight() == 0  # the old refresh was not installed
+
+
+def test_an_answer_read_late_because_its_layer_was_not_visited_is_not_a_lagging_indexer():
+    """The indexer answered a query at once, but no step visited its layer for a few steps (every row decoded
+    densely, or was held): the answer is read late, and that must not space out the queries as if the
+    indexer had fallen behind (it was taken for one for ``BEHIND_MEMORY_STEPS`` steps)."""
+    landed = LandingQuery(random.Random(0), 1)
+    landed.landed = True  # each query goes out at once
+    selector = ScriptedSelector()
+    cache = SelectionCache(selector, IceCacheMetrics(), 1, lambda seqs: [10 for _ in seqs])
+    kw = dict(step_reuse=1, max_stale=4, deadline_s=0.1)
+    cache.new_step({1})
+    cache.choose(StepSelection(1e18), 0, [1], [10], landed, 1, **kw)  # the first selection
+    cache.new_step({1})
+    selector.answered = False  # a refresh sent and not waited for, answered after the layer ran
+    cache.choose(StepSelection(1e18), 0, [1], [10], landed, 1, **kw)
+    assert cache.in_flight() == 1
+    selector.answered = True
+    for _ in range(3):  # steps that do not reach layer 0
+        cache.new_step({1})
+    cache.choose(StepSelection(1e18), 0, [1], [10], landed, 1, **kw)
+    assert cache.behind_until < cache.step  # not taken for a lagging indexer

@@ -19,7 +19,8 @@ selection are attended in full instead of being missed, so no window-versus-stal
   Its index end is taken when it is sent, not when its layer ran: an index write of the request sent in
   between is answered before it, and its pages may hold those tokens.
   **An indexer that falls behind is asked less often**: once an answer arrives two or more steps after its
-  query (the indexer did not answer a step's queries within the next step), for ``BEHIND_MEMORY_STEPS``
+  query went out (seen unanswered in a step after the one it went out in: an answer read late because no
+  step visited its layer in between does not count), for ``BEHIND_MEMORY_STEPS``
   steps a request's layer sends a new query only every ``refresh = ceil(k / 2)`` steps (each layer on its
   own steps, so the load spreads), or when its selection is ``refresh`` or more steps old. A query then
   waits at most about ``refresh`` steps in the indexer's queue, and its answer is used within the bound
@@ -75,6 +76,8 @@ class _InFlight:
     rows: np.ndarray | None = None
     selection: StepSelection | None = None  # the step it was asked in (its deadline, or None: not serving)
     send_args: dict | None = None  # the query's parameters and expiry
+    sent_step: int = 0  # the step it went out in
+    pending_at: int = -1  # the last step it was seen unanswered in (a step's start counts for the step before)
 
 
 class SelectionCache:
@@ -117,7 +120,18 @@ class SelectionCache:
                     keep.append(f)
             self.messages[layer] = keep
         self.unsent = [f for f in self.unsent if not live.isdisjoint(f.seqs)]
+        self._note_answers()
         self.send_ready(oldest=self.step - SEND_BY_STEPS)
+
+    def _note_answers(self) -> None:
+        """At a step's start: which messages in flight the indexer has not answered through the step before
+        (answers are read when their layer is next visited, maybe steps later: a dense step visits none; an
+        answer is late only if it was seen missing in the step after the one it went out in)."""
+        for msgs in self.messages.values():
+            for f in msgs:
+                if f.sent is not None and f.sent.rid is not None and f.pending_at < self.step - 1 \
+                        and not self.selector.ready(f.sent):
+                    f.pending_at = self.step - 1
 
     def send_ready(self, oldest: int | None = None) -> None:
         """Send the unsent messages whose queries have reached the host, and those of step ``oldest`` or
@@ -159,6 +173,8 @@ class SelectionCache:
             if ends[j] is None and self.latest.get((s, f.layer)) is f:
                 del self.latest[(s, f.layer)]
         (f.sent,) = sent
+        f.sent_step = self.step
+        f.pending_at = self.step - 1
         f.seqs, f.ends = seqs, [ends[j] for j in keep]
         f.q = f.rows = f.selection = f.send_args = None
 
@@ -313,12 +329,14 @@ class SelectionCache:
                     continue
                 self._send(f)
                 self.unsent.remove(f)
-            if not waited and not self.selector.ready(f.sent):
-                keep.append(f)
-                continue
+            if not self.selector.ready(f.sent):
+                f.pending_at = self.step
+                if not waited:
+                    keep.append(f)
+                    continue
             sel = self.selector.receive(step, f.sent, used=waited)
-            if f.sent.rid is not None and self.step - f.step >= 2:  # not answered (or expired unanswered)
-                self.behind_until = self.step + BEHIND_MEMORY_STEPS  # within the step after its own
+            if f.sent.rid is not None and f.pending_at > f.sent_step:  # not answered (or expired unanswered)
+                self.behind_until = self.step + BEHIND_MEMORY_STEPS  # within the step it went out in
             for s in f.seqs:
                 if self.latest.get((s, layer)) is f:
                     del self.latest[(s, layer)]
