@@ -18,8 +18,8 @@ selection are attended in full instead of being missed, so no window-versus-stal
   checked at every anchor layer and step, waited for only when its selection is due or two steps later.
   Its index end is taken when it is sent, not when its layer ran: an index write of the request sent in
   between is answered before it, and its pages may hold those tokens.
-  **An indexer that falls behind is asked less often**: once an answer arrives two or more steps after its
-  query went out (seen unanswered in a step after the one it went out in: an answer read late because no
+  **An indexer that falls behind is asked less often**: once an answer is seen missing in a step after the
+  one its query went out in (the indexer did not answer within that step; an answer read late because no
   step visited its layer in between does not count), for ``BEHIND_MEMORY_STEPS``
   steps a request's layer sends a new query only every ``refresh = ceil(k / 2)`` steps (each layer on its
   own steps, so the load spreads), or when its selection is ``refresh`` or more steps old. A query then
