@@ -169,6 +169,13 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
         problems += flashinfer_problems("dense_attention")
     if cfg.dense_attention == "triton":
         problems += cuda_problems("dense_attention 'triton'")
+    if cfg.offload and getattr(args, "enable_streaming_session", False):
+        # the lanes themselves serve a session's turns (token for token in a scratch run), but an idle session
+        # keeps its request row between turns, and with offload SGLang has as many rows as lanes
+        problems.append("--enable-streaming-session with offload: each open session holds one of SGLang's request "
+                        "rows between turns, and with offload there are only as many rows as device lanes "
+                        f"({cfg.device_lanes}): that many idle sessions would stop the server admitting anything; "
+                        "run offload without streaming sessions")
     if cfg.offload:  # SGLang's KV pool is host memory of host_kv_gb per rank (patches/pool.py)
         from icecache_sglang.runtime.pool.kv_pool import default_host_kv_gb, host_budget_problem
 

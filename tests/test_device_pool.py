@@ -15,7 +15,7 @@ H, D, SLOTS = 3, 4, 500
 def make(lanes=4, lane_rows=40, layers=(0, 1, 2), groups=None):
     groups = groups or {layer: 0 for layer in layers}
     return DeviceKVPool(num_layers=len(groups), groups=groups, lanes=lanes, lane_rows=lane_rows, head_num=H,
-                        head_dim=D, v_head_dim=D, dtype=torch.float32, device="cpu")
+                        head_dim=D, v_head_dim=D, dtype=torch.float32, device="cpu", num_slots=SLOTS)
 
 
 def host(seed=0):

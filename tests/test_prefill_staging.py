@@ -120,15 +120,16 @@ def test_the_staging_rows_hold_one_request_of_the_context_length():
         staging_mod.staging_rows(4000, 4100)
 
 
-def test_admission_keeps_an_extend_batch_within_the_staging_rows():
+def test_admission_keeps_an_extend_batch_within_the_staging_rows(monkeypatch):
     """``batch_fits``: what SGLang's prefill admission asks (``patches/admission.py``) for each request after
     the batch's first: its prefix and new tokens join the batch only within the staging rows."""
+    monkeypatch.setattr(staging_mod, "_rows_limit", None)  # the module's limit is put back after the test
     PrefillStaging(host_pool(), torch.zeros(ROWS, CTX, dtype=torch.int32), "cpu", ROWS, 100)
-    before = staging_mod.deferred_requests()
+    before = staging_mod.admission_deferrals()
     assert staging_mod.rows_limit() == 100
     assert staging_mod.batch_fits(0, 100) and staging_mod.batch_fits(0, 5000)  # a batch's first request runs
     assert staging_mod.batch_fits(60, 40) and not staging_mod.batch_fits(60, 41)
-    assert staging_mod.deferred_requests() == before + 1
+    assert staging_mod.admission_deferrals() == before + 1
 
 
 def test_too_large_a_batch_is_refused():
@@ -189,7 +190,7 @@ def test_device_pool_reads_host_rows_directly_like_indexing():
     pools = []
     for direct in (False, True):
         dp = DeviceKVPool(num_layers=1, groups={0: 0}, lanes=2, lane_rows=24, head_num=H, head_dim=D,
-                          v_head_dim=D, dtype=torch.float32, device=DEV)
+                          v_head_dim=D, dtype=torch.float32, device=DEV, num_slots=SLOTS)
         dp._direct = direct
         rows, misses = dp.map_plan(0, dp.lanes_for([7, 9]), slots, valid)
         assert (misses.src_dev is not None) == direct

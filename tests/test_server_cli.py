@@ -113,6 +113,8 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill breakable"),
     (["--enable-icecache", "--cuda-graph-config", '{"decode": {"backend": "full"}}'],
      "--cuda-graph-config asks for CUDA graphs (decode)"),
+    (["--enable-icecache", "--enable-streaming-session", "--icecache-config", '{"offload": true}'],
+     "--enable-streaming-session with offload: each open session holds one of SGLang's request rows"),
     (["--enable-icecache", "--max-running-requests", "8", "--icecache-config",
       '{"offload": true, "dense_layers": 0, "device_kv_tokens": 1000}'],
      "--max-running-requests 8: the offloaded decode's device pool holds 3 requests (device_kv_tokens 1000 // 272 "

@@ -125,41 +125,7 @@ def test_prefill_batches_stay_within_the_staging_buffer(tiny_ref, tiny_offload):
     assert got == [answer(tiny_ref, ids, 8) for ids in jobs]
     st = tiny_offload.icecache_stats()
     assert st["prefill_staging_bytes"] == before["prefill_staging_bytes"]  # never grown
-    assert st["prefill_requests_deferred_total"] > before["prefill_requests_deferred_total"]
-
-
-tiny_streaming_ref = server_fixture("tiny_streaming_ref", ensure_tiny_model,
-                                    icecache_args(TINY_ICE, "--enable-streaming-session"))
-tiny_offload_streaming = server_fixture("tiny_offload_streaming", ensure_tiny_model,
-                                        icecache_args(OFFLOAD, "--enable-streaming-session"))
-
-
-def session_turns(srv, turns: list[list[int]], max_new: int) -> list[list[int]]:
-    """One streaming session (each turn continues on the same request row): every turn's output ids."""
-    got = srv.post("/open_session", {"capacity_of_str_len": 100_000, "streaming": True})
-    sid = got if isinstance(got, str) else got.get("session_id", got.get("text"))
-    outs = []
-    try:
-        for ids in turns:
-            r = srv.post("/generate", {"input_ids": ids, "session_params": {"id": sid},
-                                       "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0,
-                                                           "ignore_eos": True}})
-            outs.append(r["output_ids"])
-    finally:
-        srv.post("/close_session", {"session_id": sid})
-    return outs
-
-
-def test_a_streaming_session_with_offload_answers_like_without(tiny_streaming_ref, tiny_offload_streaming):
-    """Streaming sessions (a multi-turn agent's turns on one request row, its KV kept in the host pool
-    between turns) with offload: each turn's prefill stages the session so far from host memory, its lane is
-    refilled, and every turn answers token for token as IceCache without offload; the lane goes back when the
-    session closes."""
-    turns = [token_ids(900, 500), token_ids(400, 501), token_ids(600, 502)]
-    assert session_turns(tiny_offload_streaming, turns, 16) == session_turns(tiny_streaming_ref, turns, 16)
-    st = tiny_offload_streaming.icecache_stats()
-    assert st["device_lanes_in_use"] == 0 and st["fallbacks"] == 0
-    assert st["prefill_rows_staged_total"] >= LAYERS * (900 + 16 + 400 + 16)  # later turns staged what came before
+    assert st["prefill_admission_deferrals_total"] > before["prefill_admission_deferrals_total"]
 
 
 def test_flush_cache_and_aborts_return_every_lane(tiny_offload):

@@ -212,7 +212,7 @@ class IceCacheAttnBackend(AttentionBackend):
             self.device_pool = DeviceKVPool(
                 num_layers=self.num_layers, groups={layer: self.anchor_of[layer] for layer in self.anchor_of},
                 lanes=lanes, lane_rows=cfg.lane_rows, head_num=self.H, head_dim=self.d, v_head_dim=self.v_d,
-                dtype=pool.dtype, device=self.device)
+                dtype=pool.dtype, device=self.device, num_slots=self.num_slots)
             m.device_kv_bytes, m.device_lanes = self.device_pool.nbytes, lanes
         elem = pool.dtype.itemsize
         bufs = [t for name in ("k_buffer", "v_buffer") for t in (getattr(pool, name, None) or [])]
@@ -427,7 +427,7 @@ class IceCacheAttnBackend(AttentionBackend):
         if self.staging is not None:
             m.prefill_staging_bytes = self.staging.kv.nbytes_max
             m.prefill_rows_staged_total = self.staging.rows_gathered
-            m.prefill_requests_deferred_total = staging_admission.deferred_requests()
+            m.prefill_admission_deferrals_total = staging_admission.admission_deferrals()
         return m.snapshot() | {
             "tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": status["pid"],
             "indexer_state": status["state"], "indexer_reason": status["reason"],

@@ -88,8 +88,8 @@ class IceCacheConfig:
     available memory divided among the GPU's ranks; on a machine without a GPU, SGLang's own sizing).
     prefill_staging_tokens: with offload, the rows (tokens of one layer) of the device buffer prefill attends
     over, allocated at launch; an extend batch whose requests' prefixes and new tokens would not fit waits for
-    the next batch (``patches/admission.py``), one request always runs (null: the model's context length, the
-    least allowed). stall_report_s: a
+    the next batch (``patches/admission.py``), one request always runs (null: SGLang's request-row width, the
+    context length and a few rows, the least allowed). stall_report_s: a
     forward pass that takes this many seconds is logged with the scheduler thread's stack, and again every
     as many seconds while it lasts (``runtime/stall.py``; 0 turns it off). while_indexing: how a decode step
     runs while the indexer is behind (a request's first index is being built, or index writes of earlier

@@ -69,7 +69,7 @@ class IceCacheMetrics:
     # offload on a GPU (the pool pinned in host memory, sized by host_kv_gb)
     prefill_staging_bytes: int = 0  # allocated (offload): the device buffer prefill attends over (at launch)
     prefill_rows_staged_total: int = 0  # offload: (token, layer) rows gathered host -> staging for prefill
-    prefill_requests_deferred_total: int = 0  # offload: requests admission held back for the staging buffer
+    prefill_admission_deferrals_total: int = 0  # offload: times admission held a request back for the staging buffer
     indexed_tokens: int = 0  # tokens sent to the indexer (per token, all anchor layers at once)
     shared_tokens: int = 0  # tokens reused from a cached prefix's index
     live_seqs: int = 0
@@ -133,7 +133,7 @@ PROMETHEUS_FIELDS = {
     "device_kv_bytes_loaded_last": "bytes copied host -> device in the last decode step",
     "device_kv_bytes_loaded_total": "bytes copied host -> device for decode",
     "prefill_staging_bytes": "allocated bytes of the device buffer prefill attends over (offload)",
-    "prefill_requests_deferred_total": "requests prefill admission held back to a later batch for the staging buffer",
+    "prefill_admission_deferrals_total": "times prefill admission held a request back to a later batch for the staging buffer",
     "indexed_tokens": "tokens sent to the indexer",
     "shared_tokens": "tokens reused from cached prefixes' indexes",
     "live_seqs": "running requests with an index",

@@ -189,7 +189,8 @@ class SelectionCache:
             del self.entries[key]
         for key in [k for k in self.latest if k[0] == seq]:
             del self.latest[key]
-        self.forgotten[seq] = self.step + 1  # answers to queries of earlier steps are not installed
+        if self._asked_before(seq, self.step + 1):  # answers to queries of earlier steps are not installed
+            self.forgotten[seq] = self.step + 1
 
     def clear(self) -> None:
         for msgs in self.messages.values():

@@ -10,8 +10,10 @@ the layers that reuse it) and KV head, a lane's rows remember which host slot th
 plan's slots are matched against them, hits stay where they are and only the misses are copied host ->
 device (with the decode's new token, a selection's new pages). A lane is emptied when its row is freed, and
 a slot SGLang frees while its request keeps decoding (a prompt's duplicate of a cached prefix, freed once the
-row is re-pointed to the cache's slots; beam search's orphans) is forgotten by every lane
-(:meth:`DeviceKVPool.slots_freed`), so a resident row never stands for KV a slot no longer holds.
+row is re-pointed to the cache's slots; beam search's orphans) is forgotten by every lane: each slot has a
+generation, bumped when SGLang frees it (:meth:`DeviceKVPool.slots_freed`, O(slots freed)), and a resident
+row counts as a hit only while the generation it was loaded at is the slot's, so a resident row never stands
+for KV a slot no longer holds.
 
 Layout per layer: one ``[1 + lanes * lane_rows, H, D]`` tensor for K and one for V (row 0 is padding);
 each KV head uses its own rows independently, which is what the sparse decode attention reads
@@ -34,10 +36,13 @@ from ..transfer import to_device
 
 
 @numba.njit(cache=True)
-def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head):  # pragma: no cover
-    """Match each (request, KV head)'s plan slots against its lane's resident slots ``res [lanes, H, R]``;
-    give each miss a row the plan does not need. Writes ``out_rows [B, H, T]`` (global device rows, 0 where
-    invalid) and the misses; returns (misses, hits)."""
+def _map_rows(res, res_gen, slot_gen, lanes, slots, valid, out_rows, miss_row, miss_slot,
+              miss_head):  # pragma: no cover
+    """Match each (request, KV head)'s plan slots against its lane's resident slots ``res [lanes, H, R]``
+    (loaded at generations ``res_gen``; one whose slot was freed since, ``slot_gen``, is no hit: the plan's
+    slots are checked, not every resident row); give each miss a row the plan does not need (empty rows
+    first, then rows it does not name). Writes ``out_rows [B, H, T]`` (global device rows, 0 where invalid)
+    and the misses; returns (misses, hits)."""
     B, H, T = slots.shape
     R = res.shape[2]
     tsize = 1
@@ -66,11 +71,13 @@ def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head
                 if not valid[b, h, t]:
                     continue
                 s = slots[b, h, t]
+                gen = slot_gen[s]
                 k = (s * 0x9E3779B1) & (tsize - 1)
                 found = -1
                 while table[k] >= 0:
                     r = table[k]
-                    if res[lane, h, r] == s and not used[r]:  # a slot named twice takes its second copy
+                    # a slot named twice takes its second copy; a row loaded before the slot was freed is stale
+                    if res[lane, h, r] == s and not used[r] and res_gen[lane, h, r] == gen:
                         found = r
                         break
                     k = (k + 1) & (tsize - 1)
@@ -95,6 +102,7 @@ def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head
                         break
                     used[r] = True
                     res[lane, h, r] = miss_slot[i]
+                    res_gen[lane, h, r] = slot_gen[miss_slot[i]]
                     out_rows[b, h, miss_row[i]] = base + r
                     miss_row[i] = -(base + r) - 1  # placed: remember the row, flagged
                 r = 0
@@ -103,23 +111,6 @@ def _map_rows(res, lanes, slots, valid, out_rows, miss_row, miss_slot, miss_head
                     return -1, hits
                 miss_row[i] = -miss_row[i] - 1
     return nm, hits
-
-
-@numba.njit(cache=True)
-def _forget_slots(res, lanes, freed):  # pragma: no cover
-    """Empty the entries of ``res [lanes, H, R]`` in ``lanes`` that hold a slot of ``freed`` (sorted, unique);
-    returns how many."""
-    n = 0
-    for lane in lanes:
-        for h in range(res.shape[1]):
-            for r in range(res.shape[2]):
-                s = res[lane, h, r]
-                if s >= 0:
-                    i = np.searchsorted(freed, s)
-                    if i < len(freed) and freed[i] == s:
-                        res[lane, h, r] = -1
-                        n += 1
-    return n
 
 
 class Misses(NamedTuple):
@@ -146,7 +137,7 @@ class DeviceKVPool:
     each layer's rows follow."""
 
     def __init__(self, *, num_layers: int, groups: dict[int, int], lanes: int, lane_rows: int, head_num: int,
-                 head_dim: int, v_head_dim: int, dtype: torch.dtype, device: torch.device | str):
+                 head_dim: int, v_head_dim: int, dtype: torch.dtype, device: torch.device | str, num_slots: int):
         if lanes < 1 or lane_rows < 1:
             raise ValueError(f"the device pool needs at least one lane of one row, got {lanes} x {lane_rows}")
         self.lanes, self.lane_rows, self.H = lanes, lane_rows, head_num
@@ -156,6 +147,8 @@ class DeviceKVPool:
         self.k = {layer: torch.zeros(rows, head_num, head_dim, dtype=dtype, device=self.device) for layer in groups}
         self.v = {layer: torch.zeros(rows, head_num, v_head_dim, dtype=dtype, device=self.device) for layer in groups}
         self.resident = {g: np.full((lanes, head_num, lane_rows), -1, np.int64) for g in set(groups.values())}
+        self.resident_gen = {g: np.zeros((lanes, head_num, lane_rows), np.int32) for g in self.resident}
+        self.slot_gen = np.zeros(num_slots, np.int32)  # bumped when SGLang frees the slot (``slots_freed``)
         self.lane_of: dict[int, int] = {}  # req_to_token row -> lane
         self._free = list(range(lanes - 1, -1, -1))
         self.nbytes = sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
@@ -193,14 +186,12 @@ class DeviceKVPool:
         for row in list(self.lane_of):
             self.release(row)
 
-    def slots_freed(self, slots) -> int:
+    def slots_freed(self, slots) -> None:
         """SGLang freed these KV slots (``runtime/events.py``): no lane may count them as held any more (they
-        may be handed out again, even to a request that keeps its lane). Returns the entries forgotten."""
-        if not self.lane_of or len(slots) == 0:
-            return 0
-        freed = np.unique(np.asarray(slots, np.int64))
-        lanes = np.fromiter(self.lane_of.values(), np.int64, len(self.lane_of))
-        return sum(int(_forget_slots(res, lanes, freed)) for res in self.resident.values())
+        may be handed out again, even to a request that keeps its lane). Their generations move on, so a row
+        loaded before no longer matches (checked when a plan is mapped); O(slots freed)."""
+        s = np.asarray(slots, np.int64).reshape(-1)
+        self.slot_gen[s[(s >= 0) & (s < len(self.slot_gen))]] += 1
 
     @property
     def lanes_in_use(self) -> int:
@@ -216,7 +207,8 @@ class DeviceKVPool:
         rows = np.zeros((B, H, T), np.int64)
         n = B * H * T
         m_row, m_slot, m_head = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
-        nm, hits = _map_rows(self.resident[group], np.ascontiguousarray(lanes, np.int64),
+        nm, hits = _map_rows(self.resident[group], self.resident_gen[group], self.slot_gen,
+                             np.ascontiguousarray(lanes, np.int64),
                              np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(valid), rows,
                              m_row, m_slot, m_head)
         if nm < 0:

@@ -18,7 +18,9 @@ layer by layer):
   them into SGLang's pool at their real slots (``IceCacheKVPool._store_kv_layer``, across PCIe on a GPU).
 
 The staging buffer holds one layer of the batch's tokens (prefix and new). It is allocated at launch with
-``prefill_staging_tokens`` rows (default: the model's context length, so any one request fits) and SGLang's
+``prefill_staging_tokens`` rows (default: SGLang's request-row width, the context length and a few rows, so
+any one request fits; a 1M-token context costs its rows even when no request is that long: lower
+``--context-length``) and SGLang's
 prefill admission keeps every extend batch within it (``patches/admission.py``: a request that would not fit
 waits for the next batch; the batch's first request always runs): device memory for prefill is fixed, not
 the sum of a batch's contexts (32 requests on a 128k prefix each would have asked for 4M rows, 16 GiB at
@@ -44,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 #: this process's staging rows (``PrefillStaging``): what SGLang's prefill admission keeps an extend batch within
 _rows_limit: int | None = None
-#: requests SGLang's prefill admission held back to a later batch for the staging buffer, in this process
+#: times SGLang's prefill admission held a request back to a later batch for the staging buffer, in this process
 _deferred = 0
 
 
@@ -55,8 +57,8 @@ def rows_limit() -> int | None:
 
 def batch_fits(staged_rows: int, candidate_rows: int) -> bool:
     """Whether a request of ``candidate_rows`` (its prefix and new tokens) joins an extend batch already staging
-    ``staged_rows`` (``patches/admission.py``); counts the requests held back. A batch's first request always
-    runs (the buffer holds the model's context length)."""
+    ``staged_rows`` (``patches/admission.py``); counts each time one is held back. A batch's first request
+    always runs (the buffer holds the longest request SGLang admits)."""
     global _deferred
     if _rows_limit is None or staged_rows == 0 or staged_rows + candidate_rows <= _rows_limit:
         return True
@@ -64,7 +66,7 @@ def batch_fits(staged_rows: int, candidate_rows: int) -> bool:
     return False
 
 
-def deferred_requests() -> int:
+def admission_deferrals() -> int:
     return _deferred
 
 
