@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
 
+from ..config import IceCacheConfigError
+
 logger = logging.getLogger(__name__)
 
 #: this process's staging rows (``PrefillStaging``): what SGLang's prefill admission keeps an extend batch within
@@ -73,8 +75,6 @@ def admission_deferrals() -> int:
 def staging_rows(prefill_staging_tokens: int | None, longest: int) -> int:
     """The staging buffer's rows: ``prefill_staging_tokens``, or ``longest`` (the most tokens one request holds,
     SGLang's ``req_to_token`` width), which it may not be below: every request must fit alone."""
-    from ..config import IceCacheConfigError
-
     rows = prefill_staging_tokens or longest
     if rows < longest:
         raise IceCacheConfigError(
