@@ -198,3 +198,32 @@ def test_unknown_merge_is_an_error_reply_not_a_crash(served):
     sel = ix.client.query(0, [7], q, P, policy="exact", merge="sum", timeout_s=10.0)
     assert sel.fallback and "unknown merge" in sel.reason
     assert not ix.client.query(0, [7], q, P, policy="exact", timeout_s=10.0).fallback
+
+
+def test_a_small_sequences_exact_scan_runs_on_one_thread_with_the_same_answer(served, monkeypatch):
+    """``SERIAL_SCAN_ELEMENTS``: a sequence with few keys is scanned on the query's thread alone (waking numba's
+    threads cost more than they saved); the pages are the ones the parallel scan returns, and the thread's
+    numba thread count is what it was afterwards."""
+    import numba
+
+    from icecache_sglang.indexer import KeyStore, protocol as p
+    from icecache_sglang.indexer import service as svc
+
+    ix, order, q, _ = served
+    local = svc.IndexerService(ix.config, KeyStore.attach(ix.store.spec))
+    local.handle(*p.as_received(0, p.Build(seq=7, layers=[0]), {"slots": order[:300].astype(np.int32)}))
+    local.handle(*p.as_received(0, p.Insert(seq=7, layers=[0]), {"slots": order[300:].astype(np.int32)}))
+    op = p.Query(layer=0, seqs=[7], n_pages=P, policy="exact", merge="mass")
+    seen = []
+    real = svc.select_baseline
+    monkeypatch.setattr(svc, "select_baseline", lambda *a, **k: (seen.append(numba.get_num_threads()), real(*a, **k))[1])
+    numba.set_num_threads(2)
+    try:
+        _, serial = local.handle(*p.as_received(0, op, {"q": q}))
+        monkeypatch.setattr(svc, "SERIAL_SCAN_ELEMENTS", 0)  # every sequence on the thread's numba threads
+        _, parallel = local.handle(*p.as_received(0, op, {"q": q}))
+        assert seen == [1, 2] and numba.get_num_threads() == 2
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert np.array_equal(serial["pages"], parallel["pages"]) and np.array_equal(serial["slots"], parallel["slots"])
+    local.close()

@@ -35,6 +35,12 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 POOLED_WRITE_TOKENS = 512
 #: tokens of the scratch sequence :meth:`IndexerService.warmup` indexes (a tree of several levels)
 WARMUP_TOKENS = 600
+#: a sequence whose keys have fewer elements (tokens x KV heads x head_dim) has its exact scan (or baseline) run
+#: on the query's thread alone: waking numba's threads for each of the scan's parallel regions cost more than
+#: they saved (2 cores: 12 sequences of 2048 tokens x 2 heads x 32 in 0.9 ms on one thread against 1.3-4.4 ms on
+#: two; 8192 x 2 x 64, 8 sequences: 1.5 against 2.8 ms; 2048 x 8 x 128: 5.2 against 4.7 ms, so two threads
+#: from there on)
+SERIAL_SCAN_ELEMENTS = 1 << 20
 
 
 def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
@@ -313,14 +319,20 @@ class IndexerService:
         n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
         live = [b for b in range(B) if n_tokens[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
-            for b in live:
-                served = indexes[b].lowrank.served if indexes[b].lowrank is not None else 0
-                pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge, self.store.keys[op.layer],
-                                               layer=op.layer)
-                if slots is not None:
-                    slots[b] = sl
-                if indexes[b].lowrank is not None:
-                    self.lowrank_rows += indexes[b].lowrank.served - served
+            threads = numba.get_num_threads()
+            try:
+                for b in live:
+                    served = indexes[b].lowrank.served if indexes[b].lowrank is not None else 0
+                    small = n_tokens[b] * H * self.d < SERIAL_SCAN_ELEMENTS
+                    numba.set_num_threads(1 if small else threads)  # per thread: this query's only
+                    pages[b], sl = select_baseline(indexes[b], q[b], P, op.policy, op.merge,
+                                                   self.store.keys[op.layer], layer=op.layer)
+                    if slots is not None:
+                        slots[b] = sl
+                    if indexes[b].lowrank is not None:
+                        self.lowrank_rows += indexes[b].lowrank.served - served
+            finally:
+                numba.set_num_threads(threads)
         else:
             if len(live) == 1:  # KV heads in parallel
                 pages[live[0]] = indexes[live[0]].query(q[live[0]], P, params, merge=op.merge)
