@@ -54,8 +54,7 @@ from .dense import dense_backend_for, resolve_dense_attention
 from .key_writes import KeyStoreWriter
 from .metrics import IceCacheMetrics
 from .pool import DeviceKVPool, shared_key_store
-from .pool import staging as staging_admission
-from .pool.staging import PrefillStaging, StagedPrefill, staging_rows
+from .pool.staging import PrefillStaging, StagedPrefill, admission_deferrals, staging_rows
 from ..indexer.launcher import INT8_RESCORE_FROM
 from .pool.kv_pool import KEY_DTYPES
 from .publisher import SnapshotPublisher
@@ -427,7 +426,7 @@ class IceCacheAttnBackend(AttentionBackend):
         if self.staging is not None:
             m.prefill_staging_bytes = self.staging.kv.nbytes_max
             m.prefill_rows_staged_total = self.staging.rows_gathered
-            m.prefill_admission_deferrals_total = staging_admission.admission_deferrals()
+            m.prefill_admission_deferrals_total = admission_deferrals()
         return m.snapshot() | {
             "tracker": self.tracker.summary(), "pid": os.getpid(), "indexer_pid": status["pid"],
             "indexer_state": status["state"], "indexer_reason": status["reason"],

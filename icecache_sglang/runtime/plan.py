@@ -311,14 +311,14 @@ class Planner:
                 keep: int, scale: float) -> dict[int, np.ndarray]:
         """The ``keep`` best tokens of each request's candidate pages by this step's queries (``rerank.py``),
         computed where the K plane is. The slots come back to the host, where plans are laid out (one copy
-        per anchor layer on a GPU)."""
-        order = [b for b in (int(x) for x in step.sparse) if b in picked]
+        per anchor layer on a GPU). ``picked`` holds every sparse request of the step, in its order."""
+        order = [int(b) for b in step.sparse]
         W = max(picked[b].shape[1] for b in order)
         cand = np.full((len(order), self.H, W), -1, np.int64)
         for j, b in enumerate(order):
             cand[j, :, :picked[b].shape[1]] = picked[b]
-        rows = to_device(np.asarray(order, np.int64), q3.device)
-        kept = rerank_tokens(q3[rows].to(keys.device), keys, to_device(cand, keys.device), keep, scale).cpu().numpy()
+        q = q3[step.sparse_index].to(keys.device)  # the rows ``plan`` gathered its queries with, on the device
+        kept = rerank_tokens(q, keys, to_device(cand, keys.device), keep, scale).cpu().numpy()
         self.metrics.reranked_selections += len(order)
         return {b: kept[j] for j, b in enumerate(order)}
 

@@ -126,11 +126,12 @@ class SelectionCache:
     def _note_answers(self) -> None:
         """At a step's start: which messages in flight the indexer has not answered through the step before
         (answers are read when their layer is next visited, maybe steps later: a dense step visits none; an
-        answer is late only if it was seen missing in the step after the one it went out in)."""
+        answer is late only if it was seen missing in the step after the one it went out in). Only messages
+        sent two or more steps ago and not seen in the step before are asked: for the others it decides nothing."""
         for msgs in self.messages.values():
             for f in msgs:
-                if f.sent is not None and f.sent.rid is not None and f.pending_at < self.step - 1 \
-                        and not self.selector.ready(f.sent):
+                if f.sent is not None and f.sent.rid is not None and f.sent_step < self.step - 1 \
+                        and f.pending_at < self.step - 1 and not self.selector.ready(f.sent):
                     f.pending_at = self.step - 1
 
     def send_ready(self, oldest: int | None = None) -> None:
@@ -252,11 +253,11 @@ class SelectionCache:
             elif age is None or age >= step_reuse:
                 send.append(j)
                 need.append(j)
+        need = set(need)
         if send:
-            self._ask(step, layer, seqs, send, set(need), q, n_pages, max_stale, deadline_s, query)
+            self._ask(step, layer, seqs, send, need, q, n_pages, max_stale, deadline_s, query)
         fallback = self._collect(step, layer, must={id(self.latest[(seqs[j], layer)]) for j in need})
         out = []
-        need = set(need)
         for j, s in enumerate(seqs):
             # a waited-for message that fell back serves the requests that needed it; the others of the message
             # (asked to refresh, their selections still within the bound) attend with those
