@@ -85,3 +85,18 @@ def test_int8_keys_benchmark_records_bytes_and_times():
     ops = {r["op"] for r in recs if r["part"] == "speed"}
     assert len(ops) == 5
     assert all(r["median_ms"] > 0 for r in recs if r["part"] == "speed")
+
+
+def test_exact_batch_compares_the_same_answers_and_restores_the_service():
+    """``exact_batch.py`` times each arm over the same query messages, checks every arm's pages and slots equal
+    the one-sequence-at-a-time path's, and leaves the service's module settings as it found them."""
+    import exact_batch
+
+    from icecache_sglang.indexer import service
+
+    before = (service.BATCHED_SCANS, service.SERIAL_BATCH_SEQUENCES)
+    recs = exact_batch.measure("SmolLM2-135M", 300, [1, 4], reps=2, rng=np.random.default_rng(0))
+    assert [r["batch"] for r in recs] == [1, 4] and all(r["same_answers"] for r in recs)
+    assert all(r[f"{m}_us"] > 0 for r in recs for m in ("batched", "batched_one_thread", "batched_all_threads",
+                                                         "one_at_a_time"))
+    assert (service.BATCHED_SCANS, service.SERIAL_BATCH_SEQUENCES) == before

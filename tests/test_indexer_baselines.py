@@ -200,20 +200,31 @@ def test_unknown_merge_is_an_error_reply_not_a_crash(served):
     assert not ix.client.query(0, [7], q, P, policy="exact", timeout_s=10.0).fallback
 
 
-def test_a_small_sequences_exact_scan_runs_on_one_thread_with_the_same_answer(served, monkeypatch):
-    """``SERIAL_SCAN_ELEMENTS``: a sequence with few keys is scanned on the query's thread alone (waking numba's
-    threads cost more than they saved); the pages are the ones the parallel scan returns, and the thread's
-    numba thread count is what it was afterwards."""
-    import numba
-
+def _local_service(served):
     from icecache_sglang.indexer import KeyStore, protocol as p
     from icecache_sglang.indexer import service as svc
 
-    ix, order, q, _ = served
+    ix, order, _, _ = served
     local = svc.IndexerService(ix.config, KeyStore.attach(ix.store.spec))
     local.handle(*p.as_received(0, p.Build(seq=7, layers=[0]), {"slots": order[:300].astype(np.int32)}))
     local.handle(*p.as_received(0, p.Insert(seq=7, layers=[0]), {"slots": order[300:].astype(np.int32)}))
-    op = p.Query(layer=0, seqs=[7], n_pages=P, policy="exact", merge="mass")
+    for seq in (8, 9):  # copy-on-write shares: three sequences in one query
+        local.handle(*p.as_received(0, p.Share(src=7, dst=seq, prefix_len=300 - 40 * (seq - 7)), {}))
+    return local
+
+
+def test_a_small_sequences_baseline_runs_on_one_thread_with_the_same_answer(served, monkeypatch):
+    """``SERIAL_SCAN_ELEMENTS``: a sequence with few keys has its baseline selection on the query's thread alone
+    (waking numba's threads cost more than they saved); the pages are the ones the parallel path returns, and
+    the thread's numba thread count is what it was afterwards."""
+    import numba
+
+    from icecache_sglang.indexer import protocol as p
+    from icecache_sglang.indexer import service as svc
+
+    _, _, q, _ = served
+    local = _local_service(served)
+    op = p.Query(layer=0, seqs=[7], n_pages=P, policy="quest", merge="mass")
     seen = []
     real = svc.select_baseline
     monkeypatch.setattr(svc, "select_baseline", lambda *a, **k: (seen.append(numba.get_num_threads()), real(*a, **k))[1])
@@ -226,4 +237,50 @@ def test_a_small_sequences_exact_scan_runs_on_one_thread_with_the_same_answer(se
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert np.array_equal(serial["pages"], parallel["pages"]) and np.array_equal(serial["slots"], parallel["slots"])
+    local.close()
+
+
+@pytest.mark.parametrize("policy", ["exact", "oracle_page"])
+def test_small_sequences_exact_scans_run_as_one_batch_with_the_same_answer(served, monkeypatch, policy):
+    """The exact scans of a query's small sequences run in one numba call (``index/scan_batch.py``; on one thread
+    for fewer than ``SERIAL_BATCH_SEQUENCES``, else one per (sequence, KV head) pair at most), the long ones one
+    sequence at a time; either way each sequence gets the pages and slots ``select_baseline`` gives it."""
+    import numba
+
+    from icecache_sglang.indexer import protocol as p
+    from icecache_sglang.indexer import service as svc
+
+    ix, _, q, _ = served
+    local = _local_service(served)
+    seqs = [7, 8, 9]
+    qs = np.concatenate([q, q[:, ::-1], -q]).copy()
+    op = p.Query(layer=0, seqs=seqs, n_pages=P, policy=policy, merge="mass")
+    batched, single, threads = [], [], []
+    real_batch, real_single = svc.scan_index_batch, svc.select_baseline
+    monkeypatch.setattr(svc, "scan_index_batch", lambda st, idxs, *a, **k: (
+        batched.append(len(idxs)), threads.append(numba.get_num_threads()), real_batch(st, idxs, *a, **k))[2])
+    monkeypatch.setattr(svc, "select_baseline", lambda *a, **k: (single.append(1), real_single(*a, **k))[1])
+    numba.set_num_threads(2)
+    try:
+        _, together = local.handle(*p.as_received(0, op, {"q": qs}))
+        monkeypatch.setattr(svc, "SERIAL_BATCH_SEQUENCES", 3)
+        _, parallel = local.handle(*p.as_received(0, op, {"q": qs}))
+        assert threads == [1, 2] and numba.get_num_threads() == 2
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert batched == [3, 3] and not single
+    batched.clear()
+    monkeypatch.setattr(svc, "SERIAL_SCAN_ELEMENTS", 260 * H * D)  # sequence 9 (220 tokens) small, 7 and 8 long
+    _, mixed = local.handle(*p.as_received(0, op, {"q": qs}))
+    assert batched == [1] and single == [1, 1]
+    monkeypatch.setattr(svc, "BATCHED_SCANS", ())
+    _, apart = local.handle(*p.as_received(0, op, {"q": qs}))
+    assert batched == [1] and len(single) == 5
+    for got in (together, parallel, mixed):
+        assert np.array_equal(got["pages"], apart["pages"]) and np.array_equal(got["slots"], apart["slots"])
+    store = local.store.keys[0]
+    for b, seq in enumerate(seqs):
+        idx = local.table.get(seq, 0)
+        pages, slots = real_single(idx, qs[b], P, policy, "mass", store)
+        assert np.array_equal(apart["pages"][b], pages) and np.array_equal(apart["slots"][b], slots)
     local.close()

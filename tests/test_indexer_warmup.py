@@ -16,6 +16,7 @@ from icecache_sglang.indexer import protocol as p
 from icecache_sglang.indexer.config import IndexerConfig
 from icecache_sglang.indexer.keystore import KeyStore
 from icecache_sglang.indexer.policies import POLICIES
+from icecache_sglang.indexer import service
 from icecache_sglang.indexer.service import IndexerService
 from icecache_sglang.runtime.config import IceCacheConfig
 
@@ -38,7 +39,7 @@ def call(svc, op, arrays=None):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_no_request_compiles_after_warmup(tmp_path, dtype):
+def test_no_request_compiles_after_warmup(tmp_path, dtype, monkeypatch):
     owner = KeyStore.create(str(tmp_path), 2, N + 16, H, D, dtype=dtype)
     rng = np.random.default_rng(0)
     for layer in range(2):
@@ -63,6 +64,10 @@ def test_no_request_compiles_after_warmup(tmp_path, dtype):
                                    {"q": (qb[:1], "bfloat16")})
                 assert res.n_tokens == [N + 1]
                 call(svc, p.Query(layer=0, seqs=[1, 2], n_pages=8, policy=policy, merge=merge), {"q": q})
+        monkeypatch.setattr(service, "SERIAL_SCAN_ELEMENTS", 0)  # long sequences: scanned one at a time
+        for merge in ("rank", "mass"):
+            call(svc, p.Query(layer=0, seqs=[1, 2], n_pages=8, policy="exact", merge=merge), {"q": q})
+        monkeypatch.undo()
         for _ in range(lowrank.FIT_AFTER + 2):  # seq 1 is long enough: its low-rank codes are fitted and used
             call(svc, p.Query(layer=1, seqs=[1], n_pages=8, policy="lowrank", merge="mass"), {"q": (qb[:1], "bfloat16")})
         assert svc.table.get(1, 1).lowrank.ready()

@@ -73,7 +73,7 @@ def check(pk, fill, nxt, Q, n_pages):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16"])
-@pytest.mark.parametrize("H,g,d", [(1, 4, 128), (8, 4, 64), (2, 6, 32), (3, 1, 16)])
+@pytest.mark.parametrize("H,g,d", [(1, 4, 128), (8, 4, 64), (2, 6, 32), (3, 1, 16), (3, 3, 64), (2, 7, 32)])
 def test_scan_equals_numpy(rng, dtype, H, g, d):
     idx, Qs = built_index(rng, H, 1500, d, g)
     pk, fill, nxt = arrays(idx, dtype)
@@ -192,7 +192,7 @@ def test_read_keys_sums_the_keys_in_use(rng, dtype):
     assert abs(read_keys(pk, nxt) - every) < 1e-5 * scale
 
 
-@pytest.mark.parametrize("H,g,d", [(2, 4, 64), (2, 6, 32), (3, 1, 16)])
+@pytest.mark.parametrize("H,g,d", [(2, 4, 64), (2, 6, 32), (3, 1, 16), (3, 3, 64), (2, 7, 32)])
 def test_int8_rows_are_scored_with_their_own_scales(rng, H, g, d):
     """Over int8 rows (``d`` values, then the row's 4-byte scale), every page's best score per query row, from
     the scan over all pages and from the candidate scoring over chosen columns, equals NumPy's over the

@@ -587,11 +587,14 @@ class StateList:
 
     Putting a state tuple into a typed list unboxes its arrays, which costs about as much as searching a
     small index, so each index keeps its slot and is re-put only when its arrays were replaced
-    (``storage_version``). ``drop`` frees the slot (and the list's reference to the arrays).
+    (``storage_version``). ``drop`` frees the slot (and the list's reference to the arrays). ``positions``
+    holds each index's ``positions`` at the same slot (replaced with the state arrays; the exact scan of
+    ``scan_batch.py`` writes the chosen tokens' positions).
     """
 
     def __init__(self):
         self.states = List()
+        self.positions = List()
         self._slot: dict[int, list] = {}  # id(index) -> [slot, storage_version, index]
         self._free: list[int] = []
         self._empty = None
@@ -602,10 +605,12 @@ class StateList:
             entry = [self._free.pop() if self._free else len(self.states), -1, idx]
             if entry[0] == len(self.states):
                 self.states.append(idx.state)
+                self.positions.append(idx.positions)
                 entry[1] = idx.storage_version
             self._slot[id(idx)] = entry
         if entry[1] != idx.storage_version:
             self.states[entry[0]] = idx.state
+            self.positions[entry[0]] = idx.positions
             entry[1] = idx.storage_version
         return entry[0]
 
@@ -614,8 +619,10 @@ class StateList:
         if entry is None:
             return
         if self._empty is None:
-            self._empty = PagedDCIIndex(idx.H, idx.d, idx.dv, idx.cfg).state
+            empty = PagedDCIIndex(idx.H, idx.d, idx.dv, idx.cfg)
+            self._empty, self._empty_positions = empty.state, empty.positions
         self.states[entry[0]] = self._empty  # release the arrays
+        self.positions[entry[0]] = self._empty_positions
         self._free.append(entry[0])
 
     def __len__(self) -> int:

@@ -64,8 +64,8 @@ def _work_items(next_page, chunk):
 @njit(cache=True, nogil=True, inline="always", fastmath=True)
 def _score_stored_page(rows, f, d, Q, r0, r1, best, c):
     """``best[r, c]`` for query rows ``r0 <= r < r1``: the best ``<Q[r], k>`` over a page's ``f`` stored rows
-    ``rows`` (flat: float32, bfloat16 bits or int8 rows with their scales), rows in blocks of 4 so each key row
-    is loaded once per block. Each value is widened in registers as the four query rows read it and an int8
+    ``rows`` (flat: float32, bfloat16 bits or int8 rows with their scales), rows in blocks of 4 (a remainder of 3
+    or 2 in one block of its own) so each key row is loaded once per block. Each value is widened in registers as the four query rows read it and an int8
     row's scale multiplies its dot products, with no float32 copy of the page first (the int8 page copy of
     128k tokens x 8 KV heads on 2 cores: 9.3 -> 6.8 ms against a copy first; a scratch A/B). Over int8 rows a
     score is ``(sum k8 q) s``, not ``sum (k8 s) q``: the two differ in the last bits."""
@@ -88,6 +88,35 @@ def _score_stored_page(rows, f, d, Q, r0, r1, best, c):
                 m0, m1, m2, m3 = max(m0, s0 * sc), max(m1, s1 * sc), max(m2, s2 * sc), max(m3, s3 * sc)
             best[r, c], best[r + 1, c], best[r + 2, c], best[r + 3, c] = m0, m1, m2, m3
             r += 4
+        elif r + 3 == r1:  # a group of 3 (SmolLM2) or a remainder of 3 (7 = 4 + 3: Qwen2.5-0.5B) in one pass
+            q0, q1, q2 = Q[r], Q[r + 1], Q[r + 2]
+            m0 = m1 = m2 = NEG_INF
+            for j in range(f):
+                o = j * w
+                s0 = s1 = s2 = np.float32(0.0)
+                for i in range(d):
+                    x = stored_value(rows, o + i)
+                    s0 += x * q0[i]
+                    s1 += x * q1[i]
+                    s2 += x * q2[i]
+                sc = stored_row_factor(rows, o, d)
+                m0, m1, m2 = max(m0, s0 * sc), max(m1, s1 * sc), max(m2, s2 * sc)
+            best[r, c], best[r + 1, c], best[r + 2, c] = m0, m1, m2
+            r += 3
+        elif r + 2 == r1:
+            q0, q1 = Q[r], Q[r + 1]
+            m0 = m1 = NEG_INF
+            for j in range(f):
+                o = j * w
+                s0 = s1 = np.float32(0.0)
+                for i in range(d):
+                    x = stored_value(rows, o + i)
+                    s0 += x * q0[i]
+                    s1 += x * q1[i]
+                sc = stored_row_factor(rows, o, d)
+                m0, m1 = max(m0, s0 * sc), max(m1, s1 * sc)
+            best[r, c], best[r + 1, c] = m0, m1
+            r += 2
         else:
             q0 = Q[r]
             m0 = NEG_INF
@@ -122,31 +151,39 @@ def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     return best
 
 
+@njit(cache=True, nogil=True, inline="always")
+def top_row(scores, fill, n, n_pages, out):
+    """The best ``n_pages`` of pages ``[0, n)`` with ``fill > 0`` by ``scores`` (descending, ties by lower page id)
+    into ``out`` (left as it is past the count found): an insertion into a sorted buffer of ``n_pages`` entries,
+    most pages rejected by one compare."""
+    top_s = np.empty(n_pages, np.float32)
+    k = 0
+    for p in range(n):
+        if fill[p] <= 0:
+            continue
+        s = scores[p]
+        if k == n_pages and not s > top_s[k - 1]:  # pages come in id order: a tie loses to the kept page
+            continue
+        i = k if k < n_pages else n_pages - 1
+        while i > 0 and s > top_s[i - 1]:
+            top_s[i] = top_s[i - 1]
+            out[i] = out[i - 1]
+            i -= 1
+        top_s[i] = s
+        out[i] = p
+        if k < n_pages:
+            k += 1
+    return k
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def top_pages(best, page_fill, next_page, g, n_pages):
     """Per query row, the top ``n_pages`` pages with fill > 0 by score (descending, ties by lower page id),
-    -1 padded: an insertion into a sorted buffer of ``n_pages`` entries, most pages rejected by one compare."""
+    -1 padded (``top_row``)."""
     rows = np.full((best.shape[0], n_pages), -1, np.int32)
     for row in prange(best.shape[0]):
         h = row // g
-        top_s = np.empty(n_pages, np.float32)
-        top_p = rows[row]
-        n = 0
-        for p in range(next_page[h]):
-            if page_fill[h, p] <= 0:
-                continue
-            s = best[row, p]
-            if n == n_pages and not s > top_s[n - 1]:  # pages come in id order: a tie loses to the kept page
-                continue
-            i = n if n < n_pages else n_pages - 1
-            while i > 0 and s > top_s[i - 1]:
-                top_s[i] = top_s[i - 1]
-                top_p[i] = top_p[i - 1]
-                i -= 1
-            top_s[i] = s
-            top_p[i] = p
-            if n < n_pages:
-                n += 1
+        top_row(best[row], page_fill[h], next_page[h], n_pages, rows[row])
     return rows
 
 
@@ -393,4 +430,4 @@ def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) ->
 
 
 __all__ = ["ExactKeys", "index_exact_keys", "merged_pages", "read_keys", "rescore_best", "rescore_count", "scan_index",
-           "scan_pages", "scan_rows", "score_pages"]
+           "scan_pages", "scan_rows", "score_pages", "top_row"]

@@ -24,6 +24,7 @@ from ..index.gqa_merge import GQA_MERGES
 from .baselines import POLICIES, select_baseline
 from .blas import blas_threads
 from ..index.paged_index import PagedDCIIndex, query_batch
+from ..index.scan_batch import scan_index_batch
 from . import protocol as p
 from .config import IndexerConfig
 from .keystore import KeyStore
@@ -41,6 +42,14 @@ WARMUP_TOKENS = 600
 #: two; 8192 x 2 x 64, 8 sequences: 1.5 against 2.8 ms; 2048 x 8 x 128: 5.2 against 4.7 ms, so two threads
 #: from there on)
 SERIAL_SCAN_ELEMENTS = 1 << 20
+#: policies whose small sequences (under ``SERIAL_SCAN_ELEMENTS``) are scanned together in one numba call
+#: (``index/scan_batch.py``): the same pages as one ``select_baseline`` per sequence, without its fixed cost per
+#: sequence (``benchmarks/exact_batch.py``)
+BATCHED_SCANS = ("exact", "oracle_page")
+#: that batch runs on the query's thread alone when it has fewer sequences than this, else on up to one thread per
+#: (sequence, KV head) pair (2 cores, ``exact_batch.py``: at 1 sequence one thread was 5-30% faster, at 2 either
+#: within 10%, from 4 two threads were up to 1.8x faster, or at worst 7% slower)
+SERIAL_BATCH_SEQUENCES = 4
 
 
 def _bad(message: str, code: str = "bad_request") -> p.ProtocolError:
@@ -160,8 +169,8 @@ class IndexerService:
     def warmup_requests(self, rng: np.random.Generator) -> None:
         """Every kind of request this service answers, on its own table (a scratch service's: see
         :meth:`warmup`): a Build, a decode Insert, Inserts that make the index rebuild itself, Queries of one
-        and of two sequences under every policy and GQA merge with each query dtype, Shares (whole source and
-        a cut prefix) and Releases."""
+        and of two sequences under every policy and GQA merge with each query dtype (and a long sequence's exact
+        scan, which runs apart from the batch), Shares (whole source and a cut prefix) and Releases."""
         layers, n = [0], self.warmup_tokens()
         n_pages = min(4, self.cfg.max_pages)
         batches = ([1], [1, 3]) if self.cfg.max_batch >= 2 else ([1],)
@@ -186,6 +195,9 @@ class IndexerService:
                     for seqs in batches:
                         call(p.Query(layer=0, seqs=seqs, n_pages=n_pages, policy=policy, merge=merge),
                              {"q": (qw[: len(seqs)], wire)})
+        # a long sequence's exact scan runs apart from the batch of small ones (scan_index, not scan_batch)
+        for merge in GQA_MERGES:
+            select_baseline(self.table.get(1, 0), q[0], n_pages, "exact", merge, self.store.keys[0])
         # the low-rank first pass runs only on long indexes with a fitted basis: forced on a copy of seq 1's
         if self.store.keys.dtype in (np.float32, np.uint16):
             lowrank.warm(self.table.get(1, 0), self.store.keys[0], np.ascontiguousarray(q[0]))
@@ -319,6 +331,18 @@ class IndexerService:
         n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
         live = [b for b in range(B) if n_tokens[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
+            small = [b for b in live if n_tokens[b] * H * self.d < SERIAL_SCAN_ELEMENTS]
+            if op.policy in BATCHED_SCANS and small:  # one numba call: every (sequence, KV head) pair in parallel
+                threads = numba.get_num_threads()
+                numba.set_num_threads(1 if len(small) < SERIAL_BATCH_SEQUENCES else min(threads, len(small) * H))
+                try:
+                    pages[small], sl = scan_index_batch(self.table.states, [indexes[b] for b in small], q[small], P,
+                                                        merge=op.merge, store=self.store.keys[op.layer])
+                finally:
+                    numba.set_num_threads(threads)
+                if slots is not None:
+                    slots[small] = sl
+                live = sorted(set(live) - set(small))
             threads = numba.get_num_threads()
             try:
                 for b in live:
