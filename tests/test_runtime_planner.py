@@ -44,17 +44,18 @@ def planner():
                       slots_device=torch.device("cpu")), ix, m
 
 
-def sparse_rows(planner: Planner, n: int, plan_layers: bool = False) -> list[int]:
+def sparse_rows(planner: Planner, n: int, plan_layers: bool = False, cfg: IceCacheConfig = CFG) -> list[int]:
     """One decode step of the request on row 0 at length ``n``: the rows it decodes sparsely (planning its
     anchor layers, as the backend does, when ``plan_layers``)."""
-    step = planner.begin([0], [n], CFG)
+    step = planner.begin([0], [n], cfg)
     if plan_layers:  # as the backend does: a dense step's anchor layers send the queries of rows priming
         q = torch.from_numpy(np.random.default_rng(n).standard_normal((1, H * GROUP, D)).astype(np.float32))
+        keys = torch.zeros((SLOTS + 1, H, D)) if cfg.token_rerank > 1 else None
         for anchor in (0, 1):
             if step is None:
-                planner.prime(anchor, q, CFG, CFG.query_params())
+                planner.prime(anchor, q, cfg, cfg.query_params())
             else:
-                planner.plan(step, anchor, q, CFG, CFG.query_params())
+                planner.plan(step, anchor, q, cfg, cfg.query_params(), keys=keys)
     return [] if step is None else step.sparse.tolist()
 
 
@@ -67,11 +68,11 @@ def answered(planner: Planner) -> None:
         time.sleep(0.005)
 
 
-def first_selections(planner: Planner, ix, n: int) -> int:
+def first_selections(planner: Planner, ix, n: int, cfg: IceCacheConfig = CFG) -> int:
     """After the request's Build (``n`` tokens): its index answered, one step fetching its first selections;
     returns the length after that step."""
     ix.client.sync()
-    assert sparse_rows(planner, n + 1, plan_layers=True) == []
+    assert sparse_rows(planner, n + 1, plan_layers=True, cfg=cfg) == []
     answered(planner)
     return n + 1
 
@@ -154,6 +155,70 @@ def test_plans_carry_their_compact_layout_as_the_decode_kernels_derive_it(planne
         assert compact.slots is None and compact.valid is None
         assert torch.equal(compact.indptr, plan.indptr) and torch.equal(compact.rows, plan.rows)
         assert torch.equal(compact.tokens, plan.tokens)
+
+
+def test_a_reranked_compact_plan_is_filled_where_the_keys_are(planner):
+    """With ``token_rerank``, a planner for FlashInfer (compact form only) writes the kept tokens into the plan's
+    rows on the K plane's device (nothing read back per anchor layer on a GPU): the same ``tokens``, ``indptr``
+    and ``rows`` as the tokens brought back to the host and laid out there, and as many kept tokens counted."""
+    from dataclasses import replace
+
+    planner, ix, m = planner
+    cfg = replace(CFG, token_rerank=2)
+    keys = torch.from_numpy(np.random.default_rng(3).standard_normal((SLOTS + 1, H, D)).astype(np.float32))
+    n = 600
+    sparse_rows(planner, n, cfg=cfg)
+    n = first_selections(planner, ix, n, cfg)
+    step = planner.begin([0], [n + 1], cfg)
+    assert step is not None and step.sparse.tolist() == [0]
+    q = torch.from_numpy(np.random.default_rng(1).standard_normal((1, H * GROUP, D)).astype(np.float32))
+    choose, chosen = planner.cache.choose, {}
+
+    def same_choice(step_sel, layer, *args, **kw):
+        if layer not in chosen:
+            chosen[layer] = choose(step_sel, layer, *args, **kw)
+        return chosen[layer]
+
+    planner.cache.choose = same_choice
+    for anchor in (0, 1):
+        pages = step.selection.pages
+        host = planner.plan(step, anchor, q, cfg, cfg.query_params(), keys=keys, scale=0.25)
+        host_pages = step.selection.pages - pages
+        planner.plan_slots = False
+        del step.plans[anchor]
+        compact = planner.plan(step, anchor, q, cfg, cfg.query_params(), keys=keys, scale=0.25)
+        planner.plan_slots = True
+        assert compact.slots is None
+        assert torch.equal(compact.indptr, host.indptr) and torch.equal(compact.tokens, host.tokens)
+        assert torch.equal(compact.rows, host.rows)
+        assert step.selection.pages - pages - host_pages == host_pages > 0
+        assert int(host.indptr[-1]) == int(host.tokens.sum())
+    assert m.reranked_selections == 4
+
+
+def test_reranked_tokens_fill_their_rows_in_a_batch_with_dense_and_sparse_requests():
+    """``ReRanked.fill`` over a compact layout of three requests (sparse, dense, sparse; heads keeping different
+    counts, one keeping none) writes each kept token where laying the kept tokens out on the host puts it."""
+    from icecache_sglang.runtime.plan import ReRanked, compact_layout
+
+    rng = np.random.default_rng(7)
+    Hh, W = 3, 5
+    fixed = [(np.arange(4), np.arange(100, 103)), (np.arange(200, 230), np.empty(0, np.int64)),
+             (np.arange(300, 302), np.arange(400, 406))]
+    kept = np.full((2, Hh, W), -1, np.int64)
+    counts = np.array([[5, 2, 0], [3, 5, 1]])
+    for j in range(2):
+        for h in range(Hh):
+            kept[j, h, :counts[j, h]] = rng.choice(1000, counts[j, h], replace=False) + 1000
+    order = [0, 2]
+    take = np.arange(W)[None, None, :] < counts[..., None]
+    want = compact_layout(fixed, {b: kept[j] for j, b in enumerate(order)}, Hh, {})
+    rr = ReRanked(order, torch.from_numpy(kept), counts, take, {b: np.where(take[j], 0, -1) for j, b in enumerate(order)})
+    tokens, indptr, rows = compact_layout(fixed, rr.placeholders, Hh, {})
+    rows = torch.from_numpy(rows.copy())
+    rr.fill(rows, indptr, fixed, Hh)
+    assert np.array_equal(tokens, want[0]) and np.array_equal(indptr, want[1])
+    assert np.array_equal(rows.numpy(), want[2])
 
 
 class HeldQuery(HostQuery):

@@ -273,21 +273,30 @@ class Planner:
                                            hq.q_dtype, step.n_pages, **query)
                 picked = {int(b): sel.slots[j].reshape(H, -1) for j, b in enumerate(step.sparse)}
         self.prime(anchor, q3, cfg, query_params)
+        fixed = [(a, tails.get(b, z)) for b, (a, z) in enumerate(step.fixed)]
+        compact_only = not self.plan_slots and self.device_pool is None  # FlashInfer reads the compact form only
+        reranked = None
         if picked and cfg.token_rerank > 1:
             if keys is None:
                 raise ValueError("token_rerank needs the anchor layer's K plane to rank the candidates' tokens")
-            picked = self._rerank(step, picked, q3, keys, cfg.n_pages * cfg.page_size, scale)
-            # pages attended: the kept tokens in pages' worth (they need not share pages)
-            step.selection.pages += sum(int((p >= 0).sum()) for p in picked.values()) // cfg.page_size
+            if compact_only:  # the kept tokens stay where they are ranked: laid into the plan's rows there
+                reranked = self._rerank_into_rows(step, picked, q3, keys, cfg.n_pages * cfg.page_size, scale)
+                picked = reranked.placeholders
+                kept = int(reranked.counts.sum())
+            else:
+                picked = self._rerank(step, picked, q3, keys, cfg.n_pages * cfg.page_size, scale)
+                kept = sum(int((p >= 0).sum()) for p in picked.values())
+            step.selection.pages += kept // cfg.page_size  # the kept tokens in pages' worth (they need not share pages)
         elif picked:
             step.selection.pages += sum(int((p.reshape(H, -1, cfg.page_size)[..., 0] >= 0).sum())
                                         for p in picked.values())
-        fixed = [(a, tails.get(b, z)) for b, (a, z) in enumerate(step.fixed)]
-        if not self.plan_slots and self.device_pool is None:  # FlashInfer reads the compact form only
+        if compact_only:
             tokens, indptr, rows = compact_layout(fixed, picked, H, step.dense_rows)
+            rows = to_device(rows, self.slots_device)
+            if reranked is not None:
+                reranked.fill(rows, indptr, fixed, H)
             plan = step.plans[anchor] = DecodePlan(None, None, indptr=host_for(indptr, self.slots_device),
-                                                   rows=to_device(rows, self.slots_device),
-                                                   tokens=torch.from_numpy(tokens))
+                                                   rows=rows, tokens=torch.from_numpy(tokens))
             return plan
         slots, valid = full_layout(fixed, picked, H)
         dev = self.slots_device
@@ -307,20 +316,43 @@ class Planner:
                                                tokens=torch.from_numpy(tokens))
         return plan
 
-    def _rerank(self, step: DecodeStep, picked: dict[int, np.ndarray], q3: torch.Tensor, keys: torch.Tensor,
-                keep: int, scale: float) -> dict[int, np.ndarray]:
-        """The ``keep`` best tokens of each request's candidate pages by this step's queries (``rerank.py``),
-        computed where the K plane is. The slots come back to the host, where plans are laid out (one copy
-        per anchor layer on a GPU). ``picked`` holds every sparse request of the step, in its order."""
+    def _candidates(self, step: DecodeStep, picked: dict[int, np.ndarray]) -> np.ndarray:
+        """``cand [S, H, W]`` (int64, -1 padded): the candidate slots of the step's sparse requests, in its order."""
         order = [int(b) for b in step.sparse]
         W = max(picked[b].shape[1] for b in order)
         cand = np.full((len(order), self.H, W), -1, np.int64)
         for j, b in enumerate(order):
             cand[j, :, :picked[b].shape[1]] = picked[b]
+        return cand
+
+    def _rerank(self, step: DecodeStep, picked: dict[int, np.ndarray], q3: torch.Tensor, keys: torch.Tensor,
+                keep: int, scale: float) -> dict[int, np.ndarray]:
+        """The ``keep`` best tokens of each request's candidate pages by this step's queries (``rerank.py``),
+        computed where the K plane is. The slots come back to the host, where the plans that need them are laid
+        out (the full layout, the device pool's lane map). ``picked`` holds every sparse request of the step,
+        in its order."""
+        order = [int(b) for b in step.sparse]
         q = q3[step.sparse_index].to(keys.device)  # the rows ``plan`` gathered its queries with, on the device
-        kept = rerank_tokens(q, keys, to_device(cand, keys.device), keep, scale).cpu().numpy()
+        kept = rerank_tokens(q, keys, to_device(self._candidates(step, picked), keys.device), keep, scale).cpu().numpy()
         self.metrics.reranked_selections += len(order)
         return {b: kept[j] for j, b in enumerate(order)}
+
+    def _rerank_into_rows(self, step: DecodeStep, picked: dict[int, np.ndarray], q3: torch.Tensor,
+                          keys: torch.Tensor, keep: int, scale: float) -> ReRanked:
+        """``_rerank`` for a plan in the compact form only: the kept tokens stay on the K plane's device and are
+        written into the plan's rows there (``ReRanked.fill``), so on a GPU nothing is read back per anchor
+        layer. How many each (request, KV head) keeps is known on the host: every valid candidate up to
+        ``keep`` (``rerank_tokens`` puts the valid ones first)."""
+        order = [int(b) for b in step.sparse]
+        cand = self._candidates(step, picked)
+        width = min(keep, cand.shape[2])
+        counts = np.minimum((cand >= 0).sum(-1), width)  # [S, H]
+        take = np.arange(width)[None, None, :] < counts[..., None]  # [S, H, width]: the kept tokens' places
+        q = q3[step.sparse_index].to(keys.device)
+        kept = rerank_tokens(q, keys, to_device(cand, keys.device), keep, scale)  # [S, H, width], on the device
+        self.metrics.reranked_selections += len(order)
+        placeholders = {b: np.where(take[j], 0, -1) for j, b in enumerate(order)}  # laid out as slot 0
+        return ReRanked(order, kept, counts, take, placeholders)
 
     def new_turn(self, row: int) -> None:
         """``row``'s index took a new turn's prompt (a streaming session's next turn on the same row): the
@@ -358,6 +390,34 @@ def fetch_slots(req_to_token: torch.Tensor, ranges: list[tuple[int, int, int]]) 
         return []
     flat = torch.cat([req_to_token[row, a:b] for row, a, b in ranges]).cpu().numpy()
     return np.split(flat, np.cumsum([b - a for _, a, b in ranges])[:-1])
+
+
+@dataclass
+class ReRanked:
+    """Re-ranked tokens still on the device (``Planner._rerank_into_rows``): ``kept [S, H, W]`` slots of the
+    step's sparse requests ``order`` (valid ones first), ``counts [S, H]`` valid per (request, KV head),
+    ``take [S, H, W]`` those places, and the ``placeholders`` a host layout reserves their rows with."""
+
+    order: list[int]
+    kept: torch.Tensor
+    counts: np.ndarray
+    take: np.ndarray
+    placeholders: dict[int, np.ndarray]
+
+    def fill(self, rows: torch.Tensor, indptr: np.ndarray, fixed: list[tuple[np.ndarray, np.ndarray]], H: int) -> None:
+        """Write the kept tokens' rows (``slot * H + h``) into ``rows`` (a compact layout over ``placeholders``,
+        ``indptr`` its host offsets) where their placeholders are: after each (request, KV head)'s valid slots
+        before the selection. Index tensors go to ``rows``' device without waiting; no value is read back."""
+        if not self.order:
+            return
+        before = np.array([int((np.asarray(fixed[b][0]) >= 0).sum()) for b in self.order], np.int64)
+        starts = indptr[:-1].reshape(len(fixed), H)[self.order] + before[:, None]  # [S, H]
+        width = self.take.shape[2]
+        dst = (starts[..., None] + np.arange(width)[None, None, :])[self.take]
+        src = np.flatnonzero(self.take)
+        heads = torch.arange(H, device=self.kept.device).view(1, H, 1)
+        vals = (self.kept * H + heads).reshape(-1)[to_device(src, self.kept.device)]
+        rows[to_device(dst, rows.device)] = vals.to(device=rows.device, dtype=rows.dtype)
 
 
 def full_layout(fixed: list[tuple[np.ndarray, np.ndarray]], picked: dict[int, np.ndarray], H: int
