@@ -284,3 +284,32 @@ def test_small_sequences_exact_scans_run_as_one_batch_with_the_same_answer(serve
         pages, slots = real_single(idx, qs[b], P, policy, "mass", store)
         assert np.array_equal(apart["pages"][b], pages) and np.array_equal(apart["slots"][b], slots)
     local.close()
+
+
+@pytest.mark.parametrize("policy", ["exact", "icecache", "quest"])
+@pytest.mark.parametrize("batch_threads", ["one", "all"])
+def test_a_sequence_with_a_non_finite_query_gets_no_pages_and_the_others_theirs(served, monkeypatch, policy,
+                                                                                 batch_threads):
+    """A query row with an infinity or a NaN (a float16 overflow in the model) is answered without pages for its
+    sequence and counted; the message's other sequences get the pages they get alone. Before, the batched exact
+    scan's mass merge raised inside numba: the whole message failed on one thread, and with several threads that
+    sequence came back empty without a word."""
+    from icecache_sglang.indexer import protocol as p
+    from icecache_sglang.indexer import service as svc
+
+    _, _, q, _ = served
+    local = _local_service(served)
+    monkeypatch.setattr(svc, "SERIAL_BATCH_SEQUENCES", 99 if batch_threads == "one" else 1)
+    qs = np.concatenate([q, q[:, ::-1], -q]).copy()
+    qs[1, 0, 3] = np.inf
+    qs[2, 1, 0] = np.nan
+    op = p.Query(layer=0, seqs=[7, 8, 9], n_pages=P, policy=policy, merge="mass")
+    res, out = local.handle(*p.as_received(0, op, {"q": qs}))
+    assert (out["pages"][1:] == -1).all() and (out["slots"][1:] == -1).all()
+    assert res.n_tokens == [345, 260, 220]
+    alone, alone_out = local.handle(*p.as_received(0, p.Query(layer=0, seqs=[7], n_pages=P, policy=policy,
+                                                                merge="mass"), {"q": qs[:1]}))
+    assert np.array_equal(out["pages"][0], alone_out["pages"][0]) and (out["pages"][0] >= 0).any()
+    assert np.array_equal(out["slots"][0], alone_out["slots"][0])
+    assert local.stats().nonfinite_queries == 2
+    local.close()

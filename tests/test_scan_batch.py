@@ -92,3 +92,17 @@ def test_bad_arguments(rng):
     other.build(np.ones((2, 10, 16), np.float32))
     with pytest.raises(ValueError, match="one shape and key dtype"):
         scan_index_batch(states, [idxs[0], other], Q, 4, store=store)
+
+
+@pytest.mark.parametrize("merge", ["rank", "mass"])
+def test_overflowing_scores_give_the_same_pages_as_one_at_a_time(rng, merge):
+    """Finite queries whose scores overflow to infinity (3e37 x a key) give the pages the per-sequence path gives:
+    the merges are never compiled with the fast-math kernel's flags (under them the mass merge's checks assumed
+    no infinity and raised ZeroDivisionError inside numba)."""
+    idxs, Q, store = _indexes(rng, 2, 4, 16, "int8", n_seq=4)
+    Q[1] *= 3e37
+    Q[2, 0, 0] = 3e38
+    pages, slots = scan_index_batch(StateList(), idxs, Q, 4, merge=merge, store=store)
+    want_pages, want_slots = _one_at_a_time(idxs, Q, 4, merge, store)
+    np.testing.assert_array_equal(pages, want_pages)
+    np.testing.assert_array_equal(slots, want_slots)

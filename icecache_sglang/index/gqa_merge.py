@@ -32,7 +32,7 @@ from .config import DEFAULT_GQA_MERGE, GQA_MERGES
 from .search import merge_group_pages
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)  # (a fast-math caller must not lend it its flags)
 def _top_first_then_weight(first, w, ids, n, P, out):
     """The ``P`` best of ``n`` candidates by (is a head's best page, weight), ties to the lower id, into
     ``out`` (best first): an insertion into a sorted buffer, most candidates rejected by one compare."""
@@ -60,7 +60,7 @@ def _top_first_then_weight(first, w, ids, n, P, out):
     return k
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)  # (a fast-math caller must not lend it its flags)
 def _mass_one(best, r0, g, P, scale, out):
     """Fill ``out [P]`` for the rows ``r0 .. r0 + g - 1`` of ``best``; returns the count written."""
     n = best.shape[1]
@@ -99,7 +99,7 @@ def merge_by_mass(best, group, P, scale):
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)  # (a fast-math caller must not lend it its flags)
 def _rows_mass_one(rows, scores, r0, g, P, scale, out):
     K = g * rows.shape[1]
     cand = np.full(K, -1, np.int64)

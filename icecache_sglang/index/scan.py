@@ -151,11 +151,13 @@ def page_maxima(page_keys, page_fill, next_page, Q, chunk):
     return best
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, fastmath=False)
 def top_row(scores, fill, n, n_pages, out):
     """The best ``n_pages`` of pages ``[0, n)`` with ``fill > 0`` by ``scores`` (descending, ties by lower page id)
     into ``out`` (left as it is past the count found): an insertion into a sorted buffer of ``n_pages`` entries,
-    most pages rejected by one compare."""
+    most pages rejected by one compare. Not inlined and never fast-math: numba would compile an inlined copy, or
+    the first caller's, with a fast-math caller's flags (``scan_batch.exact_batch``), and its comparisons would
+    then assume no NaN or infinity."""
     top_s = np.empty(n_pages, np.float32)
     k = 0
     for p in range(n):

@@ -8,6 +8,7 @@ in-process benchmark both call it, so "through the process" and "in process" run
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from . import protocol as p
 from .config import IndexerConfig
 from .keystore import KeyStore
 from .sequences import SequenceTable, TableShare, TableWrite
+
+logger = logging.getLogger(__name__)
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 #: a write of fewer tokens (a decode step's Insert) is indexed on the socket loop's thread, its layers one
@@ -88,6 +91,7 @@ class IndexerService:
                                    read_keys=lambda layer, slots: self.store.read(layer, slots))
         self.requests = self.errors = self.queries = self.query_rows = self.expired = 0
         self.lowrank_rows = 0  # sequences' queries answered through the low-rank first pass (index/lowrank.py)
+        self.nonfinite_queries = 0  # sequences' queries with a non-finite value, answered without pages
         self.query_us_total = self.busy_us_total = 0.0
         self._pool: ThreadPoolExecutor | None = None  # write workers, started by warmup()
         self.write_workers = 1
@@ -323,13 +327,20 @@ class IndexerService:
                        "bad_array")
         for s in op.seqs:
             self._known(s)
+        finite = np.isfinite(q).all(axis=(1, 2))
+        if not finite.all():  # no selection for them (their request attends its sink and recent tokens); the
+            # others are answered as usual (a non-finite score would leave the scan's merges undefined)
+            if not self.nonfinite_queries:
+                logger.warning("a query of sequence(s) %s has non-finite values: answered without pages",
+                               [s for s, ok in zip(op.seqs, finite) if not ok])
+            self.nonfinite_queries += int((~finite).sum())
         P, H, C = op.n_pages, self.H, self.C
         pages = np.full((B, H, P), -1, np.int32)
         slots = np.full((B, H, P, C), -1, np.int32) if op.want_slots else None
         t0 = time.perf_counter()
         indexes = [self.table.get(s, op.layer) for s in op.seqs]
         n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
-        live = [b for b in range(B) if n_tokens[b]]
+        live = [b for b in range(B) if n_tokens[b] and finite[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
             small = [b for b in live if n_tokens[b] * H * self.d < SERIAL_SCAN_ELEMENTS]
             if op.policy in BATCHED_SCANS and small:  # one numba call: every (sequence, KV head) pair in parallel
@@ -411,4 +422,5 @@ class IndexerService:
             blas_threads=max(blas_threads().values(), default=0), lowrank_rows=self.lowrank_rows,
             lowrank_indexes=sum(1 for e in distinct if e.index.lowrank is not None and e.index.lowrank.active is not None),
             lowrank_bytes=sum(e.index.lowrank.nbytes() for e in distinct if e.index.lowrank is not None),
-            query_us_total=self.query_us_total, busy_us_total=self.busy_us_total)
+            query_us_total=self.query_us_total, busy_us_total=self.busy_us_total,
+            nonfinite_queries=self.nonfinite_queries)
