@@ -1,9 +1,14 @@
 """Token re-ranking (``runtime/rerank.py``): the budget's best candidate tokens by the step's own queries, as a
-float64 reference ranks them; invalid candidates last; a KV head without candidates keeps none."""
+float64 reference ranks them; invalid candidates last; a KV head without candidates keeps none. The kept tokens
+written into a compact plan's rows where they were ranked (``plan.ReRanked``); on a GPU (``benchmarks/gpu/run.sh
+--tests``) without one synchronising operation."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import pytest
 import torch
 
 from icecache_sglang.runtime.rerank import rerank_tokens, rerank_tokens_reference
@@ -47,3 +52,52 @@ def test_keeping_every_candidate_changes_nothing_but_the_order():
     cand = torch.randint(0, 100, (2, 2, 12), generator=g)
     got = rerank_tokens(q, keys, cand, keep=12, scale=0.3)
     assert torch.equal(got.sort(-1).values, cand.sort(-1).values)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def no_sync(device: str):
+    """On a GPU, any operation inside that waits for the device raises (torch's sync debug mode)."""
+    if device != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reranked_tokens_fill_their_rows_where_they_were_ranked(device):
+    """``ReRanked.fill`` over a compact layout of three requests (sparse, dense, sparse; heads keeping different
+    counts, one keeping none) writes each kept token where laying the kept tokens out on the host puts it; the
+    ranking and the fill run on ``device`` without waiting for it."""
+    from icecache_sglang.runtime.plan import ReRanked, compact_layout
+
+    g = torch.Generator().manual_seed(7)
+    H, W, slots, d = 3, 5, 2000, 8
+    fixed = [(np.arange(4), np.arange(100, 103)), (np.arange(200, 230), np.empty(0, np.int64)),
+             (np.arange(300, 302), np.arange(400, 406))]
+    cand = torch.stack([torch.stack([torch.randperm(slots - 1000, generator=g)[:2 * W] + 1000 for _ in range(H)])
+                        for _ in range(2)])
+    cand[0, 1, 2:] = -1  # two valid: keeps 2
+    cand[0, 2, :] = -1  # none: keeps none
+    cand[1, 2, 1:] = -1  # keeps 1
+    q, keys = torch.randn(2, 2 * H, d, generator=g), torch.randn(slots, H, d, generator=g)
+    counts = np.minimum((cand >= 0).sum(-1).numpy(), W)
+    take = np.arange(W)[None, None, :] < counts[..., None]
+    order = [0, 2]
+    with no_sync(device):
+        kept = rerank_tokens(q.to(device), keys.to(device), cand.to(device), W, 0.3)
+    want = compact_layout(fixed, {b: kept[j].cpu().numpy() for j, b in enumerate(order)}, H, {})
+    rr = ReRanked(order, kept, counts, take, {b: np.where(take[j], 0, -1) for j, b in enumerate(order)})
+    tokens, indptr, rows = compact_layout(fixed, rr.placeholders, H, {})
+    rows = torch.from_numpy(rows).to(device)
+    with no_sync(device):
+        rr.fill(rows, indptr, fixed, H)
+    assert np.array_equal(tokens, want[0]) and np.array_equal(indptr, want[1])
+    assert np.array_equal(rows.cpu().numpy(), want[2])

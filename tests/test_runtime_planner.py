@@ -196,31 +196,6 @@ def test_a_reranked_compact_plan_is_filled_where_the_keys_are(planner):
     assert m.reranked_selections == 4
 
 
-def test_reranked_tokens_fill_their_rows_in_a_batch_with_dense_and_sparse_requests():
-    """``ReRanked.fill`` over a compact layout of three requests (sparse, dense, sparse; heads keeping different
-    counts, one keeping none) writes each kept token where laying the kept tokens out on the host puts it."""
-    from icecache_sglang.runtime.plan import ReRanked, compact_layout
-
-    rng = np.random.default_rng(7)
-    Hh, W = 3, 5
-    fixed = [(np.arange(4), np.arange(100, 103)), (np.arange(200, 230), np.empty(0, np.int64)),
-             (np.arange(300, 302), np.arange(400, 406))]
-    kept = np.full((2, Hh, W), -1, np.int64)
-    counts = np.array([[5, 2, 0], [3, 5, 1]])
-    for j in range(2):
-        for h in range(Hh):
-            kept[j, h, :counts[j, h]] = rng.choice(1000, counts[j, h], replace=False) + 1000
-    order = [0, 2]
-    take = np.arange(W)[None, None, :] < counts[..., None]
-    want = compact_layout(fixed, {b: kept[j] for j, b in enumerate(order)}, Hh, {})
-    rr = ReRanked(order, torch.from_numpy(kept), counts, take, {b: np.where(take[j], 0, -1) for j, b in enumerate(order)})
-    tokens, indptr, rows = compact_layout(fixed, rr.placeholders, Hh, {})
-    rows = torch.from_numpy(rows.copy())
-    rr.fill(rows, indptr, fixed, Hh)
-    assert np.array_equal(tokens, want[0]) and np.array_equal(indptr, want[1])
-    assert np.array_equal(rows.numpy(), want[2])
-
-
 class HeldQuery(HostQuery):
     """A layer's queries whose copy to the host has not landed until ``HeldQuery.landed`` (what a GPU's
     asynchronous copy looks like to the planner; on CPU the queries are on the host at once)."""

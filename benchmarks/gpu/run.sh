@@ -2,7 +2,8 @@
 # One command on a CUDA machine: make the packages importable, then check and time IceCache's GPU path.
 #   bash benchmarks/gpu/run.sh [--tests] [gpu_path.py arguments]   (results: benchmarks/results/gpu/ or --out DIR)
 # --tests first runs the kernel and offload unit tests on the GPU (tests/test_kernels.py, tests/test_offload.py,
-# tests/test_prefill_staging.py: the host-resident pool's reads and writes of registered host memory).
+# tests/test_prefill_staging.py: the host-resident pool's reads and writes of registered host memory;
+# tests/test_rerank.py: re-ranked tokens written into a plan on the device without a sync).
 # Wheels (and the trimmed flashinfer tarball, see benchmarks/gpu/README.md) found in .whl/ are installed into
 # /tmp/site first, for machines that cannot reach a package index.
 set -euo pipefail
@@ -28,6 +29,6 @@ export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/flashinfer-ws
 if [ "${1:-}" = "--tests" ]; then
   shift
   PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_offload.py \
-    tests/test_prefill_staging.py
+    tests/test_prefill_staging.py tests/test_rerank.py
 fi
 exec python3 benchmarks/gpu/gpu_path.py "$@"
