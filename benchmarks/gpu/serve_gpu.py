@@ -74,6 +74,7 @@ def kv_bytes_per_token(cfg: dict, elem: int) -> int:
     return cfg["num_hidden_layers"] * 2 * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * elem
 
 
+COVERING_BUDGET = 65600  # the check's budget above its prompt: IceCache decodes densely, outputs must equal dense's
 MODEL = [LLAMA_8B, 2]  # the served model's config and KV element size (the tiny model's under --cpu-dry-run)
 CHECK_CONTEXT, CHECK_TOKENS = 4000, 32
 
@@ -247,10 +248,13 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
         check = {**base, "phase": "check", "context": CHECK_CONTEXT, "output_tokens": CHECK_TOKENS}
         # offload: the device pool's lanes hold the launch budget at most, so no covering budget at runtime
         offload = bool(cfg and cfg.get("offload"))
-        budgets = [None] if cfg is None else ([] if offload else [65600]) + list(a.budgets)
+        budgets = [None] if cfg is None else ([] if offload else [COVERING_BUDGET]) + list(a.budgets)
+        rerank = int((cfg or {}).get("token_rerank", 1))
         for budget in [] if a.skip_check else budgets:
-            if budget is not None:
-                srv.set_icecache(budget_tokens=budget)
+            if budget is not None:  # a covering budget decodes densely: re-ranking off for it (m x its pages
+                # would pass the indexer's page limit and be refused), back on for the sparse budgets
+                srv.set_icecache(budget_tokens=budget, **({"token_rerank": 1 if budget == COVERING_BUDGET else rerank}
+                                                          if rerank > 1 else {}))
             got = stream(srv.url, prompt(7, CHECK_CONTEXT), CHECK_TOKENS, 300)["output_ids"]
             key = "dense" if budget is None else budget
             if budget is None:
@@ -259,7 +263,7 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
             same = None if ref is None else sum(int(x == y) for x, y in zip(got, ref)) / max(len(ref), 1)
             rec.add({**check, "budget": budget, "output_ids": got, "matches_dense": got == ref if ref else None,
                      "agreement_with_dense": same, "what": "dense reference" if key == "dense" else
-                     ("budget covers the context: must equal dense" if budget == 65600 else "sparse (random weights: informational)")})
+                     ("budget covers the context: must equal dense" if budget == COVERING_BUDGET else "sparse (random weights: informational)")})
         points = [(c, b, bud) for b in sorted(a.batches) for c in a.contexts
                   for bud in ([None] if cfg is None else a.budgets)]
         if cfg is not None:  # one request per context first, the costly batches last
@@ -297,6 +301,8 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
                       "fallbacks": after.get("fallbacks", 0) - before.get("fallbacks", 0),
                       "sparse_rows": after.get("sparse_rows", 0) - before.get("sparse_rows", 0),
                       "reused_selections": after.get("reused_selections", 0) - before.get("reused_selections", 0),
+                      "reranked_selections": (after.get("reranked_selections", 0)
+                                              - before.get("reranked_selections", 0)),
                       "selection_age_steps_max": after.get("selection_age_steps_max"),
                       "index_bytes": after.get("index_bytes"), "icecache_host_bytes": after.get("icecache_host_bytes"),
                       "attended_kv_bytes_last": after.get("attended_kv_bytes_last"),
@@ -394,7 +400,7 @@ def main(argv=None) -> int:
              "icecache-async-lowrank": {"max_stale_steps": 4, "selection": "lowrank"},
              # and with the page stage (only the codes of the pages whose summaries rank best)
              "icecache-async-lowrank-pages": {"max_stale_steps": 4, "selection": "lowrank_pages"},
-             # token re-ranking among twice the pages (the kept slots come back to the host per anchor layer)
+             # token re-ranking among twice the pages (kept slots written into the FlashInfer plan on the device)
              "icecache-async-rerank2": {"max_stale_steps": 4, "token_rerank": 2},
              # issue 15: SGLang's KV pool pinned in host memory (host_kv_gb: half the host's free RAM), prefill
              # over rows staged to the device, decode from the device pool's lanes
