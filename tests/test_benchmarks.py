@@ -100,3 +100,22 @@ def test_exact_batch_compares_the_same_answers_and_restores_the_service():
     assert all(r[f"{m}_us"] > 0 for r in recs for m in ("batched", "batched_one_thread", "batched_all_threads",
                                                          "one_at_a_time"))
     assert (service.BATCHED_SCANS, service.SERIAL_BATCH_SEQUENCES) == before
+
+
+def test_the_gpu_serving_harness_runs_a_reranking_mode_on_cpu(tmp_path):
+    """``serve_gpu.py --cpu-dry-run`` (the harness on SGLang's CPU engine with the tiny model) measures a mode
+    with ``token_rerank``: its outputs check at a budget covering the prompt must not ask the indexer for more
+    pages than it selects (the server refused that setting and the mode never measured anything on the GPU)."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
+    import serve_gpu
+
+    assert serve_gpu.main(["--cpu-dry-run", "--out", str(tmp_path), "--modes", "icecache-async-rerank2",
+                           "--contexts", "600", "--batches", "1", "--budgets", "256", "--output-tokens", "8",
+                           "--min-point-s", "1"]) == 0
+    recs = json.loads((tmp_path / "serve_gpu.json").read_text())
+    assert not [r for r in recs if r["phase"] == "error"], [r.get("error") for r in recs]
+    assert [r["budget"] for r in recs if r["phase"] == "check"] == [serve_gpu.COVERING_BUDGET, 256]
+    serve = [r for r in recs if r["phase"] == "serve"]
+    assert len(serve) == 1 and serve[0]["tpot_s"] > 0 and serve[0]["reranked_selections"] > 0
