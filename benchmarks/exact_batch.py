@@ -3,16 +3,20 @@
 sequence (five or six numba calls each, on the query's thread alone below ``SERIAL_SCAN_ELEMENTS``).
 
 Arms, all through the same ``IndexerService._query`` (a ``Query`` message as the socket loop hands it over):
-``batched`` (the service's rule: one thread for fewer than ``SERIAL_BATCH_SEQUENCES`` sequences),
-``batched_one_thread``, ``batched_all_threads`` and ``one_at_a_time``. Same process, the same indexes built the
+``batched`` (the service's rule: one thread for fewer than ``SERIAL_BATCH_SEQUENCES`` small sequences),
+``batched_one_thread`` (the small ones), ``batched_all_threads`` (every sequence in the batch, on every thread) and
+``one_at_a_time``. Same process, the same indexes built the
 way the server builds them (int8 rows rescored from a bfloat16 key store, the mass merge), interleaved query by
 query with each arm going first in turn, so drift of this machine's speed and warm caches favour none; the pages
 and slots are checked equal. Shapes are real models' attention per rank: SmolLM2-135M (3 KV heads x 3 query
-heads, d=64), Qwen2.5-0.5B (2 x 7, d=64), Llama-3.1-8B at TP 8 (1 x 4, d=128). Contexts stay below the size
-from which a sequence is scanned alone on every thread (``SERIAL_SCAN_ELEMENTS``). Synthetic low-rank keys.
+heads, d=64), Qwen2.5-0.5B (2 x 7, d=64), Llama-3.1-8B at TP 8 (1 x 4, d=128) and TP 1 (8 x 4). Contexts stay
+below ``SERIAL_SCAN_ELEMENTS`` key elements per sequence, or with ``--long`` above it (Qwen2.5-0.5B at 16k and 64k,
+Llama-3.1-8B at 4k and 32k: a query's long sequences are scanned together when it has ``BATCHED_LONG_SEQUENCES`` of
+them and they are below ``LONGEST_BATCHED_ELEMENTS``, apart from its small ones). Synthetic low-rank keys.
 
     python benchmarks/exact_batch.py            # ~3 min on 2 cores
     python benchmarks/exact_batch.py --quick    # < 1 min
+    python benchmarks/exact_batch.py --long     # sequences above SERIAL_SCAN_ELEMENTS, ~3 min
 """
 
 from __future__ import annotations
@@ -41,7 +45,13 @@ from icecache_sglang.indexer import service as svc  # noqa: E402
 from icecache_sglang.indexer.config import IndexerConfig  # noqa: E402
 
 SERIAL_BATCH_SEQUENCES, BATCHED_SCANS = svc.SERIAL_BATCH_SEQUENCES, svc.BATCHED_SCANS  # the service's settings
-SHAPES = {"SmolLM2-135M": (3, 3, 64), "Qwen2.5-0.5B": (2, 7, 64), "Llama-3.1-8B TP8": (1, 4, 128)}
+LONGEST_BATCHED_ELEMENTS, BATCHED_LONG_SEQUENCES = svc.LONGEST_BATCHED_ELEMENTS, svc.BATCHED_LONG_SEQUENCES
+SHAPES = {"SmolLM2-135M": (3, 3, 64), "Qwen2.5-0.5B": (2, 7, 64), "Llama-3.1-8B TP8": (1, 4, 128),
+          "Llama-3.1-8B": (8, 4, 128)}
+#: contexts at or above ``SERIAL_SCAN_ELEMENTS`` (``--long``): several such sequences below ``LONGEST_BATCHED_ELEMENTS``
+#: are scanned together, one alone one at a time (``batched`` is the service's rule; ``batched_all_threads`` puts
+#: every sequence in the batch, whatever its length or count)
+LONG = {"Qwen2.5-0.5B": [16384, 65536], "Llama-3.1-8B": [4096, 32768]}
 P, C = 16, 16  # a 256-token budget of 16-token pages
 
 
@@ -72,12 +82,17 @@ def measure(shape: str, context: int, batches: list[int], reps: int, rng) -> lis
                     svc.BATCHED_SCANS = () if mode == "one_at_a_time" else BATCHED_SCANS
                     svc.SERIAL_BATCH_SEQUENCES = {"batched_one_thread": 1 << 62, "batched_all_threads": 0}.get(
                         mode, SERIAL_BATCH_SEQUENCES)  # "batched": the service's rule
+                    forced = mode == "batched_all_threads"  # every sequence in the batch, whatever its length
+                    svc.LONGEST_BATCHED_ELEMENTS = 1 << 62 if forced else LONGEST_BATCHED_ELEMENTS
+                    svc.BATCHED_LONG_SEQUENCES = 1 if forced else BATCHED_LONG_SEQUENCES
                     try:
                         t = time.perf_counter()
                         _, out = service.handle(*msgs[k % reps])
                         dt = time.perf_counter() - t
                     finally:
                         svc.SERIAL_BATCH_SEQUENCES = SERIAL_BATCH_SEQUENCES
+                        svc.LONGEST_BATCHED_ELEMENTS = LONGEST_BATCHED_ELEMENTS
+                        svc.BATCHED_LONG_SEQUENCES = BATCHED_LONG_SEQUENCES
                     if k >= 2:
                         times[mode].append(dt)
                     if k == 0:
@@ -132,23 +147,33 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one context per shape, few repetitions")
     ap.add_argument("--reps", type=int)
+    ap.add_argument("--long", action="store_true", help="sequences above SERIAL_SCAN_ELEMENTS (exact_batch_long.*)")
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from the existing JSON")
     args = ap.parse_args(argv)
     name = "exact_batch"
     if args.replot:
         from common import RESULTS
 
+        name += "_long" if args.long else ""
         plot(json.loads((RESULTS / f"{name}{'_quick' if args.quick else ''}.json").read_text()), png_path(name, args.quick))
         return
     reps = args.reps or (10 if args.quick else 40)
     batches = [1, 4, 12] if args.quick else [1, 2, 4, 8, 16, 32]
     rng = np.random.default_rng(0)
     records = []
-    for shape, (H, g, d) in SHAPES.items():
-        longest = (svc.SERIAL_SCAN_ELEMENTS - 1) // (H * d)  # the longest sequence scanned with the batch
-        contexts = [min(2048, longest)] if args.quick else sorted({512, 2048, min(4096, longest)})
-        for ctx in contexts:
-            records += measure(shape, ctx, batches, reps, rng)
+    if args.long:
+        name += "_long"
+        for shape, contexts in LONG.items():
+            for ctx in contexts:
+                records += measure(shape, ctx, [1, 2, 4, 8], args.reps or 20, rng)
+    else:
+        for shape, (H, g, d) in SHAPES.items():
+            if shape == "Llama-3.1-8B":
+                continue  # (its small sequences: below 1024 tokens; at TP 8 above)
+            longest = (svc.SERIAL_SCAN_ELEMENTS - 1) // (H * d)  # the longest sequence scanned with the batch
+            contexts = [min(2048, longest)] if args.quick else sorted({512, 2048, min(4096, longest)})
+            for ctx in contexts:
+                records += measure(shape, ctx, batches, reps, rng)
     path = write_records(name, args.quick, records)
     plot(json.loads(path.read_text()), png_path(name, args.quick))
     print(f"wrote {path}")

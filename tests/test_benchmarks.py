@@ -94,12 +94,14 @@ def test_exact_batch_compares_the_same_answers_and_restores_the_service():
 
     from icecache_sglang.indexer import service
 
-    before = (service.BATCHED_SCANS, service.SERIAL_BATCH_SEQUENCES)
+    before = (service.BATCHED_SCANS, service.SERIAL_BATCH_SEQUENCES, service.LONGEST_BATCHED_ELEMENTS,
+              service.BATCHED_LONG_SEQUENCES)
     recs = exact_batch.measure("SmolLM2-135M", 300, [1, 4], reps=2, rng=np.random.default_rng(0))
     assert [r["batch"] for r in recs] == [1, 4] and all(r["same_answers"] for r in recs)
     assert all(r[f"{m}_us"] > 0 for r in recs for m in ("batched", "batched_one_thread", "batched_all_threads",
                                                          "one_at_a_time"))
-    assert (service.BATCHED_SCANS, service.SERIAL_BATCH_SEQUENCES) == before
+    assert (service.BATCHED_SCANS, service.SERIAL_BATCH_SEQUENCES, service.LONGEST_BATCHED_ELEMENTS,
+            service.BATCHED_LONG_SEQUENCES) == before
 
 
 def test_the_gpu_serving_harness_runs_a_reranking_mode_on_cpu(tmp_path):

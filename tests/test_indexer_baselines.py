@@ -243,8 +243,9 @@ def test_a_small_sequences_baseline_runs_on_one_thread_with_the_same_answer(serv
 @pytest.mark.parametrize("policy", ["exact", "oracle_page"])
 def test_small_sequences_exact_scans_run_as_one_batch_with_the_same_answer(served, monkeypatch, policy):
     """The exact scans of a query's small sequences run in one numba call (``index/scan_batch.py``; on one thread
-    for fewer than ``SERIAL_BATCH_SEQUENCES``, else one per (sequence, KV head) pair at most), the long ones one
-    sequence at a time; either way each sequence gets the pages and slots ``select_baseline`` gives it."""
+    for fewer than ``SERIAL_BATCH_SEQUENCES``, else one per (sequence, KV head) pair at most), its long ones in a
+    second call when there are ``BATCHED_LONG_SEQUENCES`` of them, else one sequence at a time; either way each
+    sequence gets the pages and slots ``select_baseline`` gives it."""
     import numba
 
     from icecache_sglang.indexer import protocol as p
@@ -272,11 +273,14 @@ def test_small_sequences_exact_scans_run_as_one_batch_with_the_same_answer(serve
     batched.clear()
     monkeypatch.setattr(svc, "SERIAL_SCAN_ELEMENTS", 260 * H * D)  # sequence 9 (220 tokens) small, 7 and 8 long
     _, mixed = local.handle(*p.as_received(0, op, {"q": qs}))
-    assert batched == [1] and single == [1, 1]
+    assert batched == [1, 2] and not single  # the small one, then the two long ones together
+    monkeypatch.setattr(svc, "BATCHED_LONG_SEQUENCES", 3)  # two long ones are too few: one at a time
+    _, long_apart = local.handle(*p.as_received(0, op, {"q": qs}))
+    assert batched == [1, 2, 1] and single == [1, 1]
     monkeypatch.setattr(svc, "BATCHED_SCANS", ())
     _, apart = local.handle(*p.as_received(0, op, {"q": qs}))
-    assert batched == [1] and len(single) == 5
-    for got in (together, parallel, mixed):
+    assert batched == [1, 2, 1] and len(single) == 5
+    for got in (together, parallel, mixed, long_apart):
         assert np.array_equal(got["pages"], apart["pages"]) and np.array_equal(got["slots"], apart["slots"])
     store = local.store.keys[0]
     for b, seq in enumerate(seqs):

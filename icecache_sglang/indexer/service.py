@@ -49,6 +49,13 @@ SERIAL_SCAN_ELEMENTS = 1 << 20
 #: (``index/scan_batch.py``): the same pages as one ``select_baseline`` per sequence, without its fixed cost per
 #: sequence (``benchmarks/exact_batch.py``)
 BATCHED_SCANS = ("exact", "oracle_page")
+#: a query's longer sequences, below ``LONGEST_BATCHED_ELEMENTS``, are scanned together too (a second call) when it
+#: has at least this many; one alone keeps the per-sequence scan, whose work items are chunks of pages
+BATCHED_LONG_SEQUENCES = 2
+#: sequences with this many key elements or more are always scanned one at a time (2 cores, ``exact_batch.py
+#: --long``, 2-8 sequences together against one at a time: 1.5-1.7x at 2^21-2^22 elements, 1.1-1.2x at 2^23,
+#: 0.96-1.08x at 2^25 (32k tokens of 8 KV heads x 128); the serving grid's 32k-128k sequences keep their path)
+LONGEST_BATCHED_ELEMENTS = 1 << 24
 #: that batch runs on the query's thread alone when it has fewer sequences than this, else on up to one thread per
 #: (sequence, KV head) pair (2 cores, ``exact_batch.py``: at 1 sequence one thread was 5-30% faster, at 2 either
 #: within 10%, from 4 two threads were up to 1.8x faster, or at worst 7% slower)
@@ -342,18 +349,15 @@ class IndexerService:
         n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
         live = [b for b in range(B) if n_tokens[b] and finite[b]]
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
-            small = [b for b in live if n_tokens[b] * H * self.d < SERIAL_SCAN_ELEMENTS]
-            if op.policy in BATCHED_SCANS and small:  # one numba call: every (sequence, KV head) pair in parallel
-                threads = numba.get_num_threads()
-                numba.set_num_threads(1 if len(small) < SERIAL_BATCH_SEQUENCES else min(threads, len(small) * H))
-                try:
-                    pages[small], sl = scan_index_batch(self.table.states, [indexes[b] for b in small], q[small], P,
-                                                        merge=op.merge, store=self.store.keys[op.layer])
-                finally:
-                    numba.set_num_threads(threads)
-                if slots is not None:
-                    slots[small] = sl
-                live = sorted(set(live) - set(small))
+            if op.policy in BATCHED_SCANS:  # one numba call per group: every (sequence, KV head) pair in parallel
+                small = [b for b in live if n_tokens[b] * H * self.d < SERIAL_SCAN_ELEMENTS]
+                long = [b for b in live if SERIAL_SCAN_ELEMENTS <= n_tokens[b] * H * self.d < LONGEST_BATCHED_ELEMENTS]
+                groups = [(small, len(small) < SERIAL_BATCH_SEQUENCES)] if small else []
+                if len(long) >= BATCHED_LONG_SEQUENCES:  # apart from the small ones: a static split of unequal
+                    groups.append((long, False))  # work items would leave threads idle
+                for group, one_thread in groups:
+                    self._scan_together(group, one_thread, indexes, q, P, op, pages, slots)
+                    live = sorted(set(live) - set(group))
             threads = numba.get_num_threads()
             try:
                 for b in live:
@@ -385,6 +389,19 @@ class IndexerService:
         if slots is not None:
             out["slots"] = slots
         return p.QueryResult(n_tokens=n_tokens, search_us=dt), out
+
+    def _scan_together(self, group: list[int], one_thread: bool, indexes, q, P: int, op: p.Query, pages, slots) -> None:
+        """The exact scan of the query's sequences ``group`` in one numba call (``index/scan_batch.py``), on the
+        query's thread alone or on up to one thread per (sequence, KV head) pair; their pages (and slots) filled in."""
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1 if one_thread else min(threads, len(group) * self.H))
+        try:
+            pages[group], sl = scan_index_batch(self.table.states, [indexes[b] for b in group], q[group], P,
+                                                merge=op.merge, store=self.store.keys[op.layer])
+        finally:
+            numba.set_num_threads(threads)
+        if slots is not None:
+            slots[group] = sl
 
     def _share_args(self, op: p.Share) -> tuple[int, int, int]:
         self._seq_id("src", op.src)
