@@ -70,48 +70,57 @@ def measure(shape: str, context: int, batches: list[int], reps: int, rng) -> lis
             service.handle(*p.as_received(0, p.Build(seq=b, layers=[0]), {"slots": slots.astype(np.int32)}))
             queries.append(Q)
         records = []
-        for B in batches:
-            op = p.Query(layer=0, seqs=list(range(B)), n_pages=P, policy="exact", merge="mass", want_slots=True)
-            msgs = [p.as_received(0, op, {"q": np.stack([queries[b][k] for b in range(B)]).astype(np.float32)})
-                    for k in range(reps)]
-            modes = ("batched", "batched_one_thread", "batched_all_threads", "one_at_a_time")
-            times = {m: [] for m in modes}
-            answers = {}
-            for k in range(reps + 2):  # two untimed rounds first (caches, numba's threads)
-                for mode in modes[k % len(modes):] + modes[: k % len(modes)]:  # each goes first in turn
-                    svc.BATCHED_SCANS = () if mode == "one_at_a_time" else BATCHED_SCANS
-                    svc.SERIAL_BATCH_SEQUENCES = {"batched_one_thread": 1 << 62, "batched_all_threads": 0}.get(
-                        mode, SERIAL_BATCH_SEQUENCES)  # "batched": the service's rule
-                    forced = mode == "batched_all_threads"  # every sequence in the batch, whatever its length
-                    svc.LONGEST_BATCHED_ELEMENTS = 1 << 62 if forced else LONGEST_BATCHED_ELEMENTS
-                    svc.BATCHED_LONG_SEQUENCES = 1 if forced else BATCHED_LONG_SEQUENCES
-                    try:
-                        t = time.perf_counter()
-                        _, out = service.handle(*msgs[k % reps])
-                        dt = time.perf_counter() - t
-                    finally:
-                        svc.SERIAL_BATCH_SEQUENCES = SERIAL_BATCH_SEQUENCES
-                        svc.LONGEST_BATCHED_ELEMENTS = LONGEST_BATCHED_ELEMENTS
-                        svc.BATCHED_LONG_SEQUENCES = BATCHED_LONG_SEQUENCES
-                    if k >= 2:
-                        times[mode].append(dt)
-                    if k == 0:
-                        answers[mode] = out
-            same = all(np.array_equal(answers[m][a], answers["one_at_a_time"][a]) for m in modes for a in ("pages", "slots"))
-            rec = {"model_shape": shape, "kv_heads": H, "q_heads": H * g, "head_dim": d, "context": context,
-                   "batch": B, "n_pages": P, "page_size": C, "reps": reps, "same_answers": same,
-                   "numba_threads": numba.get_num_threads(), "batch_elements": B * context * H * d,
-                   "serial_batch_sequences": SERIAL_BATCH_SEQUENCES,
-                   **{f"{m}_us": float(np.median(times[m])) * 1e6 for m in modes}}
-            rec["speedup"] = rec["one_at_a_time_us"] / rec["batched_us"]
-            print(f"  {shape:18s} ctx {context:5d} B {B:2d}: one at a time {rec['one_at_a_time_us']:7.0f} us, "
-                  f"batched {rec['batched_us']:7.0f} us ({rec['speedup']:.2f}x; one thread "
-                  f"{rec['batched_one_thread_us']:7.0f}, all threads {rec['batched_all_threads_us']:7.0f} us), "
-                  f"same answers: {same}", flush=True)
-            records.append(rec)
-        service.close()
-        store.close()
-    svc.BATCHED_SCANS = BATCHED_SCANS
+        try:
+            records += _measure_batches(service, queries, shape, context, batches, reps, H, g, d)
+        finally:
+            svc.BATCHED_SCANS = BATCHED_SCANS
+            service.close()
+            store.close()
+    return records
+
+
+def _measure_batches(service, queries, shape, context, batches, reps, H, g, d) -> list[dict]:
+    """Each batch size's record: every arm over the same query messages, interleaved."""
+    records = []
+    for B in batches:
+        op = p.Query(layer=0, seqs=list(range(B)), n_pages=P, policy="exact", merge="mass", want_slots=True)
+        msgs = [p.as_received(0, op, {"q": np.stack([queries[b][k] for b in range(B)]).astype(np.float32)})
+                for k in range(reps)]
+        modes = ("batched", "batched_one_thread", "batched_all_threads", "one_at_a_time")
+        times = {m: [] for m in modes}
+        answers = {}
+        for k in range(reps + 2):  # two untimed rounds first (caches, numba's threads)
+            for mode in modes[k % len(modes):] + modes[: k % len(modes)]:  # each goes first in turn
+                svc.BATCHED_SCANS = () if mode == "one_at_a_time" else BATCHED_SCANS
+                svc.SERIAL_BATCH_SEQUENCES = {"batched_one_thread": 1 << 62, "batched_all_threads": 0}.get(
+                    mode, SERIAL_BATCH_SEQUENCES)  # "batched": the service's rule
+                forced = mode == "batched_all_threads"  # every sequence in the batch, whatever its length
+                svc.LONGEST_BATCHED_ELEMENTS = 1 << 62 if forced else LONGEST_BATCHED_ELEMENTS
+                svc.BATCHED_LONG_SEQUENCES = 1 if forced else BATCHED_LONG_SEQUENCES
+                try:
+                    t = time.perf_counter()
+                    _, out = service.handle(*msgs[k % reps])
+                    dt = time.perf_counter() - t
+                finally:
+                    svc.SERIAL_BATCH_SEQUENCES = SERIAL_BATCH_SEQUENCES
+                    svc.LONGEST_BATCHED_ELEMENTS = LONGEST_BATCHED_ELEMENTS
+                    svc.BATCHED_LONG_SEQUENCES = BATCHED_LONG_SEQUENCES
+                if k >= 2:
+                    times[mode].append(dt)
+                if k == 0:
+                    answers[mode] = out
+        same = all(np.array_equal(answers[m][a], answers["one_at_a_time"][a]) for m in modes for a in ("pages", "slots"))
+        rec = {"model_shape": shape, "kv_heads": H, "q_heads": H * g, "head_dim": d, "context": context,
+               "batch": B, "n_pages": P, "page_size": C, "reps": reps, "same_answers": same,
+               "numba_threads": numba.get_num_threads(), "batch_elements": B * context * H * d,
+               "serial_batch_sequences": SERIAL_BATCH_SEQUENCES,
+               **{f"{m}_us": float(np.median(times[m])) * 1e6 for m in modes}}
+        rec["speedup"] = rec["one_at_a_time_us"] / rec["batched_us"]
+        print(f"  {shape:18s} ctx {context:5d} B {B:2d}: one at a time {rec['one_at_a_time_us']:7.0f} us, "
+              f"batched {rec['batched_us']:7.0f} us ({rec['speedup']:.2f}x; one thread "
+              f"{rec['batched_one_thread_us']:7.0f}, all threads {rec['batched_all_threads_us']:7.0f} us), "
+              f"same answers: {same}", flush=True)
+        records.append(rec)
     return records
 
 

@@ -114,7 +114,7 @@ def test_the_gpu_serving_harness_runs_a_reranking_mode_on_cpu(tmp_path):
     import serve_gpu
 
     assert serve_gpu.main(["--cpu-dry-run", "--out", str(tmp_path), "--modes", "icecache-async-rerank2",
-                           "--contexts", "600", "--batches", "1", "--budgets", "256", "--output-tokens", "8",
+                           "--contexts", "600", "--batches", "1", "--budgets", "256", "--output-tokens", "24",
                            "--min-point-s", "1"]) == 0
     recs = json.loads((tmp_path / "serve_gpu.json").read_text())
     assert not [r for r in recs if r["phase"] == "error"], [r.get("error") for r in recs]

@@ -64,7 +64,8 @@ def test_no_request_compiles_after_warmup(tmp_path, dtype, monkeypatch):
                                    {"q": (qb[:1], "bfloat16")})
                 assert res.n_tokens == [N + 1]
                 call(svc, p.Query(layer=0, seqs=[1, 2], n_pages=8, policy=policy, merge=merge), {"q": q})
-        monkeypatch.setattr(service, "SERIAL_SCAN_ELEMENTS", 0)  # long sequences: scanned one at a time
+        monkeypatch.setattr(service, "SERIAL_SCAN_ELEMENTS", 0)  # every sequence long, and long ones
+        monkeypatch.setattr(service, "BATCHED_LONG_SEQUENCES", 99)  # scanned one at a time (scan_index)
         for merge in ("rank", "mass"):
             call(svc, p.Query(layer=0, seqs=[1, 2], n_pages=8, policy="exact", merge=merge), {"q": q})
         monkeypatch.undo()
