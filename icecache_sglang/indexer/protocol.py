@@ -185,7 +185,7 @@ class StatsResult(msgspec.Struct, tag=True):
     blas_threads: int = 0  # OpenBLAS threads of the process (0: no OpenBLAS found; ``indexer/blas.py``)
     lowrank_rows: int = 0  # sequences' queries answered through the low-rank first pass (``selection: lowrank``)
     lowrank_indexes: int = 0  # indexes whose low-rank codes are fitted (``index/lowrank.py``)
-    nonfinite_queries: int = 0  # sequences' queries with a non-finite value (answered without pages)
+    nonfinite_queries: int = 0  # sequences' queries with a non-finite value (answered with their recent pages)
     lowrank_bytes: int = 0  # of index_bytes: the low-rank codes, maps and query moments
 
 

@@ -98,7 +98,7 @@ class IndexerService:
                                    read_keys=lambda layer, slots: self.store.read(layer, slots))
         self.requests = self.errors = self.queries = self.query_rows = self.expired = 0
         self.lowrank_rows = 0  # sequences' queries answered through the low-rank first pass (index/lowrank.py)
-        self.nonfinite_queries = 0  # sequences' queries with a non-finite value, answered without pages
+        self.nonfinite_queries = 0  # sequences' queries with a non-finite value, answered with their recent pages
         self.query_us_total = self.busy_us_total = 0.0
         self._pool: ThreadPoolExecutor | None = None  # write workers, started by warmup()
         self.write_workers = 1
@@ -335,11 +335,11 @@ class IndexerService:
         for s in op.seqs:
             self._known(s)
         finite = np.isfinite(q).all(axis=(1, 2))
-        if not finite.all():  # no selection for them (their request attends its sink and recent tokens); the
-            # others are answered as usual (a non-finite score would leave the scan's merges undefined)
+        if not finite.all():  # answered with their most recent pages, whatever the policy (a non-finite score
+            # would leave the scans' merges undefined); the others as usual
             if not self.nonfinite_queries:
-                logger.warning("a query of sequence(s) %s has non-finite values: answered without pages",
-                               [s for s, ok in zip(op.seqs, finite) if not ok])
+                logger.warning("a query of sequence(s) %s has non-finite values: answered with their most recent "
+                               "pages", [s for s, ok in zip(op.seqs, finite) if not ok])
             self.nonfinite_queries += int((~finite).sum())
         P, H, C = op.n_pages, self.H, self.C
         pages = np.full((B, H, P), -1, np.int32)
@@ -348,6 +348,11 @@ class IndexerService:
         indexes = [self.table.get(s, op.layer) for s in op.seqs]
         n_tokens = [idx.n_live if idx is not None else 0 for idx in indexes]
         live = [b for b in range(B) if n_tokens[b] and finite[b]]
+        for b in range(B):
+            if n_tokens[b] and not finite[b]:  # (the runtime may reuse it for a few steps, as any selection)
+                pages[b], sl = select_baseline(indexes[b], q[b], P, "streaming")
+                if slots is not None:
+                    slots[b] = sl
         if op.policy != "icecache":  # the exact scan, or a baseline over the same tokens (evaluation)
             if op.policy in BATCHED_SCANS:  # one numba call per group: every (sequence, KV head) pair in parallel
                 small = [b for b in live if n_tokens[b] * H * self.d < SERIAL_SCAN_ELEMENTS]
