@@ -104,12 +104,13 @@ def test_exact_batch_compares_the_same_answers_and_restores_the_service():
             service.BATCHED_LONG_SEQUENCES) == before
 
 
-def test_the_gpu_serving_harness_runs_a_reranking_mode_on_cpu(tmp_path):
+def test_the_gpu_serving_harness_runs_a_reranking_mode_on_cpu(tmp_path, monkeypatch):
     """``serve_gpu.py --cpu-dry-run`` (the harness on SGLang's CPU engine with the tiny model) measures a mode
     with ``token_rerank``: its outputs check at a budget covering the prompt must not ask the indexer for more
     pages than it selects (the server refused that setting and the mode never measured anything on the GPU)."""
     import json
 
+    monkeypatch.setattr(sys, "path", list(sys.path))  # serve_gpu puts the repository root on it: undone after
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
     import serve_gpu
 
