@@ -34,7 +34,7 @@ import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the indexer's policy (server.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import png_path, write_records  # noqa: E402
+from common import png_path, replot, write_records  # noqa: E402
 
 from icecache_sglang.index.config import IndexConfig  # noqa: E402
 from icecache_sglang.index.keys import to_storage  # noqa: E402
@@ -161,10 +161,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     name = "exact_batch"
     if args.replot:
-        from common import RESULTS
-
-        name += "_long" if args.long else ""
-        plot(json.loads((RESULTS / f"{name}{'_quick' if args.quick else ''}.json").read_text()), png_path(name, args.quick))
+        replot(name + ("_long" if args.long else ""), plot)
         return
     reps = args.reps or (10 if args.quick else 40)
     batches = [1, 4, 12] if args.quick else [1, 2, 4, 8, 16, 32]

@@ -197,25 +197,33 @@ def rescore_pages(best, cand, page_tok, page_fill, positions, store, Q):
     float32 ``<q, k>`` over the keys as the store holds them (``store [S, H, d]`` float32 or bfloat16 bits,
     the row of token ``t`` at ``positions[t]``). Parallel over KV heads; a page's rows are gathered once and
     scored for the head's ``g`` query rows four at a time, as ``page_maxima`` does."""
-    H, d = store.shape[1], Q.shape[1]
+    H = store.shape[1]
     g = Q.shape[0] // H
-    C = page_tok.shape[2]
     for h in prange(H):
-        row = np.empty(d, np.float32)
-        keys = np.empty(C * d, np.float32)
-        pages = head_candidates(cand, h, g, best.shape[1])
-        for i in range(min(CANDIDATES_AHEAD, pages.shape[0])):
-            _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i])
-        for i in range(pages.shape[0]):
-            if i + CANDIDATES_AHEAD < pages.shape[0]:
-                _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i + CANDIDATES_AHEAD])
-            p = pages[i]
-            f = page_fill[h, p]
-            for j in range(f):
-                kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
-                for k in range(d):
-                    keys[j * d + k] = kr[k]
-            _score_stored_page(keys, f, d, Q, h * g, (h + 1) * g, best, p)
+        rescore_head(best, Q, h * g, (h + 1) * g, head_candidates(cand, h, g, best.shape[1]), page_tok, page_fill,
+                     positions, store, h)
+
+
+@njit(cache=True, nogil=True, inline="always", fastmath=True)
+def rescore_head(best, Q, r0, r1, pages, page_tok, page_fill, positions, store, h):
+    """``rescore_pages`` for KV head ``h``: ``best[r, p]`` for its query rows ``r0 <= r < r1`` of ``Q`` and each
+    page ``p`` of ``pages`` (distinct ids) becomes the page's best score over the store's exact rows, gathered
+    once (their loads started ``CANDIDATES_AHEAD`` pages ahead)."""
+    d = Q.shape[1]
+    row = np.empty(d, np.float32)
+    keys = np.empty(page_tok.shape[2] * d, np.float32)
+    for i in range(min(CANDIDATES_AHEAD, pages.shape[0])):
+        _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i])
+    for i in range(pages.shape[0]):
+        if i + CANDIDATES_AHEAD < pages.shape[0]:
+            _prefetch_store_rows(store, positions, page_tok, page_fill, h, pages[i + CANDIDATES_AHEAD])
+        p = pages[i]
+        f = page_fill[h, p]
+        for j in range(f):
+            kr = key_row(store[positions[page_tok[h, p, j]], h], d, row)
+            for k in range(d):
+                keys[j * d + k] = kr[k]
+        _score_stored_page(keys, f, d, Q, r0, r1, best, p)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -432,4 +440,4 @@ def read_keys(page_keys, next_page, page_fill=None, chunk: int = CHUNK_PAGES) ->
 
 
 __all__ = ["ExactKeys", "index_exact_keys", "merged_pages", "read_keys", "rescore_best", "rescore_count", "scan_index",
-           "scan_pages", "scan_rows", "score_pages", "top_row"]
+           "rescore_head", "scan_pages", "scan_rows", "score_pages", "top_row"]

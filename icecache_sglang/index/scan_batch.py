@@ -23,9 +23,8 @@ import numpy as np
 from numba import njit, prange
 
 from .gqa_merge import _mass_one, check_merge
-from .keys import key_row
 from .pagetable import STATE_FIELDS
-from .scan import CANDIDATES_AHEAD, NEG_INF, RESCORE_FACTOR, _prefetch_store_rows, _score_stored_page, top_row
+from .scan import NEG_INF, RESCORE_FACTOR, _score_stored_page, head_candidates, rescore_head, top_row
 from .search import merge_group_pages
 
 _PAGE_TOK = STATE_FIELDS.index("page_tok")
@@ -70,8 +69,9 @@ def exact_batch(states, positions, which, Q, store, rescore, n_pages, mass, scal
         n = S[_NEXT_PAGE][h]
         fill = page_fill[h]
         Qh = np.ascontiguousarray(Q[b, h * g: (h + 1) * g])
-        Qs = Qh.copy()
+        Qs = Qh
         if rescore > 0:  # stored rows are keys / key_scale: score them against the queries times it
+            Qs = np.empty_like(Qh)
             ks = S[_KEY_SCALE][h]
             for r in range(g):
                 for i in range(d):
@@ -81,42 +81,13 @@ def exact_batch(states, positions, which, Q, store, rescore, n_pages, mass, scal
             f = fill[p]
             if f > 0:
                 _score_stored_page(page_keys[h, p].ravel(), f, d, Qs, 0, g, best, p)
-        if rescore > 0 and n > 0:
-            seen = np.zeros(n, np.bool_)
-            cand = np.empty(g * (rescore // RESCORE_FACTOR + 1) + rescore, np.int32)
-            k = 0
-            per_row = np.full(max(1, rescore // RESCORE_FACTOR), -1, np.int32)
+        if rescore > 0 and n > 0:  # the candidates ``scan.rescore_best`` takes: each row's best, the head's merge
+            per_row = max(1, rescore // RESCORE_FACTOR)
+            cand = np.full((g, per_row + rescore), -1, np.int32)
             for r in range(g):
-                per_row[:] = -1
-                top_row(best[r], fill, n, per_row.shape[0], per_row)
-                for x in range(per_row.shape[0]):
-                    p = per_row[x]
-                    if p >= 0 and not seen[p]:
-                        seen[p] = True
-                        cand[k] = p
-                        k += 1
-            per_head = np.full(rescore, -1, np.int32)
-            _merge_head(best, fill, n, g, rescore, mass, scale, per_head)
-            for x in range(rescore):
-                p = per_head[x]
-                if p >= 0 and not seen[p]:
-                    seen[p] = True
-                    cand[k] = p
-                    k += 1
-            row = np.empty(d, np.float32)
-            keys = np.empty(page_tok.shape[2] * d, np.float32)
-            for i in range(min(CANDIDATES_AHEAD, k)):
-                _prefetch_store_rows(store, pos, page_tok, page_fill, h, cand[i])
-            for i in range(k):
-                if i + CANDIDATES_AHEAD < k:
-                    _prefetch_store_rows(store, pos, page_tok, page_fill, h, cand[i + CANDIDATES_AHEAD])
-                p = cand[i]
-                f = fill[p]
-                for j in range(f):
-                    kr = key_row(store[pos[page_tok[h, p, j]], h], d, row)
-                    for c in range(d):
-                        keys[j * d + c] = kr[c]
-                _score_stored_page(keys, f, d, Qh, 0, g, best, p)
+                top_row(best[r], fill, n, per_row, cand[r, :per_row])
+            _merge_head(best, fill, n, g, rescore, mass, scale, cand[0, per_row:])
+            rescore_head(best, Qh, 0, g, head_candidates(cand, 0, g, n), page_tok, page_fill, pos, store, h)
         chosen = pages[b, h]
         _merge_head(best, fill, n, g, n_pages, mass, scale, chosen)
         for j in range(n_pages):

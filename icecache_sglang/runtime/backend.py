@@ -319,11 +319,11 @@ class IceCacheAttnBackend(AttentionBackend):
         for row, n, final in zip(rows, lens, ends):
             if self.device_pool is not None:  # the row's tokens may have been re-pointed (a session's next turn)
                 self.device_pool.release(row)
-            if self.tracker.is_sparse(row):  # a session's next turn: its selections were for the context before
+            next_turn = self.tracker.is_sparse(row)  # a session's next turn: its selections were for the turn before
+            if next_turn or (final and n > self.cfg.budget_tokens):
                 self.tracker.update(row, self.planner.row_slots(row, n), n, verify=True)
+            if next_turn:
                 self.planner.new_turn(row)
-            elif final and n > self.cfg.budget_tokens:
-                self.tracker.update(row, self.planner.row_slots(row, n), n, verify=True)
 
     @staticmethod
     def _rows_and_lens(forward_batch) -> tuple[list[int], list[int]]:

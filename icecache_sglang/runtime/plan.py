@@ -316,25 +316,27 @@ class Planner:
                                                tokens=torch.from_numpy(tokens))
         return plan
 
-    def _candidates(self, step: DecodeStep, picked: dict[int, np.ndarray]) -> np.ndarray:
-        """``cand [S, H, W]`` (int64, -1 padded): the candidate slots of the step's sparse requests, in its order."""
+    def _ranked(self, step: DecodeStep, picked: dict[int, np.ndarray], q3: torch.Tensor, keys: torch.Tensor,
+                keep: int, scale: float) -> tuple[list[int], np.ndarray, torch.Tensor]:
+        """The step's sparse requests ``order``, their candidate slots ``cand [S, H, W]`` (int64, -1 padded, on the
+        host) and the ``keep`` best of each by this step's queries (``rerank.py``), computed where the K plane is
+        and left there: ``[S, H, min(keep, W)]``, the valid ones first."""
         order = [int(b) for b in step.sparse]
         W = max(picked[b].shape[1] for b in order)
         cand = np.full((len(order), self.H, W), -1, np.int64)
         for j, b in enumerate(order):
             cand[j, :, :picked[b].shape[1]] = picked[b]
-        return cand
+        q = q3[step.sparse_index].to(keys.device)  # the rows ``plan`` gathered its queries with, on the device
+        self.metrics.reranked_selections += len(order)
+        return order, cand, rerank_tokens(q, keys, to_device(cand, keys.device), keep, scale)
 
     def _rerank(self, step: DecodeStep, picked: dict[int, np.ndarray], q3: torch.Tensor, keys: torch.Tensor,
                 keep: int, scale: float) -> dict[int, np.ndarray]:
-        """The ``keep`` best tokens of each request's candidate pages by this step's queries (``rerank.py``),
-        computed where the K plane is. The slots come back to the host, where the plans that need them are laid
-        out (the full layout, the device pool's lane map). ``picked`` holds every sparse request of the step,
-        in its order."""
-        order = [int(b) for b in step.sparse]
-        q = q3[step.sparse_index].to(keys.device)  # the rows ``plan`` gathered its queries with, on the device
-        kept = rerank_tokens(q, keys, to_device(self._candidates(step, picked), keys.device), keep, scale).cpu().numpy()
-        self.metrics.reranked_selections += len(order)
+        """The ``keep`` best tokens of each request's candidate pages (``_ranked``), back on the host, where the
+        plans that need them are laid out (the full layout, the device pool's lane map). ``picked`` holds every
+        sparse request of the step, in its order."""
+        order, _, kept = self._ranked(step, picked, q3, keys, keep, scale)
+        kept = kept.cpu().numpy()
         return {b: kept[j] for j, b in enumerate(order)}
 
     def _rerank_into_rows(self, step: DecodeStep, picked: dict[int, np.ndarray], q3: torch.Tensor,
@@ -343,14 +345,9 @@ class Planner:
         written into the plan's rows there (``ReRanked.fill``), so on a GPU nothing is read back per anchor
         layer. How many each (request, KV head) keeps is known on the host: every valid candidate up to
         ``keep`` (``rerank_tokens`` puts the valid ones first)."""
-        order = [int(b) for b in step.sparse]
-        cand = self._candidates(step, picked)
-        width = min(keep, cand.shape[2])
-        counts = np.minimum((cand >= 0).sum(-1), width)  # [S, H]
-        take = np.arange(width)[None, None, :] < counts[..., None]  # [S, H, width]: the kept tokens' places
-        q = q3[step.sparse_index].to(keys.device)
-        kept = rerank_tokens(q, keys, to_device(cand, keys.device), keep, scale)  # [S, H, width], on the device
-        self.metrics.reranked_selections += len(order)
+        order, cand, kept = self._ranked(step, picked, q3, keys, keep, scale)
+        counts = np.minimum((cand >= 0).sum(-1), kept.shape[2])  # [S, H]
+        take = np.arange(kept.shape[2])[None, None, :] < counts[..., None]  # [S, H, width]: the kept tokens' places
         placeholders = {b: np.where(take[j], 0, -1) for j, b in enumerate(order)}  # laid out as slot 0
         return ReRanked(order, kept, counts, take, placeholders)
 
