@@ -17,7 +17,7 @@ Two parts, both run here in one process:
   exact best page, with one scale per row and with the channel scales first. Beside it, the layout: the exact ranking's attention
   mass over the int8 index's pages and over a bfloat16 index's (the tree is built over the values each keeps).
 * **Bytes and time** (synthetic low-rank keys as ``index_speed.py``: 8 KV heads x 4 query heads each,
-  d 128, at 8k-128k; and SmolLM2-135M's 3 x 3 heads, d 64, at 1k): the index's allocated bytes per token and layer against the bfloat16 key row, and the median time
+  d 128, at 8k-128k; and SmolLM2-135M's 3 x 3 heads, d 64, at 1k, 2k and 8k): the index's allocated bytes per token and layer against the bfloat16 key row, and the median time
   of one step's selection for one layer, interleaved: the bfloat16 copy's scan, the int8 copy's scan with and
   without the rescoring, and a bare read of each copy.
 
@@ -293,8 +293,10 @@ def main(argv=None) -> None:
     if not args.quick:
         sources += [("smollm2-135m-instruct", "passkey", 4096), ("qwen2.5-coder-0.5b-instruct", "essays", 4096)]
     records = []
-    runs = [(1024, (3, 3, 64))] + [(n, (8, 4, 128)) for n in ((8192, 32768) if args.quick else (8192, 32768, 131072))]
-    for n, shape in runs:  # SmolLM2-135M's shape at 1k, then Llama-3.1-8B's
+    small = (1024,) if args.quick else (1024, 2048, 8192)
+    runs = [(n, (3, 3, 64)) for n in small] + [(n, (8, 4, 128)) for n in ((8192, 32768) if args.quick
+                                                                          else (8192, 32768, 131072))]
+    for n, shape in runs:  # SmolLM2-135M's shape, then Llama-3.1-8B's
         recs = speed(n, 12 if n > 40000 else 25, shape=shape)
         records += recs
         for r in recs:

@@ -101,13 +101,15 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                                     idx.key_scale[h][None])[0]):
                 _fail(h, "physical page rows differ from the tokens' keys")
             sqn = np.einsum("nd,nd->n", keys.astype(np.float64), keys.astype(np.float64))
-            if not np.allclose(sqn, idx.tok_sqn[h, live], rtol=1e-9, atol=1e-12):
+            # the tree's numbers are float32 (``pagetable.TREE_FLOAT``): a norm within two of its ulps, a
+            # projection within a few ulps of the largest (a lift adds to it in place)
+            if not np.allclose(sqn, idx.tok_sqn[h, live], rtol=2.5e-7, atol=1e-30):
                 _fail(h, "stored squared norms differ from the page rows")
-            want = key_projection(keys, sqn, idx.tok_m[h, live], idx.u)
+            want = key_projection(keys, idx.tok_sqn[h, live].astype(np.float64), idx.tok_m[h, live], idx.u)
             scale = np.sqrt(max(idx.M[h], 1e-30))
-            if not np.allclose(want, idx.tok_proj[h, live], rtol=0, atol=1e-7 * scale):
+            if not np.allclose(want, idx.tok_proj[h, live], rtol=0, atol=1e-6 * scale):
                 _fail(h, "stored projections differ from the keys' projections")
-            if np.any(idx.tok_sqn[h, live] > idx.M[h] * (1 + 1e-12)):
+            if np.any(idx.tok_sqn[h, live] > idx.M[h]):
                 _fail(h, "a key's squared norm exceeds M")
         # --- counters
         desc = np.zeros(n + 1, np.int64)

@@ -102,20 +102,20 @@ class PagedDCIIndex:
         axis 1 (tokens, tokens + root, pages), "head" arrays do not grow."""
         C = self.C
         return {
-            "tok_level": ("tok", (), np.int32, -1), "tok_parent": ("tok", (), np.int32, -2),
+            "tok_level": ("tok", (), np.int8, -1), "tok_parent": ("tok", (), np.int32, -2),
             "tok_page": ("tok", (), np.int32, -1), "tok_slot": ("tok", (), np.int32, -1),
-            "tok_proj": ("tok", (), np.float64, 0), "tok_m": ("tok", (), np.float64, 0),
-            "tok_sqn": ("tok", (), np.float64, 0),
+            "tok_proj": ("tok", (), pt.TREE_FLOAT, 0), "tok_m": ("tok", (), pt.TREE_FLOAT, 0),
+            "tok_sqn": ("tok", (), pt.TREE_FLOAT, 0),
             "cell_first": ("cell", (), np.int32, -1), "cell_last": ("cell", (), np.int32, -1),
-            "cell_nchild": ("cell", (), np.int32, 0), "cell_m": ("cell", (), np.float64, 0),
+            "cell_nchild": ("cell", (), np.int32, 0), "cell_m": ("cell", (), pt.TREE_FLOAT, 0),
             "cnt_desc": ("cell", (), np.int32, 0), "cnt_pages": ("cell", (), np.int32, 0),
             "page_tok": ("page", (C,), np.int32, -1), "page_fill": ("page", (), np.int32, 0),
             "page_cell": ("page", (), np.int32, -1), "page_next": ("page", (), np.int32, -1),
             "page_prev": ("page", (), np.int32, -1), "page_version": ("page", (), np.uint32, 0),
             "free_stack": ("page", (), np.int32, 0), "free_n": ("head", (), np.int32, 0),
             "next_page": ("head", (), np.int32, 0), "page_keys": ("page", (C, stored_width(self.d, self.cfg.storage_dtype)), STORAGE[self.cfg.storage_dtype], 0),
-            "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), np.float64, 0),
-            "tok_pkey": ("tok", (), np.float64, 0), "key_scale": ("head", (self.d,), np.float32, 1),
+            "page_vals": ("page", (C, self.dv), np.float32, 0), "page_proj": ("page", (C,), pt.TREE_FLOAT, 0),
+            "tok_pkey": ("tok", (), pt.TREE_FLOAT, 0), "key_scale": ("head", (self.d,), np.float32, 1),
         }[field]
 
     def _next_version(self) -> int:
@@ -259,7 +259,7 @@ class PagedDCIIndex:
         by_level = [np.flatnonzero(level == lv) for lv in range(top + 1)]
         sqn = squared_norms(K)
         M = sqn.max(axis=1) if n else np.zeros(self.H)
-        proj = np.empty((self.H, n))
+        proj = np.empty((self.H, n), pt.TREE_FLOAT)  # rounded as stored: the cells are sorted by what they keep
         parent = np.full((self.H, n), -1, np.int64)  # parent token id, -1 = root
         need_pages = 1
         runs = segment_bounds(n, self.cfg.parent_segment)  # level 0's parents: within runs of the build order

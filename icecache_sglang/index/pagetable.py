@@ -19,19 +19,24 @@ from numba import njit
 
 from .keys import key_dim, key_dot, key_row
 
+#: The tree's real numbers (projections, page keys, squared norms and max-norms): float32, computed in float64
+#: from float32 inputs and rounded once when stored. At SmolLM2's head_dim 64 six float64 arrays per token
+#: weighed as much as the index's int8 key copy (``benchmarks/int8_keys.py``).
+TREE_FLOAT = np.float32
+
 # The order of the arrays in the state tuple passed to every kernel.
 STATE_FIELDS = (
-    "tok_level",  # int32 [H, T]
+    "tok_level",  # int8 [H, T]   -1 = not in the tree (levels stay below 64, as `level_counts`)
     "tok_parent",  # int32 [H, T]   parent token id, -1 = root, -2 = not in the tree
     "tok_page",  # int32 [H, T]
     "tok_slot",  # int32 [H, T]
-    "tok_proj",  # float64 [H, T] raw projection w.k + a*sqrt(m - |k|^2) with m = tok_m
-    "tok_m",  # float64 [H, T] the squared max-norm this token is projected with
-    "tok_sqn",  # float64 [H, T] |k|^2
+    "tok_proj",  # float32 [H, T] raw projection w.k + a*sqrt(m - |k|^2) with m = tok_m
+    "tok_m",  # float32 [H, T] the squared max-norm this token is projected with
+    "tok_sqn",  # float32 [H, T] |k|^2
     "cell_first",  # int32 [H, T+1] first page of the cell, -1 when empty
     "cell_last",  # int32 [H, T+1]
     "cell_nchild",  # int32 [H, T+1]
-    "cell_m",  # float64 [H, T+1] the m shared by all children of the cell
+    "cell_m",  # float32 [H, T+1] the m shared by all children of the cell
     "cnt_desc",  # int32 [H, T+1] tokens in the subtree (a token counts itself; the root does not)
     "cnt_pages",  # int32 [H, T+1] pages of the cell and of every cell below it
     "page_tok",  # int32 [H, P, C]
@@ -45,8 +50,8 @@ STATE_FIELDS = (
     "next_page",  # int32 [H]      the next never-used page id
     "page_keys",  # [H, P, C, d] float32 or uint16 bfloat16 bits, or [H, P, C, d + 4] int8 rows (index/keys.py)
     "page_vals",  # float32 [H, P, C, dv] (dv may be 0)
-    "page_proj",  # float64 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
-    "tok_pkey",  # float64 [H, T] page key: the cell order (layout.py); tok_proj under the projection layout
+    "page_proj",  # float32 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
+    "tok_pkey",  # float32 [H, T] page key: the cell order (layout.py); tok_proj under the projection layout
     "key_scale",  # float32 [H, d] the stored rows are keys / key_scale (int8: channel scales; else 1)
 )
 
@@ -404,7 +409,7 @@ def neighbour_pkey(S, h, cell, key):
         kp = tok_pkey[h, page_tok[h, pp, page_fill[h, pp] - 1]]
     else:
         return kn - 1.0
-    mid = 0.5 * (kp + kn)
+    mid = np.float32(0.5 * (kp + kn))  # as it will be stored (TREE_FLOAT)
     if mid <= kp or mid >= kn:
         return kn
     return mid

@@ -50,9 +50,10 @@ class ReferenceIndex:
         self.u = make_projection(d, seed) if u is None else u
         self.level = schedule_levels(n, p0, p_up)
         self.top = int(self.level.max()) if n else -1
-        sqn = squared_norms(K)  # the index's float64 sums, bit for bit (einsum's differ in the last bits)
+        sqn = squared_norms(K)  # the index's norms, bit for bit (einsum's float64 sums differ in the last bits)
         self.M = float(sqn.max()) if n else 0.0
-        self.proj = key_projection(K, sqn, self.M, self.u)
+        # float32 values, as the index keeps them (``pagetable.TREE_FLOAT``), computed on in float64
+        self.proj = key_projection(K, sqn, self.M, self.u).astype(np.float32).astype(np.float64)
         self.parent = np.full(n, -1, dtype=np.int64)
         for lv in range(self.top):
             ups = np.flatnonzero(self.level == lv + 1)

@@ -22,8 +22,10 @@ def make_projection(dim: int, seed: int, n_proj: int = 1) -> np.ndarray:
 
 
 def squared_norms(keys: np.ndarray) -> np.ndarray:
-    """``|k|^2`` in float64 (exact enough that ``M - |k|^2`` never goes negative for the max key), the same
-    bits for a key whichever call computes it (a build's, an insert's)."""
+    """``|k|^2``, summed in float64 and rounded to float32 (the index keeps its tree's numbers in float32,
+    ``pagetable.TREE_FLOAT``: a norm used before it is stored is the one stored, and the largest, M, is one
+    of them, so ``M - |k|^2`` never goes negative); the same bits for a key whichever call computes it (a
+    build's, an insert's). A float64 array."""
     k = np.asarray(keys)
     if k.dtype not in (np.float32, np.float64):
         k = k.astype(np.float64)
@@ -31,7 +33,7 @@ def squared_norms(keys: np.ndarray) -> np.ndarray:
         return np.zeros(k.shape[:-1])
     rows = np.ascontiguousarray(k.reshape(-1, k.shape[-1]))
     norms = _rows_sqn if rows.size >= PARALLEL_MIN else _rows_sqn_serial
-    out = norms(rows).reshape(k.shape[:-1])
+    out = norms(rows).astype(np.float32).astype(np.float64).reshape(k.shape[:-1])
     return out[()] if out.ndim == 0 else out  # one key: a scalar, as einsum gave
 
 
