@@ -9,6 +9,7 @@ copied to the host without waiting, and an indexer that falls behind asked less 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import signal
 import time
 
@@ -28,6 +29,10 @@ from icecache_sglang.runtime.supervisor import IndexerSupervisor
 H, D, L, C, GROUP, SLOTS = 2, 16, 2, 16, 2, 4096
 CFG = IceCacheConfig(budget_tokens=96, page_size=C, sink_tokens=16, window_tokens=16, dense_layers=0,
                      layer_reuse=1, max_stale_steps=2, selection_deadline_ms=300)
+#: a step that fetches first selections the next step must find: its queries expire max_stale_steps deadlines
+#: after the step's, which a loaded machine's indexer can miss at 300 ms (the answer is then a fallback, not
+#: kept, and the next step waits for a fresh one instead of reusing it)
+PATIENT_MS = 4000.0
 
 
 @pytest.fixture
@@ -72,7 +77,7 @@ def first_selections(planner: Planner, ix, n: int, cfg: IceCacheConfig = CFG) ->
     """After the request's Build (``n`` tokens): its index answered, one step fetching its first selections;
     returns the length after that step."""
     ix.client.sync()
-    assert sparse_rows(planner, n + 1, plan_layers=True, cfg=cfg) == []
+    assert sparse_rows(planner, n + 1, plan_layers=True, cfg=replace(cfg, selection_deadline_ms=PATIENT_MS)) == []
     answered(planner)
     return n + 1
 
@@ -97,7 +102,8 @@ def test_asynchronous_selection_starts_when_its_first_selections_are_in(planner)
     ix.client.sync()
     n += 1
     sent = m.queries
-    assert sparse_rows(planner, n, plan_layers=True) == []  # answered, no selection yet: dense while this
+    patient = replace(CFG, selection_deadline_ms=PATIENT_MS)
+    assert sparse_rows(planner, n, plan_layers=True, cfg=patient) == []  # answered, no selection yet: dense while this
     assert m.queries == sent + 2 and m.primed_rows == 1  # step's anchor layers send its first queries
     answered(planner)
     n += 1
@@ -161,8 +167,6 @@ def test_a_reranked_compact_plan_is_filled_where_the_keys_are(planner):
     """With ``token_rerank``, a planner for FlashInfer (compact form only) writes the kept tokens into the plan's
     rows on the K plane's device (nothing read back per anchor layer on a GPU): the same ``tokens``, ``indptr``
     and ``rows`` as the tokens brought back to the host and laid out there, and as many kept tokens counted."""
-    from dataclasses import replace
-
     planner, ix, m = planner
     cfg = replace(CFG, token_rerank=2)
     keys = torch.from_numpy(np.random.default_rng(3).standard_normal((SLOTS + 1, H, D)).astype(np.float32))
