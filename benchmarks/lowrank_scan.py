@@ -29,7 +29,10 @@ pages exactly. Two parts, one run:
   median time (``parts_ms_median``, ``lowrank.PARTS``) and for ``lowrank_pages`` the share of a KV head's pages
   its page stage marked (``marked_share``).
 
-    python benchmarks/lowrank_scan.py [--quick]
+    python benchmarks/lowrank_scan.py [--quick] [--speed-only]
+
+``--speed-only`` runs the speed part alone (no model, no captures; ``lowrank_scan_speed.json``): what the GPU
+machine's 16-core host measures, where issue 14's "10x the tight scan" has more cores for both sides.
 """
 
 from __future__ import annotations
@@ -335,7 +338,8 @@ def plot(records, path: Path) -> None:
     b.set_xticklabels([s.replace("-instruct", "").replace(" ", "\n") for s in srcs], fontsize=6)
     b.set_ylabel("top-page recall (after the GQA merge)")
     b.set_title("real Q/K: is each query head's exact best page selected? (computed)", fontsize=9)
-    b.legend(fontsize=5, loc="lower left")
+    if methods:  # (none in a --speed-only run)
+        b.legend(fontsize=5, loc="lower left")
     # the trade-off: a setting's time at the longest context (synthetic keys, measured) against its top-page
     # recall on each real source where the setting applies (computed): two sources of data, one point per pair
     n_max = max((r["context"] for r in sp), default=0)
@@ -377,9 +381,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one source, contexts 8k and 32k")
     ap.add_argument("--replot", action="store_true", help="redraw the figures from the records on disk")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="the speed table alone (synthetic keys, no model: the GPU machine's 16-core host, where "
+                    "issue 14's 10x over the scan is to be judged); records in lowrank_scan_speed[_quick].json")
     args = ap.parse_args(argv)
+    name = "lowrank_scan_speed" if args.speed_only else "lowrank_scan"
     if args.replot:
-        return replot("lowrank_scan", plot)
+        return replot(name, plot)
 
     def variants(d):
         r = lowrank.default_rank(d)
@@ -398,7 +406,7 @@ def main(argv=None) -> None:
         return out[:3] if args.quick else out
 
     records = []
-    for model, text, ctx in (SOURCES[:1] if args.quick else SOURCES):
+    for model, text, ctx in [] if args.speed_only else (SOURCES[:1] if args.quick else SOURCES):
         src = f"{model} {text} {ctx // 1024}k"
         recs = summarize(quality(model, text, ctx, variants), src)
         records += recs
@@ -408,8 +416,8 @@ def main(argv=None) -> None:
                   f"tokens of {r['scored_share_mean']:.3f} scored", flush=True)
     records += speed([8192, 32768] if args.quick else [8192, 32768, 131072], 7 if args.quick else 21,
                      (D // 8, lowrank.default_rank(D)))
-    write_records("lowrank_scan", args.quick, records)
-    replot("lowrank_scan", plot)  # from the records written (they carry the machine and the command)
+    write_records(name, args.quick, records)
+    replot(name, plot)  # from the records written (they carry the machine and the command)
 
 
 if __name__ == "__main__":
