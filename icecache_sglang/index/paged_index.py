@@ -84,7 +84,7 @@ class PagedDCIIndex:
         self.cfg = config or IndexConfig()
         self.C = self.cfg.page_size
         self.u = make_projection(self.d, self.cfg.seed)
-        self._a = float(self.u[0, -1])
+        self._u0 = np.ascontiguousarray(self.u[0])  # the first direction [w ; a]: what a lift projects on
         self._bisect = self.cfg.layout == "bisect"
         # an int8 index stores keys / key_scale (per head and channel, fixed at a build: a state array, 1 for
         # the other dtypes) and scores stored rows against queries * key_scale: the same scores. Its tree
@@ -341,7 +341,7 @@ class PagedDCIIndex:
             self.cnt_desc[h, tids + 1] = 1
             self.cnt_pages[h, tids + 1] = 0
             self.level_counts[h, 0] += b
-        _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._a, self._bisect)
+        _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._u0, self._bisect)
         return tids  # (low-rank codes: the pages changed have new versions, coded at the next query)
 
     def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -445,7 +445,7 @@ class PagedDCIIndex:
             key = np.ascontiguousarray(key * self.key_scale[h], dtype=np.float32)
         self.tok_proj[h, t] = key_projection(key[None], np.array([self.tok_sqn[h, t]]), self.M[h], self.u)[0]
         self.tok_m[h, t] = self.M[h]
-        pt.attach(S, h, t, new_parent, raw, val, self._a, self._bisect)
+        pt.attach(S, h, t, new_parent, raw, val, self._u0, self._bisect)
 
     def _vacate(self, h: int, t: int) -> None:
         """Re-home ``t``'s children so that ``t`` can leave its level (``t`` stays in its cell)."""
@@ -767,11 +767,11 @@ def _build_heads(S, tids, orders, cells_sorted, K, V, level, parent, proj, sqn, 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _insert_heads(S, tids, parents, K, V, a, bisect):
+def _insert_heads(S, tids, parents, K, V, u0, bisect):
     for hh in prange(K.shape[0]):
         h = np.int64(hh)
         for i in range(tids.shape[0]):
-            pt.attach(S, h, np.int64(tids[i]), np.int64(parents[h, i]), K[h, i], V[h, i], a, bisect)  # as _move's
+            pt.attach(S, h, np.int64(tids[i]), np.int64(parents[h, i]), K[h, i], V[h, i], u0, bisect)  # as _move's
 
 
 __all__ = ["IndexConfig", "PagedDCIIndex", "QueryParams", "StateList", "query_batch"]

@@ -332,9 +332,25 @@ def layout_sorted(S, h, cell, tids, keys, vals):
 
 
 @njit(cache=True, nogil=True)
-def relift_cell(S, h, cell, new_m, a, bisect):
-    """Raise the m of ``cell``'s children to ``new_m`` and rebuild its pages (all dirty, ids recycled). The
-    projection layout's page keys move with the projections (the order stays: a monotone shift per cell)."""
+def lifted_projection(key, c, u0, m, s, scratch):
+    """The raw projection ``w.k + a*sqrt(m - |k|^2)`` (``u0 = [w ; a]``, the index's first direction) of the
+    stored key row ``key`` (the key as kept: the row's values times the channel scales ``c``), ``s = |k|^2``,
+    in float64, for the caller to round once when it stores it. A lift recomputes the projection rather than
+    adding the change to the stored float32 value: those roundings added up over a cell's repeated lifts (M
+    growing in small steps) and left projections 2e-6 sqrt(M) off after 3000 lifts (a helper's review)."""
+    d = key_dim(key)
+    row = key_row(key, d, scratch)
+    acc = 0.0
+    for j in range(d):
+        acc += np.float64(row[j] * c[j]) * u0[j]
+    return acc + u0[d] * math.sqrt(max(np.float64(m) - np.float64(s), 0.0))
+
+
+@njit(cache=True, nogil=True)
+def relift_cell(S, h, cell, new_m, u0, bisect):
+    """Raise the m of ``cell``'s children to ``new_m`` and rebuild its pages (all dirty, ids recycled); ``u0``:
+    the index's first projection direction. The projection layout's page keys move with the projections (the
+    cell is sorted again)."""
     tok_proj, tok_m, tok_sqn, tok_pkey = S[4], S[5], S[6], S[25]
     cell_first, cell_nchild, cell_m = S[7], S[9], S[10]
     page_tok, page_fill, page_next, page_keys, page_vals = S[13], S[14], S[16], S[22], S[23]
@@ -359,11 +375,11 @@ def relift_cell(S, h, cell, new_m, a, bisect):
         page_release(S, h, p)
         old_pages += 1
         p = nx
-    old_m = cell_m[h, cell]
+    c = S[26][h]
+    scratch = np.empty(keys.shape[1], np.float32)
     for i in range(m):
         t = tids[i]
-        s = tok_sqn[h, t]
-        tok_proj[h, t] += a * (math.sqrt(max(new_m - s, 0.0)) - math.sqrt(max(old_m - s, 0.0)))
+        tok_proj[h, t] = lifted_projection(keys[i], c, u0, new_m, tok_sqn[h, t], scratch)
         tok_m[h, t] = new_m
         if not bisect:
             tok_pkey[h, t] = tok_proj[h, t]
@@ -416,10 +432,10 @@ def neighbour_pkey(S, h, cell, key):
 
 
 @njit(cache=True, nogil=True)
-def attach(S, h, t, parent, key, val, a, bisect):
-    """Put token ``t`` (projected with ``tok_m``) into ``parent``'s cell: lift to the cell's m (or
-    raise the cell's m), give it its page key, insert into its pages, and add ``t``'s subtree to the
-    ancestors' counters."""
+def attach(S, h, t, parent, key, val, u0, bisect):
+    """Put token ``t`` (projected with ``tok_m``; ``key``: its stored row) into ``parent``'s cell: lift to the
+    cell's m (or raise the cell's m), give it its page key, insert into its pages, and add ``t``'s subtree to
+    the ancestors' counters. ``u0``: the index's first projection direction (:func:`lifted_projection`)."""
     tok_parent, tok_proj, tok_m, tok_sqn, tok_pkey = S[1], S[4], S[5], S[6], S[25]
     cell_nchild, cell_m, cnt_desc, cnt_pages = S[9], S[10], S[11], S[12]
     cell = parent + 1
@@ -429,11 +445,10 @@ def attach(S, h, t, parent, key, val, a, bisect):
     else:
         mc = cell_m[h, cell]
         if mt < mc:
-            s = tok_sqn[h, t]
-            tok_proj[h, t] += a * (math.sqrt(max(mc - s, 0.0)) - math.sqrt(max(mt - s, 0.0)))
+            tok_proj[h, t] = lifted_projection(key, S[26][h], u0, mc, tok_sqn[h, t], np.empty(key.shape[0], np.float32))
             tok_m[h, t] = mc
         elif mt > mc:
-            relift_cell(S, h, cell, mt, a, bisect)
+            relift_cell(S, h, cell, mt, u0, bisect)
     tok_pkey[h, t] = neighbour_pkey(S, h, cell, key) if bisect else tok_proj[h, t]
     tok_parent[h, t] = parent
     page_insert(S, h, t, cell, key, val)
