@@ -202,7 +202,7 @@ def test_channel_scales_need_enough_tokens_and_a_rebuild_fits_them(rng):
 def test_an_int8_index_of_a_small_head_keeps_within_a_quarter_more_than_its_keys(rng):
     """Issue 14's memory bound at SmolLM2-135M's shape (3 KV heads of 64): the index beside SGLang's KV (its
     int8 copy of the keys and its tree) at most 1.25x the keys' own bfloat16 bytes, as built over 2048 tokens.
-    With the tree's numbers in float64 it was 1.45x: six 8-byte numbers a token and head weigh as much as an
+    With the tree's numbers in float64 it was 1.46x: six 8-byte numbers a token and head weigh as much as an
     int8 row of 64 values."""
     H, d, n = 3, 64, 2048
     idx = PagedDCIIndex(H, d, config=IndexConfig(page_size=16, rebuild_growth=None, key_dtype="int8"))
