@@ -48,6 +48,7 @@ def test_defaults_and_round_trip():
     ('{"index": {"layout": "random"}}', "layout must be one of"),
     ('{"index": {"page_size": 8}}', "unknown index key"),
     ('{"index": {"p_up": 2.0}}', "p_up"),
+    ('{"index": {"p_up": 0.9}}', "p_up must be at most 0.5"),  # 81 levels at 1M tokens: the build failed
     ('{"query": {"prop_to_retrieve": 0}}', "prop_to_retrieve"),
     ('{"dense_layers": true}', "dense_layers must be an integer"),
 ])

@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 MAX_PAGE_SIZE = 1024
+#: levels an index keeps (``PagedDCIIndex.level_counts``' columns; ``tok_level`` is int8)
+MAX_LEVELS = 64
+#: the largest ``p_up``: with it a tree of 2^31 tokens has at most 32 levels, whatever ``p0``
+MAX_P_UP = 0.5
 #: how a cell's children are cut into pages (index/layout.py)
 LAYOUTS = ("projection", "bisect")
 #: share of a frontier cell's children scored exactly. 1.0 (every child of the cells the frontier reaches):
@@ -63,6 +67,10 @@ class IndexConfig:
         if self.p0 is not None:
             _check_prob("p0", self.p0)
         _check_prob("p_up", self.p_up)
+        if self.p_up > MAX_P_UP:  # levels ~ 1 + log(n p0) / log(1 / p_up): at most 32 for 2^31 tokens
+            raise ValueError(f"p_up must be at most {MAX_P_UP}, got {self.p_up!r}: the tree has about "
+                             f"1 + log(n p0) / log(1 / p_up) levels (p_up 0.9: 81 at 1M tokens) and keeps at most "
+                             f"{MAX_LEVELS}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.rebuild_growth is not None and not (

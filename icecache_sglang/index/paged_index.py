@@ -16,7 +16,7 @@ from numba import njit, prange
 from numba.typed import List
 
 from . import pagetable as pt
-from .config import IndexConfig, QueryParams
+from .config import MAX_LEVELS, IndexConfig, QueryParams
 from .gqa_merge import merge_rows
 from .keys import STORAGE, channel_scales, from_storage, scaled_int8, stored_width, to_storage
 from .layout import bisect_cells, sort_by
@@ -140,7 +140,7 @@ class PagedDCIIndex:
         self.run_starts = np.empty(0, np.int64)
         self.rebuilds = 0
         self._level1_cache: dict = {}
-        self.level_counts = np.zeros((self.H, 64), np.int64)
+        self.level_counts = np.zeros((self.H, MAX_LEVELS), np.int64)
         length = {"tok": (T,), "cell": (T + 1,), "page": (P,), "head": ()}
         for f in pt.STATE_FIELDS:
             kind, tail, dtype, fill = self._spec(f)

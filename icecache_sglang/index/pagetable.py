@@ -26,7 +26,7 @@ TREE_FLOAT = np.float32
 
 # The order of the arrays in the state tuple passed to every kernel.
 STATE_FIELDS = (
-    "tok_level",  # int8 [H, T]   -1 = not in the tree (levels stay below 64, as `level_counts`)
+    "tok_level",  # int8 [H, T]   -1 = not in the tree (levels stay below config.MAX_LEVELS, 64)
     "tok_parent",  # int32 [H, T]   parent token id, -1 = root, -2 = not in the tree
     "tok_page",  # int32 [H, T]
     "tok_slot",  # int32 [H, T]
