@@ -33,7 +33,7 @@ def squared_norms(keys: np.ndarray) -> np.ndarray:
         return np.zeros(k.shape[:-1])
     rows = np.ascontiguousarray(k.reshape(-1, k.shape[-1]))
     norms = _rows_sqn if rows.size >= PARALLEL_MIN else _rows_sqn_serial
-    out = norms(rows).astype(np.float32).astype(np.float64).reshape(k.shape[:-1])
+    out = norms(rows).reshape(k.shape[:-1])
     return out[()] if out.ndim == 0 else out  # one key: a scalar, as einsum gave
 
 
@@ -89,10 +89,10 @@ def _row_dot(keys, w, i):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _rows_sqn(keys):
-    """Squared norms of the rows of ``keys`` (float64 sums as ``_row_dot``'s)."""
+    """Squared norms of the rows of ``keys``: float64 sums as ``_row_dot``'s, rounded to float32 (held in float64)."""
     out = np.empty(keys.shape[0])
     for i in prange(keys.shape[0]):
-        out[i] = _row_dot(keys, keys[i], i)
+        out[i] = np.float32(_row_dot(keys, keys[i], i))
     return out
 
 
@@ -100,7 +100,7 @@ def _rows_sqn(keys):
 def _rows_sqn_serial(keys):
     out = np.empty(keys.shape[0])
     for i in range(keys.shape[0]):
-        out[i] = _row_dot(keys, keys[i], i)
+        out[i] = np.float32(_row_dot(keys, keys[i], i))
     return out
 
 
