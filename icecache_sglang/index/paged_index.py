@@ -104,7 +104,7 @@ class PagedDCIIndex:
         return {
             "tok_level": ("tok", (), np.int8, -1), "tok_parent": ("tok", (), np.int32, -2),
             "tok_page": ("tok", (), np.int32, -1), "tok_slot": ("tok", (), np.int32, -1),
-            "tok_proj": ("tok", (), pt.TREE_FLOAT, 0), "tok_m": ("tok", (), pt.TREE_FLOAT, 0),
+            "tok_proj": ("tok", (), pt.TREE_FLOAT, 0),
             "tok_sqn": ("tok", (), pt.TREE_FLOAT, 0),
             "cell_first": ("cell", (), np.int32, -1), "cell_last": ("cell", (), np.int32, -1),
             "cell_nchild": ("cell", (), np.int32, 0), "cell_m": ("cell", (), pt.TREE_FLOAT, 0),
@@ -335,13 +335,13 @@ class PagedDCIIndex:
         _each_head(parents_of, self.H, b * len(level1[0][0]) * (self.d + 1))
         for h in range(self.H):
             self.tok_sqn[h, tids] = sqn[h]
-            self.tok_m[h, tids] = self.M[h]
             self.tok_proj[h, tids] = key_projection(K[h], sqn[h], self.M[h], self.u)
             self.tok_level[h, tids] = 0
             self.cnt_desc[h, tids + 1] = 1
             self.cnt_pages[h, tids + 1] = 0
             self.level_counts[h, 0] += b
-        _insert_heads(S, tids.astype(np.int32), parents, stored, V, self._u0, self._bisect)
+        _insert_heads(S, tids.astype(np.int32), parents, stored, V, self.M.astype(pt.TREE_FLOAT), self._u0,
+                      self._bisect)
         return tids  # (low-rank codes: the pages changed have new versions, coded at the next query)
 
     def _level1(self, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -444,8 +444,7 @@ class PagedDCIIndex:
         if self._channel_scaled:
             key = np.ascontiguousarray(key * self.key_scale[h], dtype=np.float32)
         self.tok_proj[h, t] = key_projection(key[None], np.array([self.tok_sqn[h, t]]), self.M[h], self.u)[0]
-        self.tok_m[h, t] = self.M[h]
-        pt.attach(S, h, t, new_parent, raw, val, self._u0, self._bisect)
+        pt.attach(S, h, t, new_parent, raw, val, pt.TREE_FLOAT(self.M[h]), self._u0, self._bisect)
 
     def _vacate(self, h: int, t: int) -> None:
         """Re-home ``t``'s children so that ``t`` can leave its level (``t`` stays in its cell)."""
@@ -723,8 +722,8 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
     """Lay out one head's cells; ``order`` sorts the local indices by cell, then in page order: (projection,
     token id), or each cell's bisection order (``layout.bisect_cells``), where a child's page key is its
     rank."""
-    tok_level, tok_parent, tok_proj, tok_m, tok_sqn, tok_pkey = S[0], S[1], S[4], S[5], S[6], S[25]
-    cell_m, cnt_desc, cnt_pages = S[10], S[11], S[12]
+    tok_level, tok_parent, tok_proj, tok_sqn, tok_pkey = S[0], S[1], S[4], S[5], S[24]
+    cell_m, cnt_desc, cnt_pages = S[9], S[10], S[11]
     n = K.shape[0]
     for i in range(n):
         t = tids[i]
@@ -732,7 +731,6 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         tok_parent[h, t] = parent[i]
         tok_proj[h, t] = proj[i]
         tok_pkey[h, t] = proj[i]
-        tok_m[h, t] = m
         tok_sqn[h, t] = sqn[i]
         cnt_desc[h, t + 1] = 1
     i = 0
@@ -767,11 +765,12 @@ def _build_heads(S, tids, orders, cells_sorted, K, V, level, parent, proj, sqn, 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _insert_heads(S, tids, parents, K, V, u0, bisect):
+def _insert_heads(S, tids, parents, K, V, M, u0, bisect):
+    """Attach each head's new tokens (projected with ``M [H]``, float32) under their parents, heads in parallel."""
     for hh in prange(K.shape[0]):
         h = np.int64(hh)
         for i in range(tids.shape[0]):
-            pt.attach(S, h, np.int64(tids[i]), np.int64(parents[h, i]), K[h, i], V[h, i], u0, bisect)  # as _move's
+            pt.attach(S, h, np.int64(tids[i]), np.int64(parents[h, i]), K[h, i], V[h, i], M[h], u0, bisect)  # as _move's
 
 
 __all__ = ["IndexConfig", "PagedDCIIndex", "QueryParams", "StateList", "query_batch"]

@@ -30,8 +30,7 @@ STATE_FIELDS = (
     "tok_parent",  # int32 [H, T]   parent token id, -1 = root, -2 = not in the tree
     "tok_page",  # int32 [H, T]
     "tok_slot",  # int32 [H, T]
-    "tok_proj",  # float32 [H, T] raw projection w.k + a*sqrt(m - |k|^2) with m = tok_m
-    "tok_m",  # float32 [H, T] the squared max-norm this token is projected with
+    "tok_proj",  # float32 [H, T] raw projection w.k + a*sqrt(m - |k|^2) with m its cell's cell_m
     "tok_sqn",  # float32 [H, T] |k|^2
     "cell_first",  # int32 [H, T+1] first page of the cell, -1 when empty
     "cell_last",  # int32 [H, T+1]
@@ -66,8 +65,8 @@ def key_less(pa, ta, pb, tb):
 def bump_chain(S, h, cell, d_desc, d_pages):
     """Add to the subtree counters of ``cell`` and of every ancestor up to the root."""
     tok_parent = S[1]
-    cnt_desc = S[11]
-    cnt_pages = S[12]
+    cnt_desc = S[10]
+    cnt_pages = S[11]
     c = cell
     while True:
         cnt_desc[h, c] += d_desc
@@ -79,8 +78,8 @@ def bump_chain(S, h, cell, d_desc, d_pages):
 
 @njit(cache=True, nogil=True, inline="always")
 def page_alloc(S, h, cell):
-    page_fill, page_cell, page_next, page_prev, page_version = S[14], S[15], S[16], S[17], S[18]
-    free_stack, free_n, next_page = S[19], S[20], S[21]
+    page_fill, page_cell, page_next, page_prev, page_version = S[13], S[14], S[15], S[16], S[17]
+    free_stack, free_n, next_page = S[18], S[19], S[20]
     if free_n[h] > 0:
         free_n[h] -= 1
         p = free_stack[h, free_n[h]]
@@ -97,7 +96,7 @@ def page_alloc(S, h, cell):
 
 @njit(cache=True, nogil=True)
 def page_release(S, h, p):
-    page_fill, page_cell, page_version, free_stack, free_n = S[14], S[15], S[18], S[19], S[20]
+    page_fill, page_cell, page_version, free_stack, free_n = S[13], S[14], S[17], S[18], S[19]
     page_fill[h, p] = 0
     page_cell[h, p] = -1
     page_version[h, p] += 1
@@ -108,7 +107,7 @@ def page_release(S, h, p):
 @njit(cache=True, nogil=True, inline="always")
 def link_after(S, h, cell, after, p):
     """Link page ``p`` into ``cell``'s list after page ``after`` (-1: at the front)."""
-    cell_first, cell_last, page_next, page_prev = S[7], S[8], S[16], S[17]
+    cell_first, cell_last, page_next, page_prev = S[6], S[7], S[15], S[16]
     if after < 0:
         nxt = cell_first[h, cell]
         cell_first[h, cell] = p
@@ -125,7 +124,7 @@ def link_after(S, h, cell, after, p):
 
 @njit(cache=True, nogil=True)
 def unlink(S, h, p):
-    cell_first, cell_last, page_cell, page_next, page_prev = S[7], S[8], S[15], S[16], S[17]
+    cell_first, cell_last, page_cell, page_next, page_prev = S[6], S[7], S[14], S[15], S[16]
     cell = page_cell[h, p]
     a, b = page_prev[h, p], page_next[h, p]
     if a < 0:
@@ -141,7 +140,7 @@ def unlink(S, h, p):
 @njit(cache=True, nogil=True, inline="always")
 def move_slot(S, h, src_p, src_j, dst_p, dst_j):
     """Copy the token in (src_p, src_j) with its key/value rows to (dst_p, dst_j)."""
-    tok_page, tok_slot, page_tok, page_keys, page_vals, page_proj = S[2], S[3], S[13], S[22], S[23], S[24]
+    tok_page, tok_slot, page_tok, page_keys, page_vals, page_proj = S[2], S[3], S[12], S[21], S[22], S[23]
     t = page_tok[h, src_p, src_j]
     page_tok[h, dst_p, dst_j] = t
     page_proj[h, dst_p, dst_j] = page_proj[h, src_p, src_j]
@@ -161,10 +160,10 @@ def page_insert(S, h, t, cell, key, val):
     half, the new id taken from the free list; the pages changed become dirty. (The spec only splits: a
     decode's inserts then halved the fill of the bisect layout's nearly full pages, ``benchmarks/int8_keys.py``.)
     """
-    tok_page, tok_slot, tok_pkey = S[2], S[3], S[25]
-    cell_first, cell_nchild = S[7], S[9]
-    page_tok, page_fill, page_next, page_version = S[13], S[14], S[16], S[18]
-    page_keys, page_vals = S[22], S[23]
+    tok_page, tok_slot, tok_pkey = S[2], S[3], S[24]
+    cell_first, cell_nchild = S[6], S[8]
+    page_tok, page_fill, page_next, page_version = S[12], S[13], S[15], S[17]
+    page_keys, page_vals = S[21], S[22]
     C = page_tok.shape[2]
     pt = tok_pkey[h, t]
     p = cell_first[h, cell]
@@ -189,7 +188,7 @@ def page_insert(S, h, t, cell, key, val):
             if key_less(pt, t, tok_pkey[h, tj], tj):
                 pos = j
                 break
-        nxt, prv = page_next[h, p], S[17][h, p]
+        nxt, prv = page_next[h, p], S[16][h, p]
         if f == C and nxt >= 0 and page_fill[h, nxt] < C:  # room in the next page: shift one token over
             if pos == C:  # the new token is the largest of p: it starts the next page
                 p, pos = nxt, 0
@@ -229,7 +228,7 @@ def page_insert(S, h, t, cell, key, val):
     for j in range(f, pos, -1):
         move_slot(S, h, p, j - 1, p, j)
     page_tok[h, p, pos] = t
-    S[24][h, p, pos] = S[4][h, t]
+    S[23][h, p, pos] = S[4][h, t]
     page_keys[h, p, pos, :] = key
     if page_vals.shape[3] > 0:
         page_vals[h, p, pos, :] = val
@@ -244,8 +243,8 @@ def page_insert(S, h, t, cell, key, val):
 def page_remove(S, h, t):
     """Remove token ``t`` from its page; an emptied page is freed, a page under C/2 borrows or merges."""
     tok_page, tok_slot = S[2], S[3]
-    cell_nchild = S[9]
-    page_tok, page_fill, page_cell, page_next, page_prev, page_version = S[13], S[14], S[15], S[16], S[17], S[18]
+    cell_nchild = S[8]
+    page_tok, page_fill, page_cell, page_next, page_prev, page_version = S[12], S[13], S[14], S[15], S[16], S[17]
     C = page_tok.shape[2]
     p = tok_page[h, t]
     j0 = tok_slot[h, t]
@@ -302,8 +301,8 @@ def page_remove(S, h, t):
 def layout_sorted(S, h, cell, tids, keys, vals):
     """Bulk layout of a cell's children (sorted) into fresh pages of balanced fill (sizes differ <= 1)."""
     tok_page, tok_slot = S[2], S[3]
-    cell_nchild = S[9]
-    page_tok, page_fill, page_keys, page_vals = S[13], S[14], S[22], S[23]
+    cell_nchild = S[8]
+    page_tok, page_fill, page_keys, page_vals = S[12], S[13], S[21], S[22]
     C = page_tok.shape[2]
     m = tids.shape[0]
     if m == 0:
@@ -319,7 +318,7 @@ def layout_sorted(S, h, cell, tids, keys, vals):
         for j in range(take):
             t = tids[i + j]
             page_tok[h, p, j] = t
-            S[24][h, p, j] = S[4][h, t]
+            S[23][h, p, j] = S[4][h, t]
             page_keys[h, p, j, :] = keys[i + j]
             if page_vals.shape[3] > 0:
                 page_vals[h, p, j, :] = vals[i + j]
@@ -351,9 +350,9 @@ def relift_cell(S, h, cell, new_m, u0, bisect):
     """Raise the m of ``cell``'s children to ``new_m`` and rebuild its pages (all dirty, ids recycled); ``u0``:
     the index's first projection direction. The projection layout's page keys move with the projections (the
     cell is sorted again)."""
-    tok_proj, tok_m, tok_sqn, tok_pkey = S[4], S[5], S[6], S[25]
-    cell_first, cell_nchild, cell_m = S[7], S[9], S[10]
-    page_tok, page_fill, page_next, page_keys, page_vals = S[13], S[14], S[16], S[22], S[23]
+    tok_proj, tok_sqn, tok_pkey = S[4], S[5], S[24]
+    cell_first, cell_nchild, cell_m = S[6], S[8], S[9]
+    page_tok, page_fill, page_next, page_keys, page_vals = S[12], S[13], S[15], S[21], S[22]
     m = cell_nchild[h, cell]
     d = page_keys.shape[3]
     dv = page_vals.shape[3]
@@ -375,12 +374,11 @@ def relift_cell(S, h, cell, new_m, u0, bisect):
         page_release(S, h, p)
         old_pages += 1
         p = nx
-    c = S[26][h]
+    c = S[25][h]
     scratch = np.empty(keys.shape[1], np.float32)
     for i in range(m):
         t = tids[i]
         tok_proj[h, t] = lifted_projection(keys[i], c, u0, new_m, tok_sqn[h, t], scratch)
-        tok_m[h, t] = new_m
         if not bisect:
             tok_pkey[h, t] = tok_proj[h, t]
     cell_m[h, cell] = new_m
@@ -400,14 +398,14 @@ def neighbour_pkey(S, h, cell, key):
     Euclidean distance of the raw keys), so that it joins that child's page; when the keys leave no room
     between the nearest child and the one before it, the nearest child's own key (the token id then puts the
     new child right after it)."""
-    tok_sqn, cell_first, tok_pkey = S[6], S[7], S[25]
-    page_tok, page_fill, page_next, page_prev, page_keys = S[13], S[14], S[16], S[17], S[22]
+    tok_sqn, cell_first, tok_pkey = S[5], S[6], S[24]
+    page_tok, page_fill, page_next, page_prev, page_keys = S[12], S[13], S[15], S[16], S[21]
     p = cell_first[h, cell]
     if p < 0:
         return 0.0
     d = key_dim(key)
     kf = key_row(key, d, np.empty(d, np.float32)).copy()
-    c = S[26][h]
+    c = S[25][h]
     for i in range(d):  # rows are keys / c: <row, new row * c^2> is the keys' dot product
         kf[i] *= c[i] * c[i]
     best, bp, bj = np.inf, -1, -1
@@ -432,21 +430,21 @@ def neighbour_pkey(S, h, cell, key):
 
 
 @njit(cache=True, nogil=True)
-def attach(S, h, t, parent, key, val, u0, bisect):
-    """Put token ``t`` (projected with ``tok_m``; ``key``: its stored row) into ``parent``'s cell: lift to the
-    cell's m (or raise the cell's m), give it its page key, insert into its pages, and add ``t``'s subtree to
-    the ancestors' counters. ``u0``: the index's first projection direction (:func:`lifted_projection`)."""
-    tok_parent, tok_proj, tok_m, tok_sqn, tok_pkey = S[1], S[4], S[5], S[6], S[25]
-    cell_nchild, cell_m, cnt_desc, cnt_pages = S[9], S[10], S[11], S[12]
+def attach(S, h, t, parent, key, val, mt, u0, bisect):
+    """Put token ``t`` (projected with the squared max-norm ``mt``, float32; ``key``: its stored row) into
+    ``parent``'s cell: lift to the cell's m (or raise the cell's m), give it its page key, insert into its pages,
+    and add ``t``'s subtree to the ancestors' counters. ``u0``: the index's first projection direction
+    (:func:`lifted_projection`). A token in the tree is projected with its cell's ``cell_m``, so no per-token m
+    is kept (4 bytes per token and KV head)."""
+    tok_parent, tok_proj, tok_sqn, tok_pkey = S[1], S[4], S[5], S[24]
+    cell_nchild, cell_m, cnt_desc, cnt_pages = S[8], S[9], S[10], S[11]
     cell = parent + 1
-    mt = tok_m[h, t]
     if cell_nchild[h, cell] == 0:
         cell_m[h, cell] = mt
     else:
         mc = cell_m[h, cell]
         if mt < mc:
-            tok_proj[h, t] = lifted_projection(key, S[26][h], u0, mc, tok_sqn[h, t], np.empty(key.shape[0], np.float32))
-            tok_m[h, t] = mc
+            tok_proj[h, t] = lifted_projection(key, S[25][h], u0, mc, tok_sqn[h, t], np.empty(key.shape[0], np.float32))
         elif mt > mc:
             relift_cell(S, h, cell, mt, u0, bisect)
     tok_pkey[h, t] = neighbour_pkey(S, h, cell, key) if bisect else tok_proj[h, t]
@@ -458,7 +456,7 @@ def attach(S, h, t, parent, key, val, u0, bisect):
 @njit(cache=True, nogil=True)
 def detach(S, h, t):
     """Take token ``t`` (with its subtree) out of its parent's cell."""
-    tok_parent, cnt_desc, cnt_pages = S[1], S[11], S[12]
+    tok_parent, cnt_desc, cnt_pages = S[1], S[10], S[11]
     cell = tok_parent[h, t] + 1
     page_remove(S, h, t)
     bump_chain(S, h, cell, -cnt_desc[h, t + 1], -cnt_pages[h, t + 1])

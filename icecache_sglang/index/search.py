@@ -83,8 +83,8 @@ def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
     """The cell's children in page order: token ids, scaled projections, (page, slot). Reads pages only.
     Under the bisect layout that is not projection order: a caller whose window is narrower than the cell
     calls ``_projection_order`` first (a window over the whole cell needs no order)."""
-    cell_first, cell_m = S[7], S[10]
-    page_tok, page_fill, page_next, page_proj = S[13], S[14], S[16], S[24]
+    cell_first, cell_m = S[6], S[9]
+    page_tok, page_fill, page_next, page_proj = S[12], S[13], S[15], S[23]
     scale = 1.0 if faithful else 1.0 / math.sqrt(max(cell_m[h, cell], 1e-30))
     n = 0
     p = cell_first[h, cell]
@@ -157,7 +157,7 @@ def _offer_page(p, t, s, pbest, ptid, touched, n_touched):
 @njit(cache=True, nogil=True)
 def _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc):
     """Scores of every active row over its own window; each key row is read once for all rows."""
-    page_keys = S[22]
+    page_keys = S[21]
     first, last = 1 << 62, -1
     for r in range(Q.shape[0]):
         if active[r]:
@@ -174,7 +174,7 @@ def _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc):
 def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                        sc, lo, hi, out_t, out_s, n_out):
     """For each active row, append the kept children of an upper cell (children on level >= 1)."""
-    cnt_pages = S[12]
+    cnt_pages = S[11]
     mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
     if mc == 0:
         return
@@ -261,8 +261,8 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
     its gather and each key row's memory read. Writes each row's top-P pages (best first, -1 padded).
     """
     g = Q.shape[0]
-    n_pages_cap = S[14].shape[1]
-    tok_page, cnt_pages = S[2], S[12]
+    n_pages_cap = S[13].shape[1]
+    tok_page, cnt_pages = S[2], S[11]
     buf_t = np.empty(n_tok_cap, np.int32)
     buf_pn = np.empty(n_tok_cap, np.float64)
     buf_p = np.empty(n_tok_cap, np.int32)
