@@ -21,8 +21,9 @@ def test_t6_t7_after_build(rng):
     assert all(idx.level_counts[h, : sizes.size].tolist() == sizes.tolist() for h in range(3))
     for h in range(3):
         # bulk fills of every cell differ by at most one
+        cell_first = idx.cell_array("cell_first", h)
         for cell in [0] + list(range(1, 20001)):
-            fills, p = [], idx.cell_first[h, cell]
+            fills, p = [], cell_first[cell]
             while p >= 0:
                 fills.append(idx.page_fill[h, p])
                 p = idx.page_next[h, p]
@@ -77,6 +78,35 @@ def test_t8_insert_then_delete(rng):
     # deleting inner tokens (promotion and re-parenting)
     inner = np.flatnonzero(idx.tok_level[0, :3000] >= 1)[:25]
     idx.delete(inner)
+    check_invariants(idx)
+    _exact_check(idx, rng)
+
+
+def test_cell_slots_are_recycled_through_deletes_and_grow_when_full(rng):
+    """Only the root and tokens above level 0 keep cell numbers (a slot each, ``pagetable.cell_slot``). Deleting
+    every token above level 0, round after round, promotes level-0 tokens into their places: they get slots,
+    the deleted tokens' slots are reused, and the slot arrays do not grow. When they are full they grow, and
+    the slots held keep their numbers."""
+    H, d = 2, 8
+    idx = PagedDCIIndex(H, d, config=IndexConfig(page_size=4, p0=0.03, rebuild_growth=None))
+    idx.build(int_keys(rng, (H, 600, d)))
+    cap = idx.cell_first.shape[1]
+    for _ in range(6):
+        live = np.flatnonzero(idx.alive[: idx.n_tokens])
+        idx.delete(live[(idx.tok_level[:, live] >= 1).any(axis=0)][:40])
+        check_invariants(idx)
+        _exact_check(idx, rng)
+    assert idx.cell_first.shape[1] == cap and idx.n_free_slots.sum() > 0
+    # fill head 0's slots past their capacity (white-box: level-0 tokens given slots, then released again)
+    before = {name: idx.cell_array(name, 0).copy() for name in ("cell_first", "cnt_desc", "cnt_pages", "cell_m")}
+    lows = np.flatnonzero((idx.tok_level[0, : idx.n_tokens] == 0) & idx.alive[: idx.n_tokens])[: cap + 5]
+    for t in lows:
+        idx._give_slot(0, int(t))
+    assert idx.cell_first.shape[1] > cap
+    for t in lows:
+        idx._release_slot(0, int(t))
+    for name, arr in before.items():
+        assert np.array_equal(idx.cell_array(name, 0), arr), name
     check_invariants(idx)
     _exact_check(idx, rng)
 

@@ -40,11 +40,27 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
         counts = np.bincount(level[live], minlength=64) if live.size else np.zeros(64, int)
         if not np.array_equal(counts[:64], idx.level_counts[h]):
             _fail(h, f"level counts {idx.level_counts[h][:8]} != recomputed {counts[:8]}")
+        # --- cell slots: the root's is 0, a live token above level 0 has its own, no other token has one
+        slots = idx.tok_cell[h, : n + 1]
+        if slots[0] != 0:
+            _fail(h, f"the root's cell slot is {slots[0]}")
+        has = np.zeros(n + 1, bool)
+        has[live + 1] = level[live] >= 1
+        has[0] = True
+        if np.any((slots >= 0) != has):
+            c = int(np.flatnonzero((slots >= 0) != has)[0])
+            _fail(h, f"cell {c} has slot {slots[c]} (a slot belongs to the root and live tokens above level 0)")
+        used = slots[has]
+        free = idx.free_slots[h, : idx.n_free_slots[h]]
+        if np.unique(used).size != used.size or np.intersect1d(used, free).size or used.max() >= idx.next_slot[h]:
+            _fail(h, "cell slots shared, both used and free, or past the slots handed out")
+        cell_first, cell_last = idx.cell_array("cell_first", h), idx.cell_array("cell_last", h)
+        cell_nchild, cell_m = idx.cell_array("cell_nchild", h), idx.cell_array("cell_m", h)
         # --- pages (T7)
         seen_tok: dict[int, tuple[int, int]] = {}
         live_pages = set()
         for cell in [0] + [int(t) + 1 for t in live]:
-            p = idx.cell_first[h, cell]
+            p = cell_first[cell]
             prev = -1
             keys_in_order = []
             while p >= 0:
@@ -72,16 +88,16 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                         _fail(h, f"page_proj of token {t} differs from tok_proj")
                     if idx.cfg.layout == "projection" and idx.tok_pkey[h, t] != idx.tok_proj[h, t]:
                         _fail(h, f"token {t}'s page key differs from its projection (projection layout)")
-                    if idx.cell_m[h, cell] < idx.tok_sqn[h, t]:
-                        _fail(h, f"token {t}'s squared norm exceeds its cell's m {idx.cell_m[h, cell]}")
+                    if cell_m[cell] < idx.tok_sqn[h, t]:
+                        _fail(h, f"token {t}'s squared norm exceeds its cell's m {cell_m[cell]}")
                 prev = p
                 p = idx.page_next[h, p]
-            if idx.cell_last[h, cell] != prev:
-                _fail(h, f"cell {cell} last page {idx.cell_last[h, cell]} != {prev}")
+            if cell_last[cell] != prev:
+                _fail(h, f"cell {cell} last page {cell_last[cell]} != {prev}")
             if keys_in_order != sorted(keys_in_order):
                 _fail(h, f"cell {cell}'s pages are not in page-key order")
-            if idx.cell_nchild[h, cell] != len(keys_in_order):
-                _fail(h, f"cell {cell} child count {idx.cell_nchild[h, cell]} != {len(keys_in_order)}")
+            if cell_nchild[cell] != len(keys_in_order):
+                _fail(h, f"cell {cell} child count {cell_nchild[cell]} != {len(keys_in_order)}")
         if set(seen_tok) != live_set:
             _fail(h, f"pages hold {len(seen_tok)} tokens, {live.size} are live")
         free = idx.free_stack[h, : idx.free_n[h]].tolist()
@@ -105,7 +121,7 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
                 _fail(h, "stored squared norms differ from the page rows")
             # a token is projected with its cell's m
             want = key_projection(keys, idx.tok_sqn[h, live].astype(np.float64),
-                                  idx.cell_m[h, idx.tok_parent[h, live] + 1].astype(np.float64), idx.u)
+                                  cell_m[idx.tok_parent[h, live] + 1].astype(np.float64), idx.u)
             scale = np.sqrt(max(idx.M[h], 1e-30))
             if not np.allclose(want, idx.tok_proj[h, live], rtol=0, atol=1e-7 * scale):
                 _fail(h, "stored projections differ from the keys' projections")
@@ -121,9 +137,9 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
             desc[parent[t] + 1] += desc[t + 1]
             pages[parent[t] + 1] += pages[t + 1]
         cells = np.concatenate([[0], live + 1])
-        if not np.array_equal(desc[cells], idx.cnt_desc[h, cells]):
+        if not np.array_equal(desc[cells], idx.cell_array("cnt_desc", h)[cells]):
             _fail(h, "subtree token counters differ from recomputed values")
-        if not np.array_equal(pages[cells], idx.cnt_pages[h, cells]):
+        if not np.array_equal(pages[cells], idx.cell_array("cnt_pages", h)[cells]):
             _fail(h, "subtree page counters differ from recomputed values")
         # --- exact parents
         if exact_parents and live.size:

@@ -98,17 +98,19 @@ class PagedDCIIndex:
 
     # ------------------------------------------------------------------ storage
     def _spec(self, field: str) -> tuple[str, tuple, type, int]:
-        """(axis kind, trailing shape, dtype, fill) of a state array; "tok"/"cell"/"page" arrays grow along
-        axis 1 (tokens, tokens + root, pages), "head" arrays do not grow."""
+        """(axis kind, trailing shape, dtype, fill) of a state array; "tok"/"cell"/"page"/"slot" arrays grow
+        along axis 1 (tokens, tokens + root, pages, cell slots: ``pagetable.cell_slot``), "head" arrays do not
+        grow."""
         C = self.C
         return {
             "tok_level": ("tok", (), np.int8, -1), "tok_parent": ("tok", (), np.int32, -2),
             "tok_page": ("tok", (), np.int32, -1), "tok_slot": ("tok", (), np.int32, -1),
             "tok_proj": ("tok", (), pt.TREE_FLOAT, 0),
             "tok_sqn": ("tok", (), pt.TREE_FLOAT, 0),
-            "cell_first": ("cell", (), np.int32, -1), "cell_last": ("cell", (), np.int32, -1),
-            "cell_nchild": ("cell", (), np.int32, 0), "cell_m": ("cell", (), pt.TREE_FLOAT, 0),
-            "cnt_desc": ("cell", (), np.int32, 0), "cnt_pages": ("cell", (), np.int32, 0),
+            "cell_first": ("slot", (), np.int32, -1), "cell_last": ("slot", (), np.int32, -1),
+            "cell_nchild": ("slot", (), np.int32, 0), "cell_m": ("slot", (), pt.TREE_FLOAT, 0),
+            "cnt_desc": ("slot", (), np.int32, 0), "cnt_pages": ("slot", (), np.int32, 0),
+            "tok_cell": ("cell", (), np.int32, -1),
             "page_tok": ("page", (C,), np.int32, -1), "page_fill": ("page", (), np.int32, 0),
             "page_cell": ("page", (), np.int32, -1), "page_next": ("page", (), np.int32, -1),
             "page_prev": ("page", (), np.int32, -1), "page_version": ("page", (), np.uint32, 0),
@@ -125,8 +127,8 @@ class PagedDCIIndex:
         v = getattr(self, "page_version", None)
         return int(v.max()) + 1 if v is not None and v.size else 0
 
-    def _alloc(self, tok_cap: int, page_cap: int) -> None:
-        T, P = max(tok_cap, 16), max(page_cap, 16)
+    def _alloc(self, tok_cap: int, page_cap: int, slot_cap: int = 16) -> None:
+        T, P, NS = max(tok_cap, 16), max(page_cap, 16), max(slot_cap, 16)
         version_base = self._next_version()
         self.storage_version = getattr(self, "storage_version", -1) + 1  # state arrays replaced
         self._state_list_cache = None  # (see _state_list) it names the replaced arrays
@@ -141,13 +143,18 @@ class PagedDCIIndex:
         self.rebuilds = 0
         self._level1_cache: dict = {}
         self.level_counts = np.zeros((self.H, MAX_LEVELS), np.int64)
-        length = {"tok": (T,), "cell": (T + 1,), "page": (P,), "head": ()}
+        length = {"tok": (T,), "cell": (T + 1,), "page": (P,), "slot": (NS,), "head": ()}
         for f in pt.STATE_FIELDS:
             kind, tail, dtype, fill = self._spec(f)
             shape = (self.H,) + length[kind] + tail
             # zeros come from the allocator lazily (np.full would write every byte of the page arrays)
             setattr(self, f, np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype))
         self.page_version[:] = version_base
+        self.tok_cell[:, 0] = 0  # the root's slot
+        #: cell slots handed out (``pagetable.cell_slot``; slot 0 is the root's) and the LIFO of released ones
+        self.next_slot = np.ones(self.H, np.int64)
+        self.free_slots = np.zeros((self.H, NS), np.int32)
+        self.n_free_slots = np.zeros(self.H, np.int64)
 
     @property
     def state(self) -> tuple:
@@ -159,7 +166,7 @@ class PagedDCIIndex:
         T, P = self.alive.shape[0], self.page_fill.shape[1]
         more_t = max(need_tokens, _grown(T)) - T if need_tokens > T else 0
         more_p = max(need_pages, _grown(P)) - P if need_pages > P else 0
-        extra = {"tok": more_t, "cell": more_t, "page": more_p, "head": 0}
+        extra = {"tok": more_t, "cell": more_t, "page": more_p, "slot": 0, "head": 0}
         if more_t or more_p:
             self.storage_version += 1
             self._state_list_cache = None
@@ -173,6 +180,53 @@ class PagedDCIIndex:
                 if f == "page_version":  # (a rebuild's fresh arrays may be smaller than the ids it grows back to)
                     fill = self._next_version()
                 setattr(self, f, np.concatenate([a, np.full((self.H, extra[kind]) + tail, fill, dtype)], axis=1))
+
+    def _give_slot(self, h: int, t: int) -> None:
+        """Give token ``t`` (just raised above level 0) a cell slot of head ``h``: a released one, else the next,
+        the slot arrays grown by ``GROWTH`` when full. Its cell starts empty."""
+        if self.tok_cell[h, t + 1] >= 0:
+            return
+        if self.n_free_slots[h] > 0:
+            self.n_free_slots[h] -= 1
+            slot = int(self.free_slots[h, self.n_free_slots[h]])
+        else:
+            slot = int(self.next_slot[h])
+            NS = self.cell_first.shape[1]
+            if slot >= NS:
+                more = _grown(NS) - NS
+                self.storage_version += 1
+                self._state_list_cache = None
+                for f in pt.STATE_FIELDS:
+                    kind, tail, dtype, fill = self._spec(f)
+                    if kind == "slot":
+                        a = getattr(self, f)
+                        setattr(self, f, np.concatenate([a, np.full((self.H, more) + tail, fill, dtype)], axis=1))
+                self.free_slots = np.concatenate([self.free_slots, np.zeros((self.H, more), np.int32)], axis=1)
+            self.next_slot[h] += 1
+        self.cell_first[h, slot] = self.cell_last[h, slot] = -1
+        self.cell_nchild[h, slot] = self.cnt_pages[h, slot] = 0
+        self.cell_m[h, slot] = 0
+        self.cnt_desc[h, slot] = 1  # the token itself
+        self.tok_cell[h, t + 1] = slot
+
+    def cell_array(self, name: str, h: int) -> np.ndarray:
+        """Head ``h``'s cell array ``name`` (``cell_first``, ``cell_last``, ``cell_nchild``, ``cell_m``,
+        ``cnt_desc``, ``cnt_pages``) by cell id (token id + 1; 0: the root) for every token id handed out, a
+        token without a slot read as a level-0 token (no pages, no children, a subtree of itself). For checks
+        and tests: the index keeps only the slots (``pagetable.cell_slot``)."""
+        default = {"cell_first": -1, "cell_last": -1, "cell_nchild": 0, "cell_m": 0, "cnt_desc": 1,
+                   "cnt_pages": 0}[name]
+        arr = getattr(self, name)[h]
+        slots = self.tok_cell[h, : self.n_tokens + 1]
+        return np.where(slots >= 0, arr[np.maximum(slots, 0)], default).astype(arr.dtype)
+
+    def _release_slot(self, h: int, t: int) -> None:
+        """Token ``t`` of head ``h`` left the tree (its cell empty): its slot goes back to the free list."""
+        slot = int(self.tok_cell[h, t + 1])
+        if slot > 0:
+            self.free_slots[h, self.n_free_slots[h]] = slot
+            self.n_free_slots[h] += 1
+            self.tok_cell[h, t + 1] = -1
 
     def copy(self) -> PagedDCIIndex:
         """An independent deep copy (copy-on-write sharing of one sequence's index by another)."""
@@ -280,7 +334,11 @@ class PagedDCIIndex:
         for h in range(self.H):
             sizes = np.bincount(parent[h] + 1)
             need_pages = max(need_pages, int(((sizes + self.C - 1) // self.C).sum()))
-        self._alloc(n_ids + _slack(n_ids), need_pages + _slack(need_pages))
+        uppers = tids[level >= 1]  # the tokens with children (and the root) get cell slots, in token order
+        n_cells = 1 + uppers.size
+        self._alloc(n_ids + _slack(n_ids), need_pages + _slack(need_pages), n_cells + _slack(n_cells))
+        self.tok_cell[:, uppers + 1] = np.arange(1, n_cells, dtype=np.int32)
+        self.next_slot[:] = n_cells
         self.n_tokens = n_ids
         self.alive[tids] = True
         self.positions[tids] = pos
@@ -336,9 +394,7 @@ class PagedDCIIndex:
         for h in range(self.H):
             self.tok_sqn[h, tids] = sqn[h]
             self.tok_proj[h, tids] = key_projection(K[h], sqn[h], self.M[h], self.u)
-            self.tok_level[h, tids] = 0
-            self.cnt_desc[h, tids + 1] = 1
-            self.cnt_pages[h, tids + 1] = 0
+            self.tok_level[h, tids] = 0  # (level 0: no cell slot, ``pagetable.cell_slot``)
             self.level_counts[h, 0] += b
         _insert_heads(S, tids.astype(np.int32), parents, stored, V, self.M.astype(pt.TREE_FLOAT), self._u0,
                       self._bisect)
@@ -413,7 +469,8 @@ class PagedDCIIndex:
 
     def _children(self, h: int, t: int) -> np.ndarray:
         out = []
-        p = self.cell_first[h, t + 1]
+        slot = self.tok_cell[h, t + 1]
+        p = self.cell_first[h, slot] if slot >= 0 else -1
         while p >= 0:
             out.extend(self.page_tok[h, p, : self.page_fill[h, p]].tolist())
             p = self.page_next[h, p]
@@ -463,6 +520,8 @@ class PagedDCIIndex:
         self.level_counts[h, lv - 1] -= 1
         self.level_counts[h, lv] += 1
         self.tok_level[h, y] = lv
+        if lv == 1:
+            self._give_slot(h, y)  # it will have children
         self._move(h, y, int(self._nearest(h, np.array([y]), self._level_members(h, lv + 1, exclude=t))[0]))
         for c in self._children(h, t):
             self._move(h, int(c), y)
@@ -470,6 +529,7 @@ class PagedDCIIndex:
     def _delete_one(self, h: int, t: int) -> None:
         self._vacate(h, t)
         pt.detach(self.state, h, t)
+        self._release_slot(h, t)  # (its children were re-homed)
         self.level_counts[h, self.tok_level[h, t]] -= 1
         self.tok_level[h, t] = -1
 
@@ -723,7 +783,7 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
     token id), or each cell's bisection order (``layout.bisect_cells``), where a child's page key is its
     rank."""
     tok_level, tok_parent, tok_proj, tok_sqn, tok_pkey = S[0], S[1], S[4], S[5], S[24]
-    cell_m, cnt_desc, cnt_pages = S[9], S[10], S[11]
+    cell_m, cnt_desc, cnt_pages, tok_cell = S[9], S[10], S[11], S[26]
     n = K.shape[0]
     for i in range(n):
         t = tids[i]
@@ -732,7 +792,8 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         tok_proj[h, t] = proj[i]
         tok_pkey[h, t] = proj[i]
         tok_sqn[h, t] = sqn[i]
-        cnt_desc[h, t + 1] = 1
+        if tok_cell[h, t + 1] >= 0:  # above level 0 (a level-0 token counts itself: ``subtree_tokens``)
+            cnt_desc[h, tok_cell[h, t + 1]] = 1
     i = 0
     while i < n:
         c = cells_sorted[i]
@@ -743,16 +804,17 @@ def _build_head(S, h, tids, order, cells_sorted, K, V, level, parent, proj, sqn,
         if bisect:
             for r in range(j - i):
                 tok_pkey[h, tids[seg[r]]] = r
-        cnt_pages[h, c] += pt.layout_sorted(S, h, np.int64(c), tids[seg], K[seg], V[seg])
-        cell_m[h, c] = m
+        cs = tok_cell[h, c]
+        cnt_pages[h, cs] += pt.layout_sorted(S, h, np.int64(c), tids[seg], K[seg], V[seg])
+        cell_m[h, cs] = m
         i = j
     by_level = np.argsort(level, kind="mergesort")
     for k in range(n):
         i = by_level[k]
         t = tids[i]
-        pc = parent[i] + 1
-        cnt_desc[h, pc] += cnt_desc[h, t + 1]
-        cnt_pages[h, pc] += cnt_pages[h, t + 1]
+        pc = tok_cell[h, parent[i] + 1]
+        cnt_desc[h, pc] += pt.subtree_tokens(S, h, t + 1)
+        cnt_pages[h, pc] += pt.subtree_pages(S, h, t + 1)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -32,12 +32,13 @@ STATE_FIELDS = (
     "tok_slot",  # int32 [H, T]
     "tok_proj",  # float32 [H, T] raw projection w.k + a*sqrt(m - |k|^2) with m its cell's cell_m
     "tok_sqn",  # float32 [H, T] |k|^2
-    "cell_first",  # int32 [H, T+1] first page of the cell, -1 when empty
-    "cell_last",  # int32 [H, T+1]
-    "cell_nchild",  # int32 [H, T+1]
-    "cell_m",  # float32 [H, T+1] the m shared by all children of the cell
-    "cnt_desc",  # int32 [H, T+1] tokens in the subtree (a token counts itself; the root does not)
-    "cnt_pages",  # int32 [H, T+1] pages of the cell and of every cell below it
+    # a cell's numbers, at its slot (``tok_cell``): only the root and tokens above level 0 have one
+    "cell_first",  # int32 [H, NS] first page of the cell, -1 when empty
+    "cell_last",  # int32 [H, NS]
+    "cell_nchild",  # int32 [H, NS]
+    "cell_m",  # float32 [H, NS] the m shared by all children of the cell
+    "cnt_desc",  # int32 [H, NS] tokens in the subtree (a token counts itself; the root does not)
+    "cnt_pages",  # int32 [H, NS] pages of the cell and of every cell below it
     "page_tok",  # int32 [H, P, C]
     "page_fill",  # int32 [H, P]
     "page_cell",  # int32 [H, P]    -1 = free
@@ -52,7 +53,33 @@ STATE_FIELDS = (
     "page_proj",  # float32 [H, P, C]    tok_proj of the token in each slot (contiguous for the search)
     "tok_pkey",  # float32 [H, T] page key: the cell order (layout.py); tok_proj under the projection layout
     "key_scale",  # float32 [H, d] the stored rows are keys / key_scale (int8: channel scales; else 1)
+    "tok_cell",  # int32 [H, T+1] the slot of cell ``t + 1`` (token t's children) in the cell arrays; the root's
+    # (cell 0) is slot 0; -1: a token on level 0, which has no children (a subtree of itself, no pages)
 )
+
+
+@njit(cache=True, nogil=True, inline="always")
+def cell_slot(S, h, cell):
+    """The slot of ``cell`` (token id + 1; 0: the root) in the cell arrays; -1 for a level-0 token's.
+
+    A cell is named by its token (``tok_parent + 1``, ``page_cell``), but its numbers are kept only for the
+    root and the tokens above level 0 (about p0 of the tokens): per-token cell arrays weighed 24 bytes per
+    token and KV head, a sixth of the index at SmolLM2's shape (``benchmarks/int8_keys.py``)."""
+    return S[26][h, cell]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def subtree_tokens(S, h, cell):
+    """Tokens in the subtree of ``cell``'s token (1 for a level-0 token)."""
+    s = S[26][h, cell]
+    return np.int64(S[10][h, s]) if s >= 0 else np.int64(1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def subtree_pages(S, h, cell):
+    """Pages of ``cell`` and of every cell below it (0 for a level-0 token)."""
+    s = S[26][h, cell]
+    return np.int64(S[11][h, s]) if s >= 0 else np.int64(0)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -69,8 +96,9 @@ def bump_chain(S, h, cell, d_desc, d_pages):
     cnt_pages = S[11]
     c = cell
     while True:
-        cnt_desc[h, c] += d_desc
-        cnt_pages[h, c] += d_pages
+        s = S[26][h, c]  # every ancestor has children, so a slot
+        cnt_desc[h, s] += d_desc
+        cnt_pages[h, s] += d_pages
         if c == 0:
             break
         c = tok_parent[h, c - 1] + 1
@@ -108,16 +136,17 @@ def page_release(S, h, p):
 def link_after(S, h, cell, after, p):
     """Link page ``p`` into ``cell``'s list after page ``after`` (-1: at the front)."""
     cell_first, cell_last, page_next, page_prev = S[6], S[7], S[15], S[16]
+    s = S[26][h, cell]
     if after < 0:
-        nxt = cell_first[h, cell]
-        cell_first[h, cell] = p
+        nxt = cell_first[h, s]
+        cell_first[h, s] = p
     else:
         nxt = page_next[h, after]
         page_next[h, after] = p
     page_prev[h, p] = after
     page_next[h, p] = nxt
     if nxt < 0:
-        cell_last[h, cell] = p
+        cell_last[h, s] = p
     else:
         page_prev[h, nxt] = p
 
@@ -125,14 +154,14 @@ def link_after(S, h, cell, after, p):
 @njit(cache=True, nogil=True)
 def unlink(S, h, p):
     cell_first, cell_last, page_cell, page_next, page_prev = S[6], S[7], S[14], S[15], S[16]
-    cell = page_cell[h, p]
+    s = S[26][h, page_cell[h, p]]
     a, b = page_prev[h, p], page_next[h, p]
     if a < 0:
-        cell_first[h, cell] = b
+        cell_first[h, s] = b
     else:
         page_next[h, a] = b
     if b < 0:
-        cell_last[h, cell] = a
+        cell_last[h, s] = a
     else:
         page_prev[h, b] = a
 
@@ -166,7 +195,8 @@ def page_insert(S, h, t, cell, key, val):
     page_keys, page_vals = S[21], S[22]
     C = page_tok.shape[2]
     pt = tok_pkey[h, t]
-    p = cell_first[h, cell]
+    cs = S[26][h, cell]
+    p = cell_first[h, cs]
     if p < 0:
         p = page_alloc(S, h, cell)
         link_after(S, h, cell, -1, p)
@@ -236,7 +266,7 @@ def page_insert(S, h, t, cell, key, val):
     tok_slot[h, t] = pos
     page_fill[h, p] = f + 1
     page_version[h, p] += 1
-    cell_nchild[h, cell] += 1
+    cell_nchild[h, cs] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -257,7 +287,7 @@ def page_remove(S, h, t):
     page_version[h, p] += 1
     tok_page[h, t] = -1
     tok_slot[h, t] = -1
-    cell_nchild[h, cell] -= 1
+    cell_nchild[h, S[26][h, cell]] -= 1
     if f == 0:
         unlink(S, h, p)
         page_release(S, h, p)
@@ -326,7 +356,7 @@ def layout_sorted(S, h, cell, tids, keys, vals):
             tok_slot[h, t] = j
         page_fill[h, p] = take
         i += take
-    cell_nchild[h, cell] = m
+    cell_nchild[h, S[26][h, cell]] = m
     return npg
 
 
@@ -353,7 +383,8 @@ def relift_cell(S, h, cell, new_m, u0, bisect):
     tok_proj, tok_sqn, tok_pkey = S[4], S[5], S[24]
     cell_first, cell_nchild, cell_m = S[6], S[8], S[9]
     page_tok, page_fill, page_next, page_keys, page_vals = S[12], S[13], S[15], S[21], S[22]
-    m = cell_nchild[h, cell]
+    cs = S[26][h, cell]
+    m = cell_nchild[h, cs]
     d = page_keys.shape[3]
     dv = page_vals.shape[3]
     tids = np.empty(m, np.int32)
@@ -361,7 +392,7 @@ def relift_cell(S, h, cell, new_m, u0, bisect):
     vals = np.empty((m, dv), np.float32)
     i = 0
     old_pages = 0
-    p = cell_first[h, cell]
+    p = cell_first[h, cs]
     while p >= 0:
         nx = page_next[h, p]
         for j in range(page_fill[h, p]):
@@ -381,7 +412,7 @@ def relift_cell(S, h, cell, new_m, u0, bisect):
         tok_proj[h, t] = lifted_projection(keys[i], c, u0, new_m, tok_sqn[h, t], scratch)
         if not bisect:
             tok_pkey[h, t] = tok_proj[h, t]
-    cell_m[h, cell] = new_m
+    cell_m[h, cs] = new_m
     proj = np.empty(m, np.float64)
     for i in range(m):
         proj[i] = tok_pkey[h, tids[i]]
@@ -400,7 +431,7 @@ def neighbour_pkey(S, h, cell, key):
     new child right after it)."""
     tok_sqn, cell_first, tok_pkey = S[5], S[6], S[24]
     page_tok, page_fill, page_next, page_prev, page_keys = S[12], S[13], S[15], S[16], S[21]
-    p = cell_first[h, cell]
+    p = cell_first[h, S[26][h, cell]]
     if p < 0:
         return 0.0
     d = key_dim(key)
@@ -437,12 +468,13 @@ def attach(S, h, t, parent, key, val, mt, u0, bisect):
     (:func:`lifted_projection`). A token in the tree is projected with its cell's ``cell_m``, so no per-token m
     is kept (4 bytes per token and KV head)."""
     tok_parent, tok_proj, tok_sqn, tok_pkey = S[1], S[4], S[5], S[24]
-    cell_nchild, cell_m, cnt_desc, cnt_pages = S[8], S[9], S[10], S[11]
+    cell_nchild, cell_m = S[8], S[9]
     cell = parent + 1
-    if cell_nchild[h, cell] == 0:
-        cell_m[h, cell] = mt
+    cs = S[26][h, cell]  # the parent is above level 0: it has a slot
+    if cell_nchild[h, cs] == 0:
+        cell_m[h, cs] = mt
     else:
-        mc = cell_m[h, cell]
+        mc = cell_m[h, cs]
         if mt < mc:
             tok_proj[h, t] = lifted_projection(key, S[25][h], u0, mc, tok_sqn[h, t], np.empty(key.shape[0], np.float32))
         elif mt > mc:
@@ -450,14 +482,14 @@ def attach(S, h, t, parent, key, val, mt, u0, bisect):
     tok_pkey[h, t] = neighbour_pkey(S, h, cell, key) if bisect else tok_proj[h, t]
     tok_parent[h, t] = parent
     page_insert(S, h, t, cell, key, val)
-    bump_chain(S, h, cell, cnt_desc[h, t + 1], cnt_pages[h, t + 1])
+    bump_chain(S, h, cell, subtree_tokens(S, h, t + 1), subtree_pages(S, h, t + 1))
 
 
 @njit(cache=True, nogil=True)
 def detach(S, h, t):
     """Take token ``t`` (with its subtree) out of its parent's cell."""
-    tok_parent, cnt_desc, cnt_pages = S[1], S[10], S[11]
+    tok_parent = S[1]
     cell = tok_parent[h, t] + 1
     page_remove(S, h, t)
-    bump_chain(S, h, cell, -cnt_desc[h, t + 1], -cnt_pages[h, t + 1])
+    bump_chain(S, h, cell, -subtree_tokens(S, h, t + 1), -subtree_pages(S, h, t + 1))
     tok_parent[h, t] = -2

@@ -85,9 +85,10 @@ def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
     calls ``_projection_order`` first (a window over the whole cell needs no order)."""
     cell_first, cell_m = S[6], S[9]
     page_tok, page_fill, page_next, page_proj = S[12], S[13], S[15], S[23]
-    scale = 1.0 if faithful else 1.0 / math.sqrt(max(cell_m[h, cell], 1e-30))
+    cs = S[26][h, cell]  # a frontier cell is the root or a token above level 0: it has a slot
+    scale = 1.0 if faithful else 1.0 / math.sqrt(max(cell_m[h, cs], 1e-30))
     n = 0
-    p = cell_first[h, cell]
+    p = cell_first[h, cs]
     while p >= 0:
         for j in range(page_fill[h, p]):
             buf_t[n] = page_tok[h, p, j]
@@ -132,13 +133,14 @@ def _retrieve_count(mc, k_req, prop, ntr):
 
 
 @njit(cache=True, nogil=True)
-def _keep_count(cnt_pages, h, tids, order, n, fov, P):
+def _keep_count(cnt_pages, tok_cell, h, tids, order, n, fov, P):
     """How many of the best entries to keep: at least ``fov``, and enough for their subtrees to hold
-    ``P`` pages (the coverage rule), never more than ``n``."""
+    ``P`` pages (the coverage rule), never more than ``n``. (The entries are above level 0: each has a cell
+    slot in ``tok_cell``.)"""
     e = 0
     c = 0
     while e < n and (e < fov or c < P):
-        c += cnt_pages[h, tids[order[e]] + 1]
+        c += cnt_pages[h, tok_cell[h, tids[order[e]] + 1]]
         e += 1
     return e
 
@@ -174,7 +176,7 @@ def _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc):
 def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, buf_t, buf_pn, buf_p, buf_j,
                        sc, lo, hi, out_t, out_s, n_out):
     """For each active row, append the kept children of an upper cell (children on level >= 1)."""
-    cnt_pages = S[11]
+    cnt_pages, tok_cell = S[11], S[26]  # an upper cell's children are above level 0: each has a slot
     mc = _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j)
     if mc == 0:
         return
@@ -186,10 +188,10 @@ def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, b
         a, b = _window(buf_pn, mc, qp[r], _retrieve_count(mc, fov, prop, ntr))
         cov = 0
         for i in range(a, b):
-            cov += cnt_pages[h, buf_t[i] + 1]
+            cov += cnt_pages[h, tok_cell[h, buf_t[i] + 1]]
         while cov < P and b - a < mc:
             na, nb = _grow_window(buf_pn, mc, qp[r], a, b)
-            cov += cnt_pages[h, buf_t[na if na < a else b] + 1]
+            cov += cnt_pages[h, tok_cell[h, buf_t[na if na < a else b] + 1]]
             a, b = na, nb
         lo[r], hi[r] = a, b
     _score_windows(S, h, Q, active, lo, hi, buf_p, buf_j, sc)
@@ -198,7 +200,7 @@ def _search_upper_cell(S, h, cell, Q, qp, active, fov, P, prop, ntr, faithful, b
             continue
         a, w = lo[r], hi[r] - lo[r]
         order = order_by_score(sc[r, a : a + w], buf_t[a : a + w], w)
-        e = _keep_count(cnt_pages, h, buf_t[a : a + w], order, w, fov, P)
+        e = _keep_count(cnt_pages, tok_cell, h, buf_t[a : a + w], order, w, fov, P)
         for i in range(e):
             out_t[r, n_out[r] + i] = buf_t[a + order[i]]
             out_s[r, n_out[r] + i] = sc[r, a + order[i]]
@@ -262,7 +264,7 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
     """
     g = Q.shape[0]
     n_pages_cap = S[13].shape[1]
-    tok_page, cnt_pages = S[2], S[11]
+    tok_page, cnt_pages, tok_cell = S[2], S[11], S[26]
     buf_t = np.empty(n_tok_cap, np.int32)
     buf_pn = np.empty(n_tok_cap, np.float64)
     buf_p = np.empty(n_tok_cap, np.int32)
@@ -309,7 +311,7 @@ def search_group(S, h, Q, qp, top_level, P, fov, prop, ntr, faithful, n_tok_cap,
                 i = j
             for r in range(g):
                 order = order_by_score(nx_s[r], nx_t[r], n_nx[r])
-                n_fr[r] = _keep_count(cnt_pages, h, nx_t[r], order, n_nx[r], fov, P)
+                n_fr[r] = _keep_count(cnt_pages, tok_cell, h, nx_t[r], order, n_nx[r], fov, P)
                 for k in range(n_fr[r]):
                     fr_t[r, k] = nx_t[r, order[k]]
                     fr_s[r, k] = nx_s[r, order[k]]
