@@ -111,6 +111,42 @@ def test_cell_slots_are_recycled_through_deletes_and_grow_when_full(rng):
     _exact_check(idx, rng)
 
 
+def test_the_checker_catches_a_leaked_or_twice_freed_cell_slot(rng):
+    idx = PagedDCIIndex(1, 8, config=IndexConfig(page_size=4, p0=0.05, rebuild_growth=None))
+    idx.build(int_keys(rng, (1, 400, 8)))
+    live = idx.live_ids()
+    idx.delete(live[idx.tok_level[0, live] >= 1][:5])
+    check_invariants(idx)
+    assert idx.n_free_slots[0] > 0
+    leaked = idx.copy()
+    leaked.n_free_slots[0] -= 1  # a released slot forgotten
+    with pytest.raises(AssertionError, match="leaked"):
+        check_invariants(leaked)
+    twice = idx.copy()
+    twice.free_slots[0, twice.n_free_slots[0]] = twice.free_slots[0, 0]  # a slot freed twice
+    twice.n_free_slots[0] += 1
+    twice.next_slot[0] += 1  # (the counts still add up)
+    with pytest.raises(AssertionError, match="free cell slots repeat"):
+        check_invariants(twice)
+
+
+def test_inserts_after_deletes_emptied_level_one_rebuild_the_tree(rng):
+    """Deleting every token on levels 0 and 1 left higher levels without children; the next insert put its
+    tokens under the root beside them (a level-0 root child under a top level of 7: a broken tree, and a search
+    reading a level-0 token's cell, which has none)."""
+    idx = PagedDCIIndex(1, 8, config=IndexConfig(page_size=4, p0=0.2, p_up=0.5, rebuild_growth=None))
+    idx.build(rng.standard_normal((1, 200, 8)).astype(np.float32))
+    live = idx.live_ids()
+    idx.delete(live[idx.tok_level[0, live] <= 1])
+    check_invariants(idx)
+    assert idx.level_counts[0, 1] == 0 and idx.top_level()[0] >= 2
+    kept = idx.n_live
+    new = idx.insert(rng.standard_normal((1, 30, 8)).astype(np.float32))
+    check_invariants(idx)
+    assert idx.rebuilds == 1 and new.size == 30 and idx.n_live == kept + 30 and idx.alive[new].all()
+    _exact_check(idx, rng)
+
+
 @pytest.mark.slow
 def test_t8_thousand_random_operations(rng):
     H, d, C = 2, 8, 4

@@ -52,8 +52,16 @@ def check_invariants(idx, exact_parents: bool = True, reference_keys: np.ndarray
             _fail(h, f"cell {c} has slot {slots[c]} (a slot belongs to the root and live tokens above level 0)")
         used = slots[has]
         free = idx.free_slots[h, : idx.n_free_slots[h]]
-        if np.unique(used).size != used.size or np.intersect1d(used, free).size or used.max() >= idx.next_slot[h]:
-            _fail(h, "cell slots shared, both used and free, or past the slots handed out")
+        handed = int(idx.next_slot[h])
+        if np.unique(used).size != used.size or used.max() >= handed:
+            _fail(h, "cell slots shared by two cells, or past the slots handed out")
+        if np.unique(free).size != free.size or np.intersect1d(used, free).size or (free.size and (
+                free.min() < 1 or free.max() >= handed)):
+            _fail(h, "the free cell slots repeat, are in use, or are not slots handed out")
+        if used.size + free.size != handed:
+            _fail(h, f"{handed - used.size - free.size} cell slots neither used nor free (leaked)")
+        if np.any(idx.tok_cell[h, n + 1:] != -1):
+            _fail(h, "a token id not handed out has a cell slot")
         cell_first, cell_last = idx.cell_array("cell_first", h), idx.cell_array("cell_last", h)
         cell_nchild, cell_m = idx.cell_array("cell_nchild", h), idx.cell_array("cell_m", h)
         # --- pages (T7)

@@ -370,7 +370,10 @@ class PagedDCIIndex:
             return np.empty(0, np.int64)
         n_alive = int(self.alive[: self.n_tokens].sum()) + b
         growth = self.cfg.rebuild_growth
-        if growth is not None and n_alive >= growth * max(self.n_at_build, math.ceil(1 / self.cfg.level0_prob)):
+        # deletes that emptied level 1 under higher levels leave a new token no level-1 parent: built again
+        hollow = bool(((self.level_counts[:, 1] == 0) & (self.level_counts[:, 2:].sum(axis=1) > 0)).any())
+        if hollow or (growth is not None and
+                      n_alive >= growth * max(self.n_at_build, math.ceil(1 / self.cfg.level0_prob))):
             return self._rebuild_with(K, V, pos)  # (low-rank codes: every page's version moved, coded again)
         tids = np.arange(self.n_tokens, self.n_tokens + b, dtype=np.int64)
         self._grow(self.n_tokens + b, int(self.next_page.max()) + b + 1)
