@@ -71,14 +71,14 @@ def cell_slot(S, h, cell):
 @njit(cache=True, nogil=True, inline="always")
 def subtree_tokens(S, h, cell):
     """Tokens in the subtree of ``cell``'s token (1 for a level-0 token)."""
-    s = S[26][h, cell]
+    s = cell_slot(S, h, cell)
     return np.int64(S[10][h, s]) if s >= 0 else np.int64(1)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def subtree_pages(S, h, cell):
     """Pages of ``cell`` and of every cell below it (0 for a level-0 token)."""
-    s = S[26][h, cell]
+    s = cell_slot(S, h, cell)
     return np.int64(S[11][h, s]) if s >= 0 else np.int64(0)
 
 
@@ -96,7 +96,7 @@ def bump_chain(S, h, cell, d_desc, d_pages):
     cnt_pages = S[11]
     c = cell
     while True:
-        s = S[26][h, c]  # every ancestor has children, so a slot
+        s = cell_slot(S, h, c)  # every ancestor has children, so a slot
         cnt_desc[h, s] += d_desc
         cnt_pages[h, s] += d_pages
         if c == 0:
@@ -136,7 +136,7 @@ def page_release(S, h, p):
 def link_after(S, h, cell, after, p):
     """Link page ``p`` into ``cell``'s list after page ``after`` (-1: at the front)."""
     cell_first, cell_last, page_next, page_prev = S[6], S[7], S[15], S[16]
-    s = S[26][h, cell]
+    s = cell_slot(S, h, cell)
     if after < 0:
         nxt = cell_first[h, s]
         cell_first[h, s] = p
@@ -154,7 +154,7 @@ def link_after(S, h, cell, after, p):
 @njit(cache=True, nogil=True)
 def unlink(S, h, p):
     cell_first, cell_last, page_cell, page_next, page_prev = S[6], S[7], S[14], S[15], S[16]
-    s = S[26][h, page_cell[h, p]]
+    s = cell_slot(S, h, page_cell[h, p])
     a, b = page_prev[h, p], page_next[h, p]
     if a < 0:
         cell_first[h, s] = b
@@ -195,7 +195,7 @@ def page_insert(S, h, t, cell, key, val):
     page_keys, page_vals = S[21], S[22]
     C = page_tok.shape[2]
     pt = tok_pkey[h, t]
-    cs = S[26][h, cell]
+    cs = cell_slot(S, h, cell)
     p = cell_first[h, cs]
     if p < 0:
         p = page_alloc(S, h, cell)
@@ -287,7 +287,7 @@ def page_remove(S, h, t):
     page_version[h, p] += 1
     tok_page[h, t] = -1
     tok_slot[h, t] = -1
-    cell_nchild[h, S[26][h, cell]] -= 1
+    cell_nchild[h, cell_slot(S, h, cell)] -= 1
     if f == 0:
         unlink(S, h, p)
         page_release(S, h, p)
@@ -356,7 +356,7 @@ def layout_sorted(S, h, cell, tids, keys, vals):
             tok_slot[h, t] = j
         page_fill[h, p] = take
         i += take
-    cell_nchild[h, S[26][h, cell]] = m
+    cell_nchild[h, cell_slot(S, h, cell)] = m
     return npg
 
 
@@ -383,7 +383,7 @@ def relift_cell(S, h, cell, new_m, u0, bisect):
     tok_proj, tok_sqn, tok_pkey = S[4], S[5], S[24]
     cell_first, cell_nchild, cell_m = S[6], S[8], S[9]
     page_tok, page_fill, page_next, page_keys, page_vals = S[12], S[13], S[15], S[21], S[22]
-    cs = S[26][h, cell]
+    cs = cell_slot(S, h, cell)
     m = cell_nchild[h, cs]
     d = page_keys.shape[3]
     dv = page_vals.shape[3]
@@ -431,7 +431,7 @@ def neighbour_pkey(S, h, cell, key):
     new child right after it)."""
     tok_sqn, cell_first, tok_pkey = S[5], S[6], S[24]
     page_tok, page_fill, page_next, page_prev, page_keys = S[12], S[13], S[15], S[16], S[21]
-    p = cell_first[h, S[26][h, cell]]
+    p = cell_first[h, cell_slot(S, h, cell)]
     if p < 0:
         return 0.0
     d = key_dim(key)
@@ -470,7 +470,7 @@ def attach(S, h, t, parent, key, val, mt, u0, bisect):
     tok_parent, tok_proj, tok_sqn, tok_pkey = S[1], S[4], S[5], S[24]
     cell_nchild, cell_m = S[8], S[9]
     cell = parent + 1
-    cs = S[26][h, cell]  # the parent is above level 0: it has a slot
+    cs = cell_slot(S, h, cell)  # the parent is above level 0: it has a slot
     if cell_nchild[h, cs] == 0:
         cell_m[h, cs] = mt
     else:

@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from .keys import key_dot
+from .pagetable import cell_slot
 
 NEG_INF = np.float32(-np.inf)
 
@@ -85,7 +86,7 @@ def _gather_children(S, h, cell, faithful, buf_t, buf_pn, buf_p, buf_j):
     calls ``_projection_order`` first (a window over the whole cell needs no order)."""
     cell_first, cell_m = S[6], S[9]
     page_tok, page_fill, page_next, page_proj = S[12], S[13], S[15], S[23]
-    cs = S[26][h, cell]  # a frontier cell is the root or a token above level 0: it has a slot
+    cs = cell_slot(S, h, cell)  # a frontier cell is the root or a token above level 0: it has a slot
     scale = 1.0 if faithful else 1.0 / math.sqrt(max(cell_m[h, cs], 1e-30))
     n = 0
     p = cell_first[h, cs]
