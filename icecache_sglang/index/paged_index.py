@@ -160,16 +160,20 @@ class PagedDCIIndex:
     def state(self) -> tuple:
         return tuple(getattr(self, f) for f in pt.STATE_FIELDS)
 
-    def _grow(self, need_tokens: int, need_pages: int) -> None:
-        """Make room for ``need_tokens`` token ids and ``need_pages`` page ids, growing by ``GROWTH`` (a decode
-        step's insert past the capacity made the index of a whole prompt twice its size when this doubled)."""
-        T, P = self.alive.shape[0], self.page_fill.shape[1]
+    def _grow(self, need_tokens: int, need_pages: int, need_slots: int = 0) -> None:
+        """Make room for ``need_tokens`` token ids, ``need_pages`` page ids and ``need_slots`` cell slots, growing
+        by ``GROWTH`` (a decode step's insert past the capacity made the index of a whole prompt twice its size
+        when this doubled)."""
+        T, P, NS = self.alive.shape[0], self.page_fill.shape[1], self.cell_first.shape[1]
         more_t = max(need_tokens, _grown(T)) - T if need_tokens > T else 0
         more_p = max(need_pages, _grown(P)) - P if need_pages > P else 0
-        extra = {"tok": more_t, "cell": more_t, "page": more_p, "slot": 0, "head": 0}
-        if more_t or more_p:
+        more_s = max(need_slots, _grown(NS)) - NS if need_slots > NS else 0
+        extra = {"tok": more_t, "cell": more_t, "page": more_p, "slot": more_s, "head": 0}
+        if more_t or more_p or more_s:
             self.storage_version += 1
             self._state_list_cache = None
+        if more_s:
+            self.free_slots = np.concatenate([self.free_slots, np.zeros((self.H, more_s), np.int32)], axis=1)
         if extra["tok"]:
             self.alive = np.concatenate([self.alive, np.zeros(extra["tok"], bool)])
             self.positions = np.concatenate([self.positions, np.full(extra["tok"], -1, np.int64)])
@@ -191,17 +195,7 @@ class PagedDCIIndex:
             slot = int(self.free_slots[h, self.n_free_slots[h]])
         else:
             slot = int(self.next_slot[h])
-            NS = self.cell_first.shape[1]
-            if slot >= NS:
-                more = _grown(NS) - NS
-                self.storage_version += 1
-                self._state_list_cache = None
-                for f in pt.STATE_FIELDS:
-                    kind, tail, dtype, fill = self._spec(f)
-                    if kind == "slot":
-                        a = getattr(self, f)
-                        setattr(self, f, np.concatenate([a, np.full((self.H, more) + tail, fill, dtype)], axis=1))
-                self.free_slots = np.concatenate([self.free_slots, np.zeros((self.H, more), np.int32)], axis=1)
+            self._grow(0, 0, slot + 1)
             self.next_slot[h] += 1
         self.cell_first[h, slot] = self.cell_last[h, slot] = -1
         self.cell_nchild[h, slot] = self.cnt_pages[h, slot] = 0
@@ -371,7 +365,9 @@ class PagedDCIIndex:
         n_alive = int(self.alive[: self.n_tokens].sum()) + b
         growth = self.cfg.rebuild_growth
         # deletes that emptied level 1 under higher levels leave a new token no level-1 parent: built again
-        hollow = bool(((self.level_counts[:, 1] == 0) & (self.level_counts[:, 2:].sum(axis=1) > 0)).any())
+        # (every decode step inserts: the common case, level 1 held in every head, is one small test)
+        lc = self.level_counts
+        hollow = not lc[:, 1].all() and bool(((lc[:, 1] == 0) & lc[:, 2:].any(axis=1)).any())
         if hollow or (growth is not None and
                       n_alive >= growth * max(self.n_at_build, math.ceil(1 / self.cfg.level0_prob))):
             return self._rebuild_with(K, V, pos)  # (low-rank codes: every page's version moved, coded again)
