@@ -86,23 +86,37 @@ def unsupported_options(args) -> list[str]:
     return problems
 
 
+#: SGLang's decode CUDA-graph backend IceCache runs under: the layers are captured around their attention,
+#: which runs eagerly between the captured segments (``IceCacheAttnBackend._graph_attention``)
+GRAPH_BACKEND = "breakable"
+
+
 def cuda_graph_problems(args) -> list[str]:
-    """CUDA-graph flags that would capture IceCache's forward passes: its decode selects pages on the host
-    between layers, and the launch turns SGLang's graphs off (``disable_cuda_graph``, which the per-phase
-    flags and ``--cuda-graph-config`` outrank), so a graph asked for explicitly is refused, not half-run."""
+    """CUDA-graph flags IceCache cannot run under. Its decode selects pages on the host between layers: a
+    whole-step graph (``full``) cannot contain that, SGLang's ``breakable`` decode graphs can (the attention
+    runs eagerly between captured segments), and prefill runs without graphs. The launch turns SGLang's graphs
+    off (``disable_cuda_graph``), which the per-phase flags and ``--cuda-graph-config`` outrank, so a graph asked
+    for that IceCache cannot run is refused, not half-run."""
     problems = []
+    allowed = {"decode": (None, "disabled", GRAPH_BACKEND), "prefill": (None, "disabled")}
+    hint = {"decode": f"use {GRAPH_BACKEND} (the attention between captured segments) or leave the flag out",
+            "prefill": "leave the flag out"}
     for phase in ("decode", "prefill"):
         backend = getattr(args, f"cuda_graph_backend_{phase}", None)
-        if backend not in (None, "disabled"):
-            problems.append(f"--cuda-graph-backend-{phase} {backend}: IceCache's {phase} runs without CUDA graphs; "
-                            f"leave the flag out")
+        if backend not in allowed[phase]:
+            problems.append(f"--cuda-graph-backend-{phase} {backend}: IceCache's {phase} cannot run in a "
+                            f"{backend} graph (it selects pages on the host between layers); {hint[phase]}")
     raw = getattr(args, "cuda_graph_config", None)
     given = raw.to_dict() if hasattr(raw, "to_dict") else raw
     if isinstance(given, dict):
-        on = [phase for phase, c in given.items() if isinstance(c, dict) and c.get("backend") not in (None, "disabled")]
+        on = [phase for phase, c in given.items()
+              if isinstance(c, dict) and c.get("backend") not in allowed.get(phase, (None, "disabled"))]
         if on:
-            problems.append(f"--cuda-graph-config asks for CUDA graphs ({', '.join(map(str, on))}); IceCache runs "
-                            "without them: leave the backend out or set it to disabled")
+            problems.append(f"--cuda-graph-config asks for CUDA graphs ({', '.join(map(str, on))}) IceCache cannot "
+                            f"run under: decode takes {GRAPH_BACKEND} or disabled, prefill disabled")
+    if str(os.environ.get("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "")).lower() in ("1", "true", "yes"):
+        problems.append("SGLANG_ENABLE_METADATA_GLUE_GRAPH would capture IceCache's per-step selection into a graph; "
+                        "unset it with --enable-icecache")
     return problems
 
 
@@ -204,7 +218,8 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
         _fail("; ".join(problems))
     # Decode selects pages on the host between layers (the query of layer l picks layer l's pages), which a
     # captured whole-step graph cannot do; SGLang turns graphs off for its torch_native backend for the same
-    # kind of reason.
+    # kind of reason. ``--cuda-graph-backend-decode breakable`` outranks this: decode graphs around the
+    # attention (``cuda_graph_problems``).
     args.disable_cuda_graph = True
     server_args = original(cls, args, *rest, **kwargs)
     server_args.attention_backend = BACKEND_NAME

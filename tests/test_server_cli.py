@@ -171,6 +171,25 @@ def test_graphs_switched_off_explicitly_are_accepted(parse):
     parse("--enable-icecache", "--cuda-graph-config", '{"decode": {"backend": "disabled"}}')
 
 
+def test_breakable_decode_graphs_are_accepted_and_prefill_stays_without(parse):
+    """SGLang's breakable decode graphs capture the layers around their attention, which runs eagerly between
+    the segments (the host selects pages there): accepted, and they outrank the launch's disable_cuda_graph
+    for decode only."""
+    args = parse("--enable-icecache", "--cuda-graph-backend-decode", "breakable")
+    # SGLang's precedence (arg_groups/cuda_graph_hook.py): the per-phase flag over disable_cuda_graph
+    assert args.cuda_graph_backend_decode == "breakable" and args.disable_cuda_graph
+    assert args.cuda_graph_backend_prefill in (None, "disabled")
+    parse("--enable-icecache", "--cuda-graph-config", '{"decode": {"backend": "breakable"}}')
+
+
+def test_breakable_prefill_graphs_and_the_metadata_glue_graph_are_refused(parse, capsys, monkeypatch):
+    err = fails(parse, capsys, "--enable-icecache", "--cuda-graph-config", '{"prefill": {"backend": "breakable"}}')
+    assert "--cuda-graph-config asks for CUDA graphs (prefill) IceCache cannot run under" in err
+    monkeypatch.setenv("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "1")
+    err = fails(parse, capsys, "--enable-icecache", "--cuda-graph-backend-decode", "breakable")
+    assert "SGLANG_ENABLE_METADATA_GLUE_GRAPH would capture IceCache's per-step selection" in err
+
+
 def test_host_ranks_count_the_schedulers_on_this_host():
     """The default host_kv_gb splits the host among its schedulers: TP x DP of them, but with DP attention the
     DP groups share the TP ranks (it was TP x DP there too: a DP-times smaller default)."""

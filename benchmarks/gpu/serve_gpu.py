@@ -202,7 +202,13 @@ def find(d, key):
     return None
 
 
-def server_args(cfg: dict | None, backend: str, cuda_graph_max_bs: int, cpu: bool = False) -> list[str]:
+#: a mode named ``...-graphs`` runs SGLang's breakable decode CUDA graphs: the layers captured around their
+#: attention, which runs eagerly between the segments (IceCache's selection included)
+GRAPHS_SUFFIX = "-graphs"
+
+
+def server_args(cfg: dict | None, backend: str, cuda_graph_max_bs: int, cpu: bool = False,
+                graphs: bool = False) -> list[str]:
     if cpu:  # --cpu-dry-run: the harness itself on a machine without a GPU (tiny model, SGLang's CPU engine)
         args = ["--skip-tokenizer-init"]
         return args if cfg is None else args + ["--enable-icecache", "--icecache-config", json.dumps(cfg)]
@@ -211,16 +217,21 @@ def server_args(cfg: dict | None, backend: str, cuda_graph_max_bs: int, cpu: boo
             "--max-running-requests", "32", "--sampling-backend", "pytorch", "--log-level", "info"]
     if cfg is not None and cfg.get("offload"):  # SGLang runs as many requests as the device pool has lanes
         args = [x for i, x in enumerate(args) if x != "--max-running-requests" and args[i - 1] != "--max-running-requests"]
+    if graphs:  # breakable decode graphs (IceCache accepts no other kind), prefill without graphs
+        args += ["--cuda-graph-backend-decode", "breakable", "--cuda-graph-max-bs-decode", str(cuda_graph_max_bs)]
     if cfg is None:
         # decode graphs on (what TPOT needs); the breakable prefill graph's 58 captured shapes take minutes
-        return args + ["--cuda-graph-max-bs-decode", str(cuda_graph_max_bs), "--disable-prefill-cuda-graph"]
+        if not graphs:
+            args += ["--cuda-graph-max-bs-decode", str(cuda_graph_max_bs)]
+        return args + ["--disable-prefill-cuda-graph"]
     return args + ["--enable-icecache", "--icecache-config", json.dumps(cfg)]
 
 
 def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, deadline: float,
                  reference: dict) -> None:
     log = Path(a.out) / f"server-{name}.log"
-    srv = ServerProcess(model, server_args(cfg, a.dense_backend, max(a.batches), a.cpu_dry_run),
+    graphs = name.endswith(GRAPHS_SUFFIX)
+    srv = ServerProcess(model, server_args(cfg, a.dense_backend, max(a.batches), a.cpu_dry_run, graphs),
                         log_path=log, cpu=a.cpu_dry_run)
     base = {"mode": name, "attention_backend": a.dense_backend, "icecache_config": cfg}
     t = time.perf_counter()
@@ -236,7 +247,8 @@ def measure_mode(name: str, cfg: dict | None, a, rec: Records, model: Path, dead
         max_running = int(find(info, "max_running_requests") or 32)
         launch = {**base, "phase": "launch", "launch_s": time.perf_counter() - t, "pool_tokens": pool_tokens,
                   "max_running_requests": max_running, "gpu_memory_used_bytes": gpu_memory_used(),
-                  "cuda_graph": cfg is None and not a.cpu_dry_run, "server_args": srv.args}
+                  "cuda_graph": (graphs or cfg is None) and not a.cpu_dry_run,
+                  "cuda_graph_backend": ("breakable" if graphs else "full" if cfg is None else None), "server_args": srv.args}
         if cfg is not None:
             st = srv.icecache_stats()
             launch |= {k: st.get(k) for k in ("kv_pool_bytes", "key_store_bytes", "keys_shared", "device_kv_bytes",
@@ -406,6 +418,11 @@ def main(argv=None) -> int:
              # over rows staged to the device, decode from the device pool's lanes
              "icecache-offload": {"offload": True, "dense_layers": 0},
              "icecache-offload-async": {"offload": True, "dense_layers": 0, "max_stale_steps": 4}}
+    # issue 16: the same under SGLang's breakable decode graphs (the layers captured around their attention,
+    # which runs eagerly: IceCache's selection stays between the layers); dense-graphs: stock SGLang under the
+    # same kind of graph, to tell the graph kind's cost from IceCache's
+    modes.update({f"{m}{GRAPHS_SUFFIX}": modes[m] for m in ("dense", "icecache-sync", "icecache-async",
+                                                            "icecache-offload", "icecache-offload-async")})
     for spec in a.mode:
         name, _, text = spec.partition("=")
         modes[name] = json.loads(text or "{}")

@@ -41,8 +41,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from dataclasses import dataclass
+
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import (eager_on_graph,
+                                                                                is_in_breakable_cuda_graph)
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..indexer.launcher import Indexer
@@ -133,6 +137,14 @@ class _RowEvents:
 
     def reset_allocator(self) -> None:
         pass
+
+
+@dataclass
+class _GraphPass:
+    """A decode graph's pass (capture or replay): its real requests, the first ``rows`` of its batch."""
+
+    rows: int
+    capture: bool
 
 
 class IceCacheAttnBackend(AttentionBackend):
@@ -230,6 +242,7 @@ class IceCacheAttnBackend(AttentionBackend):
                                slots_device=pool.device, device_pool=self.device_pool,
                                plan_slots=self.attention.reads_slots)
         self._step: DecodeStep | None = None
+        self._graph: _GraphPass | None = None  # the decode graph pass under way (None: an eager pass)
         self.last_layer = self.num_layers - 1
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))
         events.subscribe(self.tracker.slots_freed, self.tracker.clear)
@@ -263,23 +276,56 @@ class IceCacheAttnBackend(AttentionBackend):
 
     # ------------------------------------------------------------------ SGLang backend interface
     def init_forward_metadata(self, forward_batch):
+        self._graph = None
+        self._begin_pass(forward_batch, forward_batch.batch_size)
+
+    def _begin_pass(self, forward_batch, n: int, graph_capture: bool = False) -> None:
+        """A forward pass's start: the dense backend's metadata (eager passes), settings posted since the last
+        pass, and for a decode step its first ``n`` requests' index writes and selection (``Planner.begin``);
+        the rest of a graph's batch is padding."""
         self.key_writer.flush()  # a pass that ended before its last layer: its staged keys are in the pool
         self._step = self._staged = None
         mode = forward_batch.forward_mode
-        if self.staging is not None and mode.is_extend() and forward_batch.batch_size:
-            # offload: the dense backend attends over the batch's rows staged on the device
-            self._staged = self.staging.begin(forward_batch, self.req_to_token_pool.req_to_token)
-            self.dense.init_forward_metadata(self._staged.batch)
-        elif self.staging is None or not mode.is_decode():  # offload decodes from the device pool only
-            self.dense.init_forward_metadata(forward_batch)
+        if self._graph is None:  # a graph's replay has its dense metadata from the graph hooks
+            if self.staging is not None and mode.is_extend() and forward_batch.batch_size:
+                # offload: the dense backend attends over the batch's rows staged on the device
+                self._staged = self.staging.begin(forward_batch, self.req_to_token_pool.req_to_token)
+                self.dense.init_forward_metadata(self._staged.batch)
+            elif self.staging is None or not mode.is_decode():  # offload decodes from the device pool only
+                self.dense.init_forward_metadata(forward_batch)
         self._check_control()  # POST /icecache/config: applied between two forward passes
         self.supervisor.poll()
         self.planner.priming = None
-        if not mode.is_decode() or forward_batch.batch_size == 0:
+        if not mode.is_decode() or n == 0 or graph_capture:
             return
-        rows, lens = self._rows_and_lens(forward_batch)
+        rows, lens = self._rows_and_lens(forward_batch, n)
         self._wait_for_host_writes()  # the step's index writes name keys earlier passes wrote
         self._step = self.planner.begin(rows, lens, self.cfg)
+
+    # ------------------------------------------------------------------ SGLang's decode CUDA graphs (breakable)
+    # With ``--cuda-graph-backend-decode breakable`` SGLang captures a decode step's layers around their
+    # attention, which runs eagerly between the captured segments (``_graph_attention``): the host selects
+    # pages there, as in an eager step. SGLang pads a graph's batch to a captured size; the padding rows
+    # attend densely in the dense layers (as in a stock graph) and are left out of everything else.
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        if self.staging is None:
+            self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return self.dense.get_cuda_graph_seq_len_fill_value()
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Before a decode graph's capture (a dummy batch: nothing is selected) or replay (SGLang's replay
+        view of the batch, padded by ``num_padding`` rows)."""
+        n = forward_batch.batch_size - int(getattr(forward_batch, "num_padding", 0) or 0)
+        self._graph = _GraphPass(rows=0 if in_capture else n, capture=in_capture)
+        if self.staging is None:
+            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
+        self._begin_pass(forward_batch, n, graph_capture=in_capture)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        if self.staging is None:
+            self.dense.init_forward_metadata_in_graph(forward_batch)
 
     def _wait_for_host_writes(self) -> None:
         """Before index writes go out: the KV a GPU wrote into the host pool has landed (offload on a GPU)."""
@@ -326,29 +372,53 @@ class IceCacheAttnBackend(AttentionBackend):
                 self.planner.new_turn(row)
 
     @staticmethod
-    def _rows_and_lens(forward_batch) -> tuple[list[int], list[int]]:
-        """``req_to_token`` row and sequence length of each batch entry, as Python ints."""
+    def _rows_and_lens(forward_batch, n: int | None = None) -> tuple[list[int], list[int]]:
+        """``req_to_token`` row and sequence length of each batch entry (the first ``n``), as Python ints."""
         lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
-        return forward_batch.req_pool_indices.cpu().tolist(), lens.cpu().tolist()
+        return forward_batch.req_pool_indices[:n].cpu().tolist(), lens[:n].cpu().tolist()
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if self._graph is not None and is_in_breakable_cuda_graph():
+            # inside a decode graph's capture: the attention becomes an eager break writing ``out``
+            out = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim),
+                              dtype=v.dtype if v is not None else q.dtype)
+            self._graph_attention(q, k, v, out, layer, forward_batch, save_kv_cache)
+            return out
+        return self._decode(q, k, v, layer, forward_batch, save_kv_cache, q.shape[0])
+
+    @eager_on_graph
+    def _graph_attention(self, q, k, v, out, layer, forward_batch, save_kv_cache):
+        """A decode graph's attention, run eagerly between its captured segments, at capture (a dummy batch:
+        zeros) and at each replay (the batch ``init_forward_metadata_out_graph`` began)."""
+        g = self._graph
+        if g is None or g.capture:
+            out.zero_()
+            return
+        o = self._decode(q, k, v, layer, forward_batch, save_kv_cache, g.rows)
+        out[: o.shape[0]].copy_(o.reshape(o.shape[0], -1))
+        out[o.shape[0]:].zero_()
+
+    def _decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool, n: int):
+        """One layer's decode attention for the batch's first ``n`` requests (a graph's batch: the rest are
+        padding, which only a dense layer attends, with the dense backend's padded metadata)."""
         step = self._step
         lid = layer.layer_id
+        loc = forward_batch.out_cache_loc[:n]
         if step is None or lid < self.cfg.dense_layers or layer.is_cross_attention:
             o = self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
             if not layer.is_cross_attention:
-                self.key_writer.stage(lid, forward_batch.out_cache_loc)
+                self.key_writer.stage(lid, loc)
                 if step is None and self.planner.priming is not None and lid >= self.cfg.dense_layers:
                     # rows decoding densely while their first selections are fetched: this layer's queries
-                    self.planner.prime(lid, q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim), self.cfg,
+                    self.planner.prime(lid, q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)[:n], self.cfg,
                                        self.query_params)
             if lid == self.last_layer:
                 self.key_writer.flush()
             return o
         if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
-        self.key_writer.stage(lid, forward_batch.out_cache_loc)
-        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(loc, None), k[:n], v[:n])
+        self.key_writer.stage(lid, loc)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)[:n]
         anchor = self.anchor_of[lid]
         plan = step.plans.get(anchor)
         if plan is None:

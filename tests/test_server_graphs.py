@@ -1,0 +1,148 @@
+"""IceCache under SGLang's breakable decode CUDA graphs (``--cuda-graph-backend-decode breakable``), their
+replay emulated on the CPU by ``tests/graph_replay`` in a real server: a capture of a dummy batch, then every
+decode step padded by three rows, its metadata from SGLang's replay view, the attention eager between the
+(here unrecorded) segments. Outputs must equal the eager server's token for token, with sparse decoding,
+selections from the index and nothing attended for the padding rows. What a CPU cannot show (which ops a
+CUDA graph records, its speed): ``benchmarks/gpu/serve_gpu.py --modes icecache-graphs``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sglang_servers import LOG_DIR, TINY_ICE, icecache_args, server_fixture
+
+from icecache_sglang.launch import ServerProcess, server_env
+from icecache_sglang.models.tiny import ensure_tiny_model
+from icecache_sglang.runtime.config import IceCacheConfig
+
+pytestmark = pytest.mark.slow
+
+tiny_ref = server_fixture("tiny_ice_shared", ensure_tiny_model, icecache_args(TINY_ICE), shared=True)
+ASYNC = {"max_stale_steps": 2}
+#: offload (SGLang's pool in host memory, decode from a device pool of 3 lanes), as test_server_offload.py's
+OFFLOAD = {**TINY_ICE, "offload": True, "device_kv_tokens": 3 * IceCacheConfig(**TINY_ICE).lane_rows,
+           "host_kv_gb": 0.05}
+
+
+def graph_server(name: str, cfg: dict, *args: str) -> ServerProcess:
+    env = server_env()
+    env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = "graph_replay"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    srv = ServerProcess(ensure_tiny_model(), icecache_args(cfg, *args), log_path=LOG_DIR / f"{name}.log", env=env)
+    return srv.start()
+
+
+@pytest.fixture(scope="module")
+def tiny_graphs():
+    srv = graph_server("tiny_graphs", TINY_ICE)
+    yield srv
+    srv.stop()
+
+
+def token_ids(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(n)]
+
+
+def replays(srv: ServerProcess) -> int:
+    lines = [ln for ln in srv.log_path.read_text().splitlines() if "emulated breakable-graph replays" in ln]
+    return int(lines[-1].split("graph_replay: ")[1].split()[0]) if lines else 0
+
+
+def test_graph_replays_decode_sparsely_and_answer_as_the_eager_server(tiny_graphs, tiny_ref):
+    before = tiny_graphs.icecache_stats(wait_s=0)
+    for i, n in enumerate((300, 700, 1200)):
+        ids = token_ids(n, 40 + i)
+        got = tiny_graphs.generate(input_ids=ids, max_new_tokens=16)
+        want = tiny_ref.generate(input_ids=ids, max_new_tokens=16)
+        assert got["output_ids"] == want["output_ids"], n
+    st = tiny_graphs.icecache_stats()
+    assert st["sparse_rows"] - before.get("sparse_rows", 0) >= 3 * 15  # every step after the first of each
+    assert st["queries"] > before.get("queries", 0) and st["fallbacks"] == 0
+    assert replays(tiny_graphs) >= 10  # the emulated graph path ran (its log line at the 1st, 10th, 100th)
+
+
+def test_a_batch_of_requests_in_graph_replays_answers_as_each_alone(tiny_graphs):
+    """Several requests in one padded graph batch, some sparse and some within the budget: each answers as it
+    does alone (the padding rows and the batch's other rows change nothing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [token_ids(n, 70 + i) for i, n in enumerate((90, 400, 650, 1000))]
+    alone = []
+    for ids in jobs:  # each from an empty radix cache, as the batch below (a prefix hit reuses an index)
+        tiny_graphs.post("/flush_cache", {})
+        alone.append(tiny_graphs.generate(input_ids=ids, max_new_tokens=12)["output_ids"])
+    tiny_graphs.post("/flush_cache", {})
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        together = list(ex.map(lambda ids: tiny_graphs.generate(input_ids=ids, max_new_tokens=12)["output_ids"], jobs))
+    assert together == alone
+
+
+def test_asynchronous_selection_in_graph_replays(tiny_graphs):
+    tiny_graphs.set_icecache(**ASYNC)
+    try:
+        before = tiny_graphs.icecache_stats(wait_s=0)
+        r = tiny_graphs.generate(input_ids=token_ids(900, 90), max_new_tokens=24)
+        assert r["meta_info"]["completion_tokens"] == 24
+        st = tiny_graphs.icecache_stats()
+        assert st["sparse_rows"] - before.get("sparse_rows", 0) >= 23 and st["fallbacks"] == 0
+    finally:
+        tiny_graphs.set_icecache(max_stale_steps=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_offload_graphs():
+    srv = graph_server("tiny_offload_graphs", OFFLOAD, "--context-length", "4096")
+    yield srv
+    srv.stop()
+
+
+def test_offload_in_graph_replays_answers_as_the_eager_server(tiny_offload_graphs, tiny_ref):
+    """The offloaded decode (lanes of a device pool, rows loaded from the host pool) in graph replays: the
+    padding rows take no lane, and the answers are the eager IceCache server's (offload changes no token)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [token_ids(n, 110 + i) for i, n in enumerate((500, 800, 1300))]
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(lambda ids: tiny_offload_graphs.generate(input_ids=ids, max_new_tokens=12)["output_ids"],
+                          jobs))
+    want = []
+    for ids in jobs:
+        tiny_ref.post("/flush_cache", {})
+        want.append(tiny_ref.generate(input_ids=ids, max_new_tokens=12)["output_ids"])
+    assert got == want
+    st = tiny_offload_graphs.icecache_stats()
+    assert st["device_kv_bytes_loaded_total"] > 0 and st["fallbacks"] == 0
+    assert replays(tiny_offload_graphs) >= 10
+
+
+@pytest.mark.skipif(not __import__("icecache_sglang.launch", fromlist=["has_cuda"]).has_cuda(),
+                    reason="CUDA graphs need a GPU (the CPU tests above emulate their replay)")
+def test_breakable_decode_graphs_on_a_gpu_answer_as_eager_decode(tmp_path):
+    """On a GPU: the same server with SGLang's breakable decode graphs captured and replayed, against eager
+    decode, a sparse request alone and three in one padded batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    common = ["--attention-backend", "triton", "--max-running-requests", "4"]
+    eager = ServerProcess(ensure_tiny_model(), icecache_args(TINY_ICE, *common), log_path=tmp_path / "eager.log")
+    graphs = ServerProcess(ensure_tiny_model(), icecache_args(TINY_ICE, *common, "--cuda-graph-backend-decode",
+                                                              "breakable", "--cuda-graph-max-bs-decode", "4"),
+                           log_path=tmp_path / "graphs.log")
+    jobs = [token_ids(n, 130 + i) for i, n in enumerate((600, 900, 1400))]
+    with eager, graphs:
+        for srv in (eager, graphs):
+            srv.post("/flush_cache", {})
+        want = [eager.generate(input_ids=ids, max_new_tokens=16)["output_ids"] for ids in jobs]
+        assert [graphs.generate(input_ids=ids, max_new_tokens=16)["output_ids"] for ids in jobs] == want
+        graphs.post("/flush_cache", {})
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            together = list(ex.map(lambda ids: graphs.generate(input_ids=ids, max_new_tokens=16)["output_ids"], jobs))
+        assert together == want
+        st = graphs.icecache_stats()
+        assert st["sparse_rows"] >= 3 * 15 and st["fallbacks"] == 0
+    assert "Capturing batches" in graphs.log_path.read_text()  # SGLang's decode graphs were captured
