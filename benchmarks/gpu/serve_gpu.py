@@ -15,7 +15,10 @@ Modes: ``dense`` is stock SGLang (no plugin flag, CUDA graphs on); ``icecache-sy
 as it is today (synchronous selection, every KV still in SGLang's device pool, no CUDA graphs; dense steps
 while a prompt's index is built); ``icecache-wait`` the same with ``while_indexing: wait``; a later mode
 is added with ``--mode NAME=JSON`` (its ``--icecache-config``, passed through as is), and its budgets are set
-through ``POST /icecache/config``.
+through ``POST /icecache/config``. A mode named ``...-graphs`` (``icecache-graphs``, ``icecache-async-graphs``,
+``icecache-offload-graphs``, ...; ``dense-graphs``: stock SGLang the same way) launches with SGLang's breakable
+decode CUDA graphs (``--cuda-graph-backend-decode breakable``): the layers captured around their attention,
+which runs eagerly.
 
 What each figure is:
 - ``ttft_s``: request sent -> first output token, mean over the batch (all requests sent at once, so the

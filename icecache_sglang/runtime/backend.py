@@ -32,6 +32,9 @@ Per forward pass:
   pages' slots + the tokens after the indexed range) serves that layer and the ``layer_reuse - 1`` layers
   after it. Requests within the budget, and the first ``dense_layers`` layers, attend to everything.
   With ``offload`` every plan names rows of the device pool, each layer copying its missed rows first.
+- **decode under SGLang's breakable CUDA graphs** (``--cuda-graph-backend-decode breakable``): the same, with
+  the pass begun by ``init_forward_metadata_out_graph`` for the real rows of SGLang's padded batch and each
+  layer's attention an eager break between the captured segments (``_graph_attention``).
 
 A fault in the indexer costs selection quality, never the scheduler: see ``supervisor.py``.
 """
