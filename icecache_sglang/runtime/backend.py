@@ -246,6 +246,7 @@ class IceCacheAttnBackend(AttentionBackend):
                                plan_slots=self.attention.reads_slots)
         self._step: DecodeStep | None = None
         self._graph: _GraphPass | None = None  # the decode graph pass under way (None: an eager pass)
+        self._dense_graph_metadata: dict = {}  # captured batch size -> the dense backend's graph metadata
         self.last_layer = self.num_layers - 1
         self.req_to_token_pool.attach_aux_cache(_RowEvents(self, pool.size))
         events.subscribe(self.tracker.slots_freed, self.tracker.clear)
@@ -312,18 +313,35 @@ class IceCacheAttnBackend(AttentionBackend):
     # attend densely in the dense layers (as in a stock graph) and are left out of everything else.
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         if self.staging is None:
-            self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+            try:
+                self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+            except NotImplementedError:  # torch_native: its decode reads the batch itself, no graph state
+                pass
 
     def get_cuda_graph_seq_len_fill_value(self):
-        return self.dense.get_cuda_graph_seq_len_fill_value()
+        try:
+            return self.dense.get_cuda_graph_seq_len_fill_value()
+        except NotImplementedError:  # torch_native (and offload, whose decode never reads the dense backend)
+            return 1
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         """Before a decode graph's capture (a dummy batch: nothing is selected) or replay (SGLang's replay
-        view of the batch, padded by ``num_padding`` rows)."""
-        n = forward_batch.batch_size - int(getattr(forward_batch, "num_padding", 0) or 0)
+        view of the batch, padded by ``num_padding`` rows).
+
+        The dense backend plans its graph metadata for the padded batch here, as in a stock graph. A stock
+        graph's kernels were recorded with that metadata's buffers; the dense layers here run eagerly in the
+        break and read the backend's ``forward_metadata``, which its replay planning refreshes in place but
+        does not assign (an eager pass in between, a prefill, leaves its own there): the object its capture
+        made is put back before each replay."""
+        bs = forward_batch.batch_size
+        n = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
         self._graph = _GraphPass(rows=0 if in_capture else n, capture=in_capture)
         if self.staging is None:
             self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
+            if in_capture:
+                self._dense_graph_metadata[bs] = getattr(self.dense, "forward_metadata", None)
+            elif bs in self._dense_graph_metadata:
+                self.dense.forward_metadata = self._dense_graph_metadata[bs]
         self._begin_pass(forward_batch, n, graph_capture=in_capture)
 
     def init_forward_metadata_in_graph(self, forward_batch):
@@ -394,7 +412,7 @@ class IceCacheAttnBackend(AttentionBackend):
         """A decode graph's attention, run eagerly between its captured segments, at capture (a dummy batch:
         zeros) and at each replay (the batch ``init_forward_metadata_out_graph`` began)."""
         g = self._graph
-        if g is None or g.capture:
+        if g is None or g.capture or g.rows == 0:  # a capture's dummy batch, an idle (DP attention) rank
             out.zero_()
             return
         o = self._decode(q, k, v, layer, forward_batch, save_kv_cache, g.rows)

@@ -5,9 +5,10 @@ Loaded into a test server's processes as ``SGLANG_EXTERNAL_MODEL_PACKAGE`` (it a
 and, before each replay, call the attention backend's ``init_forward_metadata_out_graph`` with a view of the
 batch padded to a captured size; the attention then runs eagerly between the captured segments, on the
 padded static batch. CUDA graphs do not exist on the CPU, so this replaces the eager decode runner with the
-same sequence of calls, unrecorded: a capture of a dummy batch at the first decode step, then every step
+same sequence of calls, unrecorded: a capture of a dummy batch of each size before its first replay, then every step
 padded by ``ICECACHE_TEST_GRAPH_PAD`` rows (req_to_token row 0, sequence length 1, KV slot 0, as SGLang's
-graph buffers pad), its metadata from SGLang's own ``build_replay_fb_view``, its model forward under
+graph buffers pad), its metadata from SGLang's own ``build_replay_fb_view`` (the dense backend's
+``forward_metadata`` first set to an eager pass's, which the replay's preparation must replace), its model forward under
 SGLang's breakable-graph flag, its logits cut back to the real rows. What it cannot show: the capture itself
 (which ops a CUDA graph records); ``benchmarks/gpu/serve_gpu.py --modes icecache-graphs`` checks that on a GPU.
 """
@@ -27,7 +28,7 @@ from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import 
 PAD = int(os.environ.get("ICECACHE_TEST_GRAPH_PAD", "3"))
 SEQ_LEN_FILL = 1  # FlashInfer's and Triton's get_cuda_graph_seq_len_fill_value
 _eager_decode = eager_runner.EagerRunner._execute_decode
-_captured = False
+_captured: set[int] = set()  # the batch sizes captured
 #: replays run (the test reads the server log for this line's count)
 _replays = 0
 
@@ -55,22 +56,32 @@ def _static_batch(fb, rows: int):
         seq_lens_sum=fb.seq_lens_sum + PAD * SEQ_LEN_FILL)
 
 
+class _StaleMetadata:
+    """What an eager pass between two replays leaves in the dense backend's ``forward_metadata`` (a prefill's
+    extend metadata): a replay must not attend with it."""
+
+
 def _run(runner, static, view, in_capture: bool):
     backend = runner.model_runner.attn_backend
+    check = not in_capture and backend.staging is None  # with offload decode never reads the dense backend
+    if check:
+        backend.dense.forward_metadata = stale = _StaleMetadata()
     backend.init_forward_metadata_out_graph(view if view is not None else static, in_capture=in_capture)
+    if check and backend.dense.forward_metadata is stale:
+        raise RuntimeError("graph_replay: the dense backend would attend with an eager pass's metadata")
     with enable_breakable_cuda_graph(), forward_context(get_forward_context(), forward_batch=static):
         backend.init_forward_metadata_in_graph(static)
         return runner.model_runner.model.forward(static.input_ids, static.positions, static)
 
 
 def _execute_decode(self, forward_batch, pp_proxy_tensors=None):
-    global _captured, _replays
+    global _replays
     backend = self.model_runner.attn_backend
     if type(backend).__name__ != "IceCacheAttnBackend" or pp_proxy_tensors is not None:
         return _eager_decode(self, forward_batch, pp_proxy_tensors)
     raw = forward_batch.batch_size
-    if not _captured:  # SGLang captures before serving: a dummy batch, twice warmed up, then recorded
-        _captured = True
+    if raw + PAD not in _captured:  # SGLang captures every size before serving: a dummy batch, twice warmed
+        _captured.add(raw + PAD)    # up, then recorded (here: each size the first time it is replayed)
         for _ in range(3):
             _run(self, _static_batch(forward_batch, 0), None, in_capture=True)
     static = _static_batch(forward_batch, raw)
