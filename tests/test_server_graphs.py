@@ -31,7 +31,9 @@ def graph_server(name: str, cfg: dict, *args: str) -> ServerProcess:
     env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = "graph_replay"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    srv = ServerProcess(ensure_tiny_model(), icecache_args(cfg, *args), log_path=LOG_DIR / f"{name}.log", env=env)
+    # the flag a GPU launch takes: on the CPU SGLang resolves it and runs no graph (the emulation replays)
+    srv = ServerProcess(ensure_tiny_model(), icecache_args(cfg, "--cuda-graph-backend-decode", "breakable", *args),
+                        log_path=LOG_DIR / f"{name}.log", env=env)
     return srv.start()
 
 
@@ -65,6 +67,10 @@ def test_graph_replays_decode_sparsely_and_answer_as_the_eager_server(tiny_graph
     assert st["sparse_rows"] - before.get("sparse_rows", 0) >= 3 * 15  # every step after the first of each
     assert st["queries"] > before.get("queries", 0) and st["fallbacks"] == 0
     assert replays(tiny_graphs) >= 10  # the emulated graph path ran (its log line at the 1st, 10th, 100th)
+    # the launch resolved the flag as a GPU's would: breakable decode graphs, prefill without graphs
+    log = tiny_graphs.log_path.read_text()
+    assert "'cuda_graph_config': {'decode': {'backend': 'breakable'" in log
+    assert "prefill.backend='disabled'" in log
 
 
 def test_a_batch_of_requests_in_graph_replays_answers_as_each_alone(tiny_graphs):
