@@ -97,8 +97,17 @@ def test_asynchronous_selection_in_graph_replays(tiny_graphs):
         assert r["meta_info"]["completion_tokens"] == 24
         st = tiny_graphs.icecache_stats()
         assert st["sparse_rows"] - before.get("sparse_rows", 0) >= 23 and st["fallbacks"] == 0
+        # the default while_indexing (dense): a new prompt decodes densely while its index is built and its
+        # first selections are fetched by the dense layers' queries (priming), then sparsely
+        tiny_graphs.set_icecache(while_indexing="dense")
+        before = tiny_graphs.icecache_stats(wait_s=0)
+        r = tiny_graphs.generate(input_ids=token_ids(1500, 91), max_new_tokens=40)
+        assert r["meta_info"]["completion_tokens"] == 40
+        st = tiny_graphs.icecache_stats()
+        assert st["primed_rows"] > before.get("primed_rows", 0)
+        assert st["sparse_rows"] > before.get("sparse_rows", 0) and st["fallbacks"] == 0
     finally:
-        tiny_graphs.set_icecache(max_stale_steps=0)
+        tiny_graphs.set_icecache(max_stale_steps=0, while_indexing="wait")
 
 
 @pytest.fixture(scope="module")
