@@ -2,6 +2,7 @@
 # One command on the GPU machine: install the carried SGLang 0.5.23 stack, smoke-check it, then measure dense
 # vs IceCache through real servers (serve_gpu.py).
 #   bash benchmarks/gpu/serve_gpu.sh [serve_gpu.py arguments]      (results and logs: $OUT, else benchmarks/results/gpu)
+#   GPU_TESTS="tests/... -k ..." first runs those tests with the installed stack (GPU_TESTS_SECONDS, default 240)
 # .whl/ (git-ignored, carried) holds: build_carry.sh's output, the trimmed flashinfer archive (README.md) and this
 # project's wheel (pip wheel --no-deps -w .whl .), so the plugin's entry point (--enable-icecache) is installed.
 set -uo pipefail
@@ -25,6 +26,10 @@ python3 -c "import torch, sglang, sgl_kernel, flashinfer, icecache_sglang, impor
 ( timeout 400 python3 benchmarks/gpu/prewarm_indexer.py > "$R/prewarm-indexer.log" 2>&1 & )
 if [ "${SMOKE:-1}" = 1 ]; then  # SMOKE=0 skips it (the server builds the same JIT kernels at its first requests)
   timeout 240 python3 benchmarks/gpu/smoke_sglang.py > "$R/smoke.log" 2>&1; echo "smoke exit $? after $(( $(date +%s) - T0 )) s"; tail -14 "$R/smoke.log"
+fi
+if [ -n "${GPU_TESTS:-}" ]; then  # e.g. GPU_TESTS="tests/test_server_graphs.py -k on_a_gpu": pytest with this stack
+  timeout "${GPU_TESTS_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider $GPU_TESTS > "$R/gpu_tests.log" 2>&1
+  echo "gpu tests exit $? after $(( $(date +%s) - T0 )) s"; tail -15 "$R/gpu_tests.log"
 fi
 LEFT=$(( ${SERVE_GPU_SECONDS:-300} - ($(date +%s) - T0) ))
 # what every thread on the machine does, every 5 s (who holds the cores while a request waits)
