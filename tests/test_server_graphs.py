@@ -136,28 +136,62 @@ def test_offload_in_graph_replays_answers_as_the_eager_server(tiny_offload_graph
     assert replays(tiny_offload_graphs) >= 10
 
 
+def gpu_llama(folder: Path) -> Path:
+    """A tiny seeded Llama made on the spot (the GPU machine reaches no model hub): head_dim 64 for FlashInfer's
+    decode, 4 layers, 4 query / 2 KV heads, served in bfloat16 with token ids in and out; scaled as the tiny
+    test model is at ``SENSITIVE_GAIN``, so that its greedy answers depend on the tokens attention reads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from icecache_sglang.models.tiny import SENSITIVE_GAIN
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)
+        for layer in model.model.layers:
+            a = layer.self_attn
+            for w, g in ((a.q_proj, SENSITIVE_GAIN ** 0.5), (a.k_proj, SENSITIVE_GAIN ** 0.5),
+                         (a.v_proj, SENSITIVE_GAIN), (a.o_proj, SENSITIVE_GAIN)):
+                w.weight.mul_(g)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.skipif(not __import__("icecache_sglang.launch", fromlist=["has_cuda"]).has_cuda(),
                     reason="CUDA graphs need a GPU (the CPU tests above emulate their replay)")
 def test_breakable_decode_graphs_on_a_gpu_answer_as_eager_decode(tmp_path):
-    """On a GPU: the same server with SGLang's breakable decode graphs captured and replayed, against eager
-    decode, a sparse request alone and three in one padded batch."""
+    """On a GPU: SGLang's breakable decode graphs captured (batch sizes 1 and 4) and replayed, against eager
+    decode: sparse requests one at a time answer token for token alike (batch 1 has the same shapes in both;
+    the model's answers depend on the pages attended), and three at once, padded to 4, all decode sparsely
+    (compared for completion only: batch 3 against batch 1 changes the GEMMs' shapes, and bfloat16 results
+    with them)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    common = ["--attention-backend", "triton", "--max-running-requests", "4"]
-    eager = ServerProcess(ensure_tiny_model(), icecache_args(TINY_ICE, *common), log_path=tmp_path / "eager.log")
-    graphs = ServerProcess(ensure_tiny_model(), icecache_args(TINY_ICE, *common, "--cuda-graph-backend-decode",
-                                                              "breakable", "--cuda-graph-max-bs-decode", "4"),
-                           log_path=tmp_path / "graphs.log")
-    jobs = [token_ids(n, 130 + i) for i, n in enumerate((600, 900, 1400))]
+    model = gpu_llama(tmp_path / "model")
+    common = ["--attention-backend", "triton", "--max-running-requests", "4", "--dtype", "bfloat16",
+              "--skip-tokenizer-init"]
+    eager = ServerProcess(model, icecache_args(TINY_ICE, *common), log_path=tmp_path / "eager.log")
+    graphs = ServerProcess(model, icecache_args(TINY_ICE, *common, "--cuda-graph-backend-decode", "breakable",
+                                                "--cuda-graph-bs-decode", "1", "4"), log_path=tmp_path / "graphs.log")
+    jobs = [[t % 2000 + 3 for t in token_ids(n, 130 + i)] for i, n in enumerate((600, 900, 1400))]
     with eager, graphs:
         for srv in (eager, graphs):
-            srv.post("/flush_cache", {})
-        want = [eager.generate(input_ids=ids, max_new_tokens=16)["output_ids"] for ids in jobs]
-        assert [graphs.generate(input_ids=ids, max_new_tokens=16)["output_ids"] for ids in jobs] == want
+            got = []
+            for ids in jobs:
+                srv.post("/flush_cache", {})
+                got.append(srv.generate(input_ids=ids, max_new_tokens=16)["output_ids"])
+            if srv is eager:
+                want = got
+        assert got == want
+        before = graphs.icecache_stats(wait_s=0)
         graphs.post("/flush_cache", {})
         with ThreadPoolExecutor(len(jobs)) as ex:
-            together = list(ex.map(lambda ids: graphs.generate(input_ids=ids, max_new_tokens=16)["output_ids"], jobs))
-        assert together == want
+            together = list(ex.map(lambda ids: graphs.generate(input_ids=ids, max_new_tokens=16), jobs))
+        assert [r["meta_info"]["completion_tokens"] for r in together] == [16] * 3
         st = graphs.icecache_stats()
-        assert st["sparse_rows"] >= 3 * 15 and st["fallbacks"] == 0
+        assert st["sparse_rows"] - before["sparse_rows"] >= 3 * 15 and st["fallbacks"] == 0
     assert "Capturing batches" in graphs.log_path.read_text()  # SGLang's decode graphs were captured
