@@ -5,6 +5,8 @@
 - :mod:`.decode_index`: FlashInfer's token-level index arrays for one decode "sequence" per
   (request, KV head), from a :class:`~icecache_sglang.runtime.attention.DecodePlan` or from the hot-page
   cache's blocks.
+- :mod:`.sparse_decode`: decode attention over those index lists with offsets on the device (split-KV, no
+  host plan per layer): ``decode_attention: triton``.
 
 Every kernel has a torch reference beside it (``*_reference``). On a machine without CUDA the kernels run in
 Triton's interpreter (``TRITON_INTERPRET=1`` is set on import when unset; ``INTERPRETED`` says this package
@@ -31,6 +33,7 @@ from .decode_index import (  # noqa: E402
     sparse_rows_reference,
 )
 from .row_copy import copy_rows, copy_rows_reference  # noqa: E402
+from .sparse_decode import sparse_decode, sparse_decode_reference  # noqa: E402
 
 
 __all__ = [
@@ -41,5 +44,7 @@ __all__ = [
     "plan_rows_reference",
     "sparse_indptr",
     "sparse_rows",
+    "sparse_decode",
+    "sparse_decode_reference",
     "sparse_rows_reference",
 ]

@@ -183,6 +183,8 @@ def _from_cli_args(original, cls, args, *rest, **kwargs):
         problems += flashinfer_problems("dense_attention")
     if cfg.dense_attention == "triton":
         problems += cuda_problems("dense_attention 'triton'")
+    if cfg.decode_attention == "triton":
+        problems += cuda_problems("decode_attention 'triton'")
     if cfg.offload and getattr(args, "enable_streaming_session", False):
         # the lanes themselves serve a session's turns (token for token in a scratch run), but an idle session
         # keeps its request row between turns, and with offload SGLang has as many rows as lanes

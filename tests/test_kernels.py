@@ -96,3 +96,68 @@ def test_sparse_rows_matches_reference(gen, B, H, P, C, F):
     b = max(1, B - 1)
     part = sparse_rows(fs, fl, bl, fi, ip, 40000, C, batch=b)
     assert torch.equal(part.cpu(), sparse_rows_reference(fs[:b], fl[:b], bl[:b], fi[:b], 40000, C))
+
+
+@pytest.mark.parametrize("G, D, dtype, lens", [
+    (4, 64, torch.float32, [37, 1, 300, 0, 64, 65]),        # one split each, a sequence without rows
+    (2, 128, torch.bfloat16, [1200, 5, 513, 40]),            # several splits (512 rows), the last partly full
+    (3, 40, torch.float16, [7, 700, 9, 1025, 2, 3]),         # group and head_dim not powers of two
+])
+def test_sparse_decode_matches_the_reference(gen, G, D, dtype, lens):
+    """The Triton split-KV decode (``decode_attention: triton``) against the torch reference: B requests x H
+    KV heads of index lists of any length (empty included), G query heads each, rows gathered from the
+    layer's pool planes viewed as ``[rows, D]``."""
+    from icecache_sglang.kernels import sparse_decode, sparse_decode_reference
+
+    H = 2
+    B = len(lens) // H
+    slots = 2000
+    k = torch.randn(slots, H, D, device=DEV, generator=gen).to(dtype)
+    v = torch.randn(slots, H, D, device=DEV, generator=gen).to(dtype)
+    q = torch.randn(B, H * G, D, device=DEV, generator=gen).to(dtype)
+    counts = torch.tensor(lens, dtype=torch.int32)
+    indptr = torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0)).to(DEV)
+    heads = torch.arange(len(lens)) % H
+    rows = torch.cat([torch.randint(0, slots, (n,), generator=torch.Generator().manual_seed(i)) * H + heads[i]
+                      for i, n in enumerate(lens)]).to(torch.int32).to(DEV)
+    scale = D ** -0.5
+    got = sparse_decode(q, k, v, indptr, rows, scale, max(lens))
+    want = sparse_decode_reference(q, k, v, indptr, rows, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    assert got.dtype == dtype
+    # a grid sized for longer lists than there are (empty splits) changes nothing
+    torch.testing.assert_close(sparse_decode(q, k, v, indptr, rows, scale, 3 * max(lens) + 700).float(),
+                               got.float(), atol=tol, rtol=tol)
+
+
+def test_triton_sparse_decode_path_equals_the_torch_path_on_a_planners_plan(gen):
+    """``decode_attention: triton`` (``TritonSparseDecode``) against the torch path on the same plan, laid out
+    as the planner lays it: sink + selected pages (-1 padded) + tail per (request, KV head), one request
+    attending to every one of its 1300 tokens; a second layer sharing the plan reuses its offsets."""
+    import numpy as np
+
+    from icecache_sglang.runtime.attention import DecodePlan, TorchSparseDecode, TritonSparseDecode
+    from icecache_sglang.runtime.plan import compact_of, full_layout
+
+    H, G, D, slots = 2, 4, 64, 4000
+    rng = np.random.default_rng(3)
+    fixed = [(rng.choice(slots, 16, replace=False), rng.choice(slots, 20, replace=False)),
+             (rng.choice(slots, 1300, replace=False), np.empty(0, np.int64)),
+             (rng.choice(slots, 16, replace=False), rng.choice(slots, 3, replace=False))]
+    picked = {b: np.where(rng.random((H, 96)) < 0.2, -1, rng.integers(0, slots, (H, 96))) for b in (0, 2)}
+    s, valid = full_layout(fixed, picked, H)
+    s[~valid] = 0
+    tokens, indptr, rows = compact_of(s, valid, H)
+    torch_plan = DecodePlan(torch.from_numpy(s).to(DEV), torch.from_numpy(valid).to(DEV))
+    plan = DecodePlan(None, None, indptr=torch.from_numpy(indptr), rows=torch.from_numpy(rows).to(DEV),
+                      tokens=torch.from_numpy(tokens))
+    k = torch.randn(slots, H, D, device=DEV, generator=gen).to(torch.bfloat16)
+    v = torch.randn(slots, H, D, device=DEV, generator=gen).to(torch.bfloat16)
+    path = TritonSparseDecode()
+    for layer in range(2):
+        q = torch.randn(3, H * G, D, device=DEV, generator=gen).to(torch.bfloat16)
+        want = TorchSparseDecode().decode(q, k, v, torch_plan, D ** -0.5)
+        got = path.decode(q, k, v, plan, D ** -0.5)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        assert path._planned[0] is plan and path._planned[2] == 1300

@@ -82,6 +82,7 @@ def test_enable_icecache_selects_backend_and_exports_config(parse):
     (["--enable-icecache", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
     (["--enable-icecache", "--icecache-config", '{"decode_attention": "cuda"}'], "decode_attention must be one of"),
     (["--enable-icecache", "--icecache-config", '{"decode_attention": "flashinfer"}'], "needs a CUDA GPU"),
+    (["--enable-icecache", "--icecache-config", '{"decode_attention": "triton"}'], "decode_attention 'triton' needs a CUDA GPU"),
     (["--enable-icecache", "--icecache-config", '{"selection": "h2o"}'], "selection must be one of"),
     (["--enable-icecache", "--icecache-config", '{"budget_tokens": 1073741824}'],
      "budget_tokens (1073741824) asks for 67108860 pages per KV head; the indexer selects at most 4096"),

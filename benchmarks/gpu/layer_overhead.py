@@ -11,7 +11,13 @@ and run. Variants, same process, interleaved:
 * ``sync``: the query read back in the layer (``.cpu()``: a stall until the GPU caught up) and one FlashInfer
   wrapper (planning waits for its previous plan's copy): the code of GPU attempts 12 and 14;
 * ``deferred``: the query's copy started without waiting (``runtime/host_query.py``: asynchronous selection
-  sends it once it landed) and a ring of 4 wrappers (``PLAN_RING``).
+  sends it once it landed) and a ring of 4 wrappers (``PLAN_RING``);
+* ``triton``: as ``deferred``, with IceCache's own split-KV kernels (``decode_attention: triton``,
+  ``kernels/sparse_decode.py``) instead of FlashInfer: the plan's offsets copied to the device, no host plan.
+
+The check also holds the Triton kernels to torch on the same plans. ``decode_ms`` times one layer's decode
+alone (host plan + kernels, CUDA events, median of 50) for FlashInfer and Triton at a few list lengths and
+batches: where the Triton kernels lose, at long lists, FlashInfer's tuned kernels should stay the default.
 
 Before timing it checks, with the GPU held busy so the host runs ahead: FlashInfer's ring against torch over
 12 distinct plans queued at once, and a ``HostQuery`` that is not ready until its copy landed.
@@ -35,7 +41,8 @@ import numpy as np
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))
-from icecache_sglang.runtime.attention import DecodePlan, FlashInferSparseDecode, TorchSparseDecode  # noqa: E402
+from icecache_sglang.runtime.attention import (DecodePlan, FlashInferSparseDecode, TorchSparseDecode,  # noqa: E402
+                                               TritonSparseDecode)
 from icecache_sglang.runtime.host_query import HostQuery  # noqa: E402
 from icecache_sglang.runtime.plan import fetch_slots, host_for, to_device  # noqa: E402
 
@@ -86,10 +93,15 @@ def check(H=8, G=4, d=128, S=8192, T=300, n_plans=12) -> dict:
     ready_early = hq.ready()
     torch.cuda.synchronize()
     err = max((o.float() - r.float()).abs().max().item() for o, r in zip(outs, ref))
+    tri = TritonSparseDecode()
+    for p in laid:
+        p.tokens = (p.indptr[1:] - p.indptr[:-1]).view(len(p.slots), -1)
+    triton_err = max((tri.decode(q, k, v, p, d ** -0.5).float() - r.float()).abs().max().item()
+                     for q, p, r in zip(qs, laid, ref))
     q_ok = np.array_equal(hq.array(), (qs[-1] * 2).view(torch.int16).cpu().numpy().view(np.uint16))
     # ring_host_ms_while_device_busy: the first ``ring`` plans and runs queued behind the 200 ms sleep; well
     # below 200 ms when planning waits for no device work (the later plans wait for the ring's copies)
-    return {"ring_max_abs_err": err, "ring_plans": n_plans, "ring_host_ms_while_device_busy": host_ms,
+    return {"ring_max_abs_err": err, "triton_max_abs_err": triton_err, "ring_plans": n_plans, "ring_host_ms_while_device_busy": host_ms,
             "host_query_ready_before_copy": ready_early, "host_query_values_equal": bool(q_ok), "ring": len(fi.wrappers)}
 
 
@@ -118,7 +130,43 @@ def row_fetch(B=8, n=131072, sink=64, tail=80, reps=30) -> dict:
     return {k: float(np.median(v)) for k, v in out.items()} | {"batch": B, "tokens": n}
 
 
-def step_fn(variant: str, args, k, v, fi_sync, fi_ring, cyc):
+def decode_ms(lengths=(300, 4096, 32768), batches=(1, 8), H=8, G=4, d=128, reps=50) -> list[dict]:
+    """One layer's decode alone: FlashInfer (plan on the host + run) against the Triton kernels (offsets to the
+    device + two launches), each (request, KV head) over ``T`` rows; CUDA-event ms per call, median."""
+    out = []
+    S = 65536
+    k = torch.randn(S, H, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(S, H, d, device="cuda", dtype=torch.bfloat16)
+    fi, tri = FlashInferSparseDecode("cuda"), TritonSparseDecode()
+    for B in batches:
+        for T in lengths:
+            q = torch.randn(B, H * G, d, device="cuda", dtype=torch.bfloat16)
+            rows = (torch.randint(0, S, (B * H * T,), device="cuda") * H).to(torch.int32)
+            indptr = torch.arange(B * H + 1, dtype=torch.int32) * T
+            tokens = torch.full((B, H), T)
+            rec = {"batch": B, "tokens": T}
+            for name, path in (("flashinfer", fi), ("triton", tri)):
+                times = []
+                for i in range(reps + 5):
+                    plan = DecodePlan(None, None, indptr=indptr.pin_memory(), rows=rows, tokens=tokens)  # new each layer
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    a.record()
+                    path.decode(q, k, v, plan, d ** -0.5)
+                    b.record()
+                    host = (time.perf_counter() - t) * 1e3
+                    torch.cuda.synchronize()
+                    if i >= 5:
+                        times.append((a.elapsed_time(b), host))
+                rec[f"{name}_device_ms"] = float(np.median([x[0] for x in times]))
+                rec[f"{name}_host_ms"] = float(np.median([x[1] for x in times]))
+            out.append(rec)
+            print("decode", rec, flush=True)
+    return out
+
+
+def step_fn(variant: str, args, k, v, fi_sync, fi_ring, cyc, tri=None):
     B, H, G, d, T = args.batch, 8, 4, 128, args.tokens
     hidden = torch.randn(B, H * G * d, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(H * G * d, H * G * d // 16, device="cuda", dtype=torch.bfloat16)
@@ -126,6 +174,7 @@ def step_fn(variant: str, args, k, v, fi_sync, fi_ring, cyc):
     S = k.shape[0]
     host_rows = [(rng.integers(0, S, (B * H * T,)) * H).astype(np.int32) for _ in range(args.layers)]
     indptr = (np.arange(B * H + 1) * T).astype(np.int32)
+    tokens = torch.full((B, H), T)
     sleep = int(args.layer_us * cyc)
     pending = []
 
@@ -144,9 +193,10 @@ def step_fn(variant: str, args, k, v, fi_sync, fi_ring, cyc):
             else:
                 pending.append(HostQuery(q))
             # the plan's host layout to the device, as plan.py does
-            plan = DecodePlan(None, None, indptr=host_for(indptr.copy(), "cuda"), rows=to_device(host_rows[layer], "cuda"))
-            fi = fi_sync if variant == "sync" else fi_ring
-            fi.decode(q, k, v, plan, d ** -0.5)
+            plan = DecodePlan(None, None, indptr=host_for(indptr.copy(), "cuda"), rows=to_device(host_rows[layer], "cuda"),
+                              tokens=tokens)
+            path = tri if variant == "triton" else fi_sync if variant == "sync" else fi_ring
+            path.decode(q, k, v, plan, d ** -0.5)
             del y
         if pending:  # a later step sends them (the deferred queries)
             for hq in pending[: -args.layers]:
@@ -165,7 +215,7 @@ def plot(path: Path) -> None:
     rec = json.loads(path.read_text())
     names = list(rec["step_ms_median"])
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar(names, [rec["step_ms_median"][n] for n in names], color=["#888", "#c44", "#48c"])
+    ax.bar(names, [rec["step_ms_median"][n] for n in names], color=["#888", "#c44", "#48c", "#4a4"][:len(names)])
     for i, n in enumerate(names):
         ax.text(i, rec["step_ms_median"][n], f"{rec['step_ms_median'][n]:.1f}", ha="center", va="bottom")
     ax.set_ylabel("wall ms per simulated decode step (median)")
@@ -196,12 +246,18 @@ def main():
     print("check", rec["check"], f"{time.time() - t0:.1f} s", flush=True)
     rec["row_fetch_ms"] = row_fetch()
     print("row fetch", rec["row_fetch_ms"], flush=True)
+    try:  # new at stop 42 and never run on a GPU: a failure here must not cost the step timing below
+        rec["decode_ms"] = decode_ms()
+    except Exception as e:  # noqa: BLE001
+        rec["decode_ms"] = {"error": f"{type(e).__name__}: {e}"}
+        print("decode_ms failed:", rec["decode_ms"], flush=True)
     cyc = sleep_cycles_per_us()
     S = 65536
     k = torch.randn(S, 8, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(S, 8, 128, device="cuda", dtype=torch.bfloat16)
     fi_sync, fi_ring = FlashInferSparseDecode("cuda", ring=1), FlashInferSparseDecode("cuda")
-    fns = {name: step_fn(name, args, k, v, fi_sync, fi_ring, cyc) for name in ("dense", "sync", "deferred")}
+    tri = TritonSparseDecode()
+    fns = {name: step_fn(name, args, k, v, fi_sync, fi_ring, cyc, tri) for name in ("dense", "sync", "deferred", "triton")}
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()

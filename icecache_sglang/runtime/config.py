@@ -20,7 +20,7 @@ from ..indexer.policies import POLICIES
 #: the index parameters a user may set (the rest of IndexConfig is internal)
 INDEX_KEYS = ("p0", "p_up", "seed", "rebuild_growth", "key_dtype", "layout", "parent_segment")
 QUERY_KEYS = ("fov", "prop_to_retrieve")
-DECODE_ATTENTION = ("auto", "torch", "flashinfer")
+DECODE_ATTENTION = ("auto", "torch", "flashinfer", "triton")
 DENSE_ATTENTION = ("auto", "torch_native", "triton", "flashinfer")
 WHILE_INDEXING = ("auto", "dense", "wait")
 #: lanes of the offloaded decode's device pool when device_kv_tokens is not given
@@ -56,8 +56,8 @@ class IceCacheConfig:
     index / query: parameters of the paged DCI index and its search. selection_deadline_ms: how long a
     decode step waits for the indexer before it falls back to the most recent pages. indexer_threads:
     numba threads of each indexer process (None: all cores it may use). decode_attention: the sparse decode
-    path: ``torch`` (any device), ``flashinfer`` (CUDA, flashinfer-python installed) or ``auto`` (flashinfer
-    where it can run, else torch). dense_attention: the SGLang backend that runs prefill, the dense layers and
+    path: ``torch`` (any device), ``flashinfer`` (CUDA, flashinfer-python installed), ``triton`` (CUDA:
+    IceCache's own kernels, no host plan per layer) or ``auto`` (flashinfer where it can run, else torch). dense_attention: the SGLang backend that runs prefill, the dense layers and
     requests within the budget: ``torch_native``, ``triton`` or ``flashinfer`` (CUDA), or ``auto``
     (``--attention-backend`` when one is given; else flashinfer, or triton without it, on CUDA; torch_native
     on the CPU). selection: how pages are chosen: ``exact`` (the default: IceCache's
