@@ -426,6 +426,8 @@ def main(argv=None) -> int:
     # same kind of graph, to tell the graph kind's cost from IceCache's
     modes.update({f"{m}{GRAPHS_SUFFIX}": modes[m] for m in ("dense", "icecache-sync", "icecache-async",
                                                             "icecache-offload", "icecache-offload-async")})
+    # the sparse decode on IceCache's own Triton kernels (no FlashInfer host plan per anchor layer)
+    modes["icecache-async-triton-graphs"] = {"max_stale_steps": 4, "decode_attention": "triton"}
     for spec in a.mode:
         name, _, text = spec.partition("=")
         modes[name] = json.loads(text or "{}")
