@@ -161,3 +161,18 @@ def test_triton_sparse_decode_path_equals_the_torch_path_on_a_planners_plan(gen)
         got = path.decode(q, k, v, plan, D ** -0.5)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
         assert path._planned[0] is plan and path._planned[2] == 1300
+
+
+def test_split_rows_keeps_the_grid_within_the_gpu_and_covers_the_longest_list():
+    """The Triton decode's split count: enough splits to fill the SMs with a few long lists, no more than a
+    few programs per SM however long one list is (a request attending to all its 128k tokens beside sparse
+    ones used to give every sequence 256 splits), and the splits always cover the longest list."""
+    from icecache_sglang.kernels.sparse_decode import MIN_SPLIT_ROWS, SPLITS_PER_SM, split_rows
+
+    for longest in (1, 31, 300, 4096, 131072, 1 << 20):
+        for seqs in (8, 64, 256, 4096):
+            n, split = split_rows(longest, seqs, 132, 32)
+            assert n * split >= longest and (n - 1) * split < longest  # covered, no split wholly past it
+            assert split % 32 == 0 and (split >= MIN_SPLIT_ROWS or n == 1)
+            assert n <= max(1, SPLITS_PER_SM * 132 // seqs)
+    assert split_rows(131072, 8, 132, 32)[0] == SPLITS_PER_SM * 132 // 8  # one long request: the SMs filled
