@@ -1,9 +1,11 @@
 """IceCache under SGLang's breakable decode CUDA graphs (``--cuda-graph-backend-decode breakable``), their
-replay emulated on the CPU by ``tests/graph_replay`` in a real server: a capture of a dummy batch, then every
-decode step padded by three rows, its metadata from SGLang's replay view, the attention eager between the
-(here unrecorded) segments. Outputs must equal the eager server's token for token, with sparse decoding,
-selections from the index and nothing attended for the padding rows. What a CPU cannot show (which ops a
-CUDA graph records, its speed): ``benchmarks/gpu/serve_gpu.py --modes icecache-graphs``."""
+replay emulated on the CPU by ``tests/graph_replay`` in a real server: a capture of a dummy batch of each
+size, then every decode step padded by three rows, its metadata from SGLang's replay view, the attention
+eager between the (here unrecorded) segments. The tiny model runs at ``SENSITIVE_GAIN``, where its greedy
+answers depend on the tokens attention reads (its sparse answers differ from its dense ones), and its answers
+must equal the eager server's token for token, decoding sparsely with selections from the index. What a CPU
+cannot show (which ops a CUDA graph records, its speed): the GPU test at the end, and
+``benchmarks/gpu/serve_gpu.py --modes icecache-graphs``."""
 
 from __future__ import annotations
 
@@ -14,12 +16,18 @@ import pytest
 from sglang_servers import LOG_DIR, TINY_ICE, icecache_args, server_fixture
 
 from icecache_sglang.launch import ServerProcess, server_env
-from icecache_sglang.models.tiny import ensure_tiny_model
+from icecache_sglang.models.tiny import SENSITIVE_GAIN, ensure_tiny_model
 from icecache_sglang.runtime.config import IceCacheConfig
 
 pytestmark = pytest.mark.slow
 
-tiny_ref = server_fixture("tiny_ice_shared", ensure_tiny_model, icecache_args(TINY_ICE), shared=True)
+
+def sensitive_model():
+    return ensure_tiny_model(attention_gain=SENSITIVE_GAIN)
+
+
+#: the eager reference: the same model and settings, SGLang's own eager decode runner
+tiny_ref = server_fixture("tiny_sensitive_eager", sensitive_model, icecache_args(TINY_ICE))
 ASYNC = {"max_stale_steps": 2}
 #: offload (SGLang's pool in host memory, decode from a device pool of 3 lanes), as test_server_offload.py's
 OFFLOAD = {**TINY_ICE, "offload": True, "device_kv_tokens": 3 * IceCacheConfig(**TINY_ICE).lane_rows,
@@ -32,7 +40,7 @@ def graph_server(name: str, cfg: dict, *args: str) -> ServerProcess:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent), env.get("PYTHONPATH", "")])
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     # the flag a GPU launch takes: on the CPU SGLang resolves it and runs no graph (the emulation replays)
-    srv = ServerProcess(ensure_tiny_model(), icecache_args(cfg, "--cuda-graph-backend-decode", "breakable", *args),
+    srv = ServerProcess(sensitive_model(), icecache_args(cfg, "--cuda-graph-backend-decode", "breakable", *args),
                         log_path=LOG_DIR / f"{name}.log", env=env)
     return srv.start()
 
