@@ -30,6 +30,8 @@ MIN_SPLIT_ROWS = 256
 SPLITS_PER_SM = 4
 #: query heads per program: tl.dot's smallest M (a group of 4 leaves rows of zeros)
 MIN_HEADS = 16
+#: Triton's interpreter (set by this package without CUDA): its bfloat16 dot is wrong, so it dots in float32
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit(do_not_specialize=["n_splits", "split"])
@@ -139,7 +141,7 @@ def sparse_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, i
     o_part = torch.empty(BH * n_splits * GP * DVP, dtype=torch.float32, device=q.device)
     m_part = torch.empty(BH * n_splits * GP, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    fp32_dot = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    fp32_dot = q.dtype == torch.float32 or INTERPRETED
     _split_kernel[(BH, n_splits)](q.contiguous(), k2, v2, indptr, rows, o_part, m_part, l_part, float(scale),
                                   n_splits, split, G=G, D=D, DV=DV, GP=GP, DP=DP, DVP=DVP, BLOCK_N=block_n,
                                   FP32_DOT=fp32_dot, num_warps=num_warps)

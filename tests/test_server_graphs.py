@@ -151,20 +151,14 @@ def gpu_llama(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from icecache_sglang.models.tiny import SENSITIVE_GAIN
+    from icecache_sglang.models.tiny import scale_weights
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(10.0)
-        for layer in model.model.layers:
-            a = layer.self_attn
-            for w, g in ((a.q_proj, SENSITIVE_GAIN ** 0.5), (a.k_proj, SENSITIVE_GAIN ** 0.5),
-                         (a.v_proj, SENSITIVE_GAIN), (a.o_proj, SENSITIVE_GAIN)):
-                w.weight.mul_(g)
+    scale_weights(model, SENSITIVE_GAIN)
     model.save_pretrained(folder)
     return folder
 

@@ -19,23 +19,17 @@ there and each joined file's sha256 before it moves into place, and says which p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's package, installed or not
+from icecache_sglang.models.fetch import sha256_of  # noqa: E402
+
 MANIFEST = "manifest.json"
 MIB = 1 << 20
 MAX_PATHS = 8
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MIB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def split(files: list[Path], out: Path, part_bytes: int) -> dict:

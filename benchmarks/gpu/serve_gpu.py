@@ -221,11 +221,10 @@ def server_args(cfg: dict | None, backend: str, cuda_graph_max_bs: int, cpu: boo
     if cfg is not None and cfg.get("offload"):  # SGLang runs as many requests as the device pool has lanes
         args = [x for i, x in enumerate(args) if x != "--max-running-requests" and args[i - 1] != "--max-running-requests"]
     if graphs:  # breakable decode graphs (IceCache accepts no other kind), prefill without graphs
-        args += ["--cuda-graph-backend-decode", "breakable", "--cuda-graph-max-bs-decode", str(cuda_graph_max_bs)]
-    if cfg is None:
-        # decode graphs on (what TPOT needs); the breakable prefill graph's 58 captured shapes take minutes
-        if not graphs:
-            args += ["--cuda-graph-max-bs-decode", str(cuda_graph_max_bs)]
+        args += ["--cuda-graph-backend-decode", "breakable"]
+    if graphs or cfg is None:  # decode graphs on (what TPOT needs)
+        args += ["--cuda-graph-max-bs-decode", str(cuda_graph_max_bs)]
+    if cfg is None:  # the breakable prefill graph's 58 captured shapes take minutes
         return args + ["--disable-prefill-cuda-graph"]
     return args + ["--enable-icecache", "--icecache-config", json.dumps(cfg)]
 

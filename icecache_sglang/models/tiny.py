@@ -65,12 +65,12 @@ def ensure_tiny_swa_model(seed: int = 0) -> Path:
     return _save(out, Gemma2ForCausalLM, config, tok_dir, {"model": "tiny-gemma2", "seed": seed}, seed)
 
 
-def _save(out: Path, model_cls, config, tok_dir: Path, marker: dict, seed: int, attention_gain: float = 1.0) -> Path:
+def scale_weights(model, attention_gain: float = 1.0) -> None:
+    """Larger logits than the 0.02 init (greedy choices far from ties), and attention weights scaled by
+    ``attention_gain`` (q and k by its square root, v and o by the gain)."""
     import torch
 
-    torch.manual_seed(seed)
-    model = model_cls(config).to(torch.float32)
-    with torch.no_grad():  # larger logits than the 0.02 init: greedy choices far from ties
+    with torch.no_grad():
         model.model.embed_tokens.weight.mul_(10.0)
         if attention_gain != 1.0:
             for layer in model.model.layers:
@@ -79,6 +79,14 @@ def _save(out: Path, model_cls, config, tok_dir: Path, marker: dict, seed: int, 
                 a.k_proj.weight.mul_(attention_gain ** 0.5)
                 a.v_proj.weight.mul_(attention_gain)
                 a.o_proj.weight.mul_(attention_gain)
+
+
+def _save(out: Path, model_cls, config, tok_dir: Path, marker: dict, seed: int, attention_gain: float = 1.0) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32)
+    scale_weights(model, attention_gain)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -283,7 +283,7 @@ class IceCacheAttnBackend(AttentionBackend):
         self._graph = None
         self._begin_pass(forward_batch, forward_batch.batch_size)
 
-    def _begin_pass(self, forward_batch, n: int, graph_capture: bool = False) -> None:
+    def _begin_pass(self, forward_batch, n: int) -> None:
         """A forward pass's start: the dense backend's metadata (eager passes), settings posted since the last
         pass, and for a decode step its first ``n`` requests' index writes and selection (``Planner.begin``);
         the rest of a graph's batch is padding."""
@@ -300,7 +300,7 @@ class IceCacheAttnBackend(AttentionBackend):
         self._check_control()  # POST /icecache/config: applied between two forward passes
         self.supervisor.poll()
         self.planner.priming = None
-        if not mode.is_decode() or n == 0 or graph_capture:
+        if not mode.is_decode() or n == 0 or (self._graph is not None and self._graph.capture):
             return
         rows, lens = self._rows_and_lens(forward_batch, n)
         self._wait_for_host_writes()  # the step's index writes name keys earlier passes wrote
@@ -321,7 +321,7 @@ class IceCacheAttnBackend(AttentionBackend):
     def get_cuda_graph_seq_len_fill_value(self):
         try:
             return self.dense.get_cuda_graph_seq_len_fill_value()
-        except NotImplementedError:  # torch_native (and offload, whose decode never reads the dense backend)
+        except NotImplementedError:  # torch_native: its decode reads the padded batch's lengths itself
             return 1
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
@@ -342,7 +342,7 @@ class IceCacheAttnBackend(AttentionBackend):
                 self._dense_graph_metadata[bs] = getattr(self.dense, "forward_metadata", None)
             elif bs in self._dense_graph_metadata:
                 self.dense.forward_metadata = self._dense_graph_metadata[bs]
-        self._begin_pass(forward_batch, n, graph_capture=in_capture)
+        self._begin_pass(forward_batch, n)
 
     def init_forward_metadata_in_graph(self, forward_batch):
         if self.staging is None:
