@@ -24,8 +24,12 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's package, installed or not
-from icecache_sglang.models.fetch import sha256_of  # noqa: E402
+try:
+    from icecache_sglang.models.fetch import sha256_of
+except ImportError:  # the GPU machine before the project's wheel is installed: the checkout's package (only
+    # then: the repository root on sys.path would let its kernels/ folder shadow PyPI's ``kernels``)
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+    from icecache_sglang.models.fetch import sha256_of
 
 MANIFEST = "manifest.json"
 MIB = 1 << 20
